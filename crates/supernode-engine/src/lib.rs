@@ -1,1 +1,9 @@
-//! placeholder
+//! supernode-engine: tokenizers, chat templates, sampler, KV cache, generation loop. Knows no HTTP.
+
+pub mod chat;
+pub mod error;
+pub mod sampler;
+pub mod session;
+pub mod tokenizer;
+
+pub use error::EngineError;

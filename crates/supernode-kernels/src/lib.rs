@@ -1,7 +1,18 @@
 //! CPU kernels and tensor element types. Knows no model.
 //!
 //! - [`dtype`]: element types, including GGUF's block-quantised formats;
+//! - [`ops`]: norms, rope, activations and attention over a paged KV cache;
+//! - [`quant`]: reference (de)quantisers of the GGUF block formats;
+//! - [`matmul`](mod@matmul): batch-invariant weight-times-activations products, parallel over rows;
+//! - [`simd`]: runtime-dispatched dot products with one fixed reduction order.
 
 pub mod dtype;
+pub mod matmul;
+pub mod ops;
+pub mod quant;
+pub mod simd;
 
 pub use dtype::{DType, ALL_DTYPES, QK_K};
+pub use matmul::{matmul, WeightMatrix};
+pub use quant::{dequantize_row, quantize_row};
+pub use simd::dot_f32;

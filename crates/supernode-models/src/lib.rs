@@ -1,13 +1,30 @@
 //! Model loading and the forward passes. Knows no request.
 //!
-//! - [`gguf`] and [`safetensors`] read model files into named [`Tensor`]s (GGUF names) and
-//!   [`Metadata`] (GGUF keys);
+//! - [`gguf`] and [`safetensors`] read model files into named [`Tensor`]s (GGUF names, HF
+//!   names mapped by [`names`]) and [`Metadata`] (GGUF keys);
 //! - [`config`] resolves them into one checked [`ModelConfig`];
-//! - [`layers`] holds the shared layers; one file per architecture composes them.
+//! - [`layers`] holds the shared layers; [`arch`] has one file per architecture composing them;
+//! - [`loader::load_model`] is the entry point; [`Batch`] and [`KvCache`] are what a forward
+//!   pass consumes.
 
+pub mod arch;
+pub mod batch;
+pub mod config;
+pub mod gguf;
+pub mod kv_cache;
+pub mod layers;
+pub mod loader;
 pub mod metadata;
+pub mod names;
+pub mod safetensors;
 pub mod tensor;
+pub mod weights;
 
+pub use arch::Model;
+pub use batch::Batch;
+pub use config::ModelConfig;
+pub use kv_cache::{KvCache, KvLayerSpec};
+pub use loader::{load_model, LoadedModel, ModelSource};
 pub use metadata::{MetaValue, Metadata};
 pub use tensor::{Storage, Tensor};
 

@@ -1,0 +1,487 @@
+//! Chat templates: the model's Jinja template rendered the way HF `transformers` renders it.
+//!
+//! HF runs templates in a Jinja2 sandbox with `trim_blocks` and `lstrip_blocks`, the loop-controls
+//! extension, Python string/dict methods, a `tojson` filter that is `json.dumps` (no HTML
+//! escaping, non-ASCII kept), and the globals `raise_exception` and `strftime_now`; the context is
+//! `messages`, `add_generation_prompt`, `bos_token` and `eos_token`. minijinja with
+//! `minijinja-contrib`'s pycompat methods provides the same here.
+//!
+//! [`ChatTemplate::render`] also returns where each message's content sits in the output, so the
+//! tokenizer can keep special-token texts typed by a user as plain text
+//! ([`crate::tokenizer::Tokenizer::encode_protected`]). Positions come from a second render with
+//! each content replaced by a unique marker, kept only if substituting the contents back gives the
+//! real output exactly; otherwise each content is searched for in order (as is, then trimmed).
+
+use std::ops::Range;
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template with the model's BOS and EOS texts.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const TEMPLATE_NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos_token`/`eos_token` are the texts templates see under those names.
+    pub fn new(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<ChatTemplate, EngineError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| EngineError::template("compile", describe(&e)))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// The rendered prompt and the byte ranges of the message contents in it (in message order;
+    /// a content that cannot be located, or an empty one, has no range).
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>), EngineError> {
+        let out = self.render_raw(messages, add_generation_prompt)?;
+        let ranges = self
+            .ranges_by_markers(messages, add_generation_prompt, &out)
+            .unwrap_or_else(|| ranges_by_search(messages, &out));
+        Ok((out, ranges))
+    }
+
+    fn render_raw(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        let tmpl = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| EngineError::template("render", describe(&e)))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| EngineError::template("render", describe(&e)))
+    }
+
+    /// Content ranges from a render with markers in place of the contents, if that render is
+    /// the real one with the contents swapped out.
+    fn ranges_by_markers(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        out: &str,
+    ) -> Option<Vec<Range<usize>>> {
+        let marker = |i: usize| format!("\u{F8F0}{i}\u{F8F1}");
+        if messages.iter().any(|m| m.content.contains('\u{F8F0}')) {
+            return None;
+        }
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), marker(i)))
+            .collect();
+        let marked_out = self.render_raw(&marked, add_generation_prompt).ok()?;
+        let mut rebuilt = String::with_capacity(out.len());
+        let mut ranges = Vec::new();
+        let mut rest = marked_out.as_str();
+        let mut next = 0;
+        while let Some(start) = rest.find('\u{F8F0}') {
+            rebuilt.push_str(&rest[..start]);
+            let after = &rest[start + '\u{F8F0}'.len_utf8()..];
+            let end = after.find('\u{F8F1}')?;
+            let i: usize = after[..end].parse().ok()?;
+            // Each content once, in order.
+            if i != next {
+                return None;
+            }
+            next += 1;
+            let content = &messages.get(i)?.content;
+            if !content.is_empty() {
+                ranges.push(rebuilt.len()..rebuilt.len() + content.len());
+            }
+            rebuilt.push_str(content);
+            rest = &after[end + '\u{F8F1}'.len_utf8()..];
+        }
+        rebuilt.push_str(rest);
+        (rebuilt == out).then_some(ranges)
+    }
+}
+
+/// Each content located in order after the previous one: as is, else trimmed.
+fn ranges_by_search(messages: &[ChatMessage], out: &str) -> Vec<Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut cursor = 0;
+    for m in messages {
+        for needle in [m.content.as_str(), m.content.trim()] {
+            if needle.is_empty() {
+                continue;
+            }
+            if let Some(pos) = out[cursor..].find(needle) {
+                let start = cursor + pos;
+                ranges.push(start..start + needle.len());
+                cursor = start + needle.len();
+                break;
+            }
+        }
+    }
+    ranges
+}
+
+fn describe(e: &Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+fn raise_exception(msg: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(format)`: the current UTC time formatted with the common `strftime` fields.
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    strftime(&format, secs)
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+
+/// Formats Unix time `secs` (UTC).
+fn strftime(format: &str, secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let sod = secs % 86_400;
+    let (h, mi, s) = (sod / 3600, sod / 60 % 60, sod % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(m - 1) as usize] + d + i64::from(leap && m > 2);
+    let wday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let month = MONTHS[(m - 1) as usize];
+    let weekday = WEEKDAYS[wday];
+
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('e') => out.push_str(&format!("{d:2}")),
+            Some('-') => match chars.next() {
+                Some('d') => out.push_str(&d.to_string()),
+                Some('m') => out.push_str(&m.to_string()),
+                Some(o) => {
+                    out.push_str("%-");
+                    out.push(o);
+                }
+                None => out.push_str("%-"),
+            },
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('I') => out.push_str(&format!("{:02}", if h % 12 == 0 { 12 } else { h % 12 })),
+            Some('p') => out.push_str(if h < 12 { "AM" } else { "PM" }),
+            Some('M') => out.push_str(&format!("{mi:02}")),
+            Some('S') => out.push_str(&format!("{s:02}")),
+            Some('b') => out.push_str(&month[..3]),
+            Some('B') => out.push_str(month),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// HF's `tojson`: Python `json.dumps(value, ensure_ascii=False, indent=.., sort_keys=..)`.
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent = match indent {
+        Some(v) => Some(v),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => match v.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => Some(" ".repeat(usize::try_from(v)?)),
+        },
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    // Accepted for compatibility; output is always `ensure_ascii=False`-style like HF's.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    write_json(value, indent.as_deref(), sort_keys, 0, &mut out)?;
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_json_str(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0C}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn newline_indent(indent: Option<&str>, level: usize, out: &mut String) {
+    if let Some(ind) = indent {
+        out.push('\n');
+        for _ in 0..level {
+            out.push_str(ind);
+        }
+    }
+}
+
+fn write_json(
+    v: &Value,
+    indent: Option<&str>,
+    sort_keys: bool,
+    level: usize,
+    out: &mut String,
+) -> Result<(), Error> {
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => {
+            if let Ok(i) = i64::try_from(v.clone()) {
+                out.push_str(&i.to_string());
+            } else {
+                let f = f64::try_from(v.clone())?;
+                if f.is_nan() {
+                    out.push_str("NaN");
+                } else if f.is_infinite() {
+                    out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" });
+                } else if f.fract() == 0.0 && f.abs() < 1e16 {
+                    out.push_str(&format!("{f:.1}"));
+                } else {
+                    out.push_str(&f.to_string());
+                }
+            }
+        }
+        ValueKind::String => write_json_str(v.as_str().unwrap_or(""), out),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline_indent(indent, level + 1, out);
+                write_json(item, indent, sort_keys, level + 1, out)?;
+            }
+            newline_indent(indent, level, out);
+            out.push(']');
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = v.try_iter()?.collect();
+            if sort_keys {
+                keys.sort();
+            }
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline_indent(indent, level + 1, out);
+                match k.as_str() {
+                    Some(s) => write_json_str(s, out),
+                    None => write_json_str(&k.to_string(), out),
+                }
+                out.push_str(": ");
+                write_json(&v.get_item(k)?, indent, sort_keys, level + 1, out)?;
+            }
+            newline_indent(indent, level, out);
+            out.push('}');
+        }
+        _ => write_json_str(&v.to_string(), out),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn renders_chatml_with_content_ranges() {
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").expect("compiles");
+        let msgs = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "user"),
+        ];
+        let (out, ranges) = t.render(&msgs, true).expect("renders");
+        assert_eq!(
+            out,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nuser<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(&out[ranges[0].clone()], "Be brief.");
+        // The marker render places "user" at the content, not at the role before it.
+        assert_eq!(ranges[1].start, out.rfind("user<|im_end|>").unwrap_or(0));
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_hf() {
+        let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU: {{ m.content | trim }}\n    {% endif %}\n{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").expect("compiles");
+        let (out, ranges) = t
+            .render(&[ChatMessage::new("user", "  hi  ")], false)
+            .expect("renders");
+        assert_eq!(out, "U: hi\n");
+        // The template trims the content: found by the trimmed search.
+        let hi = 3..5;
+        assert_eq!(ranges, [hi]);
+    }
+
+    #[test]
+    fn raise_exception_and_python_methods() {
+        let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip().upper() }}|{{ 'a,b'.split(',') | tojson }}";
+        let t = ChatTemplate::new(src, "", "").expect("compiles");
+        let (out, _) = t
+            .render(&[ChatMessage::new("user", " x ")], false)
+            .expect("renders");
+        assert_eq!(out, "X|[\"a\", \"b\"]");
+        let err = t
+            .render(&[ChatMessage::new("system", "x")], false)
+            .expect_err("raises");
+        assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn tojson_matches_python_json_dumps() {
+        let mut env = Environment::new();
+        env.add_filter("tojson", tojson);
+        let v = r#"{"b": [1, 2.5, none, true], "a": "é<\"\n"}"#;
+        let r = |filter: &str| {
+            env.render_str(&format!("{{{{ {v} | {filter} }}}}"), ())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        assert_eq!(r("tojson"), r#"{"b": [1, 2.5, null, true], "a": "é<\"\n"}"#);
+        assert_eq!(
+            r("tojson(indent=2)"),
+            "{\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"a\": \"é<\\\"\\n\"\n}"
+        );
+        assert_eq!(
+            r("tojson(sort_keys=true)"),
+            r#"{"a": "é<\"\n", "b": [1, 2.5, null, true]}"#
+        );
+    }
+
+    #[test]
+    fn strftime_formats_utc_dates() {
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let t = 1_709_211_909;
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
+        assert_eq!(
+            strftime("%d %b %Y, %A %j %I%p %%", t),
+            "29 Feb 2024, Thursday 060 01PM %"
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! Element-wise and row-wise kernels of the transformer block: RMSNorm, rotary embeddings,
+//! activations, and causal attention of one query token over a paged KV cache.
+//!
+//! Every kernel computes one token's row on its own, in an order that depends only on the row
+//! length: results are bit-identical whatever else is in the batch (batch invariance).
+
+use std::ops::Range;
+
+use crate::simd::dot_f32;
+
+/// `out = x / rms(x) * (w + w_offset)`; the mean of squares is accumulated in f64.
+///
+/// `w_offset` is 0 for Llama-style norms and 1 for Gemma's `(1 + w)` norms.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, w_offset: f32, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), w.len());
+    debug_assert_eq!(x.len(), out.len());
+    let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let scale = (1.0 / (ss / x.len() as f64 + f64::from(eps)).sqrt()) as f32;
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * (g + w_offset);
+    }
+}
+
+/// RMSNorm in place.
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32, w_offset: f32) {
+    let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let scale = (1.0 / (ss / x.len() as f64 + f64::from(eps)).sqrt()) as f32;
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * scale * (g + w_offset);
+    }
+}
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)`: ggml's "normal" mode, used by GGUF llama files (whose
+    /// converter permuted the Q/K rows to match) and by DeepSeek's interleaved rope.
+    Interleaved,
+    /// Halves `(i, i + d/2)`: HF transformers' `rotate_half`, ggml's "neox" mode.
+    Halves,
+}
+
+/// Cosines and sines of one position's rotation angles, one per dimension pair.
+///
+/// `inv_freq[i]` is the angular frequency of pair `i`; angles are computed in f64.
+/// `mscale` multiplies both (YaRN's attention factor; 1 otherwise).
+pub fn rope_cos_sin(pos: usize, inv_freq: &[f64], mscale: f32, cos: &mut [f32], sin: &mut [f32]) {
+    for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+        let (sn, cs) = (pos as f64 * f).sin_cos();
+        *c = cs as f32 * mscale;
+        *s = sn as f32 * mscale;
+    }
+}
+
+/// Rotates the first `2 * cos.len()` dimensions of each of the `x.len() / head_dim` heads in
+/// `x`; the remaining dimensions of a head (partial rotary) are left as they are.
+pub fn rope_apply(x: &mut [f32], head_dim: usize, style: RopeStyle, cos: &[f32], sin: &[f32]) {
+    let pairs = cos.len();
+    debug_assert!(2 * pairs <= head_dim);
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..pairs {
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + pairs),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+/// SiLU (swish): `x * sigmoid(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (`gelu_pytorch_tanh`).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// `gate[i] = act(gate[i]) * up[i]`: the gated linear unit of SwiGLU / GeGLU.
+pub fn glu_inplace(gate: &mut [f32], up: &[f32], act: fn(f32) -> f32) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = act(*g) * u;
+    }
+}
+
+/// One layer's KV cache, paged: slot `s` (= block * block_size + offset) holds the keys of
+/// all KV heads at `k[s * n_kv_heads * k_dim ..]` and the values at `v[s * n_kv_heads * v_dim ..]`.
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub block_size: usize,
+    pub n_kv_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+}
+
+/// Shape and scaling of an attention computation.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    /// Multiplies `q·k` (usually `1/sqrt(k_dim)`).
+    pub scale: f32,
+    /// Gemma 2 style soft-capping of attention scores: `cap * tanh(s / cap)`.
+    pub softcap: Option<f32>,
+}
+
+/// Causal attention of one query token (all heads, `q` = `n_heads * k_dim`) over the cached
+/// positions `ctx` of its sequence, whose blocks are `block_table`. Writes `n_heads * v_dim`
+/// values to `out`. `scores` is scratch space, grown as needed.
+///
+/// Softmax in two passes over an exact score buffer, in position order: deterministic and
+/// independent of the batch.
+pub fn attention(
+    q: &[f32],
+    kv: &KvView,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    shape: &AttnShape,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let group = shape.n_heads / shape.n_kv_heads;
+    let n = ctx.len();
+    scores.clear();
+    scores.resize(n, 0.0);
+    let slot =
+        |p: usize| block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+    for h in 0..shape.n_heads {
+        let kvh = h / group;
+        let qh = &q[h * shape.k_dim..(h + 1) * shape.k_dim];
+        let mut max = f32::NEG_INFINITY;
+        for (s, p) in scores.iter_mut().zip(ctx.clone()) {
+            let base = (slot(p) * kv.n_kv_heads + kvh) * kv.k_dim;
+            let mut v = dot_f32(qh, &kv.k[base..base + shape.k_dim]) * shape.scale;
+            if let Some(cap) = shape.softcap {
+                v = cap * (v / cap).tanh();
+            }
+            *s = v;
+            max = max.max(v);
+        }
+        let mut sum = 0f64;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += f64::from(*s);
+        }
+        let inv = (1.0 / sum) as f32;
+        let oh = &mut out[h * shape.v_dim..(h + 1) * shape.v_dim];
+        oh.fill(0.0);
+        for (&s, p) in scores.iter().zip(ctx.clone()) {
+            let base = (slot(p) * kv.n_kv_heads + kvh) * kv.v_dim;
+            let w = s * inv;
+            for (o, &v) in oh.iter_mut().zip(&kv.v[base..base + shape.v_dim]) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 0.5, 2.0, 1.0];
+        let mut out = [0.0f32; 4];
+        rms_norm(&x, &w, 1e-6, 0.0, &mut out);
+        let rms = ((1.0 + 4.0 + 9.0 + 0.25) / 4.0f64 + 1e-6).sqrt();
+        for i in 0..4 {
+            assert!((f64::from(out[i]) - f64::from(x[i] * w[i]) / rms).abs() < 1e-6);
+        }
+        let mut y = x;
+        rms_norm_inplace(&mut y, &w, 1e-6, 1.0);
+        assert!((f64::from(y[1]) - (-2.0 * 1.5) / rms).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_pairings_rotate_the_right_dims() {
+        let inv = [1.0f64, 0.1];
+        let (mut c, mut s) = ([0.0f32; 2], [0.0f32; 2]);
+        rope_cos_sin(3, &inv, 1.0, &mut c, &mut s);
+        let x0 = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut a = x0;
+        rope_apply(&mut a, 6, RopeStyle::Interleaved, &c, &s);
+        let (c0, s0) = (3.0f32.cos(), 3.0f32.sin());
+        assert!((a[0] - (1.0 * c0 - 2.0 * s0)).abs() < 1e-6);
+        assert!((a[1] - (1.0 * s0 + 2.0 * c0)).abs() < 1e-6);
+        assert_eq!(&a[4..], &x0[4..]);
+        let mut b = x0;
+        rope_apply(&mut b, 6, RopeStyle::Halves, &c, &s);
+        assert!((b[0] - (1.0 * c0 - 3.0 * s0)).abs() < 1e-6);
+        assert!((b[2] - (1.0 * s0 + 3.0 * c0)).abs() < 1e-6);
+        assert_eq!(&b[4..], &x0[4..]);
+    }
+
+    #[test]
+    fn attention_matches_naive_softmax() {
+        // 2 query heads sharing 1 KV head; 3 positions spread over blocks [2, 0] of size 2.
+        let shape = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            k_dim: 2,
+            v_dim: 2,
+            scale: 0.5,
+            softcap: None,
+        };
+        let mut k = vec![0.0f32; 6 * 2];
+        let mut v = vec![0.0f32; 6 * 2];
+        let keys = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]];
+        let vals = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]];
+        let table = [2u32, 0];
+        for p in 0..3 {
+            let slot = table[p / 2] as usize * 2 + p % 2;
+            k[slot * 2..slot * 2 + 2].copy_from_slice(&keys[p]);
+            v[slot * 2..slot * 2 + 2].copy_from_slice(&vals[p]);
+        }
+        let kv = KvView {
+            k: &k,
+            v: &v,
+            block_size: 2,
+            n_kv_heads: 1,
+            k_dim: 2,
+            v_dim: 2,
+        };
+        let q = [2.0f32, 0.0, 0.0, 2.0];
+        let mut out = [0.0f32; 4];
+        attention(&q, &kv, &table, 0..3, &shape, &mut Vec::new(), &mut out);
+        for h in 0..2 {
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|kk| 0.5 * f64::from(q[2 * h] * kk[0] + q[2 * h + 1] * kk[1]))
+                .collect();
+            let z: f64 = s.iter().map(|x| x.exp()).sum();
+            for d in 0..2 {
+                let want: f64 = (0..3).map(|p| s[p].exp() / z * f64::from(vals[p][d])).sum();
+                assert!((f64::from(out[2 * h + d]) - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn activations() {
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+        let mut g = [1.0f32, -1.0];
+        glu_inplace(&mut g, &[2.0, 3.0], silu);
+        assert!((g[0] - 2.0 * silu(1.0)).abs() < 1e-6);
+    }
+}

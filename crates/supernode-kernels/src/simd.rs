@@ -1,0 +1,767 @@
+//! Runtime-dispatched SIMD kernels: the f32 dot product and fused "dequantise and dot" row
+//! kernels, with one fixed reduction order.
+//!
+//! Every dot product here sums in the same shape, which depends on nothing but the length:
+//! element `i` of the first `32 * (n / 32)` goes to lane `i % 32` of 32 accumulators, in order;
+//! the lanes are then folded in a fixed tree (lane `l` += lane `l + 16`, then `+ 8`, `+ 4`, `+ 2`,
+//! `+ 1`), and the `n % 32` tail elements are added one by one after that. The AVX2 path (4 × 8
+//! lanes) is that shape exactly, with fused multiply-adds; the portable fallback is the same shape
+//! without FMA, so the two differ in the last bits and are never mixed: the path is chosen once
+//! per process. (An AVX-512 variant of the same shape measured no faster: these products are
+//! bound by loads and FMA latency, not by vector width.)
+//!
+//! The fused row kernels (`row_kernels`) decode a quantised row block by block in registers,
+//! with the same float operations as [`crate::quant::dequantize_row`], and feed the values to the
+//! same lanes in the same order: their result is bit-identical to `dot_f32` of the dequantised
+//! row. That is what lets [`matmul`](crate::matmul::matmul) pick either path freely without
+//! breaking batch invariance.
+
+use std::sync::OnceLock;
+
+use crate::dtype::DType;
+
+/// The instruction set the kernels use on this machine, detected once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// Portable code, no FMA.
+    Scalar,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+}
+
+/// The SIMD level of this machine (detected on first use, then fixed for the process).
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> SimdLevel {
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> SimdLevel {
+    SimdLevel::Scalar
+}
+
+/// Accumulator lanes of the fixed reduction.
+const LANES: usize = 32;
+
+/// `sum(a[i] * b[i])` in the fixed reduction order described in the module header.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
+    match simd_level() {
+        // SAFETY: the level is only reported when the CPU has AVX2, FMA and F16C.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { x86::dot_f32_avx2(a, b) },
+        _ => dot_f32_scalar(a, b),
+    }
+}
+
+/// `out[j] = dot_f32(a, bs[j * n .. (j + 1) * n])` with `n = a.len()`, bit for bit, for every
+/// `j < out.len()`; several `b` rows at once, which keeps more multiply-adds in flight.
+pub fn dot_f32_many(a: &[f32], bs: &[f32], out: &mut [f32]) {
+    let n = a.len();
+    assert_eq!(bs.len(), n * out.len(), "dot_f32_many: lengths differ");
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        for (b, o) in bs.chunks_exact(2 * n).zip(out.chunks_exact_mut(2)) {
+            // SAFETY: the level is only reported when the CPU has AVX2, FMA and F16C.
+            o.copy_from_slice(&unsafe { x86::dot2_avx2(a, b) });
+            done += 2;
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(done) {
+        *o = dot_f32(a, &bs[j * n..(j + 1) * n]);
+    }
+}
+
+/// The portable dot product: the same lanes and tree as the SIMD paths, separate multiply and add.
+fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    add_tail(fold_lanes(acc), a_tail, b_tail)
+}
+
+/// The fixed tree over the 32 lanes.
+fn fold_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// The scalar tail, added element by element after the tree (shared by every path).
+#[inline(always)]
+fn add_tail(mut s: f32, a: &[f32], b: &[f32]) -> f32 {
+    for (x, y) in a.iter().zip(b) {
+        s += x * y;
+    }
+    s
+}
+
+/// A row kernel dotting two tokens against one decode of the row.
+pub(crate) type RowDot2 = fn(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2];
+
+/// One dtype's SIMD row kernels. Each panics unless the row holds exactly as many elements as
+/// each `x` / `y`.
+#[derive(Clone, Copy)]
+pub(crate) struct RowKernels {
+    /// `dot_f32(dequantize(row), x)`, bit for bit, without materialising the row.
+    pub dot: fn(row: &[u8], x: &[f32]) -> f32,
+    /// `[dot(row, x0), dot(row, x1)]`, bit for bit, decoding the row once.
+    pub dot2: RowDot2,
+    /// `dequantize_row(row, y)`, bit for bit, faster.
+    pub dequantize: fn(row: &[u8], y: &mut [f32]),
+}
+
+/// The SIMD row kernels for `dtype` on this machine, if there are any.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn row_kernels(dtype: DType) -> Option<RowKernels> {
+    match simd_level() {
+        SimdLevel::Avx2 => x86::row_kernels(dtype),
+        SimdLevel::Scalar => None,
+    }
+}
+
+/// The SIMD row kernels for `dtype` on this machine, if there are any.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn row_kernels(_dtype: DType) -> Option<RowKernels> {
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 kernels. Every `unsafe fn` here requires the CPU features it enables;
+    //! the safe wrappers handed out by [`row_kernels`] are reachable only after
+    //! [`super::simd_level`] confirmed AVX2, FMA and F16C.
+
+    use std::arch::x86_64::*;
+
+    use super::{add_tail, RowKernels, LANES};
+    use crate::dtype::{DType, QK_K};
+    use crate::quant::scale_min_k4;
+
+    /// 32 lanes as four vectors: `acc[k]` holds lanes `8k .. 8k + 8`.
+    type Acc = [__m256; 4];
+
+    /// Fold the 32 lanes in the fixed tree: l += l+16, l += l+8, l += l+4, l += l+2, l += l+1.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fold(acc: Acc) -> f32 {
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
+        _mm_cvtss_f32(h)
+    }
+
+    /// Accumulate 32 weights `w` (four vectors of 8, in element order) against `x[0..32]`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `x` must point at 32 readable floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fma32(acc: &mut Acc, w: Acc, x: *const f32) {
+        acc[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[0]);
+        acc[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[1]);
+        acc[2] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[2]);
+        acc[3] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[3]);
+    }
+
+    /// Four vectors of 8 floats from `p[0..32]`.
+    ///
+    /// # Safety
+    /// AVX2; `p` must point at 32 readable floats.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load32(p: *const f32) -> Acc {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    }
+
+    /// `w * d` per vector.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn scale32(w: Acc, d: __m256) -> Acc {
+        [
+            _mm256_mul_ps(w[0], d),
+            _mm256_mul_ps(w[1], d),
+            _mm256_mul_ps(w[2], d),
+            _mm256_mul_ps(w[3], d),
+        ]
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let main = a.len() / LANES * LANES;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in (0..main).step_by(LANES) {
+            fma32(&mut acc, load32(a.as_ptr().add(i)), b.as_ptr().add(i));
+        }
+        add_tail(fold(acc), &a[main..], &b[main..])
+    }
+
+    /// Two dots `a · b[j n .. (j + 1) n]`, each exactly as [`dot_f32_avx2`] computes it.
+    ///
+    /// # Safety
+    /// Requires AVX2 and FMA; `b.len() == 2 * a.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot2_avx2(a: &[f32], b: &[f32]) -> [f32; 2] {
+        let n = a.len();
+        let main = n / LANES * LANES;
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+        for i in (0..main).step_by(LANES) {
+            let w = load32(a.as_ptr().add(i));
+            fma32(&mut acc0, w, b.as_ptr().add(i));
+            fma32(&mut acc1, w, b.as_ptr().add(n + i));
+        }
+        [
+            add_tail(fold(acc0), &a[main..], &b[main..n]),
+            add_tail(fold(acc1), &a[main..], &b[n + main..]),
+        ]
+    }
+
+    /// The f16 at `p`, broadcast to 8 lanes (exact widening).
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` must point at 2 readable bytes.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn splat_f16(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
+    }
+
+    /// The f16 at `p` as a scalar f32 (exact widening).
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` must point at 2 readable bytes.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn f16_scalar(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(
+            p.cast::<i16>().read_unaligned(),
+        )))
+    }
+
+    /// The 32 bytes of `v`, in order, zero-extended and converted to floats.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn u8x32_to_f32(v: __m256i) -> Acc {
+        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo))),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi))),
+        ]
+    }
+
+    /// As [`u8x32_to_f32`], sign-extending.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn i8x32_to_f32(v: __m256i) -> Acc {
+        let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi))),
+        ]
+    }
+
+    /// Elements 0..16 (low nibbles) then 16..32 (high nibbles) of a 16-byte nibble block.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn nibbles16(qs: __m128i) -> __m256i {
+        let m = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(qs, m);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Store 32 values at `y[0..32]`.
+    ///
+    /// # Safety
+    /// AVX2; `y` must point at 32 writable floats.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store32(y: *mut f32, w: Acc) {
+        _mm256_storeu_ps(y, w[0]);
+        _mm256_storeu_ps(y.add(8), w[1]);
+        _mm256_storeu_ps(y.add(16), w[2]);
+        _mm256_storeu_ps(y.add(24), w[3]);
+    }
+
+    // Decoders: each walks a row and hands every run of 32 consecutive values, with the index
+    // of its first element, to `f`. The values are computed with exactly the float operations of
+    // `crate::quant`'s scalar dequantisers. The plain-float decoders cover the first
+    // `32 * (n / 32)` elements; the caller handles the tail.
+    //
+    // # Safety (all decoders)
+    // AVX2, FMA and F16C; `row` holds whole blocks (plain floats: at least `n` elements).
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_f32(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
+        let p = row.as_ptr().cast::<f32>();
+        for i in (0..n / LANES * LANES).step_by(LANES) {
+            f(i, load32(p.add(i)));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_f16(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
+        for i in (0..n / LANES * LANES).step_by(LANES) {
+            let h = row.as_ptr().add(2 * i);
+            f(
+                i,
+                [
+                    _mm256_cvtph_ps(_mm_loadu_si128(h.cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(h.add(16).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(h.add(32).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(h.add(48).cast())),
+                ],
+            );
+        }
+    }
+
+    /// Eight bf16 at `p` widened to f32 (exact).
+    ///
+    /// # Safety
+    /// AVX2; `p` must point at 16 readable bytes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn bf16x8(p: *const u8) -> __m256 {
+        let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_bf16(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
+        for i in (0..n / LANES * LANES).step_by(LANES) {
+            let h = row.as_ptr().add(2 * i);
+            f(
+                i,
+                [
+                    bf16x8(h),
+                    bf16x8(h.add(16)),
+                    bf16x8(h.add(32)),
+                    bf16x8(h.add(48)),
+                ],
+            );
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+        let eight = _mm256_set1_epi8(8);
+        for (i, b) in row.chunks_exact(18).enumerate() {
+            let d = splat_f16(b.as_ptr());
+            let q = nibbles16(_mm_loadu_si128(b.as_ptr().add(2).cast()));
+            f(32 * i, scale32(i8x32_to_f32(_mm256_sub_epi8(q, eight)), d));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+        for (i, b) in row.chunks_exact(20).enumerate() {
+            let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
+            let q = u8x32_to_f32(nibbles16(_mm_loadu_si128(b.as_ptr().add(4).cast())));
+            let q = scale32(q, d);
+            f(
+                32 * i,
+                [
+                    _mm256_add_ps(q[0], m),
+                    _mm256_add_ps(q[1], m),
+                    _mm256_add_ps(q[2], m),
+                    _mm256_add_ps(q[3], m),
+                ],
+            );
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+        for (i, b) in row.chunks_exact(34).enumerate() {
+            let d = splat_f16(b.as_ptr());
+            let q = i8x32_to_f32(_mm256_loadu_si256(b.as_ptr().add(2).cast()));
+            f(32 * i, scale32(q, d));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_q4_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        for (i, b) in row.chunks_exact(144).enumerate() {
+            let (d, dmin) = (f16_scalar(b.as_ptr()), f16_scalar(b.as_ptr().add(2)));
+            let scales = &b[4..16];
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c).cast());
+                let halves = [
+                    _mm256_and_si256(q, m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+                ];
+                for (h, q) in halves.into_iter().enumerate() {
+                    let (sc, m) = scale_min_k4(2 * c + h, scales);
+                    let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
+                    let dm = _mm256_set1_ps(dmin * m as f32);
+                    f(
+                        QK_K * i + 64 * c + 32 * h,
+                        [
+                            _mm256_sub_ps(q[0], dm),
+                            _mm256_sub_ps(q[1], dm),
+                            _mm256_sub_ps(q[2], dm),
+                            _mm256_sub_ps(q[3], dm),
+                        ],
+                    );
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_q6_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x30);
+        let k32 = _mm256_set1_epi8(32);
+        for (i, b) in row.chunks_exact(210).enumerate() {
+            let d = f16_scalar(b.as_ptr().add(208));
+            let p = b.as_ptr();
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
+                let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                        _mm256_and_si256(qh, m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                    ),
+                ];
+                for (k, q) in q.into_iter().enumerate() {
+                    let s = 192 + 8 * n + 2 * k;
+                    let ds0 = _mm256_set1_ps(d * b[s] as i8 as f32);
+                    let ds1 = _mm256_set1_ps(d * b[s + 1] as i8 as f32);
+                    let v = i8x32_to_f32(_mm256_sub_epi8(q, k32));
+                    f(
+                        QK_K * i + 128 * n + 32 * k,
+                        [
+                            _mm256_mul_ps(v[0], ds0),
+                            _mm256_mul_ps(v[1], ds0),
+                            _mm256_mul_ps(v[2], ds1),
+                            _mm256_mul_ps(v[3], ds1),
+                        ],
+                    );
+                }
+            }
+        }
+    }
+
+    /// Generates, for one decoder, a module with the kernels of [`RowKernels`]: `dot`
+    /// (`dot_f32(dequantize(row), x)`), `dot2` (two tokens against one decode of the row) and
+    /// `dequant` (into `y`). `# Safety` for each: AVX2, FMA, F16C and matching sizes.
+    macro_rules! block_kernels {
+        ($name:ident, $decode:ident) => {
+            mod $name {
+                use super::*;
+
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    $decode(row, |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
+                    fold(acc)
+                }
+
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
+                    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                    $decode(row, |i, w| {
+                        fma32(&mut acc0, w, x0.as_ptr().add(i));
+                        fma32(&mut acc1, w, x1.as_ptr().add(i));
+                    });
+                    [fold(acc0), fold(acc1)]
+                }
+
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
+                    $decode(row, |i, w| store32(y.as_mut_ptr().add(i), w));
+                }
+            }
+        };
+    }
+
+    block_kernels!(q4_0, decode_q4_0);
+    block_kernels!(q4_1, decode_q4_1);
+    block_kernels!(q8_0, decode_q8_0);
+    block_kernels!(q4_k, decode_q4_k);
+    block_kernels!(q6_k, decode_q6_k);
+
+    /// As [`block_kernels`], for plain floats: the tail past the last 32 elements goes through
+    /// the scalar dequantiser, and `dot` adds it after the tree, as `dot_f32` does.
+    macro_rules! float_kernels {
+        ($name:ident, $dtype:expr, $decode:ident) => {
+            mod $name {
+                use super::*;
+
+                /// The tail past the last 32 elements of `row`, dequantised.
+                fn tail<'a>(row: &[u8], n: usize, buf: &'a mut [f32; LANES]) -> &'a [f32] {
+                    let main = n / LANES * LANES;
+                    let tail = &mut buf[..n - main];
+                    crate::quant::dequantize_row($dtype, &row[main * $dtype.block_bytes()..], tail);
+                    tail
+                }
+
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    $decode(row, x.len(), |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
+                    let main = x.len() / LANES * LANES;
+                    add_tail(fold(acc), tail(row, x.len(), &mut [0.0; LANES]), &x[main..])
+                }
+
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
+                    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                    $decode(row, x0.len(), |i, w| {
+                        fma32(&mut acc0, w, x0.as_ptr().add(i));
+                        fma32(&mut acc1, w, x1.as_ptr().add(i));
+                    });
+                    let main = x0.len() / LANES * LANES;
+                    let mut buf = [0.0; LANES];
+                    let tail = tail(row, x0.len(), &mut buf);
+                    [
+                        add_tail(fold(acc0), tail, &x0[main..]),
+                        add_tail(fold(acc1), tail, &x1[main..]),
+                    ]
+                }
+
+                #[target_feature(enable = "avx2,fma,f16c")]
+                pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
+                    $decode(row, y.len(), |i, w| store32(y.as_mut_ptr().add(i), w));
+                    let main = y.len() / LANES * LANES;
+                    let rest = &row[main * $dtype.block_bytes()..];
+                    crate::quant::dequantize_row($dtype, rest, &mut y[main..]);
+                }
+            }
+        };
+    }
+
+    float_kernels!(f32_row, DType::F32, decode_f32);
+    float_kernels!(f16_row, DType::F16, decode_f16);
+    float_kernels!(bf16_row, DType::BF16, decode_bf16);
+
+    /// Checks the sizes the kernels rely on: they read and write through pointers.
+    #[inline(always)]
+    fn check(dtype: DType, row: &[u8], n: usize) {
+        assert_eq!(dtype.row_bytes(n), Some(row.len()), "row kernel: bad sizes");
+    }
+
+    /// Safe entry points for one dtype's kernels.
+    macro_rules! entry {
+        ($dtype:expr, $name:ident) => {
+            RowKernels {
+                dot: |r, x| {
+                    check($dtype, r, x.len());
+                    // SAFETY: see `row_kernels`; sizes checked.
+                    unsafe { $name::dot(r, x) }
+                },
+                dot2: |r, x0, x1| {
+                    check($dtype, r, x0.len());
+                    check($dtype, r, x1.len());
+                    // SAFETY: see `row_kernels`; sizes checked.
+                    unsafe { $name::dot2(r, x0, x1) }
+                },
+                dequantize: |r, y| {
+                    check($dtype, r, y.len());
+                    // SAFETY: see `row_kernels`; sizes checked.
+                    unsafe { $name::dequant(r, y) }
+                },
+            }
+        };
+    }
+
+    /// The kernels for `dtype`. Reachable only through `super::row_kernels`, which asks for
+    /// them only after `simd_level` found AVX2, FMA and F16C: that is what makes the wrappers'
+    /// calls sound.
+    pub(super) fn row_kernels(dtype: DType) -> Option<RowKernels> {
+        Some(match dtype {
+            DType::F32 => entry!(DType::F32, f32_row),
+            DType::F16 => entry!(DType::F16, f16_row),
+            DType::BF16 => entry!(DType::BF16, bf16_row),
+            DType::Q4_0 => entry!(DType::Q4_0, q4_0),
+            DType::Q4_1 => entry!(DType::Q4_1, q4_1),
+            DType::Q8_0 => entry!(DType::Q8_0, q8_0),
+            DType::Q4K => entry!(DType::Q4K, q4_k),
+            DType::Q6K => entry!(DType::Q6K, q6_k),
+            DType::Q5_0 | DType::Q5_1 | DType::Q2K | DType::Q3K | DType::Q5K => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::ALL_DTYPES;
+    use crate::quant::tests::Rng;
+    use crate::quant::{dequantize_row, quantize_row};
+
+    const LENGTHS: [usize; 10] = [0, 1, 7, 31, 32, 33, 64, 100, 576, 1539];
+
+    fn close(a: f32, b: f32, scale: f32) -> bool {
+        (a - b).abs() <= 1e-5 * scale.max(1e-30)
+    }
+
+    /// `sum |a_i b_i|`: the natural scale of a dot product's rounding error.
+    fn abs_dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x * y).abs()).sum()
+    }
+
+    #[test]
+    fn scalar_dot_matches_f64_reference() {
+        let mut rng = Rng::new(1);
+        for n in LENGTHS {
+            let (a, b) = (rng.vec(n), rng.vec(n));
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let got = dot_f32_scalar(&a, &b);
+            assert!(
+                close(got, exact as f32, abs_dot(&a, &b)),
+                "n={n}: {got} vs {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn scalar_dot_follows_the_lane_tree() {
+        // The lanes and tree written out by hand, on data where other orders round differently.
+        let mut rng = Rng::new(5);
+        let (a, b) = (rng.vec(64 + 3), rng.vec(64 + 3));
+        let mut lanes = [0f32; 32];
+        for i in 0..64 {
+            lanes[i % 32] += a[i] * b[i];
+        }
+        for w in [16, 8, 4, 2, 1] {
+            for l in 0..w {
+                lanes[l] += lanes[l + w];
+            }
+        }
+        let want = lanes[0] + a[64] * b[64] + a[65] * b[65] + a[66] * b[66];
+        assert_eq!(dot_f32_scalar(&a, &b).to_bits(), want.to_bits());
+    }
+
+    #[test]
+    fn simd_dot_agrees_with_scalar() {
+        let mut rng = Rng::new(2);
+        for n in LENGTHS {
+            let (a, b) = (rng.vec(n), rng.vec(n));
+            let (fast, slow) = (dot_f32(&a, &b), dot_f32_scalar(&a, &b));
+            assert!(
+                close(fast, slow, abs_dot(&a, &b)),
+                "n={n}: {fast} vs {slow}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_many_equals_one_dot_per_row_bit_for_bit() {
+        let mut rng = Rng::new(6);
+        for n in LENGTHS {
+            for rows in [1, 2, 3, 4, 5, 9] {
+                let (a, bs) = (rng.vec(n), rng.vec(n * rows));
+                let mut out = vec![f32::NAN; rows];
+                dot_f32_many(&a, &bs, &mut out);
+                for (j, o) in out.iter().enumerate() {
+                    let want = dot_f32(&a, &bs[j * n..(j + 1) * n]);
+                    assert_eq!(o.to_bits(), want.to_bits(), "n={n} rows={rows} j={j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_kernels_equal_scalar_dequantise_then_dot_bit_for_bit() {
+        let mut rng = Rng::new(4);
+        for dtype in ALL_DTYPES {
+            let Some(kernels) = row_kernels(dtype) else {
+                continue;
+            };
+            for n in [256, 512, 1024 + 256] {
+                let n = n + if dtype.block_size() == 1 { 13 } else { 0 };
+                let w = rng.vec(n);
+                let x = rng.vec(n);
+                let mut row = vec![0u8; dtype.row_bytes(n).expect("whole blocks")];
+                quantize_row(dtype, &w, &mut row);
+                let mut deq = vec![0f32; n];
+                dequantize_row(dtype, &row, &mut deq);
+                let mut fast = vec![f32::NAN; n];
+                (kernels.dequantize)(&row, &mut fast);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&deq), "{} n={n}", dtype.name());
+                let (got, want) = ((kernels.dot)(&row, &x), dot_f32(&deq, &x));
+                assert_eq!(got.to_bits(), want.to_bits(), "{} n={n}", dtype.name());
+                let x1 = rng.vec(n);
+                let pair = (kernels.dot2)(&row, &x, &x1);
+                let want1 = dot_f32(&deq, &x1);
+                assert_eq!(pair.map(f32::to_bits), [want.to_bits(), want1.to_bits()]);
+                assert!(close(got, dot_f32_scalar(&deq, &x), abs_dot(&deq, &x)));
+            }
+        }
+    }
+
+    #[test]
+    fn fused_kernels_cover_the_real_models_formats() {
+        if simd_level() == SimdLevel::Scalar {
+            return;
+        }
+        for dtype in [DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::F16] {
+            assert!(row_kernels(dtype).is_some(), "{}", dtype.name());
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The Llama family (Llama 2/3, SmolLM2, ...): pre-norm decoder blocks of GQA attention with
+//! rope and a SwiGLU feed-forward, a final RMSNorm and a tied or untied output head.
+//!
+//! ```text
+//! x = embed(tokens)
+//! for each block:  x += attn(rms_norm(x)) ;  x += mlp(rms_norm(x))
+//! logits = head(rms_norm(x))            (rows in batch.logits_for only)
+//! ```
+
+use supernode_kernels::ops::{silu, AttnShape};
+
+use crate::arch::Model;
+use crate::kv_cache::{KvCache, KvLayerSpec};
+use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::weights::Weights;
+use crate::{Batch, ModelConfig, Result};
+
+/// One decoder block.
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    cfg: ModelConfig,
+    /// `[hidden, vocab]`
+    embed: Embedding,
+    blocks: Vec<Block>,
+    /// `[hidden]`
+    norm: RmsNorm,
+    /// `[hidden, vocab]`: `output.weight`, or the embedding when tied.
+    head: Linear,
+    rope: Rope,
+}
+
+impl Llama {
+    pub fn new(cfg: ModelConfig, w: &Weights) -> Result<Llama> {
+        let (h, eps) = (cfg.hidden, cfg.rms_eps);
+        let embed = w.embedding("token_embd.weight", cfg.vocab_size, h)?;
+        let head = match w.opt_linear("output", cfg.vocab_size, h)? {
+            Some(head) => head,
+            None => Linear::new(embed.table().clone(), None),
+        };
+        let shape = AttnShape {
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            k_dim: cfg.head_dim,
+            v_dim: cfg.v_head_dim,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            softcap: None,
+        };
+        let blocks = (0..cfg.n_layers)
+            .map(|i| {
+                let p = |n: &str| format!("blk.{i}.{n}");
+                Ok(Block {
+                    attn_norm: w.rms_norm(&p("attn_norm.weight"), h, eps, 0.0)?,
+                    attn: Attention {
+                        wq: w.linear(&p("attn_q"), cfg.n_heads * cfg.head_dim, h)?,
+                        wk: w.linear(&p("attn_k"), cfg.n_kv_heads * cfg.head_dim, h)?,
+                        wv: w.linear(&p("attn_v"), cfg.n_kv_heads * cfg.v_head_dim, h)?,
+                        wo: w.linear(&p("attn_output"), h, cfg.n_heads * cfg.v_head_dim)?,
+                        q_norm: None,
+                        k_norm: None,
+                        shape,
+                        window: None,
+                    },
+                    ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, 0.0)?,
+                    mlp: Mlp {
+                        gate: w.linear(&p("ffn_gate"), cfg.ffn_dim, h)?,
+                        up: w.linear(&p("ffn_up"), cfg.ffn_dim, h)?,
+                        down: w.linear(&p("ffn_down"), h, cfg.ffn_dim)?,
+                        act: silu,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llama {
+            norm: w.rms_norm("output_norm.weight", h, eps, 0.0)?,
+            rope: Rope::new(&cfg.rope),
+            cfg,
+            embed,
+            blocks,
+            head,
+        })
+    }
+}
+
+impl Model for Llama {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn kv_specs(&self) -> Vec<KvLayerSpec> {
+        let spec = KvLayerSpec {
+            n_kv_heads: self.cfg.n_kv_heads,
+            k_dim: self.cfg.head_dim,
+            v_dim: self.cfg.v_head_dim,
+        };
+        vec![spec; self.cfg.n_layers]
+    }
+
+    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
+        kv.check_batch(batch, self.cfg.vocab_size)?;
+        let (n, h) = (batch.len(), self.cfg.hidden);
+        let mut x = vec![0.0; n * h];
+        let mut xn = vec![0.0; n * h];
+        let mut y = vec![0.0; n * h];
+        self.embed.forward(batch.tokens, 1.0, &mut x);
+        let rope = self.rope.table(batch.positions);
+        let block_size = kv.block_size;
+        for (block, layer_kv) in self.blocks.iter().zip(kv.layers.iter_mut()) {
+            block.attn_norm.forward(&x, &mut xn);
+            block
+                .attn
+                .forward(&xn, batch, &rope, layer_kv, block_size, &mut y);
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+            block.ffn_norm.forward(&x, &mut xn);
+            block.mlp.forward(&xn, n, &mut y);
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        }
+        let rows: Vec<f32> = batch
+            .logits_for
+            .iter()
+            .flat_map(|&r| x[r * h..(r + 1) * h].to_vec())
+            .collect();
+        let mut normed = vec![0.0; rows.len()];
+        self.norm.forward(&rows, &mut normed);
+        let mut logits = vec![0.0; batch.logits_for.len() * self.cfg.vocab_size];
+        self.head
+            .forward(&normed, batch.logits_for.len(), &mut logits);
+        Ok(logits)
+    }
+
+    fn weight_bytes_per_token(&self) -> usize {
+        let per_block: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [
+                    &b.attn.wq,
+                    &b.attn.wk,
+                    &b.attn.wv,
+                    &b.attn.wo,
+                    &b.mlp.gate,
+                    &b.mlp.up,
+                    &b.mlp.down,
+                ]
+                .iter()
+                .map(|l| l.weight_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        per_block + self.head.weight_bytes()
+    }
+}

@@ -1,0 +1,82 @@
+//! The attention layer (MHA/GQA): projections, optional per-head Q/K norms, rope, the KV
+//! cache write, causal attention over the paged cache (optionally a sliding window), and
+//! the output projection. This is the only code that writes the KV cache.
+
+use rayon::prelude::*;
+use supernode_kernels::ops::{attention, AttnShape};
+
+use super::{Linear, RmsNorm, RopeTable};
+use crate::kv_cache::LayerKv;
+use crate::Batch;
+
+pub struct Attention {
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    /// Per-head RMSNorm of queries and keys (Qwen3, Gemma 3), applied before rope.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub shape: AttnShape,
+    /// Attend only to the last `window` positions (inclusive of the token itself).
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        batch: &Batch,
+        rope: &RopeTable,
+        kv: &mut LayerKv,
+        block_size: usize,
+        out: &mut [f32],
+    ) {
+        let n = batch.len();
+        let s = &self.shape;
+        let (qw, kw, vw) = (
+            s.n_heads * s.k_dim,
+            s.n_kv_heads * s.k_dim,
+            s.n_kv_heads * s.v_dim,
+        );
+        let mut q = vec![0.0; n * qw];
+        let mut k = vec![0.0; n * kw];
+        let mut v = vec![0.0; n * vw];
+        self.wq.forward(x, n, &mut q);
+        self.wk.forward(x, n, &mut k);
+        self.wv.forward(x, n, &mut v);
+        for t in 0..n {
+            let qt = &mut q[t * qw..(t + 1) * qw];
+            let kt = &mut k[t * kw..(t + 1) * kw];
+            if let Some(norm) = &self.q_norm {
+                norm.forward_inplace(qt);
+            }
+            if let Some(norm) = &self.k_norm {
+                norm.forward_inplace(kt);
+            }
+            rope.apply(t, qt, s.k_dim);
+            rope.apply(t, kt, s.k_dim);
+            kv.write(batch.slot(t, block_size), kt, &v[t * vw..(t + 1) * vw]);
+        }
+        let view = kv.view(block_size);
+        let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
+        attn.par_chunks_mut(s.n_heads * s.v_dim)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (t, o)| {
+                let pos = batch.positions[t];
+                let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let table = batch.block_tables[batch.seq_of[t]];
+                attention(
+                    &q[t * qw..(t + 1) * qw],
+                    &view,
+                    table,
+                    start..pos + 1,
+                    s,
+                    scores,
+                    o,
+                );
+            });
+        self.wo.forward(&attn, n, out);
+    }
+}

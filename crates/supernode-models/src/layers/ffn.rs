@@ -1,0 +1,26 @@
+//! The dense gated feed-forward: `down(act(gate(x)) * up(x))`.
+
+use supernode_kernels::ops::glu_inplace;
+
+use super::Linear;
+
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+    /// SiLU for SwiGLU, GELU-tanh for GeGLU.
+    pub act: fn(f32) -> f32,
+}
+
+impl Mlp {
+    /// `x`: `n × hidden` → `out`: `n × hidden`.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let f = self.gate.rows();
+        let mut g = vec![0.0; n * f];
+        let mut u = vec![0.0; n * f];
+        self.gate.forward(x, n, &mut g);
+        self.up.forward(x, n, &mut u);
+        glu_inplace(&mut g, &u, self.act);
+        self.down.forward(&g, n, out);
+    }
+}

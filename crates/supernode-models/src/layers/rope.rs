@@ -1,0 +1,58 @@
+//! Rotary position embeddings: frequencies from a [`RopeConfig`], tables per batch.
+
+use supernode_kernels::ops::{rope_apply, rope_cos_sin, RopeStyle};
+
+use crate::config::RopeConfig;
+
+/// A rope variant with its precomputed frequencies.
+pub struct Rope {
+    inv_freq: Vec<f64>,
+    style: RopeStyle,
+    mscale: f32,
+}
+
+/// Cosines and sines for each token of a batch.
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pairs: usize,
+    style: RopeStyle,
+}
+
+impl Rope {
+    pub fn new(cfg: &RopeConfig) -> Rope {
+        Rope {
+            inv_freq: cfg.inv_freq(),
+            style: cfg.style,
+            mscale: 1.0,
+        }
+    }
+
+    /// The table for a batch's positions.
+    pub fn table(&self, positions: &[usize]) -> RopeTable {
+        let pairs = self.inv_freq.len();
+        let mut cos = vec![0.0; positions.len() * pairs];
+        let mut sin = vec![0.0; positions.len() * pairs];
+        for ((&p, c), s) in positions
+            .iter()
+            .zip(cos.chunks_exact_mut(pairs))
+            .zip(sin.chunks_exact_mut(pairs))
+        {
+            rope_cos_sin(p, &self.inv_freq, self.mscale, c, s);
+        }
+        RopeTable {
+            cos,
+            sin,
+            pairs,
+            style: self.style,
+        }
+    }
+}
+
+impl RopeTable {
+    /// Rotates all heads (of `head_dim`) in `x`, the row of batch token `t`.
+    pub fn apply(&self, t: usize, x: &mut [f32], head_dim: usize) {
+        let r = t * self.pairs..(t + 1) * self.pairs;
+        rope_apply(x, head_dim, self.style, &self.cos[r.clone()], &self.sin[r]);
+    }
+}

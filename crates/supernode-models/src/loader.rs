@@ -1,0 +1,62 @@
+//! The one entry point for loading a model from a path: a `.gguf` file or a directory with
+//! `config.json` and safetensors. Picks the architecture and builds it.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::arch::{llama::Llama, Model};
+use crate::config::{Arch, ModelConfig};
+use crate::gguf::read_gguf;
+use crate::safetensors::read_safetensors_dir;
+use crate::weights::Weights;
+use crate::{Metadata, ModelError, Result};
+
+/// Where a model came from; the engine builds its tokenizer from this.
+pub enum ModelSource {
+    Gguf { path: PathBuf, metadata: Metadata },
+    HfDir { dir: PathBuf, config: Value },
+}
+
+/// A model ready to run.
+pub struct LoadedModel {
+    pub model: Box<dyn Model>,
+    pub source: ModelSource,
+}
+
+/// Loads a model from a GGUF file or an HF-style safetensors directory.
+pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    if path.is_dir() {
+        let st = read_safetensors_dir(path)?;
+        let cfg = ModelConfig::from_hf(&st.config).map_err(|e| {
+            ModelError::Invalid(format!("{}: {e}", path.join("config.json").display()))
+        })?;
+        let model = build(cfg, &Weights::new(st.tensors))?;
+        return Ok(LoadedModel {
+            model,
+            source: ModelSource::HfDir {
+                dir: st.dir,
+                config: st.config,
+            },
+        });
+    }
+    let file = read_gguf(path)?;
+    let vocab_rows = file.tensor("token_embd.weight").map_or(0, |t| t.rows());
+    let cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows)
+        .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+    let model = build(cfg, &Weights::new(file.tensors))
+        .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(LoadedModel {
+        model,
+        source: ModelSource::Gguf {
+            path: file.path,
+            metadata: file.metadata,
+        },
+    })
+}
+
+fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
+    Ok(match cfg.arch {
+        Arch::Llama => Box::new(Llama::new(cfg, w)?),
+    })
+}

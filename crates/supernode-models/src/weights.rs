@@ -1,0 +1,121 @@
+//! Named weight lookup with shape checks, over the tensors of any file format.
+//!
+//! Tensor names are GGUF's (the safetensors loader maps HF names into them). A required tensor
+//! that is missing or has the wrong shape is an error naming it; an optional one that is
+//! absent is `None` — never a silent fallback on a real error.
+
+use std::collections::HashMap;
+
+use supernode_kernels::quant::dequantize_row;
+
+use crate::layers::{Embedding, Linear, RmsNorm};
+use crate::{ModelError, Result, Tensor};
+
+/// The tensors of a model file, by GGUF name.
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn new(tensors: Vec<Tensor>) -> Weights {
+        Weights {
+            map: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.map.get(name)
+    }
+
+    fn require(&self, name: &str) -> Result<&Tensor> {
+        self.get(name).ok_or_else(|| ModelError::Tensor {
+            name: name.to_string(),
+            msg: "missing from the model file".into(),
+        })
+    }
+
+    fn check_shape(t: &Tensor, want: &[usize]) -> Result<()> {
+        if t.shape != want {
+            return Err(ModelError::Tensor {
+                name: t.name.clone(),
+                msg: format!("has shape {:?}, expected {:?} (ggml order)", t.shape, want),
+            });
+        }
+        Ok(())
+    }
+
+    /// A 1-D tensor dequantised to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.require(name)?;
+        Self::check_shape(t, &[len])?;
+        to_f32(t)
+    }
+
+    /// `{prefix}.weight` as a `rows × cols` matrix, with `{prefix}.bias` if present.
+    pub fn linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Linear> {
+        let w = self.require(&format!("{prefix}.weight"))?;
+        Self::check_shape(w, &[cols, rows])?;
+        check_row_blocks(w)?;
+        let bias = match self.get(&format!("{prefix}.bias")) {
+            Some(b) => {
+                Self::check_shape(b, &[rows])?;
+                Some(to_f32(b)?)
+            }
+            None => None,
+        };
+        Ok(Linear::new(w.clone(), bias))
+    }
+
+    /// `{prefix}.weight` as a `rows × cols` matrix if the file has it.
+    pub fn opt_linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Option<Linear>> {
+        if self.get(&format!("{prefix}.weight")).is_none() {
+            return Ok(None);
+        }
+        self.linear(prefix, rows, cols).map(Some)
+    }
+
+    /// An RMSNorm weight `{name}` of `len` elements.
+    pub fn rms_norm(&self, name: &str, len: usize, eps: f32, w_offset: f32) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            w: self.vector(name, len)?,
+            eps,
+            w_offset,
+        })
+    }
+
+    /// An embedding table of `vocab` rows of `dim`.
+    pub fn embedding(&self, name: &str, vocab: usize, dim: usize) -> Result<Embedding> {
+        let t = self.require(name)?;
+        Self::check_shape(t, &[dim, vocab])?;
+        check_row_blocks(t)?;
+        Ok(Embedding::new(t.clone()))
+    }
+}
+
+fn check_row_blocks(t: &Tensor) -> Result<()> {
+    if t.dtype.row_bytes(t.cols()).is_none() {
+        return Err(ModelError::Tensor {
+            name: t.name.clone(),
+            msg: format!(
+                "rows of {} elements are not whole {} blocks",
+                t.cols(),
+                t.dtype.name()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Dequantises a whole tensor (e.g. a norm weight) to f32.
+fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
+    check_row_blocks(t)?;
+    let mut out = vec![0.0; t.numel()];
+    let row_bytes = t.dtype.row_bytes(t.cols()).unwrap_or(0);
+    for (dst, src) in out
+        .chunks_exact_mut(t.cols())
+        .zip(t.bytes().chunks_exact(row_bytes))
+    {
+        dequantize_row(t.dtype, src, dst);
+    }
+    Ok(out)
+}

@@ -1,0 +1,374 @@
+//! Subcommands: `run`, `logits`, `tokenize`, `fetch`.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use supernode_engine::chat::{ChatMessage, ChatTemplate};
+use supernode_engine::sampler::SamplingParams;
+use supernode_engine::session::Session;
+use supernode_engine::tokenizer::{IncrementalDecoder, Tokenizer};
+
+use crate::fetch;
+
+#[derive(Parser)]
+#[command(
+    name = "supernode",
+    version,
+    about = "Fast inference for open-weight language models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (or chat interactively with --chat and no --prompt).
+    Run(RunArgs),
+    /// Print the logits of every position of a token sequence as JSON.
+    Logits(LogitsArgs),
+    /// Print the token ids of a text as JSON.
+    Tokenize(TokenizeArgs),
+    /// Download a known model into the cache (smollm2-135m, gemma3-270m).
+    Fetch {
+        /// The model's short name.
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A .gguf file, a directory with config.json + *.safetensors, or a short name
+    /// (smollm2-135m, gemma3-270m) fetched into the cache on first use.
+    #[arg(long, short = 'm')]
+    model: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Context length (default: the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text (special tokens in it are recognised, except in --chat mode).
+    #[arg(long, short = 'p', conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the top probability (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalise repeated tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Wrap the prompt in the model's chat template (interactive chat if no --prompt).
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object {prompt_tokens, tokens, text} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+    /// Print only the K largest logits of each position, as [id, logit] pairs.
+    #[arg(long)]
+    top: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    text: String,
+    /// Do not add BOS/EOS even if the model asks for them.
+    #[arg(long)]
+    no_add_special: bool,
+    /// Treat special-token texts (e.g. <|im_start|>) as plain text.
+    #[arg(long)]
+    no_parse_special: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => run_cmd(a),
+        Command::Logits(a) => logits_cmd(a),
+        Command::Tokenize(a) => tokenize_cmd(a),
+        Command::Fetch { name } => {
+            let m = fetch::known(&name).with_context(|| {
+                let names: Vec<_> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                format!("unknown model `{name}` (known: {})", names.join(", "))
+            })?;
+            let path = fetch::ensure(m)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}
+
+fn open(m: &ModelArgs) -> Result<Session> {
+    if let Some(t) = m.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    let path: PathBuf = fetch::resolve_model(&m.model)?;
+    let t0 = Instant::now();
+    let session = Session::load(&path, m.ctx)?;
+    tracing_line(&format!(
+        "loaded {} in {:.2}s",
+        path.display(),
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(session)
+}
+
+/// A status line on stderr (kept off stdout, which carries results).
+fn tracing_line(msg: &str) {
+    eprintln!("supernode: {msg}");
+}
+
+fn sampling(a: &RunArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repeat_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        seed: a.seed,
+        ..SamplingParams::default()
+    }
+}
+
+fn template(tok: &Tokenizer) -> Result<ChatTemplate> {
+    let src = tok.chat_template().context(
+        "this model has no chat template (it is likely a base model): run it without --chat",
+    )?;
+    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+    Ok(ChatTemplate::new(
+        src,
+        &text(tok.bos_id()),
+        &text(tok.eos_id()),
+    )?)
+}
+
+/// Renders a conversation and tokenises it with message contents protected.
+fn chat_tokens(tok: &Tokenizer, tmpl: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let (text, protected) = tmpl.render(messages, true)?;
+    Ok(tok.encode_protected(&text, true, &protected))
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    let params = sampling(&a);
+    params.validate().map_err(anyhow::Error::msg)?;
+    let mut session = open(&a.model)?;
+    if a.chat && a.prompt.is_none() && a.tokens.is_none() {
+        return interactive_chat(&mut session, &a, &params);
+    }
+    let prompt: Vec<u32> = match (&a.tokens, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = session.require_tokenizer()?;
+            if a.chat {
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(ChatMessage {
+                        role: "system".into(),
+                        content: s.clone(),
+                    });
+                }
+                msgs.push(ChatMessage {
+                    role: "user".into(),
+                    content: text.clone(),
+                });
+                chat_tokens(tok, &template(tok)?, &msgs)?
+            } else {
+                tok.encode(text, true, true)
+            }
+        }
+        (None, None) => {
+            bail!("give a prompt with --prompt or --tokens (or use --chat for an interactive chat)")
+        }
+    };
+    let (tokens, text) = generate(&mut session, &prompt, &params, &a, !a.json)?;
+    if a.json {
+        println!(
+            "{}",
+            json!({ "prompt_tokens": prompt, "tokens": tokens, "text": text })
+        );
+    }
+    Ok(())
+}
+
+/// Generates, streaming text to stdout if `stream`; returns the tokens and their text (None
+/// without a tokenizer).
+fn generate(
+    session: &mut Session,
+    prompt: &[u32],
+    params: &SamplingParams,
+    a: &RunArgs,
+    stream: bool,
+) -> Result<(Vec<u32>, Option<String>)> {
+    let mut decoder = session
+        .tokenizer()
+        .map(|t| IncrementalDecoder::new(Arc::clone(t), false));
+    let mut text = String::new();
+    let mut stdout = io::stdout().lock();
+    let t0 = Instant::now();
+    let mut first: Option<f64> = None;
+    let (tokens, _reason) =
+        session.generate(prompt, params, a.max_tokens, a.ignore_eos, |tok, _| {
+            first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            if let Some(d) = decoder.as_mut() {
+                let piece = d.push(tok);
+                if stream {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+                text.push_str(&piece);
+            }
+            true
+        })?;
+    if let Some(d) = decoder.as_mut() {
+        let rest = d.finish();
+        if stream {
+            let _ = stdout.write_all(rest.as_bytes());
+        }
+        text.push_str(&rest);
+    }
+    if stream {
+        let _ = writeln!(stdout);
+    }
+    let total = t0.elapsed().as_secs_f64();
+    if let (Some(f), true) = (first, tokens.len() > 1) {
+        tracing_line(&format!(
+            "prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens at {:.1} tok/s",
+            prompt.len(),
+            f,
+            prompt.len() as f64 / f,
+            tokens.len(),
+            (tokens.len() - 1) as f64 / (total - f).max(1e-9)
+        ));
+    }
+    Ok((tokens, decoder.map(|_| text)))
+}
+
+fn interactive_chat(session: &mut Session, a: &RunArgs, params: &SamplingParams) -> Result<()> {
+    let tmpl = template(session.require_tokenizer()?)?;
+    let mut msgs = Vec::new();
+    if let Some(s) = &a.system {
+        msgs.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    let stdin = io::stdin();
+    let interactive = stdin.is_terminal();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            continue;
+        }
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: line.to_string(),
+        });
+        let prompt = chat_tokens(session.require_tokenizer()?, &tmpl, &msgs)?;
+        if prompt.len() >= session.ctx_len() {
+            bail!(
+                "the conversation no longer fits the {}-token context",
+                session.ctx_len()
+            );
+        }
+        let (_, text) = generate(session, &prompt, params, a, true)?;
+        msgs.push(ChatMessage {
+            role: "assistant".into(),
+            content: text.unwrap_or_default(),
+        });
+    }
+}
+
+fn logits_cmd(a: LogitsArgs) -> Result<()> {
+    let mut session = open(&a.model)?;
+    let rows = session.logits(&a.tokens)?;
+    let logits: Vec<serde_json::Value> = match a.top {
+        None => rows.iter().map(|r| json!(r)).collect(),
+        Some(k) => rows
+            .iter()
+            .map(|r| {
+                let mut idx: Vec<usize> = (0..r.len()).collect();
+                idx.sort_by(|&x, &y| r[y].total_cmp(&r[x]).then(x.cmp(&y)));
+                json!(idx
+                    .iter()
+                    .take(k)
+                    .map(|&i| json!([i, r[i]]))
+                    .collect::<Vec<_>>())
+            })
+            .collect(),
+    };
+    println!("{}", json!({ "tokens": a.tokens, "logits": logits }));
+    Ok(())
+}
+
+fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
+    // Only the tokenizer is needed, but loading the model checks the file as a whole.
+    let session = open(&a.model)?;
+    let tok = session.require_tokenizer()?;
+    let ids = tok.encode(&a.text, !a.no_add_special, !a.no_parse_special);
+    println!("{}", json!(ids));
+    Ok(())
+}

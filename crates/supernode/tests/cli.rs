@@ -1,0 +1,284 @@
+//! The binary end to end: bad inputs give a one-line error and a non-zero exit; a tiny
+//! synthetic model without a tokenizer runs from `--tokens`; JSON shapes are the contract's.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use supernode_kernels::DType;
+use supernode_models::gguf::GgufWriter;
+use supernode_models::MetaValue;
+
+fn supernode(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_supernode"))
+        .args(args)
+        .env(
+            "SUPERNODE_CACHE",
+            std::env::temp_dir().join("supernode-cli-test-cache"),
+        )
+        .output()
+        .expect("the binary runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("supernode-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Asserts a failed run with exactly one line on stderr containing every `needle`.
+fn assert_one_line_error(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, got: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+}
+
+/// A tiny random llama-architecture GGUF (F32/F16/Q8_0 weights, no tokenizer).
+fn tiny_llama(path: &Path, arch: &str) {
+    let (h, heads, kv, ff, vocab, layers) = (32usize, 4usize, 2usize, 64usize, 50usize, 2usize);
+    let hd = h / heads;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
+            })
+            .collect()
+    };
+    let f32s = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let q8 = |v: Vec<f32>| {
+        let mut out = vec![0u8; DType::Q8_0.row_bytes(v.len()).unwrap()];
+        supernode_kernels::quant::quantize_row(DType::Q8_0, &v, &mut out);
+        out
+    };
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String(arch.into()));
+    for (k, v) in [
+        ("block_count", layers),
+        ("embedding_length", h),
+        ("feed_forward_length", ff),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv),
+        ("context_length", 64),
+    ] {
+        w.meta(&format!("{arch}.{k}"), MetaValue::U32(v as u32));
+    }
+    w.meta(
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(1e-5),
+    );
+    w.tensor(
+        "token_embd.weight",
+        DType::Q8_0,
+        &[h, vocab],
+        q8(rnd(h * vocab)),
+    );
+    w.tensor("output_norm.weight", DType::F32, &[h], f32s(vec![1.0; h]));
+    for i in 0..layers {
+        let p = |n: &str| format!("blk.{i}.{n}");
+        w.tensor(&p("attn_norm.weight"), DType::F32, &[h], f32s(vec![1.0; h]));
+        w.tensor(&p("ffn_norm.weight"), DType::F32, &[h], f32s(vec![1.0; h]));
+        w.tensor(
+            &p("attn_q.weight"),
+            DType::F32,
+            &[h, heads * hd],
+            f32s(rnd(h * heads * hd)),
+        );
+        w.tensor(
+            &p("attn_k.weight"),
+            DType::F32,
+            &[h, kv * hd],
+            f32s(rnd(h * kv * hd)),
+        );
+        w.tensor(
+            &p("attn_v.weight"),
+            DType::F32,
+            &[h, kv * hd],
+            f32s(rnd(h * kv * hd)),
+        );
+        w.tensor(
+            &p("attn_output.weight"),
+            DType::Q8_0,
+            &[heads * hd, h],
+            q8(rnd(h * heads * hd)),
+        );
+        w.tensor(
+            &p("ffn_gate.weight"),
+            DType::Q8_0,
+            &[h, ff],
+            q8(rnd(h * ff)),
+        );
+        w.tensor(&p("ffn_up.weight"), DType::Q8_0, &[h, ff], q8(rnd(h * ff)));
+        w.tensor(
+            &p("ffn_down.weight"),
+            DType::F32,
+            &[ff, h],
+            f32s(rnd(h * ff)),
+        );
+    }
+    w.write(path).unwrap();
+}
+
+#[test]
+fn tiny_model_runs_from_token_ids() {
+    let path = tmp("tiny.gguf");
+    tiny_llama(&path, "llama");
+    let p = path.to_str().unwrap();
+    let out = supernode(&[
+        "run",
+        "--model",
+        p,
+        "--tokens",
+        "1,2,3",
+        "-n",
+        "5",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["prompt_tokens"], serde_json::json!([1, 2, 3]));
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 5);
+    assert!(v["text"].is_null());
+
+    let out = supernode(&["logits", "--model", p, "--tokens", "4,5", "--top", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["logits"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].as_array().unwrap().len(), 3);
+    let top: Vec<f64> = rows[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect();
+    assert!(top[0] >= top[1] && top[1] >= top[2]);
+
+    let out = supernode(&["logits", "--model", p, "--tokens", "4,5"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["logits"][1].as_array().unwrap().len(), 50);
+
+    // Greedy generation is the argmax of the teacher-forced logits.
+    let out = supernode(&[
+        "run",
+        "--model",
+        p,
+        "--tokens",
+        "4,5",
+        "-n",
+        "1",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let gen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let best = v["logits"][1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+        .unwrap()
+        .0;
+    assert_eq!(gen["tokens"][0].as_u64().unwrap() as usize, best);
+
+    // Without tokenizer files, text prompts are refused with what to do instead.
+    let out = supernode(&["run", "--model", p, "--prompt", "hello"]);
+    assert_one_line_error(&out, &["--tokens"]);
+    // Bad requests on a good model.
+    let out = supernode(&["run", "--model", p, "--tokens", "1,999"]);
+    assert_one_line_error(&out, &["999", "vocabulary"]);
+    let long: Vec<String> = (0..80).map(|i| (i % 50).to_string()).collect();
+    let out = supernode(&["run", "--model", p, "--tokens", &long.join(",")]);
+    assert_one_line_error(&out, &["80 tokens", "64"]);
+    let out = supernode(&["run", "--model", p, "--tokens", "1", "--top-p", "1.5"]);
+    assert_one_line_error(&out, &["top_p"]);
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let path = tmp("mamba.gguf");
+    tiny_llama(&path, "mamba");
+    let out = supernode(&["run", "--model", path.to_str().unwrap(), "--tokens", "1"]);
+    assert_one_line_error(&out, &["mamba", "supported", "llama"]);
+}
+
+#[test]
+fn unsupported_quant_type_is_named() {
+    let path = tmp("iq2.gguf");
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()));
+    w.raw_tensor("blk.0.ffn_up.weight", 16, vec![256, 1], vec![0; 66]);
+    w.write(&path).unwrap();
+    let out = supernode(&["run", "--model", path.to_str().unwrap(), "--tokens", "1"]);
+    assert_one_line_error(&out, &["IQ2_XXS", "blk.0.ffn_up.weight"]);
+}
+
+#[test]
+fn corrupt_files_fail_cleanly() {
+    let real = std::fs::read(common::model_path("smollm2-135m")).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        ("empty.gguf", Vec::new(), &["empty"]),
+        (
+            "text.gguf",
+            b"This is a text file, not a model.\n".repeat(40),
+            &["GGUF"],
+        ),
+        (
+            "badmagic.gguf",
+            [b"GGUX".as_slice(), &real[4..4096]].concat(),
+            &["GGUF"],
+        ),
+        ("header-cut.gguf", real[..2000].to_vec(), &["truncated"]),
+        (
+            "data-cut.gguf",
+            real[..real.len() / 2].to_vec(),
+            &["past the end"],
+        ),
+    ];
+    for (name, bytes, needles) in cases {
+        let path = tmp(name);
+        std::fs::write(&path, bytes).unwrap();
+        let p = path.to_str().unwrap();
+        let mut want = needles.to_vec();
+        want.push(p);
+        assert_one_line_error(&supernode(&["run", "--model", p, "--tokens", "1"]), &want);
+        assert_one_line_error(
+            &supernode(&["tokenize", "--model", p, "--text", "hi"]),
+            &want,
+        );
+    }
+    assert_one_line_error(
+        &supernode(&["run", "--model", "/no/such/model.gguf", "--tokens", "1"]),
+        &["known model name"],
+    );
+    assert_one_line_error(
+        &supernode(&["fetch", "gpt-5"]),
+        &["unknown model", "smollm2-135m"],
+    );
+}
