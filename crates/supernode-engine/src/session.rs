@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use supernode_models::{load_model, Batch, KvCache, LoadedModel, Model, ModelSource};
+use supernode_models::{load_model, Batch, KvCache, LoadOptions, LoadedModel, Model, ModelSource};
 
 use crate::error::EngineError;
 use crate::sampler::{Sampler, SamplingParams};
@@ -44,8 +44,12 @@ pub struct Session {
 impl Session {
     /// Loads the model at `path` (a `.gguf` file or a safetensors directory) and its tokenizer
     /// if the files have one. `ctx_len` caps the context (default and maximum: the model's).
-    pub fn load(path: &Path, ctx_len: Option<usize>) -> Result<Session, EngineError> {
-        let LoadedModel { model, source } = load_model(path)?;
+    pub fn load(
+        path: &Path,
+        opts: &LoadOptions,
+        ctx_len: Option<usize>,
+    ) -> Result<Session, EngineError> {
+        let LoadedModel { model, source } = load_model(path, opts)?;
         let tokenizer = match &source {
             ModelSource::Gguf { metadata, .. } => {
                 if metadata.get("tokenizer.ggml.tokens").is_some() {

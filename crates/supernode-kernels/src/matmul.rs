@@ -11,14 +11,38 @@
 //! batches), or dequantising each row of a tile once into a per-thread scratch buffer and dotting
 //! it with every token (long batches). The fused kernels are bit-identical to the second
 //! strategy, so switching between them with the batch size changes no bit.
+//!
+//! [`matmul_with`] adds llama.cpp's numerics ([`Precision::Quantized`]): each token's activations
+//! are quantised once per call, on their own, to the weight type's vec_dot type (see
+//! [`crate::qdot`]), then every output element is one integer-dot kernel of (weight row, quantised
+//! token row), so that mode is batch invariant too. Tasks are tiles of rows times chunks of
+//! tokens; within a task, groups of up to 4 tokens go through every row of the tile, each row
+//! decoded once per group, with the group's quantised rows and the tile's weights kept in L1.
+//! The activation buffers are per calling thread and reused: no allocation per call once warm.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use rayon::prelude::*;
 
 use crate::dtype::DType;
+use crate::qdot::{
+    quant_kernel, round_row_bf16, round_row_f16, ActBlock, BlockQ8K, BlockQ8_0, BlockQ8_1,
+    QuantKernel, RowDot, DOT_TOKENS,
+};
 use crate::quant::dequantize_row;
 use crate::simd::{dot_f32_many, row_kernels, RowKernels};
+
+/// How activations meet the weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// llama.cpp's numerics: each token's activations are quantised once per matmul to the weight
+    /// type's vec_dot type (Q4_0/Q5_0/Q8_0 → Q8_0; Q4_1/Q5_1 → Q8_1; Q2_K..Q6_K → Q8_K; F16 → f16;
+    /// BF16 → bf16; F32 → f32) and multiplied with integer dot products.
+    #[default]
+    Quantized,
+    /// f32 activations against dequantised weights (the current `matmul`).
+    Exact,
+}
 
 /// A row-major weight matrix: `rows` rows of `cols` elements, each row `dtype.row_bytes(cols)`
 /// bytes, rows consecutive.
@@ -102,6 +126,156 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
                 None => job.run_dequantised(dequantize),
             }
         });
+}
+
+/// As [`matmul`], with the activations meeting the weights as `precision` says. Bit-identical per
+/// element whatever `n_tokens` is and wherever a token sits, in both modes.
+///
+/// F16 and BF16 weights in `Quantized` mode: activations are rounded to f16 / bf16 and go through
+/// the exact kernels. A product of two such values is exact in f32, so a fused multiply-add and a
+/// multiply then add give the same bits there: the SIMD and portable paths agree exactly.
+pub fn matmul_with(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+    precision: Precision,
+) {
+    if precision == Precision::Exact {
+        return matmul(w, x, n_tokens, out);
+    }
+    match w.dtype {
+        DType::F32 => matmul(w, x, n_tokens, out),
+        DType::F16 => matmul_rounded(w, x, n_tokens, out, round_row_f16),
+        DType::BF16 => matmul_rounded(w, x, n_tokens, out, round_row_bf16),
+        _ => match quant_kernel(w.dtype) {
+            Some(QuantKernel::Q8_0(dot)) => {
+                matmul_quantized(w, x, n_tokens, out, dot, |s| &mut s.q8_0)
+            }
+            Some(QuantKernel::Q8_1(dot)) => {
+                matmul_quantized(w, x, n_tokens, out, dot, |s| &mut s.q8_1)
+            }
+            Some(QuantKernel::Q8K(dot)) => {
+                matmul_quantized(w, x, n_tokens, out, dot, |s| &mut s.q8_k)
+            }
+            None => unreachable!("{} has a quantised kernel", w.dtype.name()),
+        },
+    }
+}
+
+/// Per-thread buffers for the quantised activations of one call, reused across calls.
+struct ActScratch {
+    q8_0: Vec<BlockQ8_0>,
+    q8_1: Vec<BlockQ8_1>,
+    q8_k: Vec<BlockQ8K>,
+    rounded: Vec<f32>,
+}
+
+impl ActScratch {
+    const fn new() -> ActScratch {
+        ActScratch {
+            q8_0: Vec::new(),
+            q8_1: Vec::new(),
+            q8_k: Vec::new(),
+            rounded: Vec::new(),
+        }
+    }
+}
+
+impl Default for ActScratch {
+    fn default() -> ActScratch {
+        ActScratch::new()
+    }
+}
+
+thread_local! {
+    /// The calling thread's activation buffers. Taken out for the length of a call (a nested
+    /// call on the same thread, e.g. from a rayon task stolen while waiting, finds an empty one)
+    /// and put back after.
+    static ACTS: Cell<ActScratch> = const { Cell::new(ActScratch::new()) };
+}
+
+/// From this many tokens on, the activations are quantised in parallel.
+const PAR_QUANTIZE_TOKENS: usize = 8;
+
+/// Round every activation with `round` (to f16 or bf16), then the exact product.
+fn matmul_rounded(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+    round: fn(&[f32], &mut [f32]),
+) {
+    let mut scratch = ACTS.take();
+    scratch.rounded.resize(x.len(), 0.0);
+    round(x, &mut scratch.rounded);
+    matmul(w, &scratch.rounded, n_tokens, out);
+    ACTS.set(scratch);
+}
+
+/// Quantise each token's activations into `A` blocks once, then every (row, token) through `dot`.
+fn matmul_quantized<A: ActBlock>(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+    dot: RowDot<A>,
+    buffer: fn(&mut ActScratch) -> &mut Vec<A>,
+) {
+    let row_bytes = w.row_bytes();
+    assert_eq!(w.data.len(), w.rows * row_bytes, "matmul: weight bytes");
+    assert_eq!(x.len(), n_tokens * w.cols, "matmul: activations length");
+    assert_eq!(out.len(), n_tokens * w.rows, "matmul: output length");
+    if w.cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    if out.is_empty() {
+        return;
+    }
+    let blocks = w.cols / A::ELEMS;
+    let mut scratch = ACTS.take();
+    let buf = buffer(&mut scratch);
+    if buf.len() < n_tokens * blocks {
+        buf.resize(n_tokens * blocks, A::ZERO);
+    }
+    let acts = &mut buf[..n_tokens * blocks];
+    if n_tokens >= PAR_QUANTIZE_TOKENS {
+        acts.par_chunks_mut(blocks)
+            .zip(x.par_chunks(w.cols))
+            .for_each(|(y, x)| A::quantize(x, y));
+    } else {
+        for (y, x) in acts.chunks_mut(blocks).zip(x.chunks(w.cols)) {
+            A::quantize(x, y);
+        }
+    }
+    let acts = &*acts;
+    let row_tiles = w.rows.div_ceil(TILE_ROWS);
+    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let out = SharedOut(out.as_mut_ptr());
+    (0..row_tiles * token_chunks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (tile, chunk) = (task % row_tiles, task / row_tiles);
+            let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
+            let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+            let mut ys: [&[A]; DOT_TOKENS] = [&[]; DOT_TOKENS];
+            let mut dots = [0f32; DOT_TOKENS];
+            for t0 in tokens.clone().step_by(DOT_TOKENS) {
+                let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
+                for (j, y) in ys[..group].iter_mut().enumerate() {
+                    *y = &acts[(t0 + j) * blocks..(t0 + j + 1) * blocks];
+                }
+                for r in rows.clone() {
+                    dot(w.row(r), &ys[..group], &mut dots[..group]);
+                    for (j, v) in dots[..group].iter().enumerate() {
+                        // SAFETY: as in `Tile::store`: this task's (row, token) range is its own.
+                        unsafe { out.write((t0 + j) * w.rows + r, *v) }
+                    }
+                }
+            }
+        });
+    ACTS.set(scratch);
 }
 
 /// One task: a range of rows times a range of tokens.
@@ -191,6 +365,16 @@ impl Dequantize {
 /// The output pointer, shared by tasks that write disjoint elements.
 struct SharedOut(*mut f32);
 
+impl SharedOut {
+    /// Write element `i`.
+    ///
+    /// # Safety
+    /// `i` is in bounds of the output and no other task writes or reads it meanwhile.
+    unsafe fn write(&self, i: usize, v: f32) {
+        self.0.add(i).write(v)
+    }
+}
+
 // SAFETY: tasks write disjoint elements through it (see `Tile::store`) and nothing reads them
 // until the parallel loop has finished.
 unsafe impl Sync for SharedOut {}
@@ -199,6 +383,7 @@ unsafe impl Sync for SharedOut {}
 mod tests {
     use super::*;
     use crate::dtype::ALL_DTYPES;
+    use crate::qdot::ActBlock;
     use crate::quant::quantize_row;
     use crate::quant::tests::Rng;
 
@@ -301,6 +486,173 @@ mod tests {
         }
     }
 
+    fn run_with(w: &WeightMatrix, x: &[f32], n_tokens: usize, precision: Precision) -> Vec<f32> {
+        let mut out = vec![f32::NAN; n_tokens * w.rows];
+        matmul_with(w, x, n_tokens, &mut out, precision);
+        out
+    }
+
+    #[test]
+    fn quantized_results_are_batch_invariant() {
+        let mut rng = Rng::new(13);
+        for dtype in ALL_DTYPES {
+            let (rows, cols) = (45, cols_for(dtype));
+            let data = random_matrix(dtype, rows, cols, &mut rng);
+            let w = WeightMatrix {
+                dtype,
+                rows,
+                cols,
+                data: &data,
+            };
+            let n = 150;
+            let x = rng.vec(n * cols);
+            let full = run_with(&w, &x, n, Precision::Quantized);
+            for batch in [1, 2, 3, 5, 33] {
+                for start in (0..n - batch).step_by(batch + 6) {
+                    let xs = &x[start * cols..(start + batch) * cols];
+                    let part = run_with(&w, xs, batch, Precision::Quantized);
+                    for (i, v) in part.iter().enumerate() {
+                        let want = full[start * rows + i];
+                        assert_eq!(
+                            v.to_bits(),
+                            want.to_bits(),
+                            "{} batch={batch} token={} row={}",
+                            dtype.name(),
+                            start + i / rows,
+                            i % rows
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_elements_are_the_scalar_reference_dots() {
+        let mut rng = Rng::new(14);
+        for dtype in ALL_DTYPES.into_iter().filter(|d| d.block_size() > 1) {
+            let (rows, cols) = (21, 512);
+            let data = random_matrix(dtype, rows, cols, &mut rng);
+            let w = WeightMatrix {
+                dtype,
+                rows,
+                cols,
+                data: &data,
+            };
+            let n = 6;
+            let x = rng.vec(n * cols);
+            let out = run_with(&w, &x, n, Precision::Quantized);
+            let mut want = vec![0f32; n * rows];
+            macro_rules! reference {
+                ($dot:expr, $block:ty) => {{
+                    let mut y = vec![<$block as ActBlock>::ZERO; cols / <$block>::ELEMS];
+                    for t in 0..n {
+                        <$block>::quantize(&x[t * cols..(t + 1) * cols], &mut y);
+                        for r in 0..rows {
+                            $dot(w.row(r), &[&y[..]], &mut want[t * rows + r..][..1]);
+                        }
+                    }
+                }};
+            }
+            match crate::qdot::scalar_kernel(dtype) {
+                Some(QuantKernel::Q8_0(dot)) => reference!(dot, BlockQ8_0),
+                Some(QuantKernel::Q8_1(dot)) => reference!(dot, BlockQ8_1),
+                Some(QuantKernel::Q8K(dot)) => reference!(dot, BlockQ8K),
+                None => unreachable!("block types have kernels"),
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&want), "{}", dtype.name());
+        }
+    }
+
+    #[test]
+    fn quantized_float_weights_meet_rounded_activations() {
+        let mut rng = Rng::new(15);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let round = |v: f32| match dtype {
+                DType::F16 => half::f16::from_f32(v).to_f32(),
+                DType::BF16 => half::bf16::from_f32(v).to_f32(),
+                _ => v,
+            };
+            let (rows, cols) = (19, 300);
+            let data = random_matrix(dtype, rows, cols, &mut rng);
+            let w = WeightMatrix {
+                dtype,
+                rows,
+                cols,
+                data: &data,
+            };
+            let x = rng.vec(3 * cols);
+            let rounded: Vec<f32> = x.iter().map(|&v| round(v)).collect();
+            let got = run_with(&w, &x, 3, Precision::Quantized);
+            let want = run(&w, &rounded, 3);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{}",
+                dtype.name()
+            );
+        }
+    }
+
+    #[test]
+    fn exact_precision_is_matmul() {
+        let mut rng = Rng::new(16);
+        let data = random_matrix(DType::Q4K, 17, 512, &mut rng);
+        let w = WeightMatrix {
+            dtype: DType::Q4K,
+            rows: 17,
+            cols: 512,
+            data: &data,
+        };
+        let x = rng.vec(5 * 512);
+        let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(run_with(&w, &x, 5, Precision::Exact)),
+            bits(run(&w, &x, 5))
+        );
+    }
+
+    #[test]
+    fn quantized_stays_close_to_exact() {
+        // Only the activations' rounding separates the modes: 8-bit blocks (relative step
+        // 1/127 of the block's largest value) or f16/bf16. Bounds are relative to
+        // sum |w_i x_i|, about 3x what this data reaches.
+        let bound = |d: DType| match d {
+            DType::F32 => 0.0,
+            DType::F16 => 1e-4,
+            DType::BF16 => 1e-3,
+            _ => 4e-3,
+        };
+        let mut rng = Rng::new(17);
+        for dtype in ALL_DTYPES {
+            let (rows, cols) = (33, cols_for(dtype) * 2);
+            let data = random_matrix(dtype, rows, cols, &mut rng);
+            let w = WeightMatrix {
+                dtype,
+                rows,
+                cols,
+                data: &data,
+            };
+            let n = 4;
+            let x = rng.vec(n * cols);
+            let q = run_with(&w, &x, n, Precision::Quantized);
+            let e = run_with(&w, &x, n, Precision::Exact);
+            let mut deq = vec![0f32; cols];
+            let mut worst = 0f64;
+            for r in 0..rows {
+                dequantize_row(dtype, w.row(r), &mut deq);
+                for t in 0..n {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let scale: f64 = deq.iter().zip(xt).map(|(a, b)| (a * b).abs() as f64).sum();
+                    let diff = (q[t * rows + r] - e[t * rows + r]).abs() as f64;
+                    worst = worst.max(diff / scale);
+                }
+            }
+            assert!(worst <= bound(dtype), "{}: {worst}", dtype.name());
+        }
+    }
+
     #[test]
     fn empty_shapes_are_fine() {
         let w = WeightMatrix {
@@ -318,6 +670,13 @@ mod tests {
             data: &data,
         };
         matmul(&w, &[], 0, &mut []);
+        matmul_with(&w, &[], 0, &mut [], Precision::Quantized);
+        let w = WeightMatrix {
+            rows: 0,
+            data: &[],
+            ..w
+        };
+        matmul_with(&w, &[0.0; 64], 1, &mut [], Precision::Quantized);
     }
 
     #[test]

@@ -113,56 +113,64 @@ pub struct AttnShape {
     pub scale: f32,
     /// Gemma 2 style soft-capping of attention scores: `cap * tanh(s / cap)`.
     pub softcap: Option<f32>,
+    /// Round the softmax weights to f16, as llama.cpp's non-flash attention does (the caller
+    /// rounds queries, keys and values, as llama.cpp's f16 KV cache does).
+    pub f16_rounding: bool,
 }
 
-/// Causal attention of one query token (all heads, `q` = `n_heads * k_dim`) over the cached
-/// positions `ctx` of its sequence, whose blocks are `block_table`. Writes `n_heads * v_dim`
-/// values to `out`. `scores` is scratch space, grown as needed.
+/// `x` rounded to the nearest f16 value.
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// Causal attention of one query head `q` (`k_dim` values), which reads KV head `kv_head`,
+/// over the cached positions `ctx` of its sequence, whose blocks are `block_table`. Writes
+/// `v_dim` values to `out`. `scores` is scratch space, grown as needed.
 ///
 /// Softmax in two passes over an exact score buffer, in position order: deterministic and
-/// independent of the batch.
-pub fn attention(
+/// independent of the batch and of how heads are spread over threads.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_head(
     q: &[f32],
     kv: &KvView,
+    kv_head: usize,
     block_table: &[u32],
     ctx: Range<usize>,
     shape: &AttnShape,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let group = shape.n_heads / shape.n_kv_heads;
-    let n = ctx.len();
     scores.clear();
-    scores.resize(n, 0.0);
+    scores.resize(ctx.len(), 0.0);
     let slot =
         |p: usize| block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-    for h in 0..shape.n_heads {
-        let kvh = h / group;
-        let qh = &q[h * shape.k_dim..(h + 1) * shape.k_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (s, p) in scores.iter_mut().zip(ctx.clone()) {
-            let base = (slot(p) * kv.n_kv_heads + kvh) * kv.k_dim;
-            let mut v = dot_f32(qh, &kv.k[base..base + shape.k_dim]) * shape.scale;
-            if let Some(cap) = shape.softcap {
-                v = cap * (v / cap).tanh();
-            }
-            *s = v;
-            max = max.max(v);
+    let mut max = f32::NEG_INFINITY;
+    for (s, p) in scores.iter_mut().zip(ctx.clone()) {
+        let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.k_dim;
+        let mut v = dot_f32(q, &kv.k[base..base + shape.k_dim]) * shape.scale;
+        if let Some(cap) = shape.softcap {
+            v = cap * (v / cap).tanh();
         }
-        let mut sum = 0f64;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
-        }
-        let inv = (1.0 / sum) as f32;
-        let oh = &mut out[h * shape.v_dim..(h + 1) * shape.v_dim];
-        oh.fill(0.0);
-        for (&s, p) in scores.iter().zip(ctx.clone()) {
-            let base = (slot(p) * kv.n_kv_heads + kvh) * kv.v_dim;
-            let w = s * inv;
-            for (o, &v) in oh.iter_mut().zip(&kv.v[base..base + shape.v_dim]) {
-                *o += w * v;
-            }
+        *s = v;
+        max = max.max(v);
+    }
+    let mut sum = 0f64;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += f64::from(*s);
+    }
+    let inv = (1.0 / sum) as f32;
+    out.fill(0.0);
+    for (&s, p) in scores.iter().zip(ctx) {
+        let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.v_dim;
+        let w = if shape.f16_rounding {
+            round_f16(s * inv)
+        } else {
+            s * inv
+        };
+        for (o, &v) in out.iter_mut().zip(&kv.v[base..base + shape.v_dim]) {
+            *o += w * v;
         }
     }
 }
@@ -215,6 +223,7 @@ mod tests {
             v_dim: 2,
             scale: 0.5,
             softcap: None,
+            f16_rounding: false,
         };
         let mut k = vec![0.0f32; 6 * 2];
         let mut v = vec![0.0f32; 6 * 2];
@@ -236,7 +245,10 @@ mod tests {
         };
         let q = [2.0f32, 0.0, 0.0, 2.0];
         let mut out = [0.0f32; 4];
-        attention(&q, &kv, &table, 0..3, &shape, &mut Vec::new(), &mut out);
+        for h in 0..2 {
+            let (qh, oh) = (&q[2 * h..2 * h + 2], &mut out[2 * h..2 * h + 2]);
+            attention_head(qh, &kv, 0, &table, 0..3, &shape, &mut Vec::new(), oh);
+        }
         for h in 0..2 {
             let s: Vec<f64> = keys
                 .iter()

@@ -24,7 +24,7 @@ pub use arch::Model;
 pub use batch::Batch;
 pub use config::ModelConfig;
 pub use kv_cache::{KvCache, KvLayerSpec};
-pub use loader::{load_model, LoadedModel, ModelSource};
+pub use loader::{load_model, LoadOptions, LoadedModel, ModelSource};
 pub use metadata::{MetaValue, Metadata};
 pub use tensor::{Storage, Tensor};
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use supernode_kernels::Precision;
 
 use crate::arch::{llama::Llama, Model};
 use crate::config::{Arch, ModelConfig};
@@ -24,14 +25,30 @@ pub struct LoadedModel {
     pub source: ModelSource,
 }
 
+/// How to load a model.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// How activations meet quantised weights in every projection.
+    pub precision: Precision,
+}
+
+impl Default for LoadOptions {
+    /// Exact numerics: f32 activations, which agree with a float64 forward on the same weights.
+    fn default() -> Self {
+        LoadOptions {
+            precision: Precision::Exact,
+        }
+    }
+}
+
 /// Loads a model from a GGUF file or an HF-style safetensors directory.
-pub fn load_model(path: &Path) -> Result<LoadedModel> {
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if path.is_dir() {
         let st = read_safetensors_dir(path)?;
         let cfg = ModelConfig::from_hf(&st.config).map_err(|e| {
             ModelError::Invalid(format!("{}: {e}", path.join("config.json").display()))
         })?;
-        let model = build(cfg, &Weights::new(st.tensors))?;
+        let model = build(cfg, &Weights::new(st.tensors, opts.precision))?;
         return Ok(LoadedModel {
             model,
             source: ModelSource::HfDir {
@@ -44,7 +61,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     let vocab_rows = file.tensor("token_embd.weight").map_or(0, |t| t.rows());
     let cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows)
         .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
-    let model = build(cfg, &Weights::new(file.tensors))
+    let model = build(cfg, &Weights::new(file.tensors, opts.precision))
         .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
     Ok(LoadedModel {
         model,

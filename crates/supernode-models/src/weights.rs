@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use supernode_kernels::quant::dequantize_row;
+use supernode_kernels::Precision;
 
 use crate::layers::{Embedding, Linear, RmsNorm};
 use crate::{ModelError, Result, Tensor};
@@ -14,13 +15,26 @@ use crate::{ModelError, Result, Tensor};
 /// The tensors of a model file, by GGUF name.
 pub struct Weights {
     map: HashMap<String, Tensor>,
+    /// Given to every projection built from these weights.
+    precision: Precision,
 }
 
 impl Weights {
-    pub fn new(tensors: Vec<Tensor>) -> Weights {
+    pub fn new(tensors: Vec<Tensor>, precision: Precision) -> Weights {
         Weights {
             map: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            precision,
         }
+    }
+
+    /// The precision given to projections; architectures follow it elsewhere too.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// A projection over `w` (e.g. a tied embedding reused as the output head).
+    pub fn linear_from(&self, w: Tensor, bias: Option<Vec<f32>>) -> Linear {
+        Linear::new(w, bias, self.precision)
     }
 
     pub fn get(&self, name: &str) -> Option<&Tensor> {
@@ -63,7 +77,7 @@ impl Weights {
             }
             None => None,
         };
-        Ok(Linear::new(w.clone(), bias))
+        Ok(self.linear_from(w.clone(), bias))
     }
 
     /// `{prefix}.weight` as a `rows × cols` matrix if the file has it.

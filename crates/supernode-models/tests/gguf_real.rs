@@ -10,17 +10,20 @@ use supernode_kernels::DType;
 use supernode_models::gguf::{read_gguf, GgufFile};
 use supernode_models::Storage;
 
-fn model(name: &str) -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")?;
-    let path = PathBuf::from(home)
-        .join(".cache/supernode/models")
-        .join(format!("{name}.gguf"));
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} is not there", path.display());
-        None
-    }
+/// The cached model; a missing file fails the test with what to run.
+fn model(name: &str) -> PathBuf {
+    let cache = std::env::var_os("SUPERNODE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/supernode")
+        });
+    let path = cache.join("models").join(format!("{name}.gguf"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `supernode fetch {name}` first",
+        path.display()
+    );
+    path
 }
 
 fn check_tensor(f: &GgufFile, name: &str, dtype: DType, shape: &[usize]) {
@@ -59,9 +62,7 @@ fn check_layout(f: &GgufFile) {
 
 #[test]
 fn smollm2_135m() {
-    let Some(path) = model("smollm2-135m") else {
-        return;
-    };
+    let path = model("smollm2-135m");
     let f = read_gguf(&path).unwrap();
     assert_eq!((f.version, f.architecture().unwrap()), (3, "llama"));
     assert_eq!((f.tensors.len(), f.metadata.entries.len()), (272, 33));
@@ -102,9 +103,7 @@ fn smollm2_135m() {
 
 #[test]
 fn gemma3_270m() {
-    let Some(path) = model("gemma3-270m") else {
-        return;
-    };
+    let path = model("gemma3-270m");
     let start = Instant::now();
     let f = read_gguf(&path).unwrap();
     let took = start.elapsed();

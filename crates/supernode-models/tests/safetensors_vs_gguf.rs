@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use supernode_kernels::DType;
+use supernode_kernels::Precision;
 use supernode_models::gguf::GgufWriter;
-use supernode_models::{load_model, Batch, KvCache, MetaValue};
+use supernode_models::{load_model, Batch, KvCache, LoadOptions, MetaValue};
 
 const H: usize = 32;
 const HEADS: usize = 4;
@@ -249,7 +250,14 @@ fn safetensors_and_gguf_give_the_same_logits() {
         logits_for: &all,
     };
     let run = |path: &Path| {
-        let m = load_model(path).unwrap().model;
+        let m = load_model(
+            path,
+            &LoadOptions {
+                precision: Precision::Exact,
+            },
+        )
+        .unwrap()
+        .model;
         let mut kv = KvCache::new(&m.kv_specs(), 4, 8).unwrap();
         m.forward(&batch, &mut kv).unwrap()
     };

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use supernode_engine::chat::{ChatMessage, ChatTemplate};
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::session::Session;
 use supernode_engine::tokenizer::{IncrementalDecoder, Tokenizer};
+use supernode_kernels::Precision;
+use supernode_models::LoadOptions;
 
 use crate::fetch;
 
@@ -53,6 +55,20 @@ struct ModelArgs {
     /// Context length (default: the model's).
     #[arg(long)]
     ctx: Option<usize>,
+    /// How activations meet quantised weights: `exact` (f32 activations against dequantised
+    /// weights: agrees with a float64 forward on the same weights) or `quantized` (llama.cpp's
+    /// numerics: activations quantised to 8 bits, integer dot products, f16 attention).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
+    /// Print load time and speed on stderr even when it is not a terminal.
+    #[arg(long, short = 'v')]
+    verbose: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    Quantized,
+    Exact,
 }
 
 #[derive(Args)]
@@ -159,18 +175,28 @@ fn open(m: &ModelArgs) -> Result<Session> {
     }
     let path: PathBuf = fetch::resolve_model(&m.model)?;
     let t0 = Instant::now();
-    let session = Session::load(&path, m.ctx)?;
-    tracing_line(&format!(
-        "loaded {} in {:.2}s",
-        path.display(),
-        t0.elapsed().as_secs_f64()
-    ));
+    let precision = match m.precision {
+        PrecisionArg::Quantized => Precision::Quantized,
+        PrecisionArg::Exact => Precision::Exact,
+    };
+    let session = Session::load(&path, &LoadOptions { precision }, m.ctx)?;
+    status_line(
+        m.verbose,
+        &format!(
+            "loaded {} in {:.2}s",
+            path.display(),
+            t0.elapsed().as_secs_f64()
+        ),
+    );
     Ok(session)
 }
 
-/// A status line on stderr (kept off stdout, which carries results).
-fn tracing_line(msg: &str) {
-    eprintln!("supernode: {msg}");
+/// A status line on stderr (kept off stdout, which carries results), shown on a terminal or
+/// with `--verbose`.
+fn status_line(verbose: bool, msg: &str) {
+    if verbose || io::stderr().is_terminal() {
+        eprintln!("supernode: {msg}");
+    }
 }
 
 fn sampling(a: &RunArgs) -> SamplingParams {
@@ -288,14 +314,17 @@ fn generate(
     }
     let total = t0.elapsed().as_secs_f64();
     if let (Some(f), true) = (first, tokens.len() > 1) {
-        tracing_line(&format!(
-            "prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens at {:.1} tok/s",
-            prompt.len(),
-            f,
-            prompt.len() as f64 / f,
-            tokens.len(),
-            (tokens.len() - 1) as f64 / (total - f).max(1e-9)
-        ));
+        status_line(
+            a.model.verbose,
+            &format!(
+                "prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens at {:.1} tok/s",
+                prompt.len(),
+                f,
+                prompt.len() as f64 / f,
+                tokens.len(),
+                (tokens.len() - 1) as f64 / (total - f).max(1e-9)
+            ),
+        );
     }
     Ok((tokens, decoder.map(|_| text)))
 }

@@ -8,6 +8,7 @@
 //! ```
 
 use supernode_kernels::ops::{silu, AttnShape};
+use supernode_kernels::Precision;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
@@ -41,7 +42,7 @@ impl Llama {
         let embed = w.embedding("token_embd.weight", cfg.vocab_size, h)?;
         let head = match w.opt_linear("output", cfg.vocab_size, h)? {
             Some(head) => head,
-            None => Linear::new(embed.table().clone(), None),
+            None => w.linear_from(embed.table().clone(), None),
         };
         let shape = AttnShape {
             n_heads: cfg.n_heads,
@@ -50,6 +51,7 @@ impl Llama {
             v_dim: cfg.v_head_dim,
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             softcap: None,
+            f16_rounding: w.precision() == Precision::Quantized,
         };
         let blocks = (0..cfg.n_layers)
             .map(|i| {

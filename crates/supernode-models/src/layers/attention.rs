@@ -3,7 +3,7 @@
 //! the output projection. This is the only code that writes the KV cache.
 
 use rayon::prelude::*;
-use supernode_kernels::ops::{attention, AttnShape};
+use supernode_kernels::ops::{attention_head, round_f16, AttnShape};
 
 use super::{Linear, RmsNorm, RopeTable};
 use crate::kv_cache::LayerKv;
@@ -57,25 +57,27 @@ impl Attention {
             }
             rope.apply(t, qt, s.k_dim);
             rope.apply(t, kt, s.k_dim);
-            kv.write(batch.slot(t, block_size), kt, &v[t * vw..(t + 1) * vw]);
+            let vt = &mut v[t * vw..(t + 1) * vw];
+            if s.f16_rounding {
+                for x in qt.iter_mut().chain(kt.iter_mut()).chain(vt.iter_mut()) {
+                    *x = round_f16(*x);
+                }
+            }
+            kv.write(batch.slot(t, block_size), kt, vt);
         }
         let view = kv.view(block_size);
+        // One task per (token, head): decode (one token) still spreads its heads over threads.
         let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
-        attn.par_chunks_mut(s.n_heads * s.v_dim)
+        let group = s.n_heads / s.n_kv_heads;
+        attn.par_chunks_mut(s.v_dim)
             .enumerate()
-            .for_each_init(Vec::new, |scores, (t, o)| {
+            .for_each_init(Vec::new, |scores, (i, o)| {
+                let (t, h) = (i / s.n_heads, i % s.n_heads);
                 let pos = batch.positions[t];
                 let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let table = batch.block_tables[batch.seq_of[t]];
-                attention(
-                    &q[t * qw..(t + 1) * qw],
-                    &view,
-                    table,
-                    start..pos + 1,
-                    s,
-                    scores,
-                    o,
-                );
+                let qh = &q[t * qw + h * s.k_dim..t * qw + (h + 1) * s.k_dim];
+                attention_head(qh, &view, h / group, table, start..pos + 1, s, scores, o);
             });
         self.wo.forward(&attn, n, out);
     }

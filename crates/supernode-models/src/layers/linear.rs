@@ -1,6 +1,6 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
-use supernode_kernels::matmul::{matmul, WeightMatrix};
+use supernode_kernels::matmul::{matmul_with, Precision, WeightMatrix};
 
 use crate::Tensor;
 
@@ -8,11 +8,12 @@ use crate::Tensor;
 pub struct Linear {
     w: Tensor,
     bias: Option<Vec<f32>>,
+    precision: Precision,
 }
 
 impl Linear {
-    pub(crate) fn new(w: Tensor, bias: Option<Vec<f32>>) -> Linear {
-        Linear { w, bias }
+    pub(crate) fn new(w: Tensor, bias: Option<Vec<f32>>, precision: Precision) -> Linear {
+        Linear { w, bias, precision }
     }
 
     pub fn rows(&self) -> usize {
@@ -36,7 +37,7 @@ impl Linear {
             cols: self.cols(),
             data: self.w.bytes(),
         };
-        matmul(&w, x, n, out);
+        matmul_with(&w, x, n, out, self.precision);
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bb) in row.iter_mut().zip(b) {
