@@ -9,11 +9,38 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use supernode_models::{load_model, Batch, KvCache, LoadOptions, LoadedModel, Model, ModelSource};
+use supernode_models::gguf::read_gguf;
+use supernode_models::{
+    load_model, Batch, KvCache, LoadOptions, LoadedModel, Metadata, Model, ModelSource,
+};
 
 use crate::error::EngineError;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
+
+/// The tokenizer of the model files at `path` (a `.gguf` file or a model directory), without
+/// building the model: `None` if the files have none.
+pub fn load_tokenizer(path: &Path) -> Result<Option<Tokenizer>, EngineError> {
+    if path.is_dir() {
+        tokenizer_from_dir(path)
+    } else {
+        tokenizer_from_gguf(&read_gguf(path)?.metadata)
+    }
+}
+
+fn tokenizer_from_gguf(metadata: &Metadata) -> Result<Option<Tokenizer>, EngineError> {
+    if metadata.get("tokenizer.ggml.tokens").is_none() {
+        return Ok(None);
+    }
+    Tokenizer::from_gguf_metadata(metadata).map(Some)
+}
+
+fn tokenizer_from_dir(dir: &Path) -> Result<Option<Tokenizer>, EngineError> {
+    if !dir.join("tokenizer.json").is_file() {
+        return Ok(None);
+    }
+    Tokenizer::from_hf_dir(dir).map(Some)
+}
 
 /// Tokens per forward pass while prefilling.
 pub const PREFILL_CHUNK: usize = 256;
@@ -51,20 +78,8 @@ impl Session {
     ) -> Result<Session, EngineError> {
         let LoadedModel { model, source } = load_model(path, opts)?;
         let tokenizer = match &source {
-            ModelSource::Gguf { metadata, .. } => {
-                if metadata.get("tokenizer.ggml.tokens").is_some() {
-                    Some(Tokenizer::from_gguf_metadata(metadata)?)
-                } else {
-                    None
-                }
-            }
-            ModelSource::HfDir { dir, .. } => {
-                if dir.join("tokenizer.json").is_file() {
-                    Some(Tokenizer::from_hf_dir(dir)?)
-                } else {
-                    None
-                }
-            }
+            ModelSource::Gguf { metadata, .. } => tokenizer_from_gguf(metadata)?,
+            ModelSource::HfDir { dir, .. } => tokenizer_from_dir(dir)?,
         };
         Session::new(model, tokenizer.map(Arc::new), ctx_len)
     }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use supernode_engine::chat::{ChatMessage, ChatTemplate};
 use supernode_engine::sampler::SamplingParams;
-use supernode_engine::session::Session;
+use supernode_engine::session::{load_tokenizer, Session};
 use supernode_engine::tokenizer::{IncrementalDecoder, Tokenizer};
 use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
@@ -394,9 +394,9 @@ fn logits_cmd(a: LogitsArgs) -> Result<()> {
 }
 
 fn tokenize_cmd(a: TokenizeArgs) -> Result<()> {
-    // Only the tokenizer is needed, but loading the model checks the file as a whole.
-    let session = open(&a.model)?;
-    let tok = session.require_tokenizer()?;
+    let path = fetch::resolve_model(&a.model.model)?;
+    let tok =
+        load_tokenizer(&path)?.with_context(|| format!("{} has no tokenizer", path.display()))?;
     let ids = tok.encode(&a.text, !a.no_add_special, !a.no_parse_special);
     println!("{}", json!(ids));
     Ok(())

@@ -282,3 +282,33 @@ fn corrupt_files_fail_cleanly() {
         &["unknown model", "smollm2-135m"],
     );
 }
+
+/// `tokenize` prints llama.cpp's ids, for both real models (Gemma 3's architecture is not
+/// needed to tokenize).
+#[test]
+fn tokenize_prints_llama_cpp_ids() {
+    for name in ["smollm2-135m", "gemma3-270m"] {
+        let reference = common::read_json(&common::fixture(&format!("{name}.llamacpp.json")));
+        let model = common::model_path(name);
+        for case in reference["cases"].as_array().unwrap() {
+            if case["parse_special"].as_bool() == Some(true) {
+                continue;
+            }
+            let text = case["text"].as_str().unwrap();
+            let out = supernode(&[
+                "tokenize",
+                "--model",
+                model.to_str().unwrap(),
+                "--text",
+                text,
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let got: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(got, common::ids(&case["ids"]), "{name}/{}", case["name"]);
+        }
+    }
+}
