@@ -10,7 +10,7 @@ Usage (a Python with llama-cpp-python and numpy):
 The prompt is the first PROMPT_TOKENS ids of a fixed English text repeated. llama.cpp runs with
 its default CPU settings except that extra weight buffer types (AMX) are off where they crash;
 decode is greedy, one token per eval. supernode runs `run --tokens ... --temperature 0
---ignore-eos --verbose` and reports its own timings. This is a quick side-by-side for one
+--ignore-eos --verbose` in both precisions (exact, quantized) and reports its own timings. This is a quick side-by-side for one
 stream; the thorough comparison against llama-bench lives with the benchmark work.
 """
 
@@ -50,10 +50,11 @@ def llama_cpp_run(llm, prompt, gen):
 LINE = re.compile(r"prompt (\d+) tokens in ([\d.]+)s \(([\d.]+) tok/s\); generated (\d+) tokens at ([\d.]+) tok/s")
 
 
-def supernode_run(binary, model, prompt, gen, threads):
+def supernode_run(binary, model, prompt, gen, threads, precision):
     out = subprocess.run(
         [binary, "run", "--model", model, "--tokens", ",".join(map(str, prompt)), "-n", str(gen),
-         "--temperature", "0", "--ignore-eos", "--verbose", "--threads", str(threads), "--ctx", "2048"],
+         "--temperature", "0", "--ignore-eos", "--verbose", "--threads", str(threads), "--ctx", "2048",
+         "--precision", precision],
         capture_output=True, text=True, check=True,
     )
     m = LINE.search(out.stderr)
@@ -84,19 +85,21 @@ def main():
                 n_threads_batch=args.threads, logits_all=False, verbose=False)
     ids = llm.tokenize((TEXT * 40).encode(), add_bos=False)
     prompt = ids[: args.prompt_tokens]
-    res = {"llama.cpp": [], "supernode": []}
+    res = {"llama.cpp": [], "sn exact": [], "sn quantized": []}
     for rep in range(args.reps):
         res["llama.cpp"].append(llama_cpp_run(llm, prompt, args.gen_tokens))
-        res["supernode"].append(supernode_run(args.supernode, args.model, prompt, args.gen_tokens, args.threads))
-        print(f"rep {rep + 1}: llama.cpp {res['llama.cpp'][-1][0]:.1f}/{res['llama.cpp'][-1][1]:.1f}  "
-              f"supernode {res['supernode'][-1][0]:.1f}/{res['supernode'][-1][1]:.1f} (prefill/decode tok/s)")
+        for prec in ("exact", "quantized"):
+            res[f"sn {prec}"].append(
+                supernode_run(args.supernode, args.model, prompt, args.gen_tokens, args.threads, prec))
+        print(f"rep {rep + 1}: " + "  ".join(f"{k} {v[-1][0]:.1f}/{v[-1][1]:.1f}" for k, v in res.items())
+              + " (prefill/decode tok/s)")
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in res.items()}
     print(f"\n{args.model}, {args.threads} threads, {len(prompt)}-token prompt, {args.gen_tokens} generated, "
           f"median of {args.reps}")
-    print(f"{'':12s}{'prefill tok/s':>15s}{'decode tok/s':>15s}")
+    print(f"{'':14s}{'prefill tok/s':>15s}{'decode tok/s':>15s}")
+    base = med["llama.cpp"]
     for k, (p, d) in med.items():
-        print(f"{k:12s}{p:15.1f}{d:15.1f}")
-    print(f"{'ratio':12s}{med['supernode'][0] / med['llama.cpp'][0]:15.2f}{med['supernode'][1] / med['llama.cpp'][1]:15.2f}")
+        print(f"{k:14s}{p:15.1f}{d:15.1f}   ratio to llama.cpp {p / base[0]:.2f} / {d / base[1]:.2f}")
 
 
 if __name__ == "__main__":
