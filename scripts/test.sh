@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: build once, fetch the real models into ~/.cache/supernode (first run only),
-# then run every test in release mode (the real-model tests are too slow unoptimised).
+# then run every test in release mode (the real-model tests are too slow unoptimised), and
+# close with the totals over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,4 +9,11 @@ cargo build --release --locked --bin supernode
 for model in smollm2-135m gemma3-270m; do
     ./target/release/supernode fetch "$model" >/dev/null
 done
-cargo test --release --locked --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+echo
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
