@@ -207,6 +207,38 @@ fn tiny_model_runs_from_token_ids() {
         .0;
     assert_eq!(gen["tokens"][0].as_u64().unwrap() as usize, best);
 
+    // Seeded sampling is reproducible; another seed samples another sequence.
+    let sample = |seed: &str| {
+        let out = supernode(&[
+            "run",
+            "--model",
+            p,
+            "--tokens",
+            "1,2",
+            "-n",
+            "24",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tokens"].clone()
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert_ne!(sample("7"), sample("8"));
+
     // Without tokenizer files, text prompts are refused with what to do instead.
     let out = supernode(&["run", "--model", p, "--prompt", "hello"]);
     assert_one_line_error(&out, &["--tokens"]);
