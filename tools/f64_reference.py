@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""An exact float64 forward pass of a llama-architecture GGUF (SmolLM2), on the dequantised weights.
+"""An exact float64 forward pass of a llama- or gemma3-architecture GGUF (SmolLM2, Gemma 3), on the dequantised
+weights.
 
 Usage (with a Python that has numpy and gguf):
 
@@ -12,9 +13,17 @@ residual; RMSNorm, SwiGLU feed-forward down(silu(gate(x)) * up(x)), residual; fi
 (`output.weight`, else the tied `token_embd.weight`). The only approximation left is the weights'
 quantisation itself, which every implementation shares; activations are never quantised or rounded.
 
+The gemma3 recipe (llama.cpp's `llm_build_gemma3`): embeddings scaled by sqrt(hidden); per layer RMSNorm,
+Q/K/V projections, per-head RMSNorm of Q and K, RoPE in NEOX mode (halves (i, i + d/2)) with base 10 000 on
+the sliding-window layers (every layer but each 6th, `il % 6 < 5`, attending to the last
+`attention.sliding_window` positions) and `rope.freq_base` on the global ones, attention with scale
+1/sqrt(head_dim), output projection, post-attention RMSNorm, residual; RMSNorm, GeGLU feed-forward
+down(gelu_tanh(gate(x)) * up(x)), post-feed-forward RMSNorm, residual; final RMSNorm; tied output head. The
+GGUF norm weights already hold Gemma's (1 + w).
+
 It first checks itself against llama.cpp's fixture (tools/make_llama_reference.py) on every case, printing
 top-1 agreement and the distance of llama.cpp's batched (and, where recorded, serial) logits from float64 over
-the top-5 ids, then writes, for the chosen cases (default: chat numbers code), the float64 logits of the same
+the top-5 ids, then writes, for the chosen cases (default: every case), the float64 logits of the same
 top-10 ids llama.cpp recorded at each prompt position:
 
     {"model": ..., "cases": [{"name": ..., "ids": [...], "logits": [[[id, f64 logit] x10] per position]}]}
@@ -100,6 +109,72 @@ class Llama64:
         return x @ self.out.T
 
 
+class Gemma3_64(Llama64):
+    def __init__(self, path):
+        r = GGUFReader(path)
+        g = lambda k: field(r, f"gemma3.{k}")
+        self.n_layer = int(g("block_count"))
+        self.n_head = int(g("attention.head_count"))
+        self.n_kv = int(g("attention.head_count_kv"))
+        self.d_model = int(g("embedding_length"))
+        self.eps = float(g("attention.layer_norm_rms_epsilon"))
+        self.rope_base = float(g("rope.freq_base"))
+        self.window = int(g("attention.sliding_window"))
+        self.head_dim = int(g("attention.key_length"))
+        self.w = {}
+        for t in r.tensors:
+            self.w[t.name] = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(
+                [int(n) for n in reversed(t.shape)]
+            )
+        self.out = self.w.get("output.weight", self.w["token_embd.weight"])
+
+    def rope_neox(self, x, pos, base):
+        """NEOX-mode RoPE on x [T, heads, head_dim]: pairs (i, i + head_dim/2)."""
+        half = self.head_dim // 2
+        inv = base ** (-2.0 * np.arange(half, dtype=np.float64) / self.head_dim)
+        ang = pos[:, None].astype(np.float64) * inv[None, :]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        x0, x1 = x[..., :half], x[..., half:]
+        return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+
+    def forward(self, ids):
+        T = len(ids)
+        pos = np.arange(T)
+        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv
+        group = nh // nkv
+        x = self.w["token_embd.weight"][np.asarray(ids)] * np.sqrt(self.d_model)
+        full = np.triu(np.full((T, T), -np.inf), k=1)
+        local = np.where(pos[:, None] - pos[None, :] >= self.window, -np.inf, full)
+        gelu = lambda v: 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v**3)))
+        for l in range(self.n_layer):
+            w = lambda n: self.w[f"blk.{l}.{n}.weight"]
+            is_local = l % 6 < 5
+            base = 10_000.0 if is_local else self.rope_base
+            h = self.rms_norm(x, w("attn_norm"))
+            q = self.rms_norm((h @ w("attn_q").T).reshape(T, nh, hd), w("attn_q_norm"))
+            k = self.rms_norm((h @ w("attn_k").T).reshape(T, nkv, hd), w("attn_k_norm"))
+            q, k = self.rope_neox(q, pos, base), self.rope_neox(k, pos, base)
+            v = (h @ w("attn_v").T).reshape(T, nkv, hd)
+            att = np.empty((T, nh, hd))
+            for hh in range(nh):
+                kv = hh // group
+                s = q[:, hh, :] @ k[:, kv, :].T / np.sqrt(hd) + (local if is_local else full)
+                s = np.exp(s - s.max(axis=1, keepdims=True))
+                s /= s.sum(axis=1, keepdims=True)
+                att[:, hh, :] = s @ v[:, kv, :]
+            x = x + self.rms_norm(att.reshape(T, nh * hd) @ w("attn_output").T, w("post_attention_norm"))
+            h = self.rms_norm(x, w("ffn_norm"))
+            y = (gelu(h @ w("ffn_gate").T) * (h @ w("ffn_up").T)) @ w("ffn_down").T
+            x = x + self.rms_norm(y, w("post_ffw_norm"))
+        x = self.rms_norm(x, self.w["output_norm.weight"])
+        return x @ self.out.T
+
+
+def load(path):
+    arch = field(GGUFReader(path), "general.architecture")
+    return {"llama": Llama64, "gemma3": Gemma3_64}[arch](path)
+
+
 def compare(top_rows, logits64):
     """Per-position max |llama.cpp - f64| over the top-5 ids of llama.cpp's rows."""
     return [max(abs(l - logits64[p, i]) for i, l in row[:5]) for p, row in enumerate(top_rows)]
@@ -109,9 +184,9 @@ def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
     model_path, fixture_path, out_path = sys.argv[1:4]
-    chosen = sys.argv[4:] or ["chat", "numbers", "code"]
     ref = json.load(open(fixture_path, encoding="utf-8"))
-    m = Llama64(model_path)
+    chosen = sys.argv[4:] or [c["name"] for c in ref["cases"]]
+    m = load(model_path)
 
     out = {"model": ref["model"], "reference": "float64 forward on dequantised GGUF weights", "cases": []}
     all_b, all_s = [], []

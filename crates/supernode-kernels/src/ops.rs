@@ -83,6 +83,12 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
+/// Soft-capping, `cap * tanh(x / cap)`: Gemma's attention scores (Gemma 2) and final logits.
+#[inline]
+pub fn softcap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
+}
+
 /// `gate[i] = act(gate[i]) * up[i]`: the gated linear unit of SwiGLU / GeGLU.
 pub fn glu_inplace(gate: &mut [f32], up: &[f32], act: fn(f32) -> f32) {
     for (g, &u) in gate.iter_mut().zip(up) {
@@ -150,7 +156,7 @@ pub fn attention_head(
         let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.k_dim;
         let mut v = dot_f32(q, &kv.k[base..base + shape.k_dim]) * shape.scale;
         if let Some(cap) = shape.softcap {
-            v = cap * (v / cap).tanh();
+            v = softcap(v, cap);
         }
         *s = v;
         max = max.max(v);

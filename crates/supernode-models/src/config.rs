@@ -12,11 +12,15 @@ use crate::{Metadata, ModelError, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Llama,
+    Gemma3,
 }
 
 impl Arch {
     /// GGUF `general.architecture` names, HF `model_type` names.
-    const TABLE: [(Arch, &'static str, &'static str); 1] = [(Arch::Llama, "llama", "llama")];
+    const TABLE: [(Arch, &'static str, &'static str); 2] = [
+        (Arch::Llama, "llama", "llama"),
+        (Arch::Gemma3, "gemma3", "gemma3_text"),
+    ];
 
     pub fn from_gguf_name(name: &str) -> Result<Arch> {
         Self::TABLE
@@ -62,6 +66,18 @@ pub enum RopeScaling {
     Linear {
         factor: f64,
     },
+    /// Llama 3.1's: wavelengths longer than `original_max_pos / low_freq_factor` are stretched
+    /// by `factor`, those shorter than `original_max_pos / high_freq_factor` are kept, and
+    /// those between are interpolated.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_pos: f64,
+    },
+    /// Each pair's frequency divided by its own factor: GGUF's `rope_freqs.weight`, which is
+    /// how llama.cpp's converter stores Llama 3 scaling.
+    Factors(Vec<f64>),
 }
 
 /// Rotary position embedding settings of an attention layer.
@@ -77,14 +93,45 @@ pub struct RopeConfig {
 impl RopeConfig {
     /// Angular frequency of each of the `dim / 2` dimension pairs.
     pub fn inv_freq(&self) -> Vec<f64> {
-        let div = match self.scaling {
-            RopeScaling::None => 1.0,
-            RopeScaling::Linear { factor } => factor,
-        };
         (0..self.dim / 2)
-            .map(|i| self.theta.powf(-(2.0 * i as f64) / self.dim as f64) / div)
+            .map(|i| {
+                let f = self.theta.powf(-(2.0 * i as f64) / self.dim as f64);
+                match &self.scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor,
+                    RopeScaling::Factors(factors) => f / factors[i],
+                    &RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor: low,
+                        high_freq_factor: high,
+                        original_max_pos: orig,
+                    } => {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < orig / high {
+                            f
+                        } else if wavelen > orig / low {
+                            f / factor
+                        } else {
+                            let smooth = (orig / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
             .collect()
     }
+}
+
+/// Sliding-window attention on some of the layers (Gemma 3's local layers).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// Positions a query attends to, its own included.
+    pub size: usize,
+    /// `layers[i]`: whether layer `i` is windowed; the others attend to the whole context.
+    pub layers: Vec<bool>,
+    /// The rope of the windowed layers (Gemma 3: base 10 000, never scaled); the other layers
+    /// use [`ModelConfig::rope`].
+    pub rope: RopeConfig,
 }
 
 /// The checked configuration of a decoder-only transformer.
@@ -104,7 +151,18 @@ pub struct ModelConfig {
     /// The context length the model was trained for.
     pub context_len: usize,
     pub rms_eps: f32,
+    /// Added to every RMSNorm weight: 1 for Gemma's `(1 + w)` norms in HF checkpoints (whose
+    /// GGUF conversion already added it), 0 otherwise.
+    pub norm_offset: f32,
+    /// The rope of every layer (of the full-attention layers where `sliding_window` is set).
     pub rope: RopeConfig,
+    /// Multiplies the token embeddings (Gemma: `sqrt(hidden)`; 1 otherwise).
+    pub embed_scale: f32,
+    /// Multiplies `q·k` before the softmax (usually `1/sqrt(head_dim)`).
+    pub attn_scale: f32,
+    pub sliding_window: Option<SlidingWindow>,
+    /// Soft-capping of the output logits, `cap * tanh(logit / cap)`.
+    pub final_softcap: Option<f32>,
 }
 
 impl ModelConfig {
@@ -144,7 +202,7 @@ impl ModelConfig {
                 )))
             }
         };
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             arch,
             n_layers: req("block_count")?,
             hidden,
@@ -160,29 +218,92 @@ impl ModelConfig {
             rms_eps: meta
                 .get_f64(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5) as f32,
+            norm_offset: 0.0,
             rope: RopeConfig {
                 theta: meta.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
                 dim: meta
                     .get_usize(&key("rope.dimension_count"))?
                     .unwrap_or(head_dim),
                 // llama.cpp's converter permutes Q/K rows of llama checkpoints so that ggml's
-                // "normal" (adjacent-pair) rope is right for GGUF files.
-                style: RopeStyle::Interleaved,
+                // "normal" (adjacent-pair) rope is right for GGUF files; Gemma's rows are not
+                // permuted and llama.cpp ropes them in "neox" (halves) mode.
+                style: match arch {
+                    Arch::Llama => RopeStyle::Interleaved,
+                    Arch::Gemma3 => RopeStyle::Halves,
+                },
                 scaling,
             },
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_window: None,
+            final_softcap: None,
         };
+        if arch == Arch::Gemma3 {
+            cfg.gemma3_from_gguf(meta)?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Gemma 3's extras as llama.cpp reads them (`llama_load_hparams_gemma3`): every 6th layer
+    /// (`i % 6 == 5`) attends globally with the file's rope, the others over
+    /// `attention.sliding_window` positions with an unscaled rope of base 10 000 (hard-coded
+    /// by llama.cpp, not in the file); embeddings scaled by `sqrt(hidden)`; the query scale
+    /// `1/sqrt(head_dim)`, except for the 27B (62 layers), whose `query_pre_attn_scalar` is
+    /// `hidden / heads`. The norm weights already hold Gemma's `1 + w`.
+    fn gemma3_from_gguf(&mut self, meta: &Metadata) -> Result<()> {
+        let key = |k: &str| format!("gemma3.{k}");
+        let size = meta
+            .get_usize(&key("attention.sliding_window"))?
+            .ok_or_else(|| {
+                ModelError::Metadata(format!("missing `{}`", key("attention.sliding_window")))
+            })?;
+        self.sliding_window = Some(SlidingWindow {
+            size,
+            layers: (0..self.n_layers).map(|i| i % 6 < 5).collect(),
+            rope: RopeConfig {
+                theta: 10_000.0,
+                scaling: RopeScaling::None,
+                ..self.rope.clone()
+            },
+        });
+        self.embed_scale = (self.hidden as f32).sqrt();
+        let query_pre_attn_scalar = if self.n_layers == 62 {
+            self.hidden / self.n_heads.max(1)
+        } else {
+            self.head_dim
+        };
+        self.attn_scale = 1.0 / (query_pre_attn_scalar as f32).sqrt();
+        self.final_softcap = meta
+            .get_f64(&key("final_logit_softcapping"))?
+            .map(|c| c as f32);
+        Ok(())
+    }
+
     /// From an HF `config.json`, in either the older `rope_theta`/`rope_scaling` style or the
     /// newer `rope_parameters` style.
+    ///
+    /// A multimodal Gemma 3 (`model_type` `gemma3`) is read from its `text_config`.
     pub fn from_hf(config: &Value) -> Result<ModelConfig> {
         let model_type = config
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| ModelError::Metadata("config.json has no `model_type`".into()))?;
+        if model_type == "gemma3" {
+            let mut text = config
+                .get("text_config")
+                .filter(|t| t.is_object())
+                .cloned()
+                .ok_or_else(|| {
+                    ModelError::Metadata(
+                        "config.json: a `gemma3` model needs a `text_config` object".into(),
+                    )
+                })?;
+            text["model_type"] = "gemma3_text".into();
+            return Self::from_hf(&text);
+        }
         let arch = Arch::from_hf_model_type(model_type)?;
+        let config = &with_hf_defaults(arch, config);
         let num = |k: &str| config.get(k).and_then(Value::as_f64);
         let int = |k: &str| -> Result<Option<usize>> {
             match config.get(k) {
@@ -204,33 +325,8 @@ impl ModelConfig {
             None if n_heads > 0 => hidden / n_heads,
             None => 0,
         };
-        let params = config.get("rope_parameters");
-        let rope_field = |k: &str| {
-            params
-                .and_then(|p| p.get(k))
-                .or_else(|| config.get("rope_scaling").and_then(|p| p.get(k)))
-        };
-        let theta = params
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .or_else(|| num("rope_theta"))
-            .unwrap_or(10_000.0);
-        let rope_type = rope_field("rope_type")
-            .or_else(|| rope_field("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let scaling = match rope_type {
-            "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: rope_field("factor").and_then(Value::as_f64).unwrap_or(1.0),
-            },
-            other => {
-                return Err(ModelError::Metadata(format!(
-                    "config.json: rope type `{other}` is not supported (supported: default, linear)"
-                )))
-            }
-        };
-        let cfg = ModelConfig {
+        let (theta, scaling) = hf_rope(config, config.get("rope_parameters"), 10_000.0)?;
+        let mut cfg = ModelConfig {
             arch,
             n_layers: req("num_hidden_layers")?,
             hidden,
@@ -242,6 +338,7 @@ impl ModelConfig {
             vocab_size: req("vocab_size")?,
             context_len: int("max_position_embeddings")?.unwrap_or(2048),
             rms_eps: num("rms_norm_eps").unwrap_or(1e-6) as f32,
+            norm_offset: 0.0,
             rope: RopeConfig {
                 theta,
                 dim: head_dim,
@@ -249,12 +346,203 @@ impl ModelConfig {
                 style: RopeStyle::Halves,
                 scaling,
             },
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_window: None,
+            final_softcap: None,
         };
+        if arch == Arch::Gemma3 {
+            cfg.gemma3_from_hf(config)?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Gemma 3's extras as transformers' `Gemma3TextConfig` defines them: `(1 + w)` norms,
+    /// embeddings scaled by `sqrt(hidden)`, the query scale `query_pre_attn_scalar^-0.5`,
+    /// sliding-window layers from `layer_types` (or every layer but each
+    /// `sliding_window_pattern`-th), and their own rope: `rope_parameters.sliding_attention`
+    /// (transformers 5) or an unscaled one of base `rope_local_base_freq`.
+    fn gemma3_from_hf(&mut self, config: &Value) -> Result<()> {
+        let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
+        let num = |k: &str| config.get(k).and_then(Value::as_f64);
+        if let Some(act) = config.get("hidden_activation").and_then(Value::as_str) {
+            if !matches!(act, "gelu_pytorch_tanh" | "gelu_tanh") {
+                return Err(bad(format!(
+                    "hidden_activation `{act}` is not supported (supported: gelu_pytorch_tanh)"
+                )));
+            }
+        }
+        if num("attn_logit_softcapping").is_some() {
+            return Err(bad("attention soft-capping is not supported".into()));
+        }
+        let size = config
+            .get("sliding_window")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("missing `sliding_window`".into()))? as usize;
+        let layers = match config.get("layer_types").and_then(Value::as_array) {
+            Some(types) => {
+                if types.len() != self.n_layers {
+                    return Err(bad(format!(
+                        "`layer_types` has {} entries for {} layers",
+                        types.len(),
+                        self.n_layers
+                    )));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(bad(format!("unknown layer type {t} in `layer_types`"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => {
+                let pattern = config
+                    .get("sliding_window_pattern")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(6)
+                    .max(1) as usize;
+                (0..self.n_layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+        };
+        let per_type = config
+            .get("rope_parameters")
+            .filter(|p| p.get("full_attention").is_some());
+        let local = match per_type {
+            Some(p) => {
+                let (theta, scaling) = hf_rope(&Value::Null, p.get("full_attention"), 1e6)?;
+                self.rope.theta = theta;
+                self.rope.scaling = scaling;
+                hf_rope(&Value::Null, p.get("sliding_attention"), 10_000.0)?
+            }
+            None => (
+                num("rope_local_base_freq").unwrap_or(10_000.0),
+                RopeScaling::None,
+            ),
+        };
+        self.sliding_window = Some(SlidingWindow {
+            size,
+            layers,
+            rope: RopeConfig {
+                theta: local.0,
+                scaling: local.1,
+                ..self.rope.clone()
+            },
+        });
+        self.norm_offset = 1.0;
+        self.embed_scale = (self.hidden as f32).sqrt();
+        self.attn_scale =
+            num("query_pre_attn_scalar").map_or(self.attn_scale, |s| (1.0 / s.sqrt()) as f32);
+        self.final_softcap = num("final_logit_softcapping").map(|c| c as f32);
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
+        self.validate_sizes()?;
+        let bad = |m: String| Err(ModelError::Metadata(m));
+        for (name, v) in [
+            ("embedding scale", self.embed_scale),
+            ("attention scale", self.attn_scale),
+            ("final soft-cap", self.final_softcap.unwrap_or(1.0)),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} {v} must be a finite number > 0"));
+            }
+        }
+        if !self.norm_offset.is_finite() {
+            return bad(format!("norm offset {} is invalid", self.norm_offset));
+        }
+        if let Some(sw) = &self.sliding_window {
+            if sw.size == 0 {
+                return bad("sliding window is 0".into());
+            }
+            if sw.layers.len() != self.n_layers {
+                return bad(format!(
+                    "sliding-window pattern covers {} layers of {}",
+                    sw.layers.len(),
+                    self.n_layers
+                ));
+            }
+            Self::validate_rope(&sw.rope, self.head_dim)?;
+        }
+        Self::validate_rope(&self.rope, self.head_dim)
+    }
+
+    fn validate_rope(rope: &RopeConfig, head_dim: usize) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Metadata(m));
+        if !rope.dim.is_multiple_of(2) || rope.dim > head_dim {
+            return bad(format!(
+                "rope dimension {} must be even and at most the head dim {head_dim}",
+                rope.dim
+            ));
+        }
+        if !(rope.theta.is_finite() && rope.theta > 1.0) {
+            return bad(format!(
+                "rope base {} must be a finite number > 1",
+                rope.theta
+            ));
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        match &rope.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                if !positive(*factor) {
+                    return bad(format!(
+                        "rope scaling factor {factor} must be a finite number > 0"
+                    ));
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_pos,
+            } => {
+                if ![
+                    *factor,
+                    *low_freq_factor,
+                    *high_freq_factor,
+                    *original_max_pos,
+                ]
+                .into_iter()
+                .all(positive)
+                    || high_freq_factor <= low_freq_factor
+                {
+                    return bad(format!(
+                        "llama3 rope scaling needs positive factor ({factor}), low_freq_factor \
+                         ({low_freq_factor}) < high_freq_factor ({high_freq_factor}) and \
+                         original_max_position_embeddings ({original_max_pos})"
+                    ));
+                }
+            }
+            RopeScaling::Factors(f) => {
+                if f.len() != rope.dim / 2 || !f.iter().copied().all(positive) {
+                    return bad(format!(
+                        "rope frequency factors: {} values for {} pairs, all must be finite and > 0",
+                        f.len(),
+                        rope.dim / 2
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The config with the main rope's frequencies divided by `factors` (one per pair).
+    pub fn with_rope_factors(mut self, factors: Vec<f64>) -> Result<ModelConfig> {
+        if self.rope.scaling != RopeScaling::None {
+            return Err(ModelError::Metadata(
+                "rope frequency factors on top of another rope scaling".into(),
+            ));
+        }
+        self.rope.scaling = RopeScaling::Factors(factors);
+        Self::validate_rope(&self.rope, self.head_dim)?;
+        Ok(self)
+    }
+
+    fn validate_sizes(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Metadata(m));
         for (name, v) in [
             ("layer count", self.n_layers),
@@ -280,23 +568,83 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if !self.rope.dim.is_multiple_of(2) || self.rope.dim > self.head_dim {
-            return bad(format!(
-                "rope dimension {} must be even and at most the head dim {}",
-                self.rope.dim, self.head_dim
-            ));
-        }
-        if !(self.rope.theta.is_finite() && self.rope.theta > 1.0) {
-            return bad(format!(
-                "rope base {} must be a finite number > 1",
-                self.rope.theta
-            ));
-        }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
             return bad(format!("norm epsilon {} is invalid", self.rms_eps));
         }
         Ok(())
     }
+}
+
+/// Rope base and scaling from an HF rope dict `params` (`rope_parameters`, or one layer type's
+/// entry of it), falling back on the older top-level `rope_theta` and `rope_scaling`.
+fn hf_rope(
+    config: &Value,
+    params: Option<&Value>,
+    default_theta: f64,
+) -> Result<(f64, RopeScaling)> {
+    let field = |k: &str| {
+        params
+            .and_then(|p| p.get(k))
+            .or_else(|| config.get("rope_scaling").and_then(|p| p.get(k)))
+    };
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or_else(|| config.get("rope_theta").and_then(Value::as_f64))
+        .unwrap_or(default_theta);
+    let rope_type = field("rope_type")
+        .or_else(|| field("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let scaling = match rope_type {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: field("factor").and_then(Value::as_f64).unwrap_or(1.0),
+        },
+        "llama3" => {
+            let num = |k: &str| {
+                field(k).and_then(Value::as_f64).ok_or_else(|| {
+                    ModelError::Metadata(format!("config.json: llama3 rope scaling needs `{k}`"))
+                })
+            };
+            RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_pos: num("original_max_position_embeddings")?,
+            }
+        }
+        other => {
+            return Err(ModelError::Metadata(format!(
+                "config.json: rope type `{other}` is not supported (supported: default, linear, llama3)"
+            )))
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// `config` with the defaults of the architecture's transformers config class filled in where
+/// a key is absent (`save_pretrained` leaves out values equal to the defaults).
+fn with_hf_defaults(arch: Arch, config: &Value) -> Value {
+    let defaults = match arch {
+        Arch::Llama => serde_json::json!({}),
+        // transformers' `Gemma3TextConfig`.
+        Arch::Gemma3 => serde_json::json!({
+            "vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+            "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        }),
+    };
+    let mut out = config.clone();
+    if let (Some(obj), Some(defaults)) = (out.as_object_mut(), defaults.as_object()) {
+        for (k, v) in defaults {
+            if obj.get(k).is_none_or(Value::is_null) {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -343,6 +691,96 @@ mod tests {
     }
 
     #[test]
+    fn gemma3_gguf_windows_ropes_and_scales() {
+        let mut m = Metadata::default();
+        let mut put = |k: &str, v: MetaValue| {
+            m.entries.insert(k.to_string(), v);
+        };
+        put("general.architecture", MetaValue::String("gemma3".into()));
+        put("gemma3.embedding_length", MetaValue::U32(640));
+        put("gemma3.attention.head_count", MetaValue::U32(4));
+        put("gemma3.attention.head_count_kv", MetaValue::U32(1));
+        put("gemma3.attention.key_length", MetaValue::U32(256));
+        put("gemma3.block_count", MetaValue::U32(18));
+        put("gemma3.feed_forward_length", MetaValue::U32(2048));
+        put("gemma3.context_length", MetaValue::U32(32768));
+        put("gemma3.rope.freq_base", MetaValue::F32(1e6));
+        put("gemma3.attention.sliding_window", MetaValue::U32(512));
+        put(
+            "gemma3.rope.scaling.type",
+            MetaValue::String("linear".into()),
+        );
+        put("gemma3.rope.scaling.factor", MetaValue::F32(8.0));
+        let cfg = ModelConfig::from_gguf(&m, 1000).unwrap();
+        let sw = cfg.sliding_window.as_ref().unwrap();
+        assert_eq!(sw.size, 512);
+        let global: Vec<usize> = (0..18).filter(|&i| !sw.layers[i]).collect();
+        assert_eq!(global, [5, 11, 17]);
+        assert_eq!(cfg.rope.style, RopeStyle::Halves);
+        assert_eq!(cfg.rope.theta, 1e6);
+        assert_eq!(cfg.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(sw.rope.theta, 1e4);
+        assert_eq!(sw.rope.scaling, RopeScaling::None);
+        assert_eq!(cfg.norm_offset, 0.0);
+        assert_eq!(cfg.attn_scale, 1.0 / 16.0);
+        assert_eq!(cfg.embed_scale, 640f32.sqrt());
+        assert_eq!(cfg.final_softcap, None);
+        m.entries.remove("gemma3.attention.sliding_window");
+        let err = ModelConfig::from_gguf(&m, 1000).unwrap_err().to_string();
+        assert!(err.contains("gemma3.attention.sliding_window"), "{err}");
+    }
+
+    #[test]
+    fn gemma3_hf_defaults_layer_types_and_wrapper() {
+        // As `save_pretrained` writes it: values equal to `Gemma3TextConfig`'s defaults left out.
+        let text = serde_json::json!({
+            "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 16, "vocab_size": 100, "query_pre_attn_scalar": 64,
+            "sliding_window": 8, "rope_scaling": {"rope_type": "linear", "factor": 8.0}
+        });
+        let cfg = ModelConfig::from_hf(&text).unwrap();
+        let sw = cfg.sliding_window.as_ref().unwrap();
+        assert_eq!(sw.layers, [true, true, true, true, true, false, true]);
+        assert_eq!(cfg.rope.theta, 1e6);
+        assert_eq!(cfg.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!((sw.rope.theta, &sw.rope.scaling), (1e4, &RopeScaling::None));
+        assert_eq!(cfg.norm_offset, 1.0);
+        assert_eq!(cfg.attn_scale, 0.125);
+        assert_eq!(cfg.rms_eps, 1e-6);
+        // transformers 5: `layer_types` and per-type `rope_parameters`.
+        let mut v5 = text.clone();
+        v5["layer_types"] = serde_json::json!([
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention"
+        ]);
+        v5["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}
+        });
+        v5.as_object_mut().unwrap().remove("rope_scaling");
+        let cfg = ModelConfig::from_hf(&v5).unwrap();
+        let sw = cfg.sliding_window.as_ref().unwrap();
+        assert_eq!(sw.layers, [false, true, true, false, true, true, false]);
+        assert_eq!((cfg.rope.theta, sw.rope.theta), (5e5, 2e4));
+        assert_eq!(cfg.rope.scaling, RopeScaling::None);
+        // The multimodal wrapper is read from its `text_config`.
+        let wrapper = serde_json::json!({"model_type": "gemma3", "text_config": text});
+        assert_eq!(ModelConfig::from_hf(&wrapper).unwrap().n_layers, 7);
+        let err = ModelConfig::from_hf(&serde_json::json!({"model_type": "gemma3"})).unwrap_err();
+        assert!(err.to_string().contains("text_config"), "{err}");
+        let mut bad = v5;
+        bad["layer_types"] = serde_json::json!(["full_attention"]);
+        let err = ModelConfig::from_hf(&bad).unwrap_err();
+        assert!(err.to_string().contains("layer_types"), "{err}");
+    }
+
+    #[test]
     fn hf_config_both_rope_styles() {
         let old: Value = serde_json::json!({
             "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
@@ -363,5 +801,42 @@ mod tests {
         assert_eq!(cfg.n_kv_heads, 4);
         let err = ModelConfig::from_hf(&serde_json::json!({"model_type": "rwkv"})).unwrap_err();
         assert!(err.to_string().contains("supported: llama"), "{err}");
+    }
+
+    /// GGUF's per-pair factors (`rope_freqs.weight`) reproduce HF's llama3 formula.
+    #[test]
+    fn llama3_rope_scaling_and_factors_agree() {
+        let llama3 = RopeConfig {
+            theta: 500_000.0,
+            dim: 128,
+            style: RopeStyle::Interleaved,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_pos: 8192.0,
+            },
+        };
+        let plain = RopeConfig {
+            scaling: RopeScaling::None,
+            ..llama3.clone()
+        };
+        let (scaled, base) = (llama3.inv_freq(), plain.inv_freq());
+        assert_eq!(scaled[0], base[0], "short wavelengths are kept");
+        assert!(
+            (scaled[63] - base[63] / 8.0).abs() < 1e-18,
+            "long wavelengths are stretched"
+        );
+        assert!(
+            scaled.iter().zip(&base).any(|(s, b)| s < b && *s > b / 8.0),
+            "some are interpolated"
+        );
+        let factors = RopeConfig {
+            scaling: RopeScaling::Factors(base.iter().zip(&scaled).map(|(b, s)| b / s).collect()),
+            ..llama3.clone()
+        };
+        for (a, b) in factors.inv_freq().iter().zip(&scaled) {
+            assert!((a - b).abs() <= 1e-12 * b);
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use supernode_kernels::Precision;
 
-use crate::arch::{llama::Llama, Model};
+use crate::arch::{gemma3::Gemma3, llama::Llama, Model};
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::read_gguf;
 use crate::safetensors::read_safetensors_dir;
@@ -26,19 +26,10 @@ pub struct LoadedModel {
 }
 
 /// How to load a model.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
-    /// How activations meet quantised weights in every projection.
+    /// How activations meet quantised weights in every projection (default: exact).
     pub precision: Precision,
-}
-
-impl Default for LoadOptions {
-    /// Exact numerics: f32 activations, which agree with a float64 forward on the same weights.
-    fn default() -> Self {
-        LoadOptions {
-            precision: Precision::Exact,
-        }
-    }
 }
 
 /// Loads a model from a GGUF file or an HF-style safetensors directory.
@@ -59,10 +50,18 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let file = read_gguf(path)?;
     let vocab_rows = file.tensor("token_embd.weight").map_or(0, |t| t.rows());
-    let cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows)
-        .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
-    let model = build(cfg, &Weights::new(file.tensors, opts.precision))
-        .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
+    let in_file = |e: ModelError| ModelError::Invalid(format!("{}: {e}", path.display()));
+    let mut cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows).map_err(in_file)?;
+    let weights = Weights::new(file.tensors, opts.precision);
+    if weights.get(ROPE_FREQS).is_some() {
+        let factors = weights
+            .vector(ROPE_FREQS, cfg.rope.dim / 2)
+            .map_err(in_file)?;
+        cfg = cfg
+            .with_rope_factors(factors.into_iter().map(f64::from).collect())
+            .map_err(in_file)?;
+    }
+    let model = build(cfg, &weights).map_err(in_file)?;
     Ok(LoadedModel {
         model,
         source: ModelSource::Gguf {
@@ -72,8 +71,12 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     })
 }
 
+/// Per-pair rope frequency divisors, as llama.cpp's converter stores Llama 3 rope scaling.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
     Ok(match cfg.arch {
         Arch::Llama => Box::new(Llama::new(cfg, w)?),
+        Arch::Gemma3 => Box::new(Gemma3::new(cfg, w)?),
     })
 }

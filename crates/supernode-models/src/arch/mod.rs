@@ -1,5 +1,6 @@
 //! One file per architecture, each composing the shared layers; the [`Model`] trait they share.
 
+pub mod gemma3;
 pub mod llama;
 
 use crate::kv_cache::{KvCache, KvLayerSpec};
