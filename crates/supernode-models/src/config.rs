@@ -13,13 +13,19 @@ use crate::{Metadata, ModelError, Result};
 pub enum Arch {
     Llama,
     Gemma3,
+    /// Llama with Q/K/V biases (built by the Llama family's builder).
+    Qwen2,
+    /// Llama with per-head Q/K RMSNorms (built by the Llama family's builder).
+    Qwen3,
 }
 
 impl Arch {
     /// GGUF `general.architecture` names, HF `model_type` names.
-    const TABLE: [(Arch, &'static str, &'static str); 2] = [
+    const TABLE: [(Arch, &'static str, &'static str); 4] = [
         (Arch::Llama, "llama", "llama"),
         (Arch::Gemma3, "gemma3", "gemma3_text"),
+        (Arch::Qwen2, "qwen2", "qwen2"),
+        (Arch::Qwen3, "qwen3", "qwen3"),
     ];
 
     pub fn from_gguf_name(name: &str) -> Result<Arch> {
@@ -225,11 +231,12 @@ impl ModelConfig {
                     .get_usize(&key("rope.dimension_count"))?
                     .unwrap_or(head_dim),
                 // llama.cpp's converter permutes Q/K rows of llama checkpoints so that ggml's
-                // "normal" (adjacent-pair) rope is right for GGUF files; Gemma's rows are not
-                // permuted and llama.cpp ropes them in "neox" (halves) mode.
+                // "normal" (adjacent-pair) rope is right for GGUF files; Gemma's and Qwen's
+                // rows are not permuted and llama.cpp ropes them in "neox" (halves) mode
+                // (`llama_model_rope_type`).
                 style: match arch {
                     Arch::Llama => RopeStyle::Interleaved,
-                    Arch::Gemma3 => RopeStyle::Halves,
+                    Arch::Gemma3 | Arch::Qwen2 | Arch::Qwen3 => RopeStyle::Halves,
                 },
                 scaling,
             },
@@ -353,6 +360,8 @@ impl ModelConfig {
         };
         if arch == Arch::Gemma3 {
             cfg.gemma3_from_hf(config)?;
+        } else {
+            llama_family_hf_checks(config)?;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -623,11 +632,47 @@ fn hf_rope(
     Ok((theta, scaling))
 }
 
+/// What the Llama family's builder does not do, refused by name: another activation than
+/// SiLU, and sliding-window attention (Qwen2's `use_sliding_window`, which transformers
+/// applies to the layers from `max_window_layers` on; it is off in every released Qwen2, and
+/// its `sliding_window` value is then ignored, as here).
+fn llama_family_hf_checks(config: &Value) -> Result<()> {
+    let bad = |m: String| Err(ModelError::Metadata(format!("config.json: {m}")));
+    if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
+        if act != "silu" {
+            return bad(format!(
+                "hidden_act `{act}` is not supported (supported: silu)"
+            ));
+        }
+    }
+    let sliding_layers = config
+        .get("layer_types")
+        .and_then(Value::as_array)
+        .is_some_and(|t| t.iter().any(|t| t.as_str() != Some("full_attention")));
+    if config.get("use_sliding_window").and_then(Value::as_bool) == Some(true) || sliding_layers {
+        return bad("sliding-window attention (`use_sliding_window`) is not supported".into());
+    }
+    Ok(())
+}
+
 /// `config` with the defaults of the architecture's transformers config class filled in where
 /// a key is absent (`save_pretrained` leaves out values equal to the defaults).
 fn with_hf_defaults(arch: Arch, config: &Value) -> Value {
     let defaults = match arch {
         Arch::Llama => serde_json::json!({}),
+        // transformers' `Qwen2Config`.
+        Arch::Qwen2 => serde_json::json!({
+            "vocab_size": 151_936, "hidden_size": 4096, "intermediate_size": 22_016,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "max_position_embeddings": 32_768, "rms_norm_eps": 1e-6, "rope_theta": 10_000.0,
+        }),
+        // transformers' `Qwen3Config`: `head_dim` is 128 whatever `hidden / heads` is.
+        Arch::Qwen3 => serde_json::json!({
+            "vocab_size": 151_936, "hidden_size": 4096, "intermediate_size": 22_016,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "head_dim": 128, "max_position_embeddings": 32_768, "rms_norm_eps": 1e-6,
+            "rope_theta": 10_000.0,
+        }),
         // transformers' `Gemma3TextConfig`.
         Arch::Gemma3 => serde_json::json!({
             "vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -688,6 +733,77 @@ mod tests {
         );
         let err = ModelConfig::from_gguf(&m, 100).unwrap_err().to_string();
         assert!(err.contains("mamba") && err.contains("llama"), "{err}");
+    }
+
+    /// llama.cpp's `llama_model_rope_type`: "normal" (adjacent pairs) for llama, whose Q/K rows
+    /// its converter permutes, "neox" (halves) for qwen2 and qwen3, whose rows it does not.
+    #[test]
+    fn gguf_rope_style_per_arch() {
+        for (arch, style) in [
+            ("llama", RopeStyle::Interleaved),
+            ("qwen2", RopeStyle::Halves),
+            ("qwen3", RopeStyle::Halves),
+        ] {
+            let mut m = Metadata::default();
+            for (k, v) in llama_meta().entries {
+                let k = k.replacen("llama.", &format!("{arch}."), 1);
+                let v = match v {
+                    MetaValue::String(s) if s == "llama" => MetaValue::String(arch.into()),
+                    v => v,
+                };
+                m.entries.insert(k, v);
+            }
+            let cfg = ModelConfig::from_gguf(&m, 100).unwrap();
+            assert_eq!(cfg.arch.gguf_name(), arch);
+            assert_eq!(cfg.rope.style, style, "{arch}");
+            assert_eq!(cfg.rope.theta, 1e5, "{arch}");
+            // Qwen3's head dim is not `hidden / heads`: `attention.key_length` says it.
+            m.entries
+                .insert(format!("{arch}.attention.key_length"), MetaValue::U32(24));
+            let cfg = ModelConfig::from_gguf(&m, 100).unwrap();
+            assert_eq!((cfg.head_dim, cfg.v_head_dim, cfg.rope.dim), (24, 24, 24));
+        }
+    }
+
+    #[test]
+    fn qwen_hf_defaults_and_sliding_window() {
+        let qwen2 = serde_json::json!({
+            "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "rope_theta": 1e6, "hidden_act": "silu",
+            "use_sliding_window": false, "sliding_window": 4, "max_window_layers": 1
+        });
+        let cfg = ModelConfig::from_hf(&qwen2).unwrap();
+        assert_eq!(cfg.arch, Arch::Qwen2);
+        assert_eq!((cfg.head_dim, cfg.rope.theta), (16, 1e6));
+        assert_eq!(cfg.rope.style, RopeStyle::Halves);
+        assert!(
+            cfg.sliding_window.is_none(),
+            "`sliding_window` is ignored when off"
+        );
+        assert_eq!(cfg.context_len, 32_768);
+        let mut windowed = qwen2.clone();
+        windowed["use_sliding_window"] = true.into();
+        let err = ModelConfig::from_hf(&windowed).unwrap_err().to_string();
+        assert!(
+            err.contains("use_sliding_window") && err.contains("not supported"),
+            "{err}"
+        );
+        let mut gelu = qwen2;
+        gelu["hidden_act"] = "gelu".into();
+        let err = ModelConfig::from_hf(&gelu).unwrap_err().to_string();
+        assert!(err.contains("hidden_act `gelu`"), "{err}");
+        // `Qwen3Config`'s head dim defaults to 128, not `hidden / heads`.
+        let qwen3 = serde_json::json!({
+            "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "vocab_size": 256
+        });
+        let cfg = ModelConfig::from_hf(&qwen3).unwrap();
+        assert_eq!(cfg.arch, Arch::Qwen3);
+        assert_eq!((cfg.head_dim, cfg.rope.dim), (128, 128));
+        assert_eq!(cfg.attn_scale, 1.0 / 128f32.sqrt());
+        assert_eq!((cfg.rope.theta, cfg.rms_eps), (1e4, 1e-6));
     }
 
     #[test]

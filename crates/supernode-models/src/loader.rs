@@ -76,7 +76,7 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 
 fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
     Ok(match cfg.arch {
-        Arch::Llama => Box::new(Llama::new(cfg, w)?),
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => Box::new(Llama::new(cfg, w)?),
         Arch::Gemma3 => Box::new(Gemma3::new(cfg, w)?),
     })
 }

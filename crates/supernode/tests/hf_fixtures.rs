@@ -104,3 +104,13 @@ fn llama_matches_transformers() {
 fn gemma3_matches_transformers() {
     check_arch("gemma3_text");
 }
+
+#[test]
+fn qwen2_matches_transformers() {
+    check_arch("qwen2");
+}
+
+#[test]
+fn qwen3_matches_transformers() {
+    check_arch("qwen3");
+}

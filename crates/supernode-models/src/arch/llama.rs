@@ -1,22 +1,30 @@
-//! The Llama family (Llama 2/3, SmolLM2, ...): pre-norm decoder blocks of GQA attention with
-//! rope and a SwiGLU feed-forward, a final RMSNorm and a tied or untied output head.
+//! The Llama family: llama (Llama 2/3, SmolLM2, ...), qwen2 and qwen3 — one pre-norm decoder
+//! of GQA attention with rope and a SwiGLU feed-forward, a final RMSNorm and a tied or untied
+//! output head.
 //!
 //! ```text
 //! x = embed(tokens)
 //! for each block:  x += attn(rms_norm(x)) ;  x += mlp(rms_norm(x))
 //! logits = head(rms_norm(x))            (rows in batch.logits_for only)
 //! ```
+//!
+//! What tells the members apart lives outside the forward pass: Qwen2's Q/K/V biases are
+//! picked up by [`Weights::linear`] wherever the file has them, Qwen3's per-head Q/K RMSNorms
+//! (applied before rope) are required for [`Arch::Qwen3`] and absent otherwise, and the rope
+//! style (permuted llama GGUF rows or not) is settled in [`ModelConfig`].
 
 use supernode_kernels::ops::{silu, AttnShape};
 use supernode_kernels::Precision;
 
 use crate::arch::Model;
+use crate::config::Arch;
 use crate::kv_cache::{KvCache, KvLayerSpec};
 use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm, Rope};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 
-/// One decoder block.
+/// One decoder block; the norms are `[hidden]` except Qwen3's per-head Q/K norms
+/// (`[head_dim]`, inside `attn`).
 struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
@@ -38,7 +46,8 @@ pub struct Llama {
 
 impl Llama {
     pub fn new(cfg: ModelConfig, w: &Weights) -> Result<Llama> {
-        let (h, eps) = (cfg.hidden, cfg.rms_eps);
+        let (h, eps, hd) = (cfg.hidden, cfg.rms_eps, cfg.head_dim);
+        let qk_norm = cfg.arch == Arch::Qwen3;
         let embed = w.embedding("token_embd.weight", cfg.vocab_size, h)?;
         let head = match w.opt_linear("output", cfg.vocab_size, h)? {
             Some(head) => head,
@@ -47,24 +56,26 @@ impl Llama {
         let shape = AttnShape {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
-            k_dim: cfg.head_dim,
+            k_dim: hd,
             v_dim: cfg.v_head_dim,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            scale: cfg.attn_scale,
             softcap: None,
             f16_rounding: w.precision() == Precision::Quantized,
         };
         let blocks = (0..cfg.n_layers)
             .map(|i| {
                 let p = |n: &str| format!("blk.{i}.{n}");
+                let head_norm =
+                    |n: &str| qk_norm.then(|| w.rms_norm(&p(n), hd, eps, 0.0)).transpose();
                 Ok(Block {
                     attn_norm: w.rms_norm(&p("attn_norm.weight"), h, eps, 0.0)?,
                     attn: Attention {
-                        wq: w.linear(&p("attn_q"), cfg.n_heads * cfg.head_dim, h)?,
-                        wk: w.linear(&p("attn_k"), cfg.n_kv_heads * cfg.head_dim, h)?,
+                        wq: w.linear(&p("attn_q"), cfg.n_heads * hd, h)?,
+                        wk: w.linear(&p("attn_k"), cfg.n_kv_heads * hd, h)?,
                         wv: w.linear(&p("attn_v"), cfg.n_kv_heads * cfg.v_head_dim, h)?,
                         wo: w.linear(&p("attn_output"), h, cfg.n_heads * cfg.v_head_dim)?,
-                        q_norm: None,
-                        k_norm: None,
+                        q_norm: head_norm("attn_q_norm.weight")?,
+                        k_norm: head_norm("attn_k_norm.weight")?,
                         shape,
                         window: None,
                     },
