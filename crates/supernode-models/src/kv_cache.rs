@@ -17,6 +17,16 @@ pub struct KvLayerSpec {
 }
 
 impl KvLayerSpec {
+    /// The same MHA/GQA geometry on every layer of `cfg`.
+    pub fn uniform(cfg: &crate::ModelConfig) -> Vec<KvLayerSpec> {
+        let spec = KvLayerSpec {
+            n_kv_heads: cfg.n_kv_heads,
+            k_dim: cfg.head_dim,
+            v_dim: cfg.v_head_dim,
+        };
+        vec![spec; cfg.n_layers]
+    }
+
     /// f32 values per token (keys and values of all heads).
     pub fn floats_per_token(&self) -> usize {
         self.n_kv_heads * (self.k_dim + self.v_dim)

@@ -13,12 +13,12 @@
 //! difference between the two (norm offsets, rope of the local layers, query scale) is
 //! resolved in [`ModelConfig`].
 
-use supernode_kernels::ops::{gelu_tanh, softcap, AttnShape};
+use supernode_kernels::ops::{gelu_tanh, AttnShape};
 use supernode_kernels::Precision;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::layers::{Attention, Embedding, Mlp, OutputHead, RmsNorm, Rope};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 
@@ -40,10 +40,9 @@ pub struct Gemma3 {
     /// `[hidden, vocab]`
     embed: Embedding,
     blocks: Vec<Block>,
-    /// `[hidden]`
-    norm: RmsNorm,
-    /// `[hidden, vocab]`: `output.weight`, or the embedding when tied (always, in Gemma 3).
-    head: Linear,
+    /// Final norm, `output.weight` or the embedding when tied (always, in Gemma 3), and the
+    /// final logit soft-cap if the config has one.
+    output: OutputHead,
     /// The rope of the global layers.
     rope_global: Rope,
     /// The rope of the local (windowed) layers.
@@ -98,13 +97,16 @@ impl Gemma3 {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Gemma3 {
-            norm: w.rms_norm("output_norm.weight", h, eps, off)?,
+            output: OutputHead {
+                norm: w.rms_norm("output_norm.weight", h, eps, off)?,
+                head,
+                softcap: cfg.final_softcap,
+            },
             rope_global: Rope::new(&cfg.rope),
             rope_local: Rope::new(sliding.map_or(&cfg.rope, |s| &s.rope)),
             cfg,
             embed,
             blocks,
-            head,
         })
     }
 }
@@ -115,12 +117,7 @@ impl Model for Gemma3 {
     }
 
     fn kv_specs(&self) -> Vec<KvLayerSpec> {
-        let spec = KvLayerSpec {
-            n_kv_heads: self.cfg.n_kv_heads,
-            k_dim: self.cfg.head_dim,
-            v_dim: self.cfg.v_head_dim,
-        };
-        vec![spec; self.cfg.n_layers]
+        KvLayerSpec::uniform(&self.cfg)
     }
 
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
@@ -151,41 +148,15 @@ impl Model for Gemma3 {
             block.post_ffn_norm.forward_inplace(&mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
-        let rows: Vec<f32> = batch
-            .logits_for
-            .iter()
-            .flat_map(|&r| x[r * h..(r + 1) * h].to_vec())
-            .collect();
-        let mut normed = vec![0.0; rows.len()];
-        self.norm.forward(&rows, &mut normed);
-        let mut logits = vec![0.0; batch.logits_for.len() * self.cfg.vocab_size];
-        self.head
-            .forward(&normed, batch.logits_for.len(), &mut logits);
-        if let Some(cap) = self.cfg.final_softcap {
-            logits.iter_mut().for_each(|l| *l = softcap(*l, cap));
-        }
-        Ok(logits)
+        Ok(self.output.forward(&x, batch.logits_for))
     }
 
     fn weight_bytes_per_token(&self) -> usize {
-        let per_block: usize = self
+        let blocks: usize = self
             .blocks
             .iter()
-            .map(|b| {
-                [
-                    &b.attn.wq,
-                    &b.attn.wk,
-                    &b.attn.wv,
-                    &b.attn.wo,
-                    &b.mlp.gate,
-                    &b.mlp.up,
-                    &b.mlp.down,
-                ]
-                .iter()
-                .map(|l| l.weight_bytes())
-                .sum::<usize>()
-            })
+            .map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes())
             .sum();
-        per_block + self.head.weight_bytes()
+        blocks + self.output.head.weight_bytes()
     }
 }

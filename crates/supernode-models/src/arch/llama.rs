@@ -19,7 +19,7 @@ use supernode_kernels::Precision;
 use crate::arch::Model;
 use crate::config::Arch;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm, Rope};
+use crate::layers::{Attention, Embedding, Mlp, OutputHead, RmsNorm, Rope};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 
@@ -37,10 +37,8 @@ pub struct Llama {
     /// `[hidden, vocab]`
     embed: Embedding,
     blocks: Vec<Block>,
-    /// `[hidden]`
-    norm: RmsNorm,
-    /// `[hidden, vocab]`: `output.weight`, or the embedding when tied.
-    head: Linear,
+    /// Final norm and `output.weight` (or the embedding when tied).
+    output: OutputHead,
     rope: Rope,
 }
 
@@ -90,12 +88,15 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Llama {
-            norm: w.rms_norm("output_norm.weight", h, eps, 0.0)?,
+            output: OutputHead {
+                norm: w.rms_norm("output_norm.weight", h, eps, 0.0)?,
+                head,
+                softcap: None,
+            },
             rope: Rope::new(&cfg.rope),
             cfg,
             embed,
             blocks,
-            head,
         })
     }
 }
@@ -106,12 +107,7 @@ impl Model for Llama {
     }
 
     fn kv_specs(&self) -> Vec<KvLayerSpec> {
-        let spec = KvLayerSpec {
-            n_kv_heads: self.cfg.n_kv_heads,
-            k_dim: self.cfg.head_dim,
-            v_dim: self.cfg.v_head_dim,
-        };
-        vec![spec; self.cfg.n_layers]
+        KvLayerSpec::uniform(&self.cfg)
     }
 
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
@@ -133,38 +129,15 @@ impl Model for Llama {
             block.mlp.forward(&xn, n, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
-        let rows: Vec<f32> = batch
-            .logits_for
-            .iter()
-            .flat_map(|&r| x[r * h..(r + 1) * h].to_vec())
-            .collect();
-        let mut normed = vec![0.0; rows.len()];
-        self.norm.forward(&rows, &mut normed);
-        let mut logits = vec![0.0; batch.logits_for.len() * self.cfg.vocab_size];
-        self.head
-            .forward(&normed, batch.logits_for.len(), &mut logits);
-        Ok(logits)
+        Ok(self.output.forward(&x, batch.logits_for))
     }
 
     fn weight_bytes_per_token(&self) -> usize {
-        let per_block: usize = self
+        let blocks: usize = self
             .blocks
             .iter()
-            .map(|b| {
-                [
-                    &b.attn.wq,
-                    &b.attn.wk,
-                    &b.attn.wv,
-                    &b.attn.wo,
-                    &b.mlp.gate,
-                    &b.mlp.up,
-                    &b.mlp.down,
-                ]
-                .iter()
-                .map(|l| l.weight_bytes())
-                .sum::<usize>()
-            })
+            .map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes())
             .sum();
-        per_block + self.head.weight_bytes()
+        blocks + self.output.head.weight_bytes()
     }
 }

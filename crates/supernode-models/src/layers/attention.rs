@@ -23,6 +23,14 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Bytes of projection weights read per token.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.wq, &self.wk, &self.wv, &self.wo]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
     pub fn forward(
         &self,

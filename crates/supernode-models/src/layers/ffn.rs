@@ -13,6 +13,14 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Bytes of weights read per token.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.gate, &self.up, &self.down]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+
     /// `x`: `n × hidden` → `out`: `n × hidden`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let f = self.gate.rows();

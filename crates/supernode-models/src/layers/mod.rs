@@ -6,6 +6,7 @@ mod embedding;
 mod ffn;
 mod linear;
 mod norm;
+mod output;
 mod rope;
 
 pub use attention::Attention;
@@ -13,4 +14,5 @@ pub use embedding::Embedding;
 pub use ffn::Mlp;
 pub use linear::Linear;
 pub use norm::RmsNorm;
+pub use output::OutputHead;
 pub use rope::{Rope, RopeTable};
