@@ -631,6 +631,7 @@ mod x86 {
     use super::{ActBlock, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantKernel};
     use crate::dtype::DType;
     use crate::quant::scale_min_k4;
+    use crate::simd::x86::q6_k_unpack;
 
     // Scales are loaded in assembly, through a general register into a vector register they
     // overwrite whole. Left to the compiler, a lone f16 load becomes `vpinsrw` into whatever
@@ -1065,8 +1066,6 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k<const N: usize>(row: &[u8], ys: [&[BlockQ8K]; N]) -> [f32; N] {
-        let m4 = _mm256_set1_epi8(0xF);
-        let m2 = _mm256_set1_epi8(0x30);
         let mut acc = [0f32; N];
         for (i, b) in row.chunks_exact(210).enumerate() {
             let p = b.as_ptr();
@@ -1081,27 +1080,7 @@ mod x86 {
                     _mm256_sub_epi32(sumi[t], _mm256_slli_epi32::<5>(_mm256_madd_epi16(bs, sc16)));
             }
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
-                let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
-                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, m4),
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, m4),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                        _mm256_and_si256(qh, m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                    ),
-                ];
+                let q = q6_k_unpack(p, n);
                 for (k, q) in q.into_iter().enumerate() {
                     // Scales of the two 16-element halves of these 32 elements, as 16 x i16.
                     let g = (8 * n + 2 * k) as i64;

@@ -154,7 +154,7 @@ pub(crate) fn row_kernels(_dtype: DType) -> Option<RowKernels> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     //! AVX2 kernels. Every `unsafe fn` here requires the CPU features it enables;
     //! the safe wrappers handed out by [`row_kernels`] are reachable only after
     //! [`super::simd_level`] confirmed AVX2, FMA and F16C.
@@ -455,37 +455,45 @@ mod x86 {
         }
     }
 
+    /// The 6-bit quants of half `n` (0 or 1) of the Q6_K block at `p`, as four vectors of 32
+    /// unsigned bytes (0..64) in element order: ggml's `ql`/`qh` interleave undone.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) unsafe fn q6_k_unpack(p: *const u8, n: usize) -> [__m256i; 4] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x30);
+        let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
+        let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
+        let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(ql0, m4),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(ql1, m4),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                _mm256_and_si256(qh, m2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+            ),
+        ]
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn decode_q6_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(0x30);
         let k32 = _mm256_set1_epi8(32);
         for (i, b) in row.chunks_exact(210).enumerate() {
             let d = f16_scalar(b.as_ptr().add(208));
             let p = b.as_ptr();
             for n in 0..2 {
-                let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
-                let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
-                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, m4),
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, m4),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                        _mm256_and_si256(qh, m2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                    ),
-                ];
+                let q = q6_k_unpack(p, n);
                 for (k, q) in q.into_iter().enumerate() {
                     let s = 192 + 8 * n + 2 * k;
                     let ds0 = _mm256_set1_ps(d * b[s] as i8 as f32);
