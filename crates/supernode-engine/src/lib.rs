@@ -1,6 +1,8 @@
 //! supernode-engine: tokenizers, chat templates, sampler, KV cache, generation loop. Knows no HTTP.
 
+pub mod block_pool;
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod sampler;
 pub mod session;

@@ -1,0 +1,227 @@
+//! The engine loop on the tiny random Llama of `tests/fixtures/hf/llama` (transformers'
+//! outputs recorded): batch invariance, preemption, prefix reuse, cancellation.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use supernode_engine::engine::{EngineConfig, EngineHandle, Event, Finish, Request, Sink};
+use supernode_engine::sampler::SamplingParams;
+use supernode_engine::session::FinishReason;
+use supernode_models::{load_model, LoadOptions};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf/llama")
+}
+
+fn engine(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize) -> EngineHandle {
+    let m = load_model(&fixture(), &LoadOptions::default()).unwrap();
+    let cfg = EngineConfig {
+        max_num_seqs,
+        max_num_batched_tokens,
+        num_blocks,
+        ctx_len: 256,
+        max_waiting: 1000,
+        prefix_caching: true,
+    };
+    EngineHandle::start(m.model, None, cfg).unwrap()
+}
+
+struct ChanSink {
+    tx: Sender<Event>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sink for ChanSink {
+    fn send(&mut self, event: Event) -> bool {
+        !self.closed.load(Ordering::Relaxed) && self.tx.send(event).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+struct Pending {
+    rx: Receiver<Event>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Pending {
+    fn wait(self) -> (Vec<u32>, Finish) {
+        let mut toks = Vec::new();
+        loop {
+            match self.rx.recv_timeout(Duration::from_secs(120)).unwrap() {
+                Event::Token(t) => toks.push(t.id),
+                Event::Done(f) => return (toks, f),
+                Event::Error(e) => panic!("engine error: {e}"),
+            }
+        }
+    }
+}
+
+fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
+    let (tx, rx) = channel();
+    let closed = Arc::new(AtomicBool::new(false));
+    e.submit(Request {
+        prompt,
+        params: SamplingParams::greedy(),
+        max_tokens,
+        stop: Vec::new(),
+        ignore_eos: true,
+        logprobs: None,
+        sink: Box::new(ChanSink {
+            tx,
+            closed: closed.clone(),
+        }),
+    })
+    .unwrap();
+    Pending { rx, closed }
+}
+
+/// Deterministic pseudo-random prompts of varied lengths.
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..n)
+        .map(|i| {
+            let len = 1 + (i * 37) % 90;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 256) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn wait_idle(e: &EngineHandle) {
+    for _ in 0..200 {
+        let st = e.stats();
+        if st.running.load(Ordering::Relaxed) == 0
+            && st.waiting.load(Ordering::Relaxed) == 0
+            && st.blocks_in_use.load(Ordering::Relaxed) == 0
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("engine did not go idle");
+}
+
+#[test]
+fn greedy_matches_transformers() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap())
+            .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let prompt = ids(&expected["greedy"]["prompt"]);
+    let want = ids(&expected["greedy"]["tokens"]);
+    let e = engine(4, 64, 64);
+    let (got, fin) = submit(&e, prompt.clone(), want.len()).wait();
+    assert_eq!(got, want);
+    assert_eq!(fin.reason, FinishReason::Length);
+    assert_eq!(fin.prompt_tokens, prompt.len());
+    assert_eq!(fin.completion_tokens, want.len());
+}
+
+#[test]
+fn outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    let ps = prompts(12);
+    let alone = engine(1, 32, 64);
+    let solo: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| submit(&alone, p.clone(), 24).wait().0)
+        .collect();
+
+    // All at once, prefill chunks of at most 40 tokens between other sequences' decodes.
+    let busy = engine(16, 40, 128);
+    let pend: Vec<Pending> = ps.iter().map(|p| submit(&busy, p.clone(), 24)).collect();
+    let together: Vec<Vec<u32>> = pend.into_iter().map(|p| p.wait().0).collect();
+    assert_eq!(together, solo);
+    wait_idle(&busy);
+
+    // A pool far too small for all of them at once: sequences are preempted and recomputed.
+    let tight = engine(16, 64, 10);
+    let pend: Vec<Pending> = ps.iter().map(|p| submit(&tight, p.clone(), 24)).collect();
+    let squeezed: Vec<Vec<u32>> = pend.into_iter().map(|p| p.wait().0).collect();
+    assert_eq!(squeezed, solo);
+    assert!(tight.stats().preemptions.load(Ordering::Relaxed) > 0);
+    wait_idle(&tight);
+}
+
+#[test]
+fn a_shared_prefix_is_reused() {
+    let e = engine(4, 256, 64);
+    let base = prompts(40).into_iter().max_by_key(|p| p.len()).unwrap();
+    assert!(base.len() >= 70);
+    let (first, f1) = submit(&e, base.clone(), 8).wait();
+    assert_eq!(f1.cached_tokens, 0);
+    let (again, f2) = submit(&e, base.clone(), 8).wait();
+    assert_eq!(again, first);
+    // Every full block but the one holding the last prompt token.
+    assert_eq!(f2.cached_tokens, (base.len() - 1) / 16 * 16);
+    let mut other = base[..64].to_vec();
+    other.extend([1, 2, 3]);
+    let (_, f3) = submit(&e, other, 4).wait();
+    assert_eq!(f3.cached_tokens, 64);
+    assert!(e.stats().prefix_hit_tokens.load(Ordering::Relaxed) >= 64 + 64);
+}
+
+#[test]
+fn closed_clients_free_their_blocks() {
+    let e = engine(8, 32, 64);
+    let pend: Vec<Pending> = prompts(6).into_iter().map(|p| submit(&e, p, 200)).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    for p in &pend {
+        p.closed.store(true, Ordering::Relaxed);
+    }
+    wait_idle(&e);
+    // Still serving afterwards.
+    let (toks, _) = submit(&e, vec![5, 6, 7], 3).wait();
+    assert_eq!(toks.len(), 3);
+}
+
+#[test]
+fn the_context_end_finishes_with_length() {
+    let e = engine(2, 64, 64);
+    let (toks, fin) = submit(&e, vec![3; 250], 100).wait();
+    assert_eq!(fin.reason, FinishReason::Length);
+    // Positions 250..255 are computed; the token after position 255 is the last one.
+    assert_eq!(toks.len(), 256 - 250 + 1);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let e = engine(2, 64, 4);
+    let (tx, _rx) = channel();
+    let sink = || {
+        Box::new(ChanSink {
+            tx: tx.clone(),
+            closed: Arc::new(AtomicBool::new(false)),
+        })
+    };
+    let req = |prompt: Vec<u32>| Request {
+        prompt,
+        params: SamplingParams::greedy(),
+        max_tokens: 1,
+        stop: Vec::new(),
+        ignore_eos: true,
+        logprobs: None,
+        sink: sink(),
+    };
+    assert!(e.submit(req(vec![])).is_err());
+    assert!(e.submit(req(vec![999])).is_err());
+    // 4 blocks hold 64 tokens.
+    let err = e.submit(req(vec![1; 65])).unwrap_err().to_string();
+    assert!(err.contains("65") && err.contains("64"), "{err}");
+}
