@@ -19,6 +19,7 @@ use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::tokenizer::Tokenizer;
 
 /// One message of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +68,27 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// The template of `tok`'s model with its BOS and EOS texts; `None` if the model has none
+    /// (base models often do not).
+    pub fn for_tokenizer(tok: &Tokenizer) -> Result<Option<ChatTemplate>, EngineError> {
+        let Some(src) = tok.chat_template() else {
+            return Ok(None);
+        };
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+        ChatTemplate::new(src, &text(tok.bos_id()), &text(tok.eos_id())).map(Some)
+    }
+
+    /// Renders a conversation with the generation prompt and tokenises it, keeping special-token
+    /// texts inside message contents as plain text.
+    pub fn prompt_tokens(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<u32>, EngineError> {
+        let (text, protected) = self.render(messages, true)?;
+        Ok(tok.encode_protected(&text, true, &protected))
     }
 
     /// The rendered prompt and the byte ranges of the message contents in it (in message order;

@@ -264,13 +264,11 @@ impl EngineHandle {
         })
     }
 
-    /// Cancels every request (each hears `Done` with `Cancelled`) and stops the thread.
-    pub fn abort(mut self) {
-        if let Some(tx) = self.tx.take() {
+    /// Cancels every request (each hears `Done` with `Cancelled`) and stops the engine thread;
+    /// later submissions fail with [`SubmitError::Stopped`].
+    pub fn abort(&self) {
+        if let Some(tx) = &self.tx {
             let _ = tx.send(Msg::Abort);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

@@ -42,6 +42,23 @@ fn tokenizer_from_dir(dir: &Path) -> Result<Option<Tokenizer>, EngineError> {
     Tokenizer::from_hf_dir(dir).map(Some)
 }
 
+/// A loaded model and its tokenizer (if its files have one).
+pub type ModelWithTokenizer = (Box<dyn Model>, Option<Arc<Tokenizer>>);
+
+/// The model at `path` (a `.gguf` file or a safetensors directory) and its tokenizer, if the
+/// files have one.
+pub fn load_with_tokenizer(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<ModelWithTokenizer, EngineError> {
+    let LoadedModel { model, source } = load_model(path, opts)?;
+    let tokenizer = match &source {
+        ModelSource::Gguf { metadata, .. } => tokenizer_from_gguf(metadata)?,
+        ModelSource::HfDir { dir, .. } => tokenizer_from_dir(dir)?,
+    };
+    Ok((model, tokenizer.map(Arc::new)))
+}
+
 /// Tokens per forward pass while prefilling.
 pub const PREFILL_CHUNK: usize = 256;
 /// KV slots per cache block.
@@ -76,12 +93,8 @@ impl Session {
         opts: &LoadOptions,
         ctx_len: Option<usize>,
     ) -> Result<Session, EngineError> {
-        let LoadedModel { model, source } = load_model(path, opts)?;
-        let tokenizer = match &source {
-            ModelSource::Gguf { metadata, .. } => tokenizer_from_gguf(metadata)?,
-            ModelSource::HfDir { dir, .. } => tokenizer_from_dir(dir)?,
-        };
-        Session::new(model, tokenizer.map(Arc::new), ctx_len)
+        let (model, tokenizer) = load_with_tokenizer(path, opts)?;
+        Session::new(model, tokenizer, ctx_len)
     }
 
     /// A session over an already-built model.

@@ -1,4 +1,4 @@
-//! Subcommands: `run`, `logits`, `tokenize`, `fetch`.
+//! Subcommands: `run`, `logits`, `tokenize`, `serve`, `fetch`.
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -36,6 +36,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Print the token ids of a text as JSON.
     Tokenize(TokenizeArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(crate::server::ServeArgs),
     /// Download a known model into the cache (smollm2-135m, gemma3-270m).
     Fetch {
         /// The model's short name.
@@ -44,29 +46,29 @@ enum Command {
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A .gguf file, a directory with config.json + *.safetensors, or a short name
     /// (smollm2-135m, gemma3-270m) fetched into the cache on first use.
     #[arg(long, short = 'm')]
-    model: String,
+    pub(crate) model: String,
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Context length (default: the model's).
     #[arg(long)]
-    ctx: Option<usize>,
+    pub(crate) ctx: Option<usize>,
     /// How activations meet quantised weights: `exact` (f32 activations against dequantised
     /// weights: agrees with a float64 forward on the same weights) or `quantized` (llama.cpp's
     /// numerics: activations quantised to 8 bits, integer dot products, f16 attention).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
-    precision: PrecisionArg,
+    pub(crate) precision: PrecisionArg,
     /// Print load time and speed on stderr even when it is not a terminal.
     #[arg(long, short = 'v')]
-    verbose: bool,
+    pub(crate) verbose: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum PrecisionArg {
+pub(crate) enum PrecisionArg {
     Quantized,
     Exact,
 }
@@ -151,6 +153,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_cmd(a),
         Command::Logits(a) => logits_cmd(a),
         Command::Tokenize(a) => tokenize_cmd(a),
+        Command::Serve(a) => crate::server::serve(a),
         Command::Fetch { name } => {
             let m = fetch::known(&name).with_context(|| {
                 let names: Vec<_> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
@@ -163,7 +166,8 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn open(m: &ModelArgs) -> Result<Session> {
+/// Sets up the thread pool and resolves the model path and load options of `m`.
+pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
     if let Some(t) = m.threads {
         if t == 0 {
             bail!("--threads must be at least 1");
@@ -174,12 +178,17 @@ fn open(m: &ModelArgs) -> Result<Session> {
             .context("cannot start the thread pool")?;
     }
     let path: PathBuf = fetch::resolve_model(&m.model)?;
-    let t0 = Instant::now();
     let precision = match m.precision {
         PrecisionArg::Quantized => Precision::Quantized,
         PrecisionArg::Exact => Precision::Exact,
     };
-    let session = Session::load(&path, &LoadOptions { precision }, m.ctx)?;
+    Ok((path, LoadOptions { precision }))
+}
+
+fn open(m: &ModelArgs) -> Result<Session> {
+    let (path, opts) = prepare(m)?;
+    let t0 = Instant::now();
+    let session = Session::load(&path, &opts, m.ctx)?;
     status_line(
         m.verbose,
         &format!(
@@ -193,7 +202,7 @@ fn open(m: &ModelArgs) -> Result<Session> {
 
 /// A status line on stderr (kept off stdout, which carries results), shown on a terminal or
 /// with `--verbose`.
-fn status_line(verbose: bool, msg: &str) {
+pub(crate) fn status_line(verbose: bool, msg: &str) {
     if verbose || io::stderr().is_terminal() {
         eprintln!("supernode: {msg}");
     }
@@ -214,21 +223,9 @@ fn sampling(a: &RunArgs) -> SamplingParams {
 }
 
 fn template(tok: &Tokenizer) -> Result<ChatTemplate> {
-    let src = tok.chat_template().context(
+    ChatTemplate::for_tokenizer(tok)?.context(
         "this model has no chat template (it is likely a base model): run it without --chat",
-    )?;
-    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-    Ok(ChatTemplate::new(
-        src,
-        &text(tok.bos_id()),
-        &text(tok.eos_id()),
-    )?)
-}
-
-/// Renders a conversation and tokenises it with message contents protected.
-fn chat_tokens(tok: &Tokenizer, tmpl: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-    let (text, protected) = tmpl.render(messages, true)?;
-    Ok(tok.encode_protected(&text, true, &protected))
+    )
 }
 
 fn run_cmd(a: RunArgs) -> Result<()> {
@@ -254,7 +251,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
                     role: "user".into(),
                     content: text.clone(),
                 });
-                chat_tokens(tok, &template(tok)?, &msgs)?
+                template(tok)?.prompt_tokens(tok, &msgs)?
             } else {
                 tok.encode(text, true, true)
             }
@@ -356,7 +353,7 @@ fn interactive_chat(session: &mut Session, a: &RunArgs, params: &SamplingParams)
             role: "user".into(),
             content: line.to_string(),
         });
-        let prompt = chat_tokens(session.require_tokenizer()?, &tmpl, &msgs)?;
+        let prompt = tmpl.prompt_tokens(session.require_tokenizer()?, &msgs)?;
         if prompt.len() >= session.ctx_len() {
             bail!(
                 "the conversation no longer fits the {}-token context",

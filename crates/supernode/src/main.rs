@@ -3,6 +3,7 @@
 
 mod cli;
 mod fetch;
+mod server;
 
 use std::process::ExitCode;
 

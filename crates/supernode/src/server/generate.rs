@@ -1,0 +1,494 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: submit to the engine, then answer
+//! with one JSON body or a stream of server-sent events, as OpenAI shapes them.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use supernode_engine::engine::{Event, Finish, Request, Sink, SubmitError, TokenLogprobs};
+use supernode_engine::session::FinishReason;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::api::{self, ApiError, ApiResult, GenSpec, Prompt};
+use super::{unknown_model, AppState, Shared};
+
+/// Forwards one choice's events to its handler.
+struct ChannelSink {
+    index: usize,
+    tx: UnboundedSender<(usize, Event)>,
+}
+
+impl Sink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.tx.send((self.index, event)).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+pub async fn chat(State(st): State<Shared>, body: Bytes) -> Response {
+    let r = chat_inner(&st, &body);
+    answer(&st, r).await
+}
+
+pub async fn completions(State(st): State<Shared>, body: Bytes) -> Response {
+    let r = completion_inner(&st, &body);
+    answer(&st, r).await
+}
+
+async fn answer(st: &Shared, started: ApiResult<Started>) -> Response {
+    let result = match started {
+        Ok(s) if s.stream => Ok(stream_response(s)),
+        Ok(s) => collect(s).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| {
+        let outcome = match e.status {
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "rejected",
+            s if s.is_server_error() => "error",
+            _ => "invalid",
+        };
+        st.metrics.requests.with_label_values(&[outcome]).inc();
+        e.into_response()
+    })
+}
+
+fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
+    let req = api::chat_request(&api::parse_body(body)?)?;
+    check_model(st, &req.spec)?;
+    let tok = st.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            "messages",
+            "this model has no tokenizer: use /v1/completions with a prompt of token ids",
+        )
+    })?;
+    let tmpl = st.template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            "messages",
+            "this model has no chat template (it is likely a base model): use /v1/completions",
+        )
+    })?;
+    let prompt = tmpl
+        .prompt_tokens(tok, &req.messages)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    start(st, prompt, req.spec, Kind::Chat)
+}
+
+fn completion_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
+    let req = api::completion_request(&api::parse_body(body)?)?;
+    check_model(st, &req.spec)?;
+    let prompt = match req.prompt {
+        Prompt::Tokens(t) => t,
+        Prompt::Text(text) => {
+            let tok = st.tokenizer.as_ref().ok_or_else(|| {
+                ApiError::invalid(
+                    "prompt",
+                    "this model has no tokenizer: give the prompt as token ids",
+                )
+            })?;
+            tok.encode(&text, true, true)
+        }
+    };
+    start(st, prompt, req.spec, Kind::Completion)
+}
+
+fn check_model(st: &AppState, spec: &GenSpec) -> ApiResult<()> {
+    if spec.model != st.model_id {
+        return Err(unknown_model(st, &spec.model));
+    }
+    Ok(())
+}
+
+/// A request submitted to the engine, before its answer.
+struct Started {
+    st: Shared,
+    rx: UnboundedReceiver<(usize, Event)>,
+    kind: Kind,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+    prompt_len: usize,
+    id: String,
+    created: u64,
+    arrival: Instant,
+    choices: Vec<Choice>,
+}
+
+#[derive(Default)]
+struct Choice {
+    text: String,
+    finish: Option<Finish>,
+    error: Option<String>,
+    tokens: usize,
+    last: Option<Instant>,
+    /// Chat: the `logprobs.content` entries; completions: the legacy columns.
+    lp_content: Vec<Value>,
+    lp_tokens: Vec<Value>,
+    lp_values: Vec<Value>,
+    lp_top: Vec<Value>,
+    lp_offsets: Vec<Value>,
+    offset: usize,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn request_id(prefix: &str) -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{prefix}-{t:016x}{n:08x}")
+}
+
+fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<Started> {
+    let arrival = Instant::now();
+    let param = if kind == Kind::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
+    let (tx, rx) = unbounded_channel();
+    let prompt_len = prompt.len();
+    for i in 0..spec.n {
+        let mut params = spec.params.clone();
+        params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+        let req = Request {
+            prompt: prompt.clone(),
+            params,
+            max_tokens: spec.max_tokens.unwrap_or(usize::MAX),
+            stop: spec.stop.clone(),
+            ignore_eos: spec.ignore_eos,
+            logprobs: spec.logprobs,
+            sink: Box::new(ChannelSink {
+                index: i,
+                tx: tx.clone(),
+            }),
+        };
+        st.engine.submit(req).map_err(|e| match e {
+            SubmitError::PromptTooLong { prompt, ctx } => ApiError::invalid(
+                param,
+                format!(
+                    "this model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens"
+                ),
+            )
+            .with_code("context_length_exceeded"),
+            SubmitError::Invalid(m) => ApiError::invalid(param, m),
+            SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
+            SubmitError::Stopped => ApiError::overloaded("the server is shutting down"),
+        })?;
+    }
+    let (id_prefix, n) = match kind {
+        Kind::Chat => ("chatcmpl", spec.n),
+        Kind::Completion => ("cmpl", spec.n),
+    };
+    Ok(Started {
+        st: st.clone(),
+        rx,
+        kind,
+        stream: spec.stream,
+        include_usage: spec.include_usage,
+        logprobs: spec.logprobs.is_some(),
+        prompt_len,
+        id: request_id(id_prefix),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        arrival,
+        choices: (0..n).map(|_| Choice::default()).collect(),
+    })
+}
+
+fn finish_reason(f: &Finish) -> &'static str {
+    match f.reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "abort",
+    }
+}
+
+impl Started {
+    fn done(&self) -> bool {
+        self.choices
+            .iter()
+            .all(|c| c.finish.is_some() || c.error.is_some())
+    }
+
+    fn token_text(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self
+            .st
+            .tokenizer
+            .as_ref()
+            .map(|t| t.token_bytes(id, true))
+            .unwrap_or_default();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    fn chat_logprob(&self, id: u32, lp: &TokenLogprobs) -> Value {
+        let (text, bytes) = self.token_text(id);
+        let top: Vec<Value> = lp
+            .top
+            .iter()
+            .map(|&(t, l)| {
+                let (tt, tb) = self.token_text(t);
+                json!({ "token": tt, "logprob": l, "bytes": tb })
+            })
+            .collect();
+        json!({ "token": text, "logprob": lp.logprob, "bytes": bytes, "top_logprobs": top })
+    }
+
+    /// Takes one engine event; returns the stream chunks it makes (when streaming).
+    fn on_event(&mut self, i: usize, ev: Event) -> Vec<Value> {
+        let now = Instant::now();
+        let m = &self.st.metrics;
+        let mut chunks = Vec::new();
+        match ev {
+            Event::Token(t) => {
+                let c = &self.choices[i];
+                match c.last {
+                    None => m.ttft.observe((now - self.arrival).as_secs_f64()),
+                    Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
+                }
+                let lp_chat = match (&t.logprobs, self.kind) {
+                    (Some(lp), Kind::Chat) => Some(self.chat_logprob(t.id, lp)),
+                    _ => None,
+                };
+                let lp_legacy = match (&t.logprobs, self.kind) {
+                    (Some(lp), Kind::Completion) => {
+                        let (text, _) = self.token_text(t.id);
+                        let top: serde_json::Map<String, Value> = lp
+                            .top
+                            .iter()
+                            .map(|&(id, l)| (self.token_text(id).0, json!(l)))
+                            .collect();
+                        Some((text, lp.logprob, top))
+                    }
+                    _ => None,
+                };
+                let c = &mut self.choices[i];
+                c.last = Some(now);
+                c.tokens += 1;
+                c.text.push_str(&t.text);
+                let offset = c.offset;
+                c.offset += t.text.len();
+                if let Some(v) = &lp_chat {
+                    c.lp_content.push(v.clone());
+                }
+                if let Some((text, l, top)) = &lp_legacy {
+                    c.lp_tokens.push(json!(text));
+                    c.lp_values.push(json!(l));
+                    c.lp_top.push(json!(top));
+                    c.lp_offsets.push(json!(offset));
+                }
+                if self.stream && (!t.text.is_empty() || self.logprobs) {
+                    let lp = match (lp_chat, lp_legacy) {
+                        (Some(v), _) => json!({ "content": [v] }),
+                        (_, Some((text, l, top))) => json!({
+                            "tokens": [text], "token_logprobs": [l],
+                            "top_logprobs": [top], "text_offset": [offset],
+                        }),
+                        _ => Value::Null,
+                    };
+                    chunks.push(self.chunk(i, &t.text, lp, None));
+                }
+            }
+            Event::Done(f) => {
+                m.e2e.observe((now - self.arrival).as_secs_f64());
+                m.requests.with_label_values(&[finish_reason(&f)]).inc();
+                if i == 0 {
+                    m.prompt_tokens.inc_by(f.prompt_tokens as u64);
+                    m.cached_prompt_tokens.inc_by(f.cached_tokens as u64);
+                }
+                m.generation_tokens.inc_by(f.completion_tokens as u64);
+                let c = &mut self.choices[i];
+                c.text.push_str(&f.text);
+                if self.stream {
+                    let tail = f.text.clone();
+                    let reason = finish_reason(&f);
+                    self.choices[i].finish = Some(f);
+                    chunks.push(self.chunk(i, &tail, Value::Null, Some(reason)));
+                } else {
+                    c.finish = Some(f);
+                }
+            }
+            Event::Error(msg) => {
+                m.requests.with_label_values(&["error"]).inc();
+                if self.stream {
+                    chunks.push(ApiError::internal(msg.clone()).body());
+                }
+                self.choices[i].error = Some(msg);
+            }
+        }
+        if self.stream && self.done() && self.include_usage {
+            let mut u = self.base("chunk");
+            u["choices"] = json!([]);
+            u["usage"] = self.usage();
+            chunks.push(u);
+        }
+        chunks
+    }
+
+    fn base(&self, what: &str) -> Value {
+        let object = match (self.kind, what) {
+            (Kind::Chat, "chunk") => "chat.completion.chunk",
+            (Kind::Chat, _) => "chat.completion",
+            (Kind::Completion, _) => "text_completion",
+        };
+        json!({ "id": self.id, "object": object, "created": self.created, "model": self.st.model_id })
+    }
+
+    fn chunk(&self, i: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        let mut v = self.base("chunk");
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = match (finish, text.is_empty()) {
+                    (Some(_), true) => json!({}),
+                    _ => json!({ "content": text }),
+                };
+                json!({ "index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
+            }
+            Kind::Completion => {
+                json!({ "index": i, "text": text, "logprobs": logprobs, "finish_reason": finish })
+            }
+        };
+        v["choices"] = json!([choice]);
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    fn usage(&self) -> Value {
+        let completion: usize = self
+            .choices
+            .iter()
+            .map(|c| c.finish.as_ref().map_or(c.tokens, |f| f.completion_tokens))
+            .sum();
+        let cached = self
+            .choices
+            .iter()
+            .filter_map(|c| c.finish.as_ref().map(|f| f.cached_tokens))
+            .max()
+            .unwrap_or(0);
+        json!({
+            "prompt_tokens": self.prompt_len,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_len + completion,
+            "prompt_tokens_details": { "cached_tokens": cached },
+        })
+    }
+
+    /// The non-streaming body.
+    fn body(&self) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let reason = c.finish.as_ref().map(finish_reason);
+                match self.kind {
+                    Kind::Chat => json!({
+                        "index": i,
+                        "message": { "role": "assistant", "content": c.text },
+                        "logprobs": if self.logprobs { json!({ "content": c.lp_content }) } else { Value::Null },
+                        "finish_reason": reason,
+                    }),
+                    Kind::Completion => json!({
+                        "index": i,
+                        "text": c.text,
+                        "logprobs": if self.logprobs {
+                            json!({
+                                "tokens": c.lp_tokens, "token_logprobs": c.lp_values,
+                                "top_logprobs": c.lp_top, "text_offset": c.lp_offsets,
+                            })
+                        } else { Value::Null },
+                        "finish_reason": reason,
+                    }),
+                }
+            })
+            .collect();
+        let mut v = self.base("body");
+        v["choices"] = json!(choices);
+        v["usage"] = self.usage();
+        v
+    }
+}
+
+async fn collect(mut s: Started) -> ApiResult<Response> {
+    while !s.done() {
+        match s.rx.recv().await {
+            Some((i, ev)) => {
+                s.on_event(i, ev);
+            }
+            None => {
+                return Err(ApiError::overloaded(
+                    "the engine stopped before the request finished",
+                ))
+            }
+        }
+    }
+    if let Some(e) = s.choices.iter().find_map(|c| c.error.clone()) {
+        return Err(ApiError::internal(e));
+    }
+    Ok(Json(s.body()).into_response())
+}
+
+fn stream_response(s: Started) -> Response {
+    let mut out: VecDeque<Value> = VecDeque::new();
+    if s.kind == Kind::Chat {
+        // The first chunk of each choice carries the role, as OpenAI's do.
+        for i in 0..s.choices.len() {
+            let mut c = s.chunk(i, "", Value::Null, None);
+            c["choices"][0]["delta"] = json!({ "role": "assistant", "content": "" });
+            out.push_back(c);
+        }
+    }
+    let state = (s, out, false);
+    let events = futures_util::stream::unfold(state, |(mut s, mut out, ended)| async move {
+        loop {
+            if let Some(v) = out.pop_front() {
+                let ev = SseEvent::default().data(v.to_string());
+                return Some((Ok::<_, Infallible>(ev), (s, out, ended)));
+            }
+            if ended {
+                return None;
+            }
+            if s.done() {
+                let ev = SseEvent::default().data("[DONE]");
+                return Some((Ok(ev), (s, out, true)));
+            }
+            match s.rx.recv().await {
+                Some((i, ev)) => out.extend(s.on_event(i, ev)),
+                None => {
+                    let msg = "the engine stopped before the request finished";
+                    for c in &mut s.choices {
+                        if c.finish.is_none() && c.error.is_none() {
+                            c.error = Some(msg.into());
+                        }
+                    }
+                    out.push_back(ApiError::overloaded(msg).body());
+                }
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

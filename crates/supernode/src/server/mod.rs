@@ -1,0 +1,299 @@
+//! `supernode serve`: the OpenAI-compatible HTTP API over the engine loop.
+//!
+//! axum on a small tokio runtime; the model runs on the engine's own thread (and the compute
+//! pool). Each request is validated here (400 naming the parameter), rendered and tokenised,
+//! then submitted to the engine with a sink that forwards its events to the handler through a
+//! channel. A client that goes away drops the receiving end, which the engine notices and
+//! cancels the request, freeing its blocks. SIGTERM or Ctrl-C stops accepting connections,
+//! lets running requests finish for `--shutdown-timeout` seconds, cancels the rest, and exits 0.
+
+mod api;
+mod generate;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use serde_json::json;
+use supernode_engine::chat::ChatTemplate;
+use supernode_engine::engine::{EngineConfig, EngineHandle};
+use supernode_engine::session::load_with_tokenizer;
+use supernode_engine::tokenizer::Tokenizer;
+use supernode_models::KvCache;
+
+use crate::cli::{prepare, status_line, ModelArgs};
+use api::ApiError;
+use metrics::Metrics;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on the /v1 endpoints.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model id clients name (default: the short name or the file name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Sequences computed at once.
+    #[arg(long, default_value_t = 16)]
+    max_num_seqs: usize,
+    /// Tokens computed per engine step (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 256)]
+    max_num_batched_tokens: usize,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Requests allowed to wait for admission; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Do not reuse the KV blocks of shared prompt prefixes.
+    #[arg(long)]
+    no_prefix_caching: bool,
+    /// Seconds to let running requests finish after SIGTERM before cancelling them.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    engine: EngineHandle,
+    tokenizer: Option<Arc<Tokenizer>>,
+    template: Option<ChatTemplate>,
+    model_id: String,
+    api_key: Option<String>,
+    metrics: Metrics,
+    created: u64,
+}
+
+type Shared = Arc<AppState>;
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let (path, opts) = prepare(&a.model)?;
+    let t0 = std::time::Instant::now();
+    let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
+    let template = match &tokenizer {
+        Some(t) => ChatTemplate::for_tokenizer(t)?,
+        None => None,
+    };
+    let specs = model.kv_specs();
+    let num_blocks = EngineConfig::blocks_for_budget(&specs, a.kv_cache_mib << 20);
+    if num_blocks == 0 {
+        bail!(
+            "--kv-cache-mib {} holds no KV block of this model ({} bytes per token)",
+            a.kv_cache_mib,
+            KvCache::bytes_per_token(&specs)
+        );
+    }
+    let model_ctx = model.config().context_len;
+    let ctx_len = match a.model.ctx {
+        Some(0) => bail!("--ctx must be at least 1"),
+        Some(c) if c > model_ctx => bail!("--ctx {c} exceeds the model's context of {model_ctx}"),
+        Some(c) => c,
+        None => model_ctx,
+    };
+    let cfg = EngineConfig {
+        max_num_seqs: a.max_num_seqs,
+        max_num_batched_tokens: a.max_num_batched_tokens,
+        num_blocks,
+        ctx_len,
+        max_waiting: a.max_waiting,
+        prefix_caching: !a.no_prefix_caching,
+    };
+    let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
+    let model_id = a.served_model_name.clone().unwrap_or_else(|| {
+        if crate::fetch::known(&a.model.model).is_some() {
+            a.model.model.clone()
+        } else {
+            path.file_stem()
+                .or(path.file_name())
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| a.model.model.clone())
+        }
+    });
+    status_line(
+        true,
+        &format!(
+            "loaded {} in {:.2}s; KV cache {} blocks ({} tokens, {} bytes/token), context {}",
+            path.display(),
+            t0.elapsed().as_secs_f64(),
+            num_blocks,
+            engine.kv_capacity_tokens(),
+            KvCache::bytes_per_token(&specs),
+            ctx_len,
+        ),
+    );
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer,
+        template,
+        model_id,
+        api_key: a.api_key.clone(),
+        metrics: Metrics::new(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run_http(state, &a.host, a.port, a.shutdown_timeout))
+}
+
+async fn run_http(state: Shared, host: &str, port: u16, shutdown_timeout: u64) -> Result<()> {
+    let addr: SocketAddr = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve --host {host}"))?
+        .next()
+        .with_context(|| format!("--host {host} resolves to no address"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (is the port in use? pick another with --port)")
+    })?;
+    let local = listener.local_addr()?;
+    status_line(true, &format!("listening on http://{local}"));
+    let app = router(state.clone());
+    let st = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            status_line(
+                true,
+                &format!("shutting down: finishing running requests (at most {shutdown_timeout}s)"),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(shutdown_timeout)).await;
+                status_line(true, "shutdown timeout: cancelling the remaining requests");
+                st.engine.abort();
+            });
+        })
+        .await
+        .context("the HTTP server failed")?;
+    state.engine.abort();
+    status_line(true, "stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(generate::chat))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| given.trim() == key);
+        if !ok {
+            st.metrics.requests.with_label_values(&["invalid"]).inc();
+            return ApiError::invalid(
+                "",
+                "a valid API key is required: send `Authorization: Bearer KEY`",
+            )
+            .status(StatusCode::UNAUTHORIZED)
+            .with_code("invalid_api_key")
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn model_card(st: &AppState) -> serde_json::Value {
+    json!({
+        "id": st.model_id,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "supernode",
+        "max_model_len": st.engine.config().ctx_len,
+    })
+}
+
+async fn models(State(st): State<Shared>) -> Json<serde_json::Value> {
+    Json(json!({ "object": "list", "data": [model_card(&st)] }))
+}
+
+async fn model_by_id(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if id != st.model_id {
+        return Err(unknown_model(&st, &id));
+    }
+    Ok(Json(model_card(&st)))
+}
+
+fn unknown_model(st: &AppState, id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "the model `{id}` does not exist; this server serves `{}`",
+        st.model_id
+    ))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn metrics_text(State(st): State<Shared>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(st.engine.stats()),
+    )
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::invalid(
+        "",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .status(StatusCode::NOT_FOUND)
+}
