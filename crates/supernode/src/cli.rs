@@ -1,4 +1,4 @@
-//! Subcommands: `run`, `logits`, `tokenize`, `serve`, `fetch`.
+//! Subcommands: `run`, `logits`, `tokenize`, `serve`, `bench`, `fetch`.
 
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -38,6 +38,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(crate::server::ServeArgs),
+    /// Measure speed (prefill and decode, or a server under load with --serve) as JSON.
+    Bench(crate::bench::BenchArgs),
     /// Download a known model into the cache (smollm2-135m, gemma3-270m).
     Fetch {
         /// The model's short name.
@@ -154,6 +156,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => logits_cmd(a),
         Command::Tokenize(a) => tokenize_cmd(a),
         Command::Serve(a) => crate::server::serve(a),
+        Command::Bench(a) => crate::bench::bench(a),
         Command::Fetch { name } => {
             let m = fetch::known(&name).with_context(|| {
                 let names: Vec<_> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
@@ -186,6 +189,11 @@ pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
 }
 
 fn open(m: &ModelArgs) -> Result<Session> {
+    open_model(m).map(|(s, _)| s)
+}
+
+/// The session of `m` and the model file's path.
+pub(crate) fn open_model(m: &ModelArgs) -> Result<(Session, PathBuf)> {
     let (path, opts) = prepare(m)?;
     let t0 = Instant::now();
     let session = Session::load(&path, &opts, m.ctx)?;
@@ -197,7 +205,16 @@ fn open(m: &ModelArgs) -> Result<Session> {
             t0.elapsed().as_secs_f64()
         ),
     );
-    Ok(session)
+    Ok((session, path))
+}
+
+impl ModelArgs {
+    pub(crate) fn precision_name(&self) -> &'static str {
+        match self.precision {
+            PrecisionArg::Quantized => "quantized",
+            PrecisionArg::Exact => "exact",
+        }
+    }
 }
 
 /// A status line on stderr (kept off stdout, which carries results), shown on a terminal or

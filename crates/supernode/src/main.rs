@@ -1,6 +1,7 @@
 //! `supernode`: the command line. See DESIGN.md's command-line contract; tests rely on the
 //! JSON shapes printed here.
 
+mod bench;
 mod cli;
 mod fetch;
 mod server;

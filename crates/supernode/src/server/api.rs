@@ -358,58 +358,59 @@ fn message(i: usize, m: &Value) -> ApiResult<ChatMessage> {
         }
     };
     let content_at = format!("{at}.content");
-    let content =
-        match f.get("content") {
-            None if role == "assistant" => String::new(),
-            None => {
-                return Err(ApiError::invalid(
-                    &content_at,
-                    format!("`{content_at}` is required"),
-                ))
-            }
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                let mut texts = Vec::new();
-                for (j, p) in parts.iter().enumerate() {
-                    let part_at = format!("{content_at}[{j}]");
-                    let Value::Object(po) = p else {
-                        return Err(Fields::wrong(&part_at, "a content part object", p));
-                    };
-                    let pf = Fields(po);
-                    match pf.string("type").ok().flatten() {
-                        Some("text") => match pf.string("text") {
-                            Ok(Some(t)) => texts.push(t.to_string()),
-                            _ => {
-                                return Err(ApiError::invalid(
-                                    &part_at,
-                                    format!("`{part_at}.text` must be a string"),
-                                ))
-                            }
-                        },
-                        Some(other) => return Err(ApiError::invalid(
+    let content = match f.get("content") {
+        None if role == "assistant" => String::new(),
+        None => {
+            return Err(ApiError::invalid(
+                &content_at,
+                format!("`{content_at}` is required"),
+            ))
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::new();
+            for (j, p) in parts.iter().enumerate() {
+                let part_at = format!("{content_at}[{j}]");
+                let Value::Object(po) = p else {
+                    return Err(Fields::wrong(&part_at, "a content part object", p));
+                };
+                let pf = Fields(po);
+                match pf.string("type").ok().flatten() {
+                    Some("text") => match pf.string("text") {
+                        Ok(Some(t)) => texts.push(t.to_string()),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                &part_at,
+                                format!("`{part_at}.text` must be a string"),
+                            ))
+                        }
+                    },
+                    Some(other) => {
+                        return Err(ApiError::invalid(
                             &part_at,
                             format!(
                                 "content parts of type `{other}` are not supported (only `text`)"
                             ),
-                        )),
-                        None => {
-                            return Err(ApiError::invalid(
-                                &part_at,
-                                format!("`{part_at}.type` is required"),
-                            ))
-                        }
+                        ))
+                    }
+                    None => {
+                        return Err(ApiError::invalid(
+                            &part_at,
+                            format!("`{part_at}.type` is required"),
+                        ))
                     }
                 }
-                texts.join("\n")
             }
-            Some(v) => {
-                return Err(Fields::wrong(
-                    &content_at,
-                    "a string or a list of content parts",
-                    v,
-                ))
-            }
-        };
+            texts.join("\n")
+        }
+        Some(v) => {
+            return Err(Fields::wrong(
+                &content_at,
+                "a string or a list of content parts",
+                v,
+            ))
+        }
+    };
     Ok(ChatMessage::new(role, content))
 }
 
