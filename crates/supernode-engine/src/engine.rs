@@ -561,6 +561,16 @@ impl Core {
             let upto = s.computed + take;
             if !Self::grow(&mut self.pool, &mut s, upto) {
                 self.release(&mut s);
+                if self.running.is_empty() {
+                    // Even the whole cache cannot hold it: it is as long as it can get.
+                    let text = s.flush();
+                    let ev = s.finish(FinishReason::Length, text);
+                    s.sink.send(ev);
+                    if !s.admitted_once {
+                        self.queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
                 self.waiting.push_front(s);
                 break;
             }

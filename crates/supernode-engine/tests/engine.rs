@@ -225,3 +225,23 @@ fn bad_requests_are_refused() {
     let err = e.submit(req(vec![1; 65])).unwrap_err().to_string();
     assert!(err.contains("65") && err.contains("64"), "{err}");
 }
+
+#[test]
+fn a_cache_too_small_for_everyone_never_stalls() {
+    // 4 blocks hold 64 tokens; two sequences each want 30 + 100.
+    let e = engine(2, 256, 4);
+    let a = submit(&e, vec![7; 30], 100);
+    let b = submit(&e, vec![9; 30], 100);
+    let (ta, fa) = a.wait();
+    let (tb, fb) = b.wait();
+    assert_eq!(fa.reason, FinishReason::Length);
+    assert_eq!(fb.reason, FinishReason::Length);
+    // Each got at least as far as the cache holds alone.
+    assert!(
+        ta.len() >= 64 - 30 && tb.len() >= 64 - 30,
+        "{} {}",
+        ta.len(),
+        tb.len()
+    );
+    wait_idle(&e);
+}
