@@ -118,6 +118,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let bytes = session.model().weight_bytes_per_token();
     let (pm, dm) = (median(&prefill), median(&decode));
+    let bw = read_bandwidth();
     let out = json!({
         "model": path.display().to_string(),
         "threads": rayon::current_num_threads(),
@@ -133,9 +134,31 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "decode_tok_s_max": max(&decode),
         "weight_bytes_per_token": bytes,
         "decode_weight_gb_s": dm * bytes as f64 / 1e9,
+        "memory_read_gb_s": bw / 1e9,
+        "decode_roofline_tok_s": bw / bytes as f64,
+        "decode_roofline_share": dm * bytes as f64 / bw,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// Memory read bandwidth in bytes/s on the compute pool's threads: the best of a few passes
+/// summing a 512 MiB buffer, each thread its own part (the roofline for weight-bound decode).
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1u64; 64 << 20];
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .sum();
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((buf.len() * 8) as f64 / dt);
+    }
+    best
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -445,7 +468,8 @@ async fn one_request(client: &reqwest::Client, url: &str, body: Value) -> Timing
             }
         }
     }
-    t.tokens = usage_tokens.unwrap_or(0);
+    // Servers without usage in streams send one chunk per token.
+    t.tokens = usage_tokens.unwrap_or(t.gaps.len() + usize::from(first.is_some()));
     if let (Some(f), Some(l)) = (first, last) {
         if t.tokens > 1 {
             t.tpot = Some((l - f).as_secs_f64() / (t.tokens - 1) as f64);
