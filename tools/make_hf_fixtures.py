@@ -118,6 +118,37 @@ ARCHS = {
         "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
     },
+    # 7. Qwen3-MoE, the other router settings: every layer sparse (decoder_sparse_step 1, no mlp_only_layers),
+    #    top-3 of 8 without renormalisation (norm_topk_prob false, the transformers default).
+    "qwen3_moe_unnormed": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": False, "rope_theta": 1000000.0, "attention_bias": False,
+        "num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": False,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "router_aux_loss_coef": 0.001,
+        "output_router_logits": False, "use_sliding_window": False, "sliding_window": None,
+        "max_window_layers": 3,
+    },
+    # 8. DeepSeek-V3, the other settings: no query LoRA (plain q_proj, as V2-Lite), YaRN with mscale 0.8 !=
+    #    mscale_all_dim 1.2 (cos/sin scaled by mscale(4, 0.8) / mscale(4, 1.2) and the softmax by
+    #    mscale(4, 1.2)^2), weights not renormalised (norm_topk_prob false), 2 groups of which 1 is kept, top-3,
+    #    routed_scaling_factor 1.5, two shared experts (one SwiGLU of 2 x 32), no leading dense layer.
+    "deepseek_v3_noqlora": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+        "v_head_dim": 12, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.2},
+        "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 2, "topk_group": 1,
+        "routed_scaling_factor": 1.5, "n_shared_experts": 2, "first_k_dense_replace": 0,
+        "norm_topk_prob": False, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
+    },
 }
 
 
@@ -128,6 +159,15 @@ TRAPS = {
     "qwen2": [("sliding window honoured (it must not be)", {"use_sliding_window": True}, None)],
     "qwen3": [("rms_norm_eps 1e-2 instead of 1e-6", {"rms_norm_eps": 1e-2}, None)],
     "qwen3_moe": [("norm_topk_prob false", {"norm_topk_prob": False}, None)],
+    "qwen3_moe_unnormed": [("norm_topk_prob true", {"norm_topk_prob": True}, None)],
+    "deepseek_v3_noqlora": [
+        ("e_score_correction_bias zero", {}, "e_score_correction_bias"),
+        ("no group limit (topk_group = n_group)", {"topk_group": 2}, None),
+        ("norm_topk_prob true", {"norm_topk_prob": True}, None),
+        ("mscale = mscale_all_dim (cos/sin unscaled)", {"rope_scaling": {"type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1, "mscale": 1.2,
+            "mscale_all_dim": 1.2}}, None),
+    ],
     "gemma3_text": [
         ("no sliding window", {"sliding_window": 4096}, None),
         ("no final softcap", {"final_logit_softcapping": None}, None),

@@ -13,7 +13,19 @@ use crate::{Batch, ModelError, Result};
 pub struct KvLayerSpec {
     pub n_kv_heads: usize,
     pub k_dim: usize,
+    /// Values per head as the attention reads them.
     pub v_dim: usize,
+    pub values: KvValues,
+}
+
+/// Where a layer's values live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvValues {
+    /// In their own rows of `n_kv_heads * v_dim`.
+    Stored,
+    /// The first `v_dim` floats of each key row, not stored again: MLA, whose one "key head"
+    /// is `[latent c, roped key]` and whose values are the latent `c`.
+    InKeys,
 }
 
 impl KvLayerSpec {
@@ -23,13 +35,36 @@ impl KvLayerSpec {
             n_kv_heads: cfg.n_kv_heads,
             k_dim: cfg.head_dim,
             v_dim: cfg.v_head_dim,
+            values: KvValues::Stored,
         };
         vec![spec; cfg.n_layers]
     }
 
-    /// f32 values per token (keys and values of all heads).
+    /// A multi-head latent attention layer: per token one row of the compressed latent
+    /// (`kv_lora_rank`, normalised) and the shared roped key (`rope_dim`); the latent doubles
+    /// as the values.
+    pub fn mla(kv_lora_rank: usize, rope_dim: usize) -> KvLayerSpec {
+        KvLayerSpec {
+            n_kv_heads: 1,
+            k_dim: kv_lora_rank + rope_dim,
+            v_dim: kv_lora_rank,
+            values: KvValues::InKeys,
+        }
+    }
+
+    /// Floats stored per token for the keys (`k`) and for the values (`v`).
+    fn stored_widths(&self) -> (usize, usize) {
+        let v = match self.values {
+            KvValues::Stored => self.n_kv_heads * self.v_dim,
+            KvValues::InKeys => 0,
+        };
+        (self.n_kv_heads * self.k_dim, v)
+    }
+
+    /// f32 values stored per token (keys and values of all heads).
     pub fn floats_per_token(&self) -> usize {
-        self.n_kv_heads * (self.k_dim + self.v_dim)
+        let (k, v) = self.stored_widths();
+        k + v
     }
 }
 
@@ -62,10 +97,13 @@ impl KvCache {
             .ok_or_else(|| ModelError::Invalid("KV cache size overflows".into()))?;
         let layers = specs
             .iter()
-            .map(|&spec| LayerKv {
-                spec,
-                k: vec![0.0; slots * spec.n_kv_heads * spec.k_dim],
-                v: vec![0.0; slots * spec.n_kv_heads * spec.v_dim],
+            .map(|&spec| {
+                let (kw, vw) = spec.stored_widths();
+                LayerKv {
+                    spec,
+                    k: vec![0.0; slots * kw],
+                    v: vec![0.0; slots * vw],
+                }
             })
             .collect();
         Ok(KvCache {
@@ -126,23 +164,63 @@ impl KvCache {
 }
 
 impl LayerKv {
-    /// Writes the key and value rows of one token (all KV heads) into `slot`.
+    /// Writes the key and value rows of one token (all KV heads) into `slot`; `v` is empty
+    /// when the values live in the keys.
     pub fn write(&mut self, slot: usize, k: &[f32], v: &[f32]) {
-        let kw = self.spec.n_kv_heads * self.spec.k_dim;
-        let vw = self.spec.n_kv_heads * self.spec.v_dim;
+        let (kw, vw) = self.spec.stored_widths();
         self.k[slot * kw..(slot + 1) * kw].copy_from_slice(k);
         self.v[slot * vw..(slot + 1) * vw].copy_from_slice(v);
     }
 
-    /// A read-only view for the attention kernel.
+    /// A read-only view for the attention kernel. When the values live in the keys, the view's
+    /// values are the key rows (stride `k_dim`), of which the kernel reads the first
+    /// `AttnShape::v_dim`.
     pub fn view(&self, block_size: usize) -> KvView<'_> {
+        let (v, v_dim) = match self.spec.values {
+            KvValues::Stored => (&self.v, self.spec.v_dim),
+            KvValues::InKeys => (&self.k, self.spec.k_dim),
+        };
         KvView {
             k: &self.k,
-            v: &self.v,
+            v,
             block_size,
             n_kv_heads: self.spec.n_kv_heads,
             k_dim: self.spec.k_dim,
-            v_dim: self.spec.v_dim,
+            v_dim,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MLA keeps the latent and the roped key per token and layer, nothing per head: DeepSeek-V3
+    /// (61 layers, rank 512, rope 64) stores 576 floats per layer where full K/V would be
+    /// 128 heads × (192 + 128).
+    #[test]
+    fn mla_spec_stores_latent_and_rope_key_only() {
+        let spec = KvLayerSpec::mla(512, 64);
+        assert_eq!(spec.floats_per_token(), 512 + 64);
+        let specs = vec![spec; 61];
+        assert_eq!(KvCache::bytes_per_token(&specs), 61 * 576 * 4);
+        let full = KvLayerSpec {
+            n_kv_heads: 128,
+            k_dim: 192,
+            v_dim: 128,
+            values: KvValues::Stored,
+        };
+        assert_eq!(
+            KvCache::bytes_per_token(&vec![full; 61]),
+            61 * 128 * 320 * 4
+        );
+
+        let mut cache = KvCache::new(&[KvLayerSpec::mla(3, 2)], 2, 2).unwrap();
+        let layer = &mut cache.layers[0];
+        assert_eq!((layer.k.len(), layer.v.len()), (4 * 5, 0));
+        layer.write(3, &[1.0, 2.0, 3.0, 4.0, 5.0], &[]);
+        let view = layer.view(2);
+        // The values are read from the key rows: latent first.
+        assert_eq!((view.v_dim, &view.v[15..18]), (5, &[1.0, 2.0, 3.0][..]));
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use supernode_kernels::Precision;
 
-use crate::arch::{gemma3::Gemma3, llama::Llama, Model};
+use crate::arch::{deepseek_v3::DeepseekV3, gemma3::Gemma3, llama::Llama, Model};
 use crate::config::{Arch, ModelConfig};
 use crate::gguf::read_gguf;
 use crate::safetensors::read_safetensors_dir;
@@ -61,6 +61,18 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             .with_rope_factors(factors.into_iter().map(f64::from).collect())
             .map_err(in_file)?;
     }
+    if cfg.arch == Arch::Qwen3Moe {
+        // llama.cpp's `qwen3moe` makes every layer sparse; a file may keep dense layers (as
+        // `mlp_only_layers` / `decoder_sparse_step` do), told by their lack of a router.
+        let sparse = (0..cfg.n_layers)
+            .map(|i| {
+                weights
+                    .get(&format!("blk.{i}.ffn_gate_inp.weight"))
+                    .is_some()
+            })
+            .collect();
+        cfg = cfg.with_moe_layers(sparse).map_err(in_file)?;
+    }
     let model = build(cfg, &weights).map_err(in_file)?;
     Ok(LoadedModel {
         model,
@@ -76,7 +88,8 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 
 fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
     Ok(match cfg.arch {
-        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => Box::new(Llama::new(cfg, w)?),
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe => Box::new(Llama::new(cfg, w)?),
         Arch::Gemma3 => Box::new(Gemma3::new(cfg, w)?),
+        Arch::DeepseekV3 => Box::new(DeepseekV3::new(cfg, w)?),
     })
 }

@@ -9,7 +9,9 @@
 //!
 //! What [`read_safetensors_dir`] returns uses llama.cpp's conventions for names and shapes
 //! only: names are mapped to GGUF names by [`crate::names`], shapes are reversed into ggml
-//! order (innermost first). Values are the checkpoint's own: no Q/K row permutation for
+//! order (innermost first), and the per-expert matrices of MoE layers are stacked into one
+//! 3-D tensor per layer and kind (`ffn_gate_exps`: `[cols, rows, n_experts]`, a copy, as
+//! llama.cpp's converter stacks them). Values are the checkpoint's own: no Q/K row permutation for
 //! llama and no `+1` on Gemma norm weights (llama.cpp's converter does both); the model
 //! config tells the model code which convention its weights follow.
 //!
@@ -338,7 +340,7 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
 
     let mut out = Vec::with_capacity(hf.len());
     let mut unknown = Vec::new();
-    let mut experts = Vec::new();
+    let mut experts: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for mut t in hf {
         if is_ignorable(&t.name) || is_mtp(&t.name) {
@@ -346,7 +348,7 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
         }
         let Some(gguf) = hf_to_gguf(arch, &t.name) else {
             match hf_expert_to_gguf(arch, &t.name) {
-                Some(_) => experts.push(t.name),
+                Some((stacked, e)) => experts.entry(stacked).or_default().push((e, t)),
                 None => unknown.push(t.name),
             }
             continue;
@@ -372,18 +374,56 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
             ),
         ));
     }
-    if !experts.is_empty() {
-        experts.sort();
+    for (name, parts) in experts {
+        out.push(stack_experts(dir, name, parts)?);
+    }
+    Ok(out)
+}
+
+/// One 3-D tensor (ggml `[cols, rows, n_experts]`) from the per-expert matrices of a MoE layer,
+/// as llama.cpp's converter stacks them (`ffn_gate_exps`); the bytes are copied once.
+fn stack_experts(dir: &Path, name: String, mut parts: Vec<(usize, Tensor)>) -> Result<Tensor> {
+    parts.sort_by_key(|(e, _)| *e);
+    let first = &parts[0].1;
+    let (dtype, shape) = (first.dtype, first.shape.clone());
+    if let Some((i, (e, _))) = parts.iter().enumerate().find(|(i, (e, _))| i != e) {
+        let msg = match i.cmp(e) {
+            std::cmp::Ordering::Less => format!("expert {i} is missing"),
+            _ => format!("expert {e} appears twice"),
+        };
+        return Err(format_err(
+            dir,
+            format!("the per-expert tensors of `{name}`: {msg}"),
+        ));
+    }
+    if let Some((_, t)) = parts
+        .iter()
+        .find(|(_, t)| t.dtype != dtype || t.shape != shape || shape.len() != 2)
+    {
         return Err(format_err(
             dir,
             format!(
-                "per-expert tensors are not supported yet (they must be stacked into \
-                 ffn_*_exps): {}",
-                list_some(&experts)
+                "`{}` ({} {:?}) does not stack with `{}` ({} {:?}) into `{name}`: experts \
+                 must be matrices of one dtype and shape",
+                t.name,
+                t.dtype.name(),
+                t.shape,
+                first.name,
+                dtype.name(),
+                shape
             ),
         ));
     }
-    Ok(out)
+    let mut bytes = Vec::with_capacity(parts.iter().map(|(_, t)| t.bytes().len()).sum());
+    for (_, t) in &parts {
+        bytes.extend_from_slice(t.bytes());
+    }
+    Ok(Tensor {
+        name,
+        dtype,
+        shape: vec![shape[0], shape[1], parts.len()],
+        storage: Storage::Owned(Arc::new(bytes)),
+    })
 }
 
 /// The first few names, and how many more.
@@ -662,7 +702,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_expert_names_are_errors() {
+    fn unknown_names_are_errors_and_experts_are_stacked() {
         let dir = tempfile::tempdir().unwrap();
         let mut specs = llama_specs();
         specs.push((
@@ -685,12 +725,34 @@ mod tests {
             ),
             "{e}"
         );
-        let specs = [(
-            "model.layers.0.mlp.experts.3.up_proj.weight",
-            "F32",
-            &[1usize][..],
-            f32s(1, 0.0),
-        )];
+        // Per-expert matrices are stacked, experts in order; a gap is an error.
+        let expert = |e: usize, base: f32| {
+            (
+                format!("model.layers.0.mlp.experts.{e}.up_proj.weight"),
+                f32s(6, base),
+            )
+        };
+        let names: Vec<(String, Vec<u8>)> = [expert(1, 10.0), expert(0, 0.0)].into();
+        let specs: Vec<Spec> = names
+            .iter()
+            .map(|(n, b)| (n.as_str(), "F32", &[3usize, 2][..], b.clone()))
+            .collect();
+        write_dir(
+            dir.path(),
+            r#"{"model_type": "qwen3_moe"}"#,
+            &[(SINGLE_FILE, st_bytes(&specs, true))],
+        );
+        let m = read_safetensors_dir(dir.path()).unwrap();
+        let t = m.tensor("blk.0.ffn_up_exps.weight").unwrap();
+        assert_eq!(t.shape, [2, 3, 2]);
+        let mut want = f32s(6, 0.0);
+        want.extend(f32s(6, 10.0));
+        assert_eq!(t.bytes(), &want[..]);
+        let names: Vec<(String, Vec<u8>)> = [expert(0, 0.0), expert(2, 0.0)].into();
+        let specs: Vec<Spec> = names
+            .iter()
+            .map(|(n, b)| (n.as_str(), "F32", &[3usize, 2][..], b.clone()))
+            .collect();
         write_dir(
             dir.path(),
             r#"{"model_type": "qwen3_moe"}"#,
@@ -698,7 +760,7 @@ mod tests {
         );
         let e = read_safetensors_dir(dir.path()).unwrap_err().to_string();
         assert!(
-            e.contains("per-expert tensors are not supported yet"),
+            e.contains("`blk.0.ffn_up_exps.weight`: expert 1 is missing"),
             "{e}"
         );
         // DeepSeek-V3 multi-token-prediction layers are skipped.

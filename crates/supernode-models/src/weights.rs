@@ -5,12 +5,13 @@
 //! absent is `None` — never a silent fallback on a real error.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use supernode_kernels::quant::dequantize_row;
-use supernode_kernels::Precision;
+use supernode_kernels::{DType, Precision};
 
-use crate::layers::{Embedding, Linear, RmsNorm};
-use crate::{ModelError, Result, Tensor};
+use crate::layers::{Embedding, Linear, RmsNorm, StackedLinear};
+use crate::{ModelError, Result, Storage, Tensor};
 
 /// The tensors of a model file, by GGUF name.
 pub struct Weights {
@@ -86,6 +87,48 @@ impl Weights {
             return Ok(None);
         }
         self.linear(prefix, rows, cols).map(Some)
+    }
+
+    /// `{prefix}.weight` as `count` stacked `rows × cols` matrices (ggml `[cols, rows, count]`).
+    pub fn stacked(
+        &self,
+        prefix: &str,
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<StackedLinear> {
+        let w = self.require(&format!("{prefix}.weight"))?;
+        Self::check_shape(w, &[cols, rows, count])?;
+        check_row_blocks(w)?;
+        Ok(StackedLinear::new(w.clone(), self.precision))
+    }
+
+    /// `count` stacked `rows × cols` matrices from f32 values (`count * rows * cols`, matrix
+    /// by matrix), e.g. per-head slices a loader rearranged.
+    pub fn stacked_from_f32(
+        &self,
+        name: &str,
+        values: &[f32],
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> StackedLinear {
+        debug_assert_eq!(values.len(), count * rows * cols);
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = Tensor {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape: vec![cols, rows, count],
+            storage: Storage::Owned(Arc::new(bytes)),
+        };
+        StackedLinear::new(t, self.precision)
+    }
+
+    /// Tensor `name` of ggml shape `shape`, dequantised to f32.
+    pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.require(name)?;
+        Self::check_shape(t, shape)?;
+        to_f32(t)
     }
 
     /// An RMSNorm weight `{name}` of `len` elements.

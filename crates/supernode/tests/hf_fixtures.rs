@@ -6,15 +6,21 @@
 //!   in transformers 5's layout (`rope_parameters`);
 //! - greedy generation gives transformers' 16 tokens;
 //! - prefill in one step equals prefill in chunks and token-by-token decode, bit for bit.
+//!
+//! The MoE and MLA fixtures are also written as GGUF files with the tensor names and metadata
+//! keys of llama.cpp's converter, which must give the same logits.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::{ids, read_json};
+use serde_json::Value;
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::session::Session;
-use supernode_models::LoadOptions;
+use supernode_models::gguf::GgufWriter;
+use supernode_models::safetensors::read_safetensors_dir;
+use supernode_models::{load_model, KvCache, LoadOptions, MetaValue};
 
 const TOL: f32 = 1e-3;
 
@@ -40,31 +46,36 @@ fn open(dir: &Path) -> Session {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
+/// Logits of every input of `expected.json` within [`TOL`] of transformers'.
+fn check_logits(label: &str, session: &mut Session, expected: &Value) {
+    for input in expected["inputs"].as_array().unwrap() {
+        let tokens = ids(&input["tokens"]);
+        let ours = session.logits(&tokens).expect("logits");
+        let want = input["logits"].as_array().unwrap();
+        assert_eq!(ours.len(), want.len());
+        for (pos, (row, want_row)) in ours.iter().zip(want).enumerate() {
+            let want_row = want_row.as_array().unwrap();
+            assert_eq!(row.len(), want_row.len(), "{label}: vocabulary size");
+            let worst = row
+                .iter()
+                .zip(want_row)
+                .map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= TOL,
+                "{label}, {} tokens, position {pos}: max |logit - transformers| = {worst}",
+                tokens.len()
+            );
+        }
+    }
+}
+
 fn check_arch(arch: &str) {
     let expected = read_json(&fixture_dir(arch).join("expected.json"));
     for config_file in ["config.json", "config.transformers5.json"] {
         let dir = with_config(arch, config_file);
         let mut session = open(&dir);
-        for input in expected["inputs"].as_array().unwrap() {
-            let tokens = ids(&input["tokens"]);
-            let ours = session.logits(&tokens).expect("logits");
-            let want = input["logits"].as_array().unwrap();
-            assert_eq!(ours.len(), want.len());
-            for (pos, (row, want_row)) in ours.iter().zip(want).enumerate() {
-                let want_row = want_row.as_array().unwrap();
-                assert_eq!(row.len(), want_row.len(), "{arch}: vocabulary size");
-                let worst = row
-                    .iter()
-                    .zip(want_row)
-                    .map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs())
-                    .fold(0f32, f32::max);
-                assert!(
-                    worst <= TOL,
-                    "{arch} ({config_file}), {} tokens, position {pos}: max |logit - transformers| = {worst}",
-                    tokens.len()
-                );
-            }
-        }
+        check_logits(&format!("{arch} ({config_file})"), &mut session, &expected);
         let prompt = ids(&expected["greedy"]["prompt"]);
         let want = ids(&expected["greedy"]["tokens"]);
         let params = SamplingParams {
@@ -113,4 +124,248 @@ fn qwen2_matches_transformers() {
 #[test]
 fn qwen3_matches_transformers() {
     check_arch("qwen3");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check_arch("qwen3_moe");
+}
+
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check_arch("deepseek_v3");
+}
+
+#[test]
+fn qwen3_moe_unnormed_matches_transformers() {
+    check_arch("qwen3_moe_unnormed");
+}
+
+#[test]
+fn deepseek_v3_without_query_lora_matches_transformers() {
+    check_arch("deepseek_v3_noqlora");
+}
+
+/// How the fixture's `kv_b_proj` goes into the GGUF file.
+#[derive(Clone, Copy, PartialEq)]
+enum KvB {
+    /// One `attn_kv_b` (older llama.cpp converters).
+    Fused,
+    /// `attn_k_b` (transposed) and `attn_v_b`, with the latent's sizes as `key_length` /
+    /// `value_length` and one KV head (newer converters).
+    Split,
+}
+
+/// The fixture `arch` as a GGUF file, written as llama.cpp's `convert_hf_to_gguf.py` would:
+/// its tensors under their GGUF names (the safetensors reader already maps them and stacks the
+/// experts), the metadata keys from `config.json`.
+fn fixture_as_gguf(arch: &str, kv_b: KvB) -> std::path::PathBuf {
+    let dir = fixture_dir(arch);
+    let st = read_safetensors_dir(&dir).unwrap();
+    let c = &st.config;
+    let int = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{arch}: `{k}`")) as u32;
+    let num = |k: &str| c[k].as_f64().unwrap() as f32;
+    let model_type = c["model_type"].as_str().unwrap();
+    let g = match model_type {
+        "qwen3_moe" => "qwen3moe",
+        "deepseek_v3" => "deepseek2",
+        other => panic!("no GGUF name for {other}"),
+    };
+    let mut w = GgufWriter::new();
+    let put_u32 = |w: &mut GgufWriter, k: &str, v: u32| {
+        w.meta(&format!("{g}.{k}"), MetaValue::U32(v));
+    };
+    w.meta("general.architecture", MetaValue::String(g.into()));
+    put_u32(&mut w, "block_count", int("num_hidden_layers"));
+    put_u32(&mut w, "context_length", int("max_position_embeddings"));
+    put_u32(&mut w, "embedding_length", int("hidden_size"));
+    put_u32(&mut w, "feed_forward_length", int("intermediate_size"));
+    put_u32(&mut w, "attention.head_count", int("num_attention_heads"));
+    put_u32(
+        &mut w,
+        "expert_count",
+        int(if g == "qwen3moe" {
+            "num_experts"
+        } else {
+            "n_routed_experts"
+        }),
+    );
+    put_u32(&mut w, "expert_used_count", int("num_experts_per_tok"));
+    put_u32(
+        &mut w,
+        "expert_feed_forward_length",
+        int("moe_intermediate_size"),
+    );
+    w.meta(
+        &format!("{g}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(num("rms_norm_eps")),
+    );
+    w.meta(
+        &format!("{g}.rope.freq_base"),
+        MetaValue::F32(num("rope_theta")),
+    );
+    w.meta(
+        &format!("{g}.expert_weights_norm"),
+        MetaValue::Bool(c["norm_topk_prob"].as_bool().unwrap()),
+    );
+    if g == "qwen3moe" {
+        put_u32(
+            &mut w,
+            "attention.head_count_kv",
+            int("num_key_value_heads"),
+        );
+        put_u32(&mut w, "attention.key_length", int("head_dim"));
+        put_u32(&mut w, "attention.value_length", int("head_dim"));
+    } else {
+        let (rank, nope, rope, v) = (
+            int("kv_lora_rank"),
+            int("qk_nope_head_dim"),
+            int("qk_rope_head_dim"),
+            int("v_head_dim"),
+        );
+        if let Some(q) = c["q_lora_rank"].as_u64() {
+            put_u32(&mut w, "attention.q_lora_rank", q as u32);
+        }
+        put_u32(&mut w, "attention.kv_lora_rank", rank);
+        put_u32(&mut w, "rope.dimension_count", rope);
+        match kv_b {
+            KvB::Fused => {
+                put_u32(
+                    &mut w,
+                    "attention.head_count_kv",
+                    int("num_key_value_heads"),
+                );
+                put_u32(&mut w, "attention.key_length", nope + rope);
+                put_u32(&mut w, "attention.value_length", v);
+            }
+            KvB::Split => {
+                put_u32(&mut w, "attention.head_count_kv", 1);
+                put_u32(&mut w, "attention.key_length", rank + rope);
+                put_u32(&mut w, "attention.value_length", rank);
+                put_u32(&mut w, "attention.key_length_mla", nope + rope);
+                put_u32(&mut w, "attention.value_length_mla", v);
+            }
+        }
+        put_u32(
+            &mut w,
+            "leading_dense_block_count",
+            int("first_k_dense_replace"),
+        );
+        put_u32(&mut w, "expert_shared_count", int("n_shared_experts"));
+        put_u32(&mut w, "expert_group_count", int("n_group"));
+        put_u32(&mut w, "expert_group_used_count", int("topk_group"));
+        put_u32(&mut w, "expert_gating_func", 2);
+        w.meta(
+            &format!("{g}.expert_weights_scale"),
+            MetaValue::F32(num("routed_scaling_factor")),
+        );
+        let y = &c["rope_scaling"];
+        assert_eq!(
+            y["mscale"], y["mscale_all_dim"],
+            "GGUF has no separate mscale"
+        );
+        w.meta(
+            &format!("{g}.rope.scaling.type"),
+            MetaValue::String("yarn".into()),
+        );
+        w.meta(
+            &format!("{g}.rope.scaling.factor"),
+            MetaValue::F32(y["factor"].as_f64().unwrap() as f32),
+        );
+        put_u32(
+            &mut w,
+            "rope.scaling.original_context_length",
+            y["original_max_position_embeddings"].as_u64().unwrap() as u32,
+        );
+        w.meta(
+            &format!("{g}.rope.scaling.yarn_log_multiplier"),
+            MetaValue::F32(0.1 * y["mscale_all_dim"].as_f64().unwrap() as f32),
+        );
+    }
+    for t in &st.tensors {
+        let name = t.name.as_str();
+        if kv_b == KvB::Split && name.ends_with("attn_kv_b.weight") {
+            // [rank, heads * (nope + v)] -> k_b [nope, rank, heads] (W_UK transposed), v_b
+            // [rank, v, heads], as the converter splits `kv_b_proj`.
+            let (rank, nope, v) = (
+                int("kv_lora_rank") as usize,
+                int("qk_nope_head_dim") as usize,
+                int("v_head_dim") as usize,
+            );
+            let heads = int("num_attention_heads") as usize;
+            let vals: Vec<f32> = t
+                .bytes()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let (mut k_b, mut v_b) = (Vec::new(), Vec::new());
+            for rows in vals.chunks_exact((nope + v) * rank) {
+                for r in 0..rank {
+                    k_b.extend((0..nope).map(|j| rows[j * rank + r]));
+                }
+                v_b.extend_from_slice(&rows[nope * rank..]);
+            }
+            let le = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+            let base = name.trim_end_matches("attn_kv_b.weight");
+            w.tensor(
+                &format!("{base}attn_k_b.weight"),
+                t.dtype,
+                &[nope, rank, heads],
+                le(&k_b),
+            );
+            w.tensor(
+                &format!("{base}attn_v_b.weight"),
+                t.dtype,
+                &[rank, v, heads],
+                le(&v_b),
+            );
+            continue;
+        }
+        w.tensor(name, t.dtype, &t.shape, t.bytes().to_vec());
+    }
+    let path = std::env::temp_dir().join(format!(
+        "supernode-hf-{arch}-{}-{}.gguf",
+        kv_b == KvB::Split,
+        std::process::id()
+    ));
+    w.write(&path).unwrap();
+    path
+}
+
+fn check_gguf(arch: &str, kv_b: KvB) {
+    let expected = read_json(&fixture_dir(arch).join("expected.json"));
+    let path = fixture_as_gguf(arch, kv_b);
+    let model = load_model(&path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .model;
+    let mut session = Session::new(model, None, None).unwrap();
+    check_logits(&format!("{arch} (GGUF)"), &mut session, &expected);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn qwen3_moe_gguf_matches_transformers() {
+    // Dense layers (no `ffn_gate_inp`) among sparse ones, renormalised weights; then every
+    // layer sparse, weights as they are.
+    check_gguf("qwen3_moe", KvB::Fused);
+    check_gguf("qwen3_moe_unnormed", KvB::Fused);
+}
+
+#[test]
+fn deepseek_v3_gguf_matches_transformers() {
+    check_gguf("deepseek_v3", KvB::Fused);
+    check_gguf("deepseek_v3", KvB::Split);
+}
+
+/// The MLA cache holds the latent (16) and the roped key (8) per token and layer (3 layers of
+/// f32), where full K/V would be 4 heads × (24 + 16).
+#[test]
+fn deepseek_v3_kv_cache_holds_the_latent() {
+    let model = load_model(&fixture_dir("deepseek_v3"), &LoadOptions::default())
+        .unwrap()
+        .model;
+    assert_eq!(
+        KvCache::bytes_per_token(&model.kv_specs()),
+        3 * (16 + 8) * 4
+    );
 }

@@ -85,12 +85,7 @@ impl Gemma3 {
                     },
                     post_attn_norm: w.rms_norm(&p("post_attention_norm.weight"), h, eps, off)?,
                     ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, off)?,
-                    mlp: Mlp {
-                        gate: w.linear(&p("ffn_gate"), cfg.ffn_dim, h)?,
-                        up: w.linear(&p("ffn_up"), cfg.ffn_dim, h)?,
-                        down: w.linear(&p("ffn_down"), h, cfg.ffn_dim)?,
-                        act: gelu_tanh,
-                    },
+                    mlp: Mlp::load(w, i, "", cfg.ffn_dim, h, gelu_tanh)?,
                     post_ffn_norm: w.rms_norm(&p("post_ffw_norm.weight"), h, eps, off)?,
                     local,
                 })

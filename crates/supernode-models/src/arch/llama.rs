@@ -1,16 +1,17 @@
-//! The Llama family: llama (Llama 2/3, SmolLM2, ...), qwen2 and qwen3 — one pre-norm decoder
-//! of GQA attention with rope and a SwiGLU feed-forward, a final RMSNorm and a tied or untied
-//! output head.
+//! The Llama family: llama (Llama 2/3, SmolLM2, ...), qwen2, qwen3 and qwen3_moe — one
+//! pre-norm decoder of GQA attention with rope and a SwiGLU feed-forward (dense, or a mixture
+//! of SwiGLU experts), a final RMSNorm and a tied or untied output head.
 //!
 //! ```text
 //! x = embed(tokens)
-//! for each block:  x += attn(rms_norm(x)) ;  x += mlp(rms_norm(x))
+//! for each block:  x += attn(rms_norm(x)) ;  x += ffn(rms_norm(x))     (ffn: dense or MoE)
 //! logits = head(rms_norm(x))            (rows in batch.logits_for only)
 //! ```
 //!
 //! What tells the members apart lives outside the forward pass: Qwen2's Q/K/V biases are
 //! picked up by [`Weights::linear`] wherever the file has them, Qwen3's per-head Q/K RMSNorms
-//! (applied before rope) are required for [`Arch::Qwen3`] and absent otherwise, and the rope
+//! (applied before rope) are required for [`Arch::Qwen3`] and [`Arch::Qwen3Moe`] and absent
+//! otherwise, Qwen3-MoE's sparse layers and routing are [`ModelConfig::moe`], and the rope
 //! style (permuted llama GGUF rows or not) is settled in [`ModelConfig`].
 
 use supernode_kernels::ops::{silu, AttnShape};
@@ -19,7 +20,7 @@ use supernode_kernels::Precision;
 use crate::arch::Model;
 use crate::config::Arch;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{Attention, Embedding, Mlp, OutputHead, RmsNorm, Rope};
+use crate::layers::{Attention, Embedding, Ffn, OutputHead, RmsNorm, Rope};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 
@@ -29,7 +30,7 @@ struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
     ffn_norm: RmsNorm,
-    mlp: Mlp,
+    ffn: Ffn,
 }
 
 pub struct Llama {
@@ -45,7 +46,7 @@ pub struct Llama {
 impl Llama {
     pub fn new(cfg: ModelConfig, w: &Weights) -> Result<Llama> {
         let (h, eps, hd) = (cfg.hidden, cfg.rms_eps, cfg.head_dim);
-        let qk_norm = cfg.arch == Arch::Qwen3;
+        let qk_norm = matches!(cfg.arch, Arch::Qwen3 | Arch::Qwen3Moe);
         let embed = w.embedding("token_embd.weight", cfg.vocab_size, h)?;
         let head = match w.opt_linear("output", cfg.vocab_size, h)? {
             Some(head) => head,
@@ -78,12 +79,7 @@ impl Llama {
                         window: None,
                     },
                     ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, 0.0)?,
-                    mlp: Mlp {
-                        gate: w.linear(&p("ffn_gate"), cfg.ffn_dim, h)?,
-                        up: w.linear(&p("ffn_up"), cfg.ffn_dim, h)?,
-                        down: w.linear(&p("ffn_down"), h, cfg.ffn_dim)?,
-                        act: silu,
-                    },
+                    ffn: Ffn::load(&cfg, w, i, silu)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -126,7 +122,7 @@ impl Model for Llama {
                 .forward(&xn, batch, &rope, layer_kv, block_size, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
             block.ffn_norm.forward(&x, &mut xn);
-            block.mlp.forward(&xn, n, &mut y);
+            block.ffn.forward(&xn, n, &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
         Ok(self.output.forward(&x, batch.logits_for))
@@ -136,7 +132,7 @@ impl Model for Llama {
         let blocks: usize = self
             .blocks
             .iter()
-            .map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes())
+            .map(|b| b.attn.weight_bytes() + b.ffn.weight_bytes())
             .sum();
         blocks + self.output.head.weight_bytes()
     }

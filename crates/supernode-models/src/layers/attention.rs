@@ -1,6 +1,7 @@
 //! The attention layer (MHA/GQA): projections, optional per-head Q/K norms, rope, the KV
 //! cache write, causal attention over the paged cache (optionally a sliding window), and
-//! the output projection. This is the only code that writes the KV cache.
+//! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
+//! writes the KV cache.
 
 use rayon::prelude::*;
 use supernode_kernels::ops::{attention_head, round_f16, AttnShape};

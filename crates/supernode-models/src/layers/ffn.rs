@@ -3,6 +3,8 @@
 use supernode_kernels::ops::glu_inplace;
 
 use super::Linear;
+use crate::weights::Weights;
+use crate::Result;
 
 pub struct Mlp {
     pub gate: Linear,
@@ -13,6 +15,25 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Layer `layer`'s `ffn_{gate,up,down}{suffix}` (`suffix` "" for the dense feed-forward,
+    /// "_shexp" for MoE shared experts), of intermediate size `ffn`.
+    pub fn load(
+        w: &Weights,
+        layer: usize,
+        suffix: &str,
+        ffn: usize,
+        hidden: usize,
+        act: fn(f32) -> f32,
+    ) -> Result<Mlp> {
+        let p = |n: &str| format!("blk.{layer}.ffn_{n}{suffix}");
+        Ok(Mlp {
+            gate: w.linear(&p("gate"), ffn, hidden)?,
+            up: w.linear(&p("up"), ffn, hidden)?,
+            down: w.linear(&p("down"), hidden, ffn)?,
+            act,
+        })
+    }
+
     /// Bytes of weights read per token.
     pub fn weight_bytes(&self) -> usize {
         [&self.gate, &self.up, &self.down]

@@ -47,3 +47,55 @@ impl Linear {
         }
     }
 }
+
+/// `count` matrices of `rows × cols` stacked in one tensor (ggml shape `[cols, rows, count]`):
+/// a MoE layer's experts (`ffn_*_exps`) or MLA's per-head projections (`attn_k_b`,
+/// `attn_v_b`). Each matrix is applied on its own, without copying it out.
+pub struct StackedLinear {
+    w: Tensor,
+    rows: usize,
+    cols: usize,
+    /// Bytes of one matrix.
+    stride: usize,
+    precision: Precision,
+}
+
+impl StackedLinear {
+    /// `w` must have whole-block rows and shape `[cols, rows, count]` (the caller checks).
+    pub(crate) fn new(w: Tensor, precision: Precision) -> StackedLinear {
+        let (cols, rows) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+        let stride = w.dtype.row_bytes(cols).unwrap_or(0) * rows;
+        StackedLinear {
+            w,
+            rows,
+            cols,
+            stride,
+            precision,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Bytes of one matrix (for bandwidth figures).
+    pub fn matrix_bytes(&self) -> usize {
+        self.stride
+    }
+
+    /// Bytes of all matrices.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.bytes().len()
+    }
+
+    /// Matrix `i` applied to `x` (`n × cols`) into `out` (`n × rows`).
+    pub fn forward(&self, i: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        let w = WeightMatrix {
+            dtype: self.w.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.w.bytes()[i * self.stride..(i + 1) * self.stride],
+        };
+        matmul_with(&w, x, n, out, self.precision);
+    }
+}

@@ -24,7 +24,7 @@ impl Rope {
         Rope {
             inv_freq: cfg.inv_freq(),
             style: cfg.style,
-            mscale: 1.0,
+            mscale: cfg.attn_factor() as f32,
         }
     }
 

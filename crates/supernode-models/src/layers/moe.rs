@@ -1,0 +1,299 @@
+//! The sparse mixture-of-experts feed-forward (Qwen3-MoE, DeepSeek-V3) and the feed-forward
+//! enum that lets a block be dense or sparse.
+//!
+//! Routing follows [`MoeConfig`]: scores from the router (softmax or sigmoid), choice by the
+//! scores plus an optional selection bias within the best expert groups, weights from the
+//! unbiased scores (optionally renormalised, then scaled). The batch's tokens are then grouped
+//! by expert, so each chosen expert's weights are read once per step, for all of its tokens.
+//!
+//! Batch invariance: a token's output is the sum of its experts' outputs in ascending expert
+//! order (transformers' order too), each a batch-invariant matmul row, then the shared expert's
+//! — the same bits whatever else is in the batch.
+
+use supernode_kernels::ops::glu_inplace;
+
+use super::{Linear, Mlp, StackedLinear};
+use crate::config::{Gating, MoeConfig};
+use crate::weights::Weights;
+use crate::{ModelConfig, Result};
+
+/// A block's feed-forward: dense, or a mixture of experts.
+pub enum Ffn {
+    Dense(Box<Mlp>),
+    Moe(Box<Moe>),
+}
+
+impl Ffn {
+    /// Layer `layer`'s feed-forward from its GGUF-named tensors: a [`Moe`] where the config
+    /// makes the layer sparse, else the dense `ffn_gate`/`ffn_up`/`ffn_down` of `ffn_dim`.
+    pub fn load(cfg: &ModelConfig, w: &Weights, layer: usize, act: fn(f32) -> f32) -> Result<Ffn> {
+        match &cfg.moe {
+            Some(moe) if moe.layers[layer] => {
+                Ok(Ffn::Moe(Box::new(Moe::load(cfg, moe, w, layer, act)?)))
+            }
+            _ => {
+                let mlp = Mlp::load(w, layer, "", cfg.ffn_dim, cfg.hidden, act)?;
+                Ok(Ffn::Dense(Box::new(mlp)))
+            }
+        }
+    }
+
+    /// `x`: `n × hidden` → `out`: `n × hidden`.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        match self {
+            Ffn::Dense(mlp) => mlp.forward(x, n, out),
+            Ffn::Moe(moe) => moe.forward(x, n, out),
+        }
+    }
+
+    /// Bytes of weights read per token (a MoE reads its router, its used experts and the
+    /// shared expert).
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Ffn::Dense(mlp) => mlp.weight_bytes(),
+            Ffn::Moe(moe) => moe.weight_bytes(),
+        }
+    }
+}
+
+/// Routed experts (stacked SwiGLUs), their router, and the optional shared expert.
+pub struct Moe {
+    /// `[hidden, n_experts]`
+    pub router: Linear,
+    /// Added to the scores for choosing experts only (DeepSeek-V3's `e_score_correction_bias`).
+    pub selection_bias: Option<Vec<f32>>,
+    /// `[hidden, expert_ffn, n_experts]` each; `down` is `[expert_ffn, hidden, n_experts]`.
+    pub gate: StackedLinear,
+    pub up: StackedLinear,
+    pub down: StackedLinear,
+    /// Applied to every token and added to the routed output.
+    pub shared: Option<Mlp>,
+    pub cfg: MoeConfig,
+    /// The experts' activation (SiLU).
+    pub act: fn(f32) -> f32,
+}
+
+impl Moe {
+    /// Layer `layer`'s experts: router `ffn_gate_inp`, optional selection bias
+    /// `exp_probs_b.bias`, stacked `ffn_{gate,up,down}_exps`, and the shared expert
+    /// `ffn_{gate,up,down}_shexp` when the config has one.
+    pub fn load(
+        cfg: &ModelConfig,
+        moe: &MoeConfig,
+        w: &Weights,
+        layer: usize,
+        act: fn(f32) -> f32,
+    ) -> Result<Moe> {
+        let p = |n: &str| format!("blk.{layer}.{n}");
+        let (h, e, f) = (cfg.hidden, moe.n_experts, moe.expert_ffn_dim);
+        let selection_bias = match w.get(&p("exp_probs_b.bias")) {
+            Some(_) => Some(w.vector(&p("exp_probs_b.bias"), e)?),
+            None => None,
+        };
+        let shared = match moe.n_shared {
+            0 => None,
+            s => Some(Mlp::load(w, layer, "_shexp", s * f, h, act)?),
+        };
+        Ok(Moe {
+            router: w.linear(&p("ffn_gate_inp"), e, h)?,
+            selection_bias,
+            gate: w.stacked(&p("ffn_gate_exps"), e, f, h)?,
+            up: w.stacked(&p("ffn_up_exps"), e, f, h)?,
+            down: w.stacked(&p("ffn_down_exps"), e, h, f)?,
+            shared,
+            cfg: moe.clone(),
+            act,
+        })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        let expert = self.gate.matrix_bytes() + self.up.matrix_bytes() + self.down.matrix_bytes();
+        self.router.weight_bytes()
+            + self.cfg.n_used * expert
+            + self.shared.as_ref().map_or(0, Mlp::weight_bytes)
+    }
+
+    /// `x`: `n × hidden` → `out`: `n × hidden`.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let (h, e) = (self.router.cols(), self.cfg.n_experts);
+        let mut logits = vec![0.0; n * e];
+        self.router.forward(x, n, &mut logits);
+        // For each expert, its tokens and their weights, tokens ascending.
+        let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        let mut scratch = Routing::default();
+        for t in 0..n {
+            for &(expert, w) in scratch.route(
+                &logits[t * e..(t + 1) * e],
+                self.selection_bias.as_deref(),
+                &self.cfg,
+            ) {
+                routed[expert].push((t, w));
+            }
+        }
+        out.fill(0.0);
+        let f = self.gate.rows();
+        for (expert, tokens) in routed.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            let m = tokens.len();
+            let mut xe = Vec::with_capacity(m * h);
+            for &(t, _) in tokens {
+                xe.extend_from_slice(&x[t * h..(t + 1) * h]);
+            }
+            let mut g = vec![0.0; m * f];
+            let mut u = vec![0.0; m * f];
+            self.gate.forward(expert, &xe, m, &mut g);
+            self.up.forward(expert, &xe, m, &mut u);
+            glu_inplace(&mut g, &u, self.act);
+            let mut y = vec![0.0; m * h];
+            self.down.forward(expert, &g, m, &mut y);
+            for (&(t, w), yr) in tokens.iter().zip(y.chunks_exact(h)) {
+                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
+                    *o += v * w;
+                }
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let mut s = vec![0.0; n * h];
+            shared.forward(x, n, &mut s);
+            out.iter_mut().zip(&s).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+/// One token's routing, with its scratch buffers.
+#[derive(Default)]
+struct Routing {
+    scores: Vec<f32>,
+    choice: Vec<f32>,
+    order: Vec<usize>,
+    chosen: Vec<(usize, f32)>,
+}
+
+impl Routing {
+    /// The chosen `(expert, weight)` pairs of a token with router logits `logits`, experts
+    /// ascending.
+    fn route(&mut self, logits: &[f32], bias: Option<&[f32]>, cfg: &MoeConfig) -> &[(usize, f32)] {
+        let e = logits.len();
+        self.scores.clear();
+        match cfg.gating {
+            Gating::Softmax => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                self.scores.extend(logits.iter().map(|&l| (l - max).exp()));
+                let sum: f32 = self.scores.iter().sum();
+                self.scores.iter_mut().for_each(|s| *s /= sum);
+            }
+            Gating::Sigmoid => self
+                .scores
+                .extend(logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp()))),
+        }
+        self.choice.clear();
+        self.choice.extend_from_slice(&self.scores);
+        if let Some(b) = bias {
+            self.choice.iter_mut().zip(b).for_each(|(c, b)| *c += b);
+        }
+        if cfg.n_groups > 1 {
+            // Keep the `groups_used` groups whose two best choice scores sum highest.
+            let size = e / cfg.n_groups;
+            let top2 = |g: &[f32]| {
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &v in g {
+                    if v > a {
+                        (a, b) = (v, a);
+                    } else if v > b {
+                        b = v;
+                    }
+                }
+                if size < 2 {
+                    a
+                } else {
+                    a + b
+                }
+            };
+            let group_scores: Vec<f32> = self.choice.chunks_exact(size).map(top2).collect();
+            self.order.clear();
+            self.order.extend(0..cfg.n_groups);
+            self.order
+                .sort_by(|&a, &b| group_scores[b].total_cmp(&group_scores[a]).then(a.cmp(&b)));
+            for &g in &self.order[cfg.groups_used..] {
+                self.choice[g * size..(g + 1) * size].fill(f32::NEG_INFINITY);
+            }
+        }
+        self.order.clear();
+        self.order.extend(0..e);
+        let choice = &self.choice;
+        self.order
+            .sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
+        self.order.truncate(cfg.n_used);
+        self.order.sort_unstable();
+        self.chosen.clear();
+        self.chosen
+            .extend(self.order.iter().map(|&i| (i, self.scores[i])));
+        if cfg.norm_weights {
+            // transformers' DeepSeek-V3 adds 1e-20 to the sum; at f32 it only matters for a sum
+            // of 0, which sigmoid and softmax weights never give.
+            let sum: f32 = self.chosen.iter().map(|&(_, w)| w).sum();
+            self.chosen.iter_mut().for_each(|(_, w)| *w /= sum);
+        }
+        if cfg.scale != 1.0 {
+            self.chosen.iter_mut().for_each(|(_, w)| *w *= cfg.scale);
+        }
+        &self.chosen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(gating: Gating, n_groups: usize, groups_used: usize, n_used: usize) -> MoeConfig {
+        MoeConfig {
+            n_experts: 8,
+            n_used,
+            expert_ffn_dim: 4,
+            n_shared: 0,
+            gating,
+            norm_weights: false,
+            scale: 1.0,
+            n_groups,
+            groups_used,
+            layers: vec![true],
+        }
+    }
+
+    #[test]
+    fn softmax_top_k_renormalised() {
+        let logits = [0.0f32, 2.0, 1.0, -1.0, 3.0, 0.5, 0.0, 0.0];
+        let mut c = cfg(Gating::Softmax, 1, 1, 2);
+        let mut r = Routing::default();
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let got = r.route(&logits, None, &c).to_vec();
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 4]);
+        assert!((got[0].1 - 2f32.exp() / z).abs() < 1e-6);
+        c.norm_weights = true;
+        let got = r.route(&logits, None, &c).to_vec();
+        let want = 2f32.exp() / (2f32.exp() + 3f32.exp());
+        assert!((got[0].1 - want).abs() < 1e-6 && (got[0].1 + got[1].1 - 1.0).abs() < 1e-6);
+    }
+
+    /// DeepSeek-V3: the bias moves the choice, not the weights; a group is as good as the sum
+    /// of its two best, and experts outside the kept groups are never chosen.
+    #[test]
+    fn sigmoid_bias_and_groups() {
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        // Groups of 2: {0,1} {2,3} {4,5} {6,7}.
+        let logits = [3.0f32, -3.0, 1.0, 1.0, 2.5, -2.0, 0.0, 0.0];
+        let mut c = cfg(Gating::Sigmoid, 4, 2, 2);
+        c.scale = 2.5;
+        let mut r = Routing::default();
+        // Group sums: 0.998, 1.462, 1.043, 1.0 -> groups 1 and 2 kept: expert 0 (the best
+        // single score) is out; best of {2,3,4,5} are 4 and 2 (tie 2/3 -> lower index).
+        let got = r.route(&logits, None, &c).to_vec();
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 4]);
+        assert!((got[1].1 - 2.5 * sig(2.5)).abs() < 1e-6);
+        // A bias on expert 7 lifts group 3 and picks expert 7; its weight stays unbiased.
+        let mut bias = [0.0f32; 8];
+        bias[7] = 1.0;
+        let got = r.route(&logits, Some(&bias), &c).to_vec();
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 7]);
+        assert!((got[1].1 - 2.5 * sig(0.0)).abs() < 1e-6);
+    }
+}
