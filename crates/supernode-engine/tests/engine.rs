@@ -13,11 +13,26 @@ use supernode_engine::session::FinishReason;
 use supernode_models::{load_model, LoadOptions};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf/llama")
+    fixture_of("llama")
+}
+
+fn fixture_of(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf")
+        .join(arch)
 }
 
 fn engine(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize) -> EngineHandle {
-    let m = load_model(&fixture(), &LoadOptions::default()).unwrap();
+    engine_of("llama", max_num_seqs, max_num_batched_tokens, num_blocks)
+}
+
+fn engine_of(
+    arch: &str,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    num_blocks: usize,
+) -> EngineHandle {
+    let m = load_model(&fixture_of(arch), &LoadOptions::default()).unwrap();
     let cfg = EngineConfig {
         max_num_seqs,
         max_num_batched_tokens,
@@ -136,6 +151,19 @@ fn greedy_matches_transformers() {
 
 #[test]
 fn outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    batch_invariance("llama");
+}
+
+/// Mixture-of-experts routing and MLA's latent cache keep a token's result independent of
+/// the batch too.
+#[test]
+fn moe_and_mla_outputs_do_not_depend_on_the_batch() {
+    batch_invariance("qwen3_moe");
+    batch_invariance("deepseek_v3");
+}
+
+fn batch_invariance(arch: &str) {
+    let engine = |a, b, c| engine_of(arch, a, b, c);
     let ps = prompts(12);
     let alone = engine(1, 32, 64);
     let solo: Vec<Vec<u32>> = ps
