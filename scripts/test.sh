@@ -13,6 +13,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --release --locked --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The end-to-end tests of `supernode serve` through the OpenAI Python client; their closing
+# `test result:` line is counted in the summary below.
+bash scripts/python-tests.sh 2>&1 | tee -a "$log" || status=$?
 echo
 awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$log"

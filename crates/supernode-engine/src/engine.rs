@@ -237,6 +237,31 @@ impl EngineHandle {
 
     /// Checks `req` and queues it; its events go to its sink.
     pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+        self.submit_all(vec![req])
+    }
+
+    /// Checks every request, then queues them all or none: the choices of one client request.
+    /// The queue limit counts the group as one arrival.
+    pub fn submit_all(&self, reqs: Vec<Request>) -> Result<(), SubmitError> {
+        for req in &reqs {
+            self.check(req)?;
+        }
+        let waiting = self.queued.load(Ordering::Relaxed);
+        if waiting >= self.cfg.max_waiting {
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
+        for req in reqs {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            if tx.send(Msg::Submit(Box::new(req))).is_err() {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(SubmitError::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, req: &Request) -> Result<(), SubmitError> {
         let n = req.prompt.len();
         if n == 0 {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
@@ -251,17 +276,7 @@ impl EngineHandle {
                 self.vocab_size
             )));
         }
-        req.params.validate().map_err(SubmitError::Invalid)?;
-        let waiting = self.queued.load(Ordering::Relaxed);
-        if waiting >= self.cfg.max_waiting {
-            return Err(SubmitError::QueueFull(waiting));
-        }
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
-        tx.send(Msg::Submit(Box::new(req))).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            SubmitError::Stopped
-        })
+        req.params.validate().map_err(SubmitError::Invalid)
     }
 
     /// Cancels every request (each hears `Done` with `Cancelled`) and stops the engine thread;

@@ -53,20 +53,20 @@ pub async fn completions(State(st): State<Shared>, body: Bytes) -> Response {
 }
 
 async fn answer(st: &Shared, started: ApiResult<Started>) -> Response {
-    let result = match started {
-        Ok(s) if s.stream => Ok(stream_response(s)),
-        Ok(s) => collect(s).await,
-        Err(e) => Err(e),
-    };
-    result.unwrap_or_else(|e| {
-        let outcome = match e.status {
-            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "rejected",
-            s if s.is_server_error() => "error",
-            _ => "invalid",
-        };
-        st.metrics.requests.with_label_values(&[outcome]).inc();
-        e.into_response()
-    })
+    match started {
+        Ok(s) if s.stream => stream_response(s),
+        // A started request counts its own outcome.
+        Ok(s) => collect(s).await.unwrap_or_else(IntoResponse::into_response),
+        Err(e) => {
+            let outcome = match e.status {
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "rejected",
+                s if s.is_server_error() => "error",
+                _ => "invalid",
+            };
+            st.metrics.requests.with_label_values(&[outcome]).inc();
+            e.into_response()
+        }
+    }
 }
 
 fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
@@ -128,6 +128,10 @@ struct Started {
     created: u64,
     arrival: Instant,
     choices: Vec<Choice>,
+    /// The first token of any choice has arrived.
+    first_token: bool,
+    /// The request's outcome is in `supernode_requests_total`.
+    counted: bool,
 }
 
 #[derive(Default)]
@@ -166,34 +170,36 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
     };
     let (tx, rx) = unbounded_channel();
     let prompt_len = prompt.len();
-    for i in 0..spec.n {
-        let mut params = spec.params.clone();
-        params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-        let req = Request {
-            prompt: prompt.clone(),
-            params,
-            max_tokens: spec.max_tokens.unwrap_or(usize::MAX),
-            stop: spec.stop.clone(),
-            ignore_eos: spec.ignore_eos,
-            logprobs: spec.logprobs,
-            sink: Box::new(ChannelSink {
-                index: i,
-                tx: tx.clone(),
-            }),
-        };
-        st.engine.submit(req).map_err(|e| match e {
-            SubmitError::PromptTooLong { prompt, ctx } => ApiError::invalid(
-                param,
-                format!(
-                    "this model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens"
-                ),
-            )
-            .with_code("context_length_exceeded"),
-            SubmitError::Invalid(m) => ApiError::invalid(param, m),
-            SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
-            SubmitError::Stopped => ApiError::overloaded("the server is shutting down"),
-        })?;
-    }
+    let reqs = (0..spec.n)
+        .map(|i| {
+            let mut params = spec.params.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            Request {
+                prompt: prompt.clone(),
+                params,
+                max_tokens: spec.max_tokens.unwrap_or(usize::MAX),
+                stop: spec.stop.clone(),
+                ignore_eos: spec.ignore_eos,
+                logprobs: spec.logprobs,
+                sink: Box::new(ChannelSink {
+                    index: i,
+                    tx: tx.clone(),
+                }) as Box<dyn Sink>,
+            }
+        })
+        .collect();
+    st.engine.submit_all(reqs).map_err(|e| match e {
+        SubmitError::PromptTooLong { prompt, ctx } => ApiError::invalid(
+            param,
+            format!(
+                "this model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens"
+            ),
+        )
+        .with_code("context_length_exceeded"),
+        SubmitError::Invalid(m) => ApiError::invalid(param, m),
+        SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
+        SubmitError::Stopped => ApiError::overloaded("the server is shutting down"),
+    })?;
     let (id_prefix, n) = match kind {
         Kind::Chat => ("chatcmpl", spec.n),
         Kind::Completion => ("cmpl", spec.n),
@@ -213,6 +219,8 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
             .unwrap_or(0),
         arrival,
         choices: (0..n).map(|_| Choice::default()).collect(),
+        first_token: false,
+        counted: false,
     })
 }
 
@@ -261,10 +269,12 @@ impl Started {
         let mut chunks = Vec::new();
         match ev {
             Event::Token(t) => {
-                let c = &self.choices[i];
-                match c.last {
-                    None => m.ttft.observe((now - self.arrival).as_secs_f64()),
-                    Some(prev) => m.itl.observe((now - prev).as_secs_f64()),
+                if !self.first_token {
+                    self.first_token = true;
+                    m.ttft.observe((now - self.arrival).as_secs_f64());
+                }
+                if let Some(prev) = self.choices[i].last {
+                    m.itl.observe((now - prev).as_secs_f64());
                 }
                 let lp_chat = match (&t.logprobs, self.kind) {
                     (Some(lp), Kind::Chat) => Some(self.chat_logprob(t.id, lp)),
@@ -310,8 +320,6 @@ impl Started {
                 }
             }
             Event::Done(f) => {
-                m.e2e.observe((now - self.arrival).as_secs_f64());
-                m.requests.with_label_values(&[finish_reason(&f)]).inc();
                 if i == 0 {
                     m.prompt_tokens.inc_by(f.prompt_tokens as u64);
                     m.cached_prompt_tokens.inc_by(f.cached_tokens as u64);
@@ -329,12 +337,23 @@ impl Started {
                 }
             }
             Event::Error(msg) => {
-                m.requests.with_label_values(&["error"]).inc();
                 if self.stream {
                     chunks.push(ApiError::internal(msg.clone()).body());
                 }
                 self.choices[i].error = Some(msg);
             }
+        }
+        if self.done() && !self.counted {
+            self.counted = true;
+            self.st
+                .metrics
+                .e2e
+                .observe((now - self.arrival).as_secs_f64());
+            self.st
+                .metrics
+                .requests
+                .with_label_values(&[self.outcome()])
+                .inc();
         }
         if self.stream && self.done() && self.include_usage {
             let mut u = self.base("chunk");
@@ -343,6 +362,19 @@ impl Started {
             chunks.push(u);
         }
         chunks
+    }
+
+    /// The metrics label of a finished request: `error` if any choice failed, else the first
+    /// choice's finish reason.
+    fn outcome(&self) -> &'static str {
+        if self.choices.iter().any(|c| c.error.is_some()) {
+            return "error";
+        }
+        match self.choices[0].finish.as_ref().map(|f| f.reason) {
+            Some(FinishReason::Stop) => "stop",
+            Some(FinishReason::Length) => "length",
+            _ => "cancelled",
+        }
     }
 
     fn base(&self, what: &str) -> Value {
@@ -428,6 +460,19 @@ impl Started {
         v["choices"] = json!(choices);
         v["usage"] = self.usage();
         v
+    }
+}
+
+impl Drop for Started {
+    /// A request dropped before it finished: its client went away (the engine cancels it).
+    fn drop(&mut self) {
+        if !self.counted {
+            self.st
+                .metrics
+                .requests
+                .with_label_values(&["cancelled"])
+                .inc();
+        }
     }
 }
 
