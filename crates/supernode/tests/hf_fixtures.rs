@@ -369,3 +369,84 @@ fn deepseek_v3_kv_cache_holds_the_latent() {
         3 * (16 + 8) * 4
     );
 }
+
+/// The issue's own commands on every fixture: `supernode logits --model DIR --tokens ...`
+/// within 1e-3 of transformers at every position of the longest input, and
+/// `supernode run --tokens ... --temperature 0` giving transformers' greedy continuation.
+#[test]
+fn command_line_matches_transformers_for_every_architecture() {
+    let bin = env!("CARGO_BIN_EXE_supernode");
+    for arch in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "qwen3_moe_unnormed",
+        "gemma3_text",
+        "deepseek_v3",
+        "deepseek_v3_noqlora",
+    ] {
+        let dir = fixture_dir(arch);
+        let expected = read_json(&dir.join("expected.json"));
+        let input = expected["inputs"].as_array().unwrap().last().unwrap();
+        let tokens = ids(&input["tokens"]);
+        let list = |t: &[u32]| t.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let out = std::process::Command::new(bin)
+            .args(["logits", "--model", dir.to_str().unwrap(), "--tokens"])
+            .arg(list(&tokens))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rows = got["logits"].as_array().unwrap();
+        let want = input["logits"].as_array().unwrap();
+        assert_eq!(rows.len(), want.len(), "{arch}");
+        let worst = rows
+            .iter()
+            .zip(want)
+            .flat_map(|(r, w)| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(w.as_array().unwrap())
+                    .map(|(a, b)| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs())
+            })
+            .fold(0f64, f64::max);
+        assert!(
+            worst <= 1e-3,
+            "{arch}: max |logit - transformers| = {worst}"
+        );
+
+        let prompt = ids(&expected["greedy"]["prompt"]);
+        let greedy = ids(&expected["greedy"]["tokens"]);
+        let out = std::process::Command::new(bin)
+            .args([
+                "run",
+                "--model",
+                dir.to_str().unwrap(),
+                "--temperature",
+                "0",
+            ])
+            .args([
+                "--ignore-eos",
+                "--json",
+                "-n",
+                &greedy.len().to_string(),
+                "--tokens",
+            ])
+            .arg(list(&prompt))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{arch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&got["tokens"]), greedy, "{arch}: greedy continuation");
+    }
+}
