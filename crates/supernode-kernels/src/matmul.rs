@@ -16,9 +16,11 @@
 //! are quantised once per call, on their own, to the weight type's vec_dot type (see
 //! [`crate::qdot`]), then every output element is one integer-dot kernel of (weight row, quantised
 //! token row), so that mode is batch invariant too. Tasks are tiles of rows times chunks of
-//! tokens; within a task, groups of up to 4 tokens go through every row of the tile, each row
-//! decoded once per group, with the group's quantised rows and the tile's weights kept in L1.
-//! The activation buffers are per calling thread and reused: no allocation per call once warm.
+//! tokens; within a task, groups of up to 4 tokens go through the tile's rows 8 at a time (one
+//! kernel call per block of up to 8 x 4 outputs: each row decoded once per token group, each
+//! token's blocks loaded once per row group), with the group's quantised rows and the tile's
+//! weights kept in L1. The activation buffers are per calling thread and reused: no allocation
+//! per call once warm.
 
 use std::cell::{Cell, RefCell};
 
@@ -27,7 +29,7 @@ use rayon::prelude::*;
 use crate::dtype::DType;
 use crate::qdot::{
     quant_kernel, round_row_bf16, round_row_f16, ActBlock, BlockQ8K, BlockQ8_0, BlockQ8_1,
-    QuantKernel, RowDot, DOT_TOKENS,
+    QuantKernel, TileDot, DOT_ROWS, DOT_TOKENS,
 };
 use crate::quant::dequantize_row;
 use crate::simd::{dot_f32_many, row_kernels, RowKernels};
@@ -220,7 +222,7 @@ fn matmul_quantized<A: ActBlock>(
     x: &[f32],
     n_tokens: usize,
     out: &mut [f32],
-    dot: RowDot<A>,
+    dot: TileDot<A>,
     buffer: fn(&mut ActScratch) -> &mut Vec<A>,
 ) {
     let row_bytes = w.row_bytes();
@@ -261,17 +263,24 @@ fn matmul_quantized<A: ActBlock>(
             let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
             let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
             let mut ys: [&[A]; DOT_TOKENS] = [&[]; DOT_TOKENS];
-            let mut dots = [0f32; DOT_TOKENS];
+            let mut ws: [&[u8]; DOT_ROWS] = [&[]; DOT_ROWS];
+            let mut dots = [0f32; DOT_ROWS * DOT_TOKENS];
             for t0 in tokens.clone().step_by(DOT_TOKENS) {
                 let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
                 for (j, y) in ys[..group].iter_mut().enumerate() {
                     *y = &acts[(t0 + j) * blocks..(t0 + j + 1) * blocks];
                 }
-                for r in rows.clone() {
-                    dot(w.row(r), &ys[..group], &mut dots[..group]);
-                    for (j, v) in dots[..group].iter().enumerate() {
+                for r0 in rows.clone().step_by(DOT_ROWS) {
+                    let n_rows = (r0 + DOT_ROWS).min(rows.end) - r0;
+                    for (i, row) in ws[..n_rows].iter_mut().enumerate() {
+                        *row = w.row(r0 + i);
+                    }
+                    let dots = &mut dots[..n_rows * group];
+                    dot(&ws[..n_rows], &ys[..group], dots);
+                    for (k, v) in dots.iter().enumerate() {
+                        let (r, t) = (r0 + k / group, t0 + k % group);
                         // SAFETY: as in `Tile::store`: this task's (row, token) range is its own.
-                        unsafe { out.write((t0 + j) * w.rows + r, *v) }
+                        unsafe { out.write(t * w.rows + r, *v) }
                     }
                 }
             }
@@ -550,7 +559,7 @@ mod tests {
                     for t in 0..n {
                         <$block>::quantize(&x[t * cols..(t + 1) * cols], &mut y);
                         for r in 0..rows {
-                            $dot(w.row(r), &[&y[..]], &mut want[t * rows + r..][..1]);
+                            $dot(&[w.row(r)], &[&y[..]], &mut want[t * rows + r..][..1]);
                         }
                     }
                 }};

@@ -11,10 +11,14 @@
 //! | F16 / BF16                   | f16 / bf16  | [`round_row_f16`] / [`round_row_bf16`], then the exact kernels |
 //! | F32                          | f32         | the exact kernels           |
 //!
-//! AVX2 kernels (scalar reference everywhere, AVX2 where it matters): Q4_0, Q4_1, Q5_0, Q5_1,
-//! Q8_0, Q4_K, Q5_K, Q6_K; Q2_K and Q3_K run the scalar reference (written to auto-vectorise).
-//! Each AVX2 kernel dots 1 to 4 tokens against one decode of the weight row. AVX-VNNI
-//! (`vpdpbusd`) gives the same integer lanes but measured no faster here, so it is not used.
+//! Kernels per [`QuantLevel`], the best one the CPU has chosen once per process: the scalar
+//! reference everywhere; AVX2 for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (1 to 4 tokens
+//! against one decode of a weight row); AVX-512 VNNI for the same types (`avx512`: 32-element
+//! types take rows in pairs, one 512-bit register per block pair, `vpdpbusd` for the integer
+//! lanes, up to 8 rows per call; K-quants in 256-bit registers with `vpdpwssd`). Q2_K and Q3_K
+//! run the scalar reference (written to auto-vectorise) at every level. Every kernel is a tile:
+//! 1 to [`DOT_ROWS`] weight rows times 1 to [`DOT_TOKENS`] tokens per call, each result the same
+//! bits whatever the tile's shape and whatever the level.
 //!
 //! ## Activation blocks
 //!
@@ -41,10 +45,10 @@
 //! ## Dot products, and why they are batch invariant
 //!
 //! Integer products within a block are summed exactly (no order matters), then scaled in f32 with
-//! a fixed sequence of operations, the same in the scalar reference and the AVX2 kernels, which are
-//! therefore bit-identical (one path is still chosen per process, as in [`crate::simd`]):
+//! a fixed sequence of operations, the same in the scalar reference and the AVX2 and AVX-512
+//! kernels, which are therefore bit-identical (one level is still chosen per process):
 //! - 32-element blocks: the block's 32 products go to 8 integer lanes of 4 consecutive elements
-//!   (lane `k`: elements `4k .. 4k + 4`, the shape of `maddubs` + `madd`); then
+//!   (lane `k`: elements `4k .. 4k + 4`, the shape of `maddubs` + `madd` and of `vpdpbusd`); then
 //!   `acc[k] = acc[k] + (d_w * d_x) * lane[k]` (multiply, then add: no FMA), block after block;
 //!   the lanes fold as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`. Q4_1 and Q5_1 then
 //!   add `Σ m_w * s_x`, accumulated in block order.
@@ -58,10 +62,15 @@
 //! Overflow: with `|q_x| <= 127` every integer sum fits easily in i32 (and the 16-bit pair sums
 //! of `maddubs` never saturate).
 
+use std::sync::OnceLock;
+
 use crate::dtype::{DType, QK_K};
 use crate::quant::scale_min_k4;
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{simd_level, SimdLevel};
+use crate::simd::{has_avx512, simd_level, SimdLevel};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Elements per legacy block.
 const QK: usize = 32;
@@ -564,27 +573,67 @@ pub fn vec_dot_q6_k_q8_k(row: &[u8], y: &[BlockQ8K]) -> f32 {
     })
 }
 
-/// Most tokens one [`RowDot`] call takes.
+/// Most tokens one [`TileDot`] call takes.
 pub(crate) const DOT_TOKENS: usize = 4;
 
-/// A row kernel: `out[t] = vec_dot(row, ys[t])` for 1 to [`DOT_TOKENS`] tokens, each result
-/// bit-identical whichever group size computed it (SIMD kernels decode the row once for all).
-pub(crate) type RowDot<A> = fn(row: &[u8], ys: &[&[A]], out: &mut [f32]);
+/// Most weight rows one [`TileDot`] call takes.
+pub(crate) const DOT_ROWS: usize = 8;
 
-/// A quantised weight type's row kernel, tagged with its activation block type.
+/// A tile kernel: `out[r * ys.len() + t] = vec_dot(rows[r], ys[t])` for 1 to [`DOT_ROWS`] rows
+/// and 1 to [`DOT_TOKENS`] tokens, each result bit-identical whichever tile computed it (SIMD
+/// kernels decode each row once for all the tokens, and share each token's loads between rows).
+pub(crate) type TileDot<A> = fn(rows: &[&[u8]], ys: &[&[A]], out: &mut [f32]);
+
+/// A quantised weight type's tile kernel, tagged with its activation block type.
 #[derive(Clone, Copy)]
 pub(crate) enum QuantKernel {
-    Q8_0(RowDot<BlockQ8_0>),
-    Q8_1(RowDot<BlockQ8_1>),
-    Q8K(RowDot<BlockQ8K>),
+    Q8_0(TileDot<BlockQ8_0>),
+    Q8_1(TileDot<BlockQ8_1>),
+    Q8K(TileDot<BlockQ8K>),
 }
 
-/// A row kernel calling a one-token scalar reference per token.
-macro_rules! scalar_row_dot {
+/// The instruction sets the quantised kernels can use, in increasing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum QuantLevel {
+    /// The portable reference.
+    Scalar,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F, BW, VL and VNNI, on top of AVX2.
+    Avx512Vnni,
+}
+
+/// The best [`QuantLevel`] of this machine, detected once per process.
+pub(crate) fn quant_level() -> QuantLevel {
+    static LEVEL: OnceLock<QuantLevel> = OnceLock::new();
+    *LEVEL.get_or_init(detect_quant_level)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_quant_level() -> QuantLevel {
+    if simd_level() != SimdLevel::Avx2 {
+        QuantLevel::Scalar
+    } else if has_avx512() && is_x86_feature_detected!("avx512vnni") {
+        QuantLevel::Avx512Vnni
+    } else {
+        QuantLevel::Avx2
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_quant_level() -> QuantLevel {
+    QuantLevel::Scalar
+}
+
+/// A tile kernel calling a one-token scalar reference per (row, token).
+macro_rules! scalar_tile {
     ($f:path) => {
-        |row, ys, out| {
-            for (o, y) in out.iter_mut().zip(ys) {
-                *o = $f(row, y);
+        |rows, ys, out| {
+            assert_eq!(out.len(), rows.len() * ys.len(), "vec_dot: outputs");
+            for (row, out) in rows.iter().zip(out.chunks_exact_mut(ys.len())) {
+                for (o, y) in out.iter_mut().zip(ys) {
+                    *o = $f(row, y);
+                }
             }
         }
     };
@@ -594,26 +643,43 @@ macro_rules! scalar_row_dot {
 pub(crate) fn scalar_kernel(dtype: DType) -> Option<QuantKernel> {
     Some(match dtype {
         DType::F32 | DType::F16 | DType::BF16 => return None,
-        DType::Q4_0 => QuantKernel::Q8_0(scalar_row_dot!(vec_dot_q4_0_q8_0)),
-        DType::Q5_0 => QuantKernel::Q8_0(scalar_row_dot!(vec_dot_q5_0_q8_0)),
-        DType::Q8_0 => QuantKernel::Q8_0(scalar_row_dot!(vec_dot_q8_0_q8_0)),
-        DType::Q4_1 => QuantKernel::Q8_1(scalar_row_dot!(vec_dot_q4_1_q8_1)),
-        DType::Q5_1 => QuantKernel::Q8_1(scalar_row_dot!(vec_dot_q5_1_q8_1)),
-        DType::Q2K => QuantKernel::Q8K(scalar_row_dot!(vec_dot_q2_k_q8_k)),
-        DType::Q3K => QuantKernel::Q8K(scalar_row_dot!(vec_dot_q3_k_q8_k)),
-        DType::Q4K => QuantKernel::Q8K(scalar_row_dot!(vec_dot_q4_k_q8_k)),
-        DType::Q5K => QuantKernel::Q8K(scalar_row_dot!(vec_dot_q5_k_q8_k)),
-        DType::Q6K => QuantKernel::Q8K(scalar_row_dot!(vec_dot_q6_k_q8_k)),
+        DType::Q4_0 => QuantKernel::Q8_0(scalar_tile!(vec_dot_q4_0_q8_0)),
+        DType::Q5_0 => QuantKernel::Q8_0(scalar_tile!(vec_dot_q5_0_q8_0)),
+        DType::Q8_0 => QuantKernel::Q8_0(scalar_tile!(vec_dot_q8_0_q8_0)),
+        DType::Q4_1 => QuantKernel::Q8_1(scalar_tile!(vec_dot_q4_1_q8_1)),
+        DType::Q5_1 => QuantKernel::Q8_1(scalar_tile!(vec_dot_q5_1_q8_1)),
+        DType::Q2K => QuantKernel::Q8K(scalar_tile!(vec_dot_q2_k_q8_k)),
+        DType::Q3K => QuantKernel::Q8K(scalar_tile!(vec_dot_q3_k_q8_k)),
+        DType::Q4K => QuantKernel::Q8K(scalar_tile!(vec_dot_q4_k_q8_k)),
+        DType::Q5K => QuantKernel::Q8K(scalar_tile!(vec_dot_q5_k_q8_k)),
+        DType::Q6K => QuantKernel::Q8K(scalar_tile!(vec_dot_q6_k_q8_k)),
     })
 }
 
-/// The row kernel of a block-quantised `dtype` on this machine (AVX2 where there is one, else
-/// the scalar reference: the same bits either way), `None` for plain floats.
+/// The tile kernel of a block-quantised `dtype` on this machine (the best level with one: the
+/// same bits at every level), `None` for plain floats.
 pub(crate) fn quant_kernel(dtype: DType) -> Option<QuantKernel> {
+    quant_kernel_at(dtype, quant_level())
+}
+
+/// As [`quant_kernel`], using instructions up to `level` only. Panics if `level` is above this
+/// machine's: that is what makes handing out the SIMD kernels sound.
+pub(crate) fn quant_kernel_at(dtype: DType, level: QuantLevel) -> Option<QuantKernel> {
+    assert!(
+        level <= quant_level(),
+        "{level:?} is not available on this CPU"
+    );
     #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        if let Some(k) = x86::kernel(dtype) {
-            return Some(k);
+    {
+        if level >= QuantLevel::Avx512Vnni {
+            if let Some(k) = avx512::kernel(dtype) {
+                return Some(k);
+            }
+        }
+        if level >= QuantLevel::Avx2 {
+            if let Some(k) = x86::kernel(dtype) {
+                return Some(k);
+            }
         }
     }
     scalar_kernel(dtype)
@@ -1102,26 +1168,36 @@ mod x86 {
         acc
     }
 
-    /// Safe entry for one kernel: checks sizes, then runs the `N`-token version for `ys.len()`.
+    /// Safe entry for one kernel: checks sizes, then runs the `N`-token version for `ys.len()`
+    /// on each row in turn.
     macro_rules! entry {
         ($kernel:ident, $block:ty, $bytes:expr) => {
-            |row: &[u8], ys: &[&[$block]], out: &mut [f32]| {
-                let blocks = row.len() / $bytes;
-                assert_eq!(row.len(), blocks * $bytes, "vec_dot: row bytes");
-                assert_eq!(ys.len(), out.len(), "vec_dot: outputs");
+            |rows: &[&[u8]], ys: &[&[$block]], out: &mut [f32]| {
                 assert!(
-                    ys.iter().all(|y| y.len() == blocks),
-                    "vec_dot: activation blocks"
+                    (1..=super::DOT_ROWS).contains(&rows.len()),
+                    "vec_dot: {} rows (1 to {} per call)",
+                    rows.len(),
+                    super::DOT_ROWS
                 );
-                // SAFETY: `kernel` is only called after `simd_level` found AVX2, FMA and F16C;
-                // every activation row has one block per weight block (checked above).
-                unsafe {
-                    match ys.len() {
-                        1 => out.copy_from_slice(&$kernel::<1>(row, [ys[0]])),
-                        2 => out.copy_from_slice(&$kernel::<2>(row, [ys[0], ys[1]])),
-                        3 => out.copy_from_slice(&$kernel::<3>(row, [ys[0], ys[1], ys[2]])),
-                        4 => out.copy_from_slice(&$kernel::<4>(row, [ys[0], ys[1], ys[2], ys[3]])),
-                        n => panic!("vec_dot: {n} tokens (1 to 4 per call)"),
+                assert_eq!(rows.len() * ys.len(), out.len(), "vec_dot: outputs");
+                for (row, out) in rows.iter().zip(out.chunks_exact_mut(ys.len().max(1))) {
+                    let blocks = row.len() / $bytes;
+                    assert_eq!(row.len(), blocks * $bytes, "vec_dot: row bytes");
+                    assert!(
+                        ys.iter().all(|y| y.len() == blocks),
+                        "vec_dot: activation blocks"
+                    );
+                    // SAFETY: `kernel` is only handed out once `quant_level` found AVX2, FMA
+                    // and F16C; every activation row has one block per weight block (checked).
+                    unsafe {
+                        match ys.len() {
+                            1 => out.copy_from_slice(&$kernel::<1>(row, [ys[0]])),
+                            2 => out.copy_from_slice(&$kernel::<2>(row, [ys[0], ys[1]])),
+                            3 => out.copy_from_slice(&$kernel::<3>(row, [ys[0], ys[1], ys[2]])),
+                            4 => out
+                                .copy_from_slice(&$kernel::<4>(row, [ys[0], ys[1], ys[2], ys[3]])),
+                            n => panic!("vec_dot: {n} tokens (1 to 4 per call)"),
+                        }
                     }
                 }
             }
@@ -1129,7 +1205,8 @@ mod x86 {
     }
 
     /// The AVX2 kernel for `dtype`, if there is one. Reachable only through
-    /// `super::quant_kernel`, which asks only after `simd_level` confirmed AVX2, FMA and F16C.
+    /// `super::quant_kernel_at`, which hands it out only when `quant_level` found AVX2, FMA and
+    /// F16C.
     pub(super) fn kernel(dtype: DType) -> Option<QuantKernel> {
         Some(match dtype {
             DType::Q4_0 => QuantKernel::Q8_0(entry!(q4_0, BlockQ8_0, 18)),
@@ -1149,7 +1226,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::dtype::ALL_DTYPES;
-    use crate::quant::tests::Rng;
+    use crate::quant::tests::{edge_rows, Rng};
     use crate::quant::{dequantize_row, quantize_row};
 
     /// Quantise with the reference and with this machine's path; they must agree exactly.
@@ -1381,7 +1458,12 @@ mod tests {
 
     /// `kernel` on `row` and several tokens' activations of the same block type.
     fn run(kernel: QuantKernel, row: &[u8], acts: &[&Acts]) -> Vec<f32> {
-        let mut out = vec![f32::NAN; acts.len()];
+        run_tile(kernel, &[row], acts)
+    }
+
+    /// `kernel` on several rows and tokens: `out[r * acts.len() + t]`.
+    fn run_tile(kernel: QuantKernel, rows: &[&[u8]], acts: &[&Acts]) -> Vec<f32> {
+        let mut out = vec![f32::NAN; rows.len() * acts.len()];
         macro_rules! go {
             ($dot:expr, $variant:ident) => {{
                 let ys: Vec<_> = acts
@@ -1391,7 +1473,7 @@ mod tests {
                         _ => unreachable!("one block type per kernel"),
                     })
                     .collect();
-                $dot(row, &ys, &mut out)
+                $dot(rows, &ys, &mut out)
             }};
         }
         match kernel {
@@ -1442,27 +1524,71 @@ mod tests {
         }
     }
 
+    /// Activations to check kernels on: normal data, data with outliers, and blocks at the
+    /// quantisers' extremes (every quant ±127).
+    fn test_acts(kernel: QuantKernel, n: usize, rng: &mut Rng) -> Vec<Acts> {
+        let spiky: Vec<f32> = (0..n)
+            .map(|i| rng.normal() * if i % 37 == 0 { 50.0 } else { 1.0 })
+            .collect();
+        let extreme: Vec<f32> = (0..n)
+            .map(|i| if (i * 7) % 3 == 0 { -3.0 } else { 3.0 })
+            .collect();
+        vec![
+            Acts::new(kernel, &rng.vec(n)),
+            Acts::new(kernel, &spiky),
+            Acts::new(kernel, &extreme),
+            Acts::new(kernel, &rng.vec(n)),
+            Acts::new(kernel, &rng.vec(n)),
+        ]
+    }
+
+    /// Every level this machine has.
+    fn levels() -> Vec<QuantLevel> {
+        [QuantLevel::Scalar, QuantLevel::Avx2, QuantLevel::Avx512Vnni]
+            .into_iter()
+            .filter(|&l| l <= quant_level())
+            .collect()
+    }
+
     #[test]
-    fn simd_dots_equal_scalar_bit_for_bit_for_every_group_size() {
+    fn every_level_equals_scalar_bit_for_bit_for_every_tile_shape() {
         let mut rng = Rng::new(22);
         for dtype in block_dtypes() {
-            let (fast, slow) = (quant_kernel(dtype), scalar_kernel(dtype));
-            let (Some(fast), Some(slow)) = (fast, slow) else {
-                unreachable!("block types have kernels")
-            };
+            let slow = scalar_kernel(dtype).expect("block type");
             for n in [256, 512, 2816] {
-                let row = random_row(dtype, n, &mut rng);
-                let acts: Vec<Acts> = (0..4).map(|_| Acts::new(slow, &rng.vec(n))).collect();
-                let want: Vec<u32> = acts
+                let rows = edge_rows(dtype, n, &mut rng);
+                let acts = test_acts(slow, n, &mut rng);
+                let want: Vec<Vec<u32>> = rows
                     .iter()
-                    .map(|a| run(slow, &row, &[a])[0].to_bits())
+                    .map(|row| {
+                        acts.iter()
+                            .map(|a| run(slow, row, &[a])[0].to_bits())
+                            .collect()
+                    })
                     .collect();
-                for group in 1..=4 {
-                    for start in 0..=4 - group {
-                        let refs: Vec<&Acts> = acts[start..start + group].iter().collect();
-                        let got: Vec<u32> =
-                            run(fast, &row, &refs).iter().map(|v| v.to_bits()).collect();
-                        assert_eq!(got, want[start..start + group], "{} n={n}", dtype.name());
+                for level in levels() {
+                    let fast = quant_kernel_at(dtype, level).expect("block type");
+                    for n_rows in 1..=DOT_ROWS {
+                        for r0 in 0..=rows.len() - n_rows {
+                            let tile_rows: Vec<&[u8]> =
+                                rows[r0..r0 + n_rows].iter().map(|r| &r[..]).collect();
+                            for group in 1..=DOT_TOKENS {
+                                for t0 in 0..=acts.len() - group {
+                                    let refs: Vec<&Acts> = acts[t0..t0 + group].iter().collect();
+                                    let got = run_tile(fast, &tile_rows, &refs);
+                                    for (k, v) in got.iter().enumerate() {
+                                        let (r, t) = (r0 + k / group, t0 + k % group);
+                                        assert_eq!(
+                                            v.to_bits(),
+                                            want[r][t],
+                                            "{} {level:?} n={n} rows {r0}+{n_rows} tokens \
+                                             {t0}+{group}: row {r} token {t}",
+                                            dtype.name()
+                                        );
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -1470,17 +1596,39 @@ mod tests {
     }
 
     #[test]
+    fn the_machine_level_is_the_best_one_detected() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512vnni");
+            let want = if simd_level() == SimdLevel::Scalar {
+                QuantLevel::Scalar
+            } else if avx512 {
+                QuantLevel::Avx512Vnni
+            } else {
+                QuantLevel::Avx2
+            };
+            assert_eq!(quant_level(), want);
+        }
+    }
+
+    #[test]
     fn simd_covers_the_real_models_formats() {
         #[cfg(target_arch = "x86_64")]
-        if simd_level() == SimdLevel::Avx2 {
-            for dtype in [
-                DType::Q4_1,
-                DType::Q8_0,
-                DType::Q4K,
-                DType::Q6K,
-                DType::Q5_0,
-            ] {
+        for dtype in [
+            DType::Q4_1,
+            DType::Q8_0,
+            DType::Q4K,
+            DType::Q6K,
+            DType::Q5_0,
+        ] {
+            if quant_level() >= QuantLevel::Avx2 {
                 assert!(x86::kernel(dtype).is_some(), "{}", dtype.name());
+            }
+            if quant_level() >= QuantLevel::Avx512Vnni {
+                assert!(avx512::kernel(dtype).is_some(), "{}", dtype.name());
             }
         }
     }
@@ -1493,6 +1641,6 @@ mod tests {
         };
         let row = [0u8; 2 * 34];
         let y = [BlockQ8_0::ZERO; 1];
-        dot(&row, &[&y[..]], &mut [0.0]);
+        dot(&[&row], &[&y[..]], &mut [0.0]);
     }
 }

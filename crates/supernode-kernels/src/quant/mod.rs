@@ -152,6 +152,55 @@ pub(crate) mod tests {
         }
     }
 
+    /// Byte offsets of the f16 scales in a block of `dtype`.
+    fn f16_fields(dtype: DType) -> &'static [usize] {
+        match dtype {
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+            DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
+            DType::Q2K => &[80, 82],
+            DType::Q3K => &[108],
+            DType::Q6K => &[208],
+            _ => unreachable!("block types only"),
+        }
+    }
+
+    /// A row of `n` elements whose every quant and integer scale byte is `fill(rng)`: random
+    /// bytes reach every bit pattern (-128 scales, all-ones nibbles and high bits), constant ones
+    /// the extremes; the f16 scales are finite, of both signs.
+    fn raw_row(dtype: DType, n: usize, rng: &mut Rng, fill: impl Fn(&mut Rng) -> u8) -> Vec<u8> {
+        let mut row: Vec<u8> = (0..dtype.row_bytes(n).expect("whole blocks"))
+            .map(|_| fill(rng))
+            .collect();
+        for b in row.chunks_exact_mut(dtype.block_bytes()) {
+            for &off in f16_fields(dtype) {
+                let v = half::f16::from_f32(rng.normal() * 0.01).to_bits();
+                b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        row
+    }
+
+    /// Rows of a block type to check kernels on: quantised normal data, random bytes, and rows of
+    /// 0xFF, 0x80, 0x7F and 0x0F bytes (max nibbles and high bits, -128 and 127 quants and
+    /// scales).
+    pub(crate) fn edge_rows(dtype: DType, n: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
+        let quantised = |rng: &mut Rng| {
+            let mut row = vec![0u8; dtype.row_bytes(n).expect("whole blocks")];
+            quantize_row(dtype, &rng.vec(n), &mut row);
+            row
+        };
+        let mut rows = vec![quantised(rng), quantised(rng)];
+        for _ in 0..3 {
+            rows.push(raw_row(dtype, n, rng, |r| {
+                (r.uniform() * 128.0 + 128.0) as u8
+            }));
+        }
+        for byte in [0xFF, 0x80, 0x7F, 0x0F] {
+            rows.push(raw_row(dtype, n, rng, |_| byte));
+        }
+        rows
+    }
+
     /// Quantise then dequantise `x`; the RMS error relative to the RMS of `x`.
     fn round_trip_error(dtype: DType, x: &[f32]) -> f64 {
         let mut q = vec![0u8; dtype.row_bytes(x.len()).expect("whole blocks")];

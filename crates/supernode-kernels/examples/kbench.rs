@@ -1,0 +1,110 @@
+//! Kernel micro-benchmark: `matmul_with` on the shapes that dominate SmolLM2-135M decoding and
+//! prefill (and Gemma 3 270M's FFN), in both precisions, on the current rayon pool
+//! (`RAYON_NUM_THREADS` to change it).
+//!
+//! Prints the median time of several repetitions, the weight bytes read per second (each call
+//! reads the whole weight matrix once, whatever the token count), multiply-adds per second, and
+//! the fastest repetition (less sensitive to other processes than the median). Shared machines are noisy:
+//! compare medians from runs taken back to back.
+//!
+//! `cargo run --release -p supernode-kernels --example kbench [-- REPS [TOKENS...]]` (token
+//! counts default to 1 and 512).
+
+use std::time::Instant;
+
+use supernode_kernels::{matmul_with, quantize_row, DType, Precision, WeightMatrix};
+
+/// A small deterministic generator (xorshift64*), so runs compare like with like.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        bits as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+}
+
+/// The median and the minimum of `reps` timed calls (after one warm-up), in seconds.
+fn time_secs(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0])
+}
+
+fn main() {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(15);
+    let mut token_counts: Vec<usize> = std::env::args()
+        .skip(2)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if token_counts.is_empty() {
+        token_counts = vec![1, 512];
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let shapes = [
+        ("ffn_up   Q4_1", DType::Q4_1, 1536, 576),
+        ("ffn_down Q4_1", DType::Q4_1, 576, 1536),
+        ("head     Q8_0", DType::Q8_0, 49152, 576),
+        // Gemma 3 270M's FFN: 640 columns take no K-quant, so Q4_K_M stores them as Q5_0.
+        ("g_up     Q5_0", DType::Q5_0, 2048, 640),
+        ("g_down   Q4_K", DType::Q4K, 640, 2048),
+    ];
+    println!(
+        "threads {}, median of {reps} reps",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<14} {:>5} {:>9} {:>10} {:>9} {:>9} {:>10}",
+        "weight", "n", "precision", "median ms", "GB/s", "GMAC/s", "min ms"
+    );
+    for (name, dtype, rows, cols) in shapes {
+        let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
+        let mut data = vec![0u8; rows * row_bytes];
+        for row in data.chunks_exact_mut(row_bytes) {
+            quantize_row(dtype, &rng.vec(cols), row);
+        }
+        let w = WeightMatrix {
+            dtype,
+            rows,
+            cols,
+            data: &data,
+        };
+        for &n in &token_counts {
+            // The head only ever sees one token per sequence.
+            if n > 1 && rows > 10_000 {
+                continue;
+            }
+            let x = rng.vec(n * cols);
+            let mut out = vec![0f32; n * rows];
+            for precision in [Precision::Exact, Precision::Quantized] {
+                let reps = if n > 1 { reps.div_ceil(3) } else { reps };
+                let (secs, min) = time_secs(reps, || matmul_with(&w, &x, n, &mut out, precision));
+                println!(
+                    "{name:<14} {n:>5} {:>9} {:>10.3} {:>9.2} {:>9.2} {:>10.3}",
+                    format!("{precision:?}"),
+                    secs * 1e3,
+                    data.len() as f64 / secs / 1e9,
+                    (rows * cols * n) as f64 / secs / 1e9,
+                    min * 1e3
+                );
+            }
+        }
+    }
+}
