@@ -49,7 +49,7 @@ def run(cmd, **kw):
 
 def ensure_llamacpp():
     """Paths of llama-bench and llama-server, building them on first use (~6 min on 2 cores)."""
-    base = CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    base = CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}-noamx"
     bindir = base / "build" / "bin"
     bench, server = bindir / "llama-bench", bindir / "llama-server"
     if bench.exists() and server.exists():
@@ -75,12 +75,35 @@ def ensure_llamacpp():
     llama = src / "vendor" / "llama.cpp"
     build = base / "build"
     run([str(cmake), "-S", str(llama), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-         "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF",
+         *isa_flags(), "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF",
          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF"],
         stdout=subprocess.DEVNULL)
     run([str(cmake), "--build", str(build), "--target", "llama-bench", "llama-server",
          "-j", str(os.cpu_count() or 2)], stdout=subprocess.DEVNULL)
     return bench, server
+
+
+def isa_flags():
+    """Every SIMD extension this CPU has, switched on one by one (what GGML_NATIVE would pick),
+    except AMX: on VMs that advertise AMX without enabling it, ggml's AMX buffers die with SIGILL,
+    and the workaround (--no-repack) would also turn off llama.cpp's weight repacking."""
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return ["-DGGML_NATIVE=ON"]
+    if "avx2" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    wanted = {
+        "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
+        "GGML_BMI2": "bmi2", "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f",
+        "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
+        "GGML_AVX512_BF16": "avx512_bf16",
+    }
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v in flags else 'OFF'}" for k, v in wanted.items()]
 
 
 def supernode_bin():
