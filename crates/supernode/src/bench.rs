@@ -296,7 +296,9 @@ fn bench_serve(a: BenchArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
+        // A fresh connection per request: reusing one the server has just closed fails the
+        // request, which would count against the server.
+        .pool_max_idle_per_host(0)
         .build()?;
     let model_id: String = rt.block_on(async {
         let v: Value = client
