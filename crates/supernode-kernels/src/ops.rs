@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use crate::simd::dot_f32;
+use crate::simd::{dot_f32, dot_f32_rows, weighted_rows_f32};
 
 /// `out = x / rms(x) * (w + w_offset)`; the mean of squares is accumulated in f64.
 ///
@@ -181,6 +181,89 @@ pub fn attention_head(
     }
 }
 
+/// [`attention_head`] for every query head of one KV head at once: `q` holds `g` heads of
+/// `k_dim` values (all reading `kv_head`), `out` receives `g` heads of `v_dim` values. Each K
+/// and V row is read once for the whole group.
+///
+/// Bit-identical to calling [`attention_head`] for each head: every score is the same
+/// `dot_f32` (of the K row with the query, the same products in the same lanes), scaled and
+/// capped alike; each head's softmax takes its max, exponentials and f64 sum in position order;
+/// each head's output adds `w * v` (multiply, then add) in position order. `scratch` is scratch
+/// space, grown as needed.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_group(
+    q: &[f32],
+    kv: &KvView,
+    kv_head: usize,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    shape: &AttnShape,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let g = q.len() / shape.k_dim;
+    assert_eq!(
+        q.len(),
+        g * shape.k_dim,
+        "attention_group: q is not whole heads"
+    );
+    assert_eq!(
+        out.len(),
+        g * shape.v_dim,
+        "attention_group: out is not whole heads"
+    );
+    let len = ctx.len();
+    // `scratch[..g]`: per-head max; `scratch[g..]`: scores, then weights, position-major
+    // (position `i`, head `h` at `i * g + h`).
+    scratch.clear();
+    scratch.resize(g + g * len, 0.0);
+    let (stats, scores) = scratch.split_at_mut(g);
+    stats.fill(f32::NEG_INFINITY);
+    // Row offsets of each position's K and V, found once for the whole group.
+    let mut kb = Vec::with_capacity(len);
+    let mut vb = Vec::with_capacity(len);
+    for p in ctx {
+        let slot = block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+        kb.push((slot * kv.n_kv_heads + kv_head) * kv.k_dim);
+        vb.push((slot * kv.n_kv_heads + kv_head) * kv.v_dim);
+    }
+    // The same `dot_f32(q_h, k)` per head and position, each K row read once for the group.
+    dot_f32_rows(q, shape.k_dim, kv.k, &kb, scores);
+    for row in scores.chunks_exact_mut(g) {
+        for (s, m) in row.iter_mut().zip(stats.iter_mut()) {
+            let mut v = *s * shape.scale;
+            if let Some(cap) = shape.softcap {
+                v = softcap(v, cap);
+            }
+            *s = v;
+            *m = m.max(v);
+        }
+    }
+    for (h, st) in stats.iter_mut().enumerate() {
+        let max = *st;
+        let mut sum = 0f64;
+        for s in scores[h..].iter_mut().step_by(g) {
+            *s = (*s - max).exp();
+            sum += f64::from(*s);
+        }
+        let inv = (1.0 / sum) as f32;
+        for s in scores[h..].iter_mut().step_by(g) {
+            *s = if shape.f16_rounding {
+                round_f16(*s * inv)
+            } else {
+                *s * inv
+            };
+        }
+    }
+    for (h, o) in out.chunks_exact_mut(shape.v_dim).enumerate() {
+        if len == 0 {
+            o.fill(0.0);
+        } else {
+            weighted_rows_f32(&scores[h..], g, kv.v, &vb, o);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +349,108 @@ mod tests {
                 assert!((f64::from(out[2 * h + d]) - want).abs() < 1e-5);
             }
         }
+    }
+
+    /// A tiny deterministic generator for the bit-identity test.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    #[test]
+    fn attention_group_equals_attention_head_bit_for_bit() {
+        let mut rng = Lcg(7);
+        let block_size = 16;
+        // (group, n_kv_heads, k_dim, v_dim)
+        let shapes = [
+            (1, 2, 64, 64),
+            (3, 3, 64, 64),
+            (4, 2, 128, 128),
+            (3, 1, 256, 256),
+            (4, 2, 192, 128),
+            (3, 2, 72, 40),
+            (2, 1, 5, 3),
+        ];
+        let mut checked = 0;
+        for &(group, n_kv, k_dim, v_dim) in &shapes {
+            let n_heads = group * n_kv;
+            // 6 blocks of 16, handed out in a scrambled order.
+            let table = [4u32, 1, 5, 0, 3, 2];
+            let slots = table.len() * block_size;
+            let k: Vec<f32> = (0..slots * n_kv * k_dim)
+                .map(|_| rng.next() * 3.0)
+                .collect();
+            let v: Vec<f32> = (0..slots * n_kv * v_dim).map(|_| rng.next()).collect();
+            let q: Vec<f32> = (0..n_heads * k_dim).map(|_| rng.next()).collect();
+            let kv = KvView {
+                k: &k,
+                v: &v,
+                block_size,
+                n_kv_heads: n_kv,
+                k_dim,
+                v_dim,
+            };
+            for softcap in [None, Some(3.0f32)] {
+                for f16_rounding in [false, true] {
+                    let shape = AttnShape {
+                        n_heads,
+                        n_kv_heads: n_kv,
+                        k_dim,
+                        v_dim,
+                        scale: 1.0 / (k_dim as f32).sqrt(),
+                        softcap,
+                        f16_rounding,
+                    };
+                    for ctx in [0..1, 0..5, 0..16, 0..17, 0..50, 7..90, 20..96, 95..96] {
+                        let mut scores = Vec::new();
+                        for kvh in 0..n_kv {
+                            let qg = &q[kvh * group * k_dim..(kvh + 1) * group * k_dim];
+                            let mut got = vec![f32::NAN; group * v_dim];
+                            attention_group(
+                                qg,
+                                &kv,
+                                kvh,
+                                &table,
+                                ctx.clone(),
+                                &shape,
+                                &mut scores,
+                                &mut got,
+                            );
+                            for h in 0..group {
+                                let mut want = vec![f32::NAN; v_dim];
+                                attention_head(
+                                    &qg[h * k_dim..(h + 1) * k_dim],
+                                    &kv,
+                                    kvh,
+                                    &table,
+                                    ctx.clone(),
+                                    &shape,
+                                    &mut scores,
+                                    &mut want,
+                                );
+                                let got_h = &got[h * v_dim..(h + 1) * v_dim];
+                                for (a, b) in got_h.iter().zip(&want) {
+                                    assert_eq!(
+                                        a.to_bits(),
+                                        b.to_bits(),
+                                        "group {group} kv {n_kv} k {k_dim} v {v_dim} \
+                                         cap {softcap:?} f16 {f16_rounding} ctx {ctx:?}"
+                                    );
+                                }
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 500);
     }
 
     #[test]

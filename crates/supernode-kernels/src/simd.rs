@@ -118,6 +118,58 @@ pub fn dot_f32_many(a: &[f32], bs: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[p * g + h] = dot_f32(q[h * n .. (h + 1) * n], k[bases[p] .. bases[p] + n])` for every
+/// position `p < bases.len()` and head `h < g = q.len() / n`, bit for bit: several query heads
+/// against each K row, one call for all positions.
+pub fn dot_f32_rows(q: &[f32], n: usize, k: &[f32], bases: &[usize], out: &mut [f32]) {
+    let g = q.len().checked_div(n).unwrap_or(0);
+    assert_eq!(q.len(), g * n, "dot_f32_rows: q is not whole rows");
+    assert_eq!(out.len(), g * bases.len(), "dot_f32_rows: lengths differ");
+    assert!(
+        bases.iter().all(|&b| b + n <= k.len()),
+        "dot_f32_rows: row out of range"
+    );
+    if g == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: AVX2 and FMA confirmed; every row was checked above.
+        unsafe { x86::dot_rows_avx2(q, n, k, bases, out) };
+        return;
+    }
+    for (row, &b) in out.chunks_exact_mut(g).zip(bases) {
+        for (o, qh) in row.iter_mut().zip(q.chunks_exact(n)) {
+            *o = dot_f32(qh, &k[b..b + n]);
+        }
+    }
+}
+
+/// `out[i] = Σ_p ws[p * stride] * v[bases[p] + i]` for `i < out.len()`, summed as the scalar
+/// `o = 0; for p { o += w_p * v_p }` does, in position order with a multiply then an add (never
+/// fused): bit-identical on every path. Accumulates in registers across positions.
+pub fn weighted_rows_f32(ws: &[f32], stride: usize, v: &[f32], bases: &[usize], out: &mut [f32]) {
+    let n = out.len();
+    assert!(stride > 0 && (bases.is_empty() || (bases.len() - 1) * stride < ws.len()));
+    assert!(
+        bases.iter().all(|&b| b + n <= v.len()),
+        "weighted_rows_f32: row out of range"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: AVX2 confirmed; every row and weight index was checked above.
+        unsafe { x86::weighted_rows_avx2(ws, stride, v, bases, out) };
+        return;
+    }
+    out.fill(0.0);
+    for (p, &b) in bases.iter().enumerate() {
+        let w = ws[p * stride];
+        for (o, &x) in out.iter_mut().zip(&v[b..b + n]) {
+            *o += w * x;
+        }
+    }
+}
+
 /// The portable dot product: the same lanes and tree as the SIMD paths, separate multiply and add.
 fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -275,6 +327,84 @@ pub(crate) mod x86 {
             fma32(&mut acc, load32(a.as_ptr().add(i)), b.as_ptr().add(i));
         }
         add_tail(fold(acc), &a[main..], &b[main..])
+    }
+
+    /// [`super::dot_f32_rows`]: each dot exactly as [`dot_f32_avx2`] computes it.
+    ///
+    /// # Safety
+    /// Requires AVX2 and FMA; `q.len() == g * n`, `out.len() == g * bases.len()`, and every
+    /// `k[bases[p] .. bases[p] + n]` in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows_avx2(
+        q: &[f32],
+        n: usize,
+        k: &[f32],
+        bases: &[usize],
+        out: &mut [f32],
+    ) {
+        let g = q.len() / n;
+        let main = n / LANES * LANES;
+        let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+        for (p, &b) in bases.iter().enumerate() {
+            let kr = kp.add(b);
+            for h in 0..g {
+                let qh = qp.add(h * n);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in (0..main).step_by(LANES) {
+                    fma32(&mut acc, load32(qh.add(i)), kr.add(i));
+                }
+                let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
+                let tail_k = std::slice::from_raw_parts(kr.add(main), n - main);
+                *op.add(p * g + h) = add_tail(fold(acc), tail_q, tail_k);
+            }
+        }
+    }
+
+    /// [`super::weighted_rows_f32`].
+    ///
+    /// # Safety
+    /// Requires AVX2; `ws[p * stride]` and `v[bases[p] .. bases[p] + out.len()]` in bounds.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn weighted_rows_avx2(
+        ws: &[f32],
+        stride: usize,
+        v: &[f32],
+        bases: &[usize],
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let (vp, wp, op) = (v.as_ptr(), ws.as_ptr(), out.as_mut_ptr());
+        let mut c = 0;
+        while c + 32 <= n {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (p, &b) in bases.iter().enumerate() {
+                let w = _mm256_set1_ps(*wp.add(p * stride));
+                let x = load32(vp.add(b + c));
+                for k in 0..4 {
+                    acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(w, x[k]));
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add(c + 8 * k), *a);
+            }
+            c += 32;
+        }
+        while c + 8 <= n {
+            let mut acc = _mm256_setzero_ps();
+            for (p, &b) in bases.iter().enumerate() {
+                let w = _mm256_set1_ps(*wp.add(p * stride));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(w, _mm256_loadu_ps(vp.add(b + c))));
+            }
+            _mm256_storeu_ps(op.add(c), acc);
+            c += 8;
+        }
+        for i in c..n {
+            let mut o = 0f32;
+            for (p, &b) in bases.iter().enumerate() {
+                o += *wp.add(p * stride) * *vp.add(b + i);
+            }
+            *op.add(i) = o;
+        }
     }
 
     /// Two dots `a · b[j n .. (j + 1) n]`, each exactly as [`dot_f32_avx2`] computes it.

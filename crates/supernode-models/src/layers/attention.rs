@@ -4,7 +4,7 @@
 //! writes the KV cache.
 
 use rayon::prelude::*;
-use supernode_kernels::ops::{attention_head, round_f16, AttnShape};
+use supernode_kernels::ops::{attention_group, round_f16, AttnShape};
 
 use super::{Linear, RmsNorm, RopeTable};
 use crate::kv_cache::LayerKv;
@@ -75,18 +75,20 @@ impl Attention {
             kv.write(batch.slot(t, block_size), kt, vt);
         }
         let view = kv.view(block_size);
-        // One task per (token, head): decode (one token) still spreads its heads over threads.
+        // One task per (token, KV head), covering the query heads that share that KV head, so
+        // each K/V row is read once per group; decode (one token) still spreads its KV heads
+        // over threads. Bit-identical to one `attention_head` per query head.
         let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
         let group = s.n_heads / s.n_kv_heads;
-        attn.par_chunks_mut(s.v_dim)
+        attn.par_chunks_mut(group * s.v_dim)
             .enumerate()
             .for_each_init(Vec::new, |scores, (i, o)| {
-                let (t, h) = (i / s.n_heads, i % s.n_heads);
+                let (t, g) = (i / s.n_kv_heads, i % s.n_kv_heads);
                 let pos = batch.positions[t];
                 let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let table = batch.block_tables[batch.seq_of[t]];
-                let qh = &q[t * qw + h * s.k_dim..t * qw + (h + 1) * s.k_dim];
-                attention_head(qh, &view, h / group, table, start..pos + 1, s, scores, o);
+                let qg = &q[t * qw + g * group * s.k_dim..t * qw + (g + 1) * group * s.k_dim];
+                attention_group(qg, &view, g, table, start..pos + 1, s, scores, o);
             });
         self.wo.forward(&attn, n, out);
     }
