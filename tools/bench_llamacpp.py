@@ -208,6 +208,8 @@ def serving(server, sn, name, gguf, a):
     say(f"{name}: llama-server with {conc} slots")
     p = subprocess.Popen([str(server), "-m", gguf, "-t", str(a.threads), "-np", str(conc),
                           "-c", str(conc * ctx_per_slot), "-fa", "on", "--cont-batching",
+                          # Its default HTTP pool serves only a few streams at a time.
+                          "--threads-http", str(conc + 4),
                           "--host", "127.0.0.1", "--port", "0"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
