@@ -1,5 +1,6 @@
 //! One file per architecture, each composing the shared layers; the [`Model`] trait they share.
 
+pub mod decoder;
 pub mod deepseek_v3;
 pub mod gemma3;
 pub mod llama;
