@@ -1,6 +1,7 @@
 //! Kernel micro-benchmark: `matmul_with` on the shapes that dominate SmolLM2-135M decoding and
-//! prefill (and Gemma 3 270M's FFN), in both precisions, on the current rayon pool
-//! (`RAYON_NUM_THREADS` to change it).
+//! prefill (and Gemma 3 270M's FFN), in both precisions and, where this CPU packs the type, through the packed kernels
+//! (`Packed`), on the kernels' thread pool
+//! (`SUPERNODE_THREADS` to change it).
 //!
 //! Prints the median time of several repetitions, the weight bytes read per second (each call
 //! reads the whole weight matrix once, whatever the token count), multiply-adds per second, and
@@ -12,6 +13,8 @@
 
 use std::time::Instant;
 
+use supernode_kernels::matmul::matmul_packed;
+use supernode_kernels::qdot::packed::PackedMatrix;
 use supernode_kernels::{matmul_with, quantize_row, DType, Precision, WeightMatrix};
 
 /// A small deterministic generator (xorshift64*), so runs compare like with like.
@@ -46,6 +49,12 @@ fn time_secs(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn main() {
+    if let Some(t) = std::env::var("SUPERNODE_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
+        supernode_kernels::pool::set_threads(t);
+    }
     let reps: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -68,7 +77,7 @@ fn main() {
     ];
     println!(
         "threads {}, median of {reps} reps",
-        rayon::current_num_threads()
+        supernode_kernels::pool::threads()
     );
     println!(
         "{:<14} {:>5} {:>9} {:>10} {:>9} {:>9} {:>10}",
@@ -93,12 +102,24 @@ fn main() {
             }
             let x = rng.vec(n * cols);
             let mut out = vec![0f32; n * rows];
-            for precision in [Precision::Exact, Precision::Quantized] {
+            let packed = PackedMatrix::pack(dtype, rows, cols, &data);
+            let modes = [("Exact", false), ("Quantized", false), ("Packed", true)];
+            for (mode, pack) in modes {
                 let reps = if n > 1 { reps.div_ceil(3) } else { reps };
-                let (secs, min) = time_secs(reps, || matmul_with(&w, &x, n, &mut out, precision));
+                let (secs, min) = match (&packed, pack) {
+                    (Some(p), true) => time_secs(reps, || matmul_packed(p, &x, n, &mut out)),
+                    (None, true) => continue,
+                    (_, false) => {
+                        let precision = match mode {
+                            "Exact" => Precision::Exact,
+                            _ => Precision::Quantized,
+                        };
+                        time_secs(reps, || matmul_with(&w, &x, n, &mut out, precision))
+                    }
+                };
                 println!(
                     "{name:<14} {n:>5} {:>9} {:>10.3} {:>9.2} {:>9.2} {:>10.3}",
-                    format!("{precision:?}"),
+                    mode,
                     secs * 1e3,
                     data.len() as f64 / secs / 1e9,
                     (rows * cols * n) as f64 / secs / 1e9,

@@ -5,11 +5,13 @@
 //! - [`quant`]: reference (de)quantisers of the GGUF block formats;
 //! - [`matmul`](mod@matmul): batch-invariant weight-times-activations products, parallel over rows;
 //! - [`qdot`]: llama.cpp's activation quantisers and integer dot products (quantised mode);
-//! - [`simd`]: runtime-dispatched dot products with one fixed reduction order.
+//! - [`simd`]: runtime-dispatched dot products with one fixed reduction order;
+//! - [`pool`]: the low-overhead thread pool the kernels and layers run their loops on.
 
 pub mod dtype;
 pub mod matmul;
 pub mod ops;
+pub mod pool;
 pub mod qdot;
 pub mod quant;
 pub mod simd;

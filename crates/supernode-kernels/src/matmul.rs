@@ -3,7 +3,7 @@
 //! `out[t * rows + r] = dot(row r of W, x_t)`: the weights are row-major (each row
 //! `dtype.row_bytes(cols)` bytes, rows consecutive, as GGUF stores them), activations and output
 //! token-major. The work is split into tiles of rows (and, for long batches, chunks of tokens)
-//! run on the rayon pool, so a single token (decode) uses every thread.
+//! run on the [`crate::pool`], so a single token (decode) uses every thread.
 //!
 //! Batch invariance: every output element is `dot_f32(dequantize(row r), x_t)` with the fixed
 //! reduction order of [`crate::simd`], whatever the batch size or the token's place in it. Two
@@ -24,9 +24,9 @@
 
 use std::cell::{Cell, RefCell};
 
-use rayon::prelude::*;
-
 use crate::dtype::DType;
+use crate::pool;
+use crate::qdot::packed::{block_sums, panel_dot, Act, PackedMatrix, PANEL};
 use crate::qdot::{
     quant_kernel, round_row_bf16, round_row_f16, ActBlock, BlockQ8K, BlockQ8_0, BlockQ8_1,
     QuantKernel, TileDot, DOT_ROWS, DOT_TOKENS,
@@ -111,24 +111,22 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     let row_tiles = w.rows.div_ceil(TILE_ROWS);
     let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
     let out = SharedOut(out.as_mut_ptr());
-    (0..row_tiles * token_chunks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (tile, chunk) = (task % row_tiles, task / row_tiles);
-            let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
-            let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
-            let job = Tile {
-                w,
-                x,
-                rows,
-                tokens,
-                out: &out,
-            };
-            match fused {
-                Some(kernels) => job.run_fused(kernels),
-                None => job.run_dequantised(dequantize),
-            }
-        });
+    pool::for_each(row_tiles * token_chunks, |task| {
+        let (tile, chunk) = (task % row_tiles, task / row_tiles);
+        let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
+        let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+        let job = Tile {
+            w,
+            x,
+            rows,
+            tokens,
+            out: &out,
+        };
+        match fused {
+            Some(kernels) => job.run_fused(kernels),
+            None => job.run_dequantised(dequantize),
+        }
+    });
 }
 
 /// As [`matmul`], with the activations meeting the weights as `precision` says. Bit-identical per
@@ -171,6 +169,8 @@ struct ActScratch {
     q8_0: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
     q8_k: Vec<BlockQ8K>,
+    /// `Σ qs` of each Q8_0 block (packed kernels).
+    sums: Vec<i32>,
     rounded: Vec<f32>,
 }
 
@@ -180,6 +180,7 @@ impl ActScratch {
             q8_0: Vec::new(),
             q8_1: Vec::new(),
             q8_k: Vec::new(),
+            sums: Vec::new(),
             rounded: Vec::new(),
         }
     }
@@ -193,7 +194,7 @@ impl Default for ActScratch {
 
 thread_local! {
     /// The calling thread's activation buffers. Taken out for the length of a call (a nested
-    /// call on the same thread, e.g. from a rayon task stolen while waiting, finds an empty one)
+    /// call on the same thread finds an empty one)
     /// and put back after.
     static ACTS: Cell<ActScratch> = const { Cell::new(ActScratch::new()) };
 }
@@ -239,53 +240,118 @@ fn matmul_quantized<A: ActBlock>(
     let blocks = w.cols / A::ELEMS;
     let mut scratch = ACTS.take();
     let buf = buffer(&mut scratch);
+    quantize_tokens(x, w.cols, n_tokens, buf);
+    let acts = &buf[..n_tokens * blocks];
+    let row_tiles = w.rows.div_ceil(TILE_ROWS);
+    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let out = SharedOut(out.as_mut_ptr());
+    pool::for_each(row_tiles * token_chunks, |task| {
+        let (tile, chunk) = (task % row_tiles, task / row_tiles);
+        let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
+        let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+        let mut ys: [&[A]; DOT_TOKENS] = [&[]; DOT_TOKENS];
+        let mut ws: [&[u8]; DOT_ROWS] = [&[]; DOT_ROWS];
+        let mut dots = [0f32; DOT_ROWS * DOT_TOKENS];
+        for t0 in tokens.clone().step_by(DOT_TOKENS) {
+            let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
+            for (j, y) in ys[..group].iter_mut().enumerate() {
+                *y = &acts[(t0 + j) * blocks..(t0 + j + 1) * blocks];
+            }
+            for r0 in rows.clone().step_by(DOT_ROWS) {
+                let n_rows = (r0 + DOT_ROWS).min(rows.end) - r0;
+                for (i, row) in ws[..n_rows].iter_mut().enumerate() {
+                    *row = w.row(r0 + i);
+                }
+                let dots = &mut dots[..n_rows * group];
+                dot(&ws[..n_rows], &ys[..group], dots);
+                for (k, v) in dots.iter().enumerate() {
+                    let (r, t) = (r0 + k / group, t0 + k % group);
+                    // SAFETY: as in `Tile::store`: this task's (row, token) range is its own.
+                    unsafe { out.write(t * w.rows + r, *v) }
+                }
+            }
+        }
+    });
+    ACTS.set(scratch);
+}
+
+/// `out[t * rows + r] = dot(row r of m, x_t)` for a [`PackedMatrix`], in its reference order
+/// (see [`crate::qdot::packed`]): each token's activations are quantised once, on their own, so
+/// every output is the same bits whatever the batch. Tasks are panels times chunks of tokens;
+/// within a task, groups of up to 4 tokens go through the panels, each panel-block decoded once
+/// per group.
+pub fn matmul_packed(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), n_tokens * m.cols, "matmul: activations length");
+    assert_eq!(out.len(), n_tokens * m.rows, "matmul: output length");
+    if out.is_empty() {
+        return;
+    }
+    let blocks = m.cols / BlockQ8_0::ELEMS;
+    let mut scratch = ACTS.take();
+    let min = m.format.has_min();
+    if min {
+        quantize_tokens(x, m.cols, n_tokens, &mut scratch.q8_1);
+    } else {
+        quantize_tokens(x, m.cols, n_tokens, &mut scratch.q8_0);
+        scratch.sums.resize(n_tokens * blocks, 0);
+        for (s, y) in scratch
+            .sums
+            .chunks_mut(blocks)
+            .zip(scratch.q8_0.chunks(blocks))
+        {
+            block_sums(y, s);
+        }
+    }
+    let act = |t: usize| {
+        let r = t * blocks..(t + 1) * blocks;
+        if min {
+            Act::Q8_1(&scratch.q8_1[r])
+        } else {
+            Act::Q8_0(&scratch.q8_0[r.clone()], &scratch.sums[r])
+        }
+    };
+    let panels = m.panels();
+    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
+    let shared = SharedOut(out.as_mut_ptr());
+    pool::for_each(panels * token_chunks, |task| {
+        let (panel, chunk) = (task % panels, task / panels);
+        let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+        let r0 = panel * PANEL;
+        let valid = PANEL.min(m.rows - r0);
+        let mut res = [[0f32; PANEL]; DOT_TOKENS];
+        for t0 in tokens.clone().step_by(DOT_TOKENS) {
+            let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
+            let acts: [Act; DOT_TOKENS] = std::array::from_fn(|j| act(t0 + j.min(group - 1)));
+            panel_dot(m, panel, &acts[..group], &mut res[..group]);
+            for (j, r) in res[..group].iter().enumerate() {
+                for (i, &v) in r[..valid].iter().enumerate() {
+                    // SAFETY: this task's (panel rows, token range) is its own; indices are in
+                    // bounds by the length checks above.
+                    unsafe { shared.write((t0 + j) * m.rows + r0 + i, v) }
+                }
+            }
+        }
+    });
+    ACTS.set(scratch);
+}
+
+/// Each token's `cols` activations quantised on their own into `buf` (resized as needed),
+/// in parallel for long batches.
+fn quantize_tokens<A: ActBlock>(x: &[f32], cols: usize, n_tokens: usize, buf: &mut Vec<A>) {
+    let blocks = cols / A::ELEMS;
     if buf.len() < n_tokens * blocks {
         buf.resize(n_tokens * blocks, A::ZERO);
     }
     let acts = &mut buf[..n_tokens * blocks];
     if n_tokens >= PAR_QUANTIZE_TOKENS {
-        acts.par_chunks_mut(blocks)
-            .zip(x.par_chunks(w.cols))
-            .for_each(|(y, x)| A::quantize(x, y));
+        pool::for_each_chunk_mut(acts, blocks, |t, y| {
+            A::quantize(&x[t * cols..(t + 1) * cols], y)
+        });
     } else {
-        for (y, x) in acts.chunks_mut(blocks).zip(x.chunks(w.cols)) {
+        for (y, x) in acts.chunks_mut(blocks).zip(x.chunks(cols)) {
             A::quantize(x, y);
         }
     }
-    let acts = &*acts;
-    let row_tiles = w.rows.div_ceil(TILE_ROWS);
-    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
-    let out = SharedOut(out.as_mut_ptr());
-    (0..row_tiles * token_chunks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (tile, chunk) = (task % row_tiles, task / row_tiles);
-            let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
-            let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
-            let mut ys: [&[A]; DOT_TOKENS] = [&[]; DOT_TOKENS];
-            let mut ws: [&[u8]; DOT_ROWS] = [&[]; DOT_ROWS];
-            let mut dots = [0f32; DOT_ROWS * DOT_TOKENS];
-            for t0 in tokens.clone().step_by(DOT_TOKENS) {
-                let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
-                for (j, y) in ys[..group].iter_mut().enumerate() {
-                    *y = &acts[(t0 + j) * blocks..(t0 + j + 1) * blocks];
-                }
-                for r0 in rows.clone().step_by(DOT_ROWS) {
-                    let n_rows = (r0 + DOT_ROWS).min(rows.end) - r0;
-                    for (i, row) in ws[..n_rows].iter_mut().enumerate() {
-                        *row = w.row(r0 + i);
-                    }
-                    let dots = &mut dots[..n_rows * group];
-                    dot(&ws[..n_rows], &ys[..group], dots);
-                    for (k, v) in dots.iter().enumerate() {
-                        let (r, t) = (r0 + k / group, t0 + k % group);
-                        // SAFETY: as in `Tile::store`: this task's (row, token) range is its own.
-                        unsafe { out.write(t * w.rows + r, *v) }
-                    }
-                }
-            }
-        });
-    ACTS.set(scratch);
 }
 
 /// One task: a range of rows times a range of tokens.

@@ -39,6 +39,28 @@ impl Tensor {
         }
     }
 
+    /// Drops a mapped tensor's pages from this process's resident set (a hint: later reads
+    /// fault them back in from the page cache). Nothing for owned bytes.
+    pub fn release_pages(&self) {
+        if let Storage::Mapped(map, range) = &self.storage {
+            // Whole pages inside the range only, so neighbouring tensors keep theirs.
+            let page = 4096;
+            let start = range.start.next_multiple_of(page);
+            let end = range.end / page * page;
+            if end > start {
+                // SAFETY: the map is read-only and private to this process's view of the file;
+                // dropping clean pages only makes later reads fault them in again.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+
     /// Elements in the innermost dimension.
     pub fn cols(&self) -> usize {
         self.shape.first().copied().unwrap_or(1)

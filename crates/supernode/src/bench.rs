@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, IsTerminal};
 use std::process::{Child, Command as Proc, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use supernode_kernels::pool;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -121,7 +122,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let bw = read_bandwidth();
     let out = json!({
         "model": path.display().to_string(),
-        "threads": rayon::current_num_threads(),
+        "threads": pool::threads(),
         "precision": a.model.precision_name(),
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
@@ -145,15 +146,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 /// Memory read bandwidth in bytes/s on the compute pool's threads: the best of a few passes
 /// summing a 512 MiB buffer, each thread its own part (the roofline for weight-bound decode).
 fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     let buf = vec![1u64; 64 << 20];
     let mut best = 0f64;
     for _ in 0..5 {
         let t0 = Instant::now();
-        let s: u64 = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
-            .sum();
+        let total = AtomicU64::new(0);
+        pool::for_each(buf.len() >> 16, |i| {
+            let c = &buf[i << 16..(i + 1) << 16];
+            let s = c.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+            total.fetch_add(s, Ordering::Relaxed);
+        });
+        let s = total.load(Ordering::Relaxed);
         let dt = t0.elapsed().as_secs_f64();
         std::hint::black_box(s);
         best = best.max((buf.len() * 8) as f64 / dt);

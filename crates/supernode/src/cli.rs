@@ -175,10 +175,9 @@ pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
         if t == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("cannot start the thread pool")?;
+        if !supernode_kernels::pool::set_threads(t) {
+            bail!("the thread pool already runs with another thread count");
+        }
     }
     let path: PathBuf = fetch::resolve_model(&m.model)?;
     let precision = match m.precision {

@@ -21,6 +21,7 @@
 
 use std::arch::x86_64::*;
 
+use super::packed::{Act, Format, PANEL};
 use super::{fold8, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantKernel, DOT_ROWS, DOT_TOKENS};
 use crate::dtype::DType;
 use crate::quant::scale_min_k4;
@@ -486,4 +487,145 @@ pub(super) fn kernel(dtype: DType) -> Option<QuantKernel> {
         DType::Q6K => QuantKernel::Q8K(entry_k!(q6_k, 210)),
         _ => return None,
     })
+}
+
+/// The 8 groups of a packed panel-block's stored weights (unsigned bytes; lane `r`, byte `j` of
+/// group `g` is element `4g + j` of row `r`), for format `F` (see [`super::packed::Format`]).
+///
+/// # Safety
+/// AVX-512 F/BW; `p` points at a whole panel-block of the format.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn panel_values<const F: u8>(p: *const u8) -> [__m512i; 8] {
+    let fmt = format_of::<F>();
+    let (_, qh_off, qs_off) = fmt.offsets();
+    let q = p.add(qs_off);
+    if fmt == Format::Q8_0 {
+        return std::array::from_fn(|g| _mm512_loadu_si512(q.add(64 * g).cast()));
+    }
+    let m4 = _mm512_set1_epi8(0xF);
+    let mut w = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        let raw = _mm512_loadu_si512(q.add(64 * k).cast());
+        w[k] = _mm512_and_si512(raw, m4);
+        w[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+    }
+    if matches!(fmt, Format::Q5_0 | Format::Q5_1) {
+        let bit5 = _mm512_set1_epi8(0x10);
+        for (g, v) in w.iter_mut().enumerate() {
+            let mask = p.add(qh_off + 8 * g).cast::<u64>().read_unaligned();
+            *v = _mm512_mask_add_epi8(*v, mask, *v, bit5);
+        }
+    }
+    w
+}
+
+/// The packed format numbered `F` (a const generic stands in for the enum).
+#[inline(always)]
+const fn format_of<const F: u8>() -> Format {
+    match F {
+        0 => Format::Q4_0,
+        1 => Format::Q4_1,
+        2 => Format::Q5_0,
+        3 => Format::Q5_1,
+        _ => Format::Q8_0,
+    }
+}
+
+/// `N` tokens against one panel of format `F`: per block, 8 `vpdpbusd` per token give the 16
+/// rows' exact block sums, then `acc = acc + (d_w * d_x) * isum` (plus `m_w * s_x` for types
+/// with a min) on all 16 rows at once: [`super::packed::dot_row`]'s steps, lane by lane.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn panel_n<const F: u8, const N: usize>(
+    p: *const u8,
+    blocks: usize,
+    acts: [Act<'_>; N],
+) -> [__m512; N] {
+    let fmt = format_of::<F>();
+    let (m_off, _, _) = fmt.offsets();
+    let block_bytes = PANEL * fmt.block_bytes();
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..blocks {
+        let pb = p.add(b * block_bytes);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(pb.cast()));
+        let w = panel_values::<F>(pb);
+        for t in 0..N {
+            let (qs, dx) = match acts[t] {
+                Act::Q8_0(ys, _) => {
+                    let y = ys.get_unchecked(b);
+                    (y.qs.as_ptr(), y.d)
+                }
+                Act::Q8_1(ys) => {
+                    let y = ys.get_unchecked(b);
+                    (y.qs.as_ptr(), y.d)
+                }
+            };
+            let x = |g: usize| _mm512_set1_epi32(qs.add(4 * g).cast::<i32>().read_unaligned());
+            let mut even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x(0));
+            let mut odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], x(1));
+            for g in (2..8).step_by(2) {
+                even = _mm512_dpbusd_epi32(even, w[g], x(g));
+                odd = _mm512_dpbusd_epi32(odd, w[g + 1], x(g + 1));
+            }
+            let mut isum = _mm512_add_epi32(even, odd);
+            if let Act::Q8_0(_, sums) = acts[t] {
+                let corr = fmt.offset() * *sums.get_unchecked(b);
+                isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(corr));
+            }
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+            let mut term = _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum));
+            if let Act::Q8_1(ys) = acts[t] {
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(m_off).cast()));
+                term = _mm512_add_ps(
+                    term,
+                    _mm512_mul_ps(mw, _mm512_set1_ps(ys.get_unchecked(b).s)),
+                );
+            }
+            acc[t] = _mm512_add_ps(acc[t], term);
+        }
+    }
+    acc
+}
+
+/// `acts.len()` (1 to 4) tokens against one panel of `fmt`, into `out[t]`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI; `p` holds `blocks` panel-blocks of `fmt`; each token has `blocks`
+/// activation blocks of the type `fmt` meets (and, for Q8_0, `blocks` sums).
+pub(super) unsafe fn panel(
+    fmt: Format,
+    p: &[u8],
+    blocks: usize,
+    acts: &[Act<'_>],
+    out: &mut [[f32; PANEL]],
+) {
+    unsafe fn run<const F: u8>(
+        p: *const u8,
+        blocks: usize,
+        acts: &[Act<'_>],
+        out: &mut [[f32; PANEL]],
+    ) {
+        macro_rules! go {
+            ($n:literal) => {{
+                let res = panel_n::<F, $n>(p, blocks, std::array::from_fn(|t| acts[t]));
+                for (o, v) in out.iter_mut().zip(res) {
+                    _mm512_storeu_ps(o.as_mut_ptr(), v);
+                }
+            }};
+        }
+        match acts.len() {
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            _ => go!(4),
+        }
+    }
+    let p = p.as_ptr();
+    match fmt {
+        Format::Q4_0 => run::<0>(p, blocks, acts, out),
+        Format::Q4_1 => run::<1>(p, blocks, acts, out),
+        Format::Q5_0 => run::<2>(p, blocks, acts, out),
+        Format::Q5_1 => run::<3>(p, blocks, acts, out),
+        Format::Q8_0 => run::<4>(p, blocks, acts, out),
+    }
 }

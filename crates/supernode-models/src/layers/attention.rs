@@ -3,12 +3,19 @@
 //! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
 //! writes the KV cache.
 
-use rayon::prelude::*;
+use std::cell::RefCell;
+
 use supernode_kernels::ops::{attention_group, round_f16, AttnShape};
+use supernode_kernels::pool;
 
 use super::{Linear, RmsNorm, RopeTable};
 use crate::kv_cache::LayerKv;
 use crate::Batch;
+
+thread_local! {
+    /// Each thread's attention score buffer, reused across calls.
+    pub(crate) static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 pub struct Attention {
     pub wq: Linear,
@@ -80,16 +87,16 @@ impl Attention {
         // over threads. Bit-identical to one `attention_head` per query head.
         let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
         let group = s.n_heads / s.n_kv_heads;
-        attn.par_chunks_mut(group * s.v_dim)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (i, o)| {
-                let (t, g) = (i / s.n_kv_heads, i % s.n_kv_heads);
-                let pos = batch.positions[t];
-                let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let table = batch.block_tables[batch.seq_of[t]];
-                let qg = &q[t * qw + g * group * s.k_dim..t * qw + (g + 1) * group * s.k_dim];
-                attention_group(qg, &view, g, table, start..pos + 1, s, scores, o);
+        pool::for_each_chunk_mut(&mut attn, group * s.v_dim, |i, o| {
+            let (t, g) = (i / s.n_kv_heads, i % s.n_kv_heads);
+            let pos = batch.positions[t];
+            let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let table = batch.block_tables[batch.seq_of[t]];
+            let qg = &q[t * qw + g * group * s.k_dim..t * qw + (g + 1) * group * s.k_dim];
+            SCORES.with_borrow_mut(|scores| {
+                attention_group(qg, &view, g, table, start..pos + 1, s, scores, o)
             });
+        });
         self.wo.forward(&attn, n, out);
     }
 }

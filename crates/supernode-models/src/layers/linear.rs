@@ -1,19 +1,41 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
-use supernode_kernels::matmul::{matmul_with, Precision, WeightMatrix};
+use supernode_kernels::matmul::{matmul_packed, matmul_with, Precision, WeightMatrix};
+use supernode_kernels::qdot::packed::PackedMatrix;
 
 use crate::Tensor;
 
 /// `rows × cols` weights (any dtype), optional f32 bias of `rows`.
+///
+/// In quantised precision, weights of the 32-element types are re-laid out once at load time
+/// into panels for the integer dot instructions ([`PackedMatrix`]) when this CPU has the packed
+/// kernels; the products then always go through them (so each matrix keeps one reduction order
+/// whatever the batch).
 pub struct Linear {
     w: Tensor,
+    packed: Option<PackedMatrix>,
     bias: Option<Vec<f32>>,
     precision: Precision,
 }
 
 impl Linear {
     pub(crate) fn new(w: Tensor, bias: Option<Vec<f32>>, precision: Precision) -> Linear {
-        Linear { w, bias, precision }
+        let packed = match precision {
+            Precision::Quantized => PackedMatrix::pack(w.dtype, w.rows(), w.cols(), w.bytes()),
+            Precision::Exact => None,
+        };
+        if packed.is_some() {
+            // The mapped pages were read once to pack them: let them go from this process's
+            // resident set (they come back from the page cache if the same bytes are still
+            // needed, e.g. as the embedding table of a tied output head).
+            w.release_pages();
+        }
+        Linear {
+            w,
+            packed,
+            bias,
+            precision,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -31,13 +53,17 @@ impl Linear {
 
     /// `x`: `n × cols`; `out`: `n × rows`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let w = WeightMatrix {
-            dtype: self.w.dtype,
-            rows: self.rows(),
-            cols: self.cols(),
-            data: self.w.bytes(),
-        };
-        matmul_with(&w, x, n, out, self.precision);
+        if let Some(p) = &self.packed {
+            matmul_packed(p, x, n, out);
+        } else {
+            let w = WeightMatrix {
+                dtype: self.w.dtype,
+                rows: self.rows(),
+                cols: self.cols(),
+                data: self.w.bytes(),
+            };
+            matmul_with(&w, x, n, out, self.precision);
+        }
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bb) in row.iter_mut().zip(b) {

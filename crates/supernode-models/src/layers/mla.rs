@@ -16,10 +16,10 @@
 //! so they agree bit for bit. Like [`Attention`](super::Attention), this is code that writes the
 //! KV cache, through [`LayerKv::write`].
 
-use rayon::prelude::*;
 use supernode_kernels::ops::{attention_head, round_f16, AttnShape};
-use supernode_kernels::Precision;
+use supernode_kernels::{pool, Precision};
 
+use super::attention::SCORES;
 use super::{Linear, RmsNorm, RopeTable, StackedLinear};
 use crate::config::MlaConfig;
 use crate::kv_cache::LayerKv;
@@ -137,15 +137,15 @@ impl Mla {
         };
         // Latent outputs `Σ p · c`, one task per (token, head).
         let mut lat = vec![0.0; n * heads * rank];
-        lat.par_chunks_mut(rank)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (i, o)| {
-                let t = i / heads;
-                let table = batch.block_tables[batch.seq_of[t]];
-                let qh = &qa[i * kw..(i + 1) * kw];
-                let ctx = 0..batch.positions[t] + 1;
-                attention_head(qh, &view, 0, table, ctx, &shape, scores, o);
+        pool::for_each_chunk_mut(&mut lat, rank, |i, o| {
+            let t = i / heads;
+            let table = batch.block_tables[batch.seq_of[t]];
+            let qh = &qa[i * kw..(i + 1) * kw];
+            let ctx = 0..batch.positions[t] + 1;
+            SCORES.with_borrow_mut(|scores| {
+                attention_head(qh, &view, 0, table, ctx, &shape, scores, o)
             });
+        });
         // Per head `W_UV_h`, into the heads' concatenated outputs.
         let vd = self.v_dim;
         let mut attn = vec![0.0; n * heads * vd];

@@ -1,0 +1,511 @@
+//! Weights re-laid out at load time for the integer dot instructions: panels of 16 rows whose
+//! blocks are interleaved so that one `vpdpbusd` multiplies 4 consecutive weights of each of the
+//! 16 rows by the same 4 activations. A block's 32 products of a row then sum into one 32-bit
+//! lane, and the float step (scale, accumulate) is done for 16 rows in one register, with no
+//! horizontal reduction anywhere. That is several times fewer instructions per weight byte than
+//! the row-pair kernels of `avx512`, which keep 8 lanes per row: decode becomes bound by memory
+//! instead of by the vector ports.
+//!
+//! Used for the 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in quantised precision, when the
+//! CPU has AVX-512 VNNI. Other types and machines keep the row kernels of [`super`].
+//!
+//! ## Numerics (the reference order of packed matrices)
+//!
+//! Per row, block after block, with `isum` the exact integer sum of the block's 32 products:
+//! - Q4_0, Q5_0, Q8_0 (against Q8_0 activations): `acc = acc + (d_w * d_x) * isum`;
+//! - Q4_1, Q5_1 (against Q8_1): `acc = acc + ((d_w * d_x) * isum + m_w * s_x)`;
+//!
+//! each a multiply then an add (no FMA), starting from `acc = 0`. This is llama.cpp's scalar
+//! `ggml_vec_dot_q*_q8_*` order, and `dot_row` (in the tests) computes it from the original row as the
+//! reference the SIMD kernel is tested against. It is not the 8-lane order of the row kernels,
+//! so a packed matrix's outputs differ from an unpacked one's in the last bits: every matrix is
+//! either always packed or never (the choice depends only on the matrix and the CPU), so the
+//! results stay batch invariant.
+//!
+//! ## Layout
+//!
+//! Rows go in panels of [`PANEL`]; the last panel is padded with zero rows. A panel holds its
+//! blocks in column order, each panel-block being (for rows `r = 0..16`, all little endian):
+//!
+//! | part | bytes | contents |
+//! |---|---|---|
+//! | `d` | 32 | the 16 rows' f16 scales |
+//! | `m` (Q4_1, Q5_1) | 32 | the 16 rows' f16 mins |
+//! | `qh` (Q5_0, Q5_1) | 64 | for each group `g` of 4 elements (0..8) a u64 mask, bit `4r + j` = fifth bit of element `4g + j` of row `r` |
+//! | `qs` | 256 (Q4, Q5) or 512 (Q8_0) | 64 bytes per group: for Q4/Q5, group `k` (0..4) holds in lane `r` the row's nibble bytes `4k .. 4k + 4` (low nibbles: elements `4k + j`, high: `16 + 4k + j`); for Q8_0, group `g` (0..8) holds in lane `r` elements `4g .. 4g + 4` plus 128, as unsigned bytes |
+//!
+//! A panel-block is exactly 16 original blocks' bytes, so a packed matrix is as large as the
+//! original (plus the padding rows).
+
+use crate::dtype::DType;
+
+#[cfg(test)]
+use super::{f16_at, five_bit, nibble};
+use super::{BlockQ8_0, BlockQ8_1, QK};
+
+/// Rows per panel: one 32-bit lane of a 512-bit register per row.
+pub const PANEL: usize = 16;
+
+/// One cache line, the unit of a packed matrix's storage (so panels start 64-byte aligned).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// The packed formats: the 32-element types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl Format {
+    fn of(dtype: DType) -> Option<Format> {
+        Some(match dtype {
+            DType::Q4_0 => Format::Q4_0,
+            DType::Q4_1 => Format::Q4_1,
+            DType::Q5_0 => Format::Q5_0,
+            DType::Q5_1 => Format::Q5_1,
+            DType::Q8_0 => Format::Q8_0,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of one original block.
+    pub(crate) fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+            Format::Q8_0 => 34,
+        }
+    }
+
+    /// Whether the type has a min (and meets Q8_1 activations).
+    pub(crate) fn has_min(self) -> bool {
+        matches!(self, Format::Q4_1 | Format::Q5_1)
+    }
+
+    /// Byte offsets within a panel-block of the mins, the fifth-bit masks and the quants.
+    pub(crate) fn offsets(self) -> (usize, usize, usize) {
+        let m = 32;
+        let qh = if self.has_min() { 64 } else { 32 };
+        let qs = match self {
+            Format::Q5_0 | Format::Q5_1 => qh + 64,
+            _ => qh,
+        };
+        (m, qh, qs)
+    }
+
+    /// What the stored unsigned values exceed the true weights by (subtracted as
+    /// `offset * Σ x` per block).
+    pub(crate) fn offset(self) -> i32 {
+        match self {
+            Format::Q4_0 => 8,
+            Format::Q5_0 => 16,
+            Format::Q8_0 => 128,
+            Format::Q4_1 | Format::Q5_1 => 0,
+        }
+    }
+
+    /// Byte offset of the scale (and of the min) within an original block, and of its quants.
+    fn source_offsets(self) -> (usize, usize) {
+        match self {
+            Format::Q4_0 | Format::Q8_0 => (0, 2),
+            Format::Q5_0 => (0, 6),
+            Format::Q4_1 => (0, 4),
+            Format::Q5_1 => (0, 8),
+        }
+    }
+
+    /// The 32 stored unsigned values of an original block (true weight + [`Format::offset`]).
+    #[cfg(test)]
+    fn values(self, b: &[u8]) -> [i32; QK] {
+        std::array::from_fn(|i| match self {
+            Format::Q4_0 => nibble(&b[2..18], i),
+            Format::Q4_1 => nibble(&b[4..20], i),
+            Format::Q5_0 => five_bit(&b[2..6], &b[6..22], i),
+            Format::Q5_1 => five_bit(&b[4..8], &b[8..24], i),
+            Format::Q8_0 => b[2 + i] as i8 as i32 + 128,
+        })
+    }
+}
+
+/// A weight matrix in the packed layout (see the module docs).
+pub struct PackedMatrix {
+    pub(crate) format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+impl PackedMatrix {
+    /// `rows` rows of `cols` elements of `dtype` (`data` row-major, as GGUF stores them) in the
+    /// packed layout, or `None` when this machine has no packed kernel for the type (or `cols`
+    /// is not whole blocks).
+    pub fn pack(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Option<PackedMatrix> {
+        let format = Format::of(dtype)?;
+        if !available() || cols == 0 || !cols.is_multiple_of(QK) || rows == 0 {
+            return None;
+        }
+        Some(Self::pack_format(format, rows, cols, data))
+    }
+
+    pub(crate) fn pack_format(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+    ) -> PackedMatrix {
+        let blocks = cols / QK;
+        let src_block = format.block_bytes();
+        assert_eq!(data.len(), rows * blocks * src_block, "pack: weight bytes");
+        let panel_block = PANEL * src_block;
+        let panel_bytes = blocks * panel_block;
+        let panels = rows.div_ceil(PANEL);
+        let mut lines = vec![Line([0; 64]); (panels * panel_bytes).div_ceil(64)];
+        // SAFETY: `Line` is 64 plain bytes; the slice covers exactly the vector's storage.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), lines.len() * 64)
+        };
+        let (m_off, qh_off, qs_off) = format.offsets();
+        let (d_src, qs_src) = format.source_offsets();
+        for r in 0..rows {
+            let (panel, lane) = (r / PANEL, r % PANEL);
+            for b in 0..blocks {
+                let src = &data[(r * blocks + b) * src_block..][..src_block];
+                let dst = &mut out[panel * panel_bytes + b * panel_block..][..panel_block];
+                dst[2 * lane..2 * lane + 2].copy_from_slice(&src[d_src..d_src + 2]);
+                if format.has_min() {
+                    dst[m_off + 2 * lane..m_off + 2 * lane + 2].copy_from_slice(&src[2..4]);
+                }
+                match format {
+                    Format::Q8_0 => {
+                        for g in 0..8 {
+                            for j in 0..4 {
+                                dst[qs_off + 64 * g + 4 * lane + j] =
+                                    src[qs_src + 4 * g + j] ^ 0x80;
+                            }
+                        }
+                    }
+                    _ => {
+                        for k in 0..4 {
+                            let at = qs_off + 64 * k + 4 * lane;
+                            dst[at..at + 4]
+                                .copy_from_slice(&src[qs_src + 4 * k..qs_src + 4 * k + 4]);
+                        }
+                    }
+                }
+                if matches!(format, Format::Q5_0 | Format::Q5_1) {
+                    let qh = u32::from_le_bytes(src[qs_src - 4..qs_src].try_into().unwrap());
+                    for g in 0..8 {
+                        let at = qh_off + 8 * g;
+                        let mut mask = u64::from_le_bytes(dst[at..at + 8].try_into().unwrap());
+                        mask |= u64::from((qh >> (4 * g)) & 0xF) << (4 * lane);
+                        dst[at..at + 8].copy_from_slice(&mask.to_le_bytes());
+                    }
+                }
+            }
+        }
+        PackedMatrix {
+            format,
+            rows,
+            cols,
+            data: lines,
+        }
+    }
+
+    /// The packed bytes (whole panels).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `Line` is 64 plain bytes.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.data.len() * 64) }
+    }
+
+    /// Bytes of one panel.
+    pub(crate) fn panel_bytes(&self) -> usize {
+        self.cols / QK * PANEL * self.format.block_bytes()
+    }
+
+    /// Number of panels.
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
+    /// Bytes of weights read per product (for bandwidth figures).
+    pub fn weight_bytes(&self) -> usize {
+        self.panels() * self.panel_bytes()
+    }
+}
+
+/// Whether this machine runs the packed kernels.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::quant_level() >= super::QuantLevel::Avx512Vnni
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The reference of the packed order for one original row of `format` against one token's
+/// Q8_0 activations (`ys_0`, with `sums[b] = Σ qs` of each block) or Q8_1 activations (`ys_1`),
+/// whichever the format meets.
+#[cfg(test)]
+pub(crate) fn dot_row(format: Format, row: &[u8], act: Act<'_>) -> f32 {
+    let bytes = format.block_bytes();
+    let offset = format.offset();
+    let mut acc = 0f32;
+    for (b, blk) in row.chunks_exact(bytes).enumerate() {
+        let w = format.values(blk);
+        let (qs, dx) = match act {
+            Act::Q8_0(ys, _) => (&ys[b].qs, ys[b].d),
+            Act::Q8_1(ys) => (&ys[b].qs, ys[b].d),
+        };
+        let raw: i32 = w.iter().zip(qs).map(|(&w, &x)| w * x as i32).sum();
+        let isum = match act {
+            Act::Q8_0(_, sums) => raw - offset * sums[b],
+            Act::Q8_1(_) => raw,
+        };
+        let term = (f16_at(blk, 0) * dx) * isum as f32;
+        acc += match act {
+            Act::Q8_0(..) => term,
+            Act::Q8_1(ys) => term + f16_at(blk, 2) * ys[b].s,
+        };
+    }
+    acc
+}
+
+/// One token's quantised activations, as a packed kernel takes them.
+#[derive(Clone, Copy)]
+pub(crate) enum Act<'a> {
+    /// Q8_0 blocks and each block's `Σ qs`.
+    Q8_0(&'a [BlockQ8_0], &'a [i32]),
+    Q8_1(&'a [BlockQ8_1]),
+}
+
+/// `Σ qs` of each Q8_0 block of `ys` into `sums`.
+pub(crate) fn block_sums(ys: &[BlockQ8_0], sums: &mut [i32]) {
+    for (s, y) in sums.iter_mut().zip(ys) {
+        *s = y.qs.iter().map(|&q| q as i32).sum();
+    }
+}
+
+/// Up to 4 tokens against one panel: `out[t][r]` for the panel's 16 rows. Panics unless the
+/// machine has the kernels ([`available`]) and the activations match the matrix.
+pub(crate) fn panel_dot(
+    m: &PackedMatrix,
+    panel: usize,
+    acts: &[Act<'_>],
+    out: &mut [[f32; PANEL]],
+) {
+    assert!(available(), "packed kernels need AVX-512 VNNI");
+    let blocks = m.cols / QK;
+    assert!(
+        (1..=4).contains(&acts.len()) && out.len() == acts.len(),
+        "panel_dot: tokens"
+    );
+    for a in acts {
+        match (*a, m.format.has_min()) {
+            (Act::Q8_0(ys, sums), false) => {
+                assert!(
+                    ys.len() == blocks && sums.len() == blocks,
+                    "panel_dot: blocks"
+                )
+            }
+            (Act::Q8_1(ys), true) => assert_eq!(ys.len(), blocks, "panel_dot: blocks"),
+            _ => panic!("panel_dot: activation type"),
+        }
+    }
+    assert!(panel < m.panels(), "panel_dot: panel");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = &m.bytes()[panel * m.panel_bytes()..(panel + 1) * m.panel_bytes()];
+        // SAFETY: `available` confirmed AVX-512 F/BW/VL/VNNI; the panel holds `blocks`
+        // panel-blocks and every token `blocks` activation blocks (checked above).
+        unsafe { super::avx512::panel(m.format, p, blocks, acts, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no packed kernels off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matmul::matmul_packed;
+    use crate::qdot::{quantize_row_q8_0, quantize_row_q8_1};
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// Random original rows of `format`: any quant bytes, finite f16 scales and mins.
+    fn random_rows(rng: &mut Rng, format: Format, rows: usize, cols: usize) -> Vec<u8> {
+        let bytes = format.block_bytes();
+        let mut data = vec![0u8; rows * cols / QK * bytes];
+        for blk in data.chunks_exact_mut(bytes) {
+            for b in blk.iter_mut() {
+                *b = rng.next() as u8;
+            }
+            let d = half::f16::from_f32(rng.f32() * 0.05).to_le_bytes();
+            blk[..2].copy_from_slice(&d);
+            if format.has_min() {
+                let m = half::f16::from_f32(rng.f32() * 0.05).to_le_bytes();
+                blk[2..4].copy_from_slice(&m);
+            }
+        }
+        data
+    }
+
+    const FORMATS: [(Format, DType); 5] = [
+        (Format::Q4_0, DType::Q4_0),
+        (Format::Q4_1, DType::Q4_1),
+        (Format::Q5_0, DType::Q5_0),
+        (Format::Q5_1, DType::Q5_1),
+        (Format::Q8_0, DType::Q8_0),
+    ];
+
+    /// Every output of `matmul_packed`, for row counts around the panel size and token counts
+    /// that cover partial token groups and several token chunks, equals `dot_row` of the
+    /// original row and that token alone, bit for bit.
+    #[test]
+    fn packed_products_equal_the_row_reference() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this machine");
+            return;
+        }
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for (format, dtype) in FORMATS {
+            for (rows, cols) in [(1, 32), (15, 64), (16, 96), (33, 576), (40, 160)] {
+                let data = random_rows(&mut rng, format, rows, cols);
+                let m = PackedMatrix::pack(dtype, rows, cols, &data).unwrap();
+                assert_eq!(
+                    m.weight_bytes(),
+                    rows.div_ceil(PANEL) * PANEL * data.len() / rows
+                );
+                for n in [1, 2, 3, 5, 70] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 3.0).collect();
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul_packed(&m, &x, n, &mut out);
+                    let blocks = cols / QK;
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let mut q0 = vec![
+                            BlockQ8_0 {
+                                d: 0.0,
+                                qs: [0; QK]
+                            };
+                            blocks
+                        ];
+                        let mut q1 = vec![
+                            BlockQ8_1 {
+                                d: 0.0,
+                                s: 0.0,
+                                qs: [0; QK]
+                            };
+                            blocks
+                        ];
+                        let mut sums = vec![0; blocks];
+                        quantize_row_q8_0(xt, &mut q0);
+                        quantize_row_q8_1(xt, &mut q1);
+                        block_sums(&q0, &mut sums);
+                        let act = if format.has_min() {
+                            Act::Q8_1(&q1)
+                        } else {
+                            Act::Q8_0(&q0, &sums)
+                        };
+                        for r in 0..rows {
+                            let row = &data[r * data.len() / rows..(r + 1) * data.len() / rows];
+                            let want = dot_row(format, row, act);
+                            let got = out[t * rows + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{format:?} {rows}x{cols} n={n} token {t} row {r}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reference order is close to the float64 product of the dequantised row with the
+    /// quantised activations (a check of the reference itself, independent of the packing).
+    #[test]
+    fn row_reference_matches_dequantised_product() {
+        let mut rng = Rng(77);
+        for (format, dtype) in FORMATS {
+            let cols = 256;
+            let row = random_rows(&mut rng, format, 1, cols);
+            let mut w = vec![0f32; cols];
+            crate::quant::dequantize_row(dtype, &row, &mut w);
+            let x: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
+            let mut q0 = vec![
+                BlockQ8_0 {
+                    d: 0.0,
+                    qs: [0; QK]
+                };
+                cols / QK
+            ];
+            let mut q1 = vec![
+                BlockQ8_1 {
+                    d: 0.0,
+                    s: 0.0,
+                    qs: [0; QK]
+                };
+                cols / QK
+            ];
+            let mut sums = vec![0; cols / QK];
+            quantize_row_q8_0(&x, &mut q0);
+            quantize_row_q8_1(&x, &mut q1);
+            block_sums(&q0, &mut sums);
+            let (act, xq): (Act, Vec<f64>) = if format.has_min() {
+                (
+                    Act::Q8_1(&q1),
+                    (0..cols)
+                        .map(|i| f64::from(q1[i / QK].d) * f64::from(q1[i / QK].qs[i % QK]))
+                        .collect(),
+                )
+            } else {
+                (
+                    Act::Q8_0(&q0, &sums),
+                    (0..cols)
+                        .map(|i| f64::from(q0[i / QK].d) * f64::from(q0[i / QK].qs[i % QK]))
+                        .collect(),
+                )
+            };
+            let want: f64 = w.iter().zip(&xq).map(|(&w, &x)| f64::from(w) * x).sum();
+            let got = f64::from(dot_row(format, &row, act));
+            // Q8_1's `s` is f16-rounded, so types with a min are off by up to ~1e-3 relative there.
+            assert!(
+                (got - want).abs() < 2e-3 * (1.0 + want.abs()),
+                "{format:?}: {got} vs {want}"
+            );
+        }
+    }
+}
