@@ -277,22 +277,43 @@ fn matmul_quantized<A: ActBlock>(
 
 /// `out[t * rows + r] = dot(row r of m, x_t)` for a [`PackedMatrix`], in its reference order
 /// (see [`crate::qdot::packed`]): each token's activations are quantised once, on their own, so
-/// every output is the same bits whatever the batch. Tasks are panels times chunks of tokens;
-/// within a task, groups of up to 4 tokens go through the panels, each panel-block decoded once
-/// per group.
+/// every output is the same bits whatever the batch.
 pub fn matmul_packed(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
-    assert_eq!(x.len(), n_tokens * m.cols, "matmul: activations length");
-    assert_eq!(out.len(), n_tokens * m.rows, "matmul: output length");
-    if out.is_empty() {
+    matmul_packed_many(&[m], x, n_tokens, &mut [out]);
+}
+
+/// [`matmul_packed`] of several matrices with the same columns on the same activations (a
+/// layer's Q, K and V, or its gate and up projections), `outs[i]` receiving matrix `i`'s
+/// products: the activations are quantised once and all the panels run in one parallel loop.
+/// Tasks are panels times chunks of tokens; within a task, groups of up to 4 tokens go through
+/// the panel, each panel-block decoded once per group.
+pub fn matmul_packed_many(
+    ms: &[&PackedMatrix],
+    x: &[f32],
+    n_tokens: usize,
+    outs: &mut [&mut [f32]],
+) {
+    assert_eq!(ms.len(), outs.len(), "matmul: one output per matrix");
+    let Some(first) = ms.first() else { return };
+    let cols = first.cols;
+    assert!(
+        ms.iter().all(|m| m.cols == cols),
+        "matmul: matrices differ in columns"
+    );
+    assert_eq!(x.len(), n_tokens * cols, "matmul: activations length");
+    for (m, out) in ms.iter().zip(outs.iter()) {
+        assert_eq!(out.len(), n_tokens * m.rows, "matmul: output length");
+    }
+    if n_tokens == 0 {
         return;
     }
-    let blocks = m.cols / BlockQ8_0::ELEMS;
+    let blocks = cols / BlockQ8_0::ELEMS;
     let mut scratch = ACTS.take();
-    let min = m.format.has_min();
-    if min {
-        quantize_tokens(x, m.cols, n_tokens, &mut scratch.q8_1);
-    } else {
-        quantize_tokens(x, m.cols, n_tokens, &mut scratch.q8_0);
+    if ms.iter().any(|m| m.format.has_min()) {
+        quantize_tokens(x, cols, n_tokens, &mut scratch.q8_1);
+    }
+    if ms.iter().any(|m| !m.format.has_min()) {
+        quantize_tokens(x, cols, n_tokens, &mut scratch.q8_0);
         scratch.sums.resize(n_tokens * blocks, 0);
         for (s, y) in scratch
             .sums
@@ -302,7 +323,7 @@ pub fn matmul_packed(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
             block_sums(y, s);
         }
     }
-    let act = |t: usize| {
+    let act = |min: bool, t: usize| {
         let r = t * blocks..(t + 1) * blocks;
         if min {
             Act::Q8_1(&scratch.q8_1[r])
@@ -310,24 +331,30 @@ pub fn matmul_packed(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
             Act::Q8_0(&scratch.q8_0[r.clone()], &scratch.sums[r])
         }
     };
-    let panels = m.panels();
+    let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    let panels: usize = ms.iter().map(|m| m.panels()).sum();
     let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
-    let shared = SharedOut(out.as_mut_ptr());
     pool::for_each(panels * token_chunks, |task| {
-        let (panel, chunk) = (task % panels, task / panels);
+        let (mut panel, chunk) = (task % panels, task / panels);
+        let mut i = 0;
+        while panel >= ms[i].panels() {
+            panel -= ms[i].panels();
+            i += 1;
+        }
+        let (m, out, min) = (ms[i], &shared[i], ms[i].format.has_min());
         let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
         let r0 = panel * PANEL;
         let valid = PANEL.min(m.rows - r0);
         let mut res = [[0f32; PANEL]; DOT_TOKENS];
         for t0 in tokens.clone().step_by(DOT_TOKENS) {
             let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
-            let acts: [Act; DOT_TOKENS] = std::array::from_fn(|j| act(t0 + j.min(group - 1)));
+            let acts: [Act; DOT_TOKENS] = std::array::from_fn(|j| act(min, t0 + j.min(group - 1)));
             panel_dot(m, panel, &acts[..group], &mut res[..group]);
             for (j, r) in res[..group].iter().enumerate() {
-                for (i, &v) in r[..valid].iter().enumerate() {
-                    // SAFETY: this task's (panel rows, token range) is its own; indices are in
-                    // bounds by the length checks above.
-                    unsafe { shared.write((t0 + j) * m.rows + r0 + i, v) }
+                for (k, &v) in r[..valid].iter().enumerate() {
+                    // SAFETY: this task's (panel rows, token range) of matrix `i` is its own;
+                    // indices are in bounds by the length checks above.
+                    unsafe { out.write((t0 + j) * m.rows + r0 + k, v) }
                 }
             }
         }

@@ -83,6 +83,32 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
+/// GELU as llama.cpp's CPU backend computes it (`GGML_GELU_FP16`): 0 below -10, `x` above 10,
+/// and in between a table of 65,536 f16 values, `f16(gelu(v))` for every f16 `v`, looked up at
+/// `f16(x)`, with `gelu(v) = 0.5 v (1 + tanh(sqrt(2/pi) v (1 + 0.044715 v²)))` in f32. Several
+/// times faster than [`gelu_tanh`], and llama.cpp's numerics in quantised precision.
+#[inline]
+pub fn gelu_f16_table(x: f32) -> f32 {
+    static TABLE: std::sync::LazyLock<Box<[f32]>> = std::sync::LazyLock::new(|| {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const COEF_A: f32 = 0.044715;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let v = half::f16::from_bits(bits).to_f32();
+                let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
+                half::f16::from_f32(g).to_f32()
+            })
+            .collect()
+    });
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        TABLE[half::f16::from_f32(x).to_bits() as usize]
+    }
+}
+
 /// Soft-capping, `cap * tanh(x / cap)`: Gemma's attention scores (Gemma 2) and final logits.
 #[inline]
 pub fn softcap(x: f32, cap: f32) -> f32 {
@@ -281,6 +307,31 @@ mod tests {
         let mut y = x;
         rms_norm_inplace(&mut y, &w, 1e-6, 1.0);
         assert!((f64::from(y[1]) - (-2.0 * 1.5) / rms).abs() < 1e-6);
+    }
+
+    /// The table GELU is the formula rounded through f16 (input and output) inside ±10 and the
+    /// identity / zero outside, as llama.cpp defines it.
+    #[test]
+    fn table_gelu_is_the_f16_rounded_formula() {
+        for &x in &[
+            -12.0f32, -10.0, -3.3, -0.5, -1e-3, 0.0, 1e-3, 0.7, 2.5, 9.99, 10.0, 40.0,
+        ] {
+            let got = gelu_f16_table(x);
+            let want = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                let v = round_f16(x);
+                let a = 0.797_884_6f32;
+                round_f16(0.5 * v * (1.0 + (a * v * (1.0 + 0.044715 * v * v)).tanh()))
+            };
+            assert_eq!(got.to_bits(), want.to_bits(), "x = {x}");
+            assert!(
+                (got - gelu_tanh(x)).abs() <= 2e-3 * (1.0 + x.abs()),
+                "x = {x}"
+            );
+        }
     }
 
     #[test]

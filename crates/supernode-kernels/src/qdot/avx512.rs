@@ -599,6 +599,7 @@ pub(super) unsafe fn panel(
     acts: &[Act<'_>],
     out: &mut [[f32; PANEL]],
 ) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn run<const F: u8>(
         p: *const u8,
         blocks: usize,

@@ -454,6 +454,45 @@ mod tests {
         }
     }
 
+    /// Several matrices in one loop (mixed activation types) give each matrix's own products.
+    #[test]
+    fn many_matrices_equal_each_alone() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this machine");
+            return;
+        }
+        let mut rng = Rng(99);
+        let cols = 128;
+        let shapes = [
+            (Format::Q4_1, DType::Q4_1, 40),
+            (Format::Q8_0, DType::Q8_0, 16),
+            (Format::Q5_0, DType::Q5_0, 7),
+        ];
+        let ms: Vec<PackedMatrix> = shapes
+            .iter()
+            .map(|&(f, d, rows)| {
+                PackedMatrix::pack(d, rows, cols, &random_rows(&mut rng, f, rows, cols)).unwrap()
+            })
+            .collect();
+        for n in [1, 6, 67] {
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
+            let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0.0; n * m.rows]).collect();
+            let refs: Vec<&PackedMatrix> = ms.iter().collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            crate::matmul::matmul_packed_many(&refs, &x, n, &mut views);
+            for (m, got) in ms.iter().zip(&outs) {
+                let mut want = vec![0.0; n * m.rows];
+                matmul_packed(m, &x, n, &mut want);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "n = {n}"
+                );
+            }
+        }
+    }
+
     /// The reference order is close to the float64 product of the dequantised row with the
     /// quantised activations (a check of the reference itself, independent of the packing).
     #[test]

@@ -13,7 +13,7 @@
 //! difference between the two (norm offsets, rope of the local layers, query scale) is
 //! resolved in [`ModelConfig`].
 
-use supernode_kernels::ops::{gelu_tanh, AttnShape};
+use supernode_kernels::ops::{gelu_f16_table, gelu_tanh, AttnShape};
 use supernode_kernels::Precision;
 
 use crate::arch::Model;
@@ -66,6 +66,11 @@ impl Gemma3 {
             softcap: None,
             f16_rounding: w.precision() == Precision::Quantized,
         };
+        // llama.cpp's table GELU in its numerics; the formula itself otherwise.
+        let gelu: fn(f32) -> f32 = match w.precision() {
+            Precision::Quantized => gelu_f16_table,
+            Precision::Exact => gelu_tanh,
+        };
         let sliding = cfg.sliding_window.as_ref();
         let blocks = (0..cfg.n_layers)
             .map(|i| {
@@ -85,7 +90,7 @@ impl Gemma3 {
                     },
                     post_attn_norm: w.rms_norm(&p("post_attention_norm.weight"), h, eps, off)?,
                     ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, off)?,
-                    mlp: Mlp::load(w, i, "", cfg.ffn_dim, h, gelu_tanh)?,
+                    mlp: Mlp::load(w, i, "", cfg.ffn_dim, h, gelu)?,
                     post_ffn_norm: w.rms_norm(&p("post_ffw_norm.weight"), h, eps, off)?,
                     local,
                 })

@@ -59,9 +59,12 @@ impl Attention {
         let mut q = vec![0.0; n * qw];
         let mut k = vec![0.0; n * kw];
         let mut v = vec![0.0; n * vw];
-        self.wq.forward(x, n, &mut q);
-        self.wk.forward(x, n, &mut k);
-        self.wv.forward(x, n, &mut v);
+        Linear::forward_many(
+            &[&self.wq, &self.wk, &self.wv],
+            x,
+            n,
+            &mut [&mut q, &mut k, &mut v],
+        );
         for t in 0..n {
             let qt = &mut q[t * qw..(t + 1) * qw];
             let kt = &mut k[t * kw..(t + 1) * kw];

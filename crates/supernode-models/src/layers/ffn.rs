@@ -47,8 +47,7 @@ impl Mlp {
         let f = self.gate.rows();
         let mut g = vec![0.0; n * f];
         let mut u = vec![0.0; n * f];
-        self.gate.forward(x, n, &mut g);
-        self.up.forward(x, n, &mut u);
+        Linear::forward_many(&[&self.gate, &self.up], x, n, &mut [&mut g, &mut u]);
         glu_inplace(&mut g, &u, self.act);
         self.down.forward(&g, n, out);
     }

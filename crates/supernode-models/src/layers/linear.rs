@@ -1,6 +1,8 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
-use supernode_kernels::matmul::{matmul_packed, matmul_with, Precision, WeightMatrix};
+use supernode_kernels::matmul::{
+    matmul_packed, matmul_packed_many, matmul_with, Precision, WeightMatrix,
+};
 use supernode_kernels::qdot::packed::PackedMatrix;
 
 use crate::Tensor;
@@ -64,6 +66,30 @@ impl Linear {
             };
             matmul_with(&w, x, n, out, self.precision);
         }
+        self.add_bias(out);
+    }
+
+    /// Several projections of the same input (`outs[i]` from `linears[i]`): the same bits as
+    /// calling [`Linear::forward`] on each, in one parallel loop when all are packed.
+    pub fn forward_many(linears: &[&Linear], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+        let packed: Option<Vec<&PackedMatrix>> =
+            linears.iter().map(|l| l.packed.as_ref()).collect();
+        match packed {
+            Some(ms) if ms.len() > 1 => {
+                matmul_packed_many(&ms, x, n, outs);
+                for (l, out) in linears.iter().zip(outs.iter_mut()) {
+                    l.add_bias(out);
+                }
+            }
+            _ => {
+                for (l, out) in linears.iter().zip(outs.iter_mut()) {
+                    l.forward(x, n, out);
+                }
+            }
+        }
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bb) in row.iter_mut().zip(b) {
