@@ -351,11 +351,10 @@ pub fn matmul_packed_many(
             let acts: [Act; DOT_TOKENS] = std::array::from_fn(|j| act(min, t0 + j.min(group - 1)));
             panel_dot(m, panel, &acts[..group], &mut res[..group]);
             for (j, r) in res[..group].iter().enumerate() {
-                for (k, &v) in r[..valid].iter().enumerate() {
-                    // SAFETY: this task's (panel rows, token range) of matrix `i` is its own;
-                    // indices are in bounds by the length checks above.
-                    unsafe { out.write((t0 + j) * m.rows + r0 + k, v) }
-                }
+                // SAFETY: this task's (panel rows, token range) of matrix `i` is its own; the
+                // range is in bounds by the length checks above.
+                let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
+                dst.copy_from_slice(&r[..valid]);
             }
         }
     });
@@ -475,6 +474,15 @@ impl SharedOut {
     /// `i` is in bounds of the output and no other task writes or reads it meanwhile.
     unsafe fn write(&self, i: usize, v: f32) {
         self.0.add(i).write(v)
+    }
+
+    /// The `len` outputs from `start`, to write.
+    ///
+    /// # Safety
+    /// As for [`SharedOut::write`], for every index of the range.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
 

@@ -542,24 +542,44 @@ unsafe fn panel_n<const F: u8, const N: usize>(
     acts: [Act<'_>; N],
 ) -> [__m512; N] {
     let fmt = format_of::<F>();
+    let min = fmt.has_min();
     let (m_off, _, _) = fmt.offsets();
     let block_bytes = PANEL * fmt.block_bytes();
+    // Each token's first activation block and (Q8_0) block sums, as plain pointers, so that
+    // the loop has no branch on the activation type: `d` at byte 0 of a block, `s` (Q8_1) at
+    // byte 4, the quants after.
+    let (stride, qs_off) = if min {
+        (
+            std::mem::size_of::<BlockQ8_1>(),
+            std::mem::offset_of!(BlockQ8_1, qs),
+        )
+    } else {
+        (
+            std::mem::size_of::<BlockQ8_0>(),
+            std::mem::offset_of!(BlockQ8_0, qs),
+        )
+    };
+    let ys: [*const u8; N] = std::array::from_fn(|t| match acts[t] {
+        Act::Q8_0(ys, _) => ys.as_ptr().cast(),
+        Act::Q8_1(ys) => ys.as_ptr().cast(),
+    });
+    let sums: [*const i32; N] = std::array::from_fn(|t| match acts[t] {
+        Act::Q8_0(_, sums) => sums.as_ptr(),
+        Act::Q8_1(_) => std::ptr::null(),
+    });
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..blocks {
         let pb = p.add(b * block_bytes);
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(pb.cast()));
+        let mw = if min {
+            _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(m_off).cast()))
+        } else {
+            _mm512_setzero_ps()
+        };
         let w = panel_values::<F>(pb);
         for t in 0..N {
-            let (qs, dx) = match acts[t] {
-                Act::Q8_0(ys, _) => {
-                    let y = ys.get_unchecked(b);
-                    (y.qs.as_ptr(), y.d)
-                }
-                Act::Q8_1(ys) => {
-                    let y = ys.get_unchecked(b);
-                    (y.qs.as_ptr(), y.d)
-                }
-            };
+            let y = ys[t].add(b * stride);
+            let qs = y.add(qs_off);
             let x = |g: usize| _mm512_set1_epi32(qs.add(4 * g).cast::<i32>().read_unaligned());
             let mut even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], x(0));
             let mut odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], x(1));
@@ -568,18 +588,15 @@ unsafe fn panel_n<const F: u8, const N: usize>(
                 odd = _mm512_dpbusd_epi32(odd, w[g + 1], x(g + 1));
             }
             let mut isum = _mm512_add_epi32(even, odd);
-            if let Act::Q8_0(_, sums) = acts[t] {
-                let corr = fmt.offset() * *sums.get_unchecked(b);
+            if !min {
+                let corr = fmt.offset() * *sums[t].add(b);
                 isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(corr));
             }
-            let d = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(y.cast::<f32>().read()));
             let mut term = _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum));
-            if let Act::Q8_1(ys) = acts[t] {
-                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(m_off).cast()));
-                term = _mm512_add_ps(
-                    term,
-                    _mm512_mul_ps(mw, _mm512_set1_ps(ys.get_unchecked(b).s)),
-                );
+            if min {
+                let sx = _mm512_set1_ps(y.add(4).cast::<f32>().read());
+                term = _mm512_add_ps(term, _mm512_mul_ps(mw, sx));
             }
             acc[t] = _mm512_add_ps(acc[t], term);
         }
