@@ -4,9 +4,13 @@
 //! Every kernel computes one token's row on its own, in an order that depends only on the row
 //! length: results are bit-identical whatever else is in the batch (batch invariance).
 
+use std::cell::RefCell;
 use std::ops::Range;
 
-use crate::simd::{dot_f32, dot_f32_rows, weighted_rows_f32};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::simd::{dot_f16_rows, dot_f32, dot_f32_rows, weighted_rows_f16, weighted_rows_f32};
 
 /// `out = x / rms(x) * (w + w_offset)`; the mean of squares is accumulated in f64.
 ///
@@ -126,12 +130,70 @@ pub fn glu_inplace(gate: &mut [f32], up: &[f32], act: fn(f32) -> f32) {
 /// all KV heads at `k[s * n_kv_heads * k_dim ..]` and the values at `v[s * n_kv_heads * v_dim ..]`.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
     pub block_size: usize,
     pub n_kv_heads: usize,
     pub k_dim: usize,
     pub v_dim: usize,
+}
+
+/// The cached keys or values of one layer, in the cache's element type.
+#[derive(Clone, Copy)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    /// Values that are exactly f16 (llama.cpp's f16 cache, which `Precision::Quantized` follows):
+    /// half the bytes of f32 for decode to read. Every kernel widens them exactly as it loads
+    /// them, so the results equal those of the same values as `F32` rows bit for bit.
+    F16(&'a [f16]),
+}
+
+impl KvRows<'_> {
+    /// [`dot_f32_rows`] over these rows.
+    fn dot_rows(&self, q: &[f32], n: usize, bases: &[usize], out: &mut [f32]) {
+        match *self {
+            KvRows::F32(k) => dot_f32_rows(q, n, k, bases, out),
+            KvRows::F16(k) => dot_f16_rows(q, n, k, bases, out),
+        }
+    }
+
+    /// [`weighted_rows_f32`] over these rows.
+    fn weighted_rows(&self, ws: &[f32], stride: usize, bases: &[usize], out: &mut [f32]) {
+        match *self {
+            KvRows::F32(v) => weighted_rows_f32(ws, stride, v, bases, out),
+            KvRows::F16(v) => weighted_rows_f16(ws, stride, v, bases, out),
+        }
+    }
+
+    /// The `n` values at `base` as f32: borrowed, or widened into `buf`.
+    fn row<'b>(&'b self, base: usize, n: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match *self {
+            KvRows::F32(x) => &x[base..base + n],
+            KvRows::F16(x) => {
+                buf.resize(n, 0.0);
+                x[base..base + n].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
+/// Scratch space of the attention kernels.
+#[derive(Default)]
+struct Scratch {
+    /// Scores, then softmax weights.
+    scores: Vec<f32>,
+    /// Offsets of each position's K row and V row.
+    k_bases: Vec<usize>,
+    v_bases: Vec<usize>,
+    /// One K or V row widened from f16.
+    row: Vec<f32>,
+}
+
+thread_local! {
+    /// One [`Scratch`] per thread, grown to the longest context it has seen and kept: the
+    /// attention of a decode step allocates nothing.
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 /// Shape and scaling of an attention computation.
@@ -158,11 +220,11 @@ pub fn round_f16(x: f32) -> f32 {
 
 /// Causal attention of one query head `q` (`k_dim` values), which reads KV head `kv_head`,
 /// over the cached positions `ctx` of its sequence, whose blocks are `block_table`. Writes
-/// `v_dim` values to `out`. `scores` is scratch space, grown as needed.
+/// `v_dim` values to `out`.
 ///
 /// Softmax in two passes over an exact score buffer, in position order: deterministic and
-/// independent of the batch and of how heads are spread over threads.
-#[allow(clippy::too_many_arguments)]
+/// independent of the batch and of how heads are spread over threads. f16 rows are widened to
+/// f32 one at a time, then go through the same f32 code.
 pub fn attention_head(
     q: &[f32],
     kv: &KvView,
@@ -170,41 +232,42 @@ pub fn attention_head(
     block_table: &[u32],
     ctx: Range<usize>,
     shape: &AttnShape,
-    scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    scores.clear();
-    scores.resize(ctx.len(), 0.0);
-    let slot =
-        |p: usize| block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-    let mut max = f32::NEG_INFINITY;
-    for (s, p) in scores.iter_mut().zip(ctx.clone()) {
-        let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.k_dim;
-        let mut v = dot_f32(q, &kv.k[base..base + shape.k_dim]) * shape.scale;
-        if let Some(cap) = shape.softcap {
-            v = softcap(v, cap);
+    SCRATCH.with_borrow_mut(|Scratch { scores, row, .. }| {
+        scores.clear();
+        scores.resize(ctx.len(), 0.0);
+        let slot =
+            |p: usize| block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+        let mut max = f32::NEG_INFINITY;
+        for (s, p) in scores.iter_mut().zip(ctx.clone()) {
+            let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.k_dim;
+            let mut v = dot_f32(q, kv.k.row(base, shape.k_dim, row)) * shape.scale;
+            if let Some(cap) = shape.softcap {
+                v = softcap(v, cap);
+            }
+            *s = v;
+            max = max.max(v);
         }
-        *s = v;
-        max = max.max(v);
-    }
-    let mut sum = 0f64;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += f64::from(*s);
-    }
-    let inv = (1.0 / sum) as f32;
-    out.fill(0.0);
-    for (&s, p) in scores.iter().zip(ctx) {
-        let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.v_dim;
-        let w = if shape.f16_rounding {
-            round_f16(s * inv)
-        } else {
-            s * inv
-        };
-        for (o, &v) in out.iter_mut().zip(&kv.v[base..base + shape.v_dim]) {
-            *o += w * v;
+        let mut sum = 0f64;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += f64::from(*s);
         }
-    }
+        let inv = (1.0 / sum) as f32;
+        out.fill(0.0);
+        for (&s, p) in scores.iter().zip(ctx) {
+            let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.v_dim;
+            let w = if shape.f16_rounding {
+                round_f16(s * inv)
+            } else {
+                s * inv
+            };
+            for (o, &v) in out.iter_mut().zip(kv.v.row(base, shape.v_dim, row)) {
+                *o += w * v;
+            }
+        }
+    });
 }
 
 /// [`attention_head`] for every query head of one KV head at once: `q` holds `g` heads of
@@ -214,9 +277,7 @@ pub fn attention_head(
 /// Bit-identical to calling [`attention_head`] for each head: every score is the same
 /// `dot_f32` (of the K row with the query, the same products in the same lanes), scaled and
 /// capped alike; each head's softmax takes its max, exponentials and f64 sum in position order;
-/// each head's output adds `w * v` (multiply, then add) in position order. `scratch` is scratch
-/// space, grown as needed.
-#[allow(clippy::too_many_arguments)]
+/// each head's output adds `w * v` (multiply, then add) in position order.
 pub fn attention_group(
     q: &[f32],
     kv: &KvView,
@@ -224,7 +285,6 @@ pub fn attention_group(
     block_table: &[u32],
     ctx: Range<usize>,
     shape: &AttnShape,
-    scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let g = q.len() / shape.k_dim;
@@ -239,55 +299,63 @@ pub fn attention_group(
         "attention_group: out is not whole heads"
     );
     let len = ctx.len();
-    // `scratch[..g]`: per-head max; `scratch[g..]`: scores, then weights, position-major
-    // (position `i`, head `h` at `i * g + h`).
-    scratch.clear();
-    scratch.resize(g + g * len, 0.0);
-    let (stats, scores) = scratch.split_at_mut(g);
-    stats.fill(f32::NEG_INFINITY);
-    // Row offsets of each position's K and V, found once for the whole group.
-    let mut kb = Vec::with_capacity(len);
-    let mut vb = Vec::with_capacity(len);
-    for p in ctx {
-        let slot = block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-        kb.push((slot * kv.n_kv_heads + kv_head) * kv.k_dim);
-        vb.push((slot * kv.n_kv_heads + kv_head) * kv.v_dim);
-    }
-    // The same `dot_f32(q_h, k)` per head and position, each K row read once for the group.
-    dot_f32_rows(q, shape.k_dim, kv.k, &kb, scores);
-    for row in scores.chunks_exact_mut(g) {
-        for (s, m) in row.iter_mut().zip(stats.iter_mut()) {
-            let mut v = *s * shape.scale;
-            if let Some(cap) = shape.softcap {
-                v = softcap(v, cap);
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch {
+            scores,
+            k_bases,
+            v_bases,
+            ..
+        } = scratch;
+        // `scores[..g]`: per-head max; `scores[g..]`: scores, then weights, position-major
+        // (position `i`, head `h` at `i * g + h`).
+        scores.clear();
+        scores.resize(g + g * len, 0.0);
+        let (stats, scores) = scores.split_at_mut(g);
+        stats.fill(f32::NEG_INFINITY);
+        // Row offsets of each position's K and V, found once for the whole group.
+        k_bases.clear();
+        v_bases.clear();
+        for p in ctx {
+            let slot = block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+            k_bases.push((slot * kv.n_kv_heads + kv_head) * kv.k_dim);
+            v_bases.push((slot * kv.n_kv_heads + kv_head) * kv.v_dim);
+        }
+        // The same `dot_f32(q_h, k)` per head and position, each K row read once for the group.
+        kv.k.dot_rows(q, shape.k_dim, k_bases, scores);
+        for row in scores.chunks_exact_mut(g) {
+            for (s, m) in row.iter_mut().zip(stats.iter_mut()) {
+                let mut v = *s * shape.scale;
+                if let Some(cap) = shape.softcap {
+                    v = softcap(v, cap);
+                }
+                *s = v;
+                *m = m.max(v);
             }
-            *s = v;
-            *m = m.max(v);
         }
-    }
-    for (h, st) in stats.iter_mut().enumerate() {
-        let max = *st;
-        let mut sum = 0f64;
-        for s in scores[h..].iter_mut().step_by(g) {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
+        for (h, st) in stats.iter_mut().enumerate() {
+            let max = *st;
+            let mut sum = 0f64;
+            for s in scores[h..].iter_mut().step_by(g) {
+                *s = (*s - max).exp();
+                sum += f64::from(*s);
+            }
+            let inv = (1.0 / sum) as f32;
+            for s in scores[h..].iter_mut().step_by(g) {
+                *s = if shape.f16_rounding {
+                    round_f16(*s * inv)
+                } else {
+                    *s * inv
+                };
+            }
         }
-        let inv = (1.0 / sum) as f32;
-        for s in scores[h..].iter_mut().step_by(g) {
-            *s = if shape.f16_rounding {
-                round_f16(*s * inv)
+        for (h, o) in out.chunks_exact_mut(shape.v_dim).enumerate() {
+            if len == 0 {
+                o.fill(0.0);
             } else {
-                *s * inv
-            };
+                kv.v.weighted_rows(&scores[h..], g, v_bases, o);
+            }
         }
-    }
-    for (h, o) in out.chunks_exact_mut(shape.v_dim).enumerate() {
-        if len == 0 {
-            o.fill(0.0);
-        } else {
-            weighted_rows_f32(&scores[h..], g, kv.v, &vb, o);
-        }
-    }
+    });
 }
 
 #[cfg(test)]
@@ -376,8 +444,8 @@ mod tests {
             v[slot * 2..slot * 2 + 2].copy_from_slice(&vals[p]);
         }
         let kv = KvView {
-            k: &k,
-            v: &v,
+            k: KvRows::F32(&k),
+            v: KvRows::F32(&v),
             block_size: 2,
             n_kv_heads: 1,
             k_dim: 2,
@@ -387,7 +455,7 @@ mod tests {
         let mut out = [0.0f32; 4];
         for h in 0..2 {
             let (qh, oh) = (&q[2 * h..2 * h + 2], &mut out[2 * h..2 * h + 2]);
-            attention_head(qh, &kv, 0, &table, 0..3, &shape, &mut Vec::new(), oh);
+            attention_head(qh, &kv, 0, &table, 0..3, &shape, oh);
         }
         for h in 0..2 {
             let s: Vec<f64> = keys
@@ -414,22 +482,51 @@ mod tests {
         }
     }
 
+    /// `attention_group`'s output, then `attention_head`'s for each head, concatenated.
+    fn group_and_heads(
+        q: &[f32],
+        kv: &KvView,
+        kv_head: usize,
+        table: &[u32],
+        ctx: Range<usize>,
+        shape: &AttnShape,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let g = q.len() / shape.k_dim;
+        let mut group = vec![f32::NAN; g * shape.v_dim];
+        attention_group(q, kv, kv_head, table, ctx.clone(), shape, &mut group);
+        let mut heads = vec![f32::NAN; g * shape.v_dim];
+        for (qh, o) in q
+            .chunks_exact(shape.k_dim)
+            .zip(heads.chunks_exact_mut(shape.v_dim))
+        {
+            attention_head(qh, kv, kv_head, table, ctx.clone(), shape, o);
+        }
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect();
+        (bits(group), bits(heads))
+    }
+
+    /// Over f32 rows, `attention_group` equals `attention_head` per head bit for bit; over f16
+    /// rows, both also equal what they give on f32 rows of the same (widened) values. Values
+    /// stored in the keys (MLA's latent: `v` is the key rows, of which the first `v_dim` are
+    /// read) are covered too.
     #[test]
     fn attention_group_equals_attention_head_bit_for_bit() {
         let mut rng = Lcg(7);
         let block_size = 16;
-        // (group, n_kv_heads, k_dim, v_dim)
+        // (group, n_kv_heads, k_dim, v_dim, values in keys)
         let shapes = [
-            (1, 2, 64, 64),
-            (3, 3, 64, 64),
-            (4, 2, 128, 128),
-            (3, 1, 256, 256),
-            (4, 2, 192, 128),
-            (3, 2, 72, 40),
-            (2, 1, 5, 3),
+            (1, 2, 64, 64, false),
+            (3, 3, 64, 64, false),
+            (4, 2, 128, 128, false),
+            (3, 1, 256, 256, false),
+            (4, 2, 192, 128, false),
+            (3, 2, 72, 40, false),
+            (2, 1, 5, 3, false),
+            (2, 1, 576, 512, true),
+            (3, 1, 37, 21, true),
         ];
         let mut checked = 0;
-        for &(group, n_kv, k_dim, v_dim) in &shapes {
+        for &(group, n_kv, k_dim, v_dim, in_keys) in &shapes {
             let n_heads = group * n_kv;
             // 6 blocks of 16, handed out in a scrambled order.
             let table = [4u32, 1, 5, 0, 3, 2];
@@ -439,14 +536,25 @@ mod tests {
                 .collect();
             let v: Vec<f32> = (0..slots * n_kv * v_dim).map(|_| rng.next()).collect();
             let q: Vec<f32> = (0..n_heads * k_dim).map(|_| rng.next()).collect();
-            let kv = KvView {
-                k: &k,
-                v: &v,
+            let (k16, v16): (Vec<f16>, Vec<f16>) = (
+                k.iter().map(|&x| f16::from_f32(x)).collect(),
+                v.iter().map(|&x| f16::from_f32(x)).collect(),
+            );
+            let (kw, vw): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
+            let view = |k, v| KvView {
+                k,
+                v: if in_keys { k } else { v },
                 block_size,
                 n_kv_heads: n_kv,
                 k_dim,
-                v_dim,
+                v_dim: if in_keys { k_dim } else { v_dim },
             };
+            let f32_view = view(KvRows::F32(&k), KvRows::F32(&v));
+            let f16_view = view(KvRows::F16(&k16), KvRows::F16(&v16));
+            let widened_view = view(KvRows::F32(&kw), KvRows::F32(&vw));
             for softcap in [None, Some(3.0f32)] {
                 for f16_rounding in [false, true] {
                     let shape = AttnShape {
@@ -459,43 +567,23 @@ mod tests {
                         f16_rounding,
                     };
                     for ctx in [0..1, 0..5, 0..16, 0..17, 0..50, 7..90, 20..96, 95..96] {
-                        let mut scores = Vec::new();
                         for kvh in 0..n_kv {
                             let qg = &q[kvh * group * k_dim..(kvh + 1) * group * k_dim];
-                            let mut got = vec![f32::NAN; group * v_dim];
-                            attention_group(
-                                qg,
-                                &kv,
-                                kvh,
-                                &table,
-                                ctx.clone(),
-                                &shape,
-                                &mut scores,
-                                &mut got,
+                            let case = format!(
+                                "group {group} kv {n_kv} k {k_dim} v {v_dim} in_keys {in_keys} \
+                                 cap {softcap:?} f16 {f16_rounding} ctx {ctx:?}"
                             );
-                            for h in 0..group {
-                                let mut want = vec![f32::NAN; v_dim];
-                                attention_head(
-                                    &qg[h * k_dim..(h + 1) * k_dim],
-                                    &kv,
-                                    kvh,
-                                    &table,
-                                    ctx.clone(),
-                                    &shape,
-                                    &mut scores,
-                                    &mut want,
-                                );
-                                let got_h = &got[h * v_dim..(h + 1) * v_dim];
-                                for (a, b) in got_h.iter().zip(&want) {
-                                    assert_eq!(
-                                        a.to_bits(),
-                                        b.to_bits(),
-                                        "group {group} kv {n_kv} k {k_dim} v {v_dim} \
-                                         cap {softcap:?} f16 {f16_rounding} ctx {ctx:?}"
-                                    );
-                                }
-                                checked += 1;
-                            }
+                            let run = |kv: &KvView| {
+                                group_and_heads(qg, kv, kvh, &table, ctx.clone(), &shape)
+                            };
+                            let (group_f32, heads_f32) = run(&f32_view);
+                            assert_eq!(group_f32, heads_f32, "{case}");
+                            let (group_f16, heads_f16) = run(&f16_view);
+                            let (group_w, heads_w) = run(&widened_view);
+                            assert_eq!(group_f16, group_w, "{case}");
+                            assert_eq!(heads_f16, heads_w, "{case}");
+                            assert_eq!(group_f16, heads_f16, "{case}");
+                            checked += group;
                         }
                     }
                 }

@@ -15,6 +15,11 @@
 //! the same lanes, operations and fold, so they equal the AVX2 kernels bit for bit (decoding
 //! blocks is where the wider registers pay).
 //!
+//! The attention kernels (`dot_*_rows`, `weighted_rows_*`) read K and V rows of f32 or of f16 (an
+//! f16 KV cache). f16 values are widened to f32 as they are loaded, which is exact, and then go
+//! through the f32 kernel's operations in the same lanes and order: the two agree bit for bit on
+//! every path, and the f16 rows cost half the bytes.
+//!
 //! The fused row kernels (`row_kernels`) decode a quantised row block by block in registers,
 //! with the same float operations as [`crate::quant::dequantize_row`], and feed the values to the
 //! same lanes in the same order: their result is bit-identical to `dot_f32` of the dequantised
@@ -22,6 +27,9 @@
 //! breaking batch invariance.
 
 use std::sync::OnceLock;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::dtype::DType;
 
@@ -118,29 +126,81 @@ pub fn dot_f32_many(a: &[f32], bs: &[f32], out: &mut [f32]) {
     }
 }
 
+/// An element type of the K/V rows the attention kernels read: f32, or f16 (an f16 KV cache).
+/// Every path widens f16 to f32, which is exact, before the same f32 operations, so the results
+/// do not depend on the element type the values were stored in.
+trait KvElem: Copy {
+    /// `src` as f32: itself, or widened into `buf[..src.len()]`.
+    fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn widen<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for f16 {
+    #[inline]
+    fn widen<'a>(src: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        let buf = &mut buf[..src.len()];
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
 /// `out[p * g + h] = dot_f32(q[h * n .. (h + 1) * n], k[bases[p] .. bases[p] + n])` for every
 /// position `p < bases.len()` and head `h < g = q.len() / n`, bit for bit: several query heads
 /// against each K row, one call for all positions.
 pub fn dot_f32_rows(q: &[f32], n: usize, k: &[f32], bases: &[usize], out: &mut [f32]) {
-    let g = q.len().checked_div(n).unwrap_or(0);
-    assert_eq!(q.len(), g * n, "dot_f32_rows: q is not whole rows");
-    assert_eq!(out.len(), g * bases.len(), "dot_f32_rows: lengths differ");
-    assert!(
-        bases.iter().all(|&b| b + n <= k.len()),
-        "dot_f32_rows: row out of range"
-    );
-    if g == 0 {
+    if check_dot_rows(q, n, k.len(), bases, out) == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2 and FMA confirmed; every row was checked above.
+        // SAFETY: AVX2, FMA and F16C confirmed; every row was checked above.
         unsafe { x86::dot_rows_avx2(q, n, k, bases, out) };
         return;
     }
+    dot_rows_scalar(q, n, k, bases, out);
+}
+
+/// [`dot_f32_rows`] over f16 K rows (an f16 KV cache), reading half the bytes: bit for bit
+/// `dot_f32_rows` of the rows widened to f32, since widening is exact and every path then does
+/// the f32 path's operations in the same lanes and order.
+pub fn dot_f16_rows(q: &[f32], n: usize, k: &[f16], bases: &[usize], out: &mut [f32]) {
+    if check_dot_rows(q, n, k.len(), bases, out) == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: AVX2, FMA and F16C confirmed; every row was checked above.
+        unsafe { x86::dot_rows_f16_avx2(q, n, k, bases, out) };
+        return;
+    }
+    dot_rows_scalar(q, n, k, bases, out);
+}
+
+/// Checks the sizes of a `dot_*_rows` call (the SIMD kernels read through pointers) and
+/// returns the number of query heads `g`.
+fn check_dot_rows(q: &[f32], n: usize, k_len: usize, bases: &[usize], out: &[f32]) -> usize {
+    let g = q.len().checked_div(n).unwrap_or(0);
+    assert_eq!(q.len(), g * n, "dot_rows: q is not whole rows");
+    assert_eq!(out.len(), g * bases.len(), "dot_rows: lengths differ");
+    assert!(
+        bases.iter().all(|&b| b + n <= k_len),
+        "dot_rows: row out of range"
+    );
+    g
+}
+
+/// The portable `dot_*_rows`: [`dot_f32_scalar`] per head and row.
+fn dot_rows_scalar<T: KvElem>(q: &[f32], n: usize, k: &[T], bases: &[usize], out: &mut [f32]) {
+    let g = q.len() / n;
     for (row, &b) in out.chunks_exact_mut(g).zip(bases) {
         for (o, qh) in row.iter_mut().zip(q.chunks_exact(n)) {
-            *o = dot_f32(qh, &k[b..b + n]);
+            *o = dot_f32_scalar(qh, &k[b..b + n]);
         }
     }
 }
@@ -149,38 +209,73 @@ pub fn dot_f32_rows(q: &[f32], n: usize, k: &[f32], bases: &[usize], out: &mut [
 /// `o = 0; for p { o += w_p * v_p }` does, in position order with a multiply then an add (never
 /// fused): bit-identical on every path. Accumulates in registers across positions.
 pub fn weighted_rows_f32(ws: &[f32], stride: usize, v: &[f32], bases: &[usize], out: &mut [f32]) {
-    let n = out.len();
-    assert!(stride > 0 && (bases.is_empty() || (bases.len() - 1) * stride < ws.len()));
-    assert!(
-        bases.iter().all(|&b| b + n <= v.len()),
-        "weighted_rows_f32: row out of range"
-    );
+    check_weighted_rows(ws, stride, v.len(), bases, out.len());
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2 confirmed; every row and weight index was checked above.
+        // SAFETY: AVX2 and F16C confirmed; every row and weight index was checked above.
         unsafe { x86::weighted_rows_avx2(ws, stride, v, bases, out) };
         return;
     }
+    weighted_rows_scalar(ws, stride, v, bases, out);
+}
+
+/// [`weighted_rows_f32`] over f16 V rows (an f16 KV cache), reading half the bytes: bit for bit
+/// `weighted_rows_f32` of the rows widened to f32 (exactly), on every path.
+pub fn weighted_rows_f16(ws: &[f32], stride: usize, v: &[f16], bases: &[usize], out: &mut [f32]) {
+    check_weighted_rows(ws, stride, v.len(), bases, out.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        // SAFETY: AVX2 and F16C confirmed; every row and weight index was checked above.
+        unsafe { x86::weighted_rows_f16_avx2(ws, stride, v, bases, out) };
+        return;
+    }
+    weighted_rows_scalar(ws, stride, v, bases, out);
+}
+
+/// Checks the sizes of a `weighted_rows_*` call (the SIMD kernels read through pointers).
+fn check_weighted_rows(ws: &[f32], stride: usize, v_len: usize, bases: &[usize], n: usize) {
+    assert!(stride > 0 && (bases.is_empty() || (bases.len() - 1) * stride < ws.len()));
+    assert!(
+        bases.iter().all(|&b| b + n <= v_len),
+        "weighted_rows: row out of range"
+    );
+}
+
+/// The portable `weighted_rows_*`, widening each row 32 values at a time.
+fn weighted_rows_scalar<T: KvElem>(
+    ws: &[f32],
+    stride: usize,
+    v: &[T],
+    bases: &[usize],
+    out: &mut [f32],
+) {
+    let n = out.len();
     out.fill(0.0);
+    let mut buf = [0f32; LANES];
     for (p, &b) in bases.iter().enumerate() {
         let w = ws[p * stride];
-        for (o, &x) in out.iter_mut().zip(&v[b..b + n]) {
-            *o += w * x;
+        for (oc, vc) in out.chunks_mut(LANES).zip(v[b..b + n].chunks(LANES)) {
+            for (o, &x) in oc.iter_mut().zip(T::widen(vc, &mut buf)) {
+                *o += w * x;
+            }
         }
     }
 }
 
-/// The portable dot product: the same lanes and tree as the SIMD paths, separate multiply and add.
-fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+/// The portable dot product: the same lanes and tree as the SIMD paths, separate multiply and
+/// add. An f16 `b` is widened 32 values at a time.
+fn dot_f32_scalar<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
+    let mut buf = [0f32; LANES];
     let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
     let (b_main, b_tail) = b.split_at(a_main.len());
     for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        let cb = T::widen(cb, &mut buf);
         for l in 0..LANES {
             acc[l] += ca[l] * cb[l];
         }
     }
-    add_tail(fold_lanes(acc), a_tail, b_tail)
+    add_tail(fold_lanes(acc), a_tail, T::widen(b_tail, &mut buf))
 }
 
 /// The fixed tree over the 32 lanes.
@@ -259,7 +354,9 @@ pub(crate) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{add_tail, RowKernels, LANES};
+    use half::f16;
+
+    use super::{add_tail, KvElem, RowKernels, LANES};
     use crate::dtype::{DType, QK_K};
     use crate::quant::scale_min_k4;
 
@@ -329,12 +426,47 @@ pub(crate) mod x86 {
         add_tail(fold(acc), &a[main..], &b[main..])
     }
 
+    /// `acc += a * b` per lane, fused.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fmadd32(acc: &mut Acc, a: Acc, b: Acc) {
+        acc[0] = _mm256_fmadd_ps(a[0], b[0], acc[0]);
+        acc[1] = _mm256_fmadd_ps(a[1], b[1], acc[1]);
+        acc[2] = _mm256_fmadd_ps(a[2], b[2], acc[2]);
+        acc[3] = _mm256_fmadd_ps(a[3], b[3], acc[3]);
+    }
+
+    /// Eight f16 at `p` widened to f32 (exact).
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` must point at 8 readable f16.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    /// As [`load32`], from 32 f16 widened to f32 (exact).
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` must point at 32 readable f16.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load32_f16(p: *const f16) -> Acc {
+        [
+            load8_f16(p),
+            load8_f16(p.add(8)),
+            load8_f16(p.add(16)),
+            load8_f16(p.add(24)),
+        ]
+    }
+
     /// [`super::dot_f32_rows`]: each dot exactly as [`dot_f32_avx2`] computes it.
     ///
     /// # Safety
-    /// Requires AVX2 and FMA; `q.len() == g * n`, `out.len() == g * bases.len()`, and every
-    /// `k[bases[p] .. bases[p] + n]` in bounds.
-    #[target_feature(enable = "avx2,fma")]
+    /// Requires AVX2, FMA and F16C; `q.len() == g * n`, `out.len() == g * bases.len()`, and
+    /// every `k[bases[p] .. bases[p] + n]` in bounds.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows_avx2(
         q: &[f32],
         n: usize,
@@ -342,19 +474,57 @@ pub(crate) mod x86 {
         bases: &[usize],
         out: &mut [f32],
     ) {
+        dot_rows(q, n, k, bases, out, |p| load32(p));
+    }
+
+    /// [`super::dot_f16_rows`]: [`dot_rows_avx2`] with each K value widened as it is loaded.
+    ///
+    /// # Safety
+    /// As [`dot_rows_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_f16_avx2(
+        q: &[f32],
+        n: usize,
+        k: &[f16],
+        bases: &[usize],
+        out: &mut [f32],
+    ) {
+        dot_rows(q, n, k, bases, out, |p| load32_f16(p));
+    }
+
+    /// The `dot_*_rows` kernel over rows of `T`, which `load_k` reads 32 at a time as f32: the
+    /// same fused multiply-adds into the same lanes as [`dot_f32_avx2`], whatever `T` is.
+    ///
+    /// # Safety
+    /// As [`dot_rows_avx2`]; `load_k(p)` must read no more than `p[0..32]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot_rows<T: KvElem>(
+        q: &[f32],
+        n: usize,
+        k: &[T],
+        bases: &[usize],
+        out: &mut [f32],
+        load_k: impl Fn(*const T) -> Acc,
+    ) {
         let g = q.len() / n;
         let main = n / LANES * LANES;
         let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+        let mut buf = [0f32; LANES];
         for (p, &b) in bases.iter().enumerate() {
             let kr = kp.add(b);
+            // The row's tail as f32, widened once for all heads (and only if there is one).
+            let tail_k = match n - main {
+                0 => &[],
+                t => T::widen(std::slice::from_raw_parts(kr.add(main), t), &mut buf),
+            };
             for h in 0..g {
                 let qh = qp.add(h * n);
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for i in (0..main).step_by(LANES) {
-                    fma32(&mut acc, load32(qh.add(i)), kr.add(i));
+                    fmadd32(&mut acc, load32(qh.add(i)), load_k(kr.add(i)));
                 }
                 let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
-                let tail_k = std::slice::from_raw_parts(kr.add(main), n - main);
                 *op.add(p * g + h) = add_tail(fold(acc), tail_q, tail_k);
             }
         }
@@ -363,14 +533,49 @@ pub(crate) mod x86 {
     /// [`super::weighted_rows_f32`].
     ///
     /// # Safety
-    /// Requires AVX2; `ws[p * stride]` and `v[bases[p] .. bases[p] + out.len()]` in bounds.
-    #[target_feature(enable = "avx2")]
+    /// Requires AVX2 and F16C; `ws[p * stride]` and `v[bases[p] .. bases[p] + out.len()]` in
+    /// bounds.
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn weighted_rows_avx2(
         ws: &[f32],
         stride: usize,
         v: &[f32],
         bases: &[usize],
         out: &mut [f32],
+    ) {
+        weighted_rows(ws, stride, v, bases, out, |p| _mm256_loadu_ps(p));
+    }
+
+    /// [`super::weighted_rows_f16`]: [`weighted_rows_avx2`] with each V value widened as it is
+    /// loaded.
+    ///
+    /// # Safety
+    /// As [`weighted_rows_avx2`].
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn weighted_rows_f16_avx2(
+        ws: &[f32],
+        stride: usize,
+        v: &[f16],
+        bases: &[usize],
+        out: &mut [f32],
+    ) {
+        weighted_rows(ws, stride, v, bases, out, |p| load8_f16(p));
+    }
+
+    /// The `weighted_rows_*` kernel over rows of `T`, which `load8` reads 8 at a time as f32:
+    /// per output value, the same multiplies and adds in the same order whatever `T` is.
+    ///
+    /// # Safety
+    /// As [`weighted_rows_avx2`]; `load8(p)` must read no more than `p[0..8]`.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn weighted_rows<T: KvElem>(
+        ws: &[f32],
+        stride: usize,
+        v: &[T],
+        bases: &[usize],
+        out: &mut [f32],
+        load8: impl Fn(*const T) -> __m256,
     ) {
         let n = out.len();
         let (vp, wp, op) = (v.as_ptr(), ws.as_ptr(), out.as_mut_ptr());
@@ -379,9 +584,9 @@ pub(crate) mod x86 {
             let mut acc = [_mm256_setzero_ps(); 4];
             for (p, &b) in bases.iter().enumerate() {
                 let w = _mm256_set1_ps(*wp.add(p * stride));
-                let x = load32(vp.add(b + c));
-                for k in 0..4 {
-                    acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(w, x[k]));
+                let x = vp.add(b + c);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(w, load8(x.add(8 * k))));
                 }
             }
             for (k, a) in acc.iter().enumerate() {
@@ -393,15 +598,17 @@ pub(crate) mod x86 {
             let mut acc = _mm256_setzero_ps();
             for (p, &b) in bases.iter().enumerate() {
                 let w = _mm256_set1_ps(*wp.add(p * stride));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(w, _mm256_loadu_ps(vp.add(b + c))));
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(w, load8(vp.add(b + c))));
             }
             _mm256_storeu_ps(op.add(c), acc);
             c += 8;
         }
+        let mut buf = [0f32; 1];
         for i in c..n {
             let mut o = 0f32;
             for (p, &b) in bases.iter().enumerate() {
-                o += *wp.add(p * stride) * *vp.add(b + i);
+                let x = T::widen(std::slice::from_raw_parts(vp.add(b + i), 1), &mut buf)[0];
+                o += *wp.add(p * stride) * x;
             }
             *op.add(i) = o;
         }
@@ -904,6 +1111,140 @@ mod tests {
                 for (j, o) in out.iter().enumerate() {
                     let want = dot_f32(&a, &bs[j * n..(j + 1) * n]);
                     assert_eq!(o.to_bits(), want.to_bits(), "n={n} rows={rows} j={j}");
+                }
+            }
+        }
+    }
+
+    /// Row lengths of the attention kernels: real head sizes (64, 128, 256, MLA's 576) and odd
+    /// ones around the 32-lane and 8-lane steps.
+    const HEAD_DIMS: [usize; 14] = [1, 3, 7, 8, 13, 31, 32, 33, 40, 64, 100, 128, 256, 576];
+
+    /// `len` random f16 values, with zeros of both signs, subnormals and the largest finite f16
+    /// among them, and the same values widened to f32.
+    fn f16_rows(rng: &mut Rng, len: usize) -> (Vec<f16>, Vec<f32>) {
+        let special = [0.0, -0.0, 6.0e-8, -3.0e-6, 65504.0, -0.25];
+        let h: Vec<f16> = (0..len)
+            .map(|i| {
+                let x = if i % 17 == 5 {
+                    special[i / 17 % special.len()]
+                } else {
+                    rng.normal() * 4.0
+                };
+                f16::from_f32(x)
+            })
+            .collect();
+        let w = h.iter().map(|x| x.to_f32()).collect();
+        (h, w)
+    }
+
+    /// Bases of `rows` rows of `n` in storage of `len`: scrambled, unaligned, some repeated.
+    fn row_bases(rng: &mut Rng, rows: usize, n: usize, len: usize) -> Vec<usize> {
+        (0..rows)
+            .map(|_| ((rng.uniform() * 0.5 + 0.5) * (len - n + 1) as f32) as usize % (len - n + 1))
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    #[test]
+    fn dot_f16_rows_equal_dot_f32_rows_of_the_widened_rows_bit_for_bit() {
+        let mut rng = Rng::new(8);
+        for n in HEAD_DIMS {
+            for g in [1, 2, 3, 5] {
+                let len = 9 * n + 5;
+                let (k16, kw) = f16_rows(&mut rng, len);
+                let bases = row_bases(&mut rng, 9, n, len);
+                let q = rng.vec(g * n);
+                let run = |f: &dyn Fn(&mut [f32])| {
+                    let mut out = vec![f32::NAN; g * bases.len()];
+                    f(&mut out);
+                    bits(&out)
+                };
+                let case = format!("n={n} g={g}");
+                // The dispatched kernels.
+                let want = run(&|o| dot_f32_rows(&q, n, &kw, &bases, o));
+                assert_eq!(
+                    run(&|o| dot_f16_rows(&q, n, &k16, &bases, o)),
+                    want,
+                    "{case}"
+                );
+                // The portable path, which is also the f32 one's.
+                let scalar = run(&|o| dot_rows_scalar(&q, n, &kw, &bases, o));
+                assert_eq!(run(&|o| dot_rows_scalar(&q, n, &k16, &bases, o)), scalar);
+                let one_by_one = run(&|o| {
+                    for (j, &b) in bases.iter().enumerate() {
+                        for (h, qh) in q.chunks_exact(n).enumerate() {
+                            o[j * g + h] = dot_f32_scalar(qh, &kw[b..b + n]);
+                        }
+                    }
+                });
+                assert_eq!(scalar, one_by_one, "{case}");
+                #[cfg(target_arch = "x86_64")]
+                if simd_level() == SimdLevel::Avx2 {
+                    // SAFETY: AVX2, FMA and F16C confirmed; the rows are in bounds.
+                    let avx2 = run(&|o| unsafe { x86::dot_rows_avx2(&q, n, &kw, &bases, o) });
+                    let avx2_f16 =
+                        run(&|o| unsafe { x86::dot_rows_f16_avx2(&q, n, &k16, &bases, o) });
+                    assert_eq!(avx2_f16, avx2, "{case}");
+                    assert_eq!(avx2, want, "{case}");
+                    let dots = run(&|o| {
+                        for (j, &b) in bases.iter().enumerate() {
+                            for (h, qh) in q.chunks_exact(n).enumerate() {
+                                o[j * g + h] = dot_f32(qh, &kw[b..b + n]);
+                            }
+                        }
+                    });
+                    assert_eq!(avx2, dots, "{case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_f16_rows_equal_weighted_f32_rows_of_the_widened_rows_bit_for_bit() {
+        let mut rng = Rng::new(9);
+        for n in HEAD_DIMS {
+            for (rows, stride) in [(1, 1), (5, 1), (9, 3), (40, 2)] {
+                let len = rows * n + 11;
+                let (v16, vw) = f16_rows(&mut rng, len);
+                let bases = row_bases(&mut rng, rows, n, len);
+                let ws: Vec<f32> = rng.vec(rows * stride).iter().map(|x| x.abs()).collect();
+                let run = |f: &dyn Fn(&mut [f32])| {
+                    let mut out = vec![f32::NAN; n];
+                    f(&mut out);
+                    bits(&out)
+                };
+                let case = format!("n={n} rows={rows} stride={stride}");
+                // Multiply then add in position order: the same bits on every path.
+                let reference = run(&|o| {
+                    o.fill(0.0);
+                    for (p, &b) in bases.iter().enumerate() {
+                        for (o, &x) in o.iter_mut().zip(&vw[b..b + n]) {
+                            *o += ws[p * stride] * x;
+                        }
+                    }
+                });
+                let want = run(&|o| weighted_rows_f32(&ws, stride, &vw, &bases, o));
+                assert_eq!(want, reference, "{case}");
+                let got = run(&|o| weighted_rows_f16(&ws, stride, &v16, &bases, o));
+                assert_eq!(got, reference, "{case}");
+                let scalar = run(&|o| weighted_rows_scalar(&ws, stride, &v16, &bases, o));
+                assert_eq!(scalar, reference, "{case}");
+                let scalar = run(&|o| weighted_rows_scalar(&ws, stride, &vw, &bases, o));
+                assert_eq!(scalar, reference, "{case}");
+                #[cfg(target_arch = "x86_64")]
+                if simd_level() == SimdLevel::Avx2 {
+                    // SAFETY: AVX2 and F16C confirmed; the rows and weights are in bounds.
+                    let avx2 = run(&|o| unsafe {
+                        x86::weighted_rows_f16_avx2(&ws, stride, &v16, &bases, o)
+                    });
+                    assert_eq!(avx2, reference, "{case}");
+                    let avx2 =
+                        run(&|o| unsafe { x86::weighted_rows_avx2(&ws, stride, &vw, &bases, o) });
+                    assert_eq!(avx2, reference, "{case}");
                 }
             }
         }

@@ -3,12 +3,18 @@
 //! This is storage only. Which blocks belong to which sequence is the engine's bookkeeping
 //! (its block pool); the model's one attention layer writes and reads rows through a
 //! [`Batch`]'s block tables. Layers may differ in geometry (e.g. MLA stores a latent).
+//!
+//! Rows are f32, or f16 where the layer rounds its keys and values to f16 before writing them
+//! ([`KvDType::for_rounding`]): as llama.cpp's f16 cache, at half the bytes.
 
-use supernode_kernels::ops::KvView;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
+use supernode_kernels::ops::{KvRows, KvView};
 
 use crate::{Batch, ModelError, Result};
 
-/// Geometry of one layer's cache rows.
+/// Geometry and element type of one layer's cache rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayerSpec {
     pub n_kv_heads: usize,
@@ -16,6 +22,37 @@ pub struct KvLayerSpec {
     /// Values per head as the attention reads them.
     pub v_dim: usize,
     pub values: KvValues,
+    pub dtype: KvDType,
+}
+
+/// The element type of a layer's cache rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+}
+
+impl KvDType {
+    /// The element type for a layer that rounds (`f16_rounding`) or does not round its keys and
+    /// values to f16 before caching them. Rounded (`Precision::Quantized`, llama.cpp's f16 KV
+    /// cache), they are exactly f16 values: f16 rows hold them without loss, and the attention
+    /// kernels read them back as the same f32 values, so the results are bit-identical to an f32
+    /// cache while decode reads half the bytes and a memory budget holds twice the tokens.
+    pub fn for_rounding(f16_rounding: bool) -> KvDType {
+        if f16_rounding {
+            KvDType::F16
+        } else {
+            KvDType::F32
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
 }
 
 /// Where a layer's values live.
@@ -29,30 +66,20 @@ pub enum KvValues {
 }
 
 impl KvLayerSpec {
-    /// The same MHA/GQA geometry on every layer of `cfg`.
-    pub fn uniform(cfg: &crate::ModelConfig) -> Vec<KvLayerSpec> {
-        let spec = KvLayerSpec {
-            n_kv_heads: cfg.n_kv_heads,
-            k_dim: cfg.head_dim,
-            v_dim: cfg.v_head_dim,
-            values: KvValues::Stored,
-        };
-        vec![spec; cfg.n_layers]
-    }
-
     /// A multi-head latent attention layer: per token one row of the compressed latent
     /// (`kv_lora_rank`, normalised) and the shared roped key (`rope_dim`); the latent doubles
     /// as the values.
-    pub fn mla(kv_lora_rank: usize, rope_dim: usize) -> KvLayerSpec {
+    pub fn mla(kv_lora_rank: usize, rope_dim: usize, dtype: KvDType) -> KvLayerSpec {
         KvLayerSpec {
             n_kv_heads: 1,
             k_dim: kv_lora_rank + rope_dim,
             v_dim: kv_lora_rank,
             values: KvValues::InKeys,
+            dtype,
         }
     }
 
-    /// Floats stored per token for the keys (`k`) and for the values (`v`).
+    /// Values stored per token for the keys (`k`) and for the values (`v`).
     fn stored_widths(&self) -> (usize, usize) {
         let v = match self.values {
             KvValues::Stored => self.n_kv_heads * self.v_dim,
@@ -61,10 +88,69 @@ impl KvLayerSpec {
         (self.n_kv_heads * self.k_dim, v)
     }
 
-    /// f32 values stored per token (keys and values of all heads).
+    /// Values stored per token (keys and values of all heads), of `dtype` each.
     pub fn floats_per_token(&self) -> usize {
         let (k, v) = self.stored_widths();
         k + v
+    }
+
+    /// Bytes stored per token.
+    pub fn bytes_per_token(&self) -> usize {
+        self.floats_per_token() * self.dtype.bytes()
+    }
+}
+
+/// Cache rows in a layer's element type.
+#[derive(Debug)]
+pub enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl KvData {
+    /// `len` zeros, allocated zeroed (f16 as the bits of `u16` zeros), so that pages the cache
+    /// never uses are never touched.
+    fn zeros(dtype: KvDType, len: usize) -> KvData {
+        match dtype {
+            KvDType::F32 => KvData::F32(vec![0.0; len]),
+            KvDType::F16 => KvData::F16(vec![0u16; len].reinterpret_into()),
+        }
+    }
+
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvData::F32(x) => x.len(),
+            KvData::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stores `x` at `at ..`; f16 rows take values that are exactly f16 (a layer with f16 rows
+    /// rounds them first), so nothing is lost.
+    fn write(&mut self, at: usize, x: &[f32]) {
+        match self {
+            KvData::F32(d) => d[at..at + x.len()].copy_from_slice(x),
+            KvData::F16(d) => {
+                let d = &mut d[at..at + x.len()];
+                d.convert_from_f32_slice(x);
+                debug_assert!(
+                    d.iter().zip(x).all(|(h, &f)| h.to_f32() == f || f.is_nan()),
+                    "a value written to an f16 KV cache is not an f16 value"
+                );
+            }
+        }
+    }
+
+    /// The rows as the attention kernels read them.
+    pub fn rows(&self) -> KvRows<'_> {
+        match self {
+            KvData::F32(x) => KvRows::F32(x),
+            KvData::F16(x) => KvRows::F16(x),
+        }
     }
 }
 
@@ -72,8 +158,8 @@ impl KvLayerSpec {
 #[derive(Debug)]
 pub struct LayerKv {
     pub spec: KvLayerSpec,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: KvData,
+    pub v: KvData,
 }
 
 /// The whole cache.
@@ -101,8 +187,8 @@ impl KvCache {
                 let (kw, vw) = spec.stored_widths();
                 LayerKv {
                     spec,
-                    k: vec![0.0; slots * kw],
-                    v: vec![0.0; slots * vw],
+                    k: KvData::zeros(spec.dtype, slots * kw),
+                    v: KvData::zeros(spec.dtype, slots * vw),
                 }
             })
             .collect();
@@ -115,7 +201,7 @@ impl KvCache {
 
     /// Bytes per token over all layers.
     pub fn bytes_per_token(specs: &[KvLayerSpec]) -> usize {
-        specs.iter().map(|s| s.floats_per_token() * 4).sum()
+        specs.iter().map(KvLayerSpec::bytes_per_token).sum()
     }
 
     /// Checks that every token of `batch` has a valid slot and id, so the forward pass can
@@ -168,8 +254,13 @@ impl LayerKv {
     /// when the values live in the keys.
     pub fn write(&mut self, slot: usize, k: &[f32], v: &[f32]) {
         let (kw, vw) = self.spec.stored_widths();
-        self.k[slot * kw..(slot + 1) * kw].copy_from_slice(k);
-        self.v[slot * vw..(slot + 1) * vw].copy_from_slice(v);
+        assert_eq!(
+            (k.len(), v.len()),
+            (kw, vw),
+            "LayerKv::write: bad row sizes"
+        );
+        self.k.write(slot * kw, k);
+        self.v.write(slot * vw, v);
     }
 
     /// A read-only view for the attention kernel. When the values live in the keys, the view's
@@ -181,8 +272,8 @@ impl LayerKv {
             KvValues::InKeys => (&self.k, self.spec.k_dim),
         };
         KvView {
-            k: &self.k,
-            v,
+            k: self.k.rows(),
+            v: v.rows(),
             block_size,
             n_kv_heads: self.spec.n_kv_heads,
             k_dim: self.spec.k_dim,
@@ -200,7 +291,7 @@ mod tests {
     /// 128 heads × (192 + 128).
     #[test]
     fn mla_spec_stores_latent_and_rope_key_only() {
-        let spec = KvLayerSpec::mla(512, 64);
+        let spec = KvLayerSpec::mla(512, 64, KvDType::F32);
         assert_eq!(spec.floats_per_token(), 512 + 64);
         let specs = vec![spec; 61];
         assert_eq!(KvCache::bytes_per_token(&specs), 61 * 576 * 4);
@@ -209,18 +300,63 @@ mod tests {
             k_dim: 192,
             v_dim: 128,
             values: KvValues::Stored,
+            dtype: KvDType::F32,
         };
         assert_eq!(
             KvCache::bytes_per_token(&vec![full; 61]),
             61 * 128 * 320 * 4
         );
 
-        let mut cache = KvCache::new(&[KvLayerSpec::mla(3, 2)], 2, 2).unwrap();
+        let mut cache = KvCache::new(&[KvLayerSpec::mla(3, 2, KvDType::F32)], 2, 2).unwrap();
         let layer = &mut cache.layers[0];
         assert_eq!((layer.k.len(), layer.v.len()), (4 * 5, 0));
         layer.write(3, &[1.0, 2.0, 3.0, 4.0, 5.0], &[]);
         let view = layer.view(2);
         // The values are read from the key rows: latent first.
-        assert_eq!((view.v_dim, &view.v[15..18]), (5, &[1.0, 2.0, 3.0][..]));
+        let KvRows::F32(v) = view.v else {
+            panic!("f32 rows expected")
+        };
+        assert_eq!((view.v_dim, &v[15..18]), (5, &[1.0, 2.0, 3.0][..]));
+    }
+
+    /// f16 rows take half the bytes of f32 ones, hold f16 values without loss, and serve both
+    /// stored values and values in the keys.
+    #[test]
+    fn f16_rows_halve_the_bytes_and_keep_the_values() {
+        assert_eq!(KvDType::for_rounding(true), KvDType::F16);
+        assert_eq!(KvDType::for_rounding(false), KvDType::F32);
+        let gqa = |dtype| KvLayerSpec {
+            n_kv_heads: 2,
+            k_dim: 3,
+            v_dim: 2,
+            values: KvValues::Stored,
+            dtype,
+        };
+        let (f32_spec, f16_spec) = (gqa(KvDType::F32), gqa(KvDType::F16));
+        assert_eq!(f32_spec.bytes_per_token(), (6 + 4) * 4);
+        assert_eq!(f16_spec.bytes_per_token(), (6 + 4) * 2);
+        let mla = KvLayerSpec::mla(512, 64, KvDType::F16);
+        assert_eq!(KvCache::bytes_per_token(&[mla; 61]), 61 * 576 * 2);
+
+        let k = [1.5, -0.0, 65504.0, 2f32.powi(-24), -2.25, 1024.0];
+        let v = [f16::from_f32(0.1).to_f32(), -7.0, 3.0, 0.5];
+        let mut cache =
+            KvCache::new(&[f16_spec, KvLayerSpec::mla(3, 3, KvDType::F16)], 2, 3).unwrap();
+        let widened = |rows: KvRows| match rows {
+            KvRows::F16(x) => x.iter().map(|h| h.to_f32().to_bits()).collect::<Vec<_>>(),
+            KvRows::F32(_) => panic!("f16 rows expected"),
+        };
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let layer = &mut cache.layers[0];
+        assert_eq!((layer.k.len(), layer.v.len()), (6 * 6, 6 * 4));
+        layer.write(4, &k, &v);
+        let view = layer.view(2);
+        assert_eq!(widened(view.k)[24..30], bits(&k)[..]);
+        assert_eq!(widened(view.v)[16..20], bits(&v)[..]);
+        let layer = &mut cache.layers[1];
+        layer.write(5, &k, &[]);
+        let view = layer.view(2);
+        assert_eq!(view.v_dim, 6);
+        assert_eq!(widened(view.v)[30..33], bits(&k[..3])[..]);
     }
 }

@@ -23,7 +23,7 @@ pub mod weights;
 pub use arch::Model;
 pub use batch::Batch;
 pub use config::ModelConfig;
-pub use kv_cache::{KvCache, KvLayerSpec, KvValues};
+pub use kv_cache::{KvCache, KvDType, KvData, KvLayerSpec, KvValues};
 pub use loader::{load_model, LoadOptions, LoadedModel, ModelSource};
 pub use metadata::{MetaValue, Metadata};
 pub use tensor::{Storage, Tensor};

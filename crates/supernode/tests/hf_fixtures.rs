@@ -18,9 +18,12 @@ use common::{ids, read_json};
 use serde_json::Value;
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::session::Session;
+use supernode_kernels::Precision;
 use supernode_models::gguf::GgufWriter;
 use supernode_models::safetensors::read_safetensors_dir;
-use supernode_models::{load_model, KvCache, LoadOptions, MetaValue};
+use supernode_models::{
+    load_model, Batch, KvCache, KvDType, KvLayerSpec, LoadOptions, MetaValue, Model,
+};
 
 const TOL: f32 = 1e-3;
 
@@ -368,6 +371,80 @@ fn deepseek_v3_kv_cache_holds_the_latent() {
         KvCache::bytes_per_token(&model.kv_specs()),
         3 * (16 + 8) * 4
     );
+}
+
+/// The logits of every position of `tokens`, fed `chunk` tokens per forward pass, over a KV
+/// cache of `specs` whose blocks are handed out in reverse order; as bits.
+fn logits_over(model: &dyn Model, specs: &[KvLayerSpec], tokens: &[u32], chunk: usize) -> Vec<u32> {
+    let mut kv = KvCache::new(specs, 4, tokens.len().div_ceil(4)).unwrap();
+    let table: Vec<u32> = (0..kv.num_blocks as u32).rev().collect();
+    let tables = [table.as_slice()];
+    let mut bits = Vec::new();
+    for start in (0..tokens.len()).step_by(chunk) {
+        let end = (start + chunk).min(tokens.len());
+        let positions: Vec<usize> = (start..end).collect();
+        let rows: Vec<usize> = (0..end - start).collect();
+        let batch = Batch {
+            tokens: &tokens[start..end],
+            positions: &positions,
+            seq_of: &vec![0; end - start],
+            block_tables: &tables,
+            logits_for: &rows,
+        };
+        let logits = model.forward(&batch, &mut kv).unwrap();
+        bits.extend(logits.iter().map(|x| x.to_bits()));
+    }
+    bits
+}
+
+/// `Precision::Quantized` rounds keys and values to f16 and caches them as f16: half the bytes
+/// of `Precision::Exact`'s f32 cache, and the same logits, bit for bit, as the same model over an
+/// f32 cache, for every architecture (GQA, sliding windows, MLA's latent) in one-step prefill,
+/// chunked prefill and token-by-token decode.
+#[test]
+fn quantized_f16_kv_cache_equals_an_f32_cache_bit_for_bit() {
+    let quantized = LoadOptions {
+        precision: Precision::Quantized,
+    };
+    let tokens: Vec<u32> = (0..33).map(|i| (i * 37 + 11) % 256).collect();
+    for arch in [
+        "llama",
+        "gemma3_text",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "deepseek_v3",
+        "deepseek_v3_noqlora",
+    ] {
+        let dir = fixture_dir(arch);
+        let model = load_model(&dir, &quantized).unwrap().model;
+        let specs = model.kv_specs();
+        let exact = load_model(&dir, &LoadOptions::default())
+            .unwrap()
+            .model
+            .kv_specs();
+        assert!(specs.iter().all(|s| s.dtype == KvDType::F16), "{arch}");
+        assert!(exact.iter().all(|s| s.dtype == KvDType::F32), "{arch}");
+        assert_eq!(
+            2 * KvCache::bytes_per_token(&specs),
+            KvCache::bytes_per_token(&exact),
+            "{arch}"
+        );
+        let as_f32: Vec<KvLayerSpec> = specs
+            .iter()
+            .map(|&s| KvLayerSpec {
+                dtype: KvDType::F32,
+                ..s
+            })
+            .collect();
+        for chunk in [33, 7, 1] {
+            assert_eq!(
+                logits_over(&*model, &specs, &tokens, chunk),
+                logits_over(&*model, &as_f32, &tokens, chunk),
+                "{arch}, {chunk} tokens per step"
+            );
+        }
+    }
 }
 
 /// The issue's own commands on every fixture: `supernode logits --model DIR --tokens ...`

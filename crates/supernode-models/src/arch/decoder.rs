@@ -30,8 +30,8 @@ pub trait BlockAttention: Send + Sync {
     );
     /// Bytes of projection weights read per token.
     fn weight_bytes(&self) -> usize;
-    /// The geometry of this layer's cache rows.
-    fn kv_spec(&self, cfg: &ModelConfig) -> KvLayerSpec;
+    /// The geometry and element type of this layer's cache rows.
+    fn kv_spec(&self) -> KvLayerSpec;
 }
 
 impl BlockAttention for Attention {
@@ -49,8 +49,8 @@ impl BlockAttention for Attention {
     fn weight_bytes(&self) -> usize {
         Attention::weight_bytes(self)
     }
-    fn kv_spec(&self, cfg: &ModelConfig) -> KvLayerSpec {
-        KvLayerSpec::uniform(cfg)[0]
+    fn kv_spec(&self) -> KvLayerSpec {
+        Attention::kv_spec(self)
     }
 }
 
@@ -69,8 +69,8 @@ impl BlockAttention for Mla {
     fn weight_bytes(&self) -> usize {
         Mla::weight_bytes(self)
     }
-    fn kv_spec(&self, _cfg: &ModelConfig) -> KvLayerSpec {
-        KvLayerSpec::mla(self.rank, self.rope)
+    fn kv_spec(&self) -> KvLayerSpec {
+        Mla::kv_spec(self)
     }
 }
 
@@ -139,10 +139,7 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
     }
 
     fn kv_specs(&self) -> Vec<KvLayerSpec> {
-        self.blocks
-            .iter()
-            .map(|b| b.attn.kv_spec(&self.cfg))
-            .collect()
+        self.blocks.iter().map(|b| b.attn.kv_spec()).collect()
     }
 
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {

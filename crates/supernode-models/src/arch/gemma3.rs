@@ -117,7 +117,7 @@ impl Model for Gemma3 {
     }
 
     fn kv_specs(&self) -> Vec<KvLayerSpec> {
-        KvLayerSpec::uniform(&self.cfg)
+        self.blocks.iter().map(|b| b.attn.kv_spec()).collect()
     }
 
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {

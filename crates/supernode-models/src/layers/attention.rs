@@ -3,19 +3,12 @@
 //! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
 //! writes the KV cache.
 
-use std::cell::RefCell;
-
 use supernode_kernels::ops::{attention_group, round_f16, AttnShape};
 use supernode_kernels::pool;
 
 use super::{Linear, RmsNorm, RopeTable};
-use crate::kv_cache::LayerKv;
+use crate::kv_cache::{KvDType, KvLayerSpec, KvValues, LayerKv};
 use crate::Batch;
-
-thread_local! {
-    /// Each thread's attention score buffer, reused across calls.
-    pub(crate) static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 pub struct Attention {
     pub wq: Linear,
@@ -37,6 +30,19 @@ impl Attention {
             .iter()
             .map(|l| l.weight_bytes())
             .sum()
+    }
+
+    /// The geometry and element type of this layer's cache rows: f16 when it rounds its keys and
+    /// values to f16 ([`KvDType::for_rounding`]).
+    pub fn kv_spec(&self) -> KvLayerSpec {
+        let s = &self.shape;
+        KvLayerSpec {
+            n_kv_heads: s.n_kv_heads,
+            k_dim: s.k_dim,
+            v_dim: s.v_dim,
+            values: KvValues::Stored,
+            dtype: KvDType::for_rounding(s.f16_rounding),
+        }
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
@@ -96,9 +102,7 @@ impl Attention {
             let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let table = batch.block_tables[batch.seq_of[t]];
             let qg = &q[t * qw + g * group * s.k_dim..t * qw + (g + 1) * group * s.k_dim];
-            SCORES.with_borrow_mut(|scores| {
-                attention_group(qg, &view, g, table, start..pos + 1, s, scores, o)
-            });
+            attention_group(qg, &view, g, table, start..pos + 1, s, o);
         });
         self.wo.forward(&attn, n, out);
     }

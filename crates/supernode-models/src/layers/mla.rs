@@ -19,10 +19,9 @@
 use supernode_kernels::ops::{attention_head, round_f16, AttnShape};
 use supernode_kernels::{pool, Precision};
 
-use super::attention::SCORES;
 use super::{Linear, RmsNorm, RopeTable, StackedLinear};
 use crate::config::MlaConfig;
-use crate::kv_cache::LayerKv;
+use crate::kv_cache::{KvDType, KvLayerSpec, LayerKv};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 
@@ -68,6 +67,16 @@ impl Mla {
             + self.k_b.weight_bytes()
             + self.v_b.weight_bytes()
             + self.wo.weight_bytes()
+    }
+
+    /// The geometry and element type of this layer's cache rows: the latent and the roped key,
+    /// f16 when they are rounded to f16 ([`KvDType::for_rounding`]).
+    pub fn kv_spec(&self) -> KvLayerSpec {
+        KvLayerSpec::mla(
+            self.rank,
+            self.rope,
+            KvDType::for_rounding(self.f16_rounding),
+        )
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
@@ -142,9 +151,7 @@ impl Mla {
             let table = batch.block_tables[batch.seq_of[t]];
             let qh = &qa[i * kw..(i + 1) * kw];
             let ctx = 0..batch.positions[t] + 1;
-            SCORES.with_borrow_mut(|scores| {
-                attention_head(qh, &view, 0, table, ctx, &shape, scores, o)
-            });
+            attention_head(qh, &view, 0, table, ctx, &shape, o);
         });
         // Per head `W_UV_h`, into the heads' concatenated outputs.
         let vd = self.v_dim;
