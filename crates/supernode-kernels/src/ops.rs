@@ -10,6 +10,7 @@ use std::ops::Range;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::pool;
 use crate::simd::{dot_f16_rows, dot_f32, dot_f32_rows, weighted_rows_f16, weighted_rows_f32};
 
 /// `out = x / rms(x) * (w + w_offset)`; the mean of squares is accumulated in f64.
@@ -148,7 +149,15 @@ pub enum KvRows<'a> {
     F16(&'a [f16]),
 }
 
-impl KvRows<'_> {
+impl<'a> KvRows<'a> {
+    /// The same rows seen from element `offset` on (for a range of columns).
+    fn from(&self, offset: usize) -> KvRows<'a> {
+        match *self {
+            KvRows::F32(x) => KvRows::F32(&x[offset..]),
+            KvRows::F16(x) => KvRows::F16(&x[offset..]),
+        }
+    }
+
     /// [`dot_f32_rows`] over these rows.
     fn dot_rows(&self, q: &[f32], n: usize, bases: &[usize], out: &mut [f32]) {
         match *self {
@@ -298,7 +307,6 @@ pub fn attention_group(
         g * shape.v_dim,
         "attention_group: out is not whole heads"
     );
-    let len = ctx.len();
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch {
             scores,
@@ -306,56 +314,150 @@ pub fn attention_group(
             v_bases,
             ..
         } = scratch;
-        // `scores[..g]`: per-head max; `scores[g..]`: scores, then weights, position-major
-        // (position `i`, head `h` at `i * g + h`).
+        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
+        // Scores position-major (position `i`, head `h` at `i * g + h`); the same
+        // `dot_f32(q_h, k)` per head and position, each K row read once for the group.
         scores.clear();
-        scores.resize(g + g * len, 0.0);
-        let (stats, scores) = scores.split_at_mut(g);
-        stats.fill(f32::NEG_INFINITY);
-        // Row offsets of each position's K and V, found once for the whole group.
-        k_bases.clear();
-        v_bases.clear();
-        for p in ctx {
-            let slot = block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-            k_bases.push((slot * kv.n_kv_heads + kv_head) * kv.k_dim);
-            v_bases.push((slot * kv.n_kv_heads + kv_head) * kv.v_dim);
-        }
-        // The same `dot_f32(q_h, k)` per head and position, each K row read once for the group.
+        scores.resize(g * k_bases.len(), 0.0);
         kv.k.dot_rows(q, shape.k_dim, k_bases, scores);
-        for row in scores.chunks_exact_mut(g) {
-            for (s, m) in row.iter_mut().zip(stats.iter_mut()) {
-                let mut v = *s * shape.scale;
-                if let Some(cap) = shape.softcap {
-                    v = softcap(v, cap);
-                }
-                *s = v;
-                *m = m.max(v);
-            }
-        }
-        for (h, st) in stats.iter_mut().enumerate() {
-            let max = *st;
-            let mut sum = 0f64;
-            for s in scores[h..].iter_mut().step_by(g) {
-                *s = (*s - max).exp();
-                sum += f64::from(*s);
-            }
-            let inv = (1.0 / sum) as f32;
-            for s in scores[h..].iter_mut().step_by(g) {
-                *s = if shape.f16_rounding {
-                    round_f16(*s * inv)
-                } else {
-                    *s * inv
-                };
-            }
-        }
+        group_softmax(scores, g, shape);
         for (h, o) in out.chunks_exact_mut(shape.v_dim).enumerate() {
-            if len == 0 {
-                o.fill(0.0);
-            } else {
-                kv.v.weighted_rows(&scores[h..], g, v_bases, o);
-            }
+            group_values(kv, scores, g, h, v_bases, 0, o);
         }
     });
+}
+
+/// [`attention_group`] with its work spread over the thread pool: the scores over chunks of
+/// positions, the weighted sums over chunks of value columns, the softmax between them on the
+/// calling thread. For decode, whose few (token, KV head) groups would otherwise leave threads
+/// idle (one KV head: Gemma 3; three on two threads: SmolLM2). Bit-identical to
+/// [`attention_group`]: each score is the same dot product whichever chunk computes it, the
+/// softmax is the same serial code, and each output column adds its weighted values in
+/// position order whatever the column chunk.
+pub fn attention_group_parallel(
+    q: &[f32],
+    kv: &KvView,
+    kv_head: usize,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    shape: &AttnShape,
+    out: &mut [f32],
+) {
+    /// Positions per scoring task, and value columns per summing task.
+    const POSITIONS: usize = 64;
+    const COLUMNS: usize = 32;
+    let g = q.len() / shape.k_dim;
+    assert_eq!(
+        q.len(),
+        g * shape.k_dim,
+        "attention_group: q is not whole heads"
+    );
+    assert_eq!(
+        out.len(),
+        g * shape.v_dim,
+        "attention_group: out is not whole heads"
+    );
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch {
+            scores,
+            k_bases,
+            v_bases,
+            ..
+        } = scratch;
+        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
+        scores.clear();
+        scores.resize(g * k_bases.len(), 0.0);
+        let k_bases = &*k_bases;
+        pool::for_each_chunk_mut(scores, POSITIONS * g, |i, s| {
+            let first = i * POSITIONS;
+            kv.k.dot_rows(q, shape.k_dim, &k_bases[first..first + s.len() / g], s);
+        });
+        group_softmax(scores, g, shape);
+        let (scores, v_bases) = (&*scores, &*v_bases);
+        let cols = if shape.v_dim.is_multiple_of(COLUMNS) {
+            COLUMNS
+        } else {
+            shape.v_dim
+        };
+        pool::for_each_chunk_mut(out, cols, |i, o| {
+            let (h, c0) = (i * cols / shape.v_dim, i * cols % shape.v_dim);
+            group_values(kv, scores, g, h, v_bases, c0, o);
+        });
+    });
+}
+
+/// Offsets of each position's K row and V row of `kv_head`.
+fn group_bases(
+    kv: &KvView,
+    kv_head: usize,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    k_bases: &mut Vec<usize>,
+    v_bases: &mut Vec<usize>,
+) {
+    k_bases.clear();
+    v_bases.clear();
+    for p in ctx {
+        let slot = block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+        k_bases.push((slot * kv.n_kv_heads + kv_head) * kv.k_dim);
+        v_bases.push((slot * kv.n_kv_heads + kv_head) * kv.v_dim);
+    }
+}
+
+/// Raw scores (position-major, `g` heads) into softmax weights, head by head: scaled and capped,
+/// the max, the exponentials and their f64 sum in position order, then normalised (and rounded
+/// to f16 when the shape says so).
+fn group_softmax(scores: &mut [f32], g: usize, shape: &AttnShape) {
+    let (mut inline, mut heap) = ([f32::NEG_INFINITY; 64], Vec::new());
+    let stats = if g <= inline.len() {
+        &mut inline[..g]
+    } else {
+        heap.resize(g, f32::NEG_INFINITY);
+        &mut heap[..]
+    };
+    for row in scores.chunks_exact_mut(g) {
+        for (s, m) in row.iter_mut().zip(stats.iter_mut()) {
+            let mut v = *s * shape.scale;
+            if let Some(cap) = shape.softcap {
+                v = softcap(v, cap);
+            }
+            *s = v;
+            *m = m.max(v);
+        }
+    }
+    for (h, &max) in stats.iter().enumerate() {
+        let mut sum = 0f64;
+        for s in scores[h..].iter_mut().step_by(g) {
+            *s = (*s - max).exp();
+            sum += f64::from(*s);
+        }
+        let inv = (1.0 / sum) as f32;
+        for s in scores[h..].iter_mut().step_by(g) {
+            *s = if shape.f16_rounding {
+                round_f16(*s * inv)
+            } else {
+                *s * inv
+            };
+        }
+    }
+}
+
+/// Columns `c0 .. c0 + out.len()` of head `h`'s output: its weights times the V rows, in
+/// position order (zero over an empty context).
+fn group_values(
+    kv: &KvView,
+    weights: &[f32],
+    g: usize,
+    h: usize,
+    v_bases: &[usize],
+    c0: usize,
+    out: &mut [f32],
+) {
+    if v_bases.is_empty() {
+        out.fill(0.0);
+    } else {
+        kv.v.from(c0).weighted_rows(&weights[h..], g, v_bases, out);
+    }
 }
 
 #[cfg(test)]
@@ -494,6 +596,16 @@ mod tests {
         let g = q.len() / shape.k_dim;
         let mut group = vec![f32::NAN; g * shape.v_dim];
         attention_group(q, kv, kv_head, table, ctx.clone(), shape, &mut group);
+        // The pool-parallel version gives the same bits.
+        let mut parallel = vec![f32::NAN; g * shape.v_dim];
+        attention_group_parallel(q, kv, kv_head, table, ctx.clone(), shape, &mut parallel);
+        assert!(
+            group
+                .iter()
+                .zip(&parallel)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "attention_group_parallel differs from attention_group"
+        );
         let mut heads = vec![f32::NAN; g * shape.v_dim];
         for (qh, o) in q
             .chunks_exact(shape.k_dim)

@@ -3,12 +3,19 @@
 //! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
 //! writes the KV cache.
 
-use supernode_kernels::ops::{attention_group, round_f16, AttnShape};
+use std::ops::Range;
+
+use supernode_kernels::ops::{
+    attention_group, attention_group_parallel, round_f16, AttnShape, KvView,
+};
 use supernode_kernels::pool;
 
 use super::{Linear, RmsNorm, RopeTable};
 use crate::kv_cache::{KvDType, KvLayerSpec, KvValues, LayerKv};
 use crate::Batch;
+
+/// [`attention_group`] or [`attention_group_parallel`].
+type GroupFn = fn(&[f32], &KvView, usize, &[u32], Range<usize>, &AttnShape, &mut [f32]);
 
 pub struct Attention {
     pub wq: Linear,
@@ -92,18 +99,28 @@ impl Attention {
         }
         let view = kv.view(block_size);
         // One task per (token, KV head), covering the query heads that share that KV head, so
-        // each K/V row is read once per group; decode (one token) still spreads its KV heads
-        // over threads. Bit-identical to one `attention_head` per query head.
+        // each K/V row is read once per group. With fewer groups than can keep the threads busy
+        // (decode), each group is spread over the threads instead. Both are bit-identical to
+        // one `attention_head` per query head.
         let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
         let group = s.n_heads / s.n_kv_heads;
-        pool::for_each_chunk_mut(&mut attn, group * s.v_dim, |i, o| {
+        let run = |i: usize, o: &mut [f32], attend: GroupFn| {
             let (t, g) = (i / s.n_kv_heads, i % s.n_kv_heads);
             let pos = batch.positions[t];
             let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let table = batch.block_tables[batch.seq_of[t]];
             let qg = &q[t * qw + g * group * s.k_dim..t * qw + (g + 1) * group * s.k_dim];
-            attention_group(qg, &view, g, table, start..pos + 1, s, o);
-        });
+            attend(qg, &view, g, table, start..pos + 1, s, o);
+        };
+        if n * s.n_kv_heads < 2 * pool::threads() {
+            for (i, o) in attn.chunks_mut(group * s.v_dim).enumerate() {
+                run(i, o, attention_group_parallel);
+            }
+        } else {
+            pool::for_each_chunk_mut(&mut attn, group * s.v_dim, |i, o| {
+                run(i, o, attention_group)
+            });
+        }
         self.wo.forward(&attn, n, out);
     }
 }
