@@ -82,6 +82,9 @@ const TILE_ROWS: usize = 16;
 /// Tokens per task in long batches, so that few rows still spread over all threads.
 const TOKEN_CHUNK: usize = 64;
 
+/// Packed products aim at this many tasks per thread (more balance the load, fewer cost less).
+const TASKS_PER_THREAD: usize = 8;
+
 /// Tokens dotted together against each dequantised row.
 const TOKEN_GROUP: usize = 4;
 
@@ -334,27 +337,34 @@ pub fn matmul_packed_many(
     let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
     let panels: usize = ms.iter().map(|m| m.panels()).sum();
     let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
-    pool::for_each(panels * token_chunks, |task| {
-        let (mut panel, chunk) = (task % panels, task / panels);
-        let mut i = 0;
-        while panel >= ms[i].panels() {
-            panel -= ms[i].panels();
-            i += 1;
-        }
-        let (m, out, min) = (ms[i], &shared[i], ms[i].format.has_min());
+    // Several panels per task when there are few tokens, so that a decode step's thousands of
+    // panels make a few dozen tasks (each task is an atomic increment shared by the threads).
+    let per_task = (panels * token_chunks / (TASKS_PER_THREAD * pool::threads())).max(1);
+    let groups = panels.div_ceil(per_task);
+    pool::for_each(groups * token_chunks, |task| {
+        let (group, chunk) = (task % groups, task / groups);
         let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
-        let r0 = panel * PANEL;
-        let valid = PANEL.min(m.rows - r0);
         let mut res = [[0f32; PANEL]; DOT_TOKENS];
-        for t0 in tokens.clone().step_by(DOT_TOKENS) {
-            let group = (t0 + DOT_TOKENS).min(tokens.end) - t0;
-            let acts: [Act; DOT_TOKENS] = std::array::from_fn(|j| act(min, t0 + j.min(group - 1)));
-            panel_dot(m, panel, &acts[..group], &mut res[..group]);
-            for (j, r) in res[..group].iter().enumerate() {
-                // SAFETY: this task's (panel rows, token range) of matrix `i` is its own; the
-                // range is in bounds by the length checks above.
-                let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
-                dst.copy_from_slice(&r[..valid]);
+        for global in group * per_task..((group + 1) * per_task).min(panels) {
+            let (mut panel, mut i) = (global, 0);
+            while panel >= ms[i].panels() {
+                panel -= ms[i].panels();
+                i += 1;
+            }
+            let (m, out, min) = (ms[i], &shared[i], ms[i].format.has_min());
+            let r0 = panel * PANEL;
+            let valid = PANEL.min(m.rows - r0);
+            for t0 in tokens.clone().step_by(DOT_TOKENS) {
+                let size = (t0 + DOT_TOKENS).min(tokens.end) - t0;
+                let acts: [Act; DOT_TOKENS] =
+                    std::array::from_fn(|j| act(min, t0 + j.min(size - 1)));
+                panel_dot(m, panel, &acts[..size], &mut res[..size]);
+                for (j, r) in res[..size].iter().enumerate() {
+                    // SAFETY: this task's (panel rows, token range) of matrix `i` is its own;
+                    // the range is in bounds by the length checks above.
+                    let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
+                    dst.copy_from_slice(&r[..valid]);
+                }
             }
         }
     });
