@@ -296,35 +296,7 @@ pub fn attention_group(
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    let g = q.len() / shape.k_dim;
-    assert_eq!(
-        q.len(),
-        g * shape.k_dim,
-        "attention_group: q is not whole heads"
-    );
-    assert_eq!(
-        out.len(),
-        g * shape.v_dim,
-        "attention_group: out is not whole heads"
-    );
-    SCRATCH.with_borrow_mut(|scratch| {
-        let Scratch {
-            scores,
-            k_bases,
-            v_bases,
-            ..
-        } = scratch;
-        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
-        // Scores position-major (position `i`, head `h` at `i * g + h`); the same
-        // `dot_f32(q_h, k)` per head and position, each K row read once for the group.
-        scores.clear();
-        scores.resize(g * k_bases.len(), 0.0);
-        kv.k.dot_rows(q, shape.k_dim, k_bases, scores);
-        group_softmax(scores, g, shape);
-        for (h, o) in out.chunks_exact_mut(shape.v_dim).enumerate() {
-            group_values(kv, scores, g, h, v_bases, 0, o);
-        }
-    });
+    group_attention(q, kv, kv_head, block_table, ctx, shape, out, false)
 }
 
 /// [`attention_group`] with its work spread over the thread pool: the scores over chunks of
@@ -342,6 +314,22 @@ pub fn attention_group_parallel(
     ctx: Range<usize>,
     shape: &AttnShape,
     out: &mut [f32],
+) {
+    group_attention(q, kv, kv_head, block_table, ctx, shape, out, true)
+}
+
+/// [`attention_group`] (`parallel` false: on the calling thread) or
+/// [`attention_group_parallel`]: the same steps, only spread differently.
+#[allow(clippy::too_many_arguments)]
+fn group_attention(
+    q: &[f32],
+    kv: &KvView,
+    kv_head: usize,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    shape: &AttnShape,
+    out: &mut [f32],
+    parallel: bool,
 ) {
     /// Positions per scoring task, and value columns per summing task.
     const POSITIONS: usize = 64;
@@ -365,13 +353,23 @@ pub fn attention_group_parallel(
             ..
         } = scratch;
         group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
+        // Scores position-major (position `i`, head `h` at `i * g + h`); the same
+        // `dot_f32(q_h, k)` per head and position, each K row read once for the group.
         scores.clear();
         scores.resize(g * k_bases.len(), 0.0);
         let k_bases = &*k_bases;
-        pool::for_each_chunk_mut(scores, POSITIONS * g, |i, s| {
+        let score = |i: usize, s: &mut [f32]| {
             let first = i * POSITIONS;
             kv.k.dot_rows(q, shape.k_dim, &k_bases[first..first + s.len() / g], s);
-        });
+        };
+        if parallel {
+            pool::for_each_chunk_mut(scores, POSITIONS * g, score);
+        } else {
+            scores
+                .chunks_mut(POSITIONS * g)
+                .enumerate()
+                .for_each(|(i, s)| score(i, s));
+        }
         group_softmax(scores, g, shape);
         let (scores, v_bases) = (&*scores, &*v_bases);
         let cols = if shape.v_dim.is_multiple_of(COLUMNS) {
@@ -379,10 +377,17 @@ pub fn attention_group_parallel(
         } else {
             shape.v_dim
         };
-        pool::for_each_chunk_mut(out, cols, |i, o| {
+        let values = |i: usize, o: &mut [f32]| {
             let (h, c0) = (i * cols / shape.v_dim, i * cols % shape.v_dim);
             group_values(kv, scores, g, h, v_bases, c0, o);
-        });
+        };
+        if parallel {
+            pool::for_each_chunk_mut(out, cols, values);
+        } else {
+            out.chunks_mut(cols)
+                .enumerate()
+                .for_each(|(i, o)| values(i, o));
+        }
     });
 }
 
