@@ -74,6 +74,8 @@ fn main() {
         // Gemma 3 270M's FFN: 640 columns take no K-quant, so Q4_K_M stores them as Q5_0.
         ("g_up     Q5_0", DType::Q5_0, 2048, 640),
         ("g_down   Q4_K", DType::Q4K, 640, 2048),
+        ("g_down   Q6_K", DType::Q6K, 640, 2048),
+        ("g_o      Q4_K", DType::Q4K, 640, 1024),
     ];
     println!(
         "threads {}, median of {reps} reps",

@@ -26,7 +26,9 @@ use std::cell::{Cell, RefCell};
 
 use crate::dtype::DType;
 use crate::pool;
-use crate::qdot::packed::{block_sums, panel_dot, Act, PackedMatrix, PANEL};
+use crate::qdot::packed::{
+    block_sums, panel_dot, sub_block_sums, Act, ActKind, PackedMatrix, PANEL,
+};
 use crate::qdot::{
     quant_kernel, round_row_bf16, round_row_f16, ActBlock, BlockQ8K, BlockQ8_0, BlockQ8_1,
     QuantKernel, TileDot, DOT_ROWS, DOT_TOKENS,
@@ -174,6 +176,8 @@ struct ActScratch {
     q8_k: Vec<BlockQ8K>,
     /// `Σ qs` of each Q8_0 block (packed kernels).
     sums: Vec<i32>,
+    /// Sums of each 32-element sub-block of the Q8_K blocks (packed kernels).
+    k_sums: Vec<i16>,
     rounded: Vec<f32>,
 }
 
@@ -184,6 +188,7 @@ impl ActScratch {
             q8_1: Vec::new(),
             q8_k: Vec::new(),
             sums: Vec::new(),
+            k_sums: Vec::new(),
             rounded: Vec::new(),
         }
     }
@@ -310,12 +315,14 @@ pub fn matmul_packed_many(
     if n_tokens == 0 {
         return;
     }
+    let kinds = |kind: ActKind| ms.iter().any(|m| m.format.act_kind() == kind);
     let blocks = cols / BlockQ8_0::ELEMS;
+    let k_blocks = cols / BlockQ8K::ELEMS;
     let mut scratch = ACTS.take();
-    if ms.iter().any(|m| m.format.has_min()) {
+    if kinds(ActKind::Q8_1) {
         quantize_tokens(x, cols, n_tokens, &mut scratch.q8_1);
     }
-    if ms.iter().any(|m| !m.format.has_min()) {
+    if kinds(ActKind::Q8_0) {
         quantize_tokens(x, cols, n_tokens, &mut scratch.q8_0);
         scratch.sums.resize(n_tokens * blocks, 0);
         for (s, y) in scratch
@@ -326,12 +333,20 @@ pub fn matmul_packed_many(
             block_sums(y, s);
         }
     }
-    let act = |min: bool, t: usize| {
+    if kinds(ActKind::Q8K) {
+        quantize_tokens(x, cols, n_tokens, &mut scratch.q8_k);
+        scratch.k_sums.resize(n_tokens * k_blocks * 8, 0);
+        sub_block_sums(&scratch.q8_k[..n_tokens * k_blocks], &mut scratch.k_sums);
+    }
+    let act = |kind: ActKind, t: usize| {
         let r = t * blocks..(t + 1) * blocks;
-        if min {
-            Act::Q8_1(&scratch.q8_1[r])
-        } else {
-            Act::Q8_0(&scratch.q8_0[r.clone()], &scratch.sums[r])
+        match kind {
+            ActKind::Q8_1 => Act::Q8_1(&scratch.q8_1[r]),
+            ActKind::Q8_0 => Act::Q8_0(&scratch.q8_0[r.clone()], &scratch.sums[r]),
+            ActKind::Q8K => Act::Q8K(
+                &scratch.q8_k[t * k_blocks..(t + 1) * k_blocks],
+                &scratch.k_sums[t * k_blocks * 8..(t + 1) * k_blocks * 8],
+            ),
         }
     };
     let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
@@ -351,13 +366,13 @@ pub fn matmul_packed_many(
                 panel -= ms[i].panels();
                 i += 1;
             }
-            let (m, out, min) = (ms[i], &shared[i], ms[i].format.has_min());
+            let (m, out, kind) = (ms[i], &shared[i], ms[i].format.act_kind());
             let r0 = panel * PANEL;
             let valid = PANEL.min(m.rows - r0);
             for t0 in tokens.clone().step_by(DOT_TOKENS) {
                 let size = (t0 + DOT_TOKENS).min(tokens.end) - t0;
                 let acts: [Act; DOT_TOKENS] =
-                    std::array::from_fn(|j| act(min, t0 + j.min(size - 1)));
+                    std::array::from_fn(|j| act(kind, t0 + j.min(size - 1)));
                 panel_dot(m, panel, &acts[..size], &mut res[..size]);
                 for (j, r) in res[..size].iter().enumerate() {
                     // SAFETY: this task's (panel rows, token range) of matrix `i` is its own;

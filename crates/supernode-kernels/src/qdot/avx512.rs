@@ -21,7 +21,10 @@
 
 use std::arch::x86_64::*;
 
-use super::packed::{Act, Format, PANEL};
+use super::packed::{
+    Act, Format, PANEL, Q4K_BYTES, Q4K_DMIN, Q4K_MINS, Q4K_QS, Q4K_SCALES, Q6K_BYTES, Q6K_QH,
+    Q6K_QL, Q6K_SCALES,
+};
 use super::{fold8, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantKernel, DOT_ROWS, DOT_TOKENS};
 use crate::dtype::DType;
 use crate::quant::scale_min_k4;
@@ -562,10 +565,11 @@ unsafe fn panel_n<const F: u8, const N: usize>(
     let ys: [*const u8; N] = std::array::from_fn(|t| match acts[t] {
         Act::Q8_0(ys, _) => ys.as_ptr().cast(),
         Act::Q8_1(ys) => ys.as_ptr().cast(),
+        Act::Q8K(ys, _) => ys.as_ptr().cast(),
     });
     let sums: [*const i32; N] = std::array::from_fn(|t| match acts[t] {
         Act::Q8_0(_, sums) => sums.as_ptr(),
-        Act::Q8_1(_) => std::ptr::null(),
+        _ => std::ptr::null(),
     });
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..blocks {
@@ -604,11 +608,158 @@ unsafe fn panel_n<const F: u8, const N: usize>(
     acc
 }
 
+/// Each token's Q8_K blocks and sub-block sums, as plain pointers.
+#[inline(always)]
+fn k_acts<const N: usize>(acts: [Act<'_>; N]) -> ([*const BlockQ8K; N], [*const i16; N]) {
+    let ys = std::array::from_fn(|t| match acts[t] {
+        Act::Q8K(ys, _) => ys.as_ptr(),
+        _ => unreachable!("K-quants meet Q8_K"),
+    });
+    let sums = std::array::from_fn(|t| match acts[t] {
+        Act::Q8K(_, sums) => sums.as_ptr(),
+        _ => unreachable!("K-quants meet Q8_K"),
+    });
+    (ys, sums)
+}
+
+/// 4 activations at `p` broadcast to every 32-bit lane.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bcast4(p: *const i8) -> __m512i {
+    _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+/// `N` tokens against one Q4_K panel: per super-block, for each pair of sub-blocks (a chunk of
+/// the row's nibble bytes) 8 `vpdpbusd` per sub-block give the 16 rows' exact sub-block sums,
+/// multiplied by their scales into `sumi`; 4 `vpdpwssd` give `summ` (mins times the activation
+/// sub-block sums); then the scalar `vec_dot_q4_k_q8_k`'s two float steps on 16 rows at once.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn panel_q4_k<const N: usize>(
+    p: *const u8,
+    blocks: usize,
+    acts: [Act<'_>; N],
+) -> [__m512; N] {
+    let (ys, sums) = k_acts(acts);
+    let m4 = _mm512_set1_epi8(0xF);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..blocks {
+        let pb = p.add(b * Q4K_BYTES);
+        let mut sumi = [_mm512_setzero_si512(); N];
+        for c in 0..4 {
+            let q = pb.add(Q4K_QS + 512 * c);
+            let raw: [__m512i; 8] =
+                std::array::from_fn(|k| _mm512_loadu_si512(q.add(64 * k).cast()));
+            let lo = raw.map(|r| _mm512_and_si512(r, m4));
+            let hi = raw.map(|r| _mm512_and_si512(_mm512_srli_epi16::<4>(r), m4));
+            let scale = |j: usize| {
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(pb.add(Q4K_SCALES + 16 * j).cast()))
+            };
+            let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
+            for t in 0..N {
+                let x = (*ys[t].add(b)).qs.as_ptr().add(64 * c);
+                let mut a = _mm512_setzero_si512();
+                let mut h = _mm512_setzero_si512();
+                for k in 0..8 {
+                    a = _mm512_dpbusd_epi32(a, lo[k], bcast4(x.add(4 * k)));
+                    h = _mm512_dpbusd_epi32(h, hi[k], bcast4(x.add(32 + 4 * k)));
+                }
+                let scaled =
+                    _mm512_add_epi32(_mm512_mullo_epi32(a, s_lo), _mm512_mullo_epi32(h, s_hi));
+                sumi[t] = _mm512_add_epi32(sumi[t], scaled);
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(pb.cast()));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q4K_DMIN).cast()));
+        let mins: [__m512i; 4] = std::array::from_fn(|j| {
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(pb.add(Q4K_MINS + 32 * j).cast()))
+        });
+        for t in 0..N {
+            let s = sums[t].add(8 * b);
+            let mut summ = _mm512_setzero_si512();
+            for (j, m) in mins.iter().enumerate() {
+                let pair = _mm512_set1_epi32(s.add(2 * j).cast::<i32>().read_unaligned());
+                summ = _mm512_dpwssd_epi32(summ, *m, pair);
+            }
+            let dx = _mm512_set1_ps((*ys[t].add(b)).d);
+            let term = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(sumi[t]));
+            acc[t] = _mm512_add_ps(acc[t], term);
+            let term = _mm512_mul_ps(_mm512_mul_ps(dmin, dx), _mm512_cvtepi32_ps(summ));
+            acc[t] = _mm512_sub_ps(acc[t], term);
+        }
+    }
+    acc
+}
+
+/// `N` tokens against one Q6_K panel: per pair of sub-blocks `s`, `s + 8` (four `ql` vectors and
+/// their high bits), 4 `vpdpbusd` each give the 16 rows' sums of the unsigned six-bit values
+/// times the activations; `32 Σ x` comes off (the `- 32` of each weight), the signed scale
+/// multiplies, all exact in integers; then the scalar `vec_dot_q6_k_q8_k`'s float step.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn panel_q6_k<const N: usize>(
+    p: *const u8,
+    blocks: usize,
+    acts: [Act<'_>; N],
+) -> [__m512; N] {
+    let (ys, _) = k_acts(acts);
+    let m4 = _mm512_set1_epi8(0xF);
+    let m2 = _mm512_set1_epi8(0x30);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..blocks {
+        let pb = p.add(b * Q6K_BYTES);
+        let mut sumi = [_mm512_setzero_si512(); N];
+        for s in 0..8 {
+            let mut lo = [_mm512_setzero_si512(); 4];
+            let mut hi = [_mm512_setzero_si512(); 4];
+            for j in 0..4 {
+                let v = 4 * s + j;
+                let raw = _mm512_loadu_si512(pb.add(Q6K_QL + 64 * v).cast());
+                let h = _mm512_loadu_si512(pb.add(Q6K_QH + 64 * (v % 16)).cast());
+                // Group `v`'s high bits sit at bits 2i (i = v / 16), group `32 + v`'s at 4 + 2i:
+                // both move to bits 4 and 5.
+                let (h_lo, h_hi) = if v < 16 {
+                    (_mm512_slli_epi16::<4>(h), h)
+                } else {
+                    (_mm512_slli_epi16::<2>(h), _mm512_srli_epi16::<2>(h))
+                };
+                lo[j] = _mm512_or_si512(_mm512_and_si512(raw, m4), _mm512_and_si512(h_lo, m2));
+                hi[j] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4),
+                    _mm512_and_si512(h_hi, m2),
+                );
+            }
+            let scale = |k: usize| {
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(pb.add(Q6K_SCALES + 16 * k).cast()))
+            };
+            let (s_lo, s_hi) = (scale(s), scale(s + 8));
+            for t in 0..N {
+                let y = &*ys[t].add(b);
+                let x = y.qs.as_ptr().add(16 * s);
+                let mut a = _mm512_set1_epi32(-32 * i32::from(y.bsums[s]));
+                let mut h = _mm512_set1_epi32(-32 * i32::from(y.bsums[s + 8]));
+                for j in 0..4 {
+                    a = _mm512_dpbusd_epi32(a, lo[j], bcast4(x.add(4 * j)));
+                    h = _mm512_dpbusd_epi32(h, hi[j], bcast4(x.add(128 + 4 * j)));
+                }
+                let scaled =
+                    _mm512_add_epi32(_mm512_mullo_epi32(a, s_lo), _mm512_mullo_epi32(h, s_hi));
+                sumi[t] = _mm512_add_epi32(sumi[t], scaled);
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(pb.cast()));
+        for t in 0..N {
+            let dx = _mm512_set1_ps((*ys[t].add(b)).d);
+            let term = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(sumi[t]));
+            acc[t] = _mm512_add_ps(acc[t], term);
+        }
+    }
+    acc
+}
+
 /// `acts.len()` (1 to 4) tokens against one panel of `fmt`, into `out[t]`.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI; `p` holds `blocks` panel-blocks of `fmt`; each token has `blocks`
-/// activation blocks of the type `fmt` meets (and, for Q8_0, `blocks` sums).
+/// activation blocks of the type `fmt` meets (and, for Q8_0 and Q8_K, their sums).
 pub(super) unsafe fn panel(
     fmt: Format,
     p: &[u8],
@@ -625,7 +776,12 @@ pub(super) unsafe fn panel(
     ) {
         macro_rules! go {
             ($n:literal) => {{
-                let res = panel_n::<F, $n>(p, blocks, std::array::from_fn(|t| acts[t]));
+                let a = std::array::from_fn(|t| acts[t]);
+                let res = match F {
+                    5 => panel_q4_k::<$n>(p, blocks, a),
+                    6 => panel_q6_k::<$n>(p, blocks, a),
+                    _ => panel_n::<F, $n>(p, blocks, a),
+                };
                 for (o, v) in out.iter_mut().zip(res) {
                     _mm512_storeu_ps(o.as_mut_ptr(), v);
                 }
@@ -645,5 +801,7 @@ pub(super) unsafe fn panel(
         Format::Q5_0 => run::<2>(p, blocks, acts, out),
         Format::Q5_1 => run::<3>(p, blocks, acts, out),
         Format::Q8_0 => run::<4>(p, blocks, acts, out),
+        Format::Q4K => run::<5>(p, blocks, acts, out),
+        Format::Q6K => run::<6>(p, blocks, acts, out),
     }
 }
