@@ -302,6 +302,48 @@ pub fn matmul_packed_many(
     outs: &mut [&mut [f32]],
 ) {
     assert_eq!(ms.len(), outs.len(), "matmul: one output per matrix");
+    for (m, out) in ms.iter().zip(outs.iter()) {
+        assert_eq!(out.len(), n_tokens * m.rows, "matmul: output length");
+    }
+    let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    packed_products(ms, x, n_tokens, Sink::Each(&shared));
+}
+
+/// The gated linear unit of a feed-forward, fused: `out[t * rows + r] = act(g) * u` with `g`
+/// and `u` row `r` of `gate` and `up` against token `t` ([`matmul_packed`] of each). The same
+/// bits as the two products followed by [`crate::ops::glu_inplace`], in one parallel loop whose
+/// tasks each take a panel of both matrices, so the activation runs on every thread and no
+/// separate pass reads the products again.
+pub fn matmul_packed_glu(
+    gate: &PackedMatrix,
+    up: &PackedMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    act: fn(f32) -> f32,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        gate.rows, up.rows,
+        "matmul_packed_glu: gate and up differ in rows"
+    );
+    assert_eq!(out.len(), n_tokens * gate.rows, "matmul: output length");
+    let out = SharedOut(out.as_mut_ptr());
+    packed_products(&[gate, up], x, n_tokens, Sink::Glu(act, &out));
+}
+
+/// Where packed products go.
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    /// Matrix `i`'s products to output `i`.
+    Each(&'a [SharedOut]),
+    /// Two matrices (gate, up) of the same rows: `act(gate) * up` to one output.
+    Glu(fn(f32) -> f32, &'a SharedOut),
+}
+
+/// The products of the packed matrices `ms` (all of the same columns) on `x`, into `sink`
+/// (whose outputs the callers checked for length): each token's activations quantised once per
+/// kind the matrices meet, then one parallel loop over panels times chunks of tokens.
+fn packed_products(ms: &[&PackedMatrix], x: &[f32], n_tokens: usize, sink: Sink) {
     let Some(first) = ms.first() else { return };
     let cols = first.cols;
     assert!(
@@ -309,9 +351,6 @@ pub fn matmul_packed_many(
         "matmul: matrices differ in columns"
     );
     assert_eq!(x.len(), n_tokens * cols, "matmul: activations length");
-    for (m, out) in ms.iter().zip(outs.iter()) {
-        assert_eq!(out.len(), n_tokens * m.rows, "matmul: output length");
-    }
     if n_tokens == 0 {
         return;
     }
@@ -338,6 +377,7 @@ pub fn matmul_packed_many(
         scratch.k_sums.resize(n_tokens * k_blocks * 8, 0);
         sub_block_sums(&scratch.q8_k[..n_tokens * k_blocks], &mut scratch.k_sums);
     }
+    // Each token's activations, per kind the matrices meet, looked up by the tasks.
     let act = |kind: ActKind, t: usize| {
         let r = t * blocks..(t + 1) * blocks;
         match kind {
@@ -349,8 +389,25 @@ pub fn matmul_packed_many(
             ),
         }
     };
-    let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-    let panels: usize = ms.iter().map(|m| m.panels()).sum();
+    let table = |kind: ActKind| -> Vec<Act> {
+        if kinds(kind) {
+            (0..n_tokens).map(|t| act(kind, t)).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    let acts = [
+        table(ActKind::Q8_0),
+        table(ActKind::Q8_1),
+        table(ActKind::Q8K),
+    ];
+    let acts_of = |m: &PackedMatrix| &acts[m.format.act_kind() as usize];
+    // The units of work: every panel of every matrix, or (GLU) every panel of the gate with the
+    // same panel of the up projection.
+    let panels: usize = match sink {
+        Sink::Each(_) => ms.iter().map(|m| m.panels()).sum(),
+        Sink::Glu(..) => first.panels(),
+    };
     let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
     // Several panels per task when there are few tokens, so that a decode step's thousands of
     // panels make a few dozen tasks (each task is an atomic increment shared by the threads).
@@ -360,25 +417,39 @@ pub fn matmul_packed_many(
         let (group, chunk) = (task % groups, task / groups);
         let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
         let mut res = [[0f32; PANEL]; DOT_TOKENS];
+        let mut res_up = [[0f32; PANEL]; DOT_TOKENS];
         for global in group * per_task..((group + 1) * per_task).min(panels) {
             let (mut panel, mut i) = (global, 0);
             while panel >= ms[i].panels() {
                 panel -= ms[i].panels();
                 i += 1;
             }
-            let (m, out, kind) = (ms[i], &shared[i], ms[i].format.act_kind());
+            let m = ms[i];
             let r0 = panel * PANEL;
             let valid = PANEL.min(m.rows - r0);
             for t0 in tokens.clone().step_by(DOT_TOKENS) {
                 let size = (t0 + DOT_TOKENS).min(tokens.end) - t0;
-                let acts: [Act; DOT_TOKENS] =
-                    std::array::from_fn(|j| act(kind, t0 + j.min(size - 1)));
-                panel_dot(m, panel, &acts[..size], &mut res[..size]);
-                for (j, r) in res[..size].iter().enumerate() {
-                    // SAFETY: this task's (panel rows, token range) of matrix `i` is its own;
-                    // the range is in bounds by the length checks above.
-                    let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
-                    dst.copy_from_slice(&r[..valid]);
+                panel_dot(m, panel, &acts_of(m)[t0..t0 + size], &mut res[..size]);
+                match sink {
+                    Sink::Each(outs) => {
+                        for (j, r) in res[..size].iter().enumerate() {
+                            // SAFETY: this task's (panel rows, token range) of matrix `i` is
+                            // its own; the range is in bounds by the callers' length checks.
+                            let dst = unsafe { outs[i].slice((t0 + j) * m.rows + r0, valid) };
+                            dst.copy_from_slice(&r[..valid]);
+                        }
+                    }
+                    Sink::Glu(f, out) => {
+                        let up = ms[1];
+                        panel_dot(up, panel, &acts_of(up)[t0..t0 + size], &mut res_up[..size]);
+                        for (j, (g, u)) in res[..size].iter().zip(&res_up[..size]).enumerate() {
+                            // SAFETY: as above, for the gate's (panel rows, token range).
+                            let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
+                            for ((d, &g), &u) in dst.iter_mut().zip(g).zip(u) {
+                                *d = f(g) * u;
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -88,12 +88,12 @@ pub(crate) enum Format {
     Q6K,
 }
 
-/// The activation blocks a format meets.
+/// The activation blocks a format meets (numbered from 0, to index tables by).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ActKind {
-    Q8_0,
-    Q8_1,
-    Q8K,
+    Q8_0 = 0,
+    Q8_1 = 1,
+    Q8K = 2,
 }
 
 /// Byte offsets within a Q4_K panel-block: `dmin`, `scales`, `mins`, `qs`; and its size.
@@ -749,6 +749,48 @@ mod tests {
                     got.iter()
                         .zip(&want)
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "n = {n}"
+                );
+            }
+        }
+    }
+
+    /// The fused gated unit equals the two products then `glu_inplace`, bit for bit, for gate
+    /// and up of different formats (and activation kinds), with SiLU and the table GELU.
+    #[test]
+    fn fused_glu_equals_products_then_glu() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this machine");
+            return;
+        }
+        let mut rng = Rng(5);
+        let (rows, cols) = (37, 512);
+        let gate = PackedMatrix::pack(
+            DType::Q4K,
+            rows,
+            cols,
+            &random_k_rows(&mut rng, false, rows, cols),
+        )
+        .unwrap();
+        let up = PackedMatrix::pack(
+            DType::Q5_0,
+            rows,
+            cols,
+            &random_rows(&mut rng, Format::Q5_0, rows, cols),
+        )
+        .unwrap();
+        let acts: [fn(f32) -> f32; 2] = [crate::ops::silu, crate::ops::gelu_f16_table];
+        for act in acts {
+            for n in [1, 4, 67] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 2.0).collect();
+                let mut got = vec![f32::NAN; n * rows];
+                crate::matmul::matmul_packed_glu(&gate, &up, &x, n, act, &mut got);
+                let (mut g, mut u) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+                matmul_packed(&gate, &x, n, &mut g);
+                matmul_packed(&up, &x, n, &mut u);
+                crate::ops::glu_inplace(&mut g, &u, act);
+                assert!(
+                    got.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "n = {n}"
                 );
             }

@@ -1,7 +1,5 @@
 //! The dense gated feed-forward: `down(act(gate(x)) * up(x))`.
 
-use supernode_kernels::ops::glu_inplace;
-
 use super::Linear;
 use crate::weights::Weights;
 use crate::Result;
@@ -46,9 +44,7 @@ impl Mlp {
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let f = self.gate.rows();
         let mut g = vec![0.0; n * f];
-        let mut u = vec![0.0; n * f];
-        Linear::forward_many(&[&self.gate, &self.up], x, n, &mut [&mut g, &mut u]);
-        glu_inplace(&mut g, &u, self.act);
+        Linear::forward_glu(&self.gate, &self.up, x, n, self.act, &mut g);
         self.down.forward(&g, n, out);
     }
 }

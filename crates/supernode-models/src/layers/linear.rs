@@ -1,8 +1,9 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
 use supernode_kernels::matmul::{
-    matmul_packed, matmul_packed_many, matmul_with, Precision, WeightMatrix,
+    matmul_packed, matmul_packed_glu, matmul_packed_many, matmul_with, Precision, WeightMatrix,
 };
+use supernode_kernels::ops::glu_inplace;
 use supernode_kernels::qdot::packed::PackedMatrix;
 
 use crate::Tensor;
@@ -85,6 +86,27 @@ impl Linear {
                 for (l, out) in linears.iter().zip(outs.iter_mut()) {
                     l.forward(x, n, out);
                 }
+            }
+        }
+    }
+
+    /// The gated linear unit `act(gate x) * (up x)` into `out` (`n × rows`): the same bits as
+    /// the two products then [`glu_inplace`], fused into one parallel loop when both are packed
+    /// (and unbiased).
+    pub fn forward_glu(
+        gate: &Linear,
+        up: &Linear,
+        x: &[f32],
+        n: usize,
+        act: fn(f32) -> f32,
+        out: &mut [f32],
+    ) {
+        match (&gate.packed, &up.packed, &gate.bias, &up.bias) {
+            (Some(g), Some(u), None, None) => matmul_packed_glu(g, u, x, n, act, out),
+            _ => {
+                let mut u = vec![0.0; out.len()];
+                Linear::forward_many(&[gate, up], x, n, &mut [out, &mut u]);
+                glu_inplace(out, &u, act);
             }
         }
     }
