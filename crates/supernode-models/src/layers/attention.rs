@@ -14,6 +14,9 @@ use super::{Linear, RmsNorm, RopeTable};
 use crate::kv_cache::{KvDType, KvLayerSpec, KvValues, LayerKv};
 use crate::Batch;
 
+/// From this many tokens on, queries and keys are prepared (normed, roped, rounded) in parallel.
+const PARALLEL_PREPARE_TOKENS: usize = 8;
+
 /// [`attention_group`] or [`attention_group_parallel`].
 type GroupFn = fn(&[f32], &KvView, usize, &[u32], Range<usize>, &AttnShape, &mut [f32]);
 
@@ -78,24 +81,34 @@ impl Attention {
             n,
             &mut [&mut q, &mut k, &mut v],
         );
+        // Per-head norms, rope and f16 rounding, token by token (in parallel over the tokens
+        // of a long batch: each token's values are its own, so the bits are the same).
+        let prepare = |t: usize, x: &mut [f32], norm: &Option<RmsNorm>| {
+            if let Some(norm) = norm {
+                norm.forward_inplace(x);
+            }
+            rope.apply(t, x, s.k_dim);
+            if s.f16_rounding {
+                x.iter_mut().for_each(|x| *x = round_f16(*x));
+            }
+        };
+        if n >= PARALLEL_PREPARE_TOKENS {
+            pool::for_each_chunk_mut(&mut q, qw, |t, qt| prepare(t, qt, &self.q_norm));
+            pool::for_each_chunk_mut(&mut k, kw, |t, kt| prepare(t, kt, &self.k_norm));
+        } else {
+            for (t, qt) in q.chunks_exact_mut(qw).enumerate() {
+                prepare(t, qt, &self.q_norm);
+            }
+            for (t, kt) in k.chunks_exact_mut(kw).enumerate() {
+                prepare(t, kt, &self.k_norm);
+            }
+        }
         for t in 0..n {
-            let qt = &mut q[t * qw..(t + 1) * qw];
-            let kt = &mut k[t * kw..(t + 1) * kw];
-            if let Some(norm) = &self.q_norm {
-                norm.forward_inplace(qt);
-            }
-            if let Some(norm) = &self.k_norm {
-                norm.forward_inplace(kt);
-            }
-            rope.apply(t, qt, s.k_dim);
-            rope.apply(t, kt, s.k_dim);
             let vt = &mut v[t * vw..(t + 1) * vw];
             if s.f16_rounding {
-                for x in qt.iter_mut().chain(kt.iter_mut()).chain(vt.iter_mut()) {
-                    *x = round_f16(*x);
-                }
+                vt.iter_mut().for_each(|x| *x = round_f16(*x));
             }
-            kv.write(batch.slot(t, block_size), kt, vt);
+            kv.write(batch.slot(t, block_size), &k[t * kw..(t + 1) * kw], vt);
         }
         let view = kv.view(block_size);
         // One task per (token, KV head), covering the query heads that share that KV head, so
