@@ -25,6 +25,7 @@
 use std::cell::{Cell, RefCell};
 
 use crate::dtype::DType;
+use crate::ops::Activation;
 use crate::pool;
 use crate::qdot::packed::{
     block_sums, panel_dot, sub_block_sums, Act, ActKind, PackedMatrix, PANEL,
@@ -319,7 +320,7 @@ pub fn matmul_packed_glu(
     up: &PackedMatrix,
     x: &[f32],
     n_tokens: usize,
-    act: fn(f32) -> f32,
+    act: Activation,
     out: &mut [f32],
 ) {
     assert_eq!(
@@ -337,7 +338,7 @@ enum Sink<'a> {
     /// Matrix `i`'s products to output `i`.
     Each(&'a [SharedOut]),
     /// Two matrices (gate, up) of the same rows: `act(gate) * up` to one output.
-    Glu(fn(f32) -> f32, &'a SharedOut),
+    Glu(Activation, &'a SharedOut),
 }
 
 /// The products of the packed matrices `ms` (all of the same columns) on `x`, into `sink`
@@ -442,12 +443,11 @@ fn packed_products(ms: &[&PackedMatrix], x: &[f32], n_tokens: usize, sink: Sink)
                     Sink::Glu(f, out) => {
                         let up = ms[1];
                         panel_dot(up, panel, &acts_of(up)[t0..t0 + size], &mut res_up[..size]);
-                        for (j, (g, u)) in res[..size].iter().zip(&res_up[..size]).enumerate() {
+                        for (j, (g, u)) in res[..size].iter_mut().zip(&res_up[..size]).enumerate() {
+                            f.glu(g, u);
                             // SAFETY: as above, for the gate's (panel rows, token range).
                             let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
-                            for ((d, &g), &u) in dst.iter_mut().zip(g).zip(u) {
-                                *d = f(g) * u;
-                            }
+                            dst.copy_from_slice(&g[..valid]);
                         }
                     }
                 }

@@ -779,7 +779,8 @@ mod tests {
             &random_rows(&mut rng, Format::Q5_0, rows, cols),
         )
         .unwrap();
-        let acts: [fn(f32) -> f32; 2] = [crate::ops::silu, crate::ops::gelu_f16_table];
+        use crate::ops::Activation;
+        let acts = [Activation::Silu, Activation::GeluF16Table];
         for act in acts {
             for n in [1, 4, 67] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 2.0).collect();

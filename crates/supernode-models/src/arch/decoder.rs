@@ -7,7 +7,7 @@
 //! logits = head(rms_norm(x))            (rows in batch.logits_for only)
 //! ```
 
-use supernode_kernels::ops::silu;
+use supernode_kernels::ops::Activation;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec, LayerKv};
@@ -115,7 +115,7 @@ impl<A: BlockAttention> PreNormDecoder<A> {
                     attn_norm: w.rms_norm(&p("attn_norm.weight"), h, eps, 0.0)?,
                     attn: attn(i)?,
                     ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, 0.0)?,
-                    ffn: Ffn::load(&cfg, w, i, silu)?,
+                    ffn: Ffn::load(&cfg, w, i, Activation::Silu)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

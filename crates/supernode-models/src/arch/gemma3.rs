@@ -13,7 +13,7 @@
 //! difference between the two (norm offsets, rope of the local layers, query scale) is
 //! resolved in [`ModelConfig`].
 
-use supernode_kernels::ops::{gelu_f16_table, gelu_tanh, AttnShape};
+use supernode_kernels::ops::{Activation, AttnShape};
 use supernode_kernels::Precision;
 
 use crate::arch::Model;
@@ -67,9 +67,9 @@ impl Gemma3 {
             f16_rounding: w.precision() == Precision::Quantized,
         };
         // llama.cpp's table GELU in its numerics; the formula itself otherwise.
-        let gelu: fn(f32) -> f32 = match w.precision() {
-            Precision::Quantized => gelu_f16_table,
-            Precision::Exact => gelu_tanh,
+        let gelu = match w.precision() {
+            Precision::Quantized => Activation::GeluF16Table,
+            Precision::Exact => Activation::GeluTanh,
         };
         let sliding = cfg.sliding_window.as_ref();
         let blocks = (0..cfg.n_layers)

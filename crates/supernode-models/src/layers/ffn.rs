@@ -1,5 +1,7 @@
 //! The dense gated feed-forward: `down(act(gate(x)) * up(x))`.
 
+use supernode_kernels::ops::Activation;
+
 use super::Linear;
 use crate::weights::Weights;
 use crate::Result;
@@ -9,7 +11,7 @@ pub struct Mlp {
     pub up: Linear,
     pub down: Linear,
     /// SiLU for SwiGLU, GELU-tanh for GeGLU.
-    pub act: fn(f32) -> f32,
+    pub act: Activation,
 }
 
 impl Mlp {
@@ -21,7 +23,7 @@ impl Mlp {
         suffix: &str,
         ffn: usize,
         hidden: usize,
-        act: fn(f32) -> f32,
+        act: Activation,
     ) -> Result<Mlp> {
         let p = |n: &str| format!("blk.{layer}.ffn_{n}{suffix}");
         Ok(Mlp {

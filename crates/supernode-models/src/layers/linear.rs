@@ -3,7 +3,7 @@
 use supernode_kernels::matmul::{
     matmul_packed, matmul_packed_glu, matmul_packed_many, matmul_with, Precision, WeightMatrix,
 };
-use supernode_kernels::ops::glu_inplace;
+use supernode_kernels::ops::{glu_inplace, Activation};
 use supernode_kernels::qdot::packed::PackedMatrix;
 
 use crate::Tensor;
@@ -98,7 +98,7 @@ impl Linear {
         up: &Linear,
         x: &[f32],
         n: usize,
-        act: fn(f32) -> f32,
+        act: Activation,
         out: &mut [f32],
     ) {
         match (&gate.packed, &up.packed, &gate.bias, &up.bias) {

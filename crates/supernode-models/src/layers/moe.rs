@@ -10,7 +10,7 @@
 //! order (transformers' order too), each a batch-invariant matmul row, then the shared expert's
 //! — the same bits whatever else is in the batch.
 
-use supernode_kernels::ops::glu_inplace;
+use supernode_kernels::ops::{glu_inplace, Activation};
 
 use super::{Linear, Mlp, StackedLinear};
 use crate::config::{Gating, MoeConfig};
@@ -26,7 +26,7 @@ pub enum Ffn {
 impl Ffn {
     /// Layer `layer`'s feed-forward from its GGUF-named tensors: a [`Moe`] where the config
     /// makes the layer sparse, else the dense `ffn_gate`/`ffn_up`/`ffn_down` of `ffn_dim`.
-    pub fn load(cfg: &ModelConfig, w: &Weights, layer: usize, act: fn(f32) -> f32) -> Result<Ffn> {
+    pub fn load(cfg: &ModelConfig, w: &Weights, layer: usize, act: Activation) -> Result<Ffn> {
         match &cfg.moe {
             Some(moe) if moe.layers[layer] => {
                 Ok(Ffn::Moe(Box::new(Moe::load(cfg, moe, w, layer, act)?)))
@@ -70,7 +70,7 @@ pub struct Moe {
     pub shared: Option<Mlp>,
     pub cfg: MoeConfig,
     /// The experts' activation (SiLU).
-    pub act: fn(f32) -> f32,
+    pub act: Activation,
 }
 
 impl Moe {
@@ -82,7 +82,7 @@ impl Moe {
         moe: &MoeConfig,
         w: &Weights,
         layer: usize,
-        act: fn(f32) -> f32,
+        act: Activation,
     ) -> Result<Moe> {
         let p = |n: &str| format!("blk.{layer}.{n}");
         let (h, e, f) = (cfg.hidden, moe.n_experts, moe.expert_ffn_dim);
