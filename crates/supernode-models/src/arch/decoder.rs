@@ -10,69 +10,10 @@
 use supernode_kernels::ops::Activation;
 
 use crate::arch::Model;
-use crate::kv_cache::{KvCache, KvLayerSpec, LayerKv};
-use crate::layers::{Attention, Embedding, Ffn, Mla, OutputHead, RmsNorm, Rope, RopeTable};
+use crate::kv_cache::{KvCache, KvLayerSpec};
+use crate::layers::{BlockAttention, Embedding, Ffn, OutputHead, RmsNorm, Rope};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
-
-/// The attention layer of a block.
-pub trait BlockAttention: Send + Sync {
-    /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out` and
-    /// the batch's rows into `kv`.
-    fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut LayerKv,
-        block_size: usize,
-        out: &mut [f32],
-    );
-    /// Bytes of projection weights read per token.
-    fn weight_bytes(&self) -> usize;
-    /// The geometry and element type of this layer's cache rows.
-    fn kv_spec(&self) -> KvLayerSpec;
-}
-
-impl BlockAttention for Attention {
-    fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut LayerKv,
-        block_size: usize,
-        out: &mut [f32],
-    ) {
-        Attention::forward(self, x, batch, rope, kv, block_size, out)
-    }
-    fn weight_bytes(&self) -> usize {
-        Attention::weight_bytes(self)
-    }
-    fn kv_spec(&self) -> KvLayerSpec {
-        Attention::kv_spec(self)
-    }
-}
-
-impl BlockAttention for Mla {
-    fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut LayerKv,
-        block_size: usize,
-        out: &mut [f32],
-    ) {
-        Mla::forward(self, x, batch, rope, kv, block_size, out)
-    }
-    fn weight_bytes(&self) -> usize {
-        Mla::weight_bytes(self)
-    }
-    fn kv_spec(&self) -> KvLayerSpec {
-        Mla::kv_spec(self)
-    }
-}
 
 /// One block; both norms are `[hidden]` (per-head norms live inside the attention).
 struct Block<A> {

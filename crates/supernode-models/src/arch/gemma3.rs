@@ -18,7 +18,7 @@ use supernode_kernels::Precision;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{Attention, Embedding, Mlp, OutputHead, RmsNorm, Rope};
+use crate::layers::{Attention, BlockAttention, Embedding, Mlp, OutputHead, RmsNorm, Rope};
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 

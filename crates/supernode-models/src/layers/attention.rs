@@ -10,7 +10,7 @@ use supernode_kernels::ops::{
 };
 use supernode_kernels::pool;
 
-use super::{Linear, RmsNorm, RopeTable};
+use super::{BlockAttention, Linear, RmsNorm, RopeTable};
 use crate::kv_cache::{KvDType, KvLayerSpec, KvValues, LayerKv};
 use crate::Batch;
 
@@ -33,9 +33,9 @@ pub struct Attention {
     pub window: Option<usize>,
 }
 
-impl Attention {
+impl BlockAttention for Attention {
     /// Bytes of projection weights read per token.
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         [&self.wq, &self.wk, &self.wv, &self.wo]
             .iter()
             .map(|l| l.weight_bytes())
@@ -44,7 +44,7 @@ impl Attention {
 
     /// The geometry and element type of this layer's cache rows: f16 when it rounds its keys and
     /// values to f16 ([`KvDType::for_rounding`]).
-    pub fn kv_spec(&self) -> KvLayerSpec {
+    fn kv_spec(&self) -> KvLayerSpec {
         let s = &self.shape;
         KvLayerSpec {
             n_kv_heads: s.n_kv_heads,
@@ -56,7 +56,7 @@ impl Attention {
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
-    pub fn forward(
+    fn forward(
         &self,
         x: &[f32],
         batch: &Batch,

@@ -19,7 +19,7 @@
 use supernode_kernels::ops::{attention_head, round_f16, AttnShape};
 use supernode_kernels::{pool, Precision};
 
-use super::{Linear, RmsNorm, RopeTable, StackedLinear};
+use super::{BlockAttention, Linear, RmsNorm, RopeTable, StackedLinear};
 use crate::config::MlaConfig;
 use crate::kv_cache::{KvDType, KvLayerSpec, LayerKv};
 use crate::weights::Weights;
@@ -56,9 +56,9 @@ pub struct Mla {
     pub f16_rounding: bool,
 }
 
-impl Mla {
+impl BlockAttention for Mla {
     /// Bytes of projection weights read per token.
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         let q = match &self.q {
             MlaQuery::LoRa { a, b, .. } => a.weight_bytes() + b.weight_bytes(),
             MlaQuery::Plain(q) => q.weight_bytes(),
@@ -71,7 +71,7 @@ impl Mla {
 
     /// The geometry and element type of this layer's cache rows: the latent and the roped key,
     /// f16 when they are rounded to f16 ([`KvDType::for_rounding`]).
-    pub fn kv_spec(&self) -> KvLayerSpec {
+    fn kv_spec(&self) -> KvLayerSpec {
         KvLayerSpec::mla(
             self.rank,
             self.rope,
@@ -80,7 +80,7 @@ impl Mla {
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
-    pub fn forward(
+    fn forward(
         &self,
         x: &[f32],
         batch: &Batch,
