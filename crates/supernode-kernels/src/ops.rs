@@ -8,10 +8,12 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use crate::pool;
-use crate::simd::{dot_f16_rows, dot_f32, dot_f32_rows, weighted_rows_f16, weighted_rows_f32};
+use crate::simd::{
+    dot_f16_rows, dot_f32_rows, exp_sum, scale_max, scale_round, weighted_rows_f16,
+    weighted_rows_f32,
+};
 
 /// `out = x / rms(x) * (w + w_offset)`; the mean of squares is accumulated in f64.
 ///
@@ -240,22 +242,10 @@ impl<'a> KvRows<'a> {
     }
 
     /// [`weighted_rows_f32`] over these rows.
-    fn weighted_rows(&self, ws: &[f32], stride: usize, bases: &[usize], out: &mut [f32]) {
+    fn weighted_rows(&self, ws: &[f32], bases: &[usize], n: usize, out: &mut [f32]) {
         match *self {
-            KvRows::F32(v) => weighted_rows_f32(ws, stride, v, bases, out),
-            KvRows::F16(v) => weighted_rows_f16(ws, stride, v, bases, out),
-        }
-    }
-
-    /// The `n` values at `base` as f32: borrowed, or widened into `buf`.
-    fn row<'b>(&'b self, base: usize, n: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        match *self {
-            KvRows::F32(x) => &x[base..base + n],
-            KvRows::F16(x) => {
-                buf.resize(n, 0.0);
-                x[base..base + n].convert_to_f32_slice(buf);
-                buf
-            }
+            KvRows::F32(v) => weighted_rows_f32(ws, v, bases, n, out),
+            KvRows::F16(v) => weighted_rows_f16(ws, v, bases, n, out),
         }
     }
 }
@@ -263,13 +253,15 @@ impl<'a> KvRows<'a> {
 /// Scratch space of the attention kernels.
 #[derive(Default)]
 struct Scratch {
-    /// Scores, then softmax weights.
+    /// Raw scores in chunks of positions (the parallel path's).
     scores: Vec<f32>,
+    /// Scores, then softmax weights, head-major.
+    weights: Vec<f32>,
     /// Offsets of each position's K row and V row.
     k_bases: Vec<usize>,
     v_bases: Vec<usize>,
-    /// One K or V row widened from f16.
-    row: Vec<f32>,
+    /// Weighted sums in chunks of columns (the parallel path's).
+    values: Vec<f32>,
 }
 
 thread_local! {
@@ -300,13 +292,20 @@ pub fn round_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
+/// [`round_f16`] of every value of `x`, in place: vectorised, the same bits.
+pub fn round_slice_f16(x: &mut [f32]) {
+    // `x * 1` is `x`, and the rounding is `round_f16`'s (see `scale_round`).
+    scale_round(x, 1.0, true);
+}
+
 /// Causal attention of one query head `q` (`k_dim` values), which reads KV head `kv_head`,
 /// over the cached positions `ctx` of its sequence, whose blocks are `block_table`. Writes
 /// `v_dim` values to `out`.
 ///
-/// Softmax in two passes over an exact score buffer, in position order: deterministic and
-/// independent of the batch and of how heads are spread over threads. f16 rows are widened to
-/// f32 one at a time, then go through the same f32 code.
+/// Softmax in two passes over an exact score buffer ([`softmax`]): deterministic and
+/// independent of the batch and of how heads are spread over threads. This is
+/// [`attention_group`] for a group of one head: the same kernels, whose results per head do not
+/// depend on the group.
 pub fn attention_head(
     q: &[f32],
     kv: &KvView,
@@ -316,40 +315,8 @@ pub fn attention_head(
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    SCRATCH.with_borrow_mut(|Scratch { scores, row, .. }| {
-        scores.clear();
-        scores.resize(ctx.len(), 0.0);
-        let slot =
-            |p: usize| block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-        let mut max = f32::NEG_INFINITY;
-        for (s, p) in scores.iter_mut().zip(ctx.clone()) {
-            let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.k_dim;
-            let mut v = dot_f32(q, kv.k.row(base, shape.k_dim, row)) * shape.scale;
-            if let Some(cap) = shape.softcap {
-                v = softcap(v, cap);
-            }
-            *s = v;
-            max = max.max(v);
-        }
-        let mut sum = 0f64;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
-        }
-        let inv = (1.0 / sum) as f32;
-        out.fill(0.0);
-        for (&s, p) in scores.iter().zip(ctx) {
-            let base = (slot(p) * kv.n_kv_heads + kv_head) * kv.v_dim;
-            let w = if shape.f16_rounding {
-                round_f16(s * inv)
-            } else {
-                s * inv
-            };
-            for (o, &v) in out.iter_mut().zip(kv.v.row(base, shape.v_dim, row)) {
-                *o += w * v;
-            }
-        }
-    });
+    assert_eq!(q.len(), shape.k_dim, "attention_head: q is not one head");
+    group_attention(q, kv, kv_head, block_table, ctx, shape, out, false)
 }
 
 /// [`attention_head`] for every query head of one KV head at once: `q` holds `g` heads of
@@ -358,7 +325,7 @@ pub fn attention_head(
 ///
 /// Bit-identical to calling [`attention_head`] for each head: every score is the same
 /// `dot_f32` (of the K row with the query, the same products in the same lanes), scaled and
-/// capped alike; each head's softmax takes its max, exponentials and f64 sum in position order;
+/// capped alike; each head's softmax is the same [`softmax`] of its scores in position order;
 /// each head's output adds `w * v` (multiply, then add) in position order.
 pub fn attention_group(
     q: &[f32],
@@ -393,6 +360,12 @@ pub fn attention_group_parallel(
 
 /// [`attention_group`] (`parallel` false: on the calling thread) or
 /// [`attention_group_parallel`]: the same steps, only spread differently.
+///
+/// Serially, the scores of all positions are one `dot_*_rows` call and the weighted sums of all
+/// columns one `weighted_rows_*` call. In parallel, the scores go in chunks of positions and
+/// the sums in chunks of columns (each chunk for all heads), through buffers that are then
+/// copied in place. Every score and every output value is computed alone, in an order that
+/// depends on nothing but its own position or column: the chunking changes no bit.
 #[allow(clippy::too_many_arguments)]
 fn group_attention(
     q: &[f32],
@@ -407,64 +380,76 @@ fn group_attention(
     /// Positions per scoring task, and value columns per summing task.
     const POSITIONS: usize = 64;
     const COLUMNS: usize = 32;
-    let g = q.len() / shape.k_dim;
-    assert_eq!(
-        q.len(),
-        g * shape.k_dim,
-        "attention_group: q is not whole heads"
-    );
+    let (k_dim, v_dim) = (shape.k_dim, shape.v_dim);
+    let g = q.len() / k_dim;
+    assert_eq!(q.len(), g * k_dim, "attention_group: q is not whole heads");
     assert_eq!(
         out.len(),
-        g * shape.v_dim,
+        g * v_dim,
         "attention_group: out is not whole heads"
     );
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch {
             scores,
+            weights,
             k_bases,
             v_bases,
-            ..
+            values,
         } = scratch;
         group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
-        // Scores position-major (position `i`, head `h` at `i * g + h`); the same
-        // `dot_f32(q_h, k)` per head and position, each K row read once for the group.
-        scores.clear();
-        scores.resize(g * k_bases.len(), 0.0);
-        let k_bases = &*k_bases;
-        let score = |i: usize, s: &mut [f32]| {
-            let first = i * POSITIONS;
-            kv.k.dot_rows(q, shape.k_dim, &k_bases[first..first + s.len() / g], s);
-        };
-        if parallel {
-            pool::for_each_chunk_mut(scores, POSITIONS * g, score);
-        } else {
-            scores
-                .chunks_mut(POSITIONS * g)
-                .enumerate()
-                .for_each(|(i, s)| score(i, s));
+        let (k_bases, v_bases) = (&*k_bases, &*v_bases);
+        let m = k_bases.len();
+        if m == 0 {
+            out.fill(0.0);
+            return;
         }
-        group_softmax(scores, g, shape);
-        let (scores, v_bases) = (&*scores, &*v_bases);
-        let cols = if shape.v_dim.is_multiple_of(COLUMNS) {
-            COLUMNS
-        } else {
-            shape.v_dim
-        };
-        let values = |i: usize, o: &mut [f32]| {
-            let (h, c0) = (i * cols / shape.v_dim, i * cols % shape.v_dim);
-            group_values(kv, scores, g, h, v_bases, c0, o);
-        };
+        // Scores head-major (head `h`, position `p` at `h * m + p`): the same `dot_f32(q_h, k)`
+        // per head and position, each K row read once for the group.
+        // Every element is overwritten: only growth is zeroed.
+        weights.resize(g * m, 0.0);
+        let weights = &mut weights[..g * m];
         if parallel {
-            pool::for_each_chunk_mut(out, cols, values);
+            // Chunks of positions, head-major within each chunk, gathered after.
+            scores.resize(g * m, 0.0);
+            let scores = &mut scores[..g * m];
+            pool::for_each_chunk_mut(scores, POSITIONS * g, |i, s| {
+                let first = i * POSITIONS;
+                kv.k.dot_rows(q, k_dim, &k_bases[first..first + s.len() / g], s);
+            });
+            for (i, chunk) in scores.chunks(POSITIONS * g).enumerate() {
+                let len = chunk.len() / g;
+                for (h, src) in chunk.chunks_exact(len).enumerate() {
+                    weights[h * m + i * POSITIONS..][..len].copy_from_slice(src);
+                }
+            }
         } else {
-            out.chunks_mut(cols)
-                .enumerate()
-                .for_each(|(i, o)| values(i, o));
+            kv.k.dot_rows(q, k_dim, k_bases, weights);
+        }
+        for w in weights.chunks_exact_mut(m) {
+            softmax(w, shape);
+        }
+        let weights = &*weights;
+        if parallel && v_dim.is_multiple_of(COLUMNS) {
+            // Chunks of columns, each for all heads (head-major within the chunk), copied after.
+            values.resize(g * v_dim, 0.0);
+            let values = &mut values[..g * v_dim];
+            pool::for_each_chunk_mut(values, g * COLUMNS, |i, o| {
+                kv.v.from(i * COLUMNS)
+                    .weighted_rows(weights, v_bases, COLUMNS, o);
+            });
+            for (i, chunk) in values.chunks_exact(g * COLUMNS).enumerate() {
+                for (o, src) in out.chunks_exact_mut(v_dim).zip(chunk.chunks_exact(COLUMNS)) {
+                    o[i * COLUMNS..][..COLUMNS].copy_from_slice(src);
+                }
+            }
+        } else {
+            kv.v.weighted_rows(weights, v_bases, v_dim, out);
         }
     });
 }
 
-/// Offsets of each position's K row and V row of `kv_head`.
+/// Offsets of each position's K row and V row of `kv_head`, walking the positions block by
+/// block (no division per position).
 fn group_bases(
     kv: &KvView,
     kv_head: usize,
@@ -475,67 +460,38 @@ fn group_bases(
 ) {
     k_bases.clear();
     v_bases.clear();
-    for p in ctx {
-        let slot = block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-        k_bases.push((slot * kv.n_kv_heads + kv_head) * kv.k_dim);
-        v_bases.push((slot * kv.n_kv_heads + kv_head) * kv.v_dim);
+    let bs = kv.block_size;
+    let mut p = ctx.start;
+    while p < ctx.end {
+        let block = p / bs;
+        let end = ctx.end.min((block + 1) * bs);
+        let first = block_table[block] as usize * bs + p % bs;
+        let rows = (first..first + (end - p)).map(|slot| slot * kv.n_kv_heads + kv_head);
+        k_bases.extend(rows.clone().map(|row| row * kv.k_dim));
+        v_bases.extend(rows.map(|row| row * kv.v_dim));
+        p = end;
     }
 }
 
-/// Raw scores (position-major, `g` heads) into softmax weights, head by head: scaled and capped,
-/// the max, the exponentials and their f64 sum in position order, then normalised (and rounded
-/// to f16 when the shape says so).
-fn group_softmax(scores: &mut [f32], g: usize, shape: &AttnShape) {
-    let (mut inline, mut heap) = ([f32::NEG_INFINITY; 64], Vec::new());
-    let stats = if g <= inline.len() {
-        &mut inline[..g]
-    } else {
-        heap.resize(g, f32::NEG_INFINITY);
-        &mut heap[..]
-    };
-    for row in scores.chunks_exact_mut(g) {
-        for (s, m) in row.iter_mut().zip(stats.iter_mut()) {
-            let mut v = *s * shape.scale;
-            if let Some(cap) = shape.softcap {
-                v = softcap(v, cap);
+/// One head's raw scores (in position order) into softmax weights, the same way on every
+/// attention path: scaled (and capped); the max; `exp_f32(s - max)` and their f64 sum in the
+/// fixed lanes of [`exp_sum`]; then multiplied by `1 / sum` (rounded to f32) and, when the
+/// shape says so, rounded to f16. The vectorised steps give the bits of their portable twins, so
+/// the weights depend only on the scores.
+fn softmax(s: &mut [f32], shape: &AttnShape) {
+    let max = match shape.softcap {
+        None => scale_max(s, shape.scale),
+        Some(cap) => {
+            let mut max = f32::NEG_INFINITY;
+            for v in s.iter_mut() {
+                *v = softcap(*v * shape.scale, cap);
+                max = max.max(*v);
             }
-            *s = v;
-            *m = m.max(v);
+            max
         }
-    }
-    for (h, &max) in stats.iter().enumerate() {
-        let mut sum = 0f64;
-        for s in scores[h..].iter_mut().step_by(g) {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
-        }
-        let inv = (1.0 / sum) as f32;
-        for s in scores[h..].iter_mut().step_by(g) {
-            *s = if shape.f16_rounding {
-                round_f16(*s * inv)
-            } else {
-                *s * inv
-            };
-        }
-    }
-}
-
-/// Columns `c0 .. c0 + out.len()` of head `h`'s output: its weights times the V rows, in
-/// position order (zero over an empty context).
-fn group_values(
-    kv: &KvView,
-    weights: &[f32],
-    g: usize,
-    h: usize,
-    v_bases: &[usize],
-    c0: usize,
-    out: &mut [f32],
-) {
-    if v_bases.is_empty() {
-        out.fill(0.0);
-    } else {
-        kv.v.from(c0).weighted_rows(&weights[h..], g, v_bases, out);
-    }
+    };
+    let sum = exp_sum(s, max);
+    scale_round(s, (1.0 / sum) as f32, shape.f16_rounding);
 }
 
 #[cfg(test)]
@@ -691,8 +647,85 @@ mod tests {
         {
             attention_head(qh, kv, kv_head, table, ctx.clone(), shape, o);
         }
+        // The steps written out one position at a time, with the single-row `dot_f32`.
+        let mut naive = vec![f32::NAN; g * shape.v_dim];
+        for (qh, o) in q
+            .chunks_exact(shape.k_dim)
+            .zip(naive.chunks_exact_mut(shape.v_dim))
+        {
+            naive_head(qh, kv, kv_head, table, ctx.clone(), shape, o);
+        }
+        assert!(
+            heads
+                .iter()
+                .zip(&naive)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "attention_head differs from the step-by-step reference"
+        );
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect();
         (bits(group), bits(heads))
+    }
+
+    /// One head's attention, position by position: `dot_f32` of the widened K row, scaled
+    /// and capped; `exp_f32(s - max)` summed in f64 lane `p % 16`, lanes folded `l + 8`, `+ 4`,
+    /// `+ 2`, `+ 1`; weights `e * f32(1 / sum)`, rounded to f16 if asked; `out += w * v` in
+    /// position order.
+    fn naive_head(
+        q: &[f32],
+        kv: &KvView,
+        kv_head: usize,
+        table: &[u32],
+        ctx: Range<usize>,
+        shape: &AttnShape,
+        out: &mut [f32],
+    ) {
+        let widen = |rows: &KvRows, base: usize, n: usize| -> Vec<f32> {
+            match *rows {
+                KvRows::F32(x) => x[base..base + n].to_vec(),
+                KvRows::F16(x) => x[base..base + n].iter().map(|h| h.to_f32()).collect(),
+            }
+        };
+        let row = |p: usize| {
+            let slot = table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+            slot * kv.n_kv_heads + kv_head
+        };
+        let scores: Vec<f32> = ctx
+            .clone()
+            .map(|p| {
+                let s = crate::simd::dot_f32(q, &widen(&kv.k, row(p) * kv.k_dim, shape.k_dim));
+                let s = s * shape.scale;
+                shape.softcap.map_or(s, |cap| softcap(s, cap))
+            })
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let exps: Vec<f32> = scores
+            .iter()
+            .map(|&s| crate::simd::exp_f32(s - max))
+            .collect();
+        let mut lanes = [0f64; 16];
+        for (i, &e) in exps.iter().enumerate() {
+            lanes[i % 16] += f64::from(e);
+        }
+        for w in [8, 4, 2, 1] {
+            for l in 0..w {
+                lanes[l] += lanes[l + w];
+            }
+        }
+        let inv = (1.0 / lanes[0]) as f32;
+        out.fill(0.0);
+        for (&e, p) in exps.iter().zip(ctx) {
+            let w = if shape.f16_rounding {
+                round_f16(e * inv)
+            } else {
+                e * inv
+            };
+            for (o, v) in out
+                .iter_mut()
+                .zip(widen(&kv.v, row(p) * kv.v_dim, shape.v_dim))
+            {
+                *o += w * v;
+            }
+        }
     }
 
     /// Over f32 rows, `attention_group` equals `attention_head` per head bit for bit; over f16

@@ -18,7 +18,11 @@
 //! The attention kernels (`dot_*_rows`, `weighted_rows_*`) read K and V rows of f32 or of f16 (an
 //! f16 KV cache). f16 values are widened to f32 as they are loaded, which is exact, and then go
 //! through the f32 kernel's operations in the same lanes and order: the two agree bit for bit on
-//! every path, and the f16 rows cost half the bytes.
+//! every path, and the f16 rows cost half the bytes. They have AVX-512 versions too: there the
+//! dots go eight positions at a time with a shared fold, and each V value is widened once for
+//! all heads, which the wider registers make pay. The softmax steps (`scale_max`, `exp_sum`,
+//! `scale_round`, with the deterministic [`exp_f32`]) are vectorised with portable twins that
+//! give the same bits.
 //!
 //! The fused row kernels (`row_kernels`) decode a quantised row block by block in registers,
 //! with the same float operations as [`crate::quant::dequantize_row`], and feed the values to the
@@ -132,12 +136,20 @@ pub fn dot_f32_many(a: &[f32], bs: &[f32], out: &mut [f32]) {
 trait KvElem: Copy {
     /// `src` as f32: itself, or widened into `buf[..src.len()]`.
     fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// `p` itself if the elements already are f32 (the SIMD kernels then read rows in place
+    /// instead of widening them into a buffer first).
+    fn as_f32(p: *const Self) -> Option<*const f32>;
 }
 
 impl KvElem for f32 {
     #[inline(always)]
     fn widen<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
         src
+    }
+
+    #[inline(always)]
+    fn as_f32(p: *const f32) -> Option<*const f32> {
+        Some(p)
     }
 }
 
@@ -148,19 +160,34 @@ impl KvElem for f16 {
         src.convert_to_f32_slice(buf);
         buf
     }
+
+    #[inline(always)]
+    fn as_f32(_p: *const f16) -> Option<*const f32> {
+        None
+    }
 }
 
-/// `out[p * g + h] = dot_f32(q[h * n .. (h + 1) * n], k[bases[p] .. bases[p] + n])` for every
-/// position `p < bases.len()` and head `h < g = q.len() / n`, bit for bit: several query heads
-/// against each K row, one call for all positions.
+/// `out[h * m + p] = dot_f32(q[h * n .. (h + 1) * n], k[bases[p] .. bases[p] + n])` for every
+/// position `p < m = bases.len()` and head `h < g = q.len() / n`, bit for bit: several query
+/// heads against each K row, one call for all positions, head-major output.
+///
+/// The SIMD paths take the positions in blocks (8 with AVX-512, 4 with AVX2) and fold the
+/// blocks' accumulators together: a transpose network that adds exactly the pairs of the fixed
+/// tree (lane `l` + `l + 16`, `+ 8`, `+ 4`, `+ 2`, `+ 1`) for every position at once, so that
+/// each result still equals its own `dot_f32` bit for bit while the fold costs a fraction.
 pub fn dot_f32_rows(q: &[f32], n: usize, k: &[f32], bases: &[usize], out: &mut [f32]) {
     if check_dot_rows(q, n, k.len(), bases, out) == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2, FMA and F16C confirmed; every row was checked above.
-        unsafe { x86::dot_rows_avx2(q, n, k, bases, out) };
+        if has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C confirmed; every row checked above.
+            unsafe { avx512::dot_rows_f32(q, n, k, bases, out) };
+        } else {
+            // SAFETY: AVX2, FMA and F16C confirmed; every row was checked above.
+            unsafe { x86::dot_rows_avx2(q, n, k, bases, out) };
+        }
         return;
     }
     dot_rows_scalar(q, n, k, bases, out);
@@ -175,11 +202,35 @@ pub fn dot_f16_rows(q: &[f32], n: usize, k: &[f16], bases: &[usize], out: &mut [
     }
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2, FMA and F16C confirmed; every row was checked above.
-        unsafe { x86::dot_rows_f16_avx2(q, n, k, bases, out) };
+        if has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C confirmed; every row checked above.
+            unsafe { avx512::dot_rows_f16(q, n, k, bases, out) };
+        } else {
+            // SAFETY: AVX2, FMA and F16C confirmed; every row was checked above.
+            unsafe { x86::dot_rows_f16_avx2(q, n, k, bases, out) };
+        }
         return;
     }
     dot_rows_scalar(q, n, k, bases, out);
+}
+
+/// Whether every row `[b, b + n)` with `b` in `bases` lies within `len` elements.
+fn rows_in_bounds(bases: &[usize], n: usize, len: usize) -> bool {
+    // A branch-free max in eight independent chains rather than a short-circuiting scan: this
+    // runs on every call, over every position.
+    let mut maxes = [0usize; 8];
+    let mut chunks = bases.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &b) in maxes.iter_mut().zip(c) {
+            *m = (*m).max(b);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(0, |m, &b| m.max(b));
+    bases.is_empty() || (n <= len && max <= len - n)
 }
 
 /// Checks the sizes of a `dot_*_rows` call (the SIMD kernels read through pointers) and
@@ -189,7 +240,7 @@ fn check_dot_rows(q: &[f32], n: usize, k_len: usize, bases: &[usize], out: &[f32
     assert_eq!(q.len(), g * n, "dot_rows: q is not whole rows");
     assert_eq!(out.len(), g * bases.len(), "dot_rows: lengths differ");
     assert!(
-        bases.iter().all(|&b| b + n <= k_len),
+        rows_in_bounds(bases, n, k_len),
         "dot_rows: row out of range"
     );
     g
@@ -197,46 +248,119 @@ fn check_dot_rows(q: &[f32], n: usize, k_len: usize, bases: &[usize], out: &[f32
 
 /// The portable `dot_*_rows`: [`dot_f32_scalar`] per head and row.
 fn dot_rows_scalar<T: KvElem>(q: &[f32], n: usize, k: &[T], bases: &[usize], out: &mut [f32]) {
-    let g = q.len() / n;
-    for (row, &b) in out.chunks_exact_mut(g).zip(bases) {
-        for (o, qh) in row.iter_mut().zip(q.chunks_exact(n)) {
+    let m = bases.len();
+    for (oh, qh) in out.chunks_exact_mut(m.max(1)).zip(q.chunks_exact(n)) {
+        for (o, &b) in oh.iter_mut().zip(bases) {
             *o = dot_f32_scalar(qh, &k[b..b + n]);
         }
     }
 }
 
-/// `out[i] = Σ_p ws[p * stride] * v[bases[p] + i]` for `i < out.len()`, summed as the scalar
-/// `o = 0; for p { o += w_p * v_p }` does, in position order with a multiply then an add (never
-/// fused): bit-identical on every path. Accumulates in registers across positions.
-pub fn weighted_rows_f32(ws: &[f32], stride: usize, v: &[f32], bases: &[usize], out: &mut [f32]) {
-    check_weighted_rows(ws, stride, v.len(), bases, out.len());
+/// The driver of the SIMD `dot_*_rows` kernels: positions in blocks of `B`, each block's rows
+/// as f32 (read in place, or widened once into a buffer by `widen(src, dst, n)` for all heads),
+/// then per head `block(q_h, rows)`, which returns the `B` folded main parts (the first
+/// `32 * (n / 32)` elements), and the scalar tails added after, as [`add_tail`] does for
+/// `dot_f32`. A short last block repeats its first row in the unused slots and stores only its
+/// own results.
+///
+/// # Safety
+/// The sizes [`check_dot_rows`] checks; `widen(src, dst, n)` must read `src[..n]` and write
+/// `dst[..n]` only; `block(q, rows)` must read no more than `q[..32 * (n / 32)]` and the same
+/// of each row; both may need the CPU features of their caller.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_rows_blocked<T: KvElem, const B: usize>(
+    q: &[f32],
+    n: usize,
+    k: &[T],
+    bases: &[usize],
+    out: &mut [f32],
+    widen: impl Fn(*const T, *mut f32, usize),
+    block: impl Fn(*const f32, &[*const f32; B]) -> [f32; B],
+) {
+    let (g, m) = (q.len() / n, bases.len());
+    let main = n / LANES * LANES;
+    let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
+    let mut buf = match T::as_f32(kp) {
+        Some(_) => Vec::new(),
+        None => vec![0f32; B * n],
+    };
+    let bp = buf.as_mut_ptr();
+    for (j0, block_bases) in bases.chunks(B).enumerate().map(|(i, c)| (i * B, c)) {
+        let rows: [*const f32; B] = std::array::from_fn(|j| {
+            let b = block_bases[if j < block_bases.len() { j } else { 0 }];
+            match T::as_f32(kp.add(b)) {
+                Some(p) => p,
+                None if j < block_bases.len() => {
+                    widen(kp.add(b), bp.add(j * n), n);
+                    bp.add(j * n)
+                }
+                None => bp,
+            }
+        });
+        for h in 0..g {
+            let qh = qp.add(h * n);
+            let mut r = block(qh, &rows);
+            if main < n {
+                let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
+                for (r, row) in r.iter_mut().zip(rows) {
+                    let tail_k = std::slice::from_raw_parts(row.add(main), n - main);
+                    *r = add_tail(*r, tail_q, tail_k);
+                }
+            }
+            let o = op.add(h * m + j0);
+            std::ptr::copy_nonoverlapping(r.as_ptr(), o, block_bases.len());
+        }
+    }
+}
+
+/// `out[h * n + i] = Σ_p ws[h * m + p] * v[bases[p] + i]` for every column `i < n`, head
+/// `h < g = out.len() / n` and position `p < m = bases.len()` (weights and output head-major),
+/// summed as the scalar `o = 0; for p { o += w_p * v_p }` does, in position order with a
+/// multiply then an add (never fused): bit-identical on every path. Accumulates in registers
+/// across positions; the SIMD paths widen each V value once for all heads (AVX-512) and
+/// process the columns 32 at a time, with masked loads for any rest.
+pub fn weighted_rows_f32(ws: &[f32], v: &[f32], bases: &[usize], n: usize, out: &mut [f32]) {
+    check_weighted_rows(ws, v.len(), bases, n, out.len());
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2 and F16C confirmed; every row and weight index was checked above.
-        unsafe { x86::weighted_rows_avx2(ws, stride, v, bases, out) };
+        if has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL, AVX2 and F16C confirmed; sizes checked above.
+            unsafe { avx512::weighted_rows_f32(ws, v, bases, n, out) };
+        } else {
+            // SAFETY: AVX2 and F16C confirmed; every row and weight index was checked above.
+            unsafe { x86::weighted_rows_avx2(ws, v, bases, n, out) };
+        }
         return;
     }
-    weighted_rows_scalar(ws, stride, v, bases, out);
+    weighted_rows_scalar(ws, v, bases, n, out);
 }
 
 /// [`weighted_rows_f32`] over f16 V rows (an f16 KV cache), reading half the bytes: bit for bit
 /// `weighted_rows_f32` of the rows widened to f32 (exactly), on every path.
-pub fn weighted_rows_f16(ws: &[f32], stride: usize, v: &[f16], bases: &[usize], out: &mut [f32]) {
-    check_weighted_rows(ws, stride, v.len(), bases, out.len());
+pub fn weighted_rows_f16(ws: &[f32], v: &[f16], bases: &[usize], n: usize, out: &mut [f32]) {
+    check_weighted_rows(ws, v.len(), bases, n, out.len());
     #[cfg(target_arch = "x86_64")]
     if simd_level() == SimdLevel::Avx2 {
-        // SAFETY: AVX2 and F16C confirmed; every row and weight index was checked above.
-        unsafe { x86::weighted_rows_f16_avx2(ws, stride, v, bases, out) };
+        if has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL, AVX2 and F16C confirmed; sizes checked above.
+            unsafe { avx512::weighted_rows_f16(ws, v, bases, n, out) };
+        } else {
+            // SAFETY: AVX2 and F16C confirmed; every row and weight index was checked above.
+            unsafe { x86::weighted_rows_f16_avx2(ws, v, bases, n, out) };
+        }
         return;
     }
-    weighted_rows_scalar(ws, stride, v, bases, out);
+    weighted_rows_scalar(ws, v, bases, n, out);
 }
 
 /// Checks the sizes of a `weighted_rows_*` call (the SIMD kernels read through pointers).
-fn check_weighted_rows(ws: &[f32], stride: usize, v_len: usize, bases: &[usize], n: usize) {
-    assert!(stride > 0 && (bases.is_empty() || (bases.len() - 1) * stride < ws.len()));
+fn check_weighted_rows(ws: &[f32], v_len: usize, bases: &[usize], n: usize, out_len: usize) {
+    let g = out_len.checked_div(n).unwrap_or(0);
+    assert_eq!(out_len, g * n, "weighted_rows: out is not whole rows");
+    assert_eq!(ws.len(), g * bases.len(), "weighted_rows: weights differ");
     assert!(
-        bases.iter().all(|&b| b + n <= v_len),
+        rows_in_bounds(bases, n, v_len),
         "weighted_rows: row out of range"
     );
 }
@@ -244,24 +368,161 @@ fn check_weighted_rows(ws: &[f32], stride: usize, v_len: usize, bases: &[usize],
 /// The portable `weighted_rows_*`, widening each row 32 values at a time.
 fn weighted_rows_scalar<T: KvElem>(
     ws: &[f32],
-    stride: usize,
     v: &[T],
     bases: &[usize],
+    n: usize,
     out: &mut [f32],
 ) {
-    let n = out.len();
     out.fill(0.0);
+    if n == 0 {
+        return;
+    }
+    let m = bases.len();
     let mut buf = [0f32; LANES];
-    for (p, &b) in bases.iter().enumerate() {
-        let w = ws[p * stride];
-        for (oc, vc) in out.chunks_mut(LANES).zip(v[b..b + n].chunks(LANES)) {
-            for (o, &x) in oc.iter_mut().zip(T::widen(vc, &mut buf)) {
-                *o += w * x;
+    for (oh, wh) in out.chunks_exact_mut(n).zip(ws.chunks_exact(m.max(1))) {
+        for (&w, &b) in wh.iter().zip(bases) {
+            for (oc, vc) in oh.chunks_mut(LANES).zip(v[b..b + n].chunks(LANES)) {
+                for (o, &x) in oc.iter_mut().zip(T::widen(vc, &mut buf)) {
+                    *o += w * x;
+                }
             }
         }
     }
 }
 
+/// Lanes of the softmax's f64 sum: position `p` goes to lane `p % 16`.
+const SUM_LANES: usize = 16;
+
+/// `exp(x)` computed the same way, bit for bit, on every path: the portable reference of the
+/// vectorised softmax kernels (which use the same operations lane by lane, FMAs included).
+///
+/// Cody–Waite range reduction `x = n ln 2 + r` with `n = round_ties_even(x log2 e)` and
+/// `ln 2` split in two (the high part has 9 significant bits, so `n * C1` is exact), then
+/// Cephes' degree-7 polynomial for `exp(r)` on `|r| <= ln 2 / 2`, and the scaling by `2^n` as
+/// two exact multiplications by `2^(n >> 1)` and `2^(n - (n >> 1))` (each a normal power of
+/// two), so results down in the subnormals round once. Inputs are clamped to `[-104, 89]`:
+/// below, the result rounds to 0 anyway; above, it overflows to infinity. NaN stays NaN.
+/// Within 2 ulp of the exact value (tested against f64 over the whole range).
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    // Written as the vector code is (`max(lo, x)` keeps a NaN `x`, as `vmaxps lo, x` does).
+    let x = if EXP_LO > x { EXP_LO } else { x };
+    let x = if EXP_HI < x { EXP_HI } else { x };
+    let n = (x * EXP_LOG2E).round_ties_even();
+    let r = n.mul_add(-EXP_C1, x);
+    let r = n.mul_add(-EXP_C2, r);
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    let ni = n as i32;
+    let (n1, n2) = (ni >> 1, ni - (ni >> 1));
+    y * exp2i(n1) * exp2i(n2)
+}
+
+/// `2^e` for `-126 <= e <= 127`.
+#[inline(always)]
+fn exp2i(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// Constants of [`exp_f32`].
+const EXP_LO: f32 = -104.0;
+const EXP_HI: f32 = 89.0;
+const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
+const EXP_C1: f32 = 0.693_359_4;
+const EXP_C2: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// `s[i] *= scale` for every `i`; returns the largest result (`-inf` for an empty `s`).
+pub fn scale_max(s: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512 F/BW/VL confirmed.
+        return unsafe { avx512::scale_max(s, scale) };
+    }
+    let mut max = f32::NEG_INFINITY;
+    for v in s.iter_mut() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    max
+}
+
+/// `s[i] = exp_f32(s[i] - max)` for every `i`; returns their sum in f64, taken in a fixed
+/// shape: position `p` is added to lane `p % 16` of 16 f64 accumulators, in position order, and
+/// the lanes are folded in the tree `l += l + 8`, `+ 4`, `+ 2`, `+ 1`. The same bits on every
+/// path.
+pub fn exp_sum(s: &mut [f32], max: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        return if has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C confirmed.
+            unsafe { avx512::exp_sum(s, max) }
+        } else {
+            // SAFETY: AVX2, FMA and F16C confirmed.
+            unsafe { x86::exp_sum(s, max) }
+        };
+    }
+    exp_sum_scalar(s, max)
+}
+
+/// The portable [`exp_sum`].
+fn exp_sum_scalar(s: &mut [f32], max: f32) -> f64 {
+    let mut acc = [0f64; SUM_LANES];
+    for (i, v) in s.iter_mut().enumerate() {
+        *v = exp_f32(*v - max);
+        acc[i % SUM_LANES] += f64::from(*v);
+    }
+    fold_sum_lanes(acc)
+}
+
+/// The tree of [`exp_sum`] over its 16 lanes.
+fn fold_sum_lanes(mut acc: [f64; SUM_LANES]) -> f64 {
+    let mut width = SUM_LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// `s[i] *= inv` for every `i`, then rounded to the nearest f16 (ties to even, exactly
+/// `half::f16::from_f32`) if `round`.
+pub fn scale_round(s: &mut [f32], inv: f32, round: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == SimdLevel::Avx2 {
+        if has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C confirmed.
+            unsafe { avx512::scale_round(s, inv, round) };
+        } else {
+            // SAFETY: AVX2, FMA and F16C confirmed.
+            unsafe { x86::scale_round(s, inv, round) };
+        }
+        return;
+    }
+    scale_round_scalar(s, inv, round);
+}
+
+/// The portable [`scale_round`].
+fn scale_round_scalar(s: &mut [f32], inv: f32, round: bool) {
+    for v in s.iter_mut() {
+        *v *= inv;
+        if round {
+            *v = f16::from_f32(*v).to_f32();
+        }
+    }
+}
 /// The portable dot product: the same lanes and tree as the SIMD paths, separate multiply and
 /// add. An f16 `b` is widened 32 values at a time.
 fn dot_f32_scalar<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
@@ -356,7 +617,10 @@ pub(crate) mod x86 {
 
     use half::f16;
 
-    use super::{add_tail, KvElem, RowKernels, LANES};
+    use super::{
+        add_tail, fold_sum_lanes, scale_round_scalar, KvElem, RowKernels, EXP_C1, EXP_C2, EXP_HI,
+        EXP_LO, EXP_LOG2E, EXP_P, LANES, SUM_LANES,
+    };
     use crate::dtype::{DType, QK_K};
     use crate::quant::scale_min_k4;
 
@@ -426,16 +690,6 @@ pub(crate) mod x86 {
         add_tail(fold(acc), &a[main..], &b[main..])
     }
 
-    /// `acc += a * b` per lane, fused.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn fmadd32(acc: &mut Acc, a: Acc, b: Acc) {
-        acc[0] = _mm256_fmadd_ps(a[0], b[0], acc[0]);
-        acc[1] = _mm256_fmadd_ps(a[1], b[1], acc[1]);
-        acc[2] = _mm256_fmadd_ps(a[2], b[2], acc[2]);
-        acc[3] = _mm256_fmadd_ps(a[3], b[3], acc[3]);
-    }
-
     /// Eight f16 at `p` widened to f32 (exact).
     ///
     /// # Safety
@@ -446,22 +700,8 @@ pub(crate) mod x86 {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
 
-    /// As [`load32`], from 32 f16 widened to f32 (exact).
-    ///
-    /// # Safety
-    /// AVX2 and F16C; `p` must point at 32 readable f16.
-    #[target_feature(enable = "avx2,f16c")]
-    #[inline]
-    unsafe fn load32_f16(p: *const f16) -> Acc {
-        [
-            load8_f16(p),
-            load8_f16(p.add(8)),
-            load8_f16(p.add(16)),
-            load8_f16(p.add(24)),
-        ]
-    }
-
-    /// [`super::dot_f32_rows`]: each dot exactly as [`dot_f32_avx2`] computes it.
+    /// [`super::dot_f32_rows`]: each dot exactly as [`dot_f32_avx2`] computes it, four
+    /// positions at a time ([`dot4`]).
     ///
     /// # Safety
     /// Requires AVX2, FMA and F16C; `q.len() == g * n`, `out.len() == g * bases.len()`, and
@@ -474,10 +714,20 @@ pub(crate) mod x86 {
         bases: &[usize],
         out: &mut [f32],
     ) {
-        dot_rows(q, n, k, bases, out, |p| load32(p));
+        let main = n / LANES * LANES;
+        super::dot_rows_blocked(
+            q,
+            n,
+            k,
+            bases,
+            out,
+            |_, _, _| {},
+            |q, rows| dot4(q, rows, main),
+        );
     }
 
-    /// [`super::dot_f16_rows`]: [`dot_rows_avx2`] with each K value widened as it is loaded.
+    /// [`super::dot_f16_rows`]: [`dot_rows_avx2`] over each block's K rows widened once (for
+    /// all heads) into a buffer.
     ///
     /// # Safety
     /// As [`dot_rows_avx2`].
@@ -489,61 +739,106 @@ pub(crate) mod x86 {
         bases: &[usize],
         out: &mut [f32],
     ) {
-        dot_rows(q, n, k, bases, out, |p| load32_f16(p));
+        let main = n / LANES * LANES;
+        super::dot_rows_blocked(
+            q,
+            n,
+            k,
+            bases,
+            out,
+            |s, d, n| widen_f16(s, d, n),
+            |q, rows| dot4(q, rows, main),
+        );
     }
 
-    /// The `dot_*_rows` kernel over rows of `T`, which `load_k` reads 32 at a time as f32: the
-    /// same fused multiply-adds into the same lanes as [`dot_f32_avx2`], whatever `T` is.
+    /// `dst[..n]` = `src[..n]` widened to f32 (exact).
     ///
     /// # Safety
-    /// As [`dot_rows_avx2`]; `load_k(p)` must read no more than `p[0..32]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// AVX2 and F16C; `src[..n]` readable, `dst[..n]` writable.
+    #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    unsafe fn dot_rows<T: KvElem>(
-        q: &[f32],
-        n: usize,
-        k: &[T],
-        bases: &[usize],
-        out: &mut [f32],
-        load_k: impl Fn(*const T) -> Acc,
-    ) {
-        let g = q.len() / n;
-        let main = n / LANES * LANES;
-        let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-        let mut buf = [0f32; LANES];
-        for (p, &b) in bases.iter().enumerate() {
-            let kr = kp.add(b);
-            // The row's tail as f32, widened once for all heads (and only if there is one).
-            let tail_k = match n - main {
-                0 => &[],
-                t => T::widen(std::slice::from_raw_parts(kr.add(main), t), &mut buf),
-            };
-            for h in 0..g {
-                let qh = qp.add(h * n);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for i in (0..main).step_by(LANES) {
-                    fmadd32(&mut acc, load32(qh.add(i)), load_k(kr.add(i)));
-                }
-                let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
-                *op.add(p * g + h) = add_tail(fold(acc), tail_q, tail_k);
-            }
+    unsafe fn widen_f16(src: *const f16, dst: *mut f32, n: usize) {
+        let main = n / 8 * 8;
+        for i in (0..main).step_by(8) {
+            _mm256_storeu_ps(dst.add(i), load8_f16(src.add(i)));
+        }
+        for i in main..n {
+            *dst.add(i) = (*src.add(i)).to_f32();
         }
     }
 
-    /// [`super::weighted_rows_f32`].
+    /// Lanes `8k .. 8k + 8` of the 32 accumulators of `q · rows[j]` over `q[..main]`, for the
+    /// four rows: the fused multiply-adds of [`dot_f32_avx2`] in the same order per lane.
     ///
     /// # Safety
-    /// Requires AVX2 and F16C; `ws[p * stride]` and `v[bases[p] .. bases[p] + out.len()]` in
-    /// bounds.
+    /// AVX2 and FMA; `q` and every row readable up to `main`, a multiple of 32; `k < 4`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn lanes4(q: *const f32, rows: &[*const f32; 4], main: usize, k: usize) -> [__m256; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in (8 * k..main).step_by(LANES) {
+            let w = _mm256_loadu_ps(q.add(i));
+            for (a, r) in acc.iter_mut().zip(rows) {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(i)), *a);
+            }
+        }
+        acc
+    }
+
+    /// The folded main parts (`q[..main]`) of the dots of `q` with four rows: per row the lanes,
+    /// fused multiply-adds and tree of [`dot_f32_avx2`] and [`fold`], bit for bit. The lanes go
+    /// 8 at a time (lanes are independent: few registers live), and the tree runs for the four
+    /// rows at once: `l + 16` and `l + 8` as in [`fold`], then `l + 4` on two rows per vector
+    /// (`vperm2f128`), `l + 2` and `l + 1` on pairs of those (`vshufps`).
+    ///
+    /// # Safety
+    /// As [`lanes4`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dot4(q: *const f32, rows: &[*const f32; 4], main: usize) -> [f32; 4] {
+        let (l0, l2) = (lanes4(q, rows, main, 0), lanes4(q, rows, main, 2));
+        let s02: [__m256; 4] = std::array::from_fn(|j| _mm256_add_ps(l0[j], l2[j]));
+        let (l1, l3) = (lanes4(q, rows, main, 1), lanes4(q, rows, main, 3));
+        // s[j] lane l: row j's lanes after `l + 16` and `l + 8`, as in `fold`.
+        let s: [__m256; 4] =
+            std::array::from_fn(|j| _mm256_add_ps(s02[j], _mm256_add_ps(l1[j], l3[j])));
+        // l + 4: [row 0 | row 1] and [row 2 | row 3], four lanes each.
+        let h = |a, b| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            )
+        };
+        let (r01, r23) = (h(s[0], s[1]), h(s[2], s[3]));
+        // l + 2: [row 0 (2), row 2 (2) | row 1 (2), row 3 (2)].
+        let z = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x44>(r01, r23),
+            _mm256_shuffle_ps::<0xEE>(r01, r23),
+        );
+        // l + 1: [row 0, row 2, .. | row 1, row 3, ..].
+        let t = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(z, z),
+            _mm256_shuffle_ps::<0xDD>(z, z),
+        );
+        let t = _mm256_permutevar8x32_ps(t, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+        let mut r = [0f32; 4];
+        _mm_storeu_ps(r.as_mut_ptr(), _mm256_castps256_ps128(t));
+        r
+    }
+
+    /// [`super::weighted_rows_f32`], one head at a time.
+    ///
+    /// # Safety
+    /// Requires AVX2 and F16C; the sizes `super::check_weighted_rows` checks.
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn weighted_rows_avx2(
         ws: &[f32],
-        stride: usize,
         v: &[f32],
         bases: &[usize],
+        n: usize,
         out: &mut [f32],
     ) {
-        weighted_rows(ws, stride, v, bases, out, |p| _mm256_loadu_ps(p));
+        weighted_rows(ws, v, bases, n, out, |p| _mm256_loadu_ps(p));
     }
 
     /// [`super::weighted_rows_f16`]: [`weighted_rows_avx2`] with each V value widened as it is
@@ -554,12 +849,12 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn weighted_rows_f16_avx2(
         ws: &[f32],
-        stride: usize,
         v: &[f16],
         bases: &[usize],
+        n: usize,
         out: &mut [f32],
     ) {
-        weighted_rows(ws, stride, v, bases, out, |p| load8_f16(p));
+        weighted_rows(ws, v, bases, n, out, |p| load8_f16(p));
     }
 
     /// The `weighted_rows_*` kernel over rows of `T`, which `load8` reads 8 at a time as f32:
@@ -571,47 +866,144 @@ pub(crate) mod x86 {
     #[inline]
     unsafe fn weighted_rows<T: KvElem>(
         ws: &[f32],
-        stride: usize,
         v: &[T],
         bases: &[usize],
+        n: usize,
         out: &mut [f32],
         load8: impl Fn(*const T) -> __m256,
     ) {
-        let n = out.len();
-        let (vp, wp, op) = (v.as_ptr(), ws.as_ptr(), out.as_mut_ptr());
-        let mut c = 0;
-        while c + 32 <= n {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (p, &b) in bases.iter().enumerate() {
-                let w = _mm256_set1_ps(*wp.add(p * stride));
-                let x = vp.add(b + c);
-                for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(w, load8(x.add(8 * k))));
+        if n == 0 {
+            return;
+        }
+        let m = bases.len();
+        let vp = v.as_ptr();
+        for (h, oh) in out.chunks_exact_mut(n).enumerate() {
+            let (wp, op) = (ws.as_ptr().add(h * m), oh.as_mut_ptr());
+            let mut c = 0;
+            while c + 32 <= n {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (p, &b) in bases.iter().enumerate() {
+                    let w = _mm256_set1_ps(*wp.add(p));
+                    let x = vp.add(b + c);
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(w, load8(x.add(8 * k))));
+                    }
                 }
+                for (k, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(op.add(c + 8 * k), *a);
+                }
+                c += 32;
             }
-            for (k, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(op.add(c + 8 * k), *a);
+            while c + 8 <= n {
+                let mut acc = _mm256_setzero_ps();
+                for (p, &b) in bases.iter().enumerate() {
+                    let w = _mm256_set1_ps(*wp.add(p));
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(w, load8(vp.add(b + c))));
+                }
+                _mm256_storeu_ps(op.add(c), acc);
+                c += 8;
             }
-            c += 32;
+            let mut buf = [0f32; 1];
+            for i in c..n {
+                let mut o = 0f32;
+                for (p, &b) in bases.iter().enumerate() {
+                    let x = T::widen(std::slice::from_raw_parts(vp.add(b + i), 1), &mut buf)[0];
+                    o += *wp.add(p) * x;
+                }
+                *op.add(i) = o;
+            }
         }
-        while c + 8 <= n {
-            let mut acc = _mm256_setzero_ps();
-            for (p, &b) in bases.iter().enumerate() {
-                let w = _mm256_set1_ps(*wp.add(p * stride));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(w, load8(vp.add(b + c))));
-            }
-            _mm256_storeu_ps(op.add(c), acc);
-            c += 8;
+    }
+
+    /// [`super::exp_f32`] on 8 lanes: the same operations, lane by lane.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(_mm256_set1_ps(EXP_LO), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)),
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_C1), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_C2), r);
+        let mut p = _mm256_set1_ps(EXP_P[0]);
+        for &c in &EXP_P[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        let mut buf = [0f32; 1];
-        for i in c..n {
-            let mut o = 0f32;
-            for (p, &b) in bases.iter().enumerate() {
-                let x = T::widen(std::slice::from_raw_parts(vp.add(b + i), 1), &mut buf)[0];
-                o += *wp.add(p * stride) * x;
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let ni = _mm256_cvtps_epi32(n);
+        let n1 = _mm256_srai_epi32::<1>(ni);
+        let pow2 = |e| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        _mm256_mul_ps(_mm256_mul_ps(y, pow2(n1)), pow2(_mm256_sub_epi32(ni, n1)))
+    }
+
+    /// [`super::exp_sum`]: 16 positions per step into 16 f64 lanes; the last, partial step
+    /// goes through a padded buffer (whose padding is computed and then dropped).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn exp_sum(s: &mut [f32], max: f32) -> f64 {
+        let mx = _mm256_set1_ps(max);
+        let mut acc = [_mm256_setzero_pd(); 4];
+        let step = |acc: &mut [__m256d; 4], p: *mut f32| {
+            for (k, a) in acc.chunks_exact_mut(2).enumerate() {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(8 * k)), mx));
+                _mm256_storeu_ps(p.add(8 * k), e);
+                a[0] = _mm256_add_pd(a[0], _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+                a[1] = _mm256_add_pd(a[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
             }
-            *op.add(i) = o;
+        };
+        let mut chunks = s.chunks_exact_mut(SUM_LANES);
+        for c in &mut chunks {
+            step(&mut acc, c.as_mut_ptr());
         }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut buf = [max; SUM_LANES];
+            buf[..rest.len()].copy_from_slice(rest);
+            let mut sums = [_mm256_setzero_pd(); 4];
+            step(&mut sums, buf.as_mut_ptr());
+            rest.copy_from_slice(&buf[..rest.len()]);
+            buf[rest.len()..].fill(0.0);
+            for (k, a) in acc.chunks_exact_mut(2).enumerate() {
+                let e = _mm256_loadu_ps(buf.as_ptr().add(8 * k));
+                a[0] = _mm256_add_pd(a[0], _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+                a[1] = _mm256_add_pd(a[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+            }
+        }
+        let mut lanes = [0f64; SUM_LANES];
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_storeu_pd(lanes.as_mut_ptr().add(4 * k), *a);
+        }
+        fold_sum_lanes(lanes)
+    }
+
+    /// [`super::scale_round`], 8 values at a time (`vcvtps2ph` rounds to nearest even, as
+    /// `half` does), the rest as the portable code does.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scale_round(s: &mut [f32], inv: f32, round: bool) {
+        let iv = _mm256_set1_ps(inv);
+        let mut chunks = s.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let mut w = _mm256_mul_ps(_mm256_loadu_ps(c.as_ptr()), iv);
+            if round {
+                w = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w));
+            }
+            _mm256_storeu_ps(c.as_mut_ptr(), w);
+        }
+        scale_round_scalar(chunks.into_remainder(), inv, round);
     }
 
     /// Two dots `a · b[j n .. (j + 1) n]`, each exactly as [`dot_f32_avx2`] computes it.
@@ -1157,9 +1549,10 @@ mod tests {
                 let len = 9 * n + 5;
                 let (k16, kw) = f16_rows(&mut rng, len);
                 let bases = row_bases(&mut rng, 9, n, len);
+                let m = bases.len();
                 let q = rng.vec(g * n);
                 let run = |f: &dyn Fn(&mut [f32])| {
-                    let mut out = vec![f32::NAN; g * bases.len()];
+                    let mut out = vec![f32::NAN; g * m];
                     f(&mut out);
                     bits(&out)
                 };
@@ -1174,30 +1567,85 @@ mod tests {
                 // The portable path, which is also the f32 one's.
                 let scalar = run(&|o| dot_rows_scalar(&q, n, &kw, &bases, o));
                 assert_eq!(run(&|o| dot_rows_scalar(&q, n, &k16, &bases, o)), scalar);
-                let one_by_one = run(&|o| {
-                    for (j, &b) in bases.iter().enumerate() {
-                        for (h, qh) in q.chunks_exact(n).enumerate() {
-                            o[j * g + h] = dot_f32_scalar(qh, &kw[b..b + n]);
-                        }
-                    }
-                });
-                assert_eq!(scalar, one_by_one, "{case}");
-                #[cfg(target_arch = "x86_64")]
-                if simd_level() == SimdLevel::Avx2 {
-                    // SAFETY: AVX2, FMA and F16C confirmed; the rows are in bounds.
-                    let avx2 = run(&|o| unsafe { x86::dot_rows_avx2(&q, n, &kw, &bases, o) });
-                    let avx2_f16 =
-                        run(&|o| unsafe { x86::dot_rows_f16_avx2(&q, n, &k16, &bases, o) });
-                    assert_eq!(avx2_f16, avx2, "{case}");
-                    assert_eq!(avx2, want, "{case}");
-                    let dots = run(&|o| {
+                let one_by_one = |dot: fn(&[f32], &[f32]) -> f32| {
+                    run(&|o| {
                         for (j, &b) in bases.iter().enumerate() {
                             for (h, qh) in q.chunks_exact(n).enumerate() {
-                                o[j * g + h] = dot_f32(qh, &kw[b..b + n]);
+                                o[h * m + j] = dot(qh, &kw[b..b + n]);
                             }
                         }
-                    });
-                    assert_eq!(avx2, dots, "{case}");
+                    })
+                };
+                assert_eq!(scalar, one_by_one(dot_f32_scalar), "{case}");
+                // Every dispatched path equals `dot_f32` per head and row.
+                assert_eq!(want, one_by_one(dot_f32), "{case}");
+            }
+        }
+    }
+
+    /// Every multi-row dot kernel of this machine against one `dot_f32` per head and row (the
+    /// single-row kernel of the same path; the portable one, without FMA, only on the portable
+    /// path), bit for bit, over f32 and f16 rows and position counts around the block sizes.
+    #[test]
+    fn multi_row_dot_kernels_equal_single_dots_bit_for_bit() {
+        let mut rng = Rng::new(10);
+        for n in [1, 7, 32, 64, 100, 256] {
+            for rows in [0, 1, 5, 8, 9, 17, 64] {
+                for g in [1, 3, 4] {
+                    let len = rows.max(1) * n + 7;
+                    let (k16, kw) = f16_rows(&mut rng, len);
+                    let bases = row_bases(&mut rng, rows, n, len);
+                    let q: Vec<f32> = rng.vec(g * n);
+                    let run = |f: &dyn Fn(&mut [f32])| {
+                        let mut out = vec![f32::NAN; g * rows];
+                        f(&mut out);
+                        bits(&out)
+                    };
+                    let single = |dot: fn(&[f32], &[f32]) -> f32| {
+                        run(&|o| {
+                            for (h, qh) in q.chunks_exact(n).enumerate() {
+                                for (j, &b) in bases.iter().enumerate() {
+                                    o[h * rows + j] = dot(qh, &kw[b..b + n]);
+                                }
+                            }
+                        })
+                    };
+                    let case = format!("n={n} rows={rows} g={g}");
+                    let scalar = single(dot_f32_scalar);
+                    assert_eq!(
+                        run(&|o| dot_rows_scalar(&q, n, &kw, &bases, o)),
+                        scalar,
+                        "{case}"
+                    );
+                    assert_eq!(
+                        run(&|o| dot_rows_scalar(&q, n, &k16, &bases, o)),
+                        scalar,
+                        "{case}"
+                    );
+                    let want = single(dot_f32);
+                    assert_eq!(run(&|o| dot_f32_rows(&q, n, &kw, &bases, o)), want);
+                    assert_eq!(run(&|o| dot_f16_rows(&q, n, &k16, &bases, o)), want);
+                    #[cfg(target_arch = "x86_64")]
+                    if simd_level() == SimdLevel::Avx2 {
+                        // SAFETY: AVX2, FMA and F16C confirmed; the rows are in bounds.
+                        let avx2 = run(&|o| unsafe { x86::dot_rows_avx2(&q, n, &kw, &bases, o) });
+                        assert_eq!(avx2, want, "avx2 {case}");
+                        let avx2 =
+                            run(&|o| unsafe { x86::dot_rows_f16_avx2(&q, n, &k16, &bases, o) });
+                        assert_eq!(avx2, want, "avx2 f16 {case}");
+                        if has_avx512() {
+                            // SAFETY: AVX-512 F/BW/VL confirmed besides; rows in bounds.
+                            let wide =
+                                run(&|o| unsafe { avx512::dot_rows_f32(&q, n, &kw, &bases, o) });
+                            assert_eq!(wide, want, "avx512 {case}");
+                            let wide =
+                                run(&|o| unsafe { avx512::dot_rows_f16(&q, n, &k16, &bases, o) });
+                            assert_eq!(wide, want, "avx512 f16 {case}");
+                        }
+                    }
+                    if simd_level() == SimdLevel::Scalar {
+                        assert_eq!(want, scalar, "{case}");
+                    }
                 }
             }
         }
@@ -1206,48 +1654,223 @@ mod tests {
     #[test]
     fn weighted_f16_rows_equal_weighted_f32_rows_of_the_widened_rows_bit_for_bit() {
         let mut rng = Rng::new(9);
-        for n in HEAD_DIMS {
-            for (rows, stride) in [(1, 1), (5, 1), (9, 3), (40, 2)] {
-                let len = rows * n + 11;
+        for n in HEAD_DIMS.into_iter().chain([16, 48, 17]) {
+            for (rows, g) in [(0, 1), (1, 1), (5, 1), (9, 3), (40, 2), (17, 4), (6, 9)] {
+                let len = rows.max(1) * n + 11;
                 let (v16, vw) = f16_rows(&mut rng, len);
                 let bases = row_bases(&mut rng, rows, n, len);
-                let ws: Vec<f32> = rng.vec(rows * stride).iter().map(|x| x.abs()).collect();
+                let ws: Vec<f32> = rng.vec(rows * g).iter().map(|x| x.abs()).collect();
                 let run = |f: &dyn Fn(&mut [f32])| {
-                    let mut out = vec![f32::NAN; n];
+                    let mut out = vec![f32::NAN; g * n];
                     f(&mut out);
                     bits(&out)
                 };
-                let case = format!("n={n} rows={rows} stride={stride}");
+                let case = format!("n={n} rows={rows} g={g}");
                 // Multiply then add in position order: the same bits on every path.
                 let reference = run(&|o| {
                     o.fill(0.0);
-                    for (p, &b) in bases.iter().enumerate() {
-                        for (o, &x) in o.iter_mut().zip(&vw[b..b + n]) {
-                            *o += ws[p * stride] * x;
+                    for (h, oh) in o.chunks_exact_mut(n).enumerate() {
+                        for (p, &b) in bases.iter().enumerate() {
+                            for (o, &x) in oh.iter_mut().zip(&vw[b..b + n]) {
+                                *o += ws[h * rows + p] * x;
+                            }
                         }
                     }
                 });
-                let want = run(&|o| weighted_rows_f32(&ws, stride, &vw, &bases, o));
+                let want = run(&|o| weighted_rows_f32(&ws, &vw, &bases, n, o));
                 assert_eq!(want, reference, "{case}");
-                let got = run(&|o| weighted_rows_f16(&ws, stride, &v16, &bases, o));
+                let got = run(&|o| weighted_rows_f16(&ws, &v16, &bases, n, o));
                 assert_eq!(got, reference, "{case}");
-                let scalar = run(&|o| weighted_rows_scalar(&ws, stride, &v16, &bases, o));
+                let scalar = run(&|o| weighted_rows_scalar(&ws, &v16, &bases, n, o));
                 assert_eq!(scalar, reference, "{case}");
-                let scalar = run(&|o| weighted_rows_scalar(&ws, stride, &vw, &bases, o));
+                let scalar = run(&|o| weighted_rows_scalar(&ws, &vw, &bases, n, o));
                 assert_eq!(scalar, reference, "{case}");
                 #[cfg(target_arch = "x86_64")]
                 if simd_level() == SimdLevel::Avx2 {
                     // SAFETY: AVX2 and F16C confirmed; the rows and weights are in bounds.
-                    let avx2 = run(&|o| unsafe {
-                        x86::weighted_rows_f16_avx2(&ws, stride, &v16, &bases, o)
-                    });
-                    assert_eq!(avx2, reference, "{case}");
                     let avx2 =
-                        run(&|o| unsafe { x86::weighted_rows_avx2(&ws, stride, &vw, &bases, o) });
+                        run(&|o| unsafe { x86::weighted_rows_f16_avx2(&ws, &v16, &bases, n, o) });
                     assert_eq!(avx2, reference, "{case}");
+                    let avx2 = run(&|o| unsafe { x86::weighted_rows_avx2(&ws, &vw, &bases, n, o) });
+                    assert_eq!(avx2, reference, "{case}");
+                    if has_avx512() {
+                        // SAFETY: AVX-512 F/BW/VL confirmed besides; sizes in bounds.
+                        let wide =
+                            run(&|o| unsafe { avx512::weighted_rows_f16(&ws, &v16, &bases, n, o) });
+                        assert_eq!(wide, reference, "avx512 {case}");
+                        let wide =
+                            run(&|o| unsafe { avx512::weighted_rows_f32(&ws, &vw, &bases, n, o) });
+                        assert_eq!(wide, reference, "avx512 {case}");
+                    }
                 }
             }
         }
+    }
+
+    /// Inputs for the exponential: a dense sweep of `[-110, 90]`, the edges of the clamps and of
+    /// the subnormal range, zeros, infinities, and random softmax-like values.
+    fn exp_inputs() -> Vec<f32> {
+        let mut xs: Vec<f32> = (0..400_000).map(|i| -110.0 + i as f32 * 0.0005).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            f32::MIN_POSITIVE,
+            -87.33,
+            -87.34,
+            -103.27,
+            -103.97,
+            -104.0,
+            -104.01,
+            -1e10,
+            88.72,
+            88.73,
+            89.0,
+            1e10,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        let mut rng = Rng::new(11);
+        xs.extend((0..10_000).map(|_| -(rng.normal() * 8.0).abs()));
+        xs
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        for x in exp_inputs() {
+            let got = exp_f32(x);
+            let want = f64::from(x).exp();
+            if want > f64::from(f32::MAX) {
+                assert_eq!(got, f32::INFINITY, "x={x}");
+                continue;
+            }
+            // One ulp of the exact value (the subnormals' ulp below the normal range).
+            let ulp = (want.max(f64::from(f32::MIN_POSITIVE)) * f64::from(f32::EPSILON))
+                .max(f64::from(f32::from_bits(1)));
+            let err = (f64::from(got) - want).abs() / ulp;
+            assert!(err <= 2.0, "x={x}: {got} vs {want} ({err} ulp)");
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-0.0), 1.0);
+        assert_eq!(exp_f32(-104.5), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn vector_softmax_steps_equal_their_portable_twins_bit_for_bit() {
+        let xs = exp_inputs();
+        // exp_sum over every length around the 16 lanes, and over the whole input (`max` = 0:
+        // `x - 0` is `x`, so each value is `exp_f32(x)`).
+        for len in (0..40).chain([xs.len()]) {
+            let mut fast = xs[xs.len() - len..].to_vec();
+            let mut slow = fast.clone();
+            let sum = exp_sum(&mut fast, 0.0);
+            let want = exp_sum_scalar(&mut slow, 0.0);
+            assert_eq!(bits(&fast), bits(&slow), "len={len}");
+            assert_eq!(sum.to_bits(), want.to_bits(), "len={len}");
+            #[cfg(target_arch = "x86_64")]
+            if simd_level() == SimdLevel::Avx2 {
+                let mut avx2 = xs[xs.len() - len..].to_vec();
+                // SAFETY: AVX2, FMA and F16C confirmed.
+                let s = unsafe { x86::exp_sum(&mut avx2, 0.0) };
+                assert_eq!(bits(&avx2), bits(&slow), "len={len}");
+                assert_eq!(s.to_bits(), want.to_bits(), "len={len}");
+            }
+        }
+        let exps: Vec<f32> = xs.iter().map(|&x| exp_f32(x)).collect();
+        let mut slow = xs.clone();
+        exp_sum_scalar(&mut slow, 0.0);
+        assert_eq!(bits(&slow), bits(&exps));
+        // The sum's lanes and tree, written out.
+        let mut lanes = [0f64; SUM_LANES];
+        for (i, e) in exps.iter().enumerate() {
+            lanes[i % SUM_LANES] += f64::from(*e);
+        }
+        for w in [8, 4, 2, 1] {
+            for l in 0..w {
+                lanes[l] += lanes[l + w];
+            }
+        }
+        let mut again = xs.clone();
+        assert_eq!(exp_sum(&mut again, 0.0).to_bits(), lanes[0].to_bits());
+        // scale_max.
+        let mut rng = Rng::new(12);
+        for len in [0, 1, 15, 16, 17, 100] {
+            let s = rng.vec(len);
+            let (mut fast, mut slow) = (s.clone(), s.clone());
+            let got = scale_max(&mut fast, 0.125);
+            let mut want = f32::NEG_INFINITY;
+            for v in slow.iter_mut() {
+                *v *= 0.125;
+                want = want.max(*v);
+            }
+            assert_eq!(bits(&fast), bits(&slow), "len={len}");
+            assert_eq!(got.to_bits(), want.to_bits(), "len={len}");
+        }
+    }
+
+    /// `scale_round` rounds exactly as `half::f16::from_f32` (nearest, ties to even) on every
+    /// path: normal, subnormal, halfway and out-of-range values, infinities; NaN stays NaN.
+    #[test]
+    fn scale_round_equals_half_rounding_bit_for_bit() {
+        let mut xs: Vec<f32> = Vec::new();
+        // Every f16 and the halfway points and their neighbours between consecutive ones.
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16::from_bits(h), f16::from_bits(h.wrapping_add(1)));
+            let (a, b) = (a.to_f32(), b.to_f32());
+            xs.push(a);
+            if a.is_finite() && b.is_finite() && a.signum() == b.signum() {
+                let mid = ((f64::from(a) + f64::from(b)) / 2.0) as f32;
+                xs.extend([mid, f32::from_bits(mid.to_bits() + 1)]);
+                xs.push(f32::from_bits(mid.to_bits() - 1));
+            }
+        }
+        xs.extend([
+            1e-10,
+            -1e-10,
+            65520.0,
+            65519.99,
+            1e6,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+        ]);
+        let mut rng = Rng::new(13);
+        xs.extend((0..10_000).map(|_| rng.uniform() * 1e-3));
+        for round in [false, true] {
+            for inv in [1.0, 0.37] {
+                let mut fast = xs.clone();
+                scale_round(&mut fast, inv, round);
+                let mut slow = xs.clone();
+                scale_round_scalar(&mut slow, inv, round);
+                let want: Vec<f32> = xs
+                    .iter()
+                    .map(|&x| {
+                        let w = x * inv;
+                        if round {
+                            f16::from_f32(w).to_f32()
+                        } else {
+                            w
+                        }
+                    })
+                    .collect();
+                assert_eq!(bits(&slow), bits(&want), "round={round} inv={inv}");
+                assert_eq!(bits(&fast), bits(&want), "round={round} inv={inv}");
+                #[cfg(target_arch = "x86_64")]
+                if simd_level() == SimdLevel::Avx2 {
+                    let mut avx2 = xs.clone();
+                    // SAFETY: AVX2, FMA and F16C confirmed.
+                    unsafe { x86::scale_round(&mut avx2, inv, round) };
+                    assert_eq!(bits(&avx2), bits(&want), "round={round} inv={inv}");
+                }
+            }
+        }
+        let mut nan = [f32::NAN; 19];
+        scale_round(&mut nan, 1.0, true);
+        assert!(nan.iter().all(|x| x.is_nan()));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use supernode_kernels::ops::{
-    attention_group, attention_group_parallel, round_f16, AttnShape, KvView,
+    attention_group, attention_group_parallel, round_slice_f16, AttnShape, KvView,
 };
 use supernode_kernels::pool;
 
@@ -89,7 +89,7 @@ impl BlockAttention for Attention {
             }
             rope.apply(t, x, s.k_dim);
             if s.f16_rounding {
-                x.iter_mut().for_each(|x| *x = round_f16(*x));
+                round_slice_f16(x);
             }
         };
         if n >= PARALLEL_PREPARE_TOKENS {
@@ -106,7 +106,7 @@ impl BlockAttention for Attention {
         for t in 0..n {
             let vt = &mut v[t * vw..(t + 1) * vw];
             if s.f16_rounding {
-                vt.iter_mut().for_each(|x| *x = round_f16(*x));
+                round_slice_f16(vt);
             }
             kv.write(batch.slot(t, block_size), &k[t * kw..(t + 1) * kw], vt);
         }

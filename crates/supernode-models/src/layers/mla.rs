@@ -16,7 +16,7 @@
 //! so they agree bit for bit. Like [`Attention`](super::Attention), this is code that writes the
 //! KV cache, through [`LayerKv::write`].
 
-use supernode_kernels::ops::{attention_head, round_f16, AttnShape};
+use supernode_kernels::ops::{attention_head, round_slice_f16, AttnShape};
 use supernode_kernels::{pool, Precision};
 
 use super::{BlockAttention, Linear, RmsNorm, RopeTable, StackedLinear};
@@ -109,7 +109,7 @@ impl BlockAttention for Mla {
             self.kv_norm.forward_inplace(&mut row[..rank]);
             rope.apply(t, &mut row[rank..], rd);
             if self.f16_rounding {
-                row.iter_mut().for_each(|v| *v = round_f16(*v));
+                round_slice_f16(row);
             }
             kv.write(batch.slot(t, block_size), row, &[]);
         }
@@ -130,7 +130,7 @@ impl BlockAttention for Mla {
                 dst[..rank].copy_from_slice(&q_lat[t * rank..(t + 1) * rank]);
                 dst[rank..].copy_from_slice(&src[nope..]);
                 if self.f16_rounding {
-                    dst.iter_mut().for_each(|v| *v = round_f16(*v));
+                    round_slice_f16(dst);
                 }
             }
         }
