@@ -262,6 +262,8 @@ struct Scratch {
     v_bases: Vec<usize>,
     /// Weighted sums in chunks of columns (the parallel path's).
     values: Vec<f32>,
+    /// Where each group's positions start in the bases (the parallel path's).
+    starts: Vec<usize>,
 }
 
 thread_local! {
@@ -316,7 +318,7 @@ pub fn attention_head(
     out: &mut [f32],
 ) {
     assert_eq!(q.len(), shape.k_dim, "attention_head: q is not one head");
-    group_attention(q, kv, kv_head, block_table, ctx, shape, out, false)
+    group_attention(q, kv, kv_head, block_table, ctx, shape, out)
 }
 
 /// [`attention_head`] for every query head of one KV head at once: `q` holds `g` heads of
@@ -336,37 +338,167 @@ pub fn attention_group(
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    group_attention(q, kv, kv_head, block_table, ctx, shape, out, false)
+    group_attention(q, kv, kv_head, block_table, ctx, shape, out)
 }
 
-/// [`attention_group`] with its work spread over the thread pool: the scores over chunks of
-/// positions, the weighted sums over chunks of value columns, the softmax between them on the
-/// calling thread. For decode, whose few (token, KV head) groups would otherwise leave threads
-/// idle (one KV head: Gemma 3; three on two threads: SmolLM2). Bit-identical to
-/// [`attention_group`]: each score is the same dot product whichever chunk computes it, the
-/// softmax is the same serial code, and each output column adds its weighted values in
-/// position order whatever the column chunk.
-pub fn attention_group_parallel(
+/// One (token, KV head) group of [`attention_groups_parallel`]: the KV head its query heads
+/// read, the blocks of its sequence and its causal context.
+#[derive(Clone, Debug)]
+pub struct GroupSpan<'a> {
+    pub kv_head: usize,
+    pub block_table: &'a [u32],
+    pub ctx: Range<usize>,
+}
+
+/// [`attention_group`] of several groups (`q` and `out` hold them one after the other, each `g`
+/// heads), with the work of all of them spread over the thread pool in three parallel loops:
+/// the scores in chunks of positions, the softmax of each (group, head), the weighted sums in
+/// chunks of value columns. For decode, whose few groups (one KV head: Gemma 3; three on two
+/// threads: SmolLM2) would otherwise leave threads idle or pay a fork and join per group and
+/// phase. Bit-identical to [`attention_group`] on each group: each score is the same dot
+/// product whichever chunk computes it, each head's softmax the same [`softmax`] of the same
+/// scores, and each output column adds its weighted values in position order whatever the
+/// column chunk.
+pub fn attention_groups_parallel(
     q: &[f32],
     kv: &KvView,
-    kv_head: usize,
-    block_table: &[u32],
-    ctx: Range<usize>,
+    groups: &[GroupSpan],
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    group_attention(q, kv, kv_head, block_table, ctx, shape, out, true)
+    /// Positions per scoring task, and value columns per summing task.
+    const POSITIONS: usize = 64;
+    const COLUMNS: usize = 32;
+    let (k_dim, v_dim, n) = (shape.k_dim, shape.v_dim, groups.len());
+    if n == 0 {
+        return;
+    }
+    let g = q.len() / (n * k_dim);
+    assert_eq!(
+        q.len(),
+        n * g * k_dim,
+        "attention_groups: q is not whole groups"
+    );
+    assert_eq!(
+        out.len(),
+        n * g * v_dim,
+        "attention_groups: out is not whole groups"
+    );
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch {
+            scores,
+            weights,
+            k_bases,
+            v_bases,
+            values,
+            starts,
+        } = scratch;
+        // Group `j`'s positions are `starts[j] .. starts[j + 1]` of the bases; its scores and
+        // weights are `g` times that range (chunk-major for the raw scores, head-major after).
+        k_bases.clear();
+        v_bases.clear();
+        starts.clear();
+        starts.push(0);
+        for span in groups {
+            let ctx = span.ctx.clone();
+            group_bases(kv, span.kv_head, span.block_table, ctx, k_bases, v_bases);
+            starts.push(k_bases.len());
+        }
+        let total = k_bases.len();
+        scores.resize(g * total, 0.0);
+        weights.resize(g * total, 0.0);
+        values.resize(n * g * v_dim, 0.0);
+        let (k_bases, v_bases, starts) = (&*k_bases, &*v_bases, &*starts);
+        let chunks = |j: usize| (starts[j + 1] - starts[j]).div_ceil(POSITIONS);
+        let mut first_chunk = Vec::with_capacity(n + 1);
+        first_chunk.push(0);
+        for j in 0..n {
+            first_chunk.push(first_chunk[j] + chunks(j));
+        }
+        let out_scores = Shared(scores.as_mut_ptr());
+        pool::for_each(first_chunk[n], |task| {
+            let j = first_chunk.partition_point(|&c| c <= task) - 1;
+            let i = task - first_chunk[j];
+            let p0 = starts[j] + i * POSITIONS;
+            let len = POSITIONS.min(starts[j + 1] - p0);
+            // SAFETY: chunk `i` of group `j` is its own `g * len` scores, within `scores`.
+            let s = unsafe { out_scores.slice(g * p0, g * len) };
+            kv.k.dot_rows(
+                &q[j * g * k_dim..(j + 1) * g * k_dim],
+                k_dim,
+                &k_bases[p0..p0 + len],
+                s,
+            );
+        });
+        let (scores, out_weights) = (&*scores, Shared(weights.as_mut_ptr()));
+        pool::for_each(n * g, |task| {
+            let (j, h) = (task / g, task % g);
+            let (start, m) = (starts[j], starts[j + 1] - starts[j]);
+            // SAFETY: head `h` of group `j` is its own `m` weights, within `weights`.
+            let w = unsafe { out_weights.slice(g * start + h * m, m) };
+            for (i, chunk) in scores[g * start..g * (start + m)]
+                .chunks(POSITIONS * g)
+                .enumerate()
+            {
+                let len = chunk.len() / g;
+                w[i * POSITIONS..][..len].copy_from_slice(&chunk[h * len..(h + 1) * len]);
+            }
+            softmax(w, shape);
+        });
+        let weights = &*weights;
+        let cols = if v_dim.is_multiple_of(COLUMNS) {
+            COLUMNS
+        } else {
+            v_dim
+        };
+        let per_group = v_dim / cols;
+        pool::for_each_chunk_mut(values, g * cols, |task, o| {
+            let (j, i) = (task / per_group, task % per_group);
+            let (start, end) = (starts[j], starts[j + 1]);
+            let w = &weights[g * start..g * end];
+            if start == end {
+                o.fill(0.0);
+            } else {
+                kv.v.from(i * cols)
+                    .weighted_rows(w, &v_bases[start..end], cols, o);
+            }
+        });
+        // Chunks of columns (head-major within each) into each group's heads.
+        for (task, chunk) in values.chunks_exact(g * cols).enumerate() {
+            let (j, i) = (task / per_group, task % per_group);
+            let group_out = &mut out[j * g * v_dim..(j + 1) * g * v_dim];
+            for (o, src) in group_out
+                .chunks_exact_mut(v_dim)
+                .zip(chunk.chunks_exact(cols))
+            {
+                o[i * cols..][..cols].copy_from_slice(src);
+            }
+        }
+    });
 }
 
-/// [`attention_group`] (`parallel` false: on the calling thread) or
-/// [`attention_group_parallel`]: the same steps, only spread differently.
-///
-/// Serially, the scores of all positions are one `dot_*_rows` call and the weighted sums of all
-/// columns one `weighted_rows_*` call. In parallel, the scores go in chunks of positions and
-/// the sums in chunks of columns (each chunk for all heads), through buffers that are then
-/// copied in place. Every score and every output value is computed alone, in an order that
-/// depends on nothing but its own position or column: the chunking changes no bit.
-#[allow(clippy::too_many_arguments)]
+/// A raw pointer that the tasks of one parallel loop share, each writing its own part.
+struct Shared(*mut f32);
+
+impl Shared {
+    /// The `len` values from `start`.
+    ///
+    /// # Safety
+    /// In bounds of the buffer, and no other task touches them during the loop.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+// SAFETY: tasks write disjoint parts (see `slice`), and nothing reads them until the loop ends.
+unsafe impl Sync for Shared {}
+
+/// [`attention_group`] on the calling thread: the scores of all positions in one `dot_*_rows`
+/// call, the softmax of each head, the weighted sums of all columns in one `weighted_rows_*`
+/// call. Every score and every output value is computed alone, in an order that depends on
+/// nothing but its own position or column, which is what lets [`attention_groups_parallel`]
+/// chunk the same work and give the same bits.
 fn group_attention(
     q: &[f32],
     kv: &KvView,
@@ -375,11 +507,7 @@ fn group_attention(
     ctx: Range<usize>,
     shape: &AttnShape,
     out: &mut [f32],
-    parallel: bool,
 ) {
-    /// Positions per scoring task, and value columns per summing task.
-    const POSITIONS: usize = 64;
-    const COLUMNS: usize = 32;
     let (k_dim, v_dim) = (shape.k_dim, shape.v_dim);
     let g = q.len() / k_dim;
     assert_eq!(q.len(), g * k_dim, "attention_group: q is not whole heads");
@@ -390,12 +518,13 @@ fn group_attention(
     );
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch {
-            scores,
             weights,
             k_bases,
             v_bases,
-            values,
+            ..
         } = scratch;
+        k_bases.clear();
+        v_bases.clear();
         group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
         let (k_bases, v_bases) = (&*k_bases, &*v_bases);
         let m = k_bases.len();
@@ -408,48 +537,16 @@ fn group_attention(
         // Every element is overwritten: only growth is zeroed.
         weights.resize(g * m, 0.0);
         let weights = &mut weights[..g * m];
-        if parallel {
-            // Chunks of positions, head-major within each chunk, gathered after.
-            scores.resize(g * m, 0.0);
-            let scores = &mut scores[..g * m];
-            pool::for_each_chunk_mut(scores, POSITIONS * g, |i, s| {
-                let first = i * POSITIONS;
-                kv.k.dot_rows(q, k_dim, &k_bases[first..first + s.len() / g], s);
-            });
-            for (i, chunk) in scores.chunks(POSITIONS * g).enumerate() {
-                let len = chunk.len() / g;
-                for (h, src) in chunk.chunks_exact(len).enumerate() {
-                    weights[h * m + i * POSITIONS..][..len].copy_from_slice(src);
-                }
-            }
-        } else {
-            kv.k.dot_rows(q, k_dim, k_bases, weights);
-        }
+        kv.k.dot_rows(q, k_dim, k_bases, weights);
         for w in weights.chunks_exact_mut(m) {
             softmax(w, shape);
         }
-        let weights = &*weights;
-        if parallel && v_dim.is_multiple_of(COLUMNS) {
-            // Chunks of columns, each for all heads (head-major within the chunk), copied after.
-            values.resize(g * v_dim, 0.0);
-            let values = &mut values[..g * v_dim];
-            pool::for_each_chunk_mut(values, g * COLUMNS, |i, o| {
-                kv.v.from(i * COLUMNS)
-                    .weighted_rows(weights, v_bases, COLUMNS, o);
-            });
-            for (i, chunk) in values.chunks_exact(g * COLUMNS).enumerate() {
-                for (o, src) in out.chunks_exact_mut(v_dim).zip(chunk.chunks_exact(COLUMNS)) {
-                    o[i * COLUMNS..][..COLUMNS].copy_from_slice(src);
-                }
-            }
-        } else {
-            kv.v.weighted_rows(weights, v_bases, v_dim, out);
-        }
+        kv.v.weighted_rows(weights, v_bases, v_dim, out);
     });
 }
 
-/// Offsets of each position's K row and V row of `kv_head`, walking the positions block by
-/// block (no division per position).
+/// Offsets of each position's K row and V row of `kv_head`, appended to `k_bases` and
+/// `v_bases`, walking the positions block by block (no division per position).
 fn group_bases(
     kv: &KvView,
     kv_head: usize,
@@ -458,8 +555,6 @@ fn group_bases(
     k_bases: &mut Vec<usize>,
     v_bases: &mut Vec<usize>,
 ) {
-    k_bases.clear();
-    v_bases.clear();
     let bs = kv.block_size;
     let mut p = ctx.start;
     while p < ctx.end {
@@ -630,16 +725,36 @@ mod tests {
         let g = q.len() / shape.k_dim;
         let mut group = vec![f32::NAN; g * shape.v_dim];
         attention_group(q, kv, kv_head, table, ctx.clone(), shape, &mut group);
-        // The pool-parallel version gives the same bits.
-        let mut parallel = vec![f32::NAN; g * shape.v_dim];
-        attention_group_parallel(q, kv, kv_head, table, ctx.clone(), shape, &mut parallel);
-        assert!(
-            group
+        // The pool-parallel version gives the same bits, for this group alone and among others
+        // (the same queries over the full context, an empty one and half of it).
+        let half = ctx.start..ctx.start + ctx.len() / 2;
+        let empty = ctx.start..ctx.start;
+        let spans: Vec<GroupSpan> = [ctx.clone(), empty, half, ctx.clone()]
+            .into_iter()
+            .map(|ctx| GroupSpan {
+                kv_head,
+                block_table: table,
+                ctx,
+            })
+            .collect();
+        for count in [1, spans.len()] {
+            let qs = q.repeat(count);
+            let mut parallel = vec![f32::NAN; count * g * shape.v_dim];
+            attention_groups_parallel(&qs, kv, &spans[..count], shape, &mut parallel);
+            for (span, got) in spans[..count]
                 .iter()
-                .zip(&parallel)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "attention_group_parallel differs from attention_group"
-        );
+                .zip(parallel.chunks_exact(g * shape.v_dim))
+            {
+                let mut want = vec![f32::NAN; g * shape.v_dim];
+                attention_group(q, kv, kv_head, table, span.ctx.clone(), shape, &mut want);
+                assert!(
+                    want.iter()
+                        .zip(got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "attention_groups_parallel differs from attention_group ({count} groups)"
+                );
+            }
+        }
         let mut heads = vec![f32::NAN; g * shape.v_dim];
         for (qh, o) in q
             .chunks_exact(shape.k_dim)

@@ -3,10 +3,8 @@
 //! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
 //! writes the KV cache.
 
-use std::ops::Range;
-
 use supernode_kernels::ops::{
-    attention_group, attention_group_parallel, round_slice_f16, AttnShape, KvView,
+    attention_group, attention_groups_parallel, round_slice_f16, AttnShape, GroupSpan,
 };
 use supernode_kernels::pool;
 
@@ -16,9 +14,6 @@ use crate::Batch;
 
 /// From this many tokens on, queries and keys are prepared (normed, roped, rounded) in parallel.
 const PARALLEL_PREPARE_TOKENS: usize = 8;
-
-/// [`attention_group`] or [`attention_group_parallel`].
-type GroupFn = fn(&[f32], &KvView, usize, &[u32], Range<usize>, &AttnShape, &mut [f32]);
 
 pub struct Attention {
     pub wq: Linear,
@@ -111,27 +106,34 @@ impl BlockAttention for Attention {
             kv.write(batch.slot(t, block_size), &k[t * kw..(t + 1) * kw], vt);
         }
         let view = kv.view(block_size);
-        // One task per (token, KV head), covering the query heads that share that KV head, so
-        // each K/V row is read once per group. With fewer groups than can keep the threads busy
-        // (decode), each group is spread over the threads instead. Both are bit-identical to
-        // one `attention_head` per query head.
+        // One group per (token, KV head), covering the query heads that share that KV head, so
+        // each K/V row is read once per group: one task per group when there are enough of them
+        // to keep the threads busy, else (decode) all groups spread over the threads together.
+        // Both are bit-identical to one `attention_head` per query head.
         let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
         let group = s.n_heads / s.n_kv_heads;
-        let run = |i: usize, o: &mut [f32], attend: GroupFn| {
-            let (t, g) = (i / s.n_kv_heads, i % s.n_kv_heads);
+        let span = |i: usize| {
+            let t = i / s.n_kv_heads;
             let pos = batch.positions[t];
             let start = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let table = batch.block_tables[batch.seq_of[t]];
-            let qg = &q[t * qw + g * group * s.k_dim..t * qw + (g + 1) * group * s.k_dim];
-            attend(qg, &view, g, table, start..pos + 1, s, o);
+            GroupSpan {
+                kv_head: i % s.n_kv_heads,
+                block_table: batch.block_tables[batch.seq_of[t]],
+                ctx: start..pos + 1,
+            }
         };
         if n * s.n_kv_heads < 2 * pool::threads() {
-            for (i, o) in attn.chunks_mut(group * s.v_dim).enumerate() {
-                run(i, o, attention_group_parallel);
-            }
+            let spans: Vec<GroupSpan> = (0..n * s.n_kv_heads).map(span).collect();
+            attention_groups_parallel(&q, &view, &spans, s, &mut attn);
         } else {
             pool::for_each_chunk_mut(&mut attn, group * s.v_dim, |i, o| {
-                run(i, o, attention_group)
+                let GroupSpan {
+                    kv_head,
+                    block_table,
+                    ctx,
+                } = span(i);
+                let qg = &q[i * group * s.k_dim..(i + 1) * group * s.k_dim];
+                attention_group(qg, &view, kv_head, block_table, ctx, s, o)
             });
         }
         self.wo.forward(&attn, n, out);
