@@ -421,6 +421,19 @@ pub fn exp_f32(x: f32) -> f32 {
     y * exp2i(n1) * exp2i(n2)
 }
 
+/// The SiLU gated unit ([`crate::ops::Activation::glu`]) over as many leading values as the
+/// vector kernel takes (whole vectors of 16, with AVX-512); returns how many it did. The same
+/// bits as the scalar steps.
+pub(crate) fn glu_silu(gate: &mut [f32], up: &[f32]) -> usize {
+    assert!(up.len() >= gate.len(), "glu_silu: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && simd_level() == SimdLevel::Avx2 {
+        // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C confirmed; lengths checked.
+        return unsafe { avx512::glu_silu(gate, up) };
+    }
+    0
+}
+
 /// `2^e` for `-126 <= e <= 127`.
 #[inline(always)]
 fn exp2i(e: i32) -> f32 {

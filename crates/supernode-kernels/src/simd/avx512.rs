@@ -427,6 +427,26 @@ unsafe fn weighted_columns<T, const H: usize, const V: usize>(
     }
 }
 
+/// `gate[i] = silu(gate[i]) * up[i]` over whole vectors of 16, with `silu(x) = x / (1 +
+/// exp_f32(-x))` (each step as the scalar [`crate::ops::silu`] does it); returns how many
+/// values it did.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, AVX2, FMA and F16C; `up.len() >= gate.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn glu_silu(gate: &mut [f32], up: &[f32]) -> usize {
+    let n = gate.len() / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..n).step_by(16) {
+        let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        let silu = _mm512_div_ps(x, _mm512_add_ps(one, e));
+        let u = _mm512_loadu_ps(up.as_ptr().add(i));
+        _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(silu, u));
+    }
+    n
+}
+
 /// [`super::exp_f32`] on 16 lanes: the same operations, lane by lane.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
