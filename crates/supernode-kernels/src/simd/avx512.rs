@@ -210,7 +210,15 @@ unsafe fn dot_rows<T: KvElem>(
     // Four interleaved pairs of rows, then eight tails.
     let mut buf = vec![0f32; 8 * n];
     let (bp, tp) = (buf.as_mut_ptr(), buf.as_mut_ptr().add(8 * main));
+    let row_bytes = n * std::mem::size_of::<T>();
     for (j0, block) in bases.chunks(8).enumerate().map(|(i, c)| (8 * i, c)) {
+        // The rows are scattered over the paged cache: ask for the next block's meanwhile.
+        for &ahead in bases.iter().skip(j0 + 8).take(8) {
+            let r = kp.add(ahead).cast::<i8>();
+            for line in (0..row_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(r.add(line));
+            }
+        }
         // A short block repeats its first row; those results are not stored.
         let row = |j: usize| kp.add(block[if j < block.len() { j } else { 0 }]);
         for t in 0..4 {
@@ -412,6 +420,10 @@ unsafe fn weighted_columns<T, const H: usize, const V: usize>(
     let lane_mask = |k: usize| if k + 1 == V { mask } else { !0 };
     let mut acc = [[_mm512_setzero_ps(); V]; H];
     for (p, &b) in bases.iter().enumerate() {
+        // The rows are scattered over the paged cache: ask for one a few positions ahead.
+        if let Some(&ahead) = bases.get(p + PREFETCH_ROWS) {
+            _mm_prefetch::<_MM_HINT_T0>(vp.add(ahead).cast());
+        }
         let x: [__m512; V] = std::array::from_fn(|k| load(vp.add(b + 16 * k), lane_mask(k)));
         for (h, a) in acc.iter_mut().enumerate() {
             let w = _mm512_set1_ps(*ws.add(h * m + p));
@@ -426,6 +438,9 @@ unsafe fn weighted_columns<T, const H: usize, const V: usize>(
         }
     }
 }
+
+/// How many positions ahead the weighted sums prefetch their V rows.
+const PREFETCH_ROWS: usize = 8;
 
 /// `gate[i] = silu(gate[i]) * up[i]` over whole vectors of 16, with `silu(x) = x / (1 +
 /// exp_f32(-x))` (each step as the scalar [`crate::ops::silu`] does it); returns how many
