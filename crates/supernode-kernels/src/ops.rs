@@ -958,18 +958,7 @@ mod tests {
         for len in [xs.len(), 33, 16, 3] {
             let x = &xs[..len];
             let up: Vec<f32> = (0..len).map(|i| 1.5 - (i % 7) as f32 * 0.375).collect();
-            let mut got = x.to_vec();
-            Activation::Silu.glu(&mut got, &up);
-            for i in 0..len {
-                let want = silu(x[i]) * up[i];
-                assert!(
-                    got[i].to_bits() == want.to_bits() || (got[i].is_nan() && want.is_nan()),
-                    "x = {}: {} vs {}",
-                    x[i],
-                    got[i],
-                    want
-                );
-            }
+            assert_glu_is_scalar(Activation::Silu, x, &up);
         }
         for &x in &xs[..4000] {
             let want = f64::from(x) / (1.0 + (-f64::from(x)).exp());
@@ -998,18 +987,21 @@ mod tests {
         for len in [xs.len(), 17, 16, 5] {
             let x = &xs[xs.len() - len..];
             let up: Vec<f32> = (0..len).map(|i| 0.5 + (i % 13) as f32 * 0.25).collect();
-            let mut got = x.to_vec();
-            Activation::GeluF16Table.glu(&mut got, &up);
-            for i in 0..len {
-                let want = gelu_f16_table(x[i]) * up[i];
-                assert!(
-                    got[i].to_bits() == want.to_bits() || (got[i].is_nan() && want.is_nan()),
-                    "x = {}: {} vs {}",
-                    x[i],
-                    got[i],
-                    want
-                );
-            }
+            assert_glu_is_scalar(Activation::GeluF16Table, x, &up);
+        }
+    }
+
+    /// `act.glu` of `x` and `up` equals `act.apply(x) * up` value by value, bit for bit (any
+    /// NaN for NaN).
+    fn assert_glu_is_scalar(act: Activation, x: &[f32], up: &[f32]) {
+        let mut got = x.to_vec();
+        act.glu(&mut got, up);
+        for ((&x, &u), &got) in x.iter().zip(up).zip(&got) {
+            let want = act.apply(x) * u;
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{act:?} x = {x}: {got} vs {want}"
+            );
         }
     }
 }

@@ -499,15 +499,8 @@ fn exp_sum_scalar(s: &mut [f32], max: f32) -> f64 {
 }
 
 /// The tree of [`exp_sum`] over its 16 lanes.
-fn fold_sum_lanes(mut acc: [f64; SUM_LANES]) -> f64 {
-    let mut width = SUM_LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0]
+fn fold_sum_lanes(acc: [f64; SUM_LANES]) -> f64 {
+    fold_tree(acc)
 }
 
 /// `s[i] *= inv` for every `i`, then rounded to the nearest f16 (ties to even, exactly
@@ -553,11 +546,17 @@ fn dot_f32_scalar<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
 }
 
 /// The fixed tree over the 32 lanes.
-fn fold_lanes(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
+fn fold_lanes(acc: [f32; LANES]) -> f32 {
+    fold_tree(acc)
+}
+
+/// Lanes folded in halves: `l += l + N/2`, then `+ N/4`, down to `+ 1` (`N` a power of two).
+fn fold_tree<T: Copy + std::ops::AddAssign, const N: usize>(mut acc: [T; N]) -> T {
+    let mut width = N / 2;
     while width > 0 {
         for l in 0..width {
-            acc[l] += acc[l + width];
+            let v = acc[l + width];
+            acc[l] += v;
         }
         width /= 2;
     }
