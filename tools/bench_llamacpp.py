@@ -234,7 +234,7 @@ def serving(server, sn, name, gguf, a):
             stop(p)
     base = res["llama-server"]["output_tok_s"]
     for k, v in res.items():
-        v["output_tok_s_ratio"] = v["output_tok_s"] / base
+        v["output_tok_s_ratio"] = v["output_tok_s"] / base if base else None
     return {"model": name, "concurrency": conc, "runs": res}
 
 
@@ -271,11 +271,19 @@ def main():
             print(f"\n{name}: serving, {a.concurrency} concurrent streams, {a.requests} requests")
             print(f"{'engine':22} {'out tok/s':>10} {'ratio':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'errors':>6}")
             for k, v in s["runs"].items():
-                print(f"{k:22} {v['output_tok_s']:10.1f} {v['output_tok_s_ratio']:6.2f} "
-                      f"{v['ttft_s']['p50']:9.2f} {v['inter_chunk_s']['p50']:8.3f} "
-                      f"{v['inter_chunk_s']['p95']:8.3f} {v['errors']:6d}")
+                print(f"{k:22} {fmt(v['output_tok_s'], 10, 1)} {fmt(v['output_tok_s_ratio'], 6, 2)} "
+                      f"{fmt(v['ttft_s']['p50'], 9, 2)} {fmt(v['inter_chunk_s']['p50'], 8, 3)} "
+                      f"{fmt(v['inter_chunk_s']['p95'], 8, 3)} {v['errors']:6d}")
+                if v.get("first_errors"):
+                    print(f"{'':22} first error: {v['first_errors'][0][:160]}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
+
+
+def fmt(v, width, digits):
+    """`v` right-aligned in `width` with `digits` decimals, or "-" when there is none (a run
+    whose requests all failed has no latencies)."""
+    return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
 
 
 def cpu_name():
