@@ -23,6 +23,7 @@
 //! per call once warm.
 
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 
 use crate::dtype::DType;
 use crate::ops::Activation;
@@ -114,13 +115,8 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     let dequantize = kernels.map_or(Dequantize::Scalar(w.dtype), |k| {
         Dequantize::Simd(k.dequantize)
     });
-    let row_tiles = w.rows.div_ceil(TILE_ROWS);
-    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
     let out = SharedOut(out.as_mut_ptr());
-    pool::for_each(row_tiles * token_chunks, |task| {
-        let (tile, chunk) = (task % row_tiles, task / row_tiles);
-        let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
-        let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+    for_each_tile(w.rows, n_tokens, |rows, tokens| {
         let job = Tile {
             w,
             x,
@@ -132,6 +128,20 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
             Some(kernels) => job.run_fused(kernels),
             None => job.run_dequantised(dequantize),
         }
+    });
+}
+
+/// `f(rows, tokens)` in parallel for every tile of [`TILE_ROWS`] rows times [`TOKEN_CHUNK`]
+/// tokens (the last of each shorter): the tasks of the row-kernel products.
+fn for_each_tile(rows: usize, n_tokens: usize, f: impl Fn(Range<usize>, Range<usize>) + Sync) {
+    let row_tiles = rows.div_ceil(TILE_ROWS);
+    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
+    pool::for_each(row_tiles * token_chunks, |task| {
+        let (tile, chunk) = (task % row_tiles, task / row_tiles);
+        f(
+            tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(rows),
+            chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens),
+        )
     });
 }
 
@@ -251,13 +261,8 @@ fn matmul_quantized<A: ActBlock>(
     let buf = buffer(&mut scratch);
     quantize_tokens(x, w.cols, n_tokens, buf);
     let acts = &buf[..n_tokens * blocks];
-    let row_tiles = w.rows.div_ceil(TILE_ROWS);
-    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
     let out = SharedOut(out.as_mut_ptr());
-    pool::for_each(row_tiles * token_chunks, |task| {
-        let (tile, chunk) = (task % row_tiles, task / row_tiles);
-        let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
-        let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+    for_each_tile(w.rows, n_tokens, |rows, tokens| {
         let mut ys: [&[A]; DOT_TOKENS] = [&[]; DOT_TOKENS];
         let mut ws: [&[u8]; DOT_ROWS] = [&[]; DOT_ROWS];
         let mut dots = [0f32; DOT_ROWS * DOT_TOKENS];

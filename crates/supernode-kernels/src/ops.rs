@@ -320,7 +320,7 @@ pub fn attention_head(
     out: &mut [f32],
 ) {
     assert_eq!(q.len(), shape.k_dim, "attention_head: q is not one head");
-    group_attention(q, kv, kv_head, block_table, ctx, shape, out)
+    attention_group(q, kv, kv_head, block_table, ctx, shape, out)
 }
 
 /// [`attention_head`] for every query head of one KV head at once: `q` holds `g` heads of
@@ -331,6 +331,12 @@ pub fn attention_head(
 /// `dot_f32` (of the K row with the query, the same products in the same lanes), scaled and
 /// capped alike; each head's softmax is the same [`softmax`] of its scores in position order;
 /// each head's output adds `w * v` (multiply, then add) in position order.
+///
+/// On the calling thread: the scores of all positions in one `dot_*_rows` call, the softmax of
+/// each head, the weighted sums of all columns in one `weighted_rows_*` call. Every score and
+/// every output value is computed alone, in an order that depends on nothing but its own
+/// position or column, which is what lets [`attention_groups_parallel`] chunk the same work and
+/// give the same bits.
 pub fn attention_group(
     q: &[f32],
     kv: &KvView,
@@ -340,7 +346,41 @@ pub fn attention_group(
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    group_attention(q, kv, kv_head, block_table, ctx, shape, out)
+    let (k_dim, v_dim) = (shape.k_dim, shape.v_dim);
+    let g = q.len() / k_dim;
+    assert_eq!(q.len(), g * k_dim, "attention_group: q is not whole heads");
+    assert_eq!(
+        out.len(),
+        g * v_dim,
+        "attention_group: out is not whole heads"
+    );
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch {
+            weights,
+            k_bases,
+            v_bases,
+            ..
+        } = scratch;
+        k_bases.clear();
+        v_bases.clear();
+        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
+        let (k_bases, v_bases) = (&*k_bases, &*v_bases);
+        let m = k_bases.len();
+        if m == 0 {
+            out.fill(0.0);
+            return;
+        }
+        // Scores head-major (head `h`, position `p` at `h * m + p`): the same `dot_f32(q_h, k)`
+        // per head and position, each K row read once for the group.
+        // Every element is overwritten: only growth is zeroed.
+        weights.resize(g * m, 0.0);
+        let weights = &mut weights[..g * m];
+        kv.k.dot_rows(q, k_dim, k_bases, weights);
+        for w in weights.chunks_exact_mut(m) {
+            softmax(w, shape);
+        }
+        kv.v.weighted_rows(weights, v_bases, v_dim, out);
+    });
 }
 
 /// One (token, KV head) group of [`attention_groups_parallel`]: the KV head its query heads
@@ -495,57 +535,6 @@ impl Shared {
 
 // SAFETY: tasks write disjoint parts (see `slice`), and nothing reads them until the loop ends.
 unsafe impl Sync for Shared {}
-
-/// [`attention_group`] on the calling thread: the scores of all positions in one `dot_*_rows`
-/// call, the softmax of each head, the weighted sums of all columns in one `weighted_rows_*`
-/// call. Every score and every output value is computed alone, in an order that depends on
-/// nothing but its own position or column, which is what lets [`attention_groups_parallel`]
-/// chunk the same work and give the same bits.
-fn group_attention(
-    q: &[f32],
-    kv: &KvView,
-    kv_head: usize,
-    block_table: &[u32],
-    ctx: Range<usize>,
-    shape: &AttnShape,
-    out: &mut [f32],
-) {
-    let (k_dim, v_dim) = (shape.k_dim, shape.v_dim);
-    let g = q.len() / k_dim;
-    assert_eq!(q.len(), g * k_dim, "attention_group: q is not whole heads");
-    assert_eq!(
-        out.len(),
-        g * v_dim,
-        "attention_group: out is not whole heads"
-    );
-    SCRATCH.with_borrow_mut(|scratch| {
-        let Scratch {
-            weights,
-            k_bases,
-            v_bases,
-            ..
-        } = scratch;
-        k_bases.clear();
-        v_bases.clear();
-        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
-        let (k_bases, v_bases) = (&*k_bases, &*v_bases);
-        let m = k_bases.len();
-        if m == 0 {
-            out.fill(0.0);
-            return;
-        }
-        // Scores head-major (head `h`, position `p` at `h * m + p`): the same `dot_f32(q_h, k)`
-        // per head and position, each K row read once for the group.
-        // Every element is overwritten: only growth is zeroed.
-        weights.resize(g * m, 0.0);
-        let weights = &mut weights[..g * m];
-        kv.k.dot_rows(q, k_dim, k_bases, weights);
-        for w in weights.chunks_exact_mut(m) {
-            softmax(w, shape);
-        }
-        kv.v.weighted_rows(weights, v_bases, v_dim, out);
-    });
-}
 
 /// Offsets of each position's K row and V row of `kv_head`, appended to `k_bases` and
 /// `v_bases`, walking the positions block by block (no division per position).
