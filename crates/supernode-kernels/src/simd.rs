@@ -281,37 +281,54 @@ unsafe fn dot_rows_blocked<T: KvElem, const B: usize>(
     let (g, m) = (q.len() / n, bases.len());
     let main = n / LANES * LANES;
     let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-    let mut buf = match T::as_f32(kp) {
-        Some(_) => Vec::new(),
-        None => vec![0f32; B * n],
-    };
-    let bp = buf.as_mut_ptr();
-    for (j0, block_bases) in bases.chunks(B).enumerate().map(|(i, c)| (i * B, c)) {
-        let rows: [*const f32; B] = std::array::from_fn(|j| {
-            let b = block_bases[if j < block_bases.len() { j } else { 0 }];
-            match T::as_f32(kp.add(b)) {
-                Some(p) => p,
-                None if j < block_bases.len() => {
-                    widen(kp.add(b), bp.add(j * n), n);
-                    bp.add(j * n)
+    let len = if T::as_f32(kp).is_some() { 0 } else { B * n };
+    with_buffer(len, |buf| {
+        let bp = buf.as_mut_ptr();
+        for (j0, block_bases) in bases.chunks(B).enumerate().map(|(i, c)| (i * B, c)) {
+            let rows: [*const f32; B] = std::array::from_fn(|j| {
+                let b = block_bases[if j < block_bases.len() { j } else { 0 }];
+                match T::as_f32(kp.add(b)) {
+                    Some(p) => p,
+                    None if j < block_bases.len() => {
+                        widen(kp.add(b), bp.add(j * n), n);
+                        bp.add(j * n)
+                    }
+                    None => bp,
                 }
-                None => bp,
-            }
-        });
-        for h in 0..g {
-            let qh = qp.add(h * n);
-            let mut r = block(qh, &rows);
-            if main < n {
-                let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
-                for (r, row) in r.iter_mut().zip(rows) {
-                    let tail_k = std::slice::from_raw_parts(row.add(main), n - main);
-                    *r = add_tail(*r, tail_q, tail_k);
+            });
+            for h in 0..g {
+                let qh = qp.add(h * n);
+                let mut r = block(qh, &rows);
+                if main < n {
+                    let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
+                    for (r, row) in r.iter_mut().zip(rows) {
+                        let tail_k = std::slice::from_raw_parts(row.add(main), n - main);
+                        *r = add_tail(*r, tail_q, tail_k);
+                    }
                 }
+                let o = op.add(h * m + j0);
+                std::ptr::copy_nonoverlapping(r.as_ptr(), o, block_bases.len());
             }
-            let o = op.add(h * m + j0);
-            std::ptr::copy_nonoverlapping(r.as_ptr(), o, block_bases.len());
         }
+    })
+}
+
+thread_local! {
+    /// The calling thread's buffer for [`with_buffer`].
+    static BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `f` of a per-thread buffer of `len` values, kept between calls (so the attention kernels
+/// of a decode step allocate nothing). Its contents are whatever the last user left: `f` must
+/// write before it reads. A nested call gets a buffer of its own.
+fn with_buffer<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = BUFFER.take();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
     }
+    let r = f(&mut buf[..len]);
+    BUFFER.set(buf);
+    r
 }
 
 /// `out[h * n + i] = Σ_p ws[h * m + p] * v[bases[p] + i]` for every column `i < n`, head

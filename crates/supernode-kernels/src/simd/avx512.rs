@@ -197,57 +197,58 @@ unsafe fn dot_rows<T: KvElem>(
     let main = n / LANES * LANES;
     let tail = n - main;
     let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-    // Each head's query, every 8-lane group twice.
-    let mut qd = vec![0f32; g * 2 * main];
-    for h in 0..g {
-        for c in 0..main / 8 {
-            let v = _mm256_loadu_ps(qp.add(h * n + 8 * c));
-            let d = qd.as_mut_ptr().add(h * 2 * main + 16 * c);
-            _mm256_storeu_ps(d, v);
-            _mm256_storeu_ps(d.add(8), v);
-        }
-    }
-    // Four interleaved pairs of rows, then eight tails.
-    let mut buf = vec![0f32; 8 * n];
-    let (bp, tp) = (buf.as_mut_ptr(), buf.as_mut_ptr().add(8 * main));
-    let row_bytes = n * std::mem::size_of::<T>();
-    for (j0, block) in bases.chunks(8).enumerate().map(|(i, c)| (8 * i, c)) {
-        // The rows are scattered over the paged cache: ask for the next block's meanwhile.
-        for &ahead in bases.iter().skip(j0 + 8).take(8) {
-            let r = kp.add(ahead).cast::<i8>();
-            for line in (0..row_bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(r.add(line));
-            }
-        }
-        // A short block repeats its first row; those results are not stored.
-        let row = |j: usize| kp.add(block[if j < block.len() { j } else { 0 }]);
-        for t in 0..4 {
-            let (a, b) = (row(2 * t), row(2 * t + 1));
-            for c in 0..main / 8 {
-                _mm512_storeu_ps(
-                    bp.add(2 * main * t + 16 * c),
-                    pair(a.add(8 * c), b.add(8 * c)),
-                );
-            }
-        }
-        let mut tails: [&[f32]; 8] = [&[]; 8];
-        if tail > 0 {
-            for (j, t) in tails.iter_mut().enumerate() {
-                let src = std::slice::from_raw_parts(row(j).add(main), tail);
-                *t = T::widen(src, std::slice::from_raw_parts_mut(tp.add(j * tail), tail));
-            }
-        }
+    // Each head's query, every 8-lane group twice; then the block's rows (see below).
+    super::with_buffer(g * 2 * main + 8 * n, |scratch| {
+        let (qd, buf) = scratch.split_at_mut(g * 2 * main);
         for h in 0..g {
-            let mut r = dot8(qd.as_ptr().add(h * 2 * main), bp, main);
-            if tail > 0 {
-                let tail_q = std::slice::from_raw_parts(qp.add(h * n + main), tail);
-                for (r, tail_k) in r.iter_mut().zip(tails) {
-                    *r = add_tail(*r, tail_q, tail_k);
+            for c in 0..main / 8 {
+                let v = _mm256_loadu_ps(qp.add(h * n + 8 * c));
+                let d = qd.as_mut_ptr().add(h * 2 * main + 16 * c);
+                _mm256_storeu_ps(d, v);
+                _mm256_storeu_ps(d.add(8), v);
+            }
+        }
+        // Four interleaved pairs of rows, then eight tails.
+        let (bp, tp) = (buf.as_mut_ptr(), buf.as_mut_ptr().add(8 * main));
+        let row_bytes = n * std::mem::size_of::<T>();
+        for (j0, block) in bases.chunks(8).enumerate().map(|(i, c)| (8 * i, c)) {
+            // The rows are scattered over the paged cache: ask for the next block's meanwhile.
+            for &ahead in bases.iter().skip(j0 + 8).take(8) {
+                let r = kp.add(ahead).cast::<i8>();
+                for line in (0..row_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(r.add(line));
                 }
             }
-            std::ptr::copy_nonoverlapping(r.as_ptr(), op.add(h * m + j0), block.len());
+            // A short block repeats its first row; those results are not stored.
+            let row = |j: usize| kp.add(block[if j < block.len() { j } else { 0 }]);
+            for t in 0..4 {
+                let (a, b) = (row(2 * t), row(2 * t + 1));
+                for c in 0..main / 8 {
+                    _mm512_storeu_ps(
+                        bp.add(2 * main * t + 16 * c),
+                        pair(a.add(8 * c), b.add(8 * c)),
+                    );
+                }
+            }
+            let mut tails: [&[f32]; 8] = [&[]; 8];
+            if tail > 0 {
+                for (j, t) in tails.iter_mut().enumerate() {
+                    let src = std::slice::from_raw_parts(row(j).add(main), tail);
+                    *t = T::widen(src, std::slice::from_raw_parts_mut(tp.add(j * tail), tail));
+                }
+            }
+            for h in 0..g {
+                let mut r = dot8(qd.as_ptr().add(h * 2 * main), bp, main);
+                if tail > 0 {
+                    let tail_q = std::slice::from_raw_parts(qp.add(h * n + main), tail);
+                    for (r, tail_k) in r.iter_mut().zip(tails) {
+                        *r = add_tail(*r, tail_q, tail_k);
+                    }
+                }
+                std::ptr::copy_nonoverlapping(r.as_ptr(), op.add(h * m + j0), block.len());
+            }
         }
-    }
+    })
 }
 
 /// The folded main parts of eight dots: the doubled query `qd` against the four interleaved
