@@ -11,7 +11,6 @@ use std::io::{BufRead, BufReader, IsTerminal};
 use std::process::{Child, Command as Proc, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use supernode_kernels::pool;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -19,6 +18,7 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use supernode_engine::sampler::SamplingParams;
+use supernode_kernels::pool;
 
 use crate::cli::{open_model, ModelArgs};
 
