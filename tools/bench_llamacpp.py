@@ -5,8 +5,9 @@ Builds llama.cpp's own `llama-bench` and `llama-server` once from the source ins
 `llama-cpp-python` package of the Python registry (native CPU flags, no downloads at configure
 time), then runs, alternating so that machine noise hits both alike:
 
-- single stream: `llama-bench -p P -n N -fa 1 -t T` against `supernode bench` (prefill tok/s of a
-  P-token prompt, decode tok/s of N tokens), R rounds each, medians and ratios; supernode in both
+- single stream: `llama-bench -p P -n N -fa 1 -t T` and `llama-bench -p 0 -n N -d P` against
+  `supernode bench` (prefill tok/s of a P-token prompt; decode tok/s of N tokens after P tokens of
+  context, and from an empty one), R rounds each, medians and ratios; supernode in both
   precisions;
 - serving (with --serve): `llama-server` with C parallel slots and continuous batching against
   `supernode serve`, both driven by the same client (`supernode bench --serve --url ...`):
@@ -119,49 +120,73 @@ def model_path(sn, name):
 
 
 def llama_bench(bench, gguf, a):
-    out = run([str(bench), "-m", gguf, "-t", str(a.threads), "-p", str(a.prompt_tokens),
-               "-n", str(a.gen_tokens), "-fa", "1", "-r", "1", "-o", "json"],
-              capture_output=True, text=True)
-    rows = json.loads(out.stdout)
-    pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)["avg_ts"]
-    tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)["avg_ts"]
-    return pp, tg
+    """llama-bench's prefill of a P-token prompt (from an empty cache), and its decode of N tokens
+    both from an empty cache (its usual `tgN`) and after P tokens of context (`-d P`), which is
+    where `supernode bench` decodes: after its prompt."""
+    common = [str(bench), "-m", gguf, "-t", str(a.threads), "-fa", "1", "-r", "1", "-o", "json"]
+    rows = json.loads(run(common + ["-p", str(a.prompt_tokens), "-n", str(a.gen_tokens)],
+                          capture_output=True, text=True).stdout)
+    rows += json.loads(run(common + ["-p", "0", "-n", str(a.gen_tokens), "-d", str(a.prompt_tokens)],
+                           capture_output=True, text=True).stdout)
+
+    def speed(n_prompt, n_gen, depth):
+        return next(r for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen
+                    and r.get("n_depth", 0) == depth)["avg_ts"]
+
+    return {
+        "prefill": speed(a.prompt_tokens, 0, 0),
+        "decode_d0": speed(0, a.gen_tokens, 0),
+        "decode": speed(0, a.gen_tokens, a.prompt_tokens),
+    }
 
 
-def supernode_bench(sn, gguf, a, precision):
+def supernode_bench(sn, gguf, a, precision, prompt_tokens):
     out = run([str(sn), "bench", "--model", gguf, "--threads", str(a.threads),
-               "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
+               "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(a.gen_tokens),
                "--reps", "1", "--json", "--precision", precision, "--ctx", "2048"],
               capture_output=True, text=True)
     return json.loads(out.stdout)
 
 
+# The single-stream figures: prefill of the P-token prompt; decode of N tokens after it (context
+# P .. P + N, the figure the ratios and roofline share are about); decode of N tokens from an
+# (almost) empty context, as llama-bench's plain `tgN` (supernode's one-token prompt puts its
+# decode at positions 1 .. N, llama-bench's at 0 .. N - 1).
+METRICS = ("prefill", "decode", "decode_d0")
+
+
+def supernode_figures(sn, gguf, a, precision):
+    j = supernode_bench(sn, gguf, a, precision, a.prompt_tokens)
+    short = supernode_bench(sn, gguf, a, precision, 1)
+    return {"prefill": j["prefill_tok_s"], "decode": j["decode_tok_s"],
+            "decode_d0": short["decode_tok_s"]}, j
+
+
 def single_stream(bench, sn, name, gguf, a):
-    res = {"llama.cpp": {"prefill": [], "decode": []}}
-    for p in ("exact", "quantized"):
-        res[f"supernode-{p}"] = {"prefill": [], "decode": []}
+    engines = ["llama.cpp", "supernode-exact", "supernode-quantized"]
+    res = {k: {m: [] for m in METRICS} for k in engines}
     extra = {}
     for r in range(a.rounds):
         say(f"{name}: round {r + 1}/{a.rounds}")
-        pp, tg = llama_bench(bench, gguf, a)
-        res["llama.cpp"]["prefill"].append(pp)
-        res["llama.cpp"]["decode"].append(tg)
+        for m, v in llama_bench(bench, gguf, a).items():
+            res["llama.cpp"][m].append(v)
         for p in ("exact", "quantized"):
-            j = supernode_bench(sn, gguf, a, p)
-            res[f"supernode-{p}"]["prefill"].append(j["prefill_tok_s"])
-            res[f"supernode-{p}"]["decode"].append(j["decode_tok_s"])
+            figs, j = supernode_figures(sn, gguf, a, p)
+            for m, v in figs.items():
+                res[f"supernode-{p}"][m].append(v)
             extra = {k: j[k] for k in ("weight_bytes_per_token", "memory_read_gb_s")}
     med = {k: {m: statistics.median(v[m]) for m in v} for k, v in res.items()}
     bw = extra["memory_read_gb_s"] * 1e9
     wb = extra["weight_bytes_per_token"]
     table = {}
     for k, v in med.items():
-        table[k] = {
-            "prefill_tok_s": v["prefill"], "decode_tok_s": v["decode"],
-            "prefill_ratio": v["prefill"] / med["llama.cpp"]["prefill"],
-            "decode_ratio": v["decode"] / med["llama.cpp"]["decode"],
-            "decode_roofline_share": v["decode"] * wb / bw,
-        }
+        row = {f"{m}_tok_s": v[m] for m in METRICS}
+        row.update({f"{m}_ratio": v[m] / med["llama.cpp"][m] for m in METRICS})
+        # The conservative cross figure: decode after the prompt against llama.cpp's from empty.
+        row["decode_vs_llamacpp_d0_ratio"] = v["decode"] / med["llama.cpp"]["decode_d0"]
+        row["decode_roofline_share"] = v["decode"] * wb / bw
+        row["decode_d0_roofline_share"] = v["decode_d0"] * wb / bw
+        table[k] = row
     return {"model": name, "runs": res, "median": table, **extra}
 
 
@@ -260,11 +285,18 @@ def main():
         if not a.no_single:
             s = single_stream(bench, sn, name, gguf, a)
             results["single"].append(s)
-            print(f"\n{name}: single stream, {a.threads} threads, medians of {a.rounds}")
-            print(f"{'engine':22} {'prefill tok/s':>14} {'ratio':>6} {'decode tok/s':>13} {'ratio':>6} {'roofline':>9}")
+            print(f"\n{name}: single stream, {a.threads} threads, medians of {a.rounds}; decode of "
+                  f"{a.gen_tokens} tokens after the {a.prompt_tokens}-token prompt (@{a.prompt_tokens}: "
+                  f"llama-bench -d {a.prompt_tokens}) and from an empty context (@0)")
+            print(f"{'engine':20} {'prefill':>8} {'ratio':>6} {'decode@' + str(a.prompt_tokens):>11} "
+                  f"{'ratio':>6} {'roofline':>8} {'decode@0':>9} {'ratio':>6} {'roofline':>8}")
             for k, v in s["median"].items():
-                print(f"{k:22} {v['prefill_tok_s']:14.1f} {v['prefill_ratio']:6.2f} "
-                      f"{v['decode_tok_s']:13.1f} {v['decode_ratio']:6.2f} {v['decode_roofline_share']:9.0%}")
+                print(f"{k:20} {v['prefill_tok_s']:8.1f} {v['prefill_ratio']:6.2f} "
+                      f"{v['decode_tok_s']:11.1f} {v['decode_ratio']:6.2f} {v['decode_roofline_share']:8.0%} "
+                      f"{v['decode_d0_tok_s']:9.1f} {v['decode_d0_ratio']:6.2f} {v['decode_d0_roofline_share']:8.0%}")
+            print(f"{'':20} (decode@{a.prompt_tokens} against llama.cpp's decode@0, the conservative "
+                  f"cross ratio: " + ", ".join(f"{k} {v['decode_vs_llamacpp_d0_ratio']:.2f}"
+                                              for k, v in s["median"].items() if k != "llama.cpp") + ")")
         if a.serve:
             s = serving(server, sn, name, gguf, a)
             results["serving"].append(s)
