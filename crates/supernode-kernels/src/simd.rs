@@ -1909,7 +1909,10 @@ mod tests {
             let Some(kernels) = row_kernels(dtype) else {
                 continue;
             };
-            for n in [256, 512, 1024 + 256] {
+            for n in [256, 512, 608, 1024 + 256]
+                .into_iter()
+                .filter(|n| n % dtype.block_size() == 0)
+            {
                 let n = n + if dtype.block_size() == 1 { 13 } else { 0 };
                 let w = rng.vec(n);
                 let x = rng.vec(n);
@@ -1943,7 +1946,10 @@ mod tests {
             let Some(wide) = avx512::row_kernels(dtype) else {
                 continue;
             };
-            for n in [256, 512, 1024 + 256] {
+            for n in [256, 512, 608, 1024 + 256]
+                .into_iter()
+                .filter(|n| n % dtype.block_size() == 0)
+            {
                 for row in edge_rows(dtype, n, &mut rng) {
                     let (x0, x1) = (rng.vec(n), rng.vec(n));
                     let (mut got, mut deq) = (vec![f32::NAN; n], vec![f32::NAN; n]);

@@ -582,6 +582,55 @@ unsafe fn nibble_indices(p: *const u8) -> [__m512i; 2] {
     [idx, _mm512_srli_epi32::<4>(idx)]
 }
 
+/// `f(i, block, scales)` for every block `i` of `size` bytes in `row`, with the block's first
+/// `S` f16 values (its scale at byte 0 and, for `S == 2`, its min at byte 2) widened (exact) and
+/// broadcast. The scales of 16 blocks come in one gather and are widened together, and each is
+/// then broadcast from memory: widening them one by one through a vector register took three
+/// shuffle-port instructions per value, which the shuffle port then had to fit beside the
+/// table lookups.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, AVX2, FMA and F16C; `row` holds whole blocks of at least 4 bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+unsafe fn for_each_block<const S: usize>(
+    row: &[u8],
+    size: usize,
+    mut f: impl FnMut(usize, *const u8, [__m512; S]),
+) {
+    let mut wide = [[0f32; 16]; S];
+    let (p, blocks) = (row.as_ptr(), row.len() / size);
+    let offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(size as i32),
+    );
+    for c0 in (0..blocks).step_by(16) {
+        let n = 16.min(blocks - c0);
+        // The first 4 bytes of each of the next `n` blocks: scale in the low half, min above.
+        let heads = _mm512_mask_i32gather_epi32::<1>(
+            _mm512_setzero_si512(),
+            (((1u32 << n) - 1) & 0xFFFF) as u16,
+            offsets,
+            p.add(size * c0).cast(),
+        );
+        for (s, wide) in wide.iter_mut().enumerate() {
+            let half = if s == 0 {
+                heads
+            } else {
+                _mm512_srli_epi32::<16>(heads)
+            };
+            _mm512_storeu_ps(
+                wide.as_mut_ptr(),
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half)),
+            );
+        }
+        for j in 0..n {
+            let scales = std::array::from_fn(|s| _mm512_set1_ps(wide[s][j]));
+            f(c0 + j, p.add(size * (c0 + j)), scales);
+        }
+    }
+}
+
 // 4-bit types look their values up: a block's 16 possible values are computed once, with the
 // scalar dequantiser's operations on the nibble value, and `vpermps` picks each element's.
 
@@ -589,24 +638,22 @@ unsafe fn nibble_indices(p: *const u8) -> [__m512i; 2] {
 #[inline]
 unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     let values = _mm512_sub_ps(iota16(), _mm512_set1_ps(8.0));
-    for (i, b) in row.chunks_exact(18).enumerate() {
-        let table = _mm512_mul_ps(values, _mm512_set1_ps(f16_at(b.as_ptr())));
-        let idx = nibble_indices(b.as_ptr().add(2));
+    for_each_block(row, 18, |i, b, [d]| {
+        let table = _mm512_mul_ps(values, d);
+        let idx = nibble_indices(b.add(2));
         f(32 * i, idx.map(|i| _mm512_permutexvar_ps(i, table)));
-    }
+    });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     let values = iota16();
-    for (i, b) in row.chunks_exact(20).enumerate() {
-        let d = _mm512_set1_ps(f16_at(b.as_ptr()));
-        let m = _mm512_set1_ps(f16_at(b.as_ptr().add(2)));
+    for_each_block(row, 20, |i, b, [d, m]| {
         let table = _mm512_add_ps(_mm512_mul_ps(values, d), m);
-        let idx = nibble_indices(b.as_ptr().add(4));
+        let idx = nibble_indices(b.add(4));
         f(32 * i, idx.map(|i| _mm512_permutexvar_ps(i, table)));
-    }
+    });
 }
 
 /// The 32 five-bit values of a Q5 block (`qh` at `h`, nibbles at `qs`) as lookup indices:
@@ -643,37 +690,33 @@ unsafe fn decode_q5_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
         _mm512_sub_ps(iota16(), sixteen),
         _mm512_sub_ps(_mm512_add_ps(iota16(), sixteen), sixteen),
     ];
-    for (i, b) in row.chunks_exact(22).enumerate() {
-        let d = _mm512_set1_ps(f16_at(b.as_ptr()));
+    for_each_block(row, 22, |i, b, [d]| {
         let table = values.map(|v| _mm512_mul_ps(v, d));
-        let idx = five_bit_indices(b.as_ptr().add(2), b.as_ptr().add(6));
+        let idx = five_bit_indices(b.add(2), b.add(6));
         f(32 * i, idx.map(|i| lookup32(table, i)));
-    }
+    });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     let values = [iota16(), _mm512_add_ps(iota16(), _mm512_set1_ps(16.0))];
-    for (i, b) in row.chunks_exact(24).enumerate() {
-        let d = _mm512_set1_ps(f16_at(b.as_ptr()));
-        let m = _mm512_set1_ps(f16_at(b.as_ptr().add(2)));
+    for_each_block(row, 24, |i, b, [d, m]| {
         let table = values.map(|v| _mm512_add_ps(_mm512_mul_ps(v, d), m));
-        let idx = five_bit_indices(b.as_ptr().add(4), b.as_ptr().add(8));
+        let idx = five_bit_indices(b.add(4), b.add(8));
         f(32 * i, idx.map(|i| lookup32(table, i)));
-    }
+    });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(34).enumerate() {
-        let d = _mm512_set1_ps(f16_at(b.as_ptr()));
-        let p = b.as_ptr().add(2);
+    for_each_block(row, 34, |i, b, [d]| {
+        let p = b.add(2);
         let q0 = i8_f32(_mm_loadu_si128(p.cast()));
         let q1 = i8_f32(_mm_loadu_si128(p.add(16).cast()));
         f(32 * i, [_mm512_mul_ps(q0, d), _mm512_mul_ps(q1, d)]);
-    }
+    });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
