@@ -624,9 +624,9 @@ unsafe fn for_each_block<const S: usize>(
                 _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half)),
             );
         }
-        for j in 0..n {
+        for (j, i) in (c0..c0 + n).enumerate() {
             let scales = std::array::from_fn(|s| _mm512_set1_ps(wide[s][j]));
-            f(c0 + j, p.add(size * (c0 + j)), scales);
+            f(i, p.add(size * i), scales);
         }
     }
 }
