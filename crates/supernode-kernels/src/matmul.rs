@@ -524,7 +524,19 @@ impl Tile<'_, '_> {
     }
 
     fn run_fused(&self, kernels: RowKernels) {
-        for r in self.rows.clone() {
+        let mut rows = self.rows.clone();
+        if let (Some(dot4), 1) = (kernels.dot4, self.tokens.len()) {
+            let t = self.tokens.start;
+            while rows.len() >= 4 {
+                let r = rows.start;
+                let dots = dot4(std::array::from_fn(|i| self.w.row(r + i)), self.token(t));
+                for (i, v) in dots.into_iter().enumerate() {
+                    self.store(t, r + i, v);
+                }
+                rows.start += 4;
+            }
+        }
+        for r in rows {
             let row = self.w.row(r);
             let mut t = self.tokens.start;
             while t + 2 <= self.tokens.end {

@@ -602,7 +602,13 @@ pub(crate) struct RowKernels {
     pub dot2: RowDot2,
     /// `dequantize_row(row, y)`, bit for bit, faster.
     pub dequantize: fn(row: &[u8], y: &mut [f32]),
+    /// `[dot(r, x) for r in rows]`, bit for bit, the four rows decoded in lockstep (more
+    /// independent work per block for one token), where there is such a kernel.
+    pub dot4: Option<RowDot4>,
 }
+
+/// A row kernel dotting four rows against one token.
+pub(crate) type RowDot4 = fn(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4];
 
 /// The SIMD row kernels for `dtype` on this machine, if there are any.
 #[cfg(target_arch = "x86_64")]
@@ -1436,6 +1442,7 @@ pub(crate) mod x86 {
                     // SAFETY: see `row_kernels`; sizes checked.
                     unsafe { $name::dequant(r, y) }
                 },
+                dot4: None,
             }
         };
     }
@@ -1931,6 +1938,21 @@ mod tests {
                 let want1 = dot_f32(&deq, &x1);
                 assert_eq!(pair.map(f32::to_bits), [want.to_bits(), want1.to_bits()]);
                 assert!(close(got, dot_f32_scalar(&deq, &x), abs_dot(&deq, &x)));
+                if let Some(dot4) = kernels.dot4 {
+                    let rows: Vec<Vec<u8>> = (0..4)
+                        .map(|_| {
+                            let mut r = row.clone();
+                            quantize_row(dtype, &rng.vec(n), &mut r);
+                            r
+                        })
+                        .collect();
+                    let got = dot4(std::array::from_fn(|i| &rows[i][..]), &x);
+                    for (r, g) in rows.iter().zip(got) {
+                        dequantize_row(dtype, r, &mut deq);
+                        let want = dot_f32(&deq, &x);
+                        assert_eq!(g.to_bits(), want.to_bits(), "{} n={n} dot4", dtype.name());
+                    }
+                }
             }
         }
     }
@@ -1962,6 +1984,10 @@ mod tests {
                     assert_eq!(got, want[0], "{} n={n}", dtype.name());
                     let got = (wide.dot2)(&row, &x0, &x1).map(f32::to_bits);
                     assert_eq!(got, want, "{} n={n}", dtype.name());
+                    if let Some(dot4) = wide.dot4 {
+                        let got = dot4([&row, &row, &row, &row], &x0).map(f32::to_bits);
+                        assert_eq!(got, [want[0]; 4], "{} n={n} dot4", dtype.name());
+                    }
                 }
             }
         }

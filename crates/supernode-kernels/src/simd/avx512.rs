@@ -582,24 +582,27 @@ unsafe fn nibble_indices(p: *const u8) -> [__m512i; 2] {
     [idx, _mm512_srli_epi32::<4>(idx)]
 }
 
-/// `f(i, block, scales)` for every block `i` of `size` bytes in `row`, with the block's first
-/// `S` f16 values (its scale at byte 0 and, for `S == 2`, its min at byte 2) widened (exact) and
-/// broadcast. The scales of 16 blocks come in one gather and are widened together, and each is
+/// `f(i, blocks, scales)` for every block index `i` of `R` rows of blocks of `size` bytes, taken
+/// in lockstep: `blocks[r]` is block `i` of row `r`, and `scales[r]` its first `S` f16 values
+/// (its scale at byte 0 and, for `S == 2`, its min at byte 2) widened (exact) and broadcast.
+/// The scales of 16 blocks of a row come in one gather and are widened together, and each is
 /// then broadcast from memory: widening them one by one through a vector register took three
 /// shuffle-port instructions per value, which the shuffle port then had to fit beside the
-/// table lookups.
+/// table lookups. Several rows at once give the out-of-order core independent work (each row's
+/// sums are a chain of dependent multiply-adds, and each row starts by waiting on its gather).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL, AVX2, FMA and F16C; `row` holds whole blocks of at least 4 bytes.
+/// AVX-512 F/BW/VL, AVX2, FMA and F16C; the rows are of equal length, whole blocks of at least
+/// 4 bytes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn for_each_block<const S: usize>(
-    row: &[u8],
+unsafe fn for_each_block<const R: usize, const S: usize>(
+    rows: [&[u8]; R],
     size: usize,
-    mut f: impl FnMut(usize, *const u8, [__m512; S]),
+    mut f: impl FnMut(usize, [*const u8; R], [[__m512; S]; R]),
 ) {
-    let mut wide = [[0f32; 16]; S];
-    let (p, blocks) = (row.as_ptr(), row.len() / size);
+    let mut wide = [[[0f32; 16]; S]; R];
+    let blocks = rows[0].len() / size;
     let offsets = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(size as i32),
@@ -607,26 +610,29 @@ unsafe fn for_each_block<const S: usize>(
     for c0 in (0..blocks).step_by(16) {
         let n = 16.min(blocks - c0);
         // The first 4 bytes of each of the next `n` blocks: scale in the low half, min above.
-        let heads = _mm512_mask_i32gather_epi32::<1>(
-            _mm512_setzero_si512(),
-            (((1u32 << n) - 1) & 0xFFFF) as u16,
-            offsets,
-            p.add(size * c0).cast(),
-        );
-        for (s, wide) in wide.iter_mut().enumerate() {
-            let half = if s == 0 {
-                heads
-            } else {
-                _mm512_srli_epi32::<16>(heads)
-            };
-            _mm512_storeu_ps(
-                wide.as_mut_ptr(),
-                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half)),
+        for (row, wide) in rows.iter().zip(wide.iter_mut()) {
+            let heads = _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                (((1u32 << n) - 1) & 0xFFFF) as u16,
+                offsets,
+                row.as_ptr().add(size * c0).cast(),
             );
+            for (s, wide) in wide.iter_mut().enumerate() {
+                let half = if s == 0 {
+                    heads
+                } else {
+                    _mm512_srli_epi32::<16>(heads)
+                };
+                _mm512_storeu_ps(
+                    wide.as_mut_ptr(),
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(half)),
+                );
+            }
         }
         for (j, i) in (c0..c0 + n).enumerate() {
-            let scales = std::array::from_fn(|s| _mm512_set1_ps(wide[s][j]));
-            f(i, p.add(size * i), scales);
+            let scales =
+                std::array::from_fn(|r| std::array::from_fn(|s| _mm512_set1_ps(wide[r][s][j])));
+            f(i, rows.map(|row| row.as_ptr().add(size * i)), scales);
         }
     }
 }
@@ -636,23 +642,34 @@ unsafe fn for_each_block<const S: usize>(
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+unsafe fn decode_q4_0<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
     let values = _mm512_sub_ps(iota16(), _mm512_set1_ps(8.0));
-    for_each_block(row, 18, |i, b, [d]| {
-        let table = _mm512_mul_ps(values, d);
-        let idx = nibble_indices(b.add(2));
-        f(32 * i, idx.map(|i| _mm512_permutexvar_ps(i, table)));
+    for_each_block::<R, 1>(rows, 18, |i, b, scales| {
+        f(
+            32 * i,
+            std::array::from_fn(|r| {
+                let table = _mm512_mul_ps(values, scales[r][0]);
+                let idx = nibble_indices(b[r].add(2));
+                idx.map(|i| _mm512_permutexvar_ps(i, table))
+            }),
+        );
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+unsafe fn decode_q4_1<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
     let values = iota16();
-    for_each_block(row, 20, |i, b, [d, m]| {
-        let table = _mm512_add_ps(_mm512_mul_ps(values, d), m);
-        let idx = nibble_indices(b.add(4));
-        f(32 * i, idx.map(|i| _mm512_permutexvar_ps(i, table)));
+    for_each_block(rows, 20, |i, b, scales| {
+        f(
+            32 * i,
+            std::array::from_fn(|r| {
+                let [d, m] = scales[r];
+                let table = _mm512_add_ps(_mm512_mul_ps(values, d), m);
+                let idx = nibble_indices(b[r].add(4));
+                idx.map(|i| _mm512_permutexvar_ps(i, table))
+            }),
+        );
     });
 }
 
@@ -684,38 +701,54 @@ unsafe fn lookup32(table: [__m512; 2], idx: __m512i) -> __m512 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn decode_q5_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+unsafe fn decode_q5_0<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
     let sixteen = _mm512_set1_ps(16.0);
     let values = [
         _mm512_sub_ps(iota16(), sixteen),
         _mm512_sub_ps(_mm512_add_ps(iota16(), sixteen), sixteen),
     ];
-    for_each_block(row, 22, |i, b, [d]| {
-        let table = values.map(|v| _mm512_mul_ps(v, d));
-        let idx = five_bit_indices(b.add(2), b.add(6));
-        f(32 * i, idx.map(|i| lookup32(table, i)));
+    for_each_block::<R, 1>(rows, 22, |i, b, scales| {
+        f(
+            32 * i,
+            std::array::from_fn(|r| {
+                let table = values.map(|v| _mm512_mul_ps(v, scales[r][0]));
+                let idx = five_bit_indices(b[r].add(2), b[r].add(6));
+                idx.map(|i| lookup32(table, i))
+            }),
+        );
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn decode_q5_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+unsafe fn decode_q5_1<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
     let values = [iota16(), _mm512_add_ps(iota16(), _mm512_set1_ps(16.0))];
-    for_each_block(row, 24, |i, b, [d, m]| {
-        let table = values.map(|v| _mm512_add_ps(_mm512_mul_ps(v, d), m));
-        let idx = five_bit_indices(b.add(4), b.add(8));
-        f(32 * i, idx.map(|i| lookup32(table, i)));
+    for_each_block(rows, 24, |i, b, scales| {
+        f(
+            32 * i,
+            std::array::from_fn(|r| {
+                let [d, m] = scales[r];
+                let table = values.map(|v| _mm512_add_ps(_mm512_mul_ps(v, d), m));
+                let idx = five_bit_indices(b[r].add(4), b[r].add(8));
+                idx.map(|i| lookup32(table, i))
+            }),
+        );
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
-unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for_each_block(row, 34, |i, b, [d]| {
-        let p = b.add(2);
-        let q0 = i8_f32(_mm_loadu_si128(p.cast()));
-        let q1 = i8_f32(_mm_loadu_si128(p.add(16).cast()));
-        f(32 * i, [_mm512_mul_ps(q0, d), _mm512_mul_ps(q1, d)]);
+unsafe fn decode_q8_0<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
+    for_each_block::<R, 1>(rows, 34, |i, b, scales| {
+        f(
+            32 * i,
+            std::array::from_fn(|r| {
+                let (p, d) = (b[r].add(2), scales[r][0]);
+                let q0 = i8_f32(_mm_loadu_si128(p.cast()));
+                let q1 = i8_f32(_mm_loadu_si128(p.add(16).cast()));
+                [_mm512_mul_ps(q0, d), _mm512_mul_ps(q1, d)]
+            }),
+        );
     });
 }
 
@@ -773,42 +806,71 @@ unsafe fn decode_q6_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
 }
 
 /// Generates, for one decoder, a module with `dot`, `dot2` and `dequant` (see the AVX2 module's
-/// `block_kernels`). `# Safety` for each: AVX-512 F/BW/VL, AVX2, FMA, F16C, matching sizes.
+/// `block_kernels`), and for decoders of several rows in lockstep (`rows`) also `dot4`: four
+/// rows against one token, each row's sums in its own accumulators. `# Safety` for each:
+/// AVX-512 F/BW/VL, AVX2, FMA, F16C, matching sizes.
 macro_rules! block_kernels {
     ($name:ident, $decode:ident) => {
         mod $name {
             use super::*;
 
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-            pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
-                let mut acc = [_mm512_setzero_ps(); 2];
-                $decode(row, |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
-                fold(acc)
-            }
+            block_kernels!(@one_row $decode);
+        }
+    };
+    ($name:ident, $decode:ident, rows) => {
+        mod $name {
+            use super::*;
 
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-            pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
-                let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
-                $decode(row, |i, w| {
-                    fma32(&mut acc0, w, x0.as_ptr().add(i));
-                    fma32(&mut acc1, w, x1.as_ptr().add(i));
+            #[inline]
+            unsafe fn one_row(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+                $decode([row], |i, [w]| f(i, w));
+            }
+
+            block_kernels!(@one_row one_row);
+
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+            pub(super) unsafe fn dot4(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                $decode(rows, |i, w| {
+                    for (acc, w) in acc.iter_mut().zip(w) {
+                        fma32(acc, w, x.as_ptr().add(i));
+                    }
                 });
-                [fold(acc0), fold(acc1)]
+                [fold(acc[0]), fold(acc[1]), fold(acc[2]), fold(acc[3])]
             }
+        }
+    };
+    (@one_row $decode:ident) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 2];
+            $decode(row, |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
+            fold(acc)
+        }
 
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-            pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
-                $decode(row, |i, w| store32(y.as_mut_ptr().add(i), w));
-            }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
+            let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+            $decode(row, |i, w| {
+                fma32(&mut acc0, w, x0.as_ptr().add(i));
+                fma32(&mut acc1, w, x1.as_ptr().add(i));
+            });
+            [fold(acc0), fold(acc1)]
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
+            $decode(row, |i, w| store32(y.as_mut_ptr().add(i), w));
         }
     };
 }
 
-block_kernels!(q4_0, decode_q4_0);
-block_kernels!(q4_1, decode_q4_1);
-block_kernels!(q5_0, decode_q5_0);
-block_kernels!(q5_1, decode_q5_1);
-block_kernels!(q8_0, decode_q8_0);
+block_kernels!(q4_0, decode_q4_0, rows);
+block_kernels!(q4_1, decode_q4_1, rows);
+block_kernels!(q5_0, decode_q5_0, rows);
+block_kernels!(q5_1, decode_q5_1, rows);
+block_kernels!(q8_0, decode_q8_0, rows);
 block_kernels!(q4_k, decode_q4_k);
 block_kernels!(q6_k, decode_q6_k);
 
@@ -838,6 +900,19 @@ macro_rules! entry {
                 // SAFETY: see `row_kernels`; sizes checked.
                 unsafe { $name::dequant(r, y) }
             },
+            dot4: None,
+        }
+    };
+    ($dtype:expr, $name:ident, rows) => {
+        RowKernels {
+            dot4: Some(|rows, x| {
+                for r in rows {
+                    check($dtype, r, x.len());
+                }
+                // SAFETY: see `row_kernels`; sizes checked.
+                unsafe { $name::dot4(rows, x) }
+            }),
+            ..entry!($dtype, $name)
         }
     };
 }
@@ -846,11 +921,11 @@ macro_rules! entry {
 /// `super::row_kernels_at`, which hands them out only once `has_avx512` confirmed the features.
 pub(super) fn row_kernels(dtype: DType) -> Option<RowKernels> {
     Some(match dtype {
-        DType::Q4_0 => entry!(DType::Q4_0, q4_0),
-        DType::Q4_1 => entry!(DType::Q4_1, q4_1),
-        DType::Q5_0 => entry!(DType::Q5_0, q5_0),
-        DType::Q5_1 => entry!(DType::Q5_1, q5_1),
-        DType::Q8_0 => entry!(DType::Q8_0, q8_0),
+        DType::Q4_0 => entry!(DType::Q4_0, q4_0, rows),
+        DType::Q4_1 => entry!(DType::Q4_1, q4_1, rows),
+        DType::Q5_0 => entry!(DType::Q5_0, q5_0, rows),
+        DType::Q5_1 => entry!(DType::Q5_1, q5_1, rows),
+        DType::Q8_0 => entry!(DType::Q8_0, q8_0, rows),
         DType::Q4K => entry!(DType::Q4K, q4_k),
         DType::Q6K => entry!(DType::Q6K, q6_k),
         _ => return None,
