@@ -10,8 +10,9 @@ time), then runs, alternating so that machine noise hits both alike:
   context, and from an empty one), R rounds each, medians and ratios; supernode in both
   precisions;
 - serving (with --serve): `llama-server` with C parallel slots and continuous batching against
-  `supernode serve`, both driven by the same client (`supernode bench --serve --url ...`):
-  aggregate output tok/s, TTFT and inter-token percentiles, ratios.
+  `supernode serve`, both driven by the same client (`supernode bench --serve --url ...`, chat
+  requests, or text completions for a base model without a chat template): aggregate output
+  tok/s, TTFT and inter-token percentiles, ratios.
 
 Usage:
     python3 tools/bench_llamacpp.py [--models smollm2-135m,gemma3-270m] [--threads 2]
@@ -211,10 +212,17 @@ def drain(proc):
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
 
 
-def load(sn, url, a, conc):
+# Models served through /v1/completions rather than chat: Gemma 3 270M's GGUF is the base model
+# and has no chat template (supernode refuses chat requests to it; llama-server would apply a
+# fallback template of its own).
+COMPLETIONS = {"gemma3-270m"}
+
+
+def load(sn, url, a, conc, name):
+    extra = ["--completions"] if name in COMPLETIONS else []
     out = run([str(sn), "bench", "--serve", "--url", url, "--model", "unused",
                "--concurrency", str(conc), "--requests", str(a.requests),
-               "--max-tokens", str(a.max_tokens), "--json"], capture_output=True, text=True)
+               "--max-tokens", str(a.max_tokens), "--json", *extra], capture_output=True, text=True)
     return json.loads(out.stdout)["runs"][0]
 
 
@@ -242,7 +250,7 @@ def serving(server, sn, name, gguf, a):
         url = (m.group(1) or m.group(2)).rstrip(" -")
         drain(p)
         time.sleep(1)
-        res["llama-server"] = load(sn, url, a, conc)
+        res["llama-server"] = load(sn, url, a, conc, name)
     finally:
         stop(p)
     for precision in ("exact", "quantized"):
@@ -254,7 +262,7 @@ def serving(server, sn, name, gguf, a):
         try:
             m = wait_listening(p, r"listening on (http://\S+)")
             drain(p)
-            res[f"supernode-{precision}"] = load(sn, m.group(1), a, conc)
+            res[f"supernode-{precision}"] = load(sn, m.group(1), a, conc, name)
         finally:
             stop(p)
     base = res["llama-server"]["output_tok_s"]
@@ -300,7 +308,9 @@ def main():
         if a.serve:
             s = serving(server, sn, name, gguf, a)
             results["serving"].append(s)
-            print(f"\n{name}: serving, {a.concurrency} concurrent streams, {a.requests} requests")
+            api = "/v1/completions" if name in COMPLETIONS else "/v1/chat/completions"
+            print(f"\n{name}: serving, {a.concurrency} concurrent streams, {a.requests} requests "
+                  f"of {a.max_tokens} tokens to {api}")
             print(f"{'engine':22} {'out tok/s':>10} {'ratio':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'errors':>6}")
             for k, v in s["runs"].items():
                 print(f"{k:22} {fmt(v['output_tok_s'], 10, 1)} {fmt(v['output_tok_s_ratio'], 6, 2)} "

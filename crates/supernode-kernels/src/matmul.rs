@@ -132,8 +132,7 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     match fused {
         // A few tokens: each task a run of whole rows long enough for the hardware prefetcher
         // to stream (16-row tiles handed out in turn left each thread a read stream broken
-        // every few kilobytes, at a third of the bandwidth the same bytes stream at in the
-        // packed kernels).
+        // every few kilobytes).
         Some(_) => {
             let per_task = w
                 .rows

@@ -13,7 +13,9 @@
 //! The fused row kernels of the real models' block types have AVX-512 versions (`avx512`), used
 //! where the CPU has AVX-512 F/BW/VL: two 16-lane accumulators instead of four 8-lane ones, with
 //! the same lanes, operations and fold, so they equal the AVX2 kernels bit for bit (decoding
-//! blocks is where the wider registers pay).
+//! blocks is where the wider registers pay). For the 32-element types they read the scales of
+//! 16 blocks in one gather, and can take four rows in lockstep against one token (`dot4`, for
+//! decode), each row in its own accumulators: the same bits, more independent work per block.
 //!
 //! The attention kernels (`dot_*_rows`, `weighted_rows_*`) read K and V rows of f32 or of f16 (an
 //! f16 KV cache). f16 values are widened to f32 as they are loaded, which is exact, and then go

@@ -3,7 +3,8 @@
 //! - Offline (default): prefill a prompt of `--prompt-tokens` pseudo-random tokens, then decode
 //!   `--gen-tokens` greedily past end-of-generation, `--reps` times; medians with min and max.
 //! - `--serve`: drive an OpenAI server (a running one at `--url`, or `supernode serve` started
-//!   here for `--model`) with `--requests` streaming chat requests at each `--concurrency`;
+//!   here for `--model`) with `--requests` streaming chat requests (or, with `--completions`,
+//!   text completions) at each `--concurrency`;
 //!   aggregate output tokens/s, time to first token, time per output token and inter-chunk
 //!   latency percentiles, errors, and the spawned server's peak memory.
 
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// Output tokens per request (serving mode; generation ignores end-of-generation tokens).
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Send text prompts to /v1/completions instead of chat messages to /v1/chat/completions
+    /// (serving mode; for base models, which have no chat template).
+    #[arg(long, requires = "serve")]
+    completions: bool,
     /// Extra arguments for the spawned server, e.g. "--max-num-seqs 32" (serving mode).
     #[arg(long, allow_hyphen_values = true)]
     server_args: Option<String>,
@@ -359,8 +364,12 @@ async fn run_load(
     let mut tasks = Vec::new();
     for _ in 0..conc {
         let (client, next, bar) = (client.clone(), next.clone(), bar.clone());
-        let url = format!("{base}/v1/chat/completions");
         let (model, max_tokens, total) = (model.to_string(), a.max_tokens, a.requests);
+        let completions = a.completions;
+        let url = match completions {
+            true => format!("{base}/v1/completions"),
+            false => format!("{base}/v1/chat/completions"),
+        };
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             loop {
@@ -368,10 +377,9 @@ async fn run_load(
                 if i >= total {
                     break;
                 }
-                let body = json!({
+                let topic = TOPICS[i % TOPICS.len()];
+                let mut body = json!({
                     "model": model,
-                    "messages": [{"role": "user", "content":
-                        format!("Request {i}: write a short story about {}.", TOPICS[i % TOPICS.len()])}],
                     "max_tokens": max_tokens,
                     "temperature": 0.7,
                     "seed": i,
@@ -379,6 +387,13 @@ async fn run_load(
                     "stream": true,
                     "stream_options": {"include_usage": true},
                 });
+                if completions {
+                    body["prompt"] =
+                        json!(format!("Request {i}: a short story about {topic}. Once"));
+                } else {
+                    body["messages"] = json!([{"role": "user", "content":
+                        format!("Request {i}: write a short story about {topic}.")}]);
+                }
                 out.push(one_request(&client, &url, body).await);
                 bar.inc(1);
             }
@@ -457,8 +472,11 @@ async fn one_request(client: &reqwest::Client, url: &str, body: Value) -> Timing
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n as usize);
                 }
-                let has_text = v["choices"][0]["delta"]["content"]
+                // Chat chunks carry `delta.content`, completion chunks `text`.
+                let choice = &v["choices"][0];
+                let has_text = choice["delta"]["content"]
                     .as_str()
+                    .or(choice["text"].as_str())
                     .is_some_and(|s| !s.is_empty());
                 if has_text {
                     let now = Instant::now();
