@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import signal
+import subprocess
 import time
 import uuid
 from contextlib import ExitStack
@@ -13,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, MODEL, Server, metrics, stop_cleanly, wait_for
+from conftest import API_KEY, BIN, MODEL, Server, metrics, stop_cleanly, wait_for
 
 GREEDY = {"temperature": 0}
 
@@ -778,3 +779,22 @@ def test_disconnected_request_is_counted(server, http):
     assert requests_total(after) - requests_total(before) == 1, {
         k: v for k, v in after.items() if k.startswith("supernode_requests_total")
     }
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_bench_serve_client_counts_every_token(server, endpoint):
+    """`supernode bench --serve` against this server: every request streams its `max_tokens`
+    (it asks with `ignore_eos`), none fails, and the figures are consistent."""
+    extra = ["--completions"] if endpoint == "completions" else []
+    out = subprocess.run(
+        [str(BIN), "bench", "--serve", "--url", server.url, "--model", "unused",
+         "--concurrency", "3", "--requests", "5", "--max-tokens", "6", "--json", *extra],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    run = json.loads(out.stdout)["runs"][0]
+    assert (run["requests"], run["ok"], run["errors"]) == (5, 5, 0), run["first_errors"]
+    assert run["output_tokens"] == 5 * 6
+    assert run["output_tok_s"] > 0
+    assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"]
+    assert 0 < run["inter_chunk_s"]["p50"] <= run["inter_chunk_s"]["p95"]
