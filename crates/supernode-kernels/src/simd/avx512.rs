@@ -611,6 +611,13 @@ unsafe fn for_each_block<const R: usize, const S: usize>(
         let n = 16.min(blocks - c0);
         // The first 4 bytes of each of the next `n` blocks: scale in the low half, min above.
         for (row, wide) in rows.iter().zip(wide.iter_mut()) {
+            // Ask for the blocks a chunk or two ahead (past the row's end: the next rows, which
+            // follow it in memory). The gather below is each chunk's first touch of its bytes,
+            // and without this every chunk started by waiting for memory.
+            let ahead = row.as_ptr().wrapping_add(size * (c0 + PREFETCH_BLOCKS));
+            for line in (0..16 * size).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+            }
             let heads = _mm512_mask_i32gather_epi32::<1>(
                 _mm512_setzero_si512(),
                 (((1u32 << n) - 1) & 0xFFFF) as u16,
@@ -636,6 +643,9 @@ unsafe fn for_each_block<const R: usize, const S: usize>(
         }
     }
 }
+
+/// How many blocks ahead [`for_each_block`] prefetches.
+const PREFETCH_BLOCKS: usize = 64;
 
 // 4-bit types look their values up: a block's 16 possible values are computed once, with the
 // scalar dequantiser's operations on the nibble value, and `vpermps` picks each element's.
