@@ -609,15 +609,16 @@ unsafe fn for_each_block<const R: usize, const S: usize>(
     );
     for c0 in (0..blocks).step_by(16) {
         let n = 16.min(blocks - c0);
-        // The first 4 bytes of each of the next `n` blocks: scale in the low half, min above.
         for (row, wide) in rows.iter().zip(wide.iter_mut()) {
-            // Ask for the blocks a chunk or two ahead (past the row's end: the next rows, which
-            // follow it in memory). The gather below is each chunk's first touch of its bytes,
-            // and without this every chunk started by waiting for memory.
+            // Ask for the blocks [`PREFETCH_BLOCKS`] ahead (past the row's end: the next rows,
+            // which follow it in memory; prefetches never fault). The gather below is each
+            // chunk's first touch of its bytes, and without this every chunk started by waiting
+            // for memory.
             let ahead = row.as_ptr().wrapping_add(size * (c0 + PREFETCH_BLOCKS));
             for line in (0..16 * size).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             }
+            // The first 4 bytes of each of the next `n` blocks: scale in the low half, min above.
             let heads = _mm512_mask_i32gather_epi32::<1>(
                 _mm512_setzero_si512(),
                 (((1u32 << n) - 1) & 0xFFFF) as u16,
@@ -670,7 +671,7 @@ unsafe fn decode_q4_0<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize,
 #[inline]
 unsafe fn decode_q4_1<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
     let values = iota16();
-    for_each_block(rows, 20, |i, b, scales| {
+    for_each_block::<R, 2>(rows, 20, |i, b, scales| {
         f(
             32 * i,
             std::array::from_fn(|r| {
@@ -733,7 +734,7 @@ unsafe fn decode_q5_0<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize,
 #[inline]
 unsafe fn decode_q5_1<const R: usize>(rows: [&[u8]; R], mut f: impl FnMut(usize, [Acc; R])) {
     let values = [iota16(), _mm512_add_ps(iota16(), _mm512_set1_ps(16.0))];
-    for_each_block(rows, 24, |i, b, scales| {
+    for_each_block::<R, 2>(rows, 24, |i, b, scales| {
         f(
             32 * i,
             std::array::from_fn(|r| {
