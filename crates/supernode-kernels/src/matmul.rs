@@ -36,7 +36,7 @@ use crate::qdot::{
     QuantKernel, TileDot, DOT_ROWS, DOT_TOKENS,
 };
 use crate::quant::dequantize_row;
-use crate::simd::{dot_f32_many, row_kernels, RowKernels};
+use crate::simd::{dot_f32_grid, row_kernels, RowKernels};
 
 /// How activations meet the weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -559,14 +559,15 @@ impl Tile<'_, '_> {
                 dequantize.row(self.w.row(r), dst);
             }
             // A few tokens at a time against every row of the tile: the tokens stay in L1.
-            let mut dots = [0f32; TOKEN_GROUP];
+            let rows = self.rows.len();
+            let mut dots = [0f32; TILE_ROWS * TOKEN_GROUP];
             for t0 in self.tokens.clone().step_by(TOKEN_GROUP) {
                 let t1 = (t0 + TOKEN_GROUP).min(self.tokens.end);
-                let xs = &self.x[t0 * cols..t1 * cols];
-                for (i, r) in self.rows.clone().enumerate() {
-                    let dots = &mut dots[..t1 - t0];
-                    dot_f32_many(&scratch[i * cols..(i + 1) * cols], xs, dots);
-                    for (t, v) in (t0..t1).zip(dots.iter()) {
+                let (xs, m) = (&self.x[t0 * cols..t1 * cols], t1 - t0);
+                let dots = &mut dots[..rows * m];
+                dot_f32_grid(&scratch[..rows * cols], xs, cols, dots);
+                for (r, row_dots) in self.rows.clone().zip(dots.chunks_exact(m)) {
+                    for (t, v) in (t0..t1).zip(row_dots) {
                         self.store(t, r, *v);
                     }
                 }

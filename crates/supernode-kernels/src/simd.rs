@@ -132,6 +132,37 @@ pub fn dot_f32_many(a: &[f32], bs: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[r * m + j] = dot_f32(a[r * n ..][..n], bs[j * n ..][..n])`, bit for bit, for every row
+/// `r` of `a` and `j < m = bs.len() / n`: [`dot_f32_many`] for several `a` rows, two at a time
+/// against four `b` rows with AVX-512 (each `b` vector loaded once for both).
+pub fn dot_f32_grid(a: &[f32], bs: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let (rows, m) = (a.len() / n, bs.len() / n);
+    assert!(
+        a.len() == rows * n && bs.len() == m * n && out.len() == rows * m,
+        "dot_f32_grid: lengths differ"
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if m == 4 && simd_level() == SimdLevel::Avx2 && has_avx512() {
+        for (pair, o) in a.chunks_exact(2 * n).zip(out.chunks_exact_mut(8)) {
+            let (a0, a1) = pair.split_at(n);
+            // SAFETY: `has_avx512` confirmed AVX-512 F/BW/VL besides AVX2, FMA and F16C; the
+            // lengths are checked above.
+            let [d0, d1] = unsafe { avx512::dot2x4(a0, a1, bs) };
+            o[..4].copy_from_slice(&d0);
+            o[4..].copy_from_slice(&d1);
+            done += 2;
+        }
+    }
+    for (r, o) in out.chunks_exact_mut(m).enumerate().skip(done) {
+        dot_f32_many(&a[r * n..(r + 1) * n], bs, o);
+    }
+}
+
 /// An element type of the K/V rows the attention kernels read: f32, or f16 (an f16 KV cache).
 /// Every path widens f16 to f32, which is exact, before the same f32 operations, so the results
 /// do not depend on the element type the values were stored in.
@@ -1527,6 +1558,34 @@ mod tests {
                 close(fast, slow, abs_dot(&a, &b)),
                 "n={n}: {fast} vs {slow}"
             );
+        }
+    }
+
+    #[test]
+    fn dot_grid_equals_one_dot_per_pair_bit_for_bit() {
+        let mut rng = Rng::new(16);
+        for n in LENGTHS {
+            for (rows, m) in [
+                (1, 4),
+                (2, 4),
+                (3, 4),
+                (5, 4),
+                (16, 4),
+                (4, 1),
+                (3, 3),
+                (2, 5),
+            ] {
+                let (a, bs) = (rng.vec(n * rows), rng.vec(n * m));
+                let mut out = vec![f32::NAN; rows * m];
+                dot_f32_grid(&a, &bs, n, &mut out);
+                for r in 0..rows {
+                    for j in 0..m {
+                        let want = dot_f32(&a[r * n..(r + 1) * n], &bs[j * n..(j + 1) * n]);
+                        let got = out[r * m + j];
+                        assert_eq!(got.to_bits(), want.to_bits(), "n={n} r={r} j={j}");
+                    }
+                }
+            }
         }
     }
 
