@@ -153,6 +153,7 @@ fn smollm2_chat_template_renders_like_hf_and_tokenizes_like_llama_cpp() {
         )
         .expect("template compiles");
         let (rendered, ranges) = template.render(&messages, true).expect("renders");
+        let ranges = ranges.expect("the contents are located");
         assert_eq!(rendered, chat["rendered"].as_str().unwrap_or(""));
         assert_eq!(ranges.len(), messages.len());
         for (r, m) in ranges.iter().zip(&messages) {

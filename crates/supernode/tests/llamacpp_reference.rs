@@ -86,6 +86,7 @@ fn our_ids(session: &Session, case: &Value) -> Vec<u32> {
             )
             .expect("template compiles");
             let (text, protected) = tmpl.render(&msgs, true).expect("template renders");
+            let protected = protected.expect("the contents are located");
             assert_eq!(
                 text,
                 case["rendered"].as_str().unwrap(),

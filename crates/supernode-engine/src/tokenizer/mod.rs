@@ -518,6 +518,12 @@ impl Tokenizer {
         self.vocab.id(text)
     }
 
+    /// The id of a control token (one that only `parse_special` recognises) whose text occurs
+    /// in `text`, if any.
+    pub fn find_control_text(&self, text: &str) -> Option<u32> {
+        self.specials.find_control(text)
+    }
+
     /// `tokenizer.chat_template` of a GGUF file, or `chat_template` of `tokenizer_config.json`.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()

@@ -65,6 +65,16 @@ impl SpecialMatcher {
         SpecialMatcher { ac, pats }
     }
 
+    /// The id of a control or unknown token whose text occurs anywhere in `text` (the tokens
+    /// that only `parse_special` turns into ids), if any.
+    pub fn find_control(&self, text: &str) -> Option<u32> {
+        let ac = self.ac.as_ref()?;
+        ac.find_overlapping_iter(text)
+            .map(|m| self.pats[m.pattern().as_usize()])
+            .find(|p| p.needs_parse_special)
+            .map(|p| p.id)
+    }
+
     /// Splits `text` into raw fragments and special tokens, in order.
     pub fn partition(
         &self,
