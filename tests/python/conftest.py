@@ -30,8 +30,9 @@ LISTENING = re.compile(r"listening on (http://\S+)")
 class Server:
     """One `supernode serve` process; its stderr is collected for failure messages."""
 
-    def __init__(self, *extra: str, api_key: str | None = None):
+    def __init__(self, *extra: str, api_key: str | None = None, shutdown_timeout: int = SHUTDOWN_TIMEOUT):
         self.api_key = api_key
+        self.shutdown_timeout = shutdown_timeout
         args = [
             str(BIN),
             "serve",
@@ -42,7 +43,7 @@ class Server:
             "--threads",
             "2",
             "--shutdown-timeout",
-            str(SHUTDOWN_TIMEOUT),
+            str(shutdown_timeout),
             *extra,
         ]
         if api_key is not None:
@@ -102,10 +103,10 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            code = self.proc.wait(SHUTDOWN_TIMEOUT + 20)
+            code = self.proc.wait(self.shutdown_timeout + 20)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"the server did not exit within {SHUTDOWN_TIMEOUT + 20}s of SIGTERM; stderr:\n{self.stderr()}")
+            pytest.fail(f"the server did not exit within {self.shutdown_timeout + 20}s of SIGTERM; stderr:\n{self.stderr()}")
         self._reader.join(5)
         return code
 

@@ -39,6 +39,10 @@ impl ChatMessage {
     }
 }
 
+/// Where the message contents sit in a rendered prompt (byte ranges), or `None` where the
+/// template keeps them from being located.
+pub type Located = Option<Vec<Range<usize>>>;
+
 /// A compiled chat template with the model's BOS and EOS texts.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -125,7 +129,7 @@ impl ChatTemplate {
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
-    ) -> Result<(String, Option<Vec<Range<usize>>>), EngineError> {
+    ) -> Result<(String, Located), EngineError> {
         let out = self.render_raw(messages, add_generation_prompt)?;
         let located = self.locate_contents(messages, add_generation_prompt, &out);
         Ok((out, located))
@@ -154,7 +158,7 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         out: &str,
-    ) -> Option<Vec<Range<usize>>> {
+    ) -> Located {
         if messages.iter().any(|m| m.content.contains(is_marker_char)) {
             return None;
         }

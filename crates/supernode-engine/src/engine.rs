@@ -145,6 +145,16 @@ pub enum SubmitError {
     Invalid(String),
     #[error("the prompt has {prompt} tokens but the context holds {ctx}")]
     PromptTooLong { prompt: usize, ctx: usize },
+    /// The prompt fits, but not with `max_tokens` more (vLLM and OpenAI refuse this too).
+    #[error(
+        "the context holds {ctx} tokens, but {} were asked for ({prompt} in the prompt, \
+         {max_tokens} to generate)", prompt + max_tokens
+    )]
+    TooManyTokens {
+        prompt: usize,
+        max_tokens: usize,
+        ctx: usize,
+    },
     #[error("{0} requests are already waiting; try again later")]
     QueueFull(usize),
     #[error("the engine has stopped")]
@@ -235,7 +245,14 @@ impl EngineHandle {
         self.cfg.num_blocks * BLOCK_SIZE
     }
 
-    /// Checks `req` and queues it; its events go to its sink.
+    /// The most tokens, prompt and generated together, one request can hold: the context, or
+    /// what the KV cache holds if that is less.
+    pub fn max_model_len(&self) -> usize {
+        self.cfg.ctx_len.min(self.kv_capacity_tokens())
+    }
+
+    /// Checks `req` and queues it; its events go to its sink. A `max_tokens` of `usize::MAX`
+    /// means "until the context is full"; any other must fit beside the prompt.
     pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
         self.submit_all(vec![req])
     }
@@ -266,9 +283,16 @@ impl EngineHandle {
         if n == 0 {
             return Err(SubmitError::Invalid("the prompt is empty".into()));
         }
-        let ctx = self.cfg.ctx_len.min(self.kv_capacity_tokens());
+        let ctx = self.max_model_len();
         if n > ctx {
             return Err(SubmitError::PromptTooLong { prompt: n, ctx });
+        }
+        if req.max_tokens != usize::MAX && req.max_tokens > ctx - n {
+            return Err(SubmitError::TooManyTokens {
+                prompt: n,
+                max_tokens: req.max_tokens,
+                ctx,
+            });
         }
         if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(SubmitError::Invalid(format!(

@@ -160,28 +160,110 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// An integer in `[lo, hi]`.
+    /// An integer in `[lo, hi]`; an error quotes the number as it was sent.
     pub fn int(&self, name: &str, lo: i64, hi: i64) -> ApiResult<Option<i64>> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Number(n)) => {
-                let x = n
-                    .as_i64()
-                    .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-                    .ok_or_else(|| {
-                        ApiError::invalid(name, format!("`{name}` must be an integer, got {n}"))
-                    })?;
-                if !(lo..=hi).contains(&x) {
-                    return Err(ApiError::invalid(
+                let out_of_range = || {
+                    ApiError::invalid(
                         name,
-                        format!("`{name}` must be between {lo} and {hi}, got {x}"),
-                    ));
+                        format!("`{name}` must be between {lo} and {hi}, got {n}"),
+                    )
+                };
+                let x = match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                    (Some(x), _, _) => x,
+                    // Beyond i64: out of any range asked for here.
+                    (None, Some(_), _) => return Err(out_of_range()),
+                    (None, None, Some(f)) if f.fract() == 0.0 => {
+                        if f < lo as f64 || f > hi as f64 {
+                            return Err(out_of_range());
+                        }
+                        f as i64
+                    }
+                    _ => {
+                        return Err(ApiError::invalid(
+                            name,
+                            format!("`{name}` must be an integer, got {n}"),
+                        ))
+                    }
+                };
+                if !(lo..=hi).contains(&x) {
+                    return Err(out_of_range());
                 }
                 Ok(Some(x))
             }
             Some(v) => Err(Self::wrong(name, "an integer", v)),
         }
     }
+
+    /// A seed: any integer from -2^63 to 2^64 - 1, negative ones taken modulo 2^64 (so every
+    /// value of an int64 or a uint64 seed gives its own stream).
+    pub fn seed(&self, name: &str) -> ApiResult<Option<u64>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => Ok(Some(u)),
+                (None, Some(i)) => Ok(Some(i as u64)),
+                _ => Err(ApiError::invalid(
+                    name,
+                    format!(
+                        "`{name}` must be an integer between {} and {}, got {n}",
+                        i64::MIN,
+                        u64::MAX
+                    ),
+                )),
+            },
+            Some(v) => Err(Self::wrong(name, "an integer", v)),
+        }
+    }
+}
+
+/// Parameters of the OpenAI API that are not implemented yet: refused when they would change
+/// the answer, so that no client believes they took effect. `(name, what may be sent)`: the
+/// value that means "nothing asked", if one does.
+const NOT_YET: [(&str, &str); 9] = [
+    ("tools", "an empty list"),
+    ("functions", "an empty list"),
+    ("tool_choice", "`none`"),
+    ("function_call", "`none`"),
+    ("parallel_tool_calls", "anything"),
+    ("response_format", "`{\"type\": \"text\"}`"),
+    ("logit_bias", "an empty object"),
+    ("prediction", "nothing"),
+    ("audio", "nothing"),
+];
+
+/// Refuses the parameters of [`NOT_YET`] unless they ask for nothing.
+fn refuse_unsupported(f: &Fields) -> ApiResult<()> {
+    for (name, allowed) in NOT_YET {
+        let Some(v) = f.get(name) else { continue };
+        let asks_nothing = match (name, v) {
+            ("tools" | "functions", Value::Array(a)) => a.is_empty(),
+            ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+            ("parallel_tool_calls", _) => true,
+            ("response_format", Value::Object(o)) => {
+                o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")
+            }
+            ("logit_bias", Value::Object(o)) => o.is_empty(),
+            _ => false,
+        };
+        if !asks_nothing {
+            return Err(ApiError::invalid(
+                name,
+                format!("`{name}` is not supported yet (only {allowed} is accepted)"),
+            ));
+        }
+    }
+    if let Some(m) = f.get("modalities") {
+        if m != &json!(["text"]) {
+            return Err(ApiError::invalid(
+                "modalities",
+                "only `[\"text\"]` is supported in `modalities`",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a chat or completion request asks of generation.
@@ -190,6 +272,8 @@ pub struct GenSpec {
     pub model: String,
     pub params: SamplingParams,
     pub max_tokens: Option<usize>,
+    /// The field `max_tokens` came from (`max_completion_tokens` or `max_tokens`), for errors.
+    pub max_tokens_param: &'static str,
     pub stop: Vec<String>,
     pub n: usize,
     pub stream: bool,
@@ -207,6 +291,7 @@ pub const MAX_STOP: usize = 16;
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 fn common(f: &Fields) -> ApiResult<GenSpec> {
+    refuse_unsupported(f)?;
     let model = f
         .string("model")?
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?
@@ -242,15 +327,18 @@ fn common(f: &Fields) -> ApiResult<GenSpec> {
             Some(r) => r,
             None => 1.0,
         },
-        seed: f.int("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
+        seed: f.seed("seed")?,
         ..d
     };
-    let max_tokens = match f.int("max_completion_tokens", 1, i64::from(u32::MAX))? {
-        Some(m) => Some(m as usize),
-        None => f
-            .int("max_tokens", 1, i64::from(u32::MAX))?
-            .map(|m| m as usize),
-    };
+    let (max_tokens, max_tokens_param) =
+        match f.int("max_completion_tokens", 1, i64::from(u32::MAX))? {
+            Some(m) => (Some(m as usize), "max_completion_tokens"),
+            None => (
+                f.int("max_tokens", 1, i64::from(u32::MAX))?
+                    .map(|m| m as usize),
+                "max_tokens",
+            ),
+        };
     let stop = match f.get("stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -287,6 +375,7 @@ fn common(f: &Fields) -> ApiResult<GenSpec> {
         model,
         params,
         max_tokens,
+        max_tokens_param,
         stop,
         n: f.int("n", 1, MAX_N)?.unwrap_or(1) as usize,
         stream,

@@ -43,13 +43,30 @@ enum Kind {
 }
 
 pub async fn chat(State(st): State<Shared>, body: Bytes) -> Response {
-    let r = chat_inner(&st, &body);
+    let r = off_the_async_threads(&st, body, chat_inner).await;
     answer(&st, r).await
 }
 
 pub async fn completions(State(st): State<Shared>, body: Bytes) -> Response {
-    let r = completion_inner(&st, &body);
+    let r = off_the_async_threads(&st, body, completion_inner).await;
     answer(&st, r).await
+}
+
+/// Parsing, template rendering and tokenising a long prompt take CPU time (seconds for
+/// megabytes): they run on tokio's blocking pool so the HTTP threads keep answering.
+async fn off_the_async_threads(
+    st: &Shared,
+    body: Bytes,
+    f: fn(&Shared, &[u8]) -> ApiResult<Started>,
+) -> ApiResult<Started> {
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || f(&st, &body))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::internal(format!(
+                "preparing the request failed: {e}"
+            )))
+        })
 }
 
 async fn answer(st: &Shared, started: ApiResult<Started>) -> Response {
@@ -194,6 +211,11 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
             format!(
                 "this model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens"
             ),
+        )
+        .with_code("context_length_exceeded"),
+        SubmitError::TooManyTokens { .. } => ApiError::invalid(
+            spec.max_tokens_param,
+            format!("{e}: lower `{}` or shorten the prompt", spec.max_tokens_param),
         )
         .with_code("context_length_exceeded"),
         SubmitError::Invalid(m) => ApiError::invalid(param, m),

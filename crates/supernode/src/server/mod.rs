@@ -5,9 +5,13 @@
 //! then submitted to the engine with a sink that forwards its events to the handler through a
 //! channel. A client that goes away drops the receiving end, which the engine notices and
 //! cancels the request, freeing its blocks. SIGTERM or Ctrl-C stops accepting connections,
-//! lets running requests finish for `--shutdown-timeout` seconds, cancels the rest, and exits 0.
+//! closes those that serve no request, lets running requests finish for `--shutdown-timeout`
+//! seconds, cancels the rest, and exits 0 within that time. Connection limits and timeouts are
+//! `conn.rs`'s; request bodies are read whole by [`read_body`], under a size and a time limit.
+//! Every error, including those of routing, body reading and HTTP parsing, is OpenAI's JSON.
 
 mod api;
+mod conn;
 mod generate;
 mod metrics;
 
@@ -43,7 +47,7 @@ pub struct ServeArgs {
     host: String,
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Require `Authorization: Bearer KEY` on the /v1 endpoints.
+    /// Require this key on the /v1 endpoints, as `Authorization: Bearer KEY` or `x-api-key: KEY`.
     #[arg(long)]
     api_key: Option<String>,
     /// The model id clients name (default: the short name or the file name).
@@ -67,6 +71,21 @@ pub struct ServeArgs {
     /// Seconds to let running requests finish after SIGTERM before cancelling them.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Connections held at once; at the cap the quietest idle one is closed for a new one.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request's body may take to arrive.
+    #[arg(long, default_value_t = 60)]
+    body_timeout: u64,
+    /// Seconds an idle kept-alive connection stays open.
+    #[arg(long, default_value_t = 5)]
+    keep_alive_timeout: u64,
+    /// The largest request body, in MiB.
+    #[arg(long, default_value_t = 8)]
+    max_body_mib: usize,
 }
 
 /// What every handler shares.
@@ -78,11 +97,29 @@ pub struct AppState {
     api_key: Option<String>,
     metrics: Metrics,
     created: u64,
+    /// The longest prompt plus completion a request may ask for.
+    max_model_len: usize,
+    max_body_bytes: usize,
+    body_timeout: Duration,
 }
 
 type Shared = Arc<AppState>;
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        bail!("--api-key is empty: give a key, or leave the option out to serve without one");
+    }
+    for (name, v) in [
+        ("--max-connections", a.max_connections as u64),
+        ("--header-timeout", a.header_timeout),
+        ("--body-timeout", a.body_timeout),
+        ("--keep-alive-timeout", a.keep_alive_timeout),
+        ("--max-body-mib", a.max_body_mib as u64),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
     let (path, opts) = prepare(&a.model)?;
     let t0 = std::time::Instant::now();
     let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
@@ -115,6 +152,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         prefix_caching: !a.no_prefix_caching,
     };
     let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
+    let limits = conn::Limits {
+        max_connections: a.max_connections,
+        header_timeout: Duration::from_secs(a.header_timeout),
+        keep_alive_timeout: Duration::from_secs(a.keep_alive_timeout),
+    };
     let model_id = a.served_model_name.clone().unwrap_or_else(|| {
         if crate::fetch::known(&a.model.model).is_some() {
             a.model.model.clone()
@@ -137,6 +179,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             ctx_len,
         ),
     );
+    let max_model_len = engine.max_model_len();
     let state = Arc::new(AppState {
         engine,
         tokenizer,
@@ -148,16 +191,25 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        max_model_len,
+        max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
+        body_timeout: Duration::from_secs(a.body_timeout),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(run_http(state, &a.host, a.port, a.shutdown_timeout))
+    rt.block_on(run_http(state, &a.host, a.port, limits, a.shutdown_timeout))
 }
 
-async fn run_http(state: Shared, host: &str, port: u16, shutdown_timeout: u64) -> Result<()> {
+async fn run_http(
+    state: Shared,
+    host: &str,
+    port: u16,
+    limits: conn::Limits,
+    shutdown_timeout: u64,
+) -> Result<()> {
     let addr: SocketAddr = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| format!("cannot resolve --host {host}"))?
@@ -170,21 +222,25 @@ async fn run_http(state: Shared, host: &str, port: u16, shutdown_timeout: u64) -
     status_line(true, &format!("listening on http://{local}"));
     let app = router(state.clone());
     let st = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            status_line(
-                true,
-                &format!("shutting down: finishing running requests (at most {shutdown_timeout}s)"),
-            );
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(shutdown_timeout)).await;
-                status_line(true, "shutdown timeout: cancelling the remaining requests");
-                st.engine.abort();
-            });
-        })
-        .await
-        .context("the HTTP server failed")?;
+    let stop = async move {
+        shutdown_signal().await;
+        status_line(
+            true,
+            &format!("shutting down: finishing running requests (at most {shutdown_timeout}s)"),
+        );
+    };
+    conn::serve(
+        listener,
+        app,
+        limits,
+        stop,
+        Duration::from_secs(shutdown_timeout),
+        move || {
+            status_line(true, "shutdown timeout: cancelling the remaining requests");
+            st.engine.abort();
+        },
+    )
+    .await;
     state.engine.abort();
     status_line(true, "stopped");
     Ok(())
@@ -223,22 +279,102 @@ fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_body,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Reads the request body whole, at most `--max-body-mib` within `--body-timeout`, answering
+/// 413, 408 or 400 in OpenAI's shape; from then until its response is sent the request counts
+/// as being served on its connection.
+async fn read_body(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = st.max_body_bytes;
+    let too_large = || {
+        ApiError::invalid(
+            "",
+            format!("the request body is larger than {limit} bytes (see --max-body-mib)"),
+        )
+        .status(StatusCode::PAYLOAD_TOO_LARGE)
+        .into_response()
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        st.metrics.requests.with_label_values(&["invalid"]).inc();
+        return too_large();
+    }
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    let bytes = match tokio::time::timeout(st.body_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            st.metrics.requests.with_label_values(&["invalid"]).inc();
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return too_large();
+            }
+            return ApiError::invalid("", format!("the request body could not be read: {e}"))
+                .into_response();
+        }
+        Err(_) => {
+            st.metrics.requests.with_label_values(&["invalid"]).inc();
+            return ApiError::invalid(
+                "",
+                format!(
+                    "the request body did not arrive within {}s (see --body-timeout)",
+                    st.body_timeout.as_secs()
+                ),
+            )
+            .status(StatusCode::REQUEST_TIMEOUT)
+            .into_response();
+        }
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let busy = conn::Busy::start(&req);
+    conn::hold_until_sent(next.run(req).await, busy)
+}
+
+/// The API key a request carries: `Authorization: Bearer KEY` (the scheme in any case, as
+/// RFC 9110 has it) or `x-api-key: KEY` (what Anthropic's clients send).
+fn given_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key)
+        });
+    bearer
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+/// Compares in time independent of where the keys first differ.
+fn same_key(given: &str, key: &str) -> bool {
+    given.len() == key.len()
+        && given
+            .bytes()
+            .zip(key.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| given.trim() == key);
+        let ok = given_key(req.headers()).is_some_and(|given| same_key(given, key));
         if !ok {
             st.metrics.requests.with_label_values(&["invalid"]).inc();
             return ApiError::invalid(
                 "",
-                "a valid API key is required: send `Authorization: Bearer KEY`",
+                "a valid API key is required: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
             )
             .status(StatusCode::UNAUTHORIZED)
             .with_code("invalid_api_key")
@@ -254,7 +390,7 @@ fn model_card(st: &AppState) -> serde_json::Value {
         "object": "model",
         "created": st.created,
         "owned_by": "supernode",
-        "max_model_len": st.engine.config().ctx_len,
+        "max_model_len": st.max_model_len,
     })
 }
 
@@ -288,6 +424,14 @@ async fn metrics_text(State(st): State<Shared>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(st.engine.stats()),
     )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::invalid(
+        "",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .status(StatusCode::METHOD_NOT_ALLOWED)
 }
 
 async fn not_found(req: Request) -> ApiError {
