@@ -56,7 +56,35 @@ pub fn load_with_tokenizer(
         ModelSource::Gguf { metadata, .. } => tokenizer_from_gguf(metadata)?,
         ModelSource::HfDir { dir, .. } => tokenizer_from_dir(dir)?,
     };
+    if let Some(tok) = &tokenizer {
+        check_vocab(tok, model.config().vocab_size, &source)?;
+    }
     Ok((model, tokenizer.map(Arc::new)))
+}
+
+/// Every id the tokenizer makes must have an embedding row and a logit. A GGUF model's
+/// vocabulary is its token list (the loader holds the embedding to it, as llama.cpp does); an
+/// HF model's `vocab_size` may exceed `tokenizer.json` (padding rows) but never be smaller than
+/// its highest id + 1.
+fn check_vocab(tok: &Tokenizer, vocab: usize, source: &ModelSource) -> Result<(), EngineError> {
+    let ids = tok.vocab_size();
+    if ids <= vocab {
+        return Ok(());
+    }
+    Err(EngineError::Invalid(match source {
+        ModelSource::Gguf { path, .. } => format!(
+            "{}: `tokenizer.ggml.tokens` lists {ids} tokens, but the model has {vocab} \
+             embedding rows",
+            path.display()
+        ),
+        ModelSource::HfDir { dir, .. } => format!(
+            "{}: `vocab_size` is {vocab}, but {} has ids up to {} (`vocab_size` must be at \
+             least the highest id + 1)",
+            dir.join("config.json").display(),
+            dir.join("tokenizer.json").display(),
+            ids - 1
+        ),
+    }))
 }
 
 /// Tokens per forward pass while prefilling.

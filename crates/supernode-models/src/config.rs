@@ -1,12 +1,15 @@
 //! One checked model configuration, resolved from GGUF metadata or from an HF `config.json`.
 //!
-//! Model code reads only [`ModelConfig`]; every field is validated here (non-zero sizes, heads
-//! divisible into KV groups, rope dims within the head), so the forward pass can index freely.
+//! Model code reads only [`ModelConfig`]; every field is range-checked here (sizes within
+//! `1..=2^24`, heads divisible into KV groups, rope dims even and within the head, finite
+//! positive epsilons, bases, factors and caps, experts and groups that can be routed, MLA ranks),
+//! so the forward pass can index freely. A bad value is a load error naming the GGUF or
+//! config.json key it came from; a mistyped config.json value is one too, never a default.
 
 use serde_json::Value;
 use supernode_kernels::ops::RopeStyle;
 
-use crate::{Metadata, ModelError, Result};
+use crate::{MetaValue, Metadata, ModelError, Result};
 
 /// The architectures supernode runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,8 +298,9 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// From GGUF metadata (`{arch}.block_count`, ...). `vocab_from_tensors` is the row count of
-    /// the embedding, used when the file has no `{arch}.vocab_size`.
+    /// From GGUF metadata (`{arch}.block_count`, ...). The vocabulary size is llama.cpp's: the
+    /// length of `tokenizer.ggml.tokens` (which `{arch}.vocab_size` must equal when a file has
+    /// both); `vocab_from_tensors`, the row count of the embedding, when a file has neither.
     pub fn from_gguf(meta: &Metadata, vocab_from_tensors: usize) -> Result<ModelConfig> {
         let arch_name = meta
             .get_str("general.architecture")?
@@ -375,9 +379,7 @@ impl ModelConfig {
             head_dim,
             v_head_dim,
             ffn_dim: req("feed_forward_length")?,
-            vocab_size: meta
-                .get_usize(&key("vocab_size"))?
-                .unwrap_or(vocab_from_tensors),
+            vocab_size: gguf_vocab_size(meta, &key("vocab_size"), vocab_from_tensors)?,
             context_len: req("context_length")?,
             rms_eps: meta
                 .get_f64(&key("attention.layer_norm_rms_epsilon"))?
@@ -407,13 +409,15 @@ impl ModelConfig {
             moe: None,
             mla: None,
         };
+        // The per-layer tables of the extras are sized by it.
+        cfg.validate_layer_count(Source::Gguf)?;
         match arch {
             Arch::Gemma3 => cfg.gemma3_from_gguf(meta)?,
             Arch::Qwen3Moe => cfg.qwen3moe_from_gguf(meta)?,
             Arch::DeepseekV3 => cfg.deepseek2_from_gguf(meta)?,
             Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {}
         }
-        cfg.validate()?;
+        cfg.validate(Source::Gguf)?;
         Ok(cfg)
     }
 
@@ -496,6 +500,14 @@ impl ModelConfig {
             }
         };
         let dense = opt("leading_dense_block_count")?.unwrap_or(0);
+        if dense > self.n_layers {
+            return Err(ModelError::Metadata(format!(
+                "`{}` is {dense}, more than the {} layers (`{}`)",
+                key("leading_dense_block_count"),
+                self.n_layers,
+                key("block_count")
+            )));
+        }
         self.moe = Some(MoeConfig {
             n_experts: req("expert_count")?,
             n_used: req("expert_used_count")?,
@@ -522,7 +534,7 @@ impl ModelConfig {
                 ))
             }
         }
-        self.validate()?;
+        self.validate(Source::Gguf)?;
         Ok(self)
     }
 
@@ -585,7 +597,6 @@ impl ModelConfig {
         }
         let arch = Arch::from_hf_model_type(model_type)?;
         let config = &with_hf_defaults(arch, config);
-        let num = |k: &str| config.get(k).and_then(Value::as_f64);
         let int = |k: &str| hf_int(config, k);
         let req = |k: &str| -> Result<usize> {
             int(k)?.ok_or_else(|| ModelError::Metadata(format!("config.json: missing `{k}`")))
@@ -609,7 +620,7 @@ impl ModelConfig {
             ffn_dim: req("intermediate_size")?,
             vocab_size: req("vocab_size")?,
             context_len: int("max_position_embeddings")?.unwrap_or(2048),
-            rms_eps: num("rms_norm_eps").unwrap_or(1e-6) as f32,
+            rms_eps: hf_num(config, "rms_norm_eps")?.unwrap_or(1e-6) as f32,
             norm_offset: 0.0,
             rope: RopeConfig {
                 theta,
@@ -625,6 +636,8 @@ impl ModelConfig {
             moe: None,
             mla: None,
         };
+        // The per-layer tables of the extras are sized by it.
+        cfg.validate_layer_count(Source::Hf)?;
         match arch {
             Arch::Gemma3 => cfg.gemma3_from_hf(config)?,
             Arch::Qwen3Moe => {
@@ -637,7 +650,7 @@ impl ModelConfig {
             }
             Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => llama_family_hf_checks(config)?,
         }
-        cfg.validate()?;
+        cfg.validate(Source::Hf)?;
         Ok(cfg)
     }
 
@@ -649,7 +662,12 @@ impl ModelConfig {
         let n_experts = hf_int(config, "num_experts")?
             .or(hf_int(config, "num_local_experts")?)
             .unwrap_or(128);
-        let step = hf_int(config, "decoder_sparse_step")?.unwrap_or(1).max(1);
+        let step = hf_int(config, "decoder_sparse_step")?.unwrap_or(1);
+        if step == 0 {
+            return Err(ModelError::Metadata(
+                "config.json: `decoder_sparse_step` is 0; it must be at least 1".into(),
+            ));
+        }
         let dense: Vec<usize> = match config.get("mlp_only_layers") {
             None | Some(Value::Null) => Vec::new(),
             Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
@@ -658,16 +676,20 @@ impl ModelConfig {
                 ))
             })?,
         };
+        if let Some(i) = dense.iter().find(|&&i| i >= self.n_layers) {
+            return Err(ModelError::Metadata(format!(
+                "config.json: `mlp_only_layers` names layer {i}, but there are {} \
+                 (`num_hidden_layers`)",
+                self.n_layers
+            )));
+        }
         self.moe = Some(MoeConfig {
             n_experts,
             n_used: hf_int(config, "num_experts_per_tok")?.unwrap_or(8),
             expert_ffn_dim: hf_int(config, "moe_intermediate_size")?.unwrap_or(768),
             n_shared: 0,
             gating: Gating::Softmax,
-            norm_weights: config
-                .get("norm_topk_prob")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            norm_weights: hf_bool(config, "norm_topk_prob")?.unwrap_or(false),
             scale: 1.0,
             n_groups: 1,
             groups_used: 1,
@@ -711,7 +733,7 @@ impl ModelConfig {
         self.v_head_dim = int("v_head_dim")?.unwrap_or(128);
         self.n_kv_heads = self.n_heads;
         self.rope.dim = rope;
-        if config.get("rope_interleave").and_then(Value::as_bool) == Some(false) {
+        if hf_bool(config, "rope_interleave")? == Some(false) {
             self.rope.style = RopeStyle::Halves;
         } else {
             self.rope.style = RopeStyle::Interleaved;
@@ -725,7 +747,8 @@ impl ModelConfig {
         self.attn_scale = 1.0 / (self.head_dim as f32).sqrt();
         if let RopeScaling::Yarn { factor, .. } = self.rope.scaling {
             let all_dim = hf_rope_field(config, config.get("rope_parameters"), "mscale_all_dim")
-                .and_then(Value::as_f64)
+                .map(|v| hf_as_num("rope_scaling.mscale_all_dim", v))
+                .transpose()?
                 .unwrap_or(0.0);
             if all_dim != 0.0 {
                 let m = yarn_mscale(factor, all_dim);
@@ -733,6 +756,13 @@ impl ModelConfig {
             }
         }
         let dense = int("first_k_dense_replace")?.unwrap_or(3);
+        if dense > self.n_layers {
+            return Err(bad(format!(
+                "`first_k_dense_replace` is {dense}, more than the {} layers \
+                 (`num_hidden_layers`)",
+                self.n_layers
+            )));
+        }
         self.moe = Some(MoeConfig {
             n_experts: int("n_routed_experts")?
                 .or(int("num_local_experts")?)
@@ -741,14 +771,8 @@ impl ModelConfig {
             expert_ffn_dim: int("moe_intermediate_size")?.unwrap_or(2048),
             n_shared: int("n_shared_experts")?.unwrap_or(1),
             gating: Gating::Sigmoid,
-            norm_weights: config
-                .get("norm_topk_prob")
-                .and_then(Value::as_bool)
-                .unwrap_or(true),
-            scale: config
-                .get("routed_scaling_factor")
-                .and_then(Value::as_f64)
-                .unwrap_or(2.5) as f32,
+            norm_weights: hf_bool(config, "norm_topk_prob")?.unwrap_or(true),
+            scale: hf_num(config, "routed_scaling_factor")?.unwrap_or(2.5) as f32,
             n_groups: int("n_group")?.unwrap_or(8),
             groups_used: int("topk_group")?.unwrap_or(4),
             layers: (0..self.n_layers).map(|i| i >= dense).collect(),
@@ -763,7 +787,7 @@ impl ModelConfig {
     /// (transformers 5) or an unscaled one of base `rope_local_base_freq`.
     fn gemma3_from_hf(&mut self, config: &Value) -> Result<()> {
         let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
-        let num = |k: &str| config.get(k).and_then(Value::as_f64);
+        let num = |k: &str| hf_num(config, k);
         if let Some(act) = config.get("hidden_activation").and_then(Value::as_str) {
             if !matches!(act, "gelu_pytorch_tanh" | "gelu_tanh") {
                 return Err(bad(format!(
@@ -771,13 +795,11 @@ impl ModelConfig {
                 )));
             }
         }
-        if num("attn_logit_softcapping").is_some() {
+        if num("attn_logit_softcapping")?.is_some() {
             return Err(bad("attention soft-capping is not supported".into()));
         }
-        let size = config
-            .get("sliding_window")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("missing `sliding_window`".into()))? as usize;
+        let size = hf_int(config, "sliding_window")?
+            .ok_or_else(|| bad("missing `sliding_window`".into()))?;
         let layers = match config.get("layer_types").and_then(Value::as_array) {
             Some(types) => {
                 if types.len() != self.n_layers {
@@ -797,11 +819,12 @@ impl ModelConfig {
                     .collect::<Result<Vec<_>>>()?
             }
             None => {
-                let pattern = config
-                    .get("sliding_window_pattern")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(6)
-                    .max(1) as usize;
+                let pattern = hf_int(config, "sliding_window_pattern")?.unwrap_or(6);
+                if pattern == 0 {
+                    return Err(bad(
+                        "`sliding_window_pattern` is 0; it must be at least 1".into()
+                    ));
+                }
                 (0..self.n_layers).map(|i| (i + 1) % pattern != 0).collect()
             }
         };
@@ -816,7 +839,7 @@ impl ModelConfig {
                 hf_rope(&Value::Null, p.get("sliding_attention"), 10_000.0)?
             }
             None => (
-                num("rope_local_base_freq").unwrap_or(10_000.0),
+                num("rope_local_base_freq")?.unwrap_or(10_000.0),
                 RopeScaling::None,
             ),
         };
@@ -832,160 +855,300 @@ impl ModelConfig {
         self.norm_offset = 1.0;
         self.embed_scale = (self.hidden as f32).sqrt();
         self.attn_scale =
-            num("query_pre_attn_scalar").map_or(self.attn_scale, |s| (1.0 / s.sqrt()) as f32);
-        self.final_softcap = num("final_logit_softcapping").map(|c| c as f32);
+            num("query_pre_attn_scalar")?.map_or(self.attn_scale, |s| (1.0 / s.sqrt()) as f32);
+        self.final_softcap = num("final_logit_softcapping")?.map(|c| c as f32);
         Ok(())
     }
 
-    fn validate(&self) -> Result<()> {
-        self.validate_sizes()?;
-        let bad = |m: String| Err(ModelError::Metadata(m));
-        for (name, v) in [
-            ("embedding scale", self.embed_scale),
-            ("attention scale", self.attn_scale),
-            ("final soft-cap", self.final_softcap.unwrap_or(1.0)),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(format!("{name} {v} must be a finite number > 0"));
+    /// Every parameter in range, or an error naming the key (of the format `src`) that the bad
+    /// value came from and the rule it breaks.
+    fn validate(&self, src: Source) -> Result<()> {
+        self.validate_sizes(src)?;
+        let bad = |m: String| Err(out_of_range(src, m));
+        let key = |gguf: &str, hf: &str| self.key(src, gguf, hf);
+        if !(self.attn_scale.is_finite() && self.attn_scale > 0.0) {
+            let from = match (self.arch, src) {
+                (Arch::Gemma3, Source::Hf) => key("", "query_pre_attn_scalar"),
+                (Arch::DeepseekV3, _) => key(
+                    "rope.scaling.yarn_log_multiplier",
+                    "rope_scaling.mscale_all_dim",
+                ),
+                _ => self.head_dim_key(src),
+            };
+            return bad(format!(
+                "the attention scale {} (from {from}) must be a finite number > 0",
+                self.attn_scale
+            ));
+        }
+        if let Some(cap) = self.final_softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return bad(format!(
+                    "{} is {cap}; it must be a finite number > 0",
+                    key("final_logit_softcapping", "final_logit_softcapping")
+                ));
             }
         }
-        if !self.norm_offset.is_finite() {
-            return bad(format!("norm offset {} is invalid", self.norm_offset));
-        }
         if let Some(sw) = &self.sliding_window {
-            if sw.size == 0 {
-                return bad("sliding window is 0".into());
+            let window = key("attention.sliding_window", "sliding_window");
+            if sw.size == 0 || sw.size > MAX_SIZE {
+                return bad(format!(
+                    "{window} is {}; it must be between 1 and {MAX_SIZE}",
+                    sw.size
+                ));
             }
             if sw.layers.len() != self.n_layers {
                 return bad(format!(
-                    "sliding-window pattern covers {} layers of {}",
+                    "the sliding-window pattern covers {} layers of {} ({})",
                     sw.layers.len(),
-                    self.n_layers
+                    self.n_layers,
+                    key("block_count", "layer_types")
                 ));
             }
-            Self::validate_rope(&sw.rope, self.head_dim)?;
+            Self::validate_rope(&sw.rope, self.head_dim, &self.rope_keys(src, true))?;
         }
         if let Some(moe) = &self.moe {
-            self.validate_moe(moe)?;
+            self.validate_moe(moe, src)?;
         }
         if let Some(mla) = &self.mla {
-            let q_rank = mla.q_lora_rank.unwrap_or(1);
-            if mla.kv_lora_rank == 0
-                || q_rank == 0
-                || mla.kv_lora_rank > 1 << 24
-                || q_rank > 1 << 24
-            {
-                return bad(format!(
-                    "MLA ranks must be > 0 (kv_lora_rank {}, q_lora_rank {q_rank})",
-                    mla.kv_lora_rank
-                ));
+            for (k, rank) in [
+                (
+                    key("attention.kv_lora_rank", "kv_lora_rank"),
+                    Some(mla.kv_lora_rank),
+                ),
+                (key("attention.q_lora_rank", "q_lora_rank"), mla.q_lora_rank),
+            ] {
+                if let Some(r) = rank.filter(|&r| r == 0 || r > MAX_SIZE) {
+                    return bad(format!("{k} is {r}; it must be between 1 and {MAX_SIZE}"));
+                }
+            }
+            if mla.qk_nope_dim == 0 {
+                return bad(match src {
+                    Source::Hf => {
+                        format!("`qk_nope_head_dim` is 0; it must be between 1 and {MAX_SIZE}")
+                    }
+                    Source::Gguf => format!(
+                        "{} is {}, which leaves no query/key dimensions without rope beside \
+                         the {} of {}",
+                        self.head_dim_key(src),
+                        self.head_dim,
+                        mla.qk_rope_dim,
+                        self.rope_keys(src, false).dim
+                    ),
+                });
             }
             if mla.qk_rope_dim != self.rope.dim
                 || mla.qk_nope_dim + mla.qk_rope_dim != self.head_dim
             {
                 return bad(format!(
-                    "MLA head dim {} is not the no-rope dim {} plus the rope dim {} (rope over {})",
-                    self.head_dim, mla.qk_nope_dim, mla.qk_rope_dim, self.rope.dim
+                    "MLA head dim {} ({}) is not the no-rope dim {} plus the rope dim {} ({})",
+                    self.head_dim,
+                    self.head_dim_key(src),
+                    mla.qk_nope_dim,
+                    mla.qk_rope_dim,
+                    self.rope_keys(src, false).dim
                 ));
             }
         }
-        Self::validate_rope(&self.rope, self.head_dim)
+        Self::validate_rope(&self.rope, self.head_dim, &self.rope_keys(src, false))
     }
 
-    fn validate_moe(&self, moe: &MoeConfig) -> Result<()> {
-        let bad = |m: String| Err(ModelError::Metadata(m));
-        for (name, v) in [
-            ("expert count", moe.n_experts),
-            ("experts used per token", moe.n_used),
-            ("expert feed-forward size", moe.expert_ffn_dim),
-            ("expert group count", moe.n_groups),
-            ("expert groups used", moe.groups_used),
+    /// The key of a parameter in the format `src`, quoted: GGUF's `{arch}.{gguf}` or
+    /// config.json's `hf`.
+    fn key(&self, src: Source, gguf: &str, hf: &str) -> String {
+        match src {
+            Source::Gguf => format!("`{}.{gguf}`", self.arch.gguf_name()),
+            Source::Hf => format!("`{hf}`"),
+        }
+    }
+
+    /// The key of the query/key head dim, and where its default comes from.
+    fn head_dim_key(&self, src: Source) -> String {
+        match self.arch {
+            Arch::DeepseekV3 => self.key(
+                src,
+                "attention.key_length_mla",
+                "qk_nope_head_dim` + `qk_rope_head_dim",
+            ),
+            _ => {
+                let (key, default) = match src {
+                    Source::Gguf => (
+                        self.key(src, "attention.key_length", ""),
+                        self.key(src, "embedding_length` / `attention.head_count", ""),
+                    ),
+                    Source::Hf => (
+                        "`head_dim`".to_string(),
+                        "`hidden_size` / `num_attention_heads`".to_string(),
+                    ),
+                };
+                format!("{key} (default {default})")
+            }
+        }
+    }
+
+    /// The keys of the main rope (`local`: of the sliding-window layers' rope).
+    fn rope_keys(&self, src: Source, local: bool) -> RopeKeys {
+        let dim = match (self.arch, src) {
+            (Arch::DeepseekV3, _) => self.key(src, "rope.dimension_count", "qk_rope_head_dim"),
+            (_, Source::Gguf) => format!(
+                "{} (default the head dim)",
+                self.key(src, "rope.dimension_count", "")
+            ),
+            (_, Source::Hf) => self.head_dim_key(src),
+        };
+        let (theta, scaling) = match (src, local) {
+            (Source::Gguf, false) => (
+                self.key(src, "rope.freq_base", ""),
+                format!("{}.rope.scaling", self.arch.gguf_name()),
+            ),
+            // llama.cpp's fixed rope of Gemma 3's local layers.
+            (Source::Gguf, true) => (
+                "the local layers' fixed rope base".into(),
+                "the local layers' rope".into(),
+            ),
+            (Source::Hf, false) => ("`rope_theta`".into(), "rope_scaling".into()),
+            (Source::Hf, true) => (
+                "`rope_local_base_freq`".into(),
+                "rope_parameters.sliding_attention".into(),
+            ),
+        };
+        RopeKeys {
+            src,
+            theta,
+            dim,
+            scaling,
+        }
+    }
+
+    fn validate_moe(&self, moe: &MoeConfig, src: Source) -> Result<()> {
+        let bad = |m: String| Err(out_of_range(src, m));
+        let deepseek = self.arch == Arch::DeepseekV3;
+        let key = |gguf: &str, qwen: &str, ds: &str| {
+            self.key(src, gguf, if deepseek { ds } else { qwen })
+        };
+        let experts = key("expert_count", "num_experts", "n_routed_experts");
+        let groups = key("expert_group_count", "n_group", "n_group");
+        let groups_used = key("expert_group_used_count", "topk_group", "topk_group");
+        let used = key(
+            "expert_used_count",
+            "num_experts_per_tok",
+            "num_experts_per_tok",
+        );
+        for (k, v) in [
+            (&experts, moe.n_experts),
+            (&used, moe.n_used),
+            (
+                &key(
+                    "expert_feed_forward_length",
+                    "moe_intermediate_size",
+                    "moe_intermediate_size",
+                ),
+                moe.expert_ffn_dim,
+            ),
+            (&groups, moe.n_groups),
+            (&groups_used, moe.groups_used),
         ] {
-            if v == 0 || v > 1 << 24 {
-                return bad(format!("{name} is {v}"));
+            if v == 0 || v > MAX_SIZE {
+                return bad(format!("{k} is {v}; it must be between 1 and {MAX_SIZE}"));
             }
         }
         if moe.n_shared > 1 << 12 {
-            return bad(format!("{} shared experts is absurd", moe.n_shared));
+            return bad(format!(
+                "{} is {}; it must be at most {}",
+                key(
+                    "expert_shared_count",
+                    "n_shared_experts",
+                    "n_shared_experts"
+                ),
+                moe.n_shared,
+                1 << 12
+            ));
         }
         if !moe.n_experts.is_multiple_of(moe.n_groups) || moe.groups_used > moe.n_groups {
             return bad(format!(
-                "{} experts in {} groups, {} of them used: groups must divide the experts and \
-                 be at least as many as are used",
+                "{} experts ({experts}) in {} groups ({groups}), {} of them used \
+                 ({groups_used}): groups must divide the experts and be at least as many as \
+                 are used",
                 moe.n_experts, moe.n_groups, moe.groups_used
             ));
         }
         let reachable = moe.groups_used * (moe.n_experts / moe.n_groups);
         if moe.n_used > reachable {
             return bad(format!(
-                "{} experts used per token, but only {reachable} are in the {} groups used",
-                moe.n_used, moe.groups_used
+                "{used} is {}, but only {reachable} experts are in the {} groups used \
+                 ({groups_used}) of {} experts ({experts})",
+                moe.n_used, moe.groups_used, moe.n_experts
             ));
         }
         if !(moe.scale.is_finite() && moe.scale > 0.0) {
             return bad(format!(
-                "expert weight scale {} must be a finite number > 0",
+                "{} is {}; it must be a finite number > 0",
+                key(
+                    "expert_weights_scale",
+                    "routed_scaling_factor",
+                    "routed_scaling_factor"
+                ),
                 moe.scale
             ));
         }
         if moe.layers.len() != self.n_layers {
             return bad(format!(
-                "the sparse-layer pattern covers {} layers of {}",
+                "the sparse-layer pattern covers {} layers of {} ({})",
                 moe.layers.len(),
-                self.n_layers
+                self.n_layers,
+                key("block_count", "num_hidden_layers", "num_hidden_layers")
             ));
         }
         Ok(())
     }
 
-    fn validate_rope(rope: &RopeConfig, head_dim: usize) -> Result<()> {
-        let bad = |m: String| Err(ModelError::Metadata(m));
-        if !rope.dim.is_multiple_of(2) || rope.dim > head_dim {
+    fn validate_rope(rope: &RopeConfig, head_dim: usize, keys: &RopeKeys) -> Result<()> {
+        let bad = |m: String| Err(out_of_range(keys.src, m));
+        if rope.dim == 0 || !rope.dim.is_multiple_of(2) || rope.dim > head_dim {
             return bad(format!(
-                "rope dimension {} must be even and at most the head dim {head_dim}",
-                rope.dim
+                "{} is {}; the rotated dimensions must be even, > 0 and at most the head dim \
+                 {head_dim}",
+                keys.dim, rope.dim
             ));
         }
         if !(rope.theta.is_finite() && rope.theta > 1.0) {
             return bad(format!(
-                "rope base {} must be a finite number > 1",
-                rope.theta
+                "{} is {}; the rope base must be a finite number > 1",
+                keys.theta, rope.theta
             ));
         }
-        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let positive = |k: String, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bad(format!("{k} is {v}; it must be a finite number > 0"))
+            }
+        };
         match &rope.scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
-                if !positive(*factor) {
-                    return bad(format!(
-                        "rope scaling factor {factor} must be a finite number > 0"
-                    ));
-                }
-            }
-            RopeScaling::Llama3 {
+            RopeScaling::Linear { factor } => positive(keys.field("factor", "factor"), *factor)?,
+            &RopeScaling::Llama3 {
                 factor,
-                low_freq_factor,
-                high_freq_factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
                 original_max_pos,
             } => {
-                if ![
-                    *factor,
-                    *low_freq_factor,
-                    *high_freq_factor,
-                    *original_max_pos,
-                ]
-                .into_iter()
-                .all(positive)
-                    || high_freq_factor <= low_freq_factor
-                {
+                for (k, v) in [
+                    ("factor", factor),
+                    ("low_freq_factor", low),
+                    ("high_freq_factor", high),
+                    ("original_max_position_embeddings", original_max_pos),
+                ] {
+                    positive(keys.field(k, k), v)?;
+                }
+                if high <= low {
                     return bad(format!(
-                        "llama3 rope scaling needs positive factor ({factor}), low_freq_factor \
-                         ({low_freq_factor}) < high_freq_factor ({high_freq_factor}) and \
-                         original_max_position_embeddings ({original_max_pos})"
+                        "{} ({high}) must be greater than {} ({low})",
+                        keys.field("high_freq_factor", "high_freq_factor"),
+                        keys.field("low_freq_factor", "low_freq_factor")
                     ));
                 }
             }
-            RopeScaling::Yarn {
+            &RopeScaling::Yarn {
                 factor,
                 original_max_pos,
                 beta_fast,
@@ -993,29 +1156,32 @@ impl ModelConfig {
                 attn_factor,
                 ..
             } => {
-                if ![
-                    *factor,
-                    *original_max_pos,
-                    *beta_fast,
-                    *beta_slow,
-                    *attn_factor,
-                ]
-                .into_iter()
-                .all(positive)
-                {
-                    return bad(format!(
-                        "yarn rope scaling needs positive factor ({factor}), \
-                         original_max_position_embeddings ({original_max_pos}), beta_fast \
-                         ({beta_fast}), beta_slow ({beta_slow}) and attention factor ({attn_factor})"
-                    ));
+                for (gguf, hf, v) in [
+                    ("factor", "factor", factor),
+                    (
+                        "original_context_length",
+                        "original_max_position_embeddings",
+                        original_max_pos,
+                    ),
+                    ("yarn_beta_fast", "beta_fast", beta_fast),
+                    ("yarn_beta_slow", "beta_slow", beta_slow),
+                    ("attn_factor", "attention_factor", attn_factor),
+                ] {
+                    positive(keys.field(gguf, hf), v)?;
                 }
             }
             RopeScaling::Factors(f) => {
-                if f.len() != rope.dim / 2 || !f.iter().copied().all(positive) {
+                if f.len() != rope.dim / 2 {
                     return bad(format!(
-                        "rope frequency factors: {} values for {} pairs, all must be finite and > 0",
+                        "`{ROPE_FREQS}` has {} values for the {} rope pairs of {}",
                         f.len(),
-                        rope.dim / 2
+                        rope.dim / 2,
+                        keys.dim
+                    ));
+                }
+                if let Some(v) = f.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                    return bad(format!(
+                        "`{ROPE_FREQS}` holds {v}; every factor must be a finite number > 0"
                     ));
                 }
             }
@@ -1023,48 +1189,150 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// The config with the main rope's frequencies divided by `factors` (one per pair).
+    /// The config with the main rope's frequencies divided by `factors` (one per pair, GGUF's
+    /// `rope_freqs.weight`).
     pub fn with_rope_factors(mut self, factors: Vec<f64>) -> Result<ModelConfig> {
         if self.rope.scaling != RopeScaling::None {
-            return Err(ModelError::Metadata(
-                "rope frequency factors on top of another rope scaling".into(),
-            ));
+            return Err(ModelError::Metadata(format!(
+                "`{ROPE_FREQS}` on top of the rope scaling of `{}.rope.scaling.type`",
+                self.arch.gguf_name()
+            )));
         }
         self.rope.scaling = RopeScaling::Factors(factors);
-        Self::validate_rope(&self.rope, self.head_dim)?;
+        Self::validate_rope(
+            &self.rope,
+            self.head_dim,
+            &self.rope_keys(Source::Gguf, false),
+        )?;
         Ok(self)
     }
 
-    fn validate_sizes(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelError::Metadata(m));
-        for (name, v) in [
-            ("layer count", self.n_layers),
-            ("hidden size", self.hidden),
-            ("head count", self.n_heads),
-            ("KV head count", self.n_kv_heads),
-            ("head dim", self.head_dim),
-            ("value head dim", self.v_head_dim),
-            ("feed-forward size", self.ffn_dim),
-            ("vocabulary size", self.vocab_size),
-            ("context length", self.context_len),
+    fn validate_layer_count(&self, src: Source) -> Result<()> {
+        if self.n_layers == 0 || self.n_layers > MAX_SIZE {
+            return Err(out_of_range(
+                src,
+                format!(
+                    "{} is {}; it must be between 1 and {MAX_SIZE}",
+                    self.key(src, "block_count", "num_hidden_layers"),
+                    self.n_layers
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_sizes(&self, src: Source) -> Result<()> {
+        let bad = |m: String| Err(out_of_range(src, m));
+        let key = |gguf: &str, hf: &str| self.key(src, gguf, hf);
+        let heads = key("attention.head_count", "num_attention_heads");
+        let kv_heads = key("attention.head_count_kv", "num_key_value_heads");
+        let v_head_dim = match self.arch {
+            Arch::DeepseekV3 => key("attention.value_length_mla", "v_head_dim"),
+            _ => key("attention.value_length", "head_dim"),
+        };
+        let vocab = match src {
+            Source::Gguf => format!(
+                "the vocabulary size ({}, `{TOKENS_KEY}` or the rows of `token_embd.weight`)",
+                key("vocab_size", "")
+            ),
+            Source::Hf => key("", "vocab_size"),
+        };
+        self.validate_layer_count(src)?;
+        for (k, v) in [
+            (key("embedding_length", "hidden_size"), self.hidden),
+            (heads.clone(), self.n_heads),
+            (kv_heads.clone(), self.n_kv_heads),
+            (self.head_dim_key(src), self.head_dim),
+            (v_head_dim, self.v_head_dim),
+            (
+                key("feed_forward_length", "intermediate_size"),
+                self.ffn_dim,
+            ),
+            (vocab, self.vocab_size),
+            (
+                key("context_length", "max_position_embeddings"),
+                self.context_len,
+            ),
         ] {
-            if v == 0 {
-                return bad(format!("{name} is 0"));
-            }
-            if v > 1 << 24 {
-                return bad(format!("{name} is {v}, which is absurd"));
+            if v == 0 || v > MAX_SIZE {
+                return bad(format!("{k} is {v}; it must be between 1 and {MAX_SIZE}"));
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
-                "{} heads cannot be grouped over {} KV heads",
+                "{} heads ({heads}) cannot be grouped over {} KV heads ({kv_heads})",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
-            return bad(format!("norm epsilon {} is invalid", self.rms_eps));
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return bad(format!(
+                "{} is {}; the norm epsilon must be a finite number > 0 and < 1",
+                key("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+                self.rms_eps
+            ));
         }
         Ok(())
+    }
+}
+
+/// The GGUF key of the token list, whose length is the vocabulary size.
+pub const TOKENS_KEY: &str = "tokenizer.ggml.tokens";
+
+/// llama.cpp's vocabulary size: the length of `tokenizer.ggml.tokens`, which `vocab_key`
+/// (`{arch}.vocab_size`) must equal when a file has both; `rows` when it has neither.
+fn gguf_vocab_size(meta: &Metadata, vocab_key: &str, rows: usize) -> Result<usize> {
+    let tokens = meta.get_array(TOKENS_KEY)?.map(<[MetaValue]>::len);
+    match (meta.get_usize(vocab_key)?, tokens) {
+        (Some(v), Some(t)) if v != t => Err(ModelError::Metadata(format!(
+            "`{vocab_key}` is {v} but `{TOKENS_KEY}` lists {t} tokens"
+        ))),
+        (v, t) => Ok(v.or(t).unwrap_or(rows)),
+    }
+}
+
+/// The largest size, count or length a parameter may have: larger values are corrupt files
+/// (real models stay far below it), and products of a few of them cannot overflow.
+const MAX_SIZE: usize = 1 << 24;
+
+/// GGUF's per-pair rope frequency divisors, as llama.cpp's converter stores Llama 3 rope
+/// scaling.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// Which format a config was read from, so that a check can name the key a bad value came
+/// from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// GGUF metadata: keys `{arch}.{name}`.
+    Gguf,
+    /// An HF `config.json`.
+    Hf,
+}
+
+/// The error for a parameter out of range; `msg` names its key.
+fn out_of_range(src: Source, msg: String) -> ModelError {
+    ModelError::Metadata(match src {
+        Source::Gguf => msg,
+        Source::Hf => format!("config.json: {msg}"),
+    })
+}
+
+/// The keys a rope's values came from, quoted, for error messages.
+struct RopeKeys {
+    src: Source,
+    theta: String,
+    dim: String,
+    /// What holds the scaling fields: `{arch}.rope.scaling` (GGUF) or `rope_scaling`.
+    scaling: String,
+}
+
+impl RopeKeys {
+    /// The key of a scaling field, named `gguf` in GGUF and `hf` in config.json.
+    fn field(&self, gguf: &str, hf: &str) -> String {
+        let name = match self.src {
+            Source::Gguf => gguf,
+            Source::Hf => hf,
+        };
+        format!("`{}.{name}`", self.scaling)
     }
 }
 
@@ -1076,6 +1344,31 @@ fn hf_int(config: &Value, k: &str) -> Result<Option<usize>> {
             ModelError::Metadata(format!(
                 "config.json: `{k}` should be a non-negative integer, got {v}"
             ))
+        }),
+    }
+}
+
+/// A number `k` of `config`, `None` when absent or null.
+fn hf_num(config: &Value, k: &str) -> Result<Option<f64>> {
+    match config.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => hf_as_num(k, v).map(Some),
+    }
+}
+
+/// The value `v` of key `k` as a number.
+fn hf_as_num(k: &str, v: &Value) -> Result<f64> {
+    v.as_f64().ok_or_else(|| {
+        ModelError::Metadata(format!("config.json: `{k}` should be a number, got {v}"))
+    })
+}
+
+/// A bool `k` of `config`, `None` when absent or null.
+fn hf_bool(config: &Value, k: &str) -> Result<Option<bool>> {
+    match config.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+            ModelError::Metadata(format!("config.json: `{k}` should be a bool, got {v}"))
         }),
     }
 }
@@ -1096,11 +1389,15 @@ fn hf_rope(
     default_theta: f64,
 ) -> Result<(f64, RopeScaling)> {
     let field = |k: &str| hf_rope_field(config, params, k);
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or_else(|| config.get("rope_theta").and_then(Value::as_f64))
-        .unwrap_or(default_theta);
+    let theta = match params.and_then(|p| p.get("rope_theta")) {
+        Some(v) if !v.is_null() => hf_as_num("rope_theta", v)?,
+        _ => hf_num(config, "rope_theta")?.unwrap_or(default_theta),
+    };
+    let num = |k: &str| {
+        field(k)
+            .map(|v| hf_as_num(&format!("rope_scaling.{k}"), v))
+            .transpose()
+    };
     let rope_type = field("rope_type")
         .or_else(|| field("type"))
         .and_then(Value::as_str)
@@ -1108,11 +1405,11 @@ fn hf_rope(
     let scaling = match rope_type {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear {
-            factor: field("factor").and_then(Value::as_f64).unwrap_or(1.0),
+            factor: num("factor")?.unwrap_or(1.0),
         },
         "llama3" => {
             let num = |k: &str| {
-                field(k).and_then(Value::as_f64).ok_or_else(|| {
+                num(k)?.ok_or_else(|| {
                     ModelError::Metadata(format!("config.json: llama3 rope scaling needs `{k}`"))
                 })
             };
@@ -1124,11 +1421,8 @@ fn hf_rope(
             }
         }
         "yarn" => {
-            let num = |k: &str| field(k).and_then(Value::as_f64);
-            let max_pos = config
-                .get("max_position_embeddings")
-                .and_then(Value::as_f64);
-            let original_max_pos = num("original_max_position_embeddings")
+            let max_pos = hf_num(config, "max_position_embeddings")?;
+            let original_max_pos = num("original_max_position_embeddings")?
                 .or(max_pos)
                 .ok_or_else(|| {
                     ModelError::Metadata(
@@ -1137,7 +1431,7 @@ fn hf_rope(
                     )
                 })?;
             // transformers: a missing factor is the context extension itself.
-            let factor = match (num("factor"), max_pos) {
+            let factor = match (num("factor")?, max_pos) {
                 (Some(f), _) => f,
                 (None, Some(m)) => m / original_max_pos,
                 (None, None) => {
@@ -1148,22 +1442,34 @@ fn hf_rope(
             };
             // `attention_factor`, else from `mscale` / `mscale_all_dim` when both are set
             // (non-zero), else YaRN's default `0.1 ln(factor) + 1`.
-            let attn_factor = match (num("attention_factor"), num("mscale"), num("mscale_all_dim"))
-            {
+            let attn_factor = match (
+                num("attention_factor")?,
+                num("mscale")?,
+                num("mscale_all_dim")?,
+            ) {
                 (Some(a), _, _) => a,
                 (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
                     yarn_mscale(factor, m) / yarn_mscale(factor, all)
                 }
                 _ => yarn_mscale(factor, 1.0),
             };
-            let nonzero = |k: &str, default: f64| num(k).filter(|v| *v != 0.0).unwrap_or(default);
+            let nonzero = |k: &str, default: f64| -> Result<f64> {
+                Ok(num(k)?.filter(|v| *v != 0.0).unwrap_or(default))
+            };
             RopeScaling::Yarn {
                 factor,
                 original_max_pos,
-                beta_fast: nonzero("beta_fast", 32.0),
-                beta_slow: nonzero("beta_slow", 1.0),
+                beta_fast: nonzero("beta_fast", 32.0)?,
+                beta_slow: nonzero("beta_slow", 1.0)?,
                 attn_factor,
-                truncate: field("truncate").and_then(Value::as_bool).unwrap_or(true),
+                truncate: match field("truncate") {
+                    None => true,
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        ModelError::Metadata(format!(
+                            "config.json: `rope_scaling.truncate` should be a bool, got {v}"
+                        ))
+                    })?,
+                },
             }
         }
         other => {
@@ -1549,9 +1855,8 @@ mod tests {
         assert!(err.contains("`scoring_func` `softmax`"), "{err}");
     }
 
-    /// llama.cpp's converter's keys for the same model give the same config.
-    #[test]
-    fn deepseek2_gguf_matches_hf() {
+    /// The DeepSeek-V3 fixture's config as llama.cpp's converter writes it.
+    fn deepseek2_meta() -> Metadata {
         let mut m = Metadata::default();
         let mut put = |k: &str, v: MetaValue| {
             m.entries.insert(format!("deepseek2.{k}"), v);
@@ -1592,6 +1897,13 @@ mod tests {
             "general.architecture".into(),
             MetaValue::String("deepseek2".into()),
         );
+        m
+    }
+
+    /// llama.cpp's converter's keys for the same model give the same config.
+    #[test]
+    fn deepseek2_gguf_matches_hf() {
+        let m = deepseek2_meta();
         let gguf = ModelConfig::from_gguf(&m, 256).unwrap();
         let hf = ModelConfig::from_hf(&fixture_config("deepseek_v3", "config.json")).unwrap();
         assert_eq!(gguf.mla, hf.mla);
@@ -1668,6 +1980,251 @@ mod tests {
         };
         for (a, b) in factors.inv_freq().iter().zip(&scaled) {
             assert!((a - b).abs() <= 1e-12 * b);
+        }
+    }
+
+    /// `llama_meta` under another architecture's name, with `extra` keys (unprefixed) set.
+    fn meta_for(arch: &str, extra: &[(&str, MetaValue)]) -> Metadata {
+        let mut m = Metadata::default();
+        for (k, v) in llama_meta().entries {
+            let k = k.replacen("llama.", &format!("{arch}."), 1);
+            let v = match v {
+                MetaValue::String(s) if s == "llama" => MetaValue::String(arch.into()),
+                v => v,
+            };
+            m.entries.insert(k, v);
+        }
+        for (k, v) in extra {
+            m.entries.insert(format!("{arch}.{k}"), v.clone());
+        }
+        m
+    }
+
+    /// The error of `m` with `key` set to `v`, which must name `key` (and every `also`).
+    fn gguf_err_names(m: &Metadata, key: &str, v: MetaValue, also: &[&str]) {
+        let mut m = m.clone();
+        m.entries.insert(key.into(), v.clone());
+        let err = match ModelConfig::from_gguf(&m, 100) {
+            Ok(_) => panic!("`{key}` = {v:?} loads"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&format!("`{key}`")), "`{key}` = {v:?}: {err}");
+        for a in also {
+            assert!(err.contains(a), "`{key}` = {v:?}: `{a}` not in {err}");
+        }
+    }
+
+    /// A zero rope dimension used to pass and then panic in the forward pass; every GGUF value
+    /// out of range is a load error naming its key.
+    #[test]
+    fn gguf_values_out_of_range_name_their_key() {
+        use MetaValue::{String as S, F32, U32};
+        let llama = llama_meta();
+        for (k, v) in [
+            ("llama.rope.dimension_count", U32(0)),
+            ("llama.rope.dimension_count", U32(7)),
+            ("llama.rope.dimension_count", U32(32)),
+            ("llama.block_count", U32(0)),
+            ("llama.embedding_length", U32(0)),
+            ("llama.attention.head_count", U32(0)),
+            ("llama.attention.head_count_kv", U32(0)),
+            ("llama.attention.key_length", U32(0)),
+            ("llama.attention.value_length", U32(0)),
+            ("llama.feed_forward_length", U32(0)),
+            ("llama.context_length", U32(0)),
+            ("llama.context_length", U32(1 << 30)),
+            ("llama.vocab_size", U32(0)),
+            ("llama.attention.layer_norm_rms_epsilon", F32(0.0)),
+            ("llama.attention.layer_norm_rms_epsilon", F32(-1e-5)),
+            ("llama.attention.layer_norm_rms_epsilon", F32(f32::NAN)),
+            ("llama.attention.layer_norm_rms_epsilon", F32(2.0)),
+            ("llama.rope.freq_base", F32(0.5)),
+            ("llama.rope.freq_base", F32(f32::INFINITY)),
+            ("llama.rope.freq_base", F32(f32::NAN)),
+        ] {
+            gguf_err_names(&llama, k, v, &[]);
+        }
+        gguf_err_names(
+            &llama,
+            "llama.attention.head_count_kv",
+            U32(3),
+            &["grouped", "`llama.attention.head_count`"],
+        );
+        let mut linear = llama.clone();
+        linear
+            .entries
+            .insert("llama.rope.scaling.type".into(), S("linear".into()));
+        gguf_err_names(&linear, "llama.rope.scaling.factor", F32(0.0), &[]);
+        gguf_err_names(&linear, "llama.rope.scaling.factor", F32(f32::NAN), &[]);
+        let mut yarn = llama.clone();
+        yarn.entries
+            .insert("llama.rope.scaling.type".into(), S("yarn".into()));
+        for k in [
+            "factor",
+            "original_context_length",
+            "yarn_beta_fast",
+            "yarn_beta_slow",
+            "attn_factor",
+        ] {
+            let v = if k == "original_context_length" {
+                U32(0)
+            } else {
+                F32(-1.0)
+            };
+            gguf_err_names(&yarn, &format!("llama.rope.scaling.{k}"), v, &[]);
+        }
+        // `{arch}.vocab_size` and the token list disagree.
+        let mut tokens = llama.clone();
+        tokens.entries.insert(
+            TOKENS_KEY.into(),
+            MetaValue::Array(vec![S("a".into()), S("b".into())]),
+        );
+        gguf_err_names(
+            &tokens,
+            "llama.vocab_size",
+            U32(3),
+            &["`tokenizer.ggml.tokens`"],
+        );
+        assert_eq!(ModelConfig::from_gguf(&tokens, 100).unwrap().vocab_size, 2);
+
+        let gemma = meta_for("gemma3", &[("attention.sliding_window", U32(4))]);
+        for (k, v) in [
+            ("gemma3.attention.sliding_window", U32(0)),
+            ("gemma3.final_logit_softcapping", F32(0.0)),
+            ("gemma3.final_logit_softcapping", F32(f32::INFINITY)),
+        ] {
+            gguf_err_names(&gemma, k, v, &[]);
+        }
+
+        let qwen3moe = meta_for(
+            "qwen3moe",
+            &[
+                ("expert_count", U32(8)),
+                ("expert_used_count", U32(2)),
+                ("expert_feed_forward_length", U32(32)),
+            ],
+        );
+        for (k, v) in [
+            ("qwen3moe.expert_count", U32(0)),
+            ("qwen3moe.expert_used_count", U32(0)),
+            ("qwen3moe.expert_used_count", U32(9)),
+            ("qwen3moe.expert_feed_forward_length", U32(0)),
+        ] {
+            gguf_err_names(&qwen3moe, k, v, &[]);
+        }
+
+        let ds = deepseek2_meta();
+        for (k, v) in [
+            ("deepseek2.attention.kv_lora_rank", U32(0)),
+            ("deepseek2.attention.q_lora_rank", U32(0)),
+            ("deepseek2.attention.key_length_mla", U32(8)),
+            ("deepseek2.rope.dimension_count", U32(0)),
+            ("deepseek2.expert_group_count", U32(3)),
+            ("deepseek2.expert_group_used_count", U32(5)),
+            ("deepseek2.expert_weights_scale", F32(0.0)),
+            ("deepseek2.expert_shared_count", U32(1 << 20)),
+            ("deepseek2.leading_dense_block_count", U32(4)),
+        ] {
+            gguf_err_names(&ds, k, v, &[]);
+        }
+    }
+
+    /// GGUF's `rope_freqs.weight`: one finite factor > 0 per rope pair.
+    #[test]
+    fn rope_factors_are_checked() {
+        let cfg = ModelConfig::from_gguf(&llama_meta(), 100).unwrap();
+        for bad in [vec![1.0; 7], vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]] {
+            let err = cfg.clone().with_rope_factors(bad).unwrap_err().to_string();
+            assert!(err.contains("`rope_freqs.weight`"), "{err}");
+        }
+        assert!(cfg.with_rope_factors(vec![2.0; 8]).is_ok());
+    }
+
+    /// The error of config.json `v` with `key` (a `/`-separated path) set to `value`, which
+    /// must name the key's last part.
+    fn hf_err_names(v: &Value, key: &str, value: Value) {
+        let mut v = v.clone();
+        let name = key.rsplit('/').next().unwrap_or(key);
+        v.pointer_mut(&format!("/{key}"))
+            .map(|slot| *slot = value.clone())
+            .unwrap_or_else(|| v[key] = value.clone());
+        let err = match ModelConfig::from_hf(&v) {
+            Ok(_) => panic!("`{key}` = {value} loads"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(name), "`{key}` = {value}: {err}");
+    }
+
+    /// Every config.json value out of range, or of the wrong type, is a load error naming its
+    /// key (a mistyped value used to fall back on the default silently).
+    #[test]
+    fn hf_values_out_of_range_name_their_key() {
+        use serde_json::json;
+        let llama = fixture_config("llama", "config.json");
+        for (k, v) in [
+            ("num_hidden_layers", json!(0)),
+            ("hidden_size", json!(0)),
+            ("num_attention_heads", json!(0)),
+            ("num_key_value_heads", json!(0)),
+            ("num_key_value_heads", json!(3)),
+            ("head_dim", json!(0)),
+            ("head_dim", json!(15)),
+            ("intermediate_size", json!(0)),
+            ("vocab_size", json!(0)),
+            ("max_position_embeddings", json!(0)),
+            ("rms_norm_eps", json!(0.0)),
+            ("rms_norm_eps", json!(-1e-6)),
+            ("rms_norm_eps", json!("1e-6")),
+            ("rope_theta", json!(1.0)),
+            ("rope_theta", json!("10000")),
+            ("rope_scaling/factor", json!(0.0)),
+            ("rope_scaling/factor", json!("8")),
+            ("rope_scaling/low_freq_factor", json!(5.0)),
+            ("rope_scaling/original_max_position_embeddings", json!(-1)),
+        ] {
+            hf_err_names(&llama, k, v);
+        }
+        let gemma = fixture_config("gemma3_text", "config.json");
+        for (k, v) in [
+            ("sliding_window", json!(0)),
+            ("sliding_window", json!(-4)),
+            ("query_pre_attn_scalar", json!(0)),
+            ("final_logit_softcapping", json!(-1.0)),
+            ("rope_local_base_freq", json!(0.5)),
+        ] {
+            hf_err_names(&gemma, k, v);
+        }
+        let mut no_types = gemma;
+        no_types.as_object_mut().unwrap().remove("layer_types");
+        hf_err_names(&no_types, "sliding_window_pattern", json!(0));
+        let qwen3moe = fixture_config("qwen3_moe", "config.json");
+        for (k, v) in [
+            ("num_experts_per_tok", json!(0)),
+            ("num_experts_per_tok", json!(9)),
+            ("moe_intermediate_size", json!(0)),
+            ("decoder_sparse_step", json!(0)),
+            ("mlp_only_layers", json!([6])),
+            ("norm_topk_prob", json!("yes")),
+        ] {
+            hf_err_names(&qwen3moe, k, v);
+        }
+        let ds = fixture_config("deepseek_v3", "config.json");
+        for (k, v) in [
+            ("kv_lora_rank", json!(0)),
+            ("q_lora_rank", json!(0)),
+            ("qk_nope_head_dim", json!(0)),
+            ("qk_rope_head_dim", json!(0)),
+            ("qk_rope_head_dim", json!(7)),
+            ("v_head_dim", json!(0)),
+            ("n_routed_experts", json!(0)),
+            ("n_group", json!(3)),
+            ("topk_group", json!(5)),
+            ("routed_scaling_factor", json!(0.0)),
+            ("first_k_dense_replace", json!(4)),
+            ("rope_scaling/beta_fast", json!(-1)),
+            ("rope_scaling/mscale_all_dim", json!("1")),
+        ] {
+            hf_err_names(&ds, k, v);
         }
     }
 }

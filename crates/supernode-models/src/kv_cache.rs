@@ -181,17 +181,28 @@ impl KvCache {
         let slots = block_size
             .checked_mul(num_blocks)
             .ok_or_else(|| ModelError::Invalid("KV cache size overflows".into()))?;
+        // Values per layer for rows of `width`; their bytes must be countable too.
+        let len = |width: usize, dtype: KvDType| {
+            slots
+                .checked_mul(width)
+                .filter(|n| n.checked_mul(dtype.bytes()).is_some())
+                .ok_or_else(|| {
+                    ModelError::Invalid(format!(
+                        "KV cache of {slots} slots of {width} values overflows"
+                    ))
+                })
+        };
         let layers = specs
             .iter()
             .map(|&spec| {
                 let (kw, vw) = spec.stored_widths();
-                LayerKv {
+                Ok(LayerKv {
                     spec,
-                    k: KvData::zeros(spec.dtype, slots * kw),
-                    v: KvData::zeros(spec.dtype, slots * vw),
-                }
+                    k: KvData::zeros(spec.dtype, len(kw, spec.dtype)?),
+                    v: KvData::zeros(spec.dtype, len(vw, spec.dtype)?),
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(KvCache {
             block_size,
             num_blocks,
@@ -317,6 +328,20 @@ mod tests {
             panic!("f32 rows expected")
         };
         assert_eq!((view.v_dim, &v[15..18]), (5, &[1.0, 2.0, 3.0][..]));
+    }
+
+    /// Sizes from a crafted file cannot wrap the cache's length around.
+    #[test]
+    fn overflowing_cache_sizes_are_errors() {
+        let huge = KvLayerSpec {
+            n_kv_heads: 1 << 24,
+            k_dim: 1 << 24,
+            v_dim: 1,
+            values: KvValues::Stored,
+            dtype: KvDType::F32,
+        };
+        let err = KvCache::new(&[huge], 1 << 16, 1 << 8).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
     }
 
     /// f16 rows take half the bytes of f32 ones, hold f16 values without loss, and serve both

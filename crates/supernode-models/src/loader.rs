@@ -7,7 +7,7 @@ use serde_json::Value;
 use supernode_kernels::Precision;
 
 use crate::arch::{deepseek_v3::DeepseekV3, gemma3::Gemma3, llama::Llama, Model};
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, ROPE_FREQS, TOKENS_KEY};
 use crate::gguf::read_gguf;
 use crate::safetensors::read_safetensors_dir;
 use crate::weights::Weights;
@@ -53,6 +53,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let in_file = |e: ModelError| ModelError::Invalid(format!("{}: {e}", path.display()));
     let mut cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows).map_err(in_file)?;
     let weights = Weights::new(file.tensors, opts.precision);
+    check_vocab_rows(&file.metadata, &cfg, &weights).map_err(in_file)?;
     if weights.get(ROPE_FREQS).is_some() {
         let factors = weights
             .vector(ROPE_FREQS, cfg.rope.dim / 2)
@@ -83,8 +84,35 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     })
 }
 
-/// Per-pair rope frequency divisors, as llama.cpp's converter stores Llama 3 rope scaling.
-const ROPE_FREQS: &str = "rope_freqs.weight";
+/// llama.cpp's rule for GGUF files: the embedding and the output matrix have exactly one row
+/// per token of the vocabulary (`tokenizer.ggml.tokens`, or `{arch}.vocab_size`), so that every
+/// id the tokenizer makes has an embedding and every logit a token. (A file with neither key
+/// takes its vocabulary from the embedding.)
+fn check_vocab_rows(meta: &Metadata, cfg: &ModelConfig, w: &Weights) -> Result<()> {
+    let vocab_key = format!("{}.vocab_size", cfg.arch.gguf_name());
+    let from = if meta.get(TOKENS_KEY).is_some() {
+        format!("the {} tokens of `{TOKENS_KEY}`", cfg.vocab_size)
+    } else if meta.get(&vocab_key).is_some() {
+        format!("`{vocab_key}` = {}", cfg.vocab_size)
+    } else {
+        return Ok(());
+    };
+    for name in ["token_embd.weight", "output.weight"] {
+        match w.get(name) {
+            Some(t) if t.shape.len() == 2 && t.rows() != cfg.vocab_size => {
+                return Err(ModelError::Tensor {
+                    name: name.into(),
+                    msg: format!(
+                        "has {} rows, but the vocabulary is {from}; there must be one row per token",
+                        t.rows()
+                    ),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
     Ok(match cfg.arch {

@@ -47,6 +47,11 @@ fn assert_one_line_error(out: &Output, needles: &[&str]) {
 
 /// A tiny random llama-architecture GGUF (F32/F16/Q8_0 weights, no tokenizer).
 fn tiny_llama(path: &Path, arch: &str) {
+    tiny_llama_with(path, arch, &[]);
+}
+
+/// [`tiny_llama`] with the metadata `extra` set as well.
+fn tiny_llama_with(path: &Path, arch: &str, extra: &[(&str, MetaValue)]) {
     let (h, heads, kv, ff, vocab, layers) = (32usize, 4usize, 2usize, 64usize, 50usize, 2usize);
     let hd = h / heads;
     let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -82,6 +87,9 @@ fn tiny_llama(path: &Path, arch: &str) {
         &format!("{arch}.attention.layer_norm_rms_epsilon"),
         MetaValue::F32(1e-5),
     );
+    for (k, v) in extra {
+        w.meta(k, v.clone());
+    }
     w.tensor(
         "token_embd.weight",
         DType::Q8_0,
@@ -250,6 +258,30 @@ fn tiny_model_runs_from_token_ids() {
     assert_one_line_error(&out, &["80 tokens", "64"]);
     let out = supernode(&["run", "--model", p, "--tokens", "1", "--top-p", "1.5"]);
     assert_one_line_error(&out, &["top_p"]);
+}
+
+/// A crafted file whose rope has no dimensions used to load and then panic in every forward
+/// pass; out-of-range metadata is a one-line load error naming the key.
+#[test]
+fn out_of_range_metadata_is_named_at_load() {
+    for (name, key, v) in [
+        (
+            "rope0.gguf",
+            "llama.rope.dimension_count",
+            MetaValue::U32(0),
+        ),
+        (
+            "eps.gguf",
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(f32::NAN),
+        ),
+    ] {
+        let path = tmp(name);
+        tiny_llama_with(&path, "llama", &[(key, v)]);
+        let p = path.to_str().unwrap();
+        let out = supernode(&["run", "--model", p, "--tokens", "1"]);
+        assert_one_line_error(&out, &[&format!("`{key}`"), p]);
+    }
 }
 
 #[test]

@@ -566,8 +566,9 @@ impl SpecialIds {
         }
     }
 
-    /// Metadata ids override the defaults; defaults outside the vocabulary are dropped and
-    /// metadata ids outside it are ignored (llama.cpp warns and keeps the default).
+    /// Metadata ids override the defaults; defaults outside the vocabulary are dropped. A
+    /// metadata id outside it is an error naming its key (llama.cpp warns and keeps the
+    /// default, so that the file's BOS or EOS silently becomes another token).
     fn read(&mut self, meta: &Metadata, n: usize) -> Result<(), EngineError> {
         let [pre, suf, mid, pad, rep, sep] = &mut self.fim;
         let slots: [(&[&str], &mut Option<u32>); 11] = [
@@ -607,9 +608,16 @@ impl SpecialIds {
             }
             for key in keys {
                 if let Some(id) = meta.get_usize(key)? {
-                    if id < n {
-                        *slot = Some(id as u32);
+                    if id >= n {
+                        return Err(EngineError::tokenizer(
+                            "gguf",
+                            format!(
+                                "`{key}` is {id}, outside the vocabulary of {n} tokens \
+                                 (`tokenizer.ggml.tokens`)"
+                            ),
+                        ));
                     }
+                    *slot = Some(id as u32);
                 }
             }
         }
@@ -814,6 +822,11 @@ mod tests {
 
     /// A SentencePiece vocabulary: unknown, BOS, EOS, the 256 byte tokens and a few pieces.
     fn spm_tokenizer() -> Tokenizer {
+        Tokenizer::from_gguf_metadata(&spm_metadata()).expect("tokenizer builds")
+    }
+
+    /// The metadata of [`spm_tokenizer`].
+    fn spm_metadata() -> Metadata {
         let mut tokens: Vec<(String, f32, i32)> = vec![
             ("<unk>".into(), 0.0, 2),
             ("<s>".into(), 0.0, 3),
@@ -852,7 +865,7 @@ mod tests {
             "tokenizer.ggml.token_type",
             MetaValue::Array(tokens.iter().map(|t| MetaValue::I32(t.2)).collect()),
         );
-        Tokenizer::from_gguf_metadata(&meta).expect("tokenizer builds")
+        meta
     }
 
     #[test]
@@ -884,6 +897,38 @@ mod tests {
         assert_eq!(tok.token_bytes(2, false), b"");
         assert_eq!(tok.token_bytes(2, true), b"</s>");
         assert_eq!(tok.eog_ids(), [2]);
+    }
+
+    /// A special id outside the vocabulary used to be dropped for the default (BOS 1 for a
+    /// file that said 5000); it is a load error naming the key.
+    #[test]
+    fn special_ids_outside_the_vocabulary_are_named() {
+        let n = spm_tokenizer().vocab_size();
+        let mut meta = spm_metadata();
+        for key in [
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+            "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.fim_pre_token_id",
+            "tokenizer.ggml.prefix_token_id",
+            "tokenizer.ggml.fim_sep_token_id",
+        ] {
+            let mut bad = meta.clone();
+            bad.entries.insert(key.into(), MetaValue::U32(n as u32));
+            let err = Tokenizer::from_gguf_metadata(&bad).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{key}` is {n}")) && err.contains("vocabulary"),
+                "{err}"
+            );
+        }
+        meta.entries.insert(
+            "tokenizer.ggml.eos_token_id".into(),
+            MetaValue::U32(n as u32 - 1),
+        );
+        let tok = Tokenizer::from_gguf_metadata(&meta).unwrap();
+        assert_eq!(tok.eos_id(), Some(n as u32 - 1));
     }
 
     #[test]

@@ -93,49 +93,158 @@ const MINICPM5: &[Spec] = &[
     Spec::Re("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}+| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"),
 ];
 
-/// `(rules, clean_spaces, ignore_merges, add_bos, no_bos)` of a pre-tokenizer name, as
-/// llama.cpp's `llama_vocab::impl::load` assigns them. Unknown names get the default rules
-/// (llama.cpp refuses such files; serving them with the default split is the useful fallback).
-fn spec_of(pre: &str) -> (&'static [Spec], bool, bool, bool, bool) {
-    match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" => (LLAMA3, true, true, true, false),
-        "deepseek-coder" => (DEEPSEEK_CODER, false, false, false, false),
-        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" | "hy_v4" => {
-            (DEEPSEEK3, false, false, false, false)
-        }
-        "falcon" => (FALCON, true, false, false, false),
-        "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
-            (STARCODER, true, false, false, false)
-        }
-        "command-r" | "smollm" => (STARCODER, false, false, false, false),
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
-        | "a.x-4.0" | "mellum" | "modern-bert" | "mpt" | "olmo" | "jais" | "exaone4"
-        | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" => (GPT2, true, false, false, false),
-        "trillion" | "granite-docling" => (GPT2, false, false, false, false),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "grok-2"
-        | "solar-open" => (QWEN2, false, false, false, false),
-        "stablelm2" | "megrez" => (QWEN2, true, false, false, false),
-        "dbrx" | "smaug-bpe" => (LLAMA3, true, false, false, false),
-        "chatglm-bpe" => (LLAMA3, true, false, false, true),
-        "glm4" | "glm5" => (LLAMA3, true, true, false, true),
-        "poro-chat" => (PORO, false, false, false, false),
-        "bloom" | "gpt3-finnish" => (PORO, true, false, false, false),
-        "viking" => (VIKING, false, false, false, false),
-        "tekken" => (TEKKEN, false, true, true, false),
-        "gpt-4o" | "llama4" | "kanana2" | "talkie" => (GPT4O, false, false, false, false),
-        "seed-coder" => (SEED_CODER, false, false, false, false),
-        "ufakzeka" => (UFAKZEKA, false, false, false, false),
-        "bailingmoe" | "bailingmoe2" | "llada-moe" => (BAILINGMOE, false, false, false, false),
-        "minicpm5" => (MINICPM5, true, true, false, false),
-        _ => (DEFAULT, true, false, false, false),
+/// One pre-tokenizer type as llama.cpp's `llama_vocab::impl::load` assigns it: the
+/// `tokenizer.ggml.pre` names that select it, its rules, and `(clean_spaces, ignore_merges,
+/// add_bos, no_bos)`.
+struct PreType {
+    names: &'static [&'static str],
+    rules: &'static [Spec],
+    flags: (bool, bool, bool, bool),
+}
+
+const fn pre_type(
+    names: &'static [&'static str],
+    rules: &'static [Spec],
+    flags: (bool, bool, bool, bool),
+) -> PreType {
+    PreType {
+        names,
+        rules,
+        flags,
     }
 }
 
-/// The pre-tokenizer and flags for `tokenizer.ggml.pre` (`None` or empty: llama.cpp's default).
+/// Every `tokenizer.ggml.pre` llama.cpp knows; it refuses other names, and so do we.
+const PRE_TYPES: &[PreType] = &[
+    pre_type(&["default"], DEFAULT, (true, false, false, false)),
+    pre_type(
+        &[
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+        ],
+        LLAMA3,
+        (true, true, true, false),
+    ),
+    pre_type(
+        &["deepseek-coder"],
+        DEEPSEEK_CODER,
+        (false, false, false, false),
+    ),
+    pre_type(
+        &["deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"],
+        DEEPSEEK3,
+        (false, false, false, false),
+    ),
+    pre_type(&["falcon"], FALCON, (true, false, false, false)),
+    pre_type(
+        &[
+            "starcoder",
+            "refact",
+            "codeshell",
+            "exaone",
+            "minerva-7b",
+            "mellum2",
+        ],
+        STARCODER,
+        (true, false, false, false),
+    ),
+    pre_type(
+        &["command-r", "smollm"],
+        STARCODER,
+        (false, false, false, false),
+    ),
+    pre_type(
+        &[
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "a.x-4.0",
+            "mellum",
+            "modern-bert",
+            "mpt",
+            "olmo",
+            "jais",
+            "exaone4",
+            "jina-v1-en",
+            "jina-v2-code",
+            "roberta-bpe",
+        ],
+        GPT2,
+        (true, false, false, false),
+    ),
+    pre_type(
+        &["trillion", "granite-docling"],
+        GPT2,
+        (false, false, false, false),
+    ),
+    pre_type(
+        &[
+            "qwen2",
+            "deepseek-r1-qwen",
+            "kormo",
+            "f2llmv2",
+            "hunyuan",
+            "grok-2",
+            "solar-open",
+        ],
+        QWEN2,
+        (false, false, false, false),
+    ),
+    pre_type(&["stablelm2", "megrez"], QWEN2, (true, false, false, false)),
+    pre_type(&["dbrx", "smaug-bpe"], LLAMA3, (true, false, false, false)),
+    pre_type(&["chatglm-bpe"], LLAMA3, (true, false, false, true)),
+    pre_type(&["glm4", "glm5"], LLAMA3, (true, true, false, true)),
+    pre_type(&["poro-chat"], PORO, (false, false, false, false)),
+    pre_type(
+        &["bloom", "gpt3-finnish"],
+        PORO,
+        (true, false, false, false),
+    ),
+    pre_type(&["viking"], VIKING, (false, false, false, false)),
+    pre_type(&["tekken"], TEKKEN, (false, true, true, false)),
+    pre_type(
+        &["gpt-4o", "llama4", "kanana2", "talkie"],
+        GPT4O,
+        (false, false, false, false),
+    ),
+    pre_type(&["seed-coder"], SEED_CODER, (false, false, false, false)),
+    pre_type(&["ufakzeka"], UFAKZEKA, (false, false, false, false)),
+    pre_type(
+        &["bailingmoe", "bailingmoe2", "llada-moe"],
+        BAILINGMOE,
+        (false, false, false, false),
+    ),
+    pre_type(&["minicpm5"], MINICPM5, (true, true, false, false)),
+];
+
+/// The pre-tokenizer and flags for `tokenizer.ggml.pre` (`None` or empty: llama.cpp's default);
+/// an unknown name is an error naming it and listing the known ones, as in llama.cpp.
 pub(crate) fn for_pre_type(pre: Option<&str>) -> Result<PreConfig, EngineError> {
-    let (specs, clean_spaces, ignore_merges, add_bos, no_bos) = spec_of(pre.unwrap_or("default"));
-    let rules = specs
+    let name = pre.unwrap_or("default");
+    let Some(ty) = PRE_TYPES.iter().find(|t| t.names.contains(&name)) else {
+        let known: Vec<&str> = PRE_TYPES.iter().flat_map(|t| t.names).copied().collect();
+        return Err(EngineError::tokenizer(
+            "gguf",
+            format!(
+                "unknown pre-tokenizer `{name}` in `tokenizer.ggml.pre` (supported: {})",
+                known.join(", ")
+            ),
+        ));
+    };
+    let (clean_spaces, ignore_merges, add_bos, no_bos) = ty.flags;
+    let rules = ty
+        .rules
         .iter()
         .map(|s| match s {
             Spec::Gpt2 => Ok(Rule::Gpt2),
@@ -602,6 +711,31 @@ mod tests {
             words("deepseek-v3", "你好world 12345"),
             ["你好", "world", " ", "123", "45"]
         );
+    }
+
+    /// llama.cpp refuses a `tokenizer.ggml.pre` it does not know; so do we, naming it and the
+    /// known ones (it used to fall back on the default split silently).
+    #[test]
+    fn unknown_pre_tokenizer_is_named() {
+        let err = match for_pre_type(Some("llama-9000")) {
+            Ok(_) => panic!("an unknown pre-tokenizer loads"),
+            Err(e) => e.to_string(),
+        };
+        for want in [
+            "`llama-9000`",
+            "`tokenizer.ggml.pre`",
+            "supported: default, llama3",
+            "smollm",
+            "minicpm5",
+        ] {
+            assert!(err.contains(want), "`{want}` not in: {err}");
+        }
+        assert!(for_pre_type(None).is_ok());
+        assert!(for_pre_type(Some("default")).is_ok());
+        // Every name of the table builds.
+        for name in PRE_TYPES.iter().flat_map(|t| t.names) {
+            assert!(for_pre_type(Some(name)).is_ok(), "{name}");
+        }
     }
 
     #[test]
