@@ -145,16 +145,6 @@ pub enum SubmitError {
     Invalid(String),
     #[error("the prompt has {prompt} tokens but the context holds {ctx}")]
     PromptTooLong { prompt: usize, ctx: usize },
-    /// The prompt fits, but not with `max_tokens` more (vLLM and OpenAI refuse this too).
-    #[error(
-        "the context holds {ctx} tokens, but {} were asked for ({prompt} in the prompt, \
-         {max_tokens} to generate)", prompt + max_tokens
-    )]
-    TooManyTokens {
-        prompt: usize,
-        max_tokens: usize,
-        ctx: usize,
-    },
     #[error("{0} requests are already waiting; try again later")]
     QueueFull(usize),
     #[error("the engine has stopped")]
@@ -251,8 +241,9 @@ impl EngineHandle {
         self.cfg.ctx_len.min(self.kv_capacity_tokens())
     }
 
-    /// Checks `req` and queues it; its events go to its sink. A `max_tokens` of `usize::MAX`
-    /// means "until the context is full"; any other must fit beside the prompt.
+    /// Checks `req` and queues it; its events go to its sink. A request whose `max_tokens` does
+    /// not fit beside its prompt runs until the context is full (the server refuses such
+    /// requests before they get here, as OpenAI's API does).
     pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
         self.submit_all(vec![req])
     }
@@ -286,13 +277,6 @@ impl EngineHandle {
         let ctx = self.max_model_len();
         if n > ctx {
             return Err(SubmitError::PromptTooLong { prompt: n, ctx });
-        }
-        if req.max_tokens != usize::MAX && req.max_tokens > ctx - n {
-            return Err(SubmitError::TooManyTokens {
-                prompt: n,
-                max_tokens: req.max_tokens,
-                ctx,
-            });
         }
         if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(SubmitError::Invalid(format!(

@@ -187,6 +187,24 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
     };
     let (tx, rx) = unbounded_channel();
     let prompt_len = prompt.len();
+    // A prompt longer than the context is the engine's to refuse; one that fits but leaves less
+    // room than `max_tokens` is refused here, as OpenAI and vLLM do.
+    let ctx = st.max_model_len;
+    if let Some(m) = spec
+        .max_tokens
+        .filter(|&m| prompt_len <= ctx && m > ctx - prompt_len)
+    {
+        return Err(ApiError::invalid(
+            spec.max_tokens_param,
+            format!(
+                "this model's context holds {ctx} tokens, but {} were asked for ({prompt_len} in \
+                 the prompt, {m} to generate): lower `{}` or shorten the prompt",
+                prompt_len + m,
+                spec.max_tokens_param
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
     let reqs = (0..spec.n)
         .map(|i| {
             let mut params = spec.params.clone();
@@ -211,11 +229,6 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
             format!(
                 "this model's maximum context length is {ctx} tokens, but the prompt has {prompt} tokens"
             ),
-        )
-        .with_code("context_length_exceeded"),
-        SubmitError::TooManyTokens { .. } => ApiError::invalid(
-            spec.max_tokens_param,
-            format!("{e}: lower `{}` or shorten the prompt", spec.max_tokens_param),
         )
         .with_code("context_length_exceeded"),
         SubmitError::Invalid(m) => ApiError::invalid(param, m),
