@@ -52,6 +52,11 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// The most minijinja instructions one render may run: real templates need a few hundred per
+/// message, so this allows tens of thousands of messages, and a runaway loop stops within
+/// about a second.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the texts templates see under those names.
     pub fn new(
@@ -63,6 +68,8 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template comes with the model file: its loops must not spin forever.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
@@ -144,13 +151,22 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| EngineError::template("render", describe(&e)))?;
-        tmpl.render(minijinja::context! {
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-        })
-        .map_err(|e| EngineError::template("render", describe(&e)))
+        };
+        // A template comes with the model file: a bug it reaches in minijinja (2.24 panics on
+        // the reverse slice of an empty sequence) is this request's error, not a crash.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "the template engine failed on this template",
+                ))
+            })
+            .map_err(|e| EngineError::template("render", describe(&e)))
     }
 
     fn locate_contents(
