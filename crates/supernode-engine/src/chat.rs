@@ -57,6 +57,35 @@ const TEMPLATE_NAME: &str = "chat";
 /// about a second.
 const TEMPLATE_FUEL: u64 = 20_000_000;
 
+/// The longest rendered prompt: far beyond any context, and a bound on what a template can make
+/// a request allocate (minijinja itself caps one repeated string at 100 MB).
+const MAX_RENDER_BYTES: usize = 64 << 20;
+
+/// The most spaces `tojson(indent=..)` indents by.
+const MAX_JSON_INDENT: usize = 64;
+
+/// A render's output, refusing to grow past [`MAX_RENDER_BYTES`] (and then saying so).
+#[derive(Default)]
+struct Capped {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + buf.len() > MAX_RENDER_BYTES {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the texts templates see under those names.
     pub fn new(
@@ -159,14 +188,28 @@ impl ChatTemplate {
         };
         // A template comes with the model file: a bug it reaches in minijinja (2.24 panics on
         // the reverse slice of an empty sequence) is this request's error, not a crash.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
-            .unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "the template engine failed on this template",
-                ))
-            })
-            .map_err(|e| EngineError::template("render", describe(&e)))
+        let mut out = Capped::default();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tmpl.render_captured_to(ctx, &mut out).map(|_| ())
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "the template engine failed on this template",
+            ))
+        })
+        .map_err(|e| {
+            if out.over {
+                EngineError::template(
+                    "render",
+                    format!("the rendered prompt exceeds {MAX_RENDER_BYTES} bytes"),
+                )
+            } else {
+                EngineError::template("render", describe(&e))
+            }
+        })?;
+        String::from_utf8(out.buf)
+            .map_err(|_| EngineError::template("render", "the rendered prompt is not UTF-8"))
     }
 
     fn locate_contents(
@@ -416,8 +459,12 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
         None => None,
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => match v.as_str() {
-            Some(s) => Some(s.to_string()),
-            None => Some(" ".repeat(usize::try_from(v)?)),
+            Some(s) if s.len() <= MAX_JSON_INDENT => Some(s.to_string()),
+            Some(_) => None.ok_or_else(indent_too_large)?,
+            None => match usize::try_from(v)? {
+                n if n <= MAX_JSON_INDENT => Some(" ".repeat(n)),
+                _ => None.ok_or_else(indent_too_large)?,
+            },
         },
     };
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
@@ -427,6 +474,13 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
     let mut out = String::new();
     write_json(value, indent.as_deref(), sort_keys, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
+}
+
+fn indent_too_large() -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("tojson: indent must be at most {MAX_JSON_INDENT}"),
+    )
 }
 
 fn write_json_str(s: &str, out: &mut String) {

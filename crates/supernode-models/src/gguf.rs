@@ -27,7 +27,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use supernode_kernels::{DType, ALL_DTYPES};
 
-use crate::{MetaValue, Metadata, ModelError, Result, Storage, Tensor};
+use crate::{MetaValue, Metadata, ModelError, Result, Shown, Storage, Tensor};
 
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -492,10 +492,11 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
     let mut metadata = Metadata::default();
     for k in 0..n_kv {
         let key = p.string(|| format!("the name of key #{k}"))?;
-        let ty = p.u32(|| format!("the value type of key `{key}`"))?;
-        let value = p.value(ty, 0, &|| format!("the value of key `{key}`"))?;
+        let shown_key = Shown(key);
+        let ty = p.u32(|| format!("the value type of key `{shown_key}`"))?;
+        let value = p.value(ty, 0, &|| format!("the value of key `{shown_key}`"))?;
         if metadata.entries.insert(key.to_owned(), value).is_some() {
-            return Err(p.err(format!("key `{key}` appears twice")));
+            return Err(p.err(format!("key `{shown_key}` appears twice")));
         }
     }
 
@@ -516,34 +517,39 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
     let mut seen = HashSet::with_capacity(n_tensors);
     for t in 0..n_tensors {
         let name = p.string(|| format!("the name of tensor #{t}"))?;
-        let n_dims = p.u32(|| format!("the dimension count of tensor `{name}`"))?;
+        let shown_name = Shown(name);
+        let n_dims = p.u32(|| format!("the dimension count of tensor `{shown_name}`"))?;
         if !(1..=4).contains(&n_dims) {
             return Err(p.err(format!(
-                "tensor `{name}` has {n_dims} dimensions (GGUF allows 1 to 4)"
+                "tensor `{shown_name}` has {n_dims} dimensions (GGUF allows 1 to 4)"
             )));
         }
         let mut shape = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
-            let ne = p.u64(|| format!("dimension {d} of tensor `{name}`"))?;
+            let ne = p.u64(|| format!("dimension {d} of tensor `{shown_name}`"))?;
             match usize::try_from(ne) {
                 Ok(n) if n > 0 => shape.push(n),
-                _ => return Err(p.err(format!("tensor `{name}` has dimension {d} of size {ne}"))),
+                _ => {
+                    return Err(p.err(format!(
+                        "tensor `{shown_name}` has dimension {d} of size {ne}"
+                    )))
+                }
             }
         }
-        let type_id = p.u32(|| format!("the type of tensor `{name}`"))?;
+        let type_id = p.u32(|| format!("the type of tensor `{shown_name}`"))?;
         let Some(dtype) = DType::from_ggml_id(type_id) else {
             let type_name = match DType::ggml_name(type_id) {
                 "unknown" => format!("unknown type id {type_id}"),
                 known => format!("type {known}"),
             };
             return Err(p.err(format!(
-                "tensor `{name}` has {type_name}, which supernode does not support (supported: {})",
+                "tensor `{shown_name}` has {type_name}, which supernode does not support (supported: {})",
                 supported_list()
             )));
         };
-        let offset = p.u64(|| format!("the data offset of tensor `{name}`"))?;
+        let offset = p.u64(|| format!("the data offset of tensor `{shown_name}`"))?;
         if !seen.insert(name) {
-            return Err(p.err(format!("tensor `{name}` appears twice")));
+            return Err(p.err(format!("tensor `{shown_name}` appears twice")));
         }
         infos.push(TensorInfo {
             name,
@@ -569,10 +575,11 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             shape,
             offset,
         } = info;
+        let shown_name = Shown(name);
         let ne0 = shape.first().copied().unwrap_or(1);
         let row = dtype.row_bytes(ne0).ok_or_else(|| {
             p.err(format!(
-                "tensor `{name}` has rows of {ne0} elements, not a whole number of {} blocks of {}",
+                "tensor `{shown_name}` has rows of {ne0} elements, not a whole number of {} blocks of {}",
                 dtype.name(),
                 dtype.block_size()
             ))
@@ -581,10 +588,14 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             .iter()
             .skip(1)
             .try_fold(row, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| p.err(format!("the size of tensor `{name}` {shape:?} overflows")))?;
+            .ok_or_else(|| {
+                p.err(format!(
+                    "the size of tensor `{shown_name}` {shape:?} overflows"
+                ))
+            })?;
         if offset % alignment as u64 != 0 {
             return Err(p.err(format!(
-                "tensor `{name}` has data offset {offset}, not a multiple of the alignment {alignment}"
+                "tensor `{shown_name}` has data offset {offset}, not a multiple of the alignment {alignment}"
             )));
         }
         let start = usize::try_from(offset)
@@ -595,7 +606,7 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             Some(r) if r.end <= file_len => r,
             _ => {
                 return Err(p.err(format!(
-                "truncated or corrupt: tensor `{name}` ({} {shape:?}, {size} bytes at data offset \
+                "truncated or corrupt: tensor `{shown_name}` ({} {shape:?}, {size} bytes at data offset \
                      {offset}) runs past the end of the file ({file_len} bytes)",
                 dtype.name()
             )))
@@ -1133,6 +1144,30 @@ mod tests {
             .u64(0)
             .pad(64);
         assert!(err_of(&r.0).contains("overflows"));
+    }
+
+    #[test]
+    fn names_in_errors_are_escaped() {
+        // Found by fuzzing: a key name holding a newline made a two-line error, and a file's
+        // escape sequences reached the terminal raw.
+        let mut r = Raw::header(3, 0, 1);
+        r.str("a\nb\u{1b}[31m").u32(77).pad(8);
+        assert_eq!(
+            err_of(&r.0),
+            r"mem.gguf: the value of key `a\nb\u{1b}[31m` has unknown value type 77"
+        );
+        let mut w = GgufWriter::new();
+        w.tensor("t\r", DType::F32, &[2], vec![0; 4]);
+        let e = err_of(&w.to_bytes().unwrap());
+        assert!(
+            e.contains(r"tensor `t\r` (F32 [2]") && !e.contains('\r'),
+            "{e}"
+        );
+        // Long names are cut.
+        let mut r = Raw::header(3, 0, 1);
+        r.str(&"é".repeat(300)).u32(77).pad(8);
+        let e = err_of(&r.0);
+        assert!(e.contains(&format!("key `{}…`", "é".repeat(100))), "{e}");
     }
 
     #[test]

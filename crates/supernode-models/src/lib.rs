@@ -49,3 +49,25 @@ pub enum ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// A name read from a model file (a key, a tensor name, a dtype) as error messages show it:
+/// control characters escaped, so that an error stays one line and a file's bytes never reach
+/// a terminal raw, and cut after 100 characters.
+#[derive(Clone, Copy)]
+pub(crate) struct Shown<'a>(pub &'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MAX: usize = 100;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == MAX {
+                return f.write_str("…");
+            }
+            match c.is_control() {
+                true => write!(f, "{}", c.escape_default())?,
+                false => write!(f, "{c}")?,
+            }
+        }
+        Ok(())
+    }
+}

@@ -31,7 +31,7 @@ use serde_json::Value;
 use supernode_kernels::DType;
 
 use crate::names::{hf_expert_to_gguf, hf_to_gguf, is_ignorable};
-use crate::{ModelError, Result, Storage, Tensor};
+use crate::{ModelError, Result, Shown, Storage, Tensor};
 
 /// The largest JSON header accepted (the format's reference implementation uses the same).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -137,16 +137,21 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<Vec<Tensor>> {
         if name == "__metadata__" {
             continue;
         }
-        let entry: Entry = serde_json::from_value(value)
-            .map_err(|e| err(format!("tensor `{name}` has a malformed header entry: {e}")))?;
+        let shown = Shown(&name);
+        let entry: Entry = serde_json::from_value(value).map_err(|e| {
+            err(format!(
+                "tensor `{shown}` has a malformed header entry: {e}"
+            ))
+        })?;
         let (dtype, elem) = match entry.dtype.as_str() {
             "F32" => (DType::F32, 4),
             "F16" => (DType::F16, 2),
             "BF16" => (DType::BF16, 2),
             other => {
                 return Err(err(format!(
-                    "tensor `{name}` has dtype {other}, which supernode does not support \
-                     (supported: F32, F16, BF16)"
+                    "tensor `{shown}` has dtype {}, which supernode does not support \
+                     (supported: F32, F16, BF16)",
+                    Shown(other)
                 )))
             }
         };
@@ -163,7 +168,7 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<Vec<Tensor>> {
         });
         let (Some(mut shape), Some(size)) = (shape, size) else {
             return Err(err(format!(
-                "tensor `{name}` has shape {:?}, whose size overflows",
+                "tensor `{shown}` has shape {:?}, whose size overflows",
                 entry.shape
             )));
         };
@@ -174,15 +179,15 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<Vec<Tensor>> {
             .filter(|&(b, e)| b <= e && e <= data_len);
         let Some((begin, end)) = range else {
             return Err(err(format!(
-                "truncated or corrupt: tensor `{name}` has data offsets [{begin}, {end}], \
+                "truncated or corrupt: tensor `{shown}` has data offsets [{begin}, {end}], \
                  outside the {data_len}-byte data section"
             )));
         };
         if end - begin != size {
             return Err(err(format!(
-                "tensor `{name}` ({} {:?}) should have {size} bytes but its data offsets \
+                "tensor `{shown}` ({} {:?}) should have {size} bytes but its data offsets \
                  [{begin}, {end}] span {}",
-                entry.dtype,
+                Shown(&entry.dtype),
                 entry.shape,
                 end - begin
             )));
@@ -278,7 +283,8 @@ fn read_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Tensor>> {
     for (name, file) in weight_map {
         let Some(file) = file.as_str() else {
             return Err(err(format!(
-                "`weight_map` entry `{name}` is not a file name"
+                "`weight_map` entry `{}` is not a file name",
+                Shown(name)
             )));
         };
         let plain = !file.is_empty()
@@ -287,7 +293,9 @@ fn read_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Tensor>> {
                 .all(|c| matches!(c, Component::Normal(_)));
         if !plain {
             return Err(err(format!(
-                "`weight_map` entry `{name}` names `{file}`, not a file inside the model directory"
+                "`weight_map` entry `{}` names `{}`, not a file inside the model directory",
+                Shown(name),
+                Shown(file)
             )));
         }
         by_shard.entry(file).or_default().push(name);
@@ -298,21 +306,26 @@ fn read_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Tensor>> {
         let shard_path = dir.join(file);
         if !shard_path.is_file() {
             return Err(err(format!(
-                "shard `{file}` (listed in `weight_map`) does not exist"
+                "shard `{}` (listed in `weight_map`) does not exist",
+                Shown(file)
             )));
         }
         let shard = read_safetensors(&shard_path)?;
         let present: HashSet<&str> = shard.iter().map(|t| t.name.as_str()).collect();
         if let Some(missing) = names.iter().find(|n| !present.contains(**n)) {
             return Err(err(format!(
-                "tensor `{missing}` is listed in shard `{file}` but that shard does not have it"
+                "tensor `{}` is listed in shard `{}` but that shard does not have it",
+                Shown(missing),
+                Shown(file)
             )));
         }
         for t in shard {
             if let Some(other) = source.insert(t.name.clone(), file) {
                 return Err(err(format!(
-                    "tensor `{}` is in both shard `{other}` and shard `{file}`",
-                    t.name
+                    "tensor `{}` is in both shard `{}` and shard `{}`",
+                    Shown(&t.name),
+                    Shown(other),
+                    Shown(file)
                 )));
             }
             tensors.push(t);
@@ -356,7 +369,11 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
         if let Some(first) = seen.insert(gguf.clone(), t.name.clone()) {
             return Err(format_err(
                 dir,
-                format!("tensors `{first}` and `{}` both map to `{gguf}`", t.name),
+                format!(
+                    "tensors `{}` and `{}` both map to `{gguf}`",
+                    Shown(&first),
+                    Shown(&t.name)
+                ),
             ));
         }
         t.name = gguf;
@@ -367,9 +384,10 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
         return Err(format_err(
             dir,
             format!(
-                "{} checkpoint tensor(s) have no GGUF name for model_type `{arch}` \
+                "{} checkpoint tensor(s) have no GGUF name for model_type `{}` \
                  (supernode would compute this model wrongly): {}",
                 unknown.len(),
+                Shown(arch),
                 list_some(&unknown)
             ),
         ));
@@ -405,10 +423,10 @@ fn stack_experts(dir: &Path, name: String, mut parts: Vec<(usize, Tensor)>) -> R
             format!(
                 "`{}` ({} {:?}) does not stack with `{}` ({} {:?}) into `{name}`: experts \
                  must be matrices of one dtype and shape",
-                t.name,
+                Shown(&t.name),
                 t.dtype.name(),
                 t.shape,
-                first.name,
+                Shown(&first.name),
                 dtype.name(),
                 shape
             ),
@@ -432,7 +450,7 @@ fn list_some(names: &[String]) -> String {
     let head = names
         .iter()
         .take(SHOWN)
-        .map(|n| format!("`{n}`"))
+        .map(|n| format!("`{}`", Shown(n)))
         .collect::<Vec<_>>()
         .join(", ");
     match names.len().saturating_sub(SHOWN) {
@@ -786,6 +804,16 @@ mod tests {
         let m = read_safetensors_dir(dir.path()).unwrap();
         assert_eq!(m.tensors.len(), 1);
         assert_eq!(m.tensors[0].name, "blk.0.attn_kv_b.weight");
+    }
+
+    #[test]
+    fn names_in_errors_are_escaped() {
+        // Found by fuzzing: a dtype (or a tensor name) holding a newline made a two-line error.
+        let e = err_of(&st_bytes(&[("a\nb", "I\n8", &[1], vec![0])], true));
+        assert!(
+            e.starts_with(r"mem.safetensors: tensor `a\nb` has dtype I\n8, which supernode"),
+            "{e}"
+        );
     }
 
     #[test]

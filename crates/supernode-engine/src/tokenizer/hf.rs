@@ -7,6 +7,7 @@
 //! per-token bytes in the style the `decoder` section implies (byte-level or SentencePiece), so
 //! that [`super::IncrementalDecoder`] and `decode` agree by construction.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 
 use serde_json::Value;
@@ -34,6 +35,9 @@ pub(crate) struct HfLoaded {
     pub strip_first_space: bool,
     pub chat_template: Option<String>,
 }
+
+/// How far token ids may run beyond twice the number of tokens (gaps left by converters).
+const MAX_ID_SLACK: usize = 1024;
 
 fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
     std::fs::read(path).map_err(|e| EngineError::Io {
@@ -136,11 +140,38 @@ fn tok_err(op: &'static str) -> impl Fn(tokenizers::Error) -> EngineError {
     move |e| EngineError::tokenizer(op, e.to_string())
 }
 
+/// Runs a call into `tokenizers` that a malformed `tokenizer.json` can make panic (the crate
+/// trusts its files: a post-processor template naming a special token it does not define panics
+/// on every encode): the call's own result, or an error for the panic.
+fn unpanicked<T>(op: &'static str, f: impl FnOnce() -> T) -> Result<T, EngineError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        EngineError::tokenizer(
+            op,
+            format!("`tokenizers` panicked ({what}): the file is malformed"),
+        )
+    })
+}
+
 pub(crate) fn load(dir: &Path) -> Result<HfLoaded, EngineError> {
     let tok_path = dir.join("tokenizer.json");
     let bytes = read_file(&tok_path)?;
     let json = parse_json(&tok_path, &bytes)?;
-    let normal = tokenizers::Tokenizer::from_bytes(&bytes).map_err(tok_err("tokenizer.json"))?;
+    let mut normal = unpanicked("tokenizer.json", || {
+        tokenizers::Tokenizer::from_bytes(&bytes)
+    })?
+    .map_err(tok_err("tokenizer.json"))?;
+    // A file's padding and truncation settings are for batches of fixed length (transformers
+    // turns them off unless a call asks for them): padding would add ids, possibly outside the
+    // vocabulary, and truncation would cut prompts short.
+    normal.with_padding(None);
+    normal
+        .with_truncation(None)
+        .map_err(tok_err("tokenizer.json"))?;
     let mut no_special = normal.clone();
     no_special.set_encode_special_tokens(true);
 
@@ -152,13 +183,25 @@ pub(crate) fn load(dir: &Path) -> Result<HfLoaded, EngineError> {
     };
     let cfg = |k: &str| config.as_ref().and_then(|c| c.get(k));
 
-    // The vocabulary, added tokens included; ids without a token get a placeholder text.
+    // The vocabulary, added tokens included; ids without a token get a placeholder text. Real
+    // files number their tokens densely (added tokens right after the model's); a file whose
+    // largest id is far beyond its token count would have the table hold mostly placeholders.
     let by_text = normal.get_vocab(true);
     let n = by_text
         .values()
         .map(|&id| id as usize + 1)
         .max()
         .unwrap_or(0);
+    if n > MAX_ID_SLACK + 2 * by_text.len() {
+        return Err(EngineError::tokenizer(
+            "tokenizer.json",
+            format!(
+                "the largest token id is {} but there are only {} tokens",
+                n - 1,
+                by_text.len()
+            ),
+        ));
+    }
     let mut texts: Vec<Option<String>> = vec![None; n];
     for (text, &id) in &by_text {
         texts[id as usize] = Some(text.clone());
@@ -203,14 +246,13 @@ pub(crate) fn load(dir: &Path) -> Result<HfLoaded, EngineError> {
     let bos = token_content(cfg("bos_token")).and_then(|t| vocab.id(&t));
     let eos = token_content(cfg("eos_token")).and_then(|t| vocab.id(&t));
 
-    // What the post-processor adds, for configs that do not say.
+    // What the post-processor adds, for configs that do not say (nothing, if the model cannot
+    // represent the probe); a panic is a broken file.
     let probe = |add: bool| {
-        normal
-            .encode("a", add)
-            .map(|e| e.get_ids().to_vec())
-            .unwrap_or_default()
+        unpanicked("tokenizer.json", || normal.encode("a", add))
+            .map(|r| r.map(|e| e.get_ids().to_vec()).unwrap_or_default())
     };
-    let (with, without) = (probe(true), probe(false));
+    let (with, without) = (probe(true)?, probe(false)?);
     let post_adds_bos = with.len() > without.len() && bos.is_some() && with.first() == bos.as_ref();
     let post_adds_eos = with.len() > without.len() && eos.is_some() && with.last() == eos.as_ref();
     let add_bos = cfg("add_bos_token")
@@ -242,7 +284,7 @@ impl HfBackend {
             &self.no_special
         };
         // An encoding error (the model cannot represent the text) yields no ids for it.
-        if let Ok(e) = tok.encode(text, false) {
+        if let Ok(Ok(e)) = unpanicked("encode", || tok.encode(text, false)) {
             out.extend_from_slice(e.get_ids());
         }
     }
@@ -401,6 +443,63 @@ mod tests {
         }
         out += &dec.finish();
         assert_eq!(out, tok.decode(&guarded, false));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// `dir`'s `tokenizer.json` edited by `edit`, loaded: the error's text.
+    fn load_error(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let dir = write_tokenizer_dir(tag, None);
+        let path = dir.join("tokenizer.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).expect("write");
+        let e = Tokenizer::from_hf_dir(&dir).expect_err("loads").to_string();
+        let _ = std::fs::remove_dir_all(dir);
+        e
+    }
+
+    #[test]
+    fn malformed_files_are_errors() {
+        // Found by fuzzing: one token id of 2^31 - 1 sized the id table for 2^31 tokens.
+        let e = load_error("huge-id", |v| v["model"]["vocab"]["he"] = json!(i32::MAX));
+        assert!(
+            e.contains("the largest token id is 2147483647 but there are only"),
+            "{e}"
+        );
+        // Found by fuzzing: a post-processor naming a special token it does not define made
+        // `tokenizers` panic on every encode.
+        let e = load_error("template", |v| {
+            v["post_processor"] = json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": " ", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {}});
+        });
+        assert!(
+            e.starts_with("tokenizer (tokenizer.json): `tokenizers` panicked ("),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn padding_and_truncation_of_the_file_are_off() {
+        // Found by fuzzing: a file's fixed padding added its `pad_id` (outside the vocabulary
+        // there) to every encoding; its truncation would cut prompts short.
+        let dir = write_tokenizer_dir("padding", None);
+        let path = dir.join("tokenizer.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        v["padding"] = json!({"strategy": {"Fixed": 64}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 100000, "pad_type_id": 0, "pad_token": "[PAD]"});
+        v["truncation"] = json!({"direction": "Right", "max_length": 2,
+            "strategy": "LongestFirst", "stride": 0});
+        std::fs::write(&path, v.to_string()).expect("write");
+        let tok = Tokenizer::from_hf_dir(&dir).expect("loads");
+        let ids = tok.encode("hello the world", false, false);
+        assert_eq!(
+            ids,
+            [id(&tok, "hello"), id(&tok, "Ġthe"), id(&tok, "Ġworld")]
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -12,6 +12,8 @@
 
 mod api;
 mod conn;
+#[cfg(test)]
+mod fuzz;
 mod generate;
 mod metrics;
 
@@ -195,8 +197,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
         body_timeout: Duration::from_secs(a.body_timeout),
     });
+    // Requests are parsed, templated and tokenised on the blocking pool: two threads kept for
+    // the server's life (new threads would each bring a malloc arena, and the compute pool has
+    // the cores anyway).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(2)
+        .thread_keep_alive(Duration::from_secs(24 * 3600))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
