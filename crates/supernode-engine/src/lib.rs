@@ -1,9 +1,9 @@
 //! supernode-engine: tokenizers, chat templates, sampler, KV cache, generation loop. Knows no HTTP.
 
-pub mod block_pool;
 pub mod chat;
 pub mod engine;
 pub mod error;
+pub mod load;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;

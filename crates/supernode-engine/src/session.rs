@@ -1,116 +1,65 @@
-//! One model with its tokenizer and a KV cache, running one sequence at a time: the engine
-//! behind `supernode run`, `logits` and `tokenize`.
+//! One model served to one caller at a time: `supernode run`, `logits` and the tests that
+//! compare logits with references. It is a client of the [`Engine`], not a loop of its own,
+//! so `run` and `serve` share every rule (chunked prefill, the prefix cache, stop strings,
+//! limits) and give the same greedy tokens for the same prompt.
 //!
-//! The prompt is prefilled in chunks of at most [`PREFILL_CHUNK`] tokens, then tokens are
-//! decoded one by one, all through the model's flat-batch forward (one sequence whose block
-//! table covers the whole context). Chunked prefill and one-token decode compute identical
-//! K/V rows, so the results do not depend on the chunk size.
+//! The engine's KV cache holds the whole context for the one request; the prompt is
+//! prefilled in chunks of [`PREFILL_CHUNK`] tokens. The prefix cache stays on, so a chat's
+//! next turn reuses the blocks of the conversation so far.
 
 use std::path::Path;
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 
-use supernode_models::gguf::read_gguf;
-use supernode_models::{
-    load_model, Batch, KvCache, LoadOptions, LoadedModel, Metadata, Model, ModelSource,
-};
+use supernode_models::{LoadOptions, Model};
 
+use crate::engine::{Engine, EngineConfig, Event, Finish, Request, Sink, TokenEvent, BLOCK_SIZE};
 use crate::error::EngineError;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::load::load_with_tokenizer;
+use crate::sampler::SamplingParams;
 use crate::tokenizer::Tokenizer;
-
-/// The tokenizer of the model files at `path` (a `.gguf` file or a model directory), without
-/// building the model: `None` if the files have none.
-pub fn load_tokenizer(path: &Path) -> Result<Option<Tokenizer>, EngineError> {
-    if path.is_dir() {
-        tokenizer_from_dir(path)
-    } else {
-        tokenizer_from_gguf(&read_gguf(path)?.metadata)
-    }
-}
-
-fn tokenizer_from_gguf(metadata: &Metadata) -> Result<Option<Tokenizer>, EngineError> {
-    if metadata.get("tokenizer.ggml.tokens").is_none() {
-        return Ok(None);
-    }
-    Tokenizer::from_gguf_metadata(metadata).map(Some)
-}
-
-fn tokenizer_from_dir(dir: &Path) -> Result<Option<Tokenizer>, EngineError> {
-    if !dir.join("tokenizer.json").is_file() {
-        return Ok(None);
-    }
-    Tokenizer::from_hf_dir(dir).map(Some)
-}
-
-/// A loaded model and its tokenizer (if its files have one).
-pub type ModelWithTokenizer = (Box<dyn Model>, Option<Arc<Tokenizer>>);
-
-/// The model at `path` (a `.gguf` file or a safetensors directory) and its tokenizer, if the
-/// files have one.
-pub fn load_with_tokenizer(
-    path: &Path,
-    opts: &LoadOptions,
-) -> Result<ModelWithTokenizer, EngineError> {
-    let LoadedModel { model, source } = load_model(path, opts)?;
-    let tokenizer = match &source {
-        ModelSource::Gguf { metadata, .. } => tokenizer_from_gguf(metadata)?,
-        ModelSource::HfDir { dir, .. } => tokenizer_from_dir(dir)?,
-    };
-    if let Some(tok) = &tokenizer {
-        check_vocab(tok, model.config().vocab_size, &source)?;
-    }
-    Ok((model, tokenizer.map(Arc::new)))
-}
-
-/// Every id the tokenizer makes must have an embedding row and a logit. A GGUF model's
-/// vocabulary is its token list (the loader holds the embedding to it, as llama.cpp does); an
-/// HF model's `vocab_size` may exceed `tokenizer.json` (padding rows) but never be smaller than
-/// its highest id + 1.
-fn check_vocab(tok: &Tokenizer, vocab: usize, source: &ModelSource) -> Result<(), EngineError> {
-    let ids = tok.vocab_size();
-    if ids <= vocab {
-        return Ok(());
-    }
-    Err(EngineError::Invalid(match source {
-        ModelSource::Gguf { path, .. } => format!(
-            "{}: `tokenizer.ggml.tokens` lists {ids} tokens, but the model has {vocab} \
-             embedding rows",
-            path.display()
-        ),
-        ModelSource::HfDir { dir, .. } => format!(
-            "{}: `vocab_size` is {vocab}, but {} has ids up to {} (`vocab_size` must be at \
-             least the highest id + 1)",
-            dir.join("config.json").display(),
-            dir.join("tokenizer.json").display(),
-            ids - 1
-        ),
-    }))
-}
 
 /// Tokens per forward pass while prefilling.
 pub const PREFILL_CHUNK: usize = 256;
-/// KV slots per cache block.
-pub const BLOCK_SIZE: usize = 16;
 
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-generation token (not included in the output).
-    Stop,
-    /// The token limit or the end of the context.
-    Length,
-    /// The caller's callback asked to stop.
-    Cancelled,
+/// What one generation asks for.
+#[derive(Clone, Debug, Default)]
+pub struct Generate {
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    /// Generation stops before the first occurrence of any of these texts.
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Keeps this generation's prefix-cache entries apart from other salts'.
+    pub cache_salt: Option<String>,
+}
+
+/// What one generation gave.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    /// The text of the tokens (empty without a tokenizer), stop string excluded.
+    pub text: String,
+    pub finish: Finish,
 }
 
 /// A loaded model ready to generate.
 pub struct Session {
-    model: Box<dyn Model>,
-    tokenizer: Option<Arc<Tokenizer>>,
+    engine: Engine,
     /// Context length this session was opened with (≤ the model's).
     ctx_len: usize,
-    kv: KvCache,
-    block_table: Vec<u32>,
+}
+
+/// Forwards events into a channel the session drains after each step.
+struct ChannelSink(Sender<Event>);
+
+impl Sink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 impl Session {
@@ -146,29 +95,32 @@ impl Session {
             Some(c) => c,
             None => max,
         };
-        let num_blocks = ctx_len.div_ceil(BLOCK_SIZE);
-        let kv = KvCache::new(&model.kv_specs(), BLOCK_SIZE, num_blocks)?;
-        let block_table = (0..num_blocks as u32).collect();
-        Ok(Session {
-            model,
-            tokenizer,
+        let cfg = EngineConfig {
+            max_num_seqs: 1,
+            max_num_batched_tokens: PREFILL_CHUNK,
+            num_blocks: ctx_len.div_ceil(BLOCK_SIZE),
             ctx_len,
-            kv,
-            block_table,
+            max_waiting: 1,
+            prefix_caching: true,
+            prefix_cache_salt: String::new(),
+        };
+        Ok(Session {
+            engine: Engine::new(model, tokenizer, cfg)?,
+            ctx_len,
         })
     }
 
     pub fn model(&self) -> &dyn Model {
-        self.model.as_ref()
+        self.engine.model()
     }
 
     pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
-        self.tokenizer.as_ref()
+        self.engine.tokenizer()
     }
 
     /// The tokenizer, or an error saying the model has none.
     pub fn require_tokenizer(&self) -> Result<&Arc<Tokenizer>, EngineError> {
-        self.tokenizer.as_ref().ok_or_else(|| {
+        self.tokenizer().ok_or_else(|| {
             EngineError::Invalid(
                 "this model has no tokenizer files; pass token ids with --tokens".into(),
             )
@@ -179,75 +131,78 @@ impl Session {
         self.ctx_len
     }
 
-    fn check_prompt(&self, tokens: &[u32]) -> Result<(), EngineError> {
-        if tokens.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
+    /// Runs the request `make` builds around a sink to its end, handing each event before
+    /// the last to `on_event` (`false` from it cancels the request); returns the final one.
+    fn drive(
+        &mut self,
+        make: impl FnOnce(Box<dyn Sink>) -> Request,
+        mut on_event: impl FnMut(Event) -> bool,
+    ) -> Result<Finish, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let id = self
+            .engine
+            .add_request(make(Box::new(ChannelSink(tx))))
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let mut cancelled = false;
+        loop {
+            self.engine.step();
+            for ev in rx.try_iter() {
+                match ev {
+                    Event::Done(f) => return Ok(f),
+                    Event::Error(e) => return Err(EngineError::Invalid(e)),
+                    ev => {
+                        if !cancelled && !on_event(ev) {
+                            cancelled = true;
+                            self.engine.cancel(id);
+                        }
+                    }
+                }
+            }
+            if !self.engine.has_unfinished() && !cancelled {
+                return Err(EngineError::Invalid(format!(
+                    "the engine dropped request {id} without finishing it"
+                )));
+            }
         }
-        if tokens.len() > self.ctx_len {
-            return Err(EngineError::Invalid(format!(
-                "the prompt has {} tokens but the context holds {}",
-                tokens.len(),
-                self.ctx_len
-            )));
-        }
-        let vocab = self.model.config().vocab_size;
-        if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::Invalid(format!(
-                "token id {t} is outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(())
     }
 
-    /// Runs `tokens` at positions `start..`, returning the logits of the rows in `want`
-    /// (indices into `tokens`).
-    fn forward(
+    /// Generates after `prompt` as `g` says. `on_token` sees each token as it comes, and
+    /// returns `false` to stop (the result then ends with `Cancelled`).
+    pub fn generate(
         &mut self,
-        tokens: &[u32],
-        start: usize,
-        want: &[usize],
-    ) -> Result<Vec<f32>, EngineError> {
-        let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let seq_of = vec![0; tokens.len()];
-        let tables = [self.block_table.as_slice()];
-        let batch = Batch {
+        prompt: &[u32],
+        g: &Generate,
+        mut on_token: impl FnMut(&TokenEvent) -> bool,
+    ) -> Result<Generated, EngineError> {
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        let finish = self.drive(
+            |sink| Request {
+                prompt: prompt.to_vec(),
+                params: g.params.clone(),
+                max_tokens: g.max_tokens,
+                stop: g.stop.clone(),
+                ignore_eos: g.ignore_eos,
+                logprobs: None,
+                cache_salt: g.cache_salt.clone(),
+                prompt_logits: false,
+                sink,
+            },
+            |ev| match ev {
+                Event::Token(t) => {
+                    tokens.push(t.id);
+                    text.push_str(&t.text);
+                    on_token(&t)
+                }
+                _ => true,
+            },
+        )?;
+        text.push_str(&finish.text);
+        Ok(Generated {
             tokens,
-            positions: &positions,
-            seq_of: &seq_of,
-            block_tables: &tables,
-            logits_for: want,
-        };
-        Ok(self.model.forward(&batch, &mut self.kv)?)
-    }
-
-    /// Prefills `tokens` from position 0 in chunks of `chunk`; returns the logits of every
-    /// position if `all`, else of the last one only.
-    fn prefill(
-        &mut self,
-        tokens: &[u32],
-        chunk_len: usize,
-        all: bool,
-    ) -> Result<Vec<f32>, EngineError> {
-        self.check_prompt(tokens)?;
-        if chunk_len == 0 {
-            return Err(EngineError::Invalid(
-                "the prefill chunk must hold at least one token".into(),
-            ));
-        }
-        let mut out = Vec::new();
-        for (c, chunk) in tokens.chunks(chunk_len).enumerate() {
-            let start = c * chunk_len;
-            let last_chunk = start + chunk.len() == tokens.len();
-            let want: Vec<usize> = if all {
-                (0..chunk.len()).collect()
-            } else if last_chunk {
-                vec![chunk.len() - 1]
-            } else {
-                Vec::new()
-            };
-            out.extend(self.forward(chunk, start, &want)?);
-        }
-        Ok(out)
+            text,
+            finish,
+        })
     }
 
     /// Teacher-forced logits of every position of `tokens` (row `i` predicts token `i + 1`).
@@ -262,50 +217,36 @@ impl Session {
         tokens: &[u32],
         chunk_len: usize,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let vocab = self.model.config().vocab_size;
-        let flat = self.prefill(tokens, chunk_len, true)?;
-        Ok(flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
-    }
-
-    /// Generates up to `max_tokens` after `prompt`. `on_token(id, logits)` sees each new token
-    /// and the logits it was sampled from, and returns `false` to stop. Stops at the model's
-    /// end-of-generation tokens (unless `ignore_eos`) and at the end of the context.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        params: &SamplingParams,
-        max_tokens: usize,
-        ignore_eos: bool,
-        mut on_token: impl FnMut(u32, &[f32]) -> bool,
-    ) -> Result<(Vec<u32>, FinishReason), EngineError> {
-        params.validate().map_err(EngineError::Invalid)?;
-        let eog: Vec<u32> = match (&self.tokenizer, ignore_eos) {
-            (Some(t), false) => t.eog_ids().to_vec(),
-            _ => Vec::new(),
-        };
-        let mut sampler = Sampler::new(params.clone());
-        let mut history = prompt.to_vec();
-        let mut logits = self.prefill(prompt, PREFILL_CHUNK, false)?;
-        let mut out = Vec::new();
-        loop {
-            if out.len() >= max_tokens {
-                return Ok((out, FinishReason::Length));
-            }
-            let tok = sampler.sample(&logits, &history);
-            if eog.contains(&tok) {
-                return Ok((out, FinishReason::Stop));
-            }
-            out.push(tok);
-            history.push(tok);
-            if !on_token(tok, &logits) {
-                return Ok((out, FinishReason::Cancelled));
-            }
-            // The new token's K/V goes at position `pos`, which must lie inside the context.
-            let pos = history.len() - 1;
-            if out.len() >= max_tokens || pos >= self.ctx_len {
-                return Ok((out, FinishReason::Length));
-            }
-            logits = self.forward(&[tok], pos, &[0])?;
+        if chunk_len == 0 {
+            return Err(EngineError::Invalid(
+                "the prefill chunk must hold at least one token".into(),
+            ));
         }
+        let vocab = self.model().config().vocab_size;
+        let mut rows: Vec<Vec<f32>> = Vec::with_capacity(tokens.len());
+        self.engine.set_token_budget(chunk_len);
+        let res = self.drive(
+            |sink| Request {
+                prompt: tokens.to_vec(),
+                params: SamplingParams::greedy(),
+                max_tokens: 0,
+                stop: Vec::new(),
+                ignore_eos: true,
+                logprobs: None,
+                cache_salt: None,
+                prompt_logits: true,
+                sink,
+            },
+            |ev| {
+                if let Event::PromptLogits(p) = ev {
+                    debug_assert_eq!(p.start, rows.len());
+                    rows.extend(p.logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+                }
+                true
+            },
+        );
+        self.engine.set_token_budget(PREFILL_CHUNK);
+        res?;
+        Ok(rows)
     }
 }

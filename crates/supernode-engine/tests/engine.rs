@@ -7,9 +7,10 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use supernode_engine::engine::{EngineConfig, EngineHandle, Event, Finish, Request, Sink};
+use supernode_engine::engine::{
+    EngineConfig, EngineHandle, Event, Finish, FinishReason, Request, Sink,
+};
 use supernode_engine::sampler::SamplingParams;
-use supernode_engine::session::FinishReason;
 use supernode_models::{load_model, LoadOptions};
 
 fn fixture() -> PathBuf {
@@ -40,6 +41,7 @@ fn engine_of(
         ctx_len: 256,
         max_waiting: 1000,
         prefix_caching: true,
+        prefix_cache_salt: String::new(),
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }
@@ -71,6 +73,7 @@ impl Pending {
                 Event::Token(t) => toks.push(t.id),
                 Event::Done(f) => return (toks, f),
                 Event::Error(e) => panic!("engine error: {e}"),
+                Event::PromptLogits(_) => panic!("prompt logits were not asked for"),
             }
         }
     }
@@ -86,6 +89,8 @@ fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
         stop: Vec::new(),
         ignore_eos: true,
         logprobs: None,
+        cache_salt: None,
+        prompt_logits: false,
         sink: Box::new(ChanSink {
             tx,
             closed: closed.clone(),
@@ -245,6 +250,8 @@ fn bad_requests_are_refused() {
         stop: Vec::new(),
         ignore_eos: true,
         logprobs: None,
+        cache_salt: None,
+        prompt_logits: false,
         sink: sink(),
     };
     assert!(e.submit(req(vec![])).is_err());

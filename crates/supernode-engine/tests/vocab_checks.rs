@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use supernode_engine::session::load_with_tokenizer;
+use supernode_engine::load::load_with_tokenizer;
 use supernode_models::LoadOptions;
 
 /// A copy of the tiny HF Llama fixture (vocabulary 256) with a word-level `tokenizer.json`

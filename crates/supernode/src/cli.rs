@@ -1,21 +1,19 @@
 //! Subcommands: `run`, `logits`, `tokenize`, `serve`, `bench`, `fetch`.
 
 use std::io::{self, BufRead, IsTerminal, Write};
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use supernode_engine::chat::{ChatMessage, ChatTemplate};
+use supernode_engine::load::load_tokenizer;
 use supernode_engine::sampler::SamplingParams;
-use supernode_engine::session::{load_tokenizer, Session};
-use supernode_engine::tokenizer::{IncrementalDecoder, Tokenizer};
-use supernode_kernels::Precision;
-use supernode_models::LoadOptions;
+use supernode_engine::session::{Generate, Session};
+use supernode_engine::tokenizer::Tokenizer;
 
 use crate::fetch;
+use crate::model_args::{open_model, status_line, ModelArgs};
 
 #[derive(Parser)]
 #[command(
@@ -45,34 +43,6 @@ enum Command {
         /// The model's short name.
         name: String,
     },
-}
-
-#[derive(Args)]
-pub(crate) struct ModelArgs {
-    /// A .gguf file, a directory with config.json + *.safetensors, or a short name
-    /// (smollm2-135m, gemma3-270m) fetched into the cache on first use.
-    #[arg(long, short = 'm')]
-    pub(crate) model: String,
-    /// Worker threads (default: all cores).
-    #[arg(long, short = 't')]
-    pub(crate) threads: Option<usize>,
-    /// Context length (default: the model's).
-    #[arg(long)]
-    pub(crate) ctx: Option<usize>,
-    /// How activations meet quantised weights: `exact` (f32 activations against dequantised
-    /// weights: agrees with a float64 forward on the same weights) or `quantized` (llama.cpp's
-    /// numerics: activations quantised to 8 bits, integer dot products, f16 attention).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
-    pub(crate) precision: PrecisionArg,
-    /// Print load time and speed on stderr even when it is not a terminal.
-    #[arg(long, short = 'v')]
-    pub(crate) verbose: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum PrecisionArg {
-    Quantized,
-    Exact,
 }
 
 #[derive(Args)]
@@ -119,6 +89,9 @@ struct RunArgs {
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Stop before this text (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Print one JSON object {prompt_tokens, tokens, text} instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -169,59 +142,8 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Sets up the thread pool and resolves the model path and load options of `m`.
-pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
-    if let Some(t) = m.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        if !supernode_kernels::pool::set_threads(t) {
-            bail!("the thread pool already runs with another thread count");
-        }
-    }
-    let path: PathBuf = fetch::resolve_model(&m.model)?;
-    let precision = match m.precision {
-        PrecisionArg::Quantized => Precision::Quantized,
-        PrecisionArg::Exact => Precision::Exact,
-    };
-    Ok((path, LoadOptions { precision }))
-}
-
 fn open(m: &ModelArgs) -> Result<Session> {
     open_model(m).map(|(s, _)| s)
-}
-
-/// The session of `m` and the model file's path.
-pub(crate) fn open_model(m: &ModelArgs) -> Result<(Session, PathBuf)> {
-    let (path, opts) = prepare(m)?;
-    let t0 = Instant::now();
-    let session = Session::load(&path, &opts, m.ctx)?;
-    status_line(
-        m.verbose,
-        &format!(
-            "loaded {} in {:.2}s",
-            path.display(),
-            t0.elapsed().as_secs_f64()
-        ),
-    );
-    Ok((session, path))
-}
-
-impl ModelArgs {
-    pub(crate) fn precision_name(&self) -> &'static str {
-        match self.precision {
-            PrecisionArg::Quantized => "quantized",
-            PrecisionArg::Exact => "exact",
-        }
-    }
-}
-
-/// A status line on stderr (kept off stdout, which carries results), shown on a terminal or
-/// with `--verbose`.
-pub(crate) fn status_line(verbose: bool, msg: &str) {
-    if verbose || io::stderr().is_terminal() {
-        eprintln!("supernode: {msg}");
-    }
 }
 
 fn sampling(a: &RunArgs) -> SamplingParams {
@@ -295,38 +217,32 @@ fn generate(
     a: &RunArgs,
     stream: bool,
 ) -> Result<(Vec<u32>, Option<String>)> {
-    let mut decoder = session
-        .tokenizer()
-        .map(|t| IncrementalDecoder::new(Arc::clone(t), false));
-    let mut text = String::new();
+    let has_text = session.tokenizer().is_some();
     let mut stdout = io::stdout().lock();
     let t0 = Instant::now();
     let mut first: Option<f64> = None;
-    let (tokens, _reason) =
-        session.generate(prompt, params, a.max_tokens, a.ignore_eos, |tok, _| {
-            first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-            if let Some(d) = decoder.as_mut() {
-                let piece = d.push(tok);
-                if stream {
-                    let _ = stdout.write_all(piece.as_bytes());
-                    let _ = stdout.flush();
-                }
-                text.push_str(&piece);
-            }
-            true
-        })?;
-    if let Some(d) = decoder.as_mut() {
-        let rest = d.finish();
-        if stream {
-            let _ = stdout.write_all(rest.as_bytes());
+    let g = Generate {
+        params: params.clone(),
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        cache_salt: None,
+    };
+    let out = session.generate(prompt, &g, |t| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        if stream && !t.text.is_empty() {
+            let _ = stdout.write_all(t.text.as_bytes());
+            let _ = stdout.flush();
         }
-        text.push_str(&rest);
-    }
+        true
+    })?;
     if stream {
+        let _ = stdout.write_all(out.finish.text.as_bytes());
         let _ = writeln!(stdout);
     }
     let total = t0.elapsed().as_secs_f64();
-    if let (Some(f), true) = (first, tokens.len() > 1) {
+    let n = out.tokens.len();
+    if let (Some(f), true) = (first, n > 1) {
         status_line(
             a.model.verbose,
             &format!(
@@ -334,12 +250,12 @@ fn generate(
                 prompt.len(),
                 f,
                 prompt.len() as f64 / f,
-                tokens.len(),
-                (tokens.len() - 1) as f64 / (total - f).max(1e-9)
+                n,
+                (n - 1) as f64 / (total - f).max(1e-9)
             ),
         );
     }
-    Ok((tokens, decoder.map(|_| text)))
+    Ok((out.tokens, has_text.then_some(out.text)))
 }
 
 fn interactive_chat(session: &mut Session, a: &RunArgs, params: &SamplingParams) -> Result<()> {

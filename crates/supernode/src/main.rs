@@ -4,6 +4,7 @@
 mod bench;
 mod cli;
 mod fetch;
+mod model_args;
 mod server;
 
 use std::process::ExitCode;

@@ -376,3 +376,60 @@ fn tokenize_prints_llama_cpp_ids() {
         }
     }
 }
+
+/// `run --stop` ends the text just before the first occurrence of a stop string, as the
+/// server's `stop` does, and `run` goes through the same engine: the tokens are a prefix of the
+/// unstopped run's.
+#[test]
+fn run_stops_before_a_stop_string() {
+    let model = common::model_path("smollm2-135m");
+    let base = [
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The history of the printing press begins",
+        "-n",
+        "40",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--threads",
+        "2",
+    ];
+    let parse = |out: Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let full = parse(supernode(&base));
+    let text = full["text"].as_str().unwrap().to_string();
+    // A five-byte window from the second half of the text that first occurs where it is taken.
+    let at = (text.len() / 2..text.len() - 5)
+        .find(|&k| {
+            text.is_char_boundary(k)
+                && text.is_char_boundary(k + 5)
+                && !text[k..k + 5].trim().is_empty()
+                && text.find(&text[k..k + 5]) == Some(k)
+        })
+        .expect("a stop window in the greedy text");
+    let stop = text[at..at + 5].to_string();
+    let mut args = base.to_vec();
+    args.extend(["--stop", &stop]);
+    let stopped = parse(supernode(&args));
+    assert_eq!(
+        stopped["text"].as_str().unwrap(),
+        &text[..at],
+        "stop {stop:?}"
+    );
+    let (all, some) = (
+        common::ids(&full["tokens"]),
+        common::ids(&stopped["tokens"]),
+    );
+    assert!(some.len() < all.len());
+    assert_eq!(some[..], all[..some.len()]);
+}

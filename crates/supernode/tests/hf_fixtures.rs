@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use common::{ids, read_json};
 use serde_json::Value;
 use supernode_engine::sampler::SamplingParams;
-use supernode_engine::session::Session;
+use supernode_engine::session::{Generate, Session};
 use supernode_kernels::Precision;
 use supernode_models::gguf::GgufWriter;
 use supernode_models::safetensors::read_safetensors_dir;
@@ -85,9 +85,16 @@ fn check_arch(arch: &str) {
             temperature: 0.0,
             ..SamplingParams::default()
         };
-        let (got, _) = session
-            .generate(&prompt, &params, want.len(), true, |_, _| true)
-            .expect("generation");
+        let g = Generate {
+            params,
+            max_tokens: want.len(),
+            ignore_eos: true,
+            ..Generate::default()
+        };
+        let got = session
+            .generate(&prompt, &g, |_| true)
+            .expect("generation")
+            .tokens;
         assert_eq!(
             got, want,
             "{arch} ({config_file}): greedy continuation differs from transformers"

@@ -25,7 +25,7 @@ use common::{fixture, ids, model_path, pairs, read_json};
 use serde_json::Value;
 use supernode_engine::chat::{ChatMessage, ChatTemplate};
 use supernode_engine::sampler::SamplingParams;
-use supernode_engine::session::Session;
+use supernode_engine::session::{Generate, Session};
 use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
 
@@ -219,9 +219,16 @@ fn check_model(name: &str, opts: &LoadOptions, top_margin: f64) {
             temperature: 0.0,
             ..SamplingParams::default()
         };
-        let (ours, _) = session
-            .generate(&want, &params, greedy_ref.len(), true, |_, _| true)
-            .expect("generation");
+        let g = Generate {
+            params,
+            max_tokens: greedy_ref.len(),
+            ignore_eos: true,
+            ..Generate::default()
+        };
+        let ours = session
+            .generate(&want, &g, |_| true)
+            .expect("generation")
+            .tokens;
         for (i, (&a, &b)) in ours.iter().zip(&greedy_ref).enumerate() {
             if margin(&steps[i]) < top_margin {
                 break;

@@ -281,6 +281,8 @@ pub struct GenSpec {
     pub ignore_eos: bool,
     /// Top alternatives to report per token; `None`: no logprobs at all.
     pub logprobs: Option<usize>,
+    /// Keeps the request's prefix-cache entries apart from other salts' (vLLM's field).
+    pub cache_salt: Option<String>,
 }
 
 /// The most choices one request may ask for.
@@ -382,6 +384,15 @@ fn common(f: &Fields) -> ApiResult<GenSpec> {
         include_usage,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         logprobs: None,
+        cache_salt: match f.string("cache_salt")? {
+            Some("") => {
+                return Err(ApiError::invalid(
+                    "cache_salt",
+                    "`cache_salt` must be a non-empty string if given",
+                ))
+            }
+            salt => salt.map(str::to_string),
+        },
     })
 }
 

@@ -13,8 +13,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
-use supernode_engine::engine::{Event, Finish, Request, Sink, SubmitError, TokenLogprobs};
-use supernode_engine::session::FinishReason;
+use supernode_engine::engine::{
+    Event, Finish, FinishReason, Request, Sink, SubmitError, TokenLogprobs,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::api::{self, ApiError, ApiResult, GenSpec, Prompt};
@@ -216,6 +217,8 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
                 stop: spec.stop.clone(),
                 ignore_eos: spec.ignore_eos,
                 logprobs: spec.logprobs,
+                cache_salt: spec.cache_salt.clone(),
+                prompt_logits: false,
                 sink: Box::new(ChannelSink {
                     index: i,
                     tx: tx.clone(),
@@ -371,6 +374,8 @@ impl Started {
                     c.finish = Some(f);
                 }
             }
+            // Never asked for by the server.
+            Event::PromptLogits(_) => {}
             Event::Error(msg) => {
                 if self.stream {
                     chunks.push(ApiError::internal(msg.clone()).body());

@@ -32,11 +32,11 @@ use clap::Args;
 use serde_json::json;
 use supernode_engine::chat::ChatTemplate;
 use supernode_engine::engine::{EngineConfig, EngineHandle};
-use supernode_engine::session::load_with_tokenizer;
+use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::tokenizer::Tokenizer;
 use supernode_models::KvCache;
 
-use crate::cli::{prepare, status_line, ModelArgs};
+use crate::model_args::{prepare, status_line, ModelArgs};
 use api::ApiError;
 use metrics::Metrics;
 
@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// Do not reuse the KV blocks of shared prompt prefixes.
     #[arg(long)]
     no_prefix_caching: bool,
+    /// A secret that keys every prefix-cache block hash of this deployment, so that its hashes
+    /// (seen by routers and other workers) cannot be matched or predicted from outside.
+    #[arg(long, default_value = "")]
+    prefix_cache_salt: String,
     /// Seconds to let running requests finish after SIGTERM before cancelling them.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -152,6 +156,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ctx_len,
         max_waiting: a.max_waiting,
         prefix_caching: !a.no_prefix_caching,
+        prefix_cache_salt: a.prefix_cache_salt.clone(),
     };
     let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
     let limits = conn::Limits {

@@ -1,12 +1,7 @@
-//! `supernode bench`: speed figures as JSON.
-//!
-//! - Offline (default): prefill a prompt of `--prompt-tokens` pseudo-random tokens, then decode
-//!   `--gen-tokens` greedily past end-of-generation, `--reps` times; medians with min and max.
-//! - `--serve`: drive an OpenAI server (a running one at `--url`, or `supernode serve` started
-//!   here for `--model`) with `--requests` streaming chat requests (or, with `--completions`,
-//!   text completions) at each `--concurrency`;
-//!   aggregate output tokens/s, time to first token, time per output token and inter-chunk
-//!   latency percentiles, errors, and the spawned server's peak memory.
+//! `supernode bench --serve`: drive an OpenAI server (a running one at `--url`, or
+//! `supernode serve` started here for `--model`) with streaming requests at each
+//! `--concurrency`; aggregate output tokens/s, time to first token, time per output token and
+//! inter-chunk latency percentiles, errors, and the spawned server's peak memory.
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::process::{Child, Command as Proc, Stdio};
@@ -14,185 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use supernode_engine::sampler::SamplingParams;
-use supernode_kernels::pool;
 
-use crate::cli::{open_model, ModelArgs};
-
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Prompt length (offline mode).
-    #[arg(long, default_value_t = 512)]
-    prompt_tokens: usize,
-    /// Tokens to decode (offline mode).
-    #[arg(long, default_value_t = 128)]
-    gen_tokens: usize,
-    /// Repetitions (offline mode); medians are reported.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// Print only the JSON object (no progress).
-    #[arg(long)]
-    json: bool,
-    /// Benchmark an OpenAI server instead: the one at --url, or `supernode serve --model M`
-    /// started for the run.
-    #[arg(long)]
-    serve: bool,
-    /// A running server's base URL (serving mode), e.g. http://127.0.0.1:8080.
-    #[arg(long, requires = "serve")]
-    url: Option<String>,
-    /// Concurrent clients, comma-separated for several runs (serving mode).
-    #[arg(long, value_delimiter = ',', default_value = "16")]
-    concurrency: Vec<usize>,
-    /// Requests per concurrency level (serving mode).
-    #[arg(long, default_value_t = 200)]
-    requests: usize,
-    /// Output tokens per request (serving mode; generation ignores end-of-generation tokens).
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
-    /// Send text prompts to /v1/completions instead of chat messages to /v1/chat/completions
-    /// (serving mode; for base models, which have no chat template).
-    #[arg(long, requires = "serve")]
-    completions: bool,
-    /// Extra arguments for the spawned server, e.g. "--max-num-seqs 32" (serving mode).
-    #[arg(long, allow_hyphen_values = true)]
-    server_args: Option<String>,
-}
-
-pub fn bench(a: BenchArgs) -> Result<()> {
-    if a.serve {
-        return bench_serve(a);
-    }
-    if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens < 2 {
-        bail!("--reps and --prompt-tokens must be at least 1 and --gen-tokens at least 2");
-    }
-    let (mut session, path) = open_model(&a.model)?;
-    let vocab = session.model().config().vocab_size;
-    let need = a.prompt_tokens + a.gen_tokens;
-    if need > session.ctx_len() {
-        bail!(
-            "--prompt-tokens + --gen-tokens = {need} exceeds the context of {}",
-            session.ctx_len()
-        );
-    }
-    // Pseudo-random prompt tokens (as llama-bench uses), the same every run.
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % vocab as u64) as u32
-        })
-        .collect();
-    let show = !a.json && std::io::stderr().is_terminal();
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
-    for rep in 0..a.reps {
-        let t0 = Instant::now();
-        let mut first = None;
-        let mut n = 0usize;
-        session.generate(
-            &prompt,
-            &SamplingParams::greedy(),
-            a.gen_tokens,
-            true,
-            |_, _| {
-                n += 1;
-                first.get_or_insert_with(Instant::now);
-                true
-            },
-        )?;
-        let end = Instant::now();
-        let first = first.context("no token was generated")?;
-        let p = a.prompt_tokens as f64 / (first - t0).as_secs_f64();
-        let d = (n - 1) as f64 / (end - first).as_secs_f64().max(1e-9);
-        if show {
-            eprintln!(
-                "rep {}/{}: prefill {p:.1} tok/s, decode {d:.1} tok/s",
-                rep + 1,
-                a.reps
-            );
-        }
-        prefill.push(p);
-        decode.push(d);
-    }
-    let bytes = session.model().weight_bytes_per_token();
-    let (pm, dm) = (median(&prefill), median(&decode));
-    let bw = read_bandwidth();
-    let out = json!({
-        "model": path.display().to_string(),
-        "threads": pool::threads(),
-        "precision": a.model.precision_name(),
-        "prompt_tokens": a.prompt_tokens,
-        "gen_tokens": a.gen_tokens,
-        "reps": a.reps,
-        "prefill_tok_s": pm,
-        "prefill_tok_s_min": min(&prefill),
-        "prefill_tok_s_max": max(&prefill),
-        "decode_tok_s": dm,
-        "decode_tok_s_min": min(&decode),
-        "decode_tok_s_max": max(&decode),
-        "weight_bytes_per_token": bytes,
-        "decode_weight_gb_s": dm * bytes as f64 / 1e9,
-        "memory_read_gb_s": bw / 1e9,
-        "decode_roofline_tok_s": bw / bytes as f64,
-        "decode_roofline_share": dm * bytes as f64 / bw,
-    });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
-}
-
-/// Memory read bandwidth in bytes/s on the compute pool's threads: the best of a few passes
-/// summing a 512 MiB buffer, each thread its own part (the roofline for weight-bound decode).
-fn read_bandwidth() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let buf = vec![1u64; 64 << 20];
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        let total = AtomicU64::new(0);
-        pool::for_each(buf.len() >> 16, |i| {
-            let c = &buf[i << 16..(i + 1) << 16];
-            let s = c.iter().fold(0u64, |a, &x| a.wrapping_add(x));
-            total.fetch_add(s, Ordering::Relaxed);
-        });
-        let s = total.load(Ordering::Relaxed);
-        let dt = t0.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        best = best.max((buf.len() * 8) as f64 / dt);
-    }
-    best
-}
-
-fn median(xs: &[f64]) -> f64 {
-    percentile(xs, 50.0)
-}
-
-fn min(xs: &[f64]) -> f64 {
-    xs.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(xs: &[f64]) -> f64 {
-    xs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-}
-
-/// Linear-interpolated percentile; NaN for no data.
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let r = p / 100.0 * (v.len() - 1) as f64;
-    let (lo, hi) = (r.floor() as usize, r.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (r - lo as f64)
-}
+use super::{percentile, BenchArgs};
 
 /// A `supernode serve` started for the benchmark; stopped with SIGTERM on drop.
 struct Spawned {
@@ -285,7 +106,7 @@ const TOPICS: [&str; 8] = [
     "a journey by train",
 ];
 
-fn bench_serve(a: BenchArgs) -> Result<()> {
+pub(super) fn bench_serve(a: BenchArgs) -> Result<()> {
     if a.requests == 0 || a.max_tokens == 0 || a.concurrency.contains(&0) {
         bail!("--requests, --max-tokens and every --concurrency must be at least 1");
     }
@@ -536,18 +357,4 @@ fn summarise(ts: &[Timing], conc: usize, wall: f64) -> Value {
         "tpot_s": pct(&tpot),
         "inter_chunk_s": pct(&gaps),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_interpolate() {
-        let xs = [4.0, 1.0, 3.0, 2.0];
-        assert_eq!(percentile(&xs, 0.0), 1.0);
-        assert_eq!(percentile(&xs, 100.0), 4.0);
-        assert_eq!(percentile(&xs, 50.0), 2.5);
-        assert!(percentile(&[], 50.0).is_nan());
-    }
 }

@@ -1,0 +1,662 @@
+//! The engine: continuous batching over a paged KV cache, with prefix reuse.
+//!
+//! One engine is three parts, each in its own module:
+//!
+//! - [`scheduler`]: owns the [`block_pool`] and the queues, and returns a plain-data
+//!   [`Plan`] for each step (which requests run, how many tokens each computes, their block
+//!   tables, which rows are sampled, who was admitted or preempted);
+//! - [`runner`]: turns the plan into the model's flat batch and runs the forward pass;
+//! - [`output`]: sampling, log-probabilities, detokenising, stop strings and events.
+//!
+//! [`Engine`] ties them together and is driven synchronously (`add_request`, `step`): the
+//! CLI's `run` and `logits` use it through [`crate::session::Session`]. [`EngineHandle`]
+//! runs the same engine on its own thread for the server, taking requests over a channel.
+//! Every request has a [`RequestId`]; its events go to its [`Sink`].
+//!
+//! **Batch invariance**: the kernels reduce in an order that depends neither on the batch size
+//! nor on a token's place in the batch, and a chunked prefill computes the same K/V as one pass,
+//! so a request's logits, and hence its greedy tokens, are the same alone and under load, and
+//! the same from `run` as from `serve`.
+
+pub mod block_pool;
+mod output;
+mod runner;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use supernode_models::{KvCache, KvLayerSpec, Model};
+
+pub use self::block_pool::BLOCK_SIZE;
+pub use self::output::{token_logprobs, StopText};
+use self::output::{Output, OutputSpec};
+use self::runner::Runner;
+use self::scheduler::{NewRequest, Scheduler, SchedulerConfig};
+pub use self::scheduler::{Plan, RequestId};
+use crate::error::EngineError;
+use crate::sampler::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// Limits of one engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Tokens computed per step (decode tokens plus prefill chunks).
+    pub max_num_batched_tokens: usize,
+    /// Blocks of [`BLOCK_SIZE`] slots in the KV cache.
+    pub num_blocks: usize,
+    /// The longest sequence (prompt plus output) in tokens.
+    pub ctx_len: usize,
+    /// Requests that may wait for admission; more are refused.
+    pub max_waiting: usize,
+    pub prefix_caching: bool,
+    /// Keys every prefix-cache hash of this deployment, so that caches (and the block hashes
+    /// a router sees) of different deployments never match; empty for none.
+    pub prefix_cache_salt: String,
+}
+
+impl EngineConfig {
+    /// Blocks that fit in `kv_bytes` for a model with these KV layer specs.
+    pub fn blocks_for_budget(specs: &[KvLayerSpec], kv_bytes: usize) -> usize {
+        let per_block = KvCache::bytes_per_token(specs) * BLOCK_SIZE;
+        kv_bytes / per_block.max(1)
+    }
+}
+
+/// One generation request.
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Output tokens at most (the context may end it sooner); 0 computes the prompt only.
+    pub max_tokens: usize,
+    /// Generation stops before the first occurrence of any of these texts.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Report each token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Keeps this request's prefix-cache entries apart from those of other salts (vLLM's
+    /// `cache_salt`: tenants that must not share cached prompts use different salts).
+    pub cache_salt: Option<String>,
+    /// Send the logits of every prompt position ([`Event::PromptLogits`]) before any token.
+    pub prompt_logits: bool,
+    /// Where the events go.
+    pub sink: Box<dyn Sink>,
+}
+
+/// The receiving end of a request's events.
+pub trait Sink: Send {
+    /// Delivers one event; `false` if the receiver is gone (the request is then cancelled).
+    fn send(&mut self, event: Event) -> bool;
+    /// Whether the receiver is gone.
+    fn is_closed(&self) -> bool;
+}
+
+/// What a request hears from the engine: prompt logits if it asked, tokens, then exactly one
+/// `Done` or `Error`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    PromptLogits(PromptLogits),
+    Token(TokenEvent),
+    Done(Finish),
+    Error(String),
+}
+
+/// Logits of consecutive prompt positions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogits {
+    /// The position of the first row.
+    pub start: usize,
+    /// Rows of the vocabulary's size, one per position from `start` on.
+    pub logits: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text that became final with this token (held back while it might start a stop string
+    /// or an incomplete character).
+    pub text: String,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// Natural log-probability of the chosen token under the model's distribution.
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token (not included in the output) or a stop string.
+    Stop,
+    /// The token limit or the end of the context.
+    Length,
+    /// The client went away or asked to stop.
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    /// Text held back until the end (follows the last token event's text).
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens taken from the prefix cache on admission.
+    pub cached_tokens: usize,
+}
+
+/// Live figures for metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub blocks_in_use: AtomicUsize,
+    pub blocks_total: AtomicUsize,
+    pub blocks_cached: AtomicUsize,
+    pub prefix_hit_tokens: AtomicU64,
+    /// Prefix-cache hits refused because the block's tokens differed (a hash collision).
+    pub prefix_refused_hits: AtomicU64,
+    pub prompt_tokens_computed: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+}
+
+/// Why a request was refused at the door.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the prompt has {prompt} tokens but the context holds {ctx}")]
+    PromptTooLong { prompt: usize, ctx: usize },
+    #[error("{0} requests are already waiting; try again later")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// The checks every request passes before it is queued.
+fn check(req: &Request, max_model_len: usize, vocab_size: usize) -> Result<(), SubmitError> {
+    let n = req.prompt.len();
+    if n == 0 {
+        return Err(SubmitError::Invalid("the prompt is empty".into()));
+    }
+    if n > max_model_len {
+        return Err(SubmitError::PromptTooLong {
+            prompt: n,
+            ctx: max_model_len,
+        });
+    }
+    if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(SubmitError::Invalid(format!(
+            "token id {t} is outside the vocabulary of {vocab_size}"
+        )));
+    }
+    req.params.validate().map_err(SubmitError::Invalid)
+}
+
+/// A model, its KV cache, the scheduler and every request's output state, stepped by the
+/// caller.
+pub struct Engine {
+    runner: Runner,
+    sched: Scheduler,
+    outputs: HashMap<RequestId, Output>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    eog: Vec<u32>,
+    cfg: EngineConfig,
+    vocab_size: usize,
+    stats: Arc<EngineStats>,
+    /// Requests submitted and not yet admitted (shared with an [`EngineHandle`], which counts
+    /// them in as it sends them).
+    queued: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    /// An engine over `model` with a KV cache of `cfg.num_blocks` blocks.
+    pub fn new(
+        model: Box<dyn Model>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        if cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 || cfg.ctx_len == 0 {
+            return Err(EngineError::Invalid(
+                "max_num_seqs, max_num_batched_tokens and the context must be at least 1".into(),
+            ));
+        }
+        if cfg.ctx_len > model.config().context_len {
+            return Err(EngineError::Invalid(format!(
+                "context length {} exceeds the model's {}",
+                cfg.ctx_len,
+                model.config().context_len
+            )));
+        }
+        let kv = KvCache::new(&model.kv_specs(), BLOCK_SIZE, cfg.num_blocks)?;
+        let stats = Arc::new(EngineStats::default());
+        stats.blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
+        let eog = tokenizer
+            .as_ref()
+            .map(|t| t.eog_ids().to_vec())
+            .unwrap_or_default();
+        let vocab_size = model.config().vocab_size;
+        let sched = Scheduler::new(SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            num_blocks: cfg.num_blocks,
+            prefix_caching: cfg.prefix_caching,
+            salt: cfg.prefix_cache_salt.clone(),
+        });
+        Ok(Engine {
+            runner: Runner::new(model, kv),
+            sched,
+            outputs: HashMap::new(),
+            tokenizer,
+            eog,
+            cfg,
+            vocab_size,
+            stats,
+            queued: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn model(&self) -> &dyn Model {
+        self.runner.model.as_ref()
+    }
+
+    pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// The most tokens, prompt and generated together, one request can hold: the context, or
+    /// what the KV cache holds if that is less.
+    pub fn max_model_len(&self) -> usize {
+        self.cfg.ctx_len.min(self.cfg.num_blocks * BLOCK_SIZE)
+    }
+
+    /// Changes the tokens computed per step from the next step on (a prefill chunk's length).
+    pub fn set_token_budget(&mut self, tokens: usize) {
+        self.cfg.max_num_batched_tokens = tokens.max(1);
+        self.sched.set_token_budget(tokens);
+    }
+
+    /// Checks `req` and queues it; its events go to its sink.
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId, SubmitError> {
+        check(&req, self.max_model_len(), self.vocab_size)?;
+        let id = RequestId::fresh();
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(id, req);
+        Ok(id)
+    }
+
+    /// Queues a checked request, counted in `queued` already.
+    fn enqueue(&mut self, id: RequestId, req: Request) {
+        let out = Output::new(
+            OutputSpec {
+                params: req.params,
+                max_tokens: req.max_tokens,
+                stop: req.stop,
+                ignore_eos: req.ignore_eos,
+                logprobs: req.logprobs,
+                sink: req.sink,
+                prompt_len: req.prompt.len(),
+            },
+            self.tokenizer.as_ref(),
+        );
+        self.outputs.insert(id, out);
+        self.sched.add(NewRequest {
+            id,
+            prompt: req.prompt,
+            cache_salt: req.cache_salt,
+            prompt_logits: req.prompt_logits,
+        });
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_unfinished(&self) -> bool {
+        !self.sched.is_idle()
+    }
+
+    /// Ends request `id` with `Cancelled`; its blocks go back to the pool.
+    pub fn cancel(&mut self, id: RequestId) {
+        if let Some(mut out) = self.outputs.remove(&id) {
+            let ev = out.finish(FinishReason::Cancelled, String::new());
+            out.send(ev);
+        }
+        if self.sched.remove(id) == Some(false) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.publish();
+    }
+
+    /// Cancels every request.
+    pub fn abort_all(&mut self) {
+        for id in self.sched.ids() {
+            self.cancel(id);
+        }
+        self.queued.store(0, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// Drops requests whose client went away, then runs one step: schedule, forward, output.
+    pub fn step(&mut self) {
+        self.drop_cancelled();
+        if self.sched.is_idle() {
+            self.publish();
+            return;
+        }
+        let plan = self.sched.schedule();
+        self.admit(&plan);
+        let result = self.runner.run(&plan);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Err(msg) => {
+                for sc in &plan.scheduled {
+                    self.sched.remove(sc.id);
+                    if let Some(mut out) = self.outputs.remove(&sc.id) {
+                        out.send(Event::Error(msg.clone()));
+                    }
+                }
+            }
+            Ok(logits) => {
+                let prefill: usize = plan
+                    .scheduled
+                    .iter()
+                    .map(|sc| {
+                        let prompt_len = self.outputs.get(&sc.id).map_or(0, Output::prompt_len);
+                        prompt_len
+                            .min(sc.start + sc.tokens.len())
+                            .saturating_sub(sc.start)
+                    })
+                    .sum();
+                self.stats
+                    .prompt_tokens_computed
+                    .fetch_add(prefill as u64, Ordering::Relaxed);
+                self.sched.update(&plan);
+                let mut done = Vec::new();
+                for (sc, rows) in plan.scheduled.iter().zip(&logits.rows) {
+                    let Some(out) = self.outputs.get_mut(&sc.id) else {
+                        continue;
+                    };
+                    let n = sc.prompt_rows.len();
+                    if n > 0 {
+                        let flat = (rows.start..rows.start + n)
+                            .flat_map(|r| logits.row(r).iter().copied())
+                            .collect();
+                        if !out.prompt_logits(sc.start + sc.prompt_rows.start, flat) {
+                            let ev = out.finish(FinishReason::Cancelled, String::new());
+                            out.send(ev);
+                            done.push(sc.id);
+                            continue;
+                        }
+                    }
+                    if !sc.sample {
+                        continue;
+                    }
+                    let history = self.sched.tokens(sc.id).unwrap_or(&[]);
+                    let sampled = out.sample(
+                        logits.row(rows.end - 1),
+                        history,
+                        self.cfg.ctx_len,
+                        &self.eog,
+                    );
+                    self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    if let Some(t) = sampled.token {
+                        self.sched.append(sc.id, t);
+                    }
+                    if let Some(ev) = sampled.done {
+                        out.send(ev);
+                        done.push(sc.id);
+                    }
+                }
+                for id in done {
+                    self.sched.remove(id);
+                    self.outputs.remove(&id);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Accounts for the plan's admissions, preemptions and requests out of room.
+    fn admit(&mut self, plan: &Plan) {
+        for a in &plan.admitted {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .prefix_hit_tokens
+                .fetch_add(a.cached_tokens as u64, Ordering::Relaxed);
+            if let Some(out) = self.outputs.get_mut(&a.id) {
+                out.cached_tokens = a.cached_tokens;
+            }
+        }
+        self.stats
+            .preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        for r in &plan.out_of_room {
+            if !r.was_admitted {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(mut out) = self.outputs.remove(&r.id) {
+                let ev = out.finish_length();
+                out.send(ev);
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<RequestId> = self
+            .outputs
+            .iter()
+            .filter(|(_, o)| o.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.outputs.remove(&id);
+            if self.sched.remove(id) == Some(false) {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let st = &self.stats;
+        st.waiting
+            .store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
+        st.running
+            .store(self.sched.num_running(), Ordering::Relaxed);
+        let pool = self.sched.pool();
+        st.blocks_in_use.store(pool.num_in_use(), Ordering::Relaxed);
+        st.blocks_cached.store(pool.num_cached(), Ordering::Relaxed);
+        st.prefix_refused_hits
+            .store(pool.refused_hits(), Ordering::Relaxed);
+    }
+}
+
+enum Msg {
+    Submit(RequestId, Box<Request>),
+    Cancel(RequestId),
+    /// Cancel everything and exit.
+    Abort,
+}
+
+/// The handle the server holds: an [`Engine`] on its own thread; submit requests, read
+/// stats, cancel, shut down.
+pub struct EngineHandle {
+    tx: Option<Sender<Msg>>,
+    stats: Arc<EngineStats>,
+    queued: Arc<AtomicUsize>,
+    cfg: EngineConfig,
+    max_model_len: usize,
+    vocab_size: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread over `model` with a KV cache of `cfg.num_blocks` blocks.
+    pub fn start(
+        model: Box<dyn Model>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+    ) -> Result<EngineHandle, EngineError> {
+        let engine = Engine::new(model, tokenizer, cfg.clone())?;
+        let stats = engine.stats.clone();
+        let queued = engine.queued.clone();
+        let (max_model_len, vocab_size) = (engine.max_model_len(), engine.vocab_size);
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("supernode-engine".into())
+            .spawn(move || run(engine, rx))
+            .map_err(|e| EngineError::Invalid(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
+            tx: Some(tx),
+            stats,
+            queued,
+            cfg,
+            max_model_len,
+            vocab_size,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// Tokens the KV cache holds in all.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.cfg.num_blocks * BLOCK_SIZE
+    }
+
+    /// The most tokens, prompt and generated together, one request can hold: the context, or
+    /// what the KV cache holds if that is less.
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// Checks `req` and queues it; its events go to its sink. A request whose `max_tokens` does
+    /// not fit beside its prompt runs until the context is full (the server refuses such
+    /// requests before they get here, as OpenAI's API does).
+    pub fn submit(&self, req: Request) -> Result<RequestId, SubmitError> {
+        self.submit_all(vec![req]).map(|ids| ids[0])
+    }
+
+    /// Checks every request, then queues them all or none: the choices of one client request.
+    /// The queue limit counts the group as one arrival.
+    pub fn submit_all(&self, reqs: Vec<Request>) -> Result<Vec<RequestId>, SubmitError> {
+        for req in &reqs {
+            check(req, self.max_model_len, self.vocab_size)?;
+        }
+        let waiting = self.queued.load(Ordering::Relaxed);
+        if waiting >= self.cfg.max_waiting {
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
+        let mut ids = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let id = RequestId::fresh();
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            if tx.send(Msg::Submit(id, Box::new(req))).is_err() {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(SubmitError::Stopped);
+            }
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Ends request `id` (it hears `Done` with `Cancelled`); unknown or finished ids are
+    /// ignored.
+    pub fn cancel(&self, id: RequestId) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Cancel(id));
+        }
+    }
+
+    /// Cancels every request (each hears `Done` with `Cancelled`) and stops the engine thread;
+    /// later submissions fail with [`SubmitError::Stopped`].
+    pub fn abort(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Abort);
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    /// Lets the engine finish its requests, then joins it.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The engine thread: waits while idle, takes every message that arrived, steps.
+fn run(mut engine: Engine, rx: Receiver<Msg>) {
+    let mut open = true;
+    // Takes one message; `false` to exit.
+    let handle = |engine: &mut Engine, msg: Msg| match msg {
+        Msg::Submit(id, req) => {
+            engine.enqueue(id, *req);
+            true
+        }
+        Msg::Cancel(id) => {
+            engine.cancel(id);
+            true
+        }
+        Msg::Abort => {
+            engine.abort_all();
+            false
+        }
+    };
+    loop {
+        if !engine.has_unfinished() {
+            if !open {
+                return;
+            }
+            match rx.recv() {
+                Ok(m) => {
+                    if !handle(&mut engine, m) {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(m) => {
+                    if !handle(&mut engine, m) {
+                        return;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        engine.step();
+    }
+}

@@ -1,0 +1,101 @@
+//! The model runner: turns a [`Plan`] into the model's flat batch and runs the forward pass.
+//!
+//! It alone builds positions, the sequence index of each row and the block tables from the
+//! plan, and it alone holds the KV cache, which only the model's attention layers write (one
+//! writer). The logits come back as the rows each scheduled request asked for
+//! ([`super::scheduler::Scheduled::logits_rows`]), in plan order. Hidden-state rows for MTP
+//! or EAGLE heads would come back here too, beside the logits.
+
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use supernode_models::{Batch, KvCache, Model};
+
+use super::scheduler::Plan;
+
+/// The model and its KV cache, with the batch buffers reused from step to step.
+pub(crate) struct Runner {
+    pub model: Box<dyn Model>,
+    kv: KvCache,
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    seq_of: Vec<usize>,
+    logits_for: Vec<usize>,
+}
+
+/// The logits of one step: `rows[k]` are the rows of the plan's `k`-th request, each
+/// `vocab` wide, in `logits`.
+pub(crate) struct StepLogits {
+    pub logits: Vec<f32>,
+    pub rows: Vec<Range<usize>>,
+    pub vocab: usize,
+}
+
+impl StepLogits {
+    /// Row `r` of all rows returned.
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.logits[r * self.vocab..(r + 1) * self.vocab]
+    }
+}
+
+impl Runner {
+    pub fn new(model: Box<dyn Model>, kv: KvCache) -> Runner {
+        Runner {
+            model,
+            kv,
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            seq_of: Vec::new(),
+            logits_for: Vec::new(),
+        }
+    }
+
+    /// Runs the plan's tokens; an error names what failed (a panic in the model is caught and
+    /// reported, so it fails this step's requests, not the engine).
+    pub fn run(&mut self, plan: &Plan) -> Result<StepLogits, String> {
+        self.tokens.clear();
+        self.positions.clear();
+        self.seq_of.clear();
+        self.logits_for.clear();
+        let mut rows = Vec::with_capacity(plan.scheduled.len());
+        for (k, s) in plan.scheduled.iter().enumerate() {
+            let base = self.tokens.len();
+            self.tokens.extend_from_slice(&s.tokens);
+            self.positions.extend(s.start..s.start + s.tokens.len());
+            self.seq_of.extend(std::iter::repeat_n(k, s.tokens.len()));
+            let first = self.logits_for.len();
+            self.logits_for.extend(s.logits_rows().map(|r| base + r));
+            rows.push(first..self.logits_for.len());
+        }
+        let vocab = self.model.config().vocab_size;
+        if self.tokens.is_empty() {
+            return Ok(StepLogits {
+                logits: Vec::new(),
+                rows,
+                vocab,
+            });
+        }
+        let tables: Vec<&[u32]> = plan
+            .scheduled
+            .iter()
+            .map(|s| s.block_table.as_slice())
+            .collect();
+        let batch = Batch {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            seq_of: &self.seq_of,
+            block_tables: &tables,
+            logits_for: &self.logits_for,
+        };
+        let (model, kv) = (&self.model, &mut self.kv);
+        match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {
+            Ok(Ok(logits)) => Ok(StepLogits {
+                logits,
+                rows,
+                vocab,
+            }),
+            Ok(Err(e)) => Err(format!("the forward pass failed: {e}")),
+            Err(_) => Err("the forward pass panicked".into()),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Scheduler unit tests: no model, no tensors. Each test drives the scheduler as the engine
+//! does (schedule, update, append the sampled token) and checks the plans.
+
+use super::*;
+
+fn scheduler(max_num_seqs: usize, budget: usize, num_blocks: usize) -> Scheduler {
+    Scheduler::new(SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens: budget,
+        num_blocks,
+        prefix_caching: true,
+        salt: String::new(),
+    })
+}
+
+fn add(s: &mut Scheduler, id: u64, prompt: Vec<u32>) -> RequestId {
+    add_salted(s, id, prompt, None)
+}
+
+fn add_salted(s: &mut Scheduler, id: u64, prompt: Vec<u32>, salt: Option<&str>) -> RequestId {
+    let id = RequestId(id);
+    s.add(NewRequest {
+        id,
+        prompt,
+        cache_salt: salt.map(str::to_string),
+        prompt_logits: false,
+    });
+    id
+}
+
+/// One engine step without a model: every sampled request gets token 7.
+fn step(s: &mut Scheduler) -> Plan {
+    let plan = s.schedule();
+    s.update(&plan);
+    for sc in &plan.scheduled {
+        if sc.sample {
+            s.append(sc.id, 7);
+        }
+    }
+    plan
+}
+
+/// (id, tokens computed, sampled) of each scheduled request.
+fn shape(plan: &Plan) -> Vec<(u64, usize, bool)> {
+    plan.scheduled
+        .iter()
+        .map(|sc| (sc.id.0, sc.tokens.len(), sc.sample))
+        .collect()
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| seed * 1000 + i).collect()
+}
+
+#[test]
+fn the_token_budget_splits_prompts_into_chunks() {
+    let mut s = scheduler(4, 32, 64);
+    add(&mut s, 1, prompt(1, 40));
+    add(&mut s, 2, prompt(2, 40));
+    // The first request takes the whole budget; the second is not admitted yet.
+    let p = step(&mut s);
+    assert_eq!(shape(&p), vec![(1, 32, false)]);
+    assert_eq!(p.admitted.len(), 1);
+    assert_eq!(s.num_waiting(), 1);
+    // The first finishes its prompt and is sampled; the second starts with what is left.
+    let p = step(&mut s);
+    assert_eq!(shape(&p), vec![(1, 8, true), (2, 24, false)]);
+    assert_eq!(p.scheduled[0].start, 32);
+    // Decode (one token) beside the rest of the second prompt.
+    let p = step(&mut s);
+    assert_eq!(shape(&p), vec![(1, 1, true), (2, 16, true)]);
+    assert_eq!(p.num_tokens(), 17);
+    assert_eq!(p.scheduled[0].tokens, vec![7]);
+    assert_eq!(p.scheduled[0].start, 40);
+}
+
+#[test]
+fn the_sequence_limit_holds_admission_back() {
+    let mut s = scheduler(1, 256, 64);
+    add(&mut s, 1, prompt(1, 5));
+    add(&mut s, 2, prompt(2, 5));
+    assert_eq!(shape(&step(&mut s)), vec![(1, 5, true)]);
+    assert_eq!(shape(&step(&mut s)), vec![(1, 1, true)]);
+    s.remove(RequestId(1));
+    assert_eq!(shape(&step(&mut s)), vec![(2, 5, true)]);
+}
+
+#[test]
+fn block_tables_cover_what_is_computed() {
+    let mut s = scheduler(2, 20, 64);
+    add(&mut s, 1, prompt(1, 50));
+    for want in [2, 3, 4] {
+        let p = step(&mut s);
+        let sc = &p.scheduled[0];
+        assert!(sc.block_table.len() * BLOCK_SIZE >= sc.start + sc.tokens.len());
+        assert_eq!(sc.block_table.len(), want);
+    }
+}
+
+#[test]
+fn prefix_hits_count_as_computed() {
+    let mut s = scheduler(4, 256, 64);
+    let p = prompt(1, 70);
+    add(&mut s, 1, p.clone());
+    step(&mut s);
+    s.remove(RequestId(1));
+    assert_eq!(s.pool().num_in_use(), 0);
+    // Four full blocks are cached: the same prompt computes only the rest.
+    add(&mut s, 2, p.clone());
+    let plan = step(&mut s);
+    assert_eq!(
+        plan.admitted,
+        vec![Admitted {
+            id: RequestId(2),
+            cached_tokens: 64
+        }]
+    );
+    assert_eq!(shape(&plan), vec![(2, 6, true)]);
+    assert_eq!(plan.scheduled[0].start, 64);
+    // A prompt that is exactly four blocks still computes its last token.
+    add(&mut s, 3, p[..64].to_vec());
+    let plan = step(&mut s);
+    assert_eq!(plan.admitted[0].cached_tokens, 48);
+}
+
+#[test]
+fn requests_with_prompt_logits_compute_every_position() {
+    let mut s = scheduler(4, 256, 64);
+    let p = prompt(1, 40);
+    add(&mut s, 1, p.clone());
+    step(&mut s);
+    s.remove(RequestId(1));
+    s.add(NewRequest {
+        id: RequestId(2),
+        prompt: p,
+        cache_salt: None,
+        prompt_logits: true,
+    });
+    let plan = step(&mut s);
+    assert_eq!(plan.admitted[0].cached_tokens, 0);
+    assert_eq!(plan.scheduled[0].prompt_rows, 0..40);
+    assert_eq!(plan.scheduled[0].logits_rows(), 0..40);
+}
+
+#[test]
+fn preemption_sends_the_newest_back_and_it_resumes() {
+    // 4 blocks: two requests of 20 tokens hold 2 blocks each; the next token needs a third.
+    let mut s = scheduler(4, 256, 4);
+    add(&mut s, 1, prompt(1, 30));
+    add(&mut s, 2, prompt(2, 30));
+    let p = step(&mut s);
+    assert_eq!(shape(&p), vec![(1, 30, true), (2, 30, true)]);
+    assert_eq!(s.pool().num_free(), 0);
+    // Both decode at position 30 and 31 inside their second block.
+    step(&mut s);
+    step(&mut s);
+    // Position 32 needs a third block: request 2 (the newest) gives its blocks back.
+    let p = step(&mut s);
+    assert_eq!(p.preempted, vec![RequestId(2)]);
+    assert_eq!(shape(&p), vec![(1, 1, true)]);
+    assert_eq!(s.num_waiting(), 1);
+    // When request 1 finishes, request 2 recomputes its prompt and the three tokens it
+    // generated. Its blocks went back tail first, so request 1's growth evicted its second
+    // block and its first is still cached.
+    s.remove(RequestId(1));
+    let p = step(&mut s);
+    assert_eq!(shape(&p), vec![(2, 17, true)]);
+    assert_eq!(p.scheduled[0].start, 16);
+    assert!(
+        p.admitted.is_empty(),
+        "a resumed request is not admitted twice"
+    );
+    assert_eq!(&p.scheduled[0].tokens[14..], &[7, 7, 7]);
+}
+
+#[test]
+fn a_request_alone_that_cannot_grow_is_out_of_room() {
+    let mut s = scheduler(2, 256, 2);
+    add(&mut s, 1, prompt(1, 31));
+    step(&mut s);
+    step(&mut s);
+    // Position 32 needs a third block, and nobody else can give one back.
+    let p = step(&mut s);
+    assert_eq!(
+        p.out_of_room,
+        vec![OutOfRoom {
+            id: RequestId(1),
+            was_admitted: true
+        }]
+    );
+    assert!(p.scheduled.is_empty());
+    assert!(s.is_idle());
+    assert_eq!(s.pool().num_in_use(), 0);
+    // A prompt longer than the whole cache, with nothing running, is out of room at once.
+    add(&mut s, 2, prompt(2, 40));
+    let p = step(&mut s);
+    assert_eq!(
+        p.out_of_room,
+        vec![OutOfRoom {
+            id: RequestId(2),
+            was_admitted: false
+        }]
+    );
+}
+
+#[test]
+fn cancellation_returns_the_blocks() {
+    let mut s = scheduler(4, 16, 16);
+    add(&mut s, 1, prompt(1, 50));
+    add(&mut s, 2, prompt(2, 50));
+    step(&mut s);
+    assert!(s.pool().num_in_use() > 0);
+    assert_eq!(s.remove(RequestId(1)), Some(true));
+    assert_eq!(s.remove(RequestId(2)), Some(false));
+    assert_eq!(s.remove(RequestId(2)), None);
+    assert_eq!(s.pool().num_in_use(), 0);
+    assert!(s.is_idle());
+}
+
+/// The pool fills so that eviction must happen; the chain's tail goes first, so the longest
+/// shared prefix that could survive still hits.
+#[test]
+fn eviction_takes_the_tail_of_a_chain_first() {
+    let mut s = scheduler(2, 256, 8);
+    let shared = prompt(1, 65);
+    add(&mut s, 1, shared.clone());
+    step(&mut s);
+    s.remove(RequestId(1));
+    // Blocks 0..4 are cached (block 4 holds the last token and one more, never full).
+    assert_eq!(s.pool().num_cached(), 4);
+    // Another prompt needs 6 blocks: 4 plain ones, then two evicted.
+    add(&mut s, 2, prompt(2, 90));
+    step(&mut s);
+    s.remove(RequestId(2));
+    // The two evicted are the tail (blocks 3 and 2): the first two blocks still hit.
+    add(&mut s, 3, shared);
+    let p = step(&mut s);
+    assert_eq!(p.admitted[0].cached_tokens, 32);
+}
+
+#[test]
+fn different_cache_salts_share_nothing() {
+    let mut s = scheduler(4, 256, 64);
+    let p = prompt(1, 50);
+    add_salted(&mut s, 1, p.clone(), Some("tenant-a"));
+    step(&mut s);
+    s.remove(RequestId(1));
+    add_salted(&mut s, 2, p.clone(), Some("tenant-b"));
+    assert_eq!(step(&mut s).admitted[0].cached_tokens, 0);
+    s.remove(RequestId(2));
+    add(&mut s, 3, p.clone());
+    assert_eq!(step(&mut s).admitted[0].cached_tokens, 0);
+    s.remove(RequestId(3));
+    add_salted(&mut s, 4, p, Some("tenant-a"));
+    assert_eq!(step(&mut s).admitted[0].cached_tokens, 48);
+}
+
+#[test]
+fn a_deployment_salt_keys_every_hash() {
+    let mut a = scheduler(1, 256, 8);
+    let mut b = Scheduler::new(SchedulerConfig {
+        salt: "deployment-b".into(),
+        ..a.config().clone()
+    });
+    for s in [&mut a, &mut b] {
+        add(s, 1, prompt(1, 20));
+        step(s);
+    }
+    let first = |s: &Scheduler| s.running[0].hashes[0];
+    assert_ne!(first(&a), first(&b));
+    assert_eq!(
+        first(&a),
+        block_hash(&root_hash("", ""), &prompt(1, 20)[..BLOCK_SIZE])
+    );
+}

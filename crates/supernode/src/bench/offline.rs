@@ -1,0 +1,121 @@
+//! `supernode bench` offline: prefill a prompt of `--prompt-tokens` pseudo-random tokens, then
+//! decode `--gen-tokens` greedily past end-of-generation, `--reps` times, through the engine;
+//! medians with min and max, and the memory bandwidth that bounds decode.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use supernode_engine::sampler::SamplingParams;
+use supernode_engine::session::Generate;
+use supernode_kernels::pool;
+
+use super::{max, median, min, BenchArgs};
+use crate::model_args::open_model;
+
+pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
+    if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens < 2 {
+        bail!("--reps and --prompt-tokens must be at least 1 and --gen-tokens at least 2");
+    }
+    let (mut session, path) = open_model(&a.model)?;
+    let vocab = session.model().config().vocab_size;
+    let need = a.prompt_tokens + a.gen_tokens;
+    if need > session.ctx_len() {
+        bail!(
+            "--prompt-tokens + --gen-tokens = {need} exceeds the context of {}",
+            session.ctx_len()
+        );
+    }
+    // Pseudo-random prompt tokens (as llama-bench uses), the same every run.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let prompt: Vec<u32> = (0..a.prompt_tokens)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect();
+    let show = !a.json && std::io::stderr().is_terminal();
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for rep in 0..a.reps {
+        let t0 = Instant::now();
+        let mut first = None;
+        let mut n = 0usize;
+        // A salt of its own per repetition: the prefix cache must not serve this prompt from
+        // the previous one.
+        let g = Generate {
+            params: SamplingParams::greedy(),
+            max_tokens: a.gen_tokens,
+            stop: Vec::new(),
+            ignore_eos: true,
+            cache_salt: Some(format!("bench-rep-{rep}")),
+        };
+        session.generate(&prompt, &g, |_| {
+            n += 1;
+            first.get_or_insert_with(Instant::now);
+            true
+        })?;
+        let end = Instant::now();
+        let first = first.context("no token was generated")?;
+        let p = a.prompt_tokens as f64 / (first - t0).as_secs_f64();
+        let d = (n - 1) as f64 / (end - first).as_secs_f64().max(1e-9);
+        if show {
+            eprintln!(
+                "rep {}/{}: prefill {p:.1} tok/s, decode {d:.1} tok/s",
+                rep + 1,
+                a.reps
+            );
+        }
+        prefill.push(p);
+        decode.push(d);
+    }
+    let bytes = session.model().weight_bytes_per_token();
+    let (pm, dm) = (median(&prefill), median(&decode));
+    let bw = read_bandwidth();
+    let out = json!({
+        "model": path.display().to_string(),
+        "threads": pool::threads(),
+        "precision": a.model.precision_name(),
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "reps": a.reps,
+        "prefill_tok_s": pm,
+        "prefill_tok_s_min": min(&prefill),
+        "prefill_tok_s_max": max(&prefill),
+        "decode_tok_s": dm,
+        "decode_tok_s_min": min(&decode),
+        "decode_tok_s_max": max(&decode),
+        "weight_bytes_per_token": bytes,
+        "decode_weight_gb_s": dm * bytes as f64 / 1e9,
+        "memory_read_gb_s": bw / 1e9,
+        "decode_roofline_tok_s": bw / bytes as f64,
+        "decode_roofline_share": dm * bytes as f64 / bw,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Memory read bandwidth in bytes/s on the compute pool's threads: the best of a few passes
+/// summing a 512 MiB buffer, each thread its own part (the roofline for weight-bound decode).
+fn read_bandwidth() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let buf = vec![1u64; 64 << 20];
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total = AtomicU64::new(0);
+        pool::for_each(buf.len() >> 16, |i| {
+            let c = &buf[i << 16..(i + 1) << 16];
+            let s = c.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+            total.fetch_add(s, Ordering::Relaxed);
+        });
+        let s = total.load(Ordering::Relaxed);
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((buf.len() * 8) as f64 / dt);
+    }
+    best
+}

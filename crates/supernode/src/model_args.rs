@@ -1,0 +1,94 @@
+//! The model arguments every subcommand shares (`--model`, `--threads`, `--ctx`,
+//! `--precision`, `--verbose`), and opening the model they name. Its own module so that the
+//! subcommands (`cli`, `bench`, `server`) depend on it and not on each other.
+
+use std::io::{self, IsTerminal};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use supernode_engine::session::Session;
+use supernode_kernels::Precision;
+use supernode_models::LoadOptions;
+
+use crate::fetch;
+
+#[derive(Args)]
+pub(crate) struct ModelArgs {
+    /// A .gguf file, a directory with config.json + *.safetensors, or a short name
+    /// (smollm2-135m, gemma3-270m) fetched into the cache on first use.
+    #[arg(long, short = 'm')]
+    pub(crate) model: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub(crate) threads: Option<usize>,
+    /// Context length (default: the model's).
+    #[arg(long)]
+    pub(crate) ctx: Option<usize>,
+    /// How activations meet quantised weights: `exact` (f32 activations against dequantised
+    /// weights: agrees with a float64 forward on the same weights) or `quantized` (llama.cpp's
+    /// numerics: activations quantised to 8 bits, integer dot products, f16 attention).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    pub(crate) precision: PrecisionArg,
+    /// Print load time and speed on stderr even when it is not a terminal.
+    #[arg(long, short = 'v')]
+    pub(crate) verbose: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum PrecisionArg {
+    Quantized,
+    Exact,
+}
+
+/// Sets up the thread pool and resolves the model path and load options of `m`.
+pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
+    if let Some(t) = m.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        if !supernode_kernels::pool::set_threads(t) {
+            bail!("the thread pool already runs with another thread count");
+        }
+    }
+    let path: PathBuf = fetch::resolve_model(&m.model)?;
+    let precision = match m.precision {
+        PrecisionArg::Quantized => Precision::Quantized,
+        PrecisionArg::Exact => Precision::Exact,
+    };
+    Ok((path, LoadOptions { precision }))
+}
+
+/// The session of `m` and the model file's path.
+pub(crate) fn open_model(m: &ModelArgs) -> Result<(Session, PathBuf)> {
+    let (path, opts) = prepare(m)?;
+    let t0 = Instant::now();
+    let session = Session::load(&path, &opts, m.ctx)?;
+    status_line(
+        m.verbose,
+        &format!(
+            "loaded {} in {:.2}s",
+            path.display(),
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    Ok((session, path))
+}
+
+impl ModelArgs {
+    pub(crate) fn precision_name(&self) -> &'static str {
+        match self.precision {
+            PrecisionArg::Quantized => "quantized",
+            PrecisionArg::Exact => "exact",
+        }
+    }
+}
+
+/// A status line on stderr (kept off stdout, which carries results), shown on a terminal or
+/// with `--verbose`.
+pub(crate) fn status_line(verbose: bool, msg: &str) {
+    if verbose || io::stderr().is_terminal() {
+        eprintln!("supernode: {msg}");
+    }
+}
