@@ -43,6 +43,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tower::ServiceExt;
 
+/// The most bytes a request head may take (a larger one is a 431). hyper's default of 408 KiB
+/// is not a firm bound: one read can grow its buffer past it, so a 500 KB head sometimes parsed.
+/// 64 KiB (twice nginx's 32 KiB) leaves a read no such room.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
 /// The limits of [`serve`].
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -254,7 +259,8 @@ async fn connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
