@@ -95,7 +95,7 @@ fn detect() -> Isa {
 #[inline]
 pub(crate) fn kernels() -> &'static Kernels {
     static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
-    *KERNELS.get_or_init(|| isa().table())
+    KERNELS.get_or_init(|| isa().table())
 }
 
 /// The kernel table of `isa` if this machine has that level (tests run every path it has).

@@ -1,3 +1,6 @@
+//! Tests of [`crate::matmul`]: both precisions against the scalar reference and f64, batch
+//! invariance bit for bit, and the shapes at the edges.
+
 use super::*;
 use crate::dtype::ALL_DTYPES;
 use crate::qdot::ActBlock;

@@ -1,3 +1,7 @@
+//! Tests of [`crate::ops`]: norms, rope, activations and the gated unit against their scalar
+//! definitions, and every attention entry point against a naive softmax and against each other,
+//! bit for bit.
+
 use std::ops::Range;
 
 use half::f16;

@@ -1,3 +1,7 @@
+//! Tests of [`crate::qdot`]: every quantiser path against llama.cpp's reference bytes, the scalar
+//! dots against f64, and every level this machine has against the scalar reference, bit for bit,
+//! for every tile shape.
+
 use super::blocks::QK;
 use super::reference::{
     f16_at, nearest_int, quantize_q8_0_ref, quantize_q8_1_ref, quantize_q8_k_ref, round_away,

@@ -7,12 +7,12 @@
 //! `+ 1`), and the `n % 32` tail elements are added one by one after that. The AVX2 path (4 × 8
 //! lanes) is that shape exactly, with fused multiply-adds; the portable fallback is the same shape
 //! without FMA, so the two differ in the last bits and are never mixed: the path is chosen once
-//! per process ([`crate::cpu::kernels`]). (An AVX-512 variant of the same shape measured no faster: these products are
-//! bound by loads and FMA latency, not by vector width.)
+//! per process ([`crate::cpu::kernels`]). (An AVX-512 variant of the same shape measured no
+//! faster: these products are bound by loads and FMA latency, not by vector width.)
 //!
-//! The fused row kernels of the real models' block types have AVX-512 versions (`crate::cpu`'s `avx512`), used
-//! where the CPU has AVX-512 F/BW/VL: two 16-lane accumulators instead of four 8-lane ones, with
-//! the same lanes, operations and fold, so they equal the AVX2 kernels bit for bit (decoding
+//! The fused row kernels of the real models' block types have AVX-512 versions (in `crate::cpu`),
+//! used where the CPU has AVX-512 F/BW/VL: two 16-lane accumulators instead of four 8-lane ones,
+//! with the same lanes, operations and fold, so they equal the AVX2 kernels bit for bit (decoding
 //! blocks is where the wider registers pay). For the 32-element types they read the scales of
 //! 16 blocks in one gather, and can take four rows in lockstep against one token (`dot4`, for
 //! decode), each row in its own accumulators: the same bits, more independent work per block.
@@ -31,7 +31,6 @@
 //! same lanes in the same order: their result is bit-identical to `dot_f32` of the dequantised
 //! row. That is what lets [`matmul`](crate::matmul::matmul) pick either path freely without
 //! breaking batch invariance.
-
 //!
 //! - [`order`]: the shared lanes, folds, tail and exponential (a leaf);
 //! - [`elem`]: the K/V element types and their widening buffer (a leaf);

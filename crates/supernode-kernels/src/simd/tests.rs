@@ -1,3 +1,6 @@
+//! Tests of [`crate::simd`]: the portable order written out by hand, and every path this machine
+//! has against it or against `dot_f32`, bit for bit; the exponential against f64.
+
 use half::f16;
 
 use super::order::SUM_LANES;

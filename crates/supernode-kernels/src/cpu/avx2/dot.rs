@@ -178,9 +178,10 @@ unsafe fn dot4(q: *const f32, rows: &[*const f32; 4], main: usize) -> [f32; 4] {
 /// own results.
 ///
 /// # Safety
-/// The sizes `crate::simd::kv::check_dot_rows` checks; `widen(src, dst, n)` must read `src[..n]` and write
-/// `dst[..n]` only; `block(q, rows)` must read no more than `q[..32 * (n / 32)]` and the same
-/// of each row; both may need the CPU features of their caller.
+/// The sizes `crate::simd::kv::check_dot_rows` checks; `widen(src, dst, n)` must read
+/// `src[..n]` and write `dst[..n]` only; `block(q, rows)` must read no more than
+/// `q[..32 * (n / 32)]` and the same of each row; both may need the CPU features of their
+/// caller.
 #[inline(always)]
 unsafe fn dot_rows_blocked<T: KvElem, const B: usize>(
     q: &[f32],

@@ -1,3 +1,6 @@
+//! Tests of [`crate::qdot::packed`]: packed products against the packed reference order (and, for
+//! the K-quants, the scalar `vec_dot`), several matrices and the fused GLU against each alone.
+
 use super::layout::Format;
 use super::*;
 use crate::matmul::matmul_packed;
