@@ -5,9 +5,15 @@
 //! - [`quant`]: reference (de)quantisers of the GGUF block formats;
 //! - [`matmul`](mod@matmul): batch-invariant weight-times-activations products, parallel over rows;
 //! - [`qdot`]: llama.cpp's activation quantisers and integer dot products (quantised mode);
-//! - [`simd`]: runtime-dispatched dot products with one fixed reduction order;
-//! - [`pool`]: the low-overhead thread pool the kernels and layers run their loops on.
+//! - [`simd`]: dispatched float kernels (dot products, attention rows, softmax steps) with one
+//!   fixed reduction order;
+//! - [`pool`]: the low-overhead thread pool the kernels and layers run their loops on;
+//! - `cpu`: the instruction set, detected once, and the ISA-specific kernels behind one table.
+//!
+//! Module graph: the dispatching modules call [`cpu`](crate::cpu)'s table; the ISA-specific
+//! modules under `cpu` import only leaf modules (shared orders and types), never the reverse.
 
+mod cpu;
 pub mod dtype;
 pub mod matmul;
 pub mod ops;

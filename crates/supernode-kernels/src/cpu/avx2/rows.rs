@@ -1,0 +1,430 @@
+//! AVX2 fused row kernels: a quantised (or f16, bf16, f32) row decoded block by block in
+//! registers and dotted, or stored, without materialising it.
+//!
+//! Invariant: each decoder computes the values with exactly the float operations of
+//! [`crate::quant`]'s scalar dequantisers and feeds them to the lanes of
+//! [`crate::simd::dot_f32`] in element order, so every kernel equals `dot_f32` of the dequantised
+//! row bit for bit.
+
+use std::arch::x86_64::*;
+
+use super::{fma32, fold, load32, Acc};
+use crate::dtype::{DType, QK_K};
+use crate::quant::scale_min_k4;
+use crate::simd::order::{add_tail, LANES};
+use crate::simd::rows::RowKernels;
+
+/// `w * d` per vector.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scale32(w: Acc, d: __m256) -> Acc {
+    [
+        _mm256_mul_ps(w[0], d),
+        _mm256_mul_ps(w[1], d),
+        _mm256_mul_ps(w[2], d),
+        _mm256_mul_ps(w[3], d),
+    ]
+}
+
+/// The f16 at `p`, broadcast to 8 lanes (exact widening).
+///
+/// # Safety
+/// AVX2 and F16C; `p` must point at 2 readable bytes.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn splat_f16(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
+}
+
+/// The f16 at `p` as a scalar f32 (exact widening).
+///
+/// # Safety
+/// AVX2 and F16C; `p` must point at 2 readable bytes.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16_scalar(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(
+        p.cast::<i16>().read_unaligned(),
+    )))
+}
+
+/// The 32 bytes of `v`, in order, zero-extended and converted to floats.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn u8x32_to_f32(v: __m256i) -> Acc {
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    [
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo))),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi))),
+    ]
+}
+
+/// As [`u8x32_to_f32`], sign-extending.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn i8x32_to_f32(v: __m256i) -> Acc {
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    [
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo))),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi))),
+    ]
+}
+
+/// Elements 0..16 (low nibbles) then 16..32 (high nibbles) of a 16-byte nibble block.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles16(qs: __m128i) -> __m256i {
+    let m = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(qs, m);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Store 32 values at `y[0..32]`.
+///
+/// # Safety
+/// AVX2; `y` must point at 32 writable floats.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store32(y: *mut f32, w: Acc) {
+    _mm256_storeu_ps(y, w[0]);
+    _mm256_storeu_ps(y.add(8), w[1]);
+    _mm256_storeu_ps(y.add(16), w[2]);
+    _mm256_storeu_ps(y.add(24), w[3]);
+}
+
+// Decoders: each walks a row and hands every run of 32 consecutive values, with the index
+// of its first element, to `f`. The values are computed with exactly the float operations of
+// `crate::quant`'s scalar dequantisers. The plain-float decoders cover the first
+// `32 * (n / 32)` elements; the caller handles the tail.
+//
+// # Safety (all decoders)
+// AVX2, FMA and F16C; `row` holds whole blocks (plain floats: at least `n` elements).
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_f32(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
+    let p = row.as_ptr().cast::<f32>();
+    for i in (0..n / LANES * LANES).step_by(LANES) {
+        f(i, load32(p.add(i)));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_f16(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
+    for i in (0..n / LANES * LANES).step_by(LANES) {
+        let h = row.as_ptr().add(2 * i);
+        f(
+            i,
+            [
+                _mm256_cvtph_ps(_mm_loadu_si128(h.cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(h.add(16).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(h.add(32).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(h.add(48).cast())),
+            ],
+        );
+    }
+}
+
+/// Eight bf16 at `p` widened to f32 (exact).
+///
+/// # Safety
+/// AVX2; `p` must point at 16 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bf16x8(p: *const u8) -> __m256 {
+    let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_bf16(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
+    for i in (0..n / LANES * LANES).step_by(LANES) {
+        let h = row.as_ptr().add(2 * i);
+        f(
+            i,
+            [
+                bf16x8(h),
+                bf16x8(h.add(16)),
+                bf16x8(h.add(32)),
+                bf16x8(h.add(48)),
+            ],
+        );
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let eight = _mm256_set1_epi8(8);
+    for (i, b) in row.chunks_exact(18).enumerate() {
+        let d = splat_f16(b.as_ptr());
+        let q = nibbles16(_mm_loadu_si128(b.as_ptr().add(2).cast()));
+        f(32 * i, scale32(i8x32_to_f32(_mm256_sub_epi8(q, eight)), d));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    for (i, b) in row.chunks_exact(20).enumerate() {
+        let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
+        let q = u8x32_to_f32(nibbles16(_mm_loadu_si128(b.as_ptr().add(4).cast())));
+        let q = scale32(q, d);
+        f(
+            32 * i,
+            [
+                _mm256_add_ps(q[0], m),
+                _mm256_add_ps(q[1], m),
+                _mm256_add_ps(q[2], m),
+                _mm256_add_ps(q[3], m),
+            ],
+        );
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    for (i, b) in row.chunks_exact(34).enumerate() {
+        let d = splat_f16(b.as_ptr());
+        let q = i8x32_to_f32(_mm256_loadu_si256(b.as_ptr().add(2).cast()));
+        f(32 * i, scale32(q, d));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q4_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (i, b) in row.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16_scalar(b.as_ptr()), f16_scalar(b.as_ptr().add(2)));
+        let scales = &b[4..16];
+        for c in 0..4 {
+            let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c).cast());
+            let halves = [
+                _mm256_and_si256(q, m4),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+            ];
+            for (h, q) in halves.into_iter().enumerate() {
+                let (sc, m) = scale_min_k4(2 * c + h, scales);
+                let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
+                let dm = _mm256_set1_ps(dmin * m as f32);
+                f(
+                    QK_K * i + 64 * c + 32 * h,
+                    [
+                        _mm256_sub_ps(q[0], dm),
+                        _mm256_sub_ps(q[1], dm),
+                        _mm256_sub_ps(q[2], dm),
+                        _mm256_sub_ps(q[3], dm),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+/// The 6-bit quants of half `n` (0 or 1) of the Q6_K block at `p`, as four vectors of 32
+/// unsigned bytes (0..64) in element order: ggml's `ql`/`qh` interleave undone.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn q6_k_unpack(p: *const u8, n: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x30);
+    let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
+    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
+    let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, m4),
+            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+            _mm256_and_si256(qh, m2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+        ),
+    ]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q6_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let k32 = _mm256_set1_epi8(32);
+    for (i, b) in row.chunks_exact(210).enumerate() {
+        let d = f16_scalar(b.as_ptr().add(208));
+        let p = b.as_ptr();
+        for n in 0..2 {
+            let q = q6_k_unpack(p, n);
+            for (k, q) in q.into_iter().enumerate() {
+                let s = 192 + 8 * n + 2 * k;
+                let ds0 = _mm256_set1_ps(d * b[s] as i8 as f32);
+                let ds1 = _mm256_set1_ps(d * b[s + 1] as i8 as f32);
+                let v = i8x32_to_f32(_mm256_sub_epi8(q, k32));
+                f(
+                    QK_K * i + 128 * n + 32 * k,
+                    [
+                        _mm256_mul_ps(v[0], ds0),
+                        _mm256_mul_ps(v[1], ds0),
+                        _mm256_mul_ps(v[2], ds1),
+                        _mm256_mul_ps(v[3], ds1),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+/// Generates, for one decoder, a module with the kernels of [`RowKernels`]: `dot`
+/// (`dot_f32(dequantize(row), x)`), `dot2` (two tokens against one decode of the row) and
+/// `dequant` (into `y`). `# Safety` for each: AVX2, FMA, F16C and matching sizes.
+macro_rules! block_kernels {
+    ($name:ident, $decode:ident) => {
+        mod $name {
+            use super::*;
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                $decode(row, |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
+                fold(acc)
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                $decode(row, |i, w| {
+                    fma32(&mut acc0, w, x0.as_ptr().add(i));
+                    fma32(&mut acc1, w, x1.as_ptr().add(i));
+                });
+                [fold(acc0), fold(acc1)]
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
+                $decode(row, |i, w| store32(y.as_mut_ptr().add(i), w));
+            }
+        }
+    };
+}
+
+block_kernels!(q4_0, decode_q4_0);
+block_kernels!(q4_1, decode_q4_1);
+block_kernels!(q8_0, decode_q8_0);
+block_kernels!(q4_k, decode_q4_k);
+block_kernels!(q6_k, decode_q6_k);
+
+/// As [`block_kernels`], for plain floats: the tail past the last 32 elements goes through
+/// the scalar dequantiser, and `dot` adds it after the tree, as `dot_f32` does.
+macro_rules! float_kernels {
+    ($name:ident, $dtype:expr, $decode:ident) => {
+        mod $name {
+            use super::*;
+
+            /// The tail past the last 32 elements of `row`, dequantised.
+            fn tail<'a>(row: &[u8], n: usize, buf: &'a mut [f32; LANES]) -> &'a [f32] {
+                let main = n / LANES * LANES;
+                let tail = &mut buf[..n - main];
+                crate::quant::dequantize_row($dtype, &row[main * $dtype.block_bytes()..], tail);
+                tail
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                $decode(row, x.len(), |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
+                let main = x.len() / LANES * LANES;
+                add_tail(fold(acc), tail(row, x.len(), &mut [0.0; LANES]), &x[main..])
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                $decode(row, x0.len(), |i, w| {
+                    fma32(&mut acc0, w, x0.as_ptr().add(i));
+                    fma32(&mut acc1, w, x1.as_ptr().add(i));
+                });
+                let main = x0.len() / LANES * LANES;
+                let mut buf = [0.0; LANES];
+                let tail = tail(row, x0.len(), &mut buf);
+                [
+                    add_tail(fold(acc0), tail, &x0[main..]),
+                    add_tail(fold(acc1), tail, &x1[main..]),
+                ]
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
+                $decode(row, y.len(), |i, w| store32(y.as_mut_ptr().add(i), w));
+                let main = y.len() / LANES * LANES;
+                let rest = &row[main * $dtype.block_bytes()..];
+                crate::quant::dequantize_row($dtype, rest, &mut y[main..]);
+            }
+        }
+    };
+}
+
+float_kernels!(f32_row, DType::F32, decode_f32);
+float_kernels!(f16_row, DType::F16, decode_f16);
+float_kernels!(bf16_row, DType::BF16, decode_bf16);
+
+/// Checks the sizes the kernels rely on: they read and write through pointers.
+#[inline(always)]
+fn check(dtype: DType, row: &[u8], n: usize) {
+    assert_eq!(dtype.row_bytes(n), Some(row.len()), "row kernel: bad sizes");
+}
+
+/// Safe entry points for one dtype's kernels.
+macro_rules! entry {
+    ($dtype:expr, $name:ident) => {
+        RowKernels {
+            dot: |r, x| {
+                check($dtype, r, x.len());
+                // SAFETY: see `row_kernels`; sizes checked.
+                unsafe { $name::dot(r, x) }
+            },
+            dot2: |r, x0, x1| {
+                check($dtype, r, x0.len());
+                check($dtype, r, x1.len());
+                // SAFETY: see `row_kernels`; sizes checked.
+                unsafe { $name::dot2(r, x0, x1) }
+            },
+            dequantize: |r, y| {
+                check($dtype, r, y.len());
+                // SAFETY: see `row_kernels`; sizes checked.
+                unsafe { $name::dequant(r, y) }
+            },
+            dot4: None,
+        }
+    };
+}
+
+/// The kernels for `dtype`. Reachable only through the AVX2 and AVX-512 tables, handed out
+/// only once `crate::cpu::isa` found AVX2, FMA and F16C: that is what makes the wrappers'
+/// calls sound.
+pub(crate) fn row_kernels(dtype: DType) -> Option<RowKernels> {
+    Some(match dtype {
+        DType::F32 => entry!(DType::F32, f32_row),
+        DType::F16 => entry!(DType::F16, f16_row),
+        DType::BF16 => entry!(DType::BF16, bf16_row),
+        DType::Q4_0 => entry!(DType::Q4_0, q4_0),
+        DType::Q4_1 => entry!(DType::Q4_1, q4_1),
+        DType::Q8_0 => entry!(DType::Q8_0, q8_0),
+        DType::Q4K => entry!(DType::Q4K, q4_k),
+        DType::Q6K => entry!(DType::Q6K, q6_k),
+        DType::Q5_0 | DType::Q5_1 | DType::Q2K | DType::Q3K | DType::Q5K => return None,
+    })
+}
