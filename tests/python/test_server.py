@@ -420,6 +420,51 @@ def still_works(http_client: httpx.Client) -> None:
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_echo_scores_the_prompt_as_generation_did(client):
+    """`echo` with `logprobs` and `max_tokens: 0` (how lm-eval asks for log-likelihoods): the
+    prompt comes back with its tokens' logprobs, and a continuation scored as part of the prompt
+    gets exactly the logprobs it had when it was generated."""
+    prompt = "The three primary colours are"
+    gen = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=2, **GREEDY)
+    cont = gen.choices[0].text
+    glp = gen.choices[0].logprobs
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt + cont, max_tokens=0, echo=True, logprobs=2, **GREEDY
+    )
+    c = scored.choices[0]
+    assert c.text == prompt + cont
+    assert c.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0
+    lp = c.logprobs
+    n = scored.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(n)]
+    k = len(glp.tokens)
+    assert lp.tokens[-k:] == glp.tokens, "the continuation did not tokenise back to its tokens"
+    for a, b in zip(lp.token_logprobs[-k:], glp.token_logprobs):
+        assert abs(a - b) < 1e-5, (lp.token_logprobs[-k:], glp.token_logprobs)
+    for a, b in zip(lp.top_logprobs[-k:], glp.top_logprobs):
+        assert a.keys() == b.keys()
+
+    # Echo with generation, streamed: the prompt comes first, then the new text.
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, echo=True, stream=True, **GREEDY
+    )
+    texts = [ch.choices[0].text for ch in stream if ch.choices]
+    assert texts[0] == prompt
+    assert "".join(texts) == prompt + cont
+
+
+def test_max_tokens_zero_needs_echo(http):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 0}
+    assert_error(http.post("/v1/completions", json=body), 400, "max_tokens")
+    r = http.post("/v1/completions", json={**body, "echo": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "Hello"
+
+
 def test_cache_salt_keeps_tenants_apart(client):
     """vLLM's `cache_salt`: requests with different salts share no cached prefix; the same salt
     shares as without one."""

@@ -186,6 +186,7 @@ impl Session {
                 logprobs: None,
                 cache_salt: g.cache_salt.clone(),
                 prompt_logits: false,
+                prompt_logprobs: None,
                 sink,
             },
             |ev| match ev {
@@ -235,6 +236,7 @@ impl Session {
                 logprobs: None,
                 cache_salt: None,
                 prompt_logits: true,
+                prompt_logprobs: None,
                 sink,
             },
             |ev| {

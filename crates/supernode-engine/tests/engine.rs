@@ -73,7 +73,9 @@ impl Pending {
                 Event::Token(t) => toks.push(t.id),
                 Event::Done(f) => return (toks, f),
                 Event::Error(e) => panic!("engine error: {e}"),
-                Event::PromptLogits(_) => panic!("prompt logits were not asked for"),
+                Event::PromptLogits(_) | Event::PromptLogprobs(_) => {
+                    panic!("prompt logits were not asked for")
+                }
             }
         }
     }
@@ -91,6 +93,7 @@ fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
         logprobs: None,
         cache_salt: None,
         prompt_logits: false,
+        prompt_logprobs: None,
         sink: Box::new(ChanSink {
             tx,
             closed: closed.clone(),
@@ -252,6 +255,7 @@ fn bad_requests_are_refused() {
         logprobs: None,
         cache_salt: None,
         prompt_logits: false,
+        prompt_logprobs: None,
         sink: sink(),
     };
     assert!(e.submit(req(vec![])).is_err());

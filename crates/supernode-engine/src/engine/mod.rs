@@ -85,6 +85,9 @@ pub struct Request {
     pub cache_salt: Option<String>,
     /// Send the logits of every prompt position ([`Event::PromptLogits`]) before any token.
     pub prompt_logits: bool,
+    /// Send the log-probability of every prompt token after the first, with this many most
+    /// likely alternatives ([`Event::PromptLogprobs`]; `echo` with `logprobs` in the API).
+    pub prompt_logprobs: Option<usize>,
     /// Where the events go.
     pub sink: Box<dyn Sink>,
 }
@@ -102,6 +105,7 @@ pub trait Sink: Send {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     PromptLogits(PromptLogits),
+    PromptLogprobs(PromptLogprobs),
     Token(TokenEvent),
     Done(Finish),
     Error(String),
@@ -114,6 +118,15 @@ pub struct PromptLogits {
     pub start: usize,
     /// Rows of the vocabulary's size, one per position from `start` on.
     pub logits: Vec<f32>,
+}
+
+/// Log-probabilities of consecutive prompt tokens, each under the model's distribution after
+/// the tokens before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprobs {
+    /// The position of the first token scored (at least 1: the first token has no context).
+    pub start: usize,
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -314,6 +327,8 @@ impl Engine {
                 stop: req.stop,
                 ignore_eos: req.ignore_eos,
                 logprobs: req.logprobs,
+                prompt_logits: req.prompt_logits,
+                prompt_logprobs: req.prompt_logprobs,
                 sink: req.sink,
                 prompt_len: req.prompt.len(),
             },
@@ -324,7 +339,7 @@ impl Engine {
             id,
             prompt: req.prompt,
             cache_salt: req.cache_salt,
-            prompt_logits: req.prompt_logits,
+            prompt_logits: req.prompt_logits || req.prompt_logprobs.is_some(),
         });
     }
 
@@ -396,10 +411,10 @@ impl Engine {
                     };
                     let n = sc.prompt_rows.len();
                     if n > 0 {
-                        let flat = (rows.start..rows.start + n)
-                            .flat_map(|r| logits.row(r).iter().copied())
-                            .collect();
-                        if !out.prompt_logits(sc.start + sc.prompt_rows.start, flat) {
+                        let first = sc.start + sc.prompt_rows.start;
+                        let rows = (rows.start..rows.start + n).map(|r| logits.row(r));
+                        let prompt = self.sched.tokens(sc.id).unwrap_or(&[]);
+                        if !out.prompt_rows(first, rows, prompt) {
                             let ev = out.finish(FinishReason::Cancelled, String::new());
                             out.send(ev);
                             done.push(sc.id);

@@ -13,7 +13,9 @@
 
 use std::sync::Arc;
 
-use super::{Event, Finish, FinishReason, PromptLogits, Sink, TokenEvent, TokenLogprobs};
+use super::{
+    Event, Finish, FinishReason, PromptLogits, PromptLogprobs, Sink, TokenEvent, TokenLogprobs,
+};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -25,6 +27,10 @@ pub(crate) struct Output {
     ignore_eos: bool,
     /// Top alternatives to report with each token's log-probability, if any.
     logprobs: Option<usize>,
+    /// Send the raw logits of prompt positions.
+    prompt_logits: bool,
+    /// Send prompt tokens' log-probabilities with this many alternatives.
+    prompt_logprobs: Option<usize>,
     detok: Option<IncrementalDecoder>,
     stop: StopText,
     sink: Box<dyn Sink>,
@@ -49,6 +55,8 @@ pub(crate) struct OutputSpec {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub logprobs: Option<usize>,
+    pub prompt_logits: bool,
+    pub prompt_logprobs: Option<usize>,
     pub sink: Box<dyn Sink>,
     pub prompt_len: usize,
 }
@@ -60,6 +68,8 @@ impl Output {
             max_tokens: spec.max_tokens,
             ignore_eos: spec.ignore_eos,
             logprobs: spec.logprobs,
+            prompt_logits: spec.prompt_logits,
+            prompt_logprobs: spec.prompt_logprobs,
             detok: tokenizer.map(|t| IncrementalDecoder::new(t.clone(), false)),
             stop: StopText::new(spec.stop),
             sink: spec.sink,
@@ -82,10 +92,42 @@ impl Output {
         self.sink.send(event)
     }
 
-    /// Delivers the logits of prompt positions `start..`; `false` if the receiver is gone.
-    pub fn prompt_logits(&mut self, start: usize, logits: Vec<f32>) -> bool {
-        self.sink
-            .send(Event::PromptLogits(PromptLogits { start, logits }))
+    /// Delivers what the request asked of the prompt rows at positions `start..` (`prompt`
+    /// holds its tokens): their logits, and the log-probability of the prompt token each
+    /// predicts. `false` if the receiver is gone.
+    pub fn prompt_rows<'a>(
+        &mut self,
+        start: usize,
+        rows: impl ExactSizeIterator<Item = &'a [f32]>,
+        prompt: &[u32],
+    ) -> bool {
+        let mut logits = Vec::new();
+        let mut logprobs = Vec::new();
+        for (p, row) in (start..).zip(rows) {
+            if self.prompt_logits {
+                logits.extend_from_slice(row);
+            }
+            if let (Some(k), Some(&next)) = (self.prompt_logprobs, prompt.get(p + 1)) {
+                if p + 1 < self.prompt_len {
+                    logprobs.push(token_logprobs(row, next, k));
+                }
+            }
+        }
+        if self.prompt_logits
+            && !self
+                .sink
+                .send(Event::PromptLogits(PromptLogits { start, logits }))
+        {
+            return false;
+        }
+        if !logprobs.is_empty() {
+            let ev = Event::PromptLogprobs(PromptLogprobs {
+                start: start + 1,
+                logprobs,
+            });
+            return self.sink.send(ev);
+        }
+        true
     }
 
     /// The final event with `reason`, `text` being what was held back.

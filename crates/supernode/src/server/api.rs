@@ -283,6 +283,9 @@ pub struct GenSpec {
     pub logprobs: Option<usize>,
     /// Keeps the request's prefix-cache entries apart from other salts' (vLLM's field).
     pub cache_salt: Option<String>,
+    /// Completions: the answer starts with the prompt (with its tokens' logprobs if `logprobs`
+    /// is set).
+    pub echo: bool,
 }
 
 /// The most choices one request may ask for.
@@ -292,7 +295,8 @@ pub const MAX_STOP: usize = 16;
 /// The most alternatives per token in logprobs.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
-fn common(f: &Fields) -> ApiResult<GenSpec> {
+/// The fields chat and completions share; `max_tokens` may be as low as `min_tokens`.
+fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
     refuse_unsupported(f)?;
     let model = f
         .string("model")?
@@ -333,10 +337,10 @@ fn common(f: &Fields) -> ApiResult<GenSpec> {
         ..d
     };
     let (max_tokens, max_tokens_param) =
-        match f.int("max_completion_tokens", 1, i64::from(u32::MAX))? {
+        match f.int("max_completion_tokens", min_tokens, i64::from(u32::MAX))? {
             Some(m) => (Some(m as usize), "max_completion_tokens"),
             None => (
-                f.int("max_tokens", 1, i64::from(u32::MAX))?
+                f.int("max_tokens", min_tokens, i64::from(u32::MAX))?
                     .map(|m| m as usize),
                 "max_tokens",
             ),
@@ -393,6 +397,7 @@ fn common(f: &Fields) -> ApiResult<GenSpec> {
             }
             salt => salt.map(str::to_string),
         },
+        echo: false,
     })
 }
 
@@ -405,7 +410,7 @@ pub struct ChatRequest {
 
 pub fn chat_request(body: &Map<String, Value>) -> ApiResult<ChatRequest> {
     let f = Fields(body);
-    let mut spec = common(&f)?;
+    let mut spec = common(&f, 1)?;
     let want_logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top = f.int("top_logprobs", 0, MAX_TOP_LOGPROBS)?;
     if top.is_some() && !want_logprobs {
@@ -530,11 +535,12 @@ pub struct CompletionRequest {
 
 pub fn completion_request(body: &Map<String, Value>) -> ApiResult<CompletionRequest> {
     let f = Fields(body);
-    let mut spec = common(&f)?;
+    // With `echo`, `max_tokens: 0` scores the prompt alone (how lm-eval asks for
+    // log-likelihoods).
+    let echo = f.bool("echo")?.unwrap_or(false);
+    let mut spec = common(&f, if echo { 0 } else { 1 })?;
+    spec.echo = echo;
     spec.logprobs = f.int("logprobs", 0, MAX_TOP_LOGPROBS)?.map(|k| k as usize);
-    if f.bool("echo")?.unwrap_or(false) {
-        return Err(ApiError::invalid("echo", "`echo` is not supported"));
-    }
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
     }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use supernode_engine::engine::{
-    Event, Finish, FinishReason, Request, Sink, SubmitError, TokenLogprobs,
+    Event, Finish, FinishReason, PromptLogprobs, Request, Sink, SubmitError, TokenLogprobs,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -105,14 +105,23 @@ fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
     let prompt = tmpl
         .prompt_tokens(tok, &req.messages)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    start(st, prompt, req.spec, Kind::Chat)
+    start(st, prompt, req.spec, Kind::Chat, None)
 }
 
 fn completion_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
     let req = api::completion_request(&api::parse_body(body)?)?;
     check_model(st, &req.spec)?;
-    let prompt = match req.prompt {
-        Prompt::Tokens(t) => t,
+    let echo = req.spec.echo;
+    let (prompt, echo_text) = match req.prompt {
+        Prompt::Tokens(t) => {
+            let text = echo.then(|| {
+                st.tokenizer
+                    .as_ref()
+                    .map(|tok| tok.decode(&t, true))
+                    .unwrap_or_default()
+            });
+            (t, text)
+        }
         Prompt::Text(text) => {
             let tok = st.tokenizer.as_ref().ok_or_else(|| {
                 ApiError::invalid(
@@ -120,10 +129,10 @@ fn completion_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
                     "this model has no tokenizer: give the prompt as token ids",
                 )
             })?;
-            tok.encode(&text, true, true)
+            (tok.encode(&text, true, true), echo.then_some(text))
         }
     };
-    start(st, prompt, req.spec, Kind::Completion)
+    start(st, prompt, req.spec, Kind::Completion, echo_text)
 }
 
 fn check_model(st: &AppState, spec: &GenSpec) -> ApiResult<()> {
@@ -150,6 +159,10 @@ struct Started {
     first_token: bool,
     /// The request's outcome is in `supernode_requests_total`.
     counted: bool,
+    /// `echo`: the prompt's text, which every choice's text starts with.
+    echo: Option<String>,
+    /// The prompt (for `echo` with logprobs).
+    prompt: Vec<u32>,
 }
 
 #[derive(Default)]
@@ -159,6 +172,8 @@ struct Choice {
     error: Option<String>,
     tokens: usize,
     last: Option<Instant>,
+    /// `echo` while streaming: the prompt's chunk was sent.
+    echoed: bool,
     /// Chat: the `logprobs.content` entries; completions: the legacy columns.
     lp_content: Vec<Value>,
     lp_tokens: Vec<Value>,
@@ -179,7 +194,13 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{t:016x}{n:08x}")
 }
 
-fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<Started> {
+fn start(
+    st: &Shared,
+    prompt: Vec<u32>,
+    spec: GenSpec,
+    kind: Kind,
+    echo: Option<String>,
+) -> ApiResult<Started> {
     let arrival = Instant::now();
     let param = if kind == Kind::Chat {
         "messages"
@@ -219,6 +240,7 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
                 logprobs: spec.logprobs,
                 cache_salt: spec.cache_salt.clone(),
                 prompt_logits: false,
+                prompt_logprobs: if echo.is_some() { spec.logprobs } else { None },
                 sink: Box::new(ChannelSink {
                     index: i,
                     tx: tx.clone(),
@@ -242,13 +264,14 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
         Kind::Chat => ("chatcmpl", spec.n),
         Kind::Completion => ("cmpl", spec.n),
     };
-    Ok(Started {
+    let logprobs = spec.logprobs.is_some();
+    let mut s = Started {
         st: st.clone(),
         rx,
         kind,
         stream: spec.stream,
         include_usage: spec.include_usage,
-        logprobs: spec.logprobs.is_some(),
+        logprobs,
         prompt_len,
         id: request_id(id_prefix),
         created: std::time::SystemTime::now()
@@ -259,7 +282,26 @@ fn start(st: &Shared, prompt: Vec<u32>, spec: GenSpec, kind: Kind) -> ApiResult<
         choices: (0..n).map(|_| Choice::default()).collect(),
         first_token: false,
         counted: false,
-    })
+        echo: None,
+        prompt: Vec::new(),
+    };
+    if let Some(text) = echo {
+        // The first prompt token has no context, so no logprob; the rest come from the engine.
+        let first = (logprobs && !prompt.is_empty()).then(|| s.token_text(prompt[0]).0);
+        for c in &mut s.choices {
+            c.text = text.clone();
+            c.offset = text.len();
+            if let Some(t) = &first {
+                c.lp_tokens.push(json!(t));
+                c.lp_values.push(Value::Null);
+                c.lp_top.push(Value::Null);
+                c.lp_offsets.push(json!(0));
+            }
+        }
+        s.echo = Some(text);
+        s.prompt = prompt;
+    }
+    Ok(s)
 }
 
 fn finish_reason(f: &Finish) -> &'static str {
@@ -287,6 +329,45 @@ impl Started {
         (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
 
+    /// Adds the legacy logprob columns of prompt tokens `p.start..` to choice `i`.
+    fn prompt_logprobs(&mut self, i: usize, p: &PromptLogprobs) {
+        let mut offset: usize = self.prompt[..p.start.min(self.prompt.len())]
+            .iter()
+            .map(|&t| self.token_text(t).0.len())
+            .sum();
+        for (lp, &id) in p.logprobs.iter().zip(&self.prompt[p.start..]) {
+            let text = self.token_text(id).0;
+            let top: serde_json::Map<String, Value> = lp
+                .top
+                .iter()
+                .map(|&(t, l)| (self.token_text(t).0, json!(l)))
+                .collect();
+            let c = &mut self.choices[i];
+            c.lp_tokens.push(json!(text));
+            c.lp_values.push(json!(lp.logprob));
+            c.lp_top.push(json!(top));
+            c.lp_offsets.push(json!(offset));
+            offset += text.len();
+        }
+    }
+
+    /// The stream chunk of choice `i` that carries the prompt (`echo`), with the prompt's
+    /// logprob columns if asked.
+    fn echo_chunk(&mut self, i: usize) -> Value {
+        self.choices[i].echoed = true;
+        let c = &self.choices[i];
+        let lp = if self.logprobs {
+            json!({
+                "tokens": c.lp_tokens, "token_logprobs": c.lp_values,
+                "top_logprobs": c.lp_top, "text_offset": c.lp_offsets,
+            })
+        } else {
+            Value::Null
+        };
+        let text = self.echo.clone().unwrap_or_default();
+        self.chunk(i, &text, lp, None)
+    }
+
     fn chat_logprob(&self, id: u32, lp: &TokenLogprobs) -> Value {
         let (text, bytes) = self.token_text(id);
         let top: Vec<Value> = lp
@@ -303,8 +384,16 @@ impl Started {
     /// Takes one engine event; returns the stream chunks it makes (when streaming).
     fn on_event(&mut self, i: usize, ev: Event) -> Vec<Value> {
         let now = Instant::now();
-        let m = &self.st.metrics;
         let mut chunks = Vec::new();
+        if let Event::PromptLogprobs(p) = &ev {
+            self.prompt_logprobs(i, p);
+            return chunks;
+        }
+        if self.stream && self.echo.is_some() && !self.choices[i].echoed {
+            chunks.push(self.echo_chunk(i));
+        }
+        let st = self.st.clone();
+        let m = &st.metrics;
         match ev {
             Event::Token(t) => {
                 if !self.first_token {
@@ -374,8 +463,8 @@ impl Started {
                     c.finish = Some(f);
                 }
             }
-            // Never asked for by the server.
-            Event::PromptLogits(_) => {}
+            // Never asked for by the server; prompt logprobs were taken above.
+            Event::PromptLogits(_) | Event::PromptLogprobs(_) => {}
             Event::Error(msg) => {
                 if self.stream {
                     chunks.push(ApiError::internal(msg.clone()).body());
