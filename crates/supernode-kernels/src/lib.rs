@@ -7,6 +7,8 @@
 //! - [`qdot`]: llama.cpp's activation quantisers and integer dot products (quantised mode);
 //! - [`simd`]: dispatched float kernels (dot products, attention rows, softmax steps) with one
 //!   fixed reduction order;
+//! - [`weight`]: [`PreparedWeight`], a matrix prepared for this machine's products (packing is
+//!   its business, not the model's);
 //! - [`pool`]: the low-overhead thread pool the kernels and layers run their loops on;
 //! - `cpu`: the instruction set, detected once, and the ISA-specific kernels behind one table.
 //!
@@ -21,9 +23,11 @@ pub mod pool;
 pub mod qdot;
 pub mod quant;
 pub mod simd;
+pub mod weight;
 
 pub use dtype::{DType, ALL_DTYPES, QK_K};
 pub use matmul::{matmul, WeightMatrix};
 pub use matmul::{matmul_with, Precision};
 pub use quant::{dequantize_row, quantize_row};
 pub use simd::dot_f32;
+pub use weight::{PreparedWeight, WeightBytes};
