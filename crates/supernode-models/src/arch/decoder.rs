@@ -178,3 +178,125 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         blocks + self.output.head.weight_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use supernode_kernels::Precision;
+
+    use super::*;
+    use crate::arch::{deepseek_v3, gemma3, llama};
+    use crate::numerics::Numerics;
+    use crate::safetensors::read_safetensors_dir;
+    use crate::trace::Named;
+
+    /// The config and weights of the HF fixture `arch`.
+    fn fixture(arch: &str, precision: Precision) -> (ModelConfig, Weights) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf")
+            .join(arch);
+        let st = read_safetensors_dir(&dir).unwrap();
+        let cfg = ModelConfig::from_hf(&st.config).unwrap();
+        (cfg, Weights::new(st.tensors, Numerics::new(precision)))
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The hook sees layer 0's activations under `names`, in that order, and every block's
+    /// `l_out` (one row of `hidden` per token, blocks in order); the last `l_out` through the
+    /// final norm and head gives the logits the forward pass returns, and a traced pass returns
+    /// the same bits as an untraced one.
+    fn check_trace<A: BlockAttention>(m: &PreNormDecoder<A>, names: &[&str]) {
+        let tokens: Vec<u32> = (1..=7).collect();
+        let n = tokens.len();
+        let positions: Vec<usize> = (0..n).collect();
+        let rows: Vec<usize> = (0..n).collect();
+        let table = [0u32, 1];
+        let tables = [table.as_slice()];
+        let batch = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            seq_of: &vec![0; n],
+            block_tables: &tables,
+            logits_for: &rows,
+        };
+        let specs = m.kv_specs();
+        let plain = m
+            .forward(&batch, &mut KvCache::new(&specs, 4, 2).unwrap())
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut l_out = Vec::new();
+        let traced = {
+            let mut hook = |a: &Named| {
+                assert_eq!(a.rows, n, "{}", a.name);
+                if a.layer == Some(0) {
+                    seen.push(a.name);
+                }
+                if a.name == "l_out" {
+                    l_out.push((a.layer, a.values.to_vec()));
+                }
+            };
+            let mut kv = KvCache::new(&specs, 4, 2).unwrap();
+            m.forward_traced(&batch, &mut kv, &mut Trace::new(&mut hook))
+                .unwrap()
+        };
+        assert_eq!(bits(&plain), bits(&traced));
+        assert_eq!(seen, names);
+        let layers: Vec<Option<usize>> = l_out.iter().map(|(l, _)| *l).collect();
+        assert_eq!(layers, (0..m.cfg.n_layers).map(Some).collect::<Vec<_>>());
+        assert!(l_out.iter().all(|(_, v)| v.len() == n * m.cfg.hidden));
+        let last = &l_out[l_out.len() - 1].1;
+        assert_eq!(bits(&m.output.forward(last, &rows)), bits(&traced));
+    }
+
+    #[test]
+    fn the_hook_sees_every_layer_and_the_logits_follow_from_the_last() {
+        let gqa = [
+            "attn_norm",
+            "q",
+            "k",
+            "v",
+            "attn_out",
+            "ffn_inp",
+            "ffn_norm",
+            "ffn_out",
+            "l_out",
+        ];
+        let sandwich = [
+            "attn_norm",
+            "q",
+            "k",
+            "v",
+            "attn_out",
+            "attn_post_norm",
+            "ffn_inp",
+            "ffn_norm",
+            "ffn_out",
+            "ffn_post_norm",
+            "l_out",
+        ];
+        let mla = [
+            "attn_norm",
+            "q",
+            "kv",
+            "attn_out",
+            "ffn_inp",
+            "ffn_norm",
+            "ffn_out",
+            "l_out",
+        ];
+        for precision in [Precision::Exact, Precision::Quantized] {
+            for arch in ["llama", "qwen3_moe"] {
+                let (cfg, w) = fixture(arch, precision);
+                check_trace(&llama::load(cfg, &w).unwrap(), &gqa);
+            }
+            let (cfg, w) = fixture("gemma3_text", precision);
+            check_trace(&gemma3::load(cfg, &w).unwrap(), &sandwich);
+            let (cfg, w) = fixture("deepseek_v3", precision);
+            check_trace(&deepseek_v3::load(cfg, &w).unwrap(), &mla);
+        }
+    }
+}
