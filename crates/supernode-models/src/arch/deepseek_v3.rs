@@ -20,6 +20,7 @@ use crate::config::{
     MoeConfig, RopeScaling,
 };
 use crate::layers::Mla;
+use crate::names::{only, Row};
 use crate::weights::Weights;
 use crate::{Metadata, ModelConfig, ModelError, Result};
 
@@ -43,7 +44,51 @@ pub const FAMILY: Family = Family {
         ),
         hf_experts: "n_routed_experts",
     },
+    hf_names: HF_NAMES,
 };
+
+/// Multi-head latent attention (DeepSeek-V2/V3).
+const MLA: &[&str] = &["deepseek_v2", "deepseek_v3", "deepseek2"];
+
+/// The router's selection bias, the shared experts and the MLA projections and norms (the
+/// router and routed experts are in the shared table).
+const HF_NAMES: &[Row] = &[
+    only("mlp.gate.e_score_correction_bias", "exp_probs_b.bias", MLA),
+    only(
+        "mlp.shared_experts.gate_proj.weight",
+        "ffn_gate_shexp.weight",
+        MLA,
+    ),
+    only(
+        "mlp.shared_experts.up_proj.weight",
+        "ffn_up_shexp.weight",
+        MLA,
+    ),
+    only(
+        "mlp.shared_experts.down_proj.weight",
+        "ffn_down_shexp.weight",
+        MLA,
+    ),
+    // Multi-head latent attention.
+    only("self_attn.q_a_proj.weight", "attn_q_a.weight", MLA),
+    only(
+        "self_attn.q_a_layernorm.weight",
+        "attn_q_a_norm.weight",
+        MLA,
+    ),
+    only("self_attn.q_b_proj.weight", "attn_q_b.weight", MLA),
+    only(
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_mqa.weight",
+        MLA,
+    ),
+    only(
+        "self_attn.kv_a_layernorm.weight",
+        "attn_kv_a_norm.weight",
+        MLA,
+    ),
+    only("self_attn.kv_b_proj.weight", "attn_kv_b.weight", MLA),
+];
 
 /// A DeepSeek-V3 / R1 model.
 pub type DeepseekV3 = PreNormDecoder<Mla>;

@@ -22,6 +22,7 @@ use crate::arch::decoder::{DecoderOptions, PreNormDecoder};
 use crate::arch::{Arch, Family, Model};
 use crate::config::{hf_int, hf_num, hf_rope, KeyNames, RopeConfig, RopeScaling, SlidingWindow};
 use crate::layers::Attention;
+use crate::names::{only, Row};
 use crate::weights::Weights;
 use crate::{Metadata, ModelConfig, ModelError, Result};
 
@@ -36,7 +37,32 @@ pub const FAMILY: Family = Family {
         attn_scale: (None, Some("query_pre_attn_scalar")),
         ..KeyNames::SHARED
     },
+    hf_names: HF_NAMES,
 };
+
+/// Architectures whose decoder layers have four norms: pre- and post-attention, pre- and
+/// post-feed-forward. In them HF's `post_attention_layernorm` is a real post-norm.
+pub const SANDWICH_NORMS: &[&str] = &["gemma2", "gemma3", "gemma3_text"];
+
+/// The sandwich norms' names (the shared table maps `post_attention_layernorm` to the
+/// feed-forward's pre-norm everywhere else).
+const HF_NAMES: &[Row] = &[
+    only(
+        "post_attention_layernorm.weight",
+        "post_attention_norm.weight",
+        SANDWICH_NORMS,
+    ),
+    only(
+        "pre_feedforward_layernorm.weight",
+        "ffn_norm.weight",
+        SANDWICH_NORMS,
+    ),
+    only(
+        "post_feedforward_layernorm.weight",
+        "post_ffw_norm.weight",
+        SANDWICH_NORMS,
+    ),
+];
 
 /// A Gemma 3 model.
 pub type Gemma3 = PreNormDecoder<Attention>;

@@ -28,6 +28,7 @@ pub const FAMILY: Family = Family {
     gguf_tensors: Some(dense_layers_from_tensors),
     build,
     keys: KeyNames::SHARED,
+    hf_names: &[],
 };
 
 /// A Llama-family model.

@@ -2,7 +2,7 @@
 //!
 //! An architecture is its file plus one row of [`REGISTRY`]: the file holds what sets the
 //! family apart — its GGUF metadata and config.json keys and defaults, the keys its errors name,
-//! the tensors it loads and its forward pass, composed from the shared [`decoder`] and
+//! its HF tensor names, the tensors it loads and its forward pass, composed from the shared [`decoder`] and
 //! [`crate::layers`] — behind the entry points of a [`Family`]; the row gives the names that
 //! select it (GGUF `general.architecture`, HF `model_type`). [`Model`] is what a built one is.
 
@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::config::KeyNames;
 use crate::kv_cache::{KvCache, KvLayerSpec};
+use crate::names::Row;
 use crate::trace::Trace;
 use crate::weights::Weights;
 use crate::{Batch, Metadata, ModelConfig, ModelError, Result};
@@ -53,6 +54,9 @@ pub struct Family {
     pub build: fn(ModelConfig, &Weights) -> Result<Box<dyn Model>>,
     /// The keys its errors name where they differ from the shared ones.
     pub keys: KeyNames,
+    /// Its own rows of the HF → GGUF tensor names (besides the shared ones of
+    /// [`crate::names`]).
+    pub hf_names: &'static [Row],
 }
 
 /// Each architecture with its GGUF `general.architecture` name, its HF `model_type` and its
@@ -70,6 +74,15 @@ static REGISTRY: [(Arch, &str, &str, &Family); 6] = [
         &deepseek_v3::FAMILY,
     ),
 ];
+
+/// The registered families, each once.
+pub fn families() -> impl Iterator<Item = &'static Family> {
+    REGISTRY
+        .iter()
+        .enumerate()
+        .filter(|&(i, r)| !REGISTRY[..i].iter().any(|s| std::ptr::eq(s.3, r.3)))
+        .map(|(_, r)| r.3)
+}
 
 /// HF `model_type`s that wrap a text model, each with the function that gives the text model's
 /// config.json (with its own `model_type`).
