@@ -65,8 +65,8 @@ fn read_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
 
 /// Qwen3-MoE's router as llama.cpp's `qwen3moe` runs it: softmax over `expert_count`
 /// experts, top `expert_used_count`, renormalised (llama.cpp hard-codes it; a file's
-/// `expert_weights_norm` overrides). Every layer is sparse here; the loader marks layers
-/// without a router (`ffn_gate_inp`) dense, see [`ModelConfig::with_moe_layers`].
+/// `expert_weights_norm` overrides). Every layer is sparse here; [`dense_layers_from_tensors`]
+/// then marks the layers without a router (`ffn_gate_inp`) dense.
 fn qwen3moe_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
     let key = |k: &str| format!("qwen3moe.{k}");
     let req = |k: &str| -> Result<usize> {

@@ -1,6 +1,6 @@
 //! One file per architecture family, and the registry that maps names to them.
 //!
-//! An architecture is its file plus one row of [`REGISTRY`]: the file holds what sets the
+//! An architecture is its file plus one row of the registry here: the file holds what sets the
 //! family apart — its GGUF metadata and config.json keys and defaults, the keys its errors name,
 //! its HF tensor names, the tensors it loads and its forward pass, composed from the shared [`decoder`] and
 //! [`crate::layers`] — behind the entry points of a [`Family`]; the row gives the names that
@@ -90,7 +90,7 @@ type TextConfig = fn(&Value) -> Result<Value>;
 static HF_WRAPPERS: [(&str, TextConfig); 1] = [("gemma3", gemma3::hf_text_config)];
 
 /// The function that unwraps a config.json of `model_type`, if that is a wrapper's.
-pub fn hf_text_config(model_type: &str) -> Option<TextConfig> {
+pub fn hf_wrapper(model_type: &str) -> Option<TextConfig> {
     HF_WRAPPERS
         .iter()
         .find(|(t, _)| *t == model_type)

@@ -1,6 +1,6 @@
 //! One checked model configuration, resolved from GGUF metadata or from an HF `config.json`.
 //!
-//! Model code reads only [`ModelConfig`]; every field is range-checked ([`validate`]: sizes
+//! Model code reads only [`ModelConfig`]; every field is range-checked (in `validate.rs`: sizes
 //! within `1..=2^24`, heads divisible into KV groups, rope dims even and within the head, finite
 //! positive epsilons, bases, factors and caps, experts and groups that can be routed, MLA ranks),
 //! so the forward pass can index freely. A bad value is a load error naming the GGUF or
@@ -124,6 +124,7 @@ pub struct ModelConfig {
     /// are then the per-head sizes after expansion (`qk_nope + qk_rope`, `v_head_dim`).
     pub mla: Option<MlaConfig>,
 }
+
 impl ModelConfig {
     /// From GGUF metadata (`{arch}.block_count`, ...). The vocabulary size is llama.cpp's: the
     /// length of `tokenizer.ggml.tokens` (which `{arch}.vocab_size` must equal when a file has
@@ -175,6 +176,7 @@ impl ModelConfig {
                     beta_slow: meta
                         .get_f64(&key("rope.scaling.yarn_beta_slow"))?
                         .unwrap_or(1.0),
+                    // (DeepSeek's reader moves this correction into the softmax scale.)
                     attn_factor: attn_factor * yarn_mscale(factor, 1.0),
                     truncate: true,
                 }
@@ -243,13 +245,13 @@ impl ModelConfig {
     /// newer `rope_parameters` style.
     ///
     /// A wrapper `model_type` (multimodal Gemma 3's `gemma3`) is read from its text model's
-    /// config ([`arch::hf_text_config`]).
+    /// config ([`arch::hf_wrapper`]).
     pub fn from_hf(config: &Value) -> Result<ModelConfig> {
         let model_type = config
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| ModelError::Metadata("config.json has no `model_type`".into()))?;
-        if let Some(text_config) = arch::hf_text_config(model_type) {
+        if let Some(text_config) = arch::hf_wrapper(model_type) {
             return Self::from_hf(&text_config(config)?);
         }
         let arch = Arch::from_hf_model_type(model_type)?;
