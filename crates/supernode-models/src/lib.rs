@@ -3,7 +3,10 @@
 //! - [`gguf`] and [`safetensors`] read model files into named [`Tensor`]s (GGUF names, HF
 //!   names mapped by [`names`]) and [`Metadata`] (GGUF keys);
 //! - [`config`] resolves them into one checked [`ModelConfig`];
-//! - [`layers`] holds the shared layers; [`arch`] has one file per architecture composing them;
+//! - [`layers`] holds the shared layers; [`arch`] has one file per architecture family composing
+//!   them (with its config reading), and the registry of names;
+//! - [`numerics`] is how a model computes, resolved from the precision asked for; [`trace`] lets
+//!   a caller see the named activations of a forward pass;
 //! - [`loader::load_model`] is the entry point; [`Batch`] and [`KvCache`] are what a forward
 //!   pass consumes.
 
@@ -16,8 +19,10 @@ pub mod layers;
 pub mod loader;
 pub mod metadata;
 pub mod names;
+pub mod numerics;
 pub mod safetensors;
 pub mod tensor;
+pub mod trace;
 pub mod weights;
 
 pub use arch::Model;
@@ -26,7 +31,9 @@ pub use config::ModelConfig;
 pub use kv_cache::{KvCache, KvDType, KvData, KvLayerSpec, KvValues};
 pub use loader::{load_model, LoadOptions, LoadedModel, ModelSource};
 pub use metadata::{MetaValue, Metadata};
+pub use numerics::Numerics;
 pub use tensor::{Storage, Tensor};
+pub use trace::{Named, Trace};
 
 use std::path::PathBuf;
 

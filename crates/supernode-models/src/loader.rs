@@ -1,14 +1,16 @@
 //! The one entry point for loading a model from a path: a `.gguf` file or a directory with
-//! `config.json` and safetensors. Picks the architecture and builds it.
+//! `config.json` and safetensors. Reads the config, resolves the [`Numerics`] from the
+//! precision asked for, and has the architecture's [`Family`](crate::arch::Family) build it.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use supernode_kernels::Precision;
 
-use crate::arch::{deepseek_v3::DeepseekV3, gemma3::Gemma3, llama::Llama, Model};
-use crate::config::{Arch, ModelConfig, ROPE_FREQS, TOKENS_KEY};
+use crate::arch::Model;
+use crate::config::{ModelConfig, ROPE_FREQS, TOKENS_KEY};
 use crate::gguf::read_gguf;
+use crate::numerics::Numerics;
 use crate::safetensors::read_safetensors_dir;
 use crate::weights::Weights;
 use crate::{Metadata, ModelError, Result};
@@ -39,7 +41,8 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         let cfg = ModelConfig::from_hf(&st.config).map_err(|e| {
             ModelError::Invalid(format!("{}: {e}", path.join("config.json").display()))
         })?;
-        let model = build(cfg, &Weights::new(st.tensors, opts.precision))?;
+        let weights = Weights::new(st.tensors, Numerics::new(opts.precision));
+        let model = (cfg.arch.family().build)(cfg, &weights)?;
         return Ok(LoadedModel {
             model,
             source: ModelSource::HfDir {
@@ -52,7 +55,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let vocab_rows = file.tensor("token_embd.weight").map_or(0, |t| t.rows());
     let in_file = |e: ModelError| ModelError::Invalid(format!("{}: {e}", path.display()));
     let mut cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows).map_err(in_file)?;
-    let weights = Weights::new(file.tensors, opts.precision);
+    let weights = Weights::new(file.tensors, Numerics::new(opts.precision));
     check_vocab_rows(&file.metadata, &cfg, &weights).map_err(in_file)?;
     if weights.get(ROPE_FREQS).is_some() {
         let factors = weights
@@ -62,19 +65,11 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             .with_rope_factors(factors.into_iter().map(f64::from).collect())
             .map_err(in_file)?;
     }
-    if cfg.arch == Arch::Qwen3Moe {
-        // llama.cpp's `qwen3moe` makes every layer sparse; a file may keep dense layers (as
-        // `mlp_only_layers` / `decoder_sparse_step` do), told by their lack of a router.
-        let sparse = (0..cfg.n_layers)
-            .map(|i| {
-                weights
-                    .get(&format!("blk.{i}.ffn_gate_inp.weight"))
-                    .is_some()
-            })
-            .collect();
-        cfg = cfg.with_moe_layers(sparse).map_err(in_file)?;
+    let family = cfg.arch.family();
+    if let Some(from_tensors) = family.gguf_tensors {
+        cfg = from_tensors(cfg, &weights).map_err(in_file)?;
     }
-    let model = build(cfg, &weights).map_err(in_file)?;
+    let model = (family.build)(cfg, &weights).map_err(in_file)?;
     Ok(LoadedModel {
         model,
         source: ModelSource::Gguf {
@@ -112,12 +107,4 @@ fn check_vocab_rows(meta: &Metadata, cfg: &ModelConfig, w: &Weights) -> Result<(
         }
     }
     Ok(())
-}
-
-fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
-    Ok(match cfg.arch {
-        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe => Box::new(Llama::new(cfg, w)?),
-        Arch::Gemma3 => Box::new(Gemma3::new(cfg, w)?),
-        Arch::DeepseekV3 => Box::new(DeepseekV3::new(cfg, w)?),
-    })
 }

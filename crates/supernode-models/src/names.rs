@@ -1,7 +1,8 @@
-//! The one table from HF transformers parameter names to llama.cpp GGUF tensor names.
+//! The tables from HF transformers parameter names to llama.cpp GGUF tensor names: the shared
+//! rows here, an architecture's own rows in its file ([`Family::hf_names`]).
 //!
 //! Model code asks for tensors by their GGUF names whatever file they came from; the
-//! safetensors loader renames through [`hf_to_gguf`]. The table follows llama.cpp's
+//! safetensors loader renames through [`hf_to_gguf`]. The tables follow llama.cpp's
 //! `gguf-py/gguf/tensor_mapping.py` and `constants.py`. Each row maps one HF name pattern
 //! to one GGUF name pattern, optionally for some architectures only: `{i}` stands for the
 //! layer index (`model.layers.{i}.` ↔ `blk.{i}.`), `{e}` for an expert index. A row whose HF
@@ -11,6 +12,10 @@
 //! Architectures are HF `model_type` strings (`llama`, `qwen2`, `qwen3_moe`, `gemma3_text`,
 //! `deepseek_v3`, ...); GGUF spellings (`qwen3moe`, `deepseek2`) are accepted too. Adding an
 //! architecture is adding rows (and, where its names differ, an entry in a family list).
+//!
+//! [`Family::hf_names`]: crate::arch::Family::hf_names
+
+use crate::arch;
 
 /// Which architectures a row applies to.
 #[derive(Clone, Copy, Debug)]
@@ -30,9 +35,6 @@ impl Archs {
     }
 }
 
-/// Architectures whose decoder layers have four norms: pre- and post-attention, pre- and
-/// post-feed-forward. In them HF's `post_attention_layernorm` is a real post-norm.
-const SANDWICH_NORMS: &[&str] = &["gemma2", "gemma3", "gemma3_text"];
 /// Mixture-of-experts architectures with a router named `mlp.gate`.
 const MOE: &[&str] = &[
     "qwen2_moe",
@@ -43,17 +45,15 @@ const MOE: &[&str] = &[
     "deepseek_v3",
     "deepseek2",
 ];
-/// Multi-head latent attention (DeepSeek-V2/V3).
-const MLA: &[&str] = &["deepseek_v2", "deepseek_v3", "deepseek2"];
 
 /// One mapping: HF pattern, GGUF pattern, the architectures it holds for.
-struct Row {
+pub struct Row {
     hf: &'static str,
     gguf: &'static str,
     archs: Archs,
 }
 
-const fn row(hf: &'static str, gguf: &'static str) -> Row {
+pub(crate) const fn row(hf: &'static str, gguf: &'static str) -> Row {
     Row {
         hf,
         gguf,
@@ -61,7 +61,11 @@ const fn row(hf: &'static str, gguf: &'static str) -> Row {
     }
 }
 
-const fn only(hf: &'static str, gguf: &'static str, archs: &'static [&'static str]) -> Row {
+pub(crate) const fn only(
+    hf: &'static str,
+    gguf: &'static str,
+    archs: &'static [&'static str],
+) -> Row {
     Row {
         hf,
         gguf,
@@ -69,7 +73,11 @@ const fn only(hf: &'static str, gguf: &'static str, archs: &'static [&'static st
     }
 }
 
-const fn except(hf: &'static str, gguf: &'static str, archs: &'static [&'static str]) -> Row {
+pub(crate) const fn except(
+    hf: &'static str,
+    gguf: &'static str,
+    archs: &'static [&'static str],
+) -> Row {
     Row {
         hf,
         gguf,
@@ -98,34 +106,19 @@ const LAYER: &[Row] = &[
     row("self_attn.o_proj.bias", "attn_output.bias"),
     row("self_attn.q_norm.weight", "attn_q_norm.weight"),
     row("self_attn.k_norm.weight", "attn_k_norm.weight"),
-    // Norms around the feed-forward block.
+    // The norm before the feed-forward (after the attention, in HF's name).
     except(
         "post_attention_layernorm.weight",
         "ffn_norm.weight",
-        SANDWICH_NORMS,
-    ),
-    only(
-        "post_attention_layernorm.weight",
-        "post_attention_norm.weight",
-        SANDWICH_NORMS,
-    ),
-    only(
-        "pre_feedforward_layernorm.weight",
-        "ffn_norm.weight",
-        SANDWICH_NORMS,
-    ),
-    only(
-        "post_feedforward_layernorm.weight",
-        "post_ffw_norm.weight",
-        SANDWICH_NORMS,
+        arch::gemma3::SANDWICH_NORMS,
     ),
     // Dense feed-forward.
     row("mlp.gate_proj.weight", "ffn_gate.weight"),
     row("mlp.up_proj.weight", "ffn_up.weight"),
     row("mlp.down_proj.weight", "ffn_down.weight"),
-    // Mixture of experts: router, routed experts (stacked), shared experts.
+    // Mixture of experts: router, routed experts (stacked); Qwen2-MoE's shared expert (known,
+    // so that its checkpoints are refused as an unsupported architecture, not unknown names).
     only("mlp.gate.weight", "ffn_gate_inp.weight", MOE),
-    only("mlp.gate.e_score_correction_bias", "exp_probs_b.bias", MLA),
     only(
         "mlp.experts.{e}.gate_proj.weight",
         "ffn_gate_exps.weight",
@@ -136,21 +129,6 @@ const LAYER: &[Row] = &[
         "mlp.experts.{e}.down_proj.weight",
         "ffn_down_exps.weight",
         MOE,
-    ),
-    only(
-        "mlp.shared_experts.gate_proj.weight",
-        "ffn_gate_shexp.weight",
-        MLA,
-    ),
-    only(
-        "mlp.shared_experts.up_proj.weight",
-        "ffn_up_shexp.weight",
-        MLA,
-    ),
-    only(
-        "mlp.shared_experts.down_proj.weight",
-        "ffn_down_shexp.weight",
-        MLA,
     ),
     only(
         "mlp.shared_expert.gate_proj.weight",
@@ -172,25 +150,6 @@ const LAYER: &[Row] = &[
         "ffn_gate_inp_shexp.weight",
         &["qwen2_moe", "qwen2moe"],
     ),
-    // Multi-head latent attention.
-    only("self_attn.q_a_proj.weight", "attn_q_a.weight", MLA),
-    only(
-        "self_attn.q_a_layernorm.weight",
-        "attn_q_a_norm.weight",
-        MLA,
-    ),
-    only("self_attn.q_b_proj.weight", "attn_q_b.weight", MLA),
-    only(
-        "self_attn.kv_a_proj_with_mqa.weight",
-        "attn_kv_a_mqa.weight",
-        MLA,
-    ),
-    only(
-        "self_attn.kv_a_layernorm.weight",
-        "attn_kv_a_norm.weight",
-        MLA,
-    ),
-    only("self_attn.kv_b_proj.weight", "attn_kv_b.weight", MLA),
 ];
 
 /// HF names that carry no weights a model needs: rope caches recomputed from the config.
@@ -260,6 +219,7 @@ fn lookup(arch: &str, hf_name: &str) -> Option<(String, Option<usize>)> {
     let (layer, local) = split_index(rest)?;
     LAYER
         .iter()
+        .chain(arch::families().flat_map(|f| f.hf_names))
         .filter(|r| r.archs.matches(arch))
         .find_map(|r| match_local(r.hf, local).map(|expert| (r, expert)))
         .map(|(r, expert)| (format!("blk.{layer}.{}", r.gguf), expert))

@@ -8,34 +8,35 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use supernode_kernels::quant::dequantize_row;
-use supernode_kernels::{DType, Precision};
+use supernode_kernels::DType;
 
 use crate::layers::{Embedding, Linear, RmsNorm, StackedLinear};
+use crate::numerics::Numerics;
 use crate::{ModelError, Result, Storage, Tensor};
 
 /// The tensors of a model file, by GGUF name.
 pub struct Weights {
     map: HashMap<String, Tensor>,
-    /// Given to every projection built from these weights.
-    precision: Precision,
+    /// Given to every layer built from these weights.
+    numerics: Numerics,
 }
 
 impl Weights {
-    pub fn new(tensors: Vec<Tensor>, precision: Precision) -> Weights {
+    pub fn new(tensors: Vec<Tensor>, numerics: Numerics) -> Weights {
         Weights {
             map: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
-            precision,
+            numerics,
         }
     }
 
-    /// The precision given to projections; architectures follow it elsewhere too.
-    pub fn precision(&self) -> Precision {
-        self.precision
+    /// The numerics of the layers built from these weights.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
     }
 
     /// A projection over `w` (e.g. a tied embedding reused as the output head).
     pub fn linear_from(&self, w: Tensor, bias: Option<Vec<f32>>) -> Linear {
-        Linear::new(w, bias, self.precision)
+        Linear::new(w, bias, self.numerics)
     }
 
     pub fn get(&self, name: &str) -> Option<&Tensor> {
@@ -100,7 +101,7 @@ impl Weights {
         let w = self.require(&format!("{prefix}.weight"))?;
         Self::check_shape(w, &[cols, rows, count])?;
         check_row_blocks(w)?;
-        Ok(StackedLinear::new(w.clone(), self.precision))
+        Ok(StackedLinear::new(w.clone(), self.numerics))
     }
 
     /// `count` stacked `rows × cols` matrices from f32 values (`count * rows * cols`, matrix
@@ -121,7 +122,7 @@ impl Weights {
             shape: vec![cols, rows, count],
             storage: Storage::Owned(Arc::new(bytes)),
         };
-        StackedLinear::new(t, self.precision)
+        StackedLinear::new(t, self.numerics)
     }
 
     /// Tensor `name` of ggml shape `shape`, dequantised to f32.

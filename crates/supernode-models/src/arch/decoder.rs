@@ -1,38 +1,64 @@
-//! The pre-norm decoder that the Llama family and DeepSeek share; they differ only in the
-//! attention layer (GQA or MLA) each block holds.
+//! The pre-norm decoder that every architecture composes: the Llama family and DeepSeek differ
+//! only in the attention layer (GQA or MLA) each block holds, Gemma 3 in options of this one
+//! loop (post-norms, per-layer rope, embedding scale, logit soft-cap).
 //!
 //! ```text
-//! x = embed(tokens)
-//! for each block:  x += attn(rms_norm(x)) ;  x += ffn(rms_norm(x))     (ffn: dense or MoE)
-//! logits = head(rms_norm(x))            (rows in batch.logits_for only)
+//! x = embed(tokens) * embed_scale
+//! for each block:  x += post_attn_norm?(attn(attn_norm(x)))     (rope of the layer's kind)
+//!                  x += post_ffn_norm?(ffn(ffn_norm(x)))         (ffn: dense or MoE)
+//! logits = softcap?(head(output_norm(x)))            (rows in batch.logits_for only)
 //! ```
+//!
+//! What the config says applies to every architecture alike: the embedding scale
+//! ([`ModelConfig::embed_scale`]), the final soft-cap ([`ModelConfig::final_softcap`]), the norm
+//! weights' offset, and the windowed layers with their own rope
+//! ([`ModelConfig::sliding_window`]); what the config does not say is a [`DecoderOptions`].
 
 use supernode_kernels::ops::Activation;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{BlockAttention, Embedding, Ffn, OutputHead, RmsNorm, Rope};
+use crate::layers::{BlockAttention, Embedding, Ffn, LayerCtx, OutputHead, RmsNorm, Rope};
+use crate::trace::Trace;
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
 
-/// One block; both norms are `[hidden]` (per-head norms live inside the attention).
+/// What an architecture chooses of the decoder beyond its config.
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderOptions {
+    /// The feed-forwards' activation (SiLU: SwiGLU; GELU: GeGLU).
+    pub act: Activation,
+    /// A norm after the attention and after the feed-forward too (`post_attention_norm`,
+    /// `post_ffw_norm`: Gemma's "sandwich" blocks).
+    pub post_norms: bool,
+}
+
+/// One block; all norms are `[hidden]` (per-head norms live inside the attention).
 struct Block<A> {
     attn_norm: RmsNorm,
     attn: A,
+    post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     ffn: Ffn,
+    post_ffn_norm: Option<RmsNorm>,
+    /// Windowed (local) layer: uses the local rope.
+    local: bool,
 }
 
-/// A pre-norm decoder with attention `A`, SwiGLU (or MoE) feed-forwards, a final RMSNorm and a
+/// A pre-norm decoder with attention `A`, gated (or MoE) feed-forwards, a final RMSNorm and a
 /// tied or untied output head.
 pub struct PreNormDecoder<A> {
     cfg: ModelConfig,
     /// `[hidden, vocab]`
     embed: Embedding,
     blocks: Vec<Block<A>>,
-    /// Final norm and `output.weight` (or the embedding when tied).
+    /// Final norm, `output.weight` (or the embedding when tied) and the final logit soft-cap
+    /// if the config has one.
     output: OutputHead,
+    /// The rope of the layers that attend to the whole context.
     rope: Rope,
+    /// The rope of the windowed layers, if the config has any.
+    rope_local: Option<Rope>,
 }
 
 impl<A: BlockAttention> PreNormDecoder<A> {
@@ -41,32 +67,40 @@ impl<A: BlockAttention> PreNormDecoder<A> {
     pub fn load(
         cfg: ModelConfig,
         w: &Weights,
+        opts: DecoderOptions,
         attn: impl Fn(usize) -> Result<A>,
     ) -> Result<PreNormDecoder<A>> {
-        let (h, eps) = (cfg.hidden, cfg.rms_eps);
+        let (h, eps, off) = (cfg.hidden, cfg.rms_eps, cfg.norm_offset);
+        let norm = |name: &str| w.rms_norm(name, h, eps, off);
         let embed = w.embedding("token_embd.weight", cfg.vocab_size, h)?;
         let head = match w.opt_linear("output", cfg.vocab_size, h)? {
             Some(head) => head,
             None => w.linear_from(embed.table().clone(), None),
         };
+        let sliding = cfg.sliding_window.as_ref();
         let blocks = (0..cfg.n_layers)
             .map(|i| {
                 let p = |n: &str| format!("blk.{i}.{n}");
+                let post_norm = |n: &str| opts.post_norms.then(|| norm(&p(n))).transpose();
                 Ok(Block {
-                    attn_norm: w.rms_norm(&p("attn_norm.weight"), h, eps, 0.0)?,
+                    attn_norm: norm(&p("attn_norm.weight"))?,
                     attn: attn(i)?,
-                    ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, 0.0)?,
-                    ffn: Ffn::load(&cfg, w, i, Activation::Silu)?,
+                    post_attn_norm: post_norm("post_attention_norm.weight")?,
+                    ffn_norm: norm(&p("ffn_norm.weight"))?,
+                    ffn: Ffn::load(&cfg, w, i, opts.act)?,
+                    post_ffn_norm: post_norm("post_ffw_norm.weight")?,
+                    local: sliding.is_some_and(|s| s.layers[i]),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(PreNormDecoder {
             output: OutputHead {
-                norm: w.rms_norm("output_norm.weight", h, eps, 0.0)?,
+                norm: norm("output_norm.weight")?,
                 head,
-                softcap: None,
+                softcap: cfg.final_softcap,
             },
             rope: Rope::new(&cfg.rope),
+            rope_local: sliding.map(|s| Rope::new(&s.rope)),
             cfg,
             embed,
             blocks,
@@ -83,24 +117,54 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         self.blocks.iter().map(|b| b.attn.kv_spec()).collect()
     }
 
-    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
+    fn forward_traced(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        trace: &mut Trace<'_>,
+    ) -> Result<Vec<f32>> {
         kv.check_batch(batch, self.cfg.vocab_size)?;
         let (n, h) = (batch.len(), self.cfg.hidden);
         let mut x = vec![0.0; n * h];
         let mut xn = vec![0.0; n * h];
         let mut y = vec![0.0; n * h];
-        self.embed.forward(batch.tokens, 1.0, &mut x);
+        self.embed
+            .forward(batch.tokens, self.cfg.embed_scale, &mut x);
+        trace.cb("inp_embd", None, n, &x);
         let rope = self.rope.table(batch.positions);
+        let rope_local = self.rope_local.as_ref().map(|r| r.table(batch.positions));
         let block_size = kv.block_size;
-        for (block, layer_kv) in self.blocks.iter().zip(kv.layers.iter_mut()) {
+        for (layer, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
+            let mut ctx = LayerCtx {
+                batch,
+                rope: match (&rope_local, block.local) {
+                    (Some(local), true) => local,
+                    _ => &rope,
+                },
+                block_size,
+                layer,
+                trace,
+            };
             block.attn_norm.forward(&x, &mut xn);
-            block
-                .attn
-                .forward(&xn, batch, &rope, layer_kv, block_size, &mut y);
+            ctx.cb("attn_norm", &xn);
+            block.attn.forward(&xn, &mut ctx, layer_kv, &mut y);
+            ctx.cb("attn_out", &y);
+            if let Some(norm) = &block.post_attn_norm {
+                norm.forward_inplace(&mut y);
+                ctx.cb("attn_post_norm", &y);
+            }
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+            ctx.cb("ffn_inp", &x);
             block.ffn_norm.forward(&x, &mut xn);
+            ctx.cb("ffn_norm", &xn);
             block.ffn.forward(&xn, n, &mut y);
+            ctx.cb("ffn_out", &y);
+            if let Some(norm) = &block.post_ffn_norm {
+                norm.forward_inplace(&mut y);
+                ctx.cb("ffn_post_norm", &y);
+            }
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+            ctx.cb("l_out", &x);
         }
         Ok(self.output.forward(&x, batch.logits_for))
     }
@@ -112,5 +176,127 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
             .map(|b| b.attn.weight_bytes() + b.ffn.weight_bytes())
             .sum();
         blocks + self.output.head.weight_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use supernode_kernels::Precision;
+
+    use super::*;
+    use crate::arch::{deepseek_v3, gemma3, llama};
+    use crate::numerics::Numerics;
+    use crate::safetensors::read_safetensors_dir;
+    use crate::trace::Named;
+
+    /// The config and weights of the HF fixture `arch`.
+    fn fixture(arch: &str, precision: Precision) -> (ModelConfig, Weights) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf")
+            .join(arch);
+        let st = read_safetensors_dir(&dir).unwrap();
+        let cfg = ModelConfig::from_hf(&st.config).unwrap();
+        (cfg, Weights::new(st.tensors, Numerics::new(precision)))
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The hook sees layer 0's activations under `names`, in that order, and every block's
+    /// `l_out` (one row of `hidden` per token, blocks in order); the last `l_out` through the
+    /// final norm and head gives the logits the forward pass returns, and a traced pass returns
+    /// the same bits as an untraced one.
+    fn check_trace<A: BlockAttention>(m: &PreNormDecoder<A>, names: &[&str]) {
+        let tokens: Vec<u32> = (1..=7).collect();
+        let n = tokens.len();
+        let positions: Vec<usize> = (0..n).collect();
+        let rows: Vec<usize> = (0..n).collect();
+        let table = [0u32, 1];
+        let tables = [table.as_slice()];
+        let batch = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            seq_of: &vec![0; n],
+            block_tables: &tables,
+            logits_for: &rows,
+        };
+        let specs = m.kv_specs();
+        let plain = m
+            .forward(&batch, &mut KvCache::new(&specs, 4, 2).unwrap())
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut l_out = Vec::new();
+        let traced = {
+            let mut hook = |a: &Named| {
+                assert_eq!(a.rows, n, "{}", a.name);
+                if a.layer == Some(0) {
+                    seen.push(a.name);
+                }
+                if a.name == "l_out" {
+                    l_out.push((a.layer, a.values.to_vec()));
+                }
+            };
+            let mut kv = KvCache::new(&specs, 4, 2).unwrap();
+            m.forward_traced(&batch, &mut kv, &mut Trace::new(&mut hook))
+                .unwrap()
+        };
+        assert_eq!(bits(&plain), bits(&traced));
+        assert_eq!(seen, names);
+        let layers: Vec<Option<usize>> = l_out.iter().map(|(l, _)| *l).collect();
+        assert_eq!(layers, (0..m.cfg.n_layers).map(Some).collect::<Vec<_>>());
+        assert!(l_out.iter().all(|(_, v)| v.len() == n * m.cfg.hidden));
+        let last = &l_out[l_out.len() - 1].1;
+        assert_eq!(bits(&m.output.forward(last, &rows)), bits(&traced));
+    }
+
+    #[test]
+    fn the_hook_sees_every_layer_and_the_logits_follow_from_the_last() {
+        let gqa = [
+            "attn_norm",
+            "q",
+            "k",
+            "v",
+            "attn_out",
+            "ffn_inp",
+            "ffn_norm",
+            "ffn_out",
+            "l_out",
+        ];
+        let sandwich = [
+            "attn_norm",
+            "q",
+            "k",
+            "v",
+            "attn_out",
+            "attn_post_norm",
+            "ffn_inp",
+            "ffn_norm",
+            "ffn_out",
+            "ffn_post_norm",
+            "l_out",
+        ];
+        let mla = [
+            "attn_norm",
+            "q",
+            "kv",
+            "attn_out",
+            "ffn_inp",
+            "ffn_norm",
+            "ffn_out",
+            "l_out",
+        ];
+        for precision in [Precision::Exact, Precision::Quantized] {
+            for arch in ["llama", "qwen3_moe"] {
+                let (cfg, w) = fixture(arch, precision);
+                check_trace(&llama::load(cfg, &w).unwrap(), &gqa);
+            }
+            let (cfg, w) = fixture("gemma3_text", precision);
+            check_trace(&gemma3::load(cfg, &w).unwrap(), &sandwich);
+            let (cfg, w) = fixture("deepseek_v3", precision);
+            check_trace(&deepseek_v3::load(cfg, &w).unwrap(), &mla);
+        }
     }
 }

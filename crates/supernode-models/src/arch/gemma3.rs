@@ -9,154 +9,312 @@
 //! logits = softcap?(head(output_norm(x)))          (rows in batch.logits_for only)
 //! ```
 //!
+//! The forward pass is the shared [`PreNormDecoder`] with post-norms and GQA [`Attention`]
+//! with per-head norms; this file reads the config (GGUF and config.json) into it.
+//!
 //! Follows llama.cpp's `llm_build_gemma3` and transformers' `Gemma3ForCausalLM`; every
 //! difference between the two (norm offsets, rope of the local layers, query scale) is
-//! resolved in [`ModelConfig`].
+//! resolved in the [`ModelConfig`] read here.
 
-use supernode_kernels::ops::{Activation, AttnShape};
-use supernode_kernels::Precision;
+use serde_json::Value;
 
-use crate::arch::Model;
-use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{Attention, BlockAttention, Embedding, Mlp, OutputHead, RmsNorm, Rope};
+use crate::arch::decoder::{DecoderOptions, PreNormDecoder};
+use crate::arch::{Arch, Family, Model};
+use crate::config::{hf_int, hf_num, hf_rope, KeyNames, RopeConfig, RopeScaling, SlidingWindow};
+use crate::layers::Attention;
+use crate::names::{only, Row};
 use crate::weights::Weights;
-use crate::{Batch, ModelConfig, Result};
+use crate::{Metadata, ModelConfig, ModelError, Result};
 
-/// One decoder block; all norms are `[hidden]` except the per-head Q/K norms (`[head_dim]`,
-/// inside `attn`).
-struct Block {
-    attn_norm: RmsNorm,
-    attn: Attention,
-    post_attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
-    mlp: Mlp,
-    post_ffn_norm: RmsNorm,
-    /// Windowed (local) layer: uses the local rope; its `attn.window` is set.
-    local: bool,
+/// The family's entry points.
+pub const FAMILY: Family = Family {
+    read_gguf: gemma3_from_gguf,
+    hf_defaults,
+    read_hf: gemma3_from_hf,
+    gguf_tensors: None,
+    build,
+    keys: KeyNames {
+        attn_scale: (None, Some("query_pre_attn_scalar")),
+        ..KeyNames::SHARED
+    },
+    hf_names: HF_NAMES,
+};
+
+/// Architectures whose decoder layers have four norms: pre- and post-attention, pre- and
+/// post-feed-forward. In them HF's `post_attention_layernorm` is a real post-norm.
+pub const SANDWICH_NORMS: &[&str] = &["gemma2", "gemma3", "gemma3_text"];
+
+/// The sandwich norms' names (the shared table maps `post_attention_layernorm` to the
+/// feed-forward's pre-norm everywhere else).
+const HF_NAMES: &[Row] = &[
+    only(
+        "post_attention_layernorm.weight",
+        "post_attention_norm.weight",
+        SANDWICH_NORMS,
+    ),
+    only(
+        "pre_feedforward_layernorm.weight",
+        "ffn_norm.weight",
+        SANDWICH_NORMS,
+    ),
+    only(
+        "post_feedforward_layernorm.weight",
+        "post_ffw_norm.weight",
+        SANDWICH_NORMS,
+    ),
+];
+
+/// A Gemma 3 model.
+pub type Gemma3 = PreNormDecoder<Attention>;
+
+/// Loads a Gemma 3 model: post-norms, the numerics' GELU, per-head Q/K norms.
+pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Gemma3> {
+    let opts = DecoderOptions {
+        act: w.numerics().gelu,
+        post_norms: true,
+    };
+    let c = cfg.clone();
+    PreNormDecoder::load(cfg, w, opts, |i| Attention::load(&c, w, i, true))
 }
 
-pub struct Gemma3 {
-    cfg: ModelConfig,
-    /// `[hidden, vocab]`
-    embed: Embedding,
-    blocks: Vec<Block>,
-    /// Final norm, `output.weight` or the embedding when tied (always, in Gemma 3), and the
-    /// final logit soft-cap if the config has one.
-    output: OutputHead,
-    /// The rope of the global layers.
-    rope_global: Rope,
-    /// The rope of the local (windowed) layers.
-    rope_local: Rope,
+fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
+    Ok(Box::new(load(cfg, w)?))
 }
 
-impl Gemma3 {
-    pub fn new(cfg: ModelConfig, w: &Weights) -> Result<Gemma3> {
-        let (h, eps, off, hd) = (cfg.hidden, cfg.rms_eps, cfg.norm_offset, cfg.head_dim);
-        let embed = w.embedding("token_embd.weight", cfg.vocab_size, h)?;
-        let head = match w.opt_linear("output", cfg.vocab_size, h)? {
-            Some(head) => head,
-            None => w.linear_from(embed.table().clone(), None),
-        };
-        let shape = AttnShape {
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            k_dim: hd,
-            v_dim: cfg.v_head_dim,
-            scale: cfg.attn_scale,
-            softcap: None,
-            f16_rounding: w.precision() == Precision::Quantized,
-        };
-        // llama.cpp's table GELU in its numerics; the formula itself otherwise.
-        let gelu = match w.precision() {
-            Precision::Quantized => Activation::GeluF16Table,
-            Precision::Exact => Activation::GeluTanh,
-        };
-        let sliding = cfg.sliding_window.as_ref();
-        let blocks = (0..cfg.n_layers)
-            .map(|i| {
-                let p = |n: &str| format!("blk.{i}.{n}");
-                let local = sliding.is_some_and(|s| s.layers[i]);
-                Ok(Block {
-                    attn_norm: w.rms_norm(&p("attn_norm.weight"), h, eps, off)?,
-                    attn: Attention {
-                        wq: w.linear(&p("attn_q"), cfg.n_heads * hd, h)?,
-                        wk: w.linear(&p("attn_k"), cfg.n_kv_heads * hd, h)?,
-                        wv: w.linear(&p("attn_v"), cfg.n_kv_heads * cfg.v_head_dim, h)?,
-                        wo: w.linear(&p("attn_output"), h, cfg.n_heads * cfg.v_head_dim)?,
-                        q_norm: Some(w.rms_norm(&p("attn_q_norm.weight"), hd, eps, off)?),
-                        k_norm: Some(w.rms_norm(&p("attn_k_norm.weight"), hd, eps, off)?),
-                        shape,
-                        window: sliding.filter(|_| local).map(|s| s.size),
-                    },
-                    post_attn_norm: w.rms_norm(&p("post_attention_norm.weight"), h, eps, off)?,
-                    ffn_norm: w.rms_norm(&p("ffn_norm.weight"), h, eps, off)?,
-                    mlp: Mlp::load(w, i, "", cfg.ffn_dim, h, gelu)?,
-                    post_ffn_norm: w.rms_norm(&p("post_ffw_norm.weight"), h, eps, off)?,
-                    local,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Gemma3 {
-            output: OutputHead {
-                norm: w.rms_norm("output_norm.weight", h, eps, off)?,
-                head,
-                softcap: cfg.final_softcap,
-            },
-            rope_global: Rope::new(&cfg.rope),
-            rope_local: Rope::new(sliding.map_or(&cfg.rope, |s| &s.rope)),
-            cfg,
-            embed,
-            blocks,
-        })
-    }
+/// The config.json of the text model inside a multimodal Gemma 3 (`model_type` `gemma3`).
+pub fn hf_text_config(config: &Value) -> Result<Value> {
+    let mut text = config
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .cloned()
+        .ok_or_else(|| {
+            ModelError::Metadata(
+                "config.json: a `gemma3` model needs a `text_config` object".into(),
+            )
+        })?;
+    text["model_type"] = "gemma3_text".into();
+    Ok(text)
 }
 
-impl Model for Gemma3 {
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
+/// transformers' `Gemma3TextConfig` defaults.
+fn hf_defaults(_: Arch) -> Value {
+    serde_json::json!({
+        "vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 256, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    })
+}
 
-    fn kv_specs(&self) -> Vec<KvLayerSpec> {
-        self.blocks.iter().map(|b| b.attn.kv_spec()).collect()
-    }
+/// Gemma 3's extras as llama.cpp reads them (`llama_load_hparams_gemma3`): every 6th layer
+/// (`i % 6 == 5`) attends globally with the file's rope, the others over
+/// `attention.sliding_window` positions with an unscaled rope of base 10 000 (hard-coded
+/// by llama.cpp, not in the file); embeddings scaled by `sqrt(hidden)`; the query scale
+/// `1/sqrt(head_dim)`, except for the 27B (62 layers), whose `query_pre_attn_scalar` is
+/// `hidden / heads`. The norm weights already hold Gemma's `1 + w`.
+fn gemma3_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
+    let key = |k: &str| format!("gemma3.{k}");
+    let size = meta
+        .get_usize(&key("attention.sliding_window"))?
+        .ok_or_else(|| {
+            ModelError::Metadata(format!("missing `{}`", key("attention.sliding_window")))
+        })?;
+    cfg.sliding_window = Some(SlidingWindow {
+        size,
+        layers: (0..cfg.n_layers).map(|i| i % 6 < 5).collect(),
+        rope: RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+            ..cfg.rope.clone()
+        },
+    });
+    cfg.embed_scale = (cfg.hidden as f32).sqrt();
+    let query_pre_attn_scalar = if cfg.n_layers == 62 {
+        cfg.hidden / cfg.n_heads.max(1)
+    } else {
+        cfg.head_dim
+    };
+    cfg.attn_scale = 1.0 / (query_pre_attn_scalar as f32).sqrt();
+    cfg.final_softcap = meta
+        .get_f64(&key("final_logit_softcapping"))?
+        .map(|c| c as f32);
+    Ok(())
+}
 
-    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
-        kv.check_batch(batch, self.cfg.vocab_size)?;
-        let (n, h) = (batch.len(), self.cfg.hidden);
-        let mut x = vec![0.0; n * h];
-        let mut xn = vec![0.0; n * h];
-        let mut y = vec![0.0; n * h];
-        self.embed
-            .forward(batch.tokens, self.cfg.embed_scale, &mut x);
-        let rope_global = self.rope_global.table(batch.positions);
-        let rope_local = self.rope_local.table(batch.positions);
-        let block_size = kv.block_size;
-        for (block, layer_kv) in self.blocks.iter().zip(kv.layers.iter_mut()) {
-            let rope = if block.local {
-                &rope_local
-            } else {
-                &rope_global
-            };
-            block.attn_norm.forward(&x, &mut xn);
-            block
-                .attn
-                .forward(&xn, batch, rope, layer_kv, block_size, &mut y);
-            block.post_attn_norm.forward_inplace(&mut y);
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-            block.ffn_norm.forward(&x, &mut xn);
-            block.mlp.forward(&xn, n, &mut y);
-            block.post_ffn_norm.forward_inplace(&mut y);
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+/// Gemma 3's extras as transformers' `Gemma3TextConfig` defines them: `(1 + w)` norms,
+/// embeddings scaled by `sqrt(hidden)`, the query scale `query_pre_attn_scalar^-0.5`,
+/// sliding-window layers from `layer_types` (or every layer but each
+/// `sliding_window_pattern`-th), and their own rope: `rope_parameters.sliding_attention`
+/// (transformers 5) or an unscaled one of base `rope_local_base_freq`.
+fn gemma3_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
+    let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
+    let num = |k: &str| hf_num(config, k);
+    if let Some(act) = config.get("hidden_activation").and_then(Value::as_str) {
+        if !matches!(act, "gelu_pytorch_tanh" | "gelu_tanh") {
+            return Err(bad(format!(
+                "hidden_activation `{act}` is not supported (supported: gelu_pytorch_tanh)"
+            )));
         }
-        Ok(self.output.forward(&x, batch.logits_for))
+    }
+    if num("attn_logit_softcapping")?.is_some() {
+        return Err(bad("attention soft-capping is not supported".into()));
+    }
+    let size =
+        hf_int(config, "sliding_window")?.ok_or_else(|| bad("missing `sliding_window`".into()))?;
+    let layers = match config.get("layer_types").and_then(Value::as_array) {
+        Some(types) => {
+            if types.len() != cfg.n_layers {
+                return Err(bad(format!(
+                    "`layer_types` has {} entries for {} layers",
+                    types.len(),
+                    cfg.n_layers
+                )));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(bad(format!("unknown layer type {t} in `layer_types`"))),
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        None => {
+            let pattern = hf_int(config, "sliding_window_pattern")?.unwrap_or(6);
+            if pattern == 0 {
+                return Err(bad(
+                    "`sliding_window_pattern` is 0; it must be at least 1".into()
+                ));
+            }
+            (0..cfg.n_layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    let per_type = config
+        .get("rope_parameters")
+        .filter(|p| p.get("full_attention").is_some());
+    let local = match per_type {
+        Some(p) => {
+            let (theta, scaling) = hf_rope(&Value::Null, p.get("full_attention"), 1e6)?;
+            cfg.rope.theta = theta;
+            cfg.rope.scaling = scaling;
+            hf_rope(&Value::Null, p.get("sliding_attention"), 10_000.0)?
+        }
+        None => (
+            num("rope_local_base_freq")?.unwrap_or(10_000.0),
+            RopeScaling::None,
+        ),
+    };
+    cfg.sliding_window = Some(SlidingWindow {
+        size,
+        layers,
+        rope: RopeConfig {
+            theta: local.0,
+            scaling: local.1,
+            ..cfg.rope.clone()
+        },
+    });
+    cfg.norm_offset = 1.0;
+    cfg.embed_scale = (cfg.hidden as f32).sqrt();
+    cfg.attn_scale =
+        num("query_pre_attn_scalar")?.map_or(cfg.attn_scale, |s| (1.0 / s.sqrt()) as f32);
+    cfg.final_softcap = num("final_logit_softcapping")?.map(|c| c as f32);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use supernode_kernels::ops::RopeStyle;
+
+    use crate::config::RopeScaling;
+    use crate::{MetaValue, Metadata, ModelConfig};
+
+    #[test]
+    fn gemma3_gguf_windows_ropes_and_scales() {
+        let mut m = Metadata::default();
+        let mut put = |k: &str, v: MetaValue| {
+            m.entries.insert(k.to_string(), v);
+        };
+        put("general.architecture", MetaValue::String("gemma3".into()));
+        put("gemma3.embedding_length", MetaValue::U32(640));
+        put("gemma3.attention.head_count", MetaValue::U32(4));
+        put("gemma3.attention.head_count_kv", MetaValue::U32(1));
+        put("gemma3.attention.key_length", MetaValue::U32(256));
+        put("gemma3.block_count", MetaValue::U32(18));
+        put("gemma3.feed_forward_length", MetaValue::U32(2048));
+        put("gemma3.context_length", MetaValue::U32(32768));
+        put("gemma3.rope.freq_base", MetaValue::F32(1e6));
+        put("gemma3.attention.sliding_window", MetaValue::U32(512));
+        put(
+            "gemma3.rope.scaling.type",
+            MetaValue::String("linear".into()),
+        );
+        put("gemma3.rope.scaling.factor", MetaValue::F32(8.0));
+        let cfg = ModelConfig::from_gguf(&m, 1000).unwrap();
+        let sw = cfg.sliding_window.as_ref().unwrap();
+        assert_eq!(sw.size, 512);
+        let global: Vec<usize> = (0..18).filter(|&i| !sw.layers[i]).collect();
+        assert_eq!(global, [5, 11, 17]);
+        assert_eq!(cfg.rope.style, RopeStyle::Halves);
+        assert_eq!(cfg.rope.theta, 1e6);
+        assert_eq!(cfg.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(sw.rope.theta, 1e4);
+        assert_eq!(sw.rope.scaling, RopeScaling::None);
+        assert_eq!(cfg.norm_offset, 0.0);
+        assert_eq!(cfg.attn_scale, 1.0 / 16.0);
+        assert_eq!(cfg.embed_scale, 640f32.sqrt());
+        assert_eq!(cfg.final_softcap, None);
+        m.entries.remove("gemma3.attention.sliding_window");
+        let err = ModelConfig::from_gguf(&m, 1000).unwrap_err().to_string();
+        assert!(err.contains("gemma3.attention.sliding_window"), "{err}");
     }
 
-    fn weight_bytes_per_token(&self) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|b| b.attn.weight_bytes() + b.mlp.weight_bytes())
-            .sum();
-        blocks + self.output.head.weight_bytes()
+    #[test]
+    fn gemma3_hf_defaults_layer_types_and_wrapper() {
+        // As `save_pretrained` writes it: values equal to `Gemma3TextConfig`'s defaults left out.
+        let text = serde_json::json!({
+            "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1,
+            "head_dim": 16, "vocab_size": 100, "query_pre_attn_scalar": 64,
+            "sliding_window": 8, "rope_scaling": {"rope_type": "linear", "factor": 8.0}
+        });
+        let cfg = ModelConfig::from_hf(&text).unwrap();
+        let sw = cfg.sliding_window.as_ref().unwrap();
+        assert_eq!(sw.layers, [true, true, true, true, true, false, true]);
+        assert_eq!(cfg.rope.theta, 1e6);
+        assert_eq!(cfg.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!((sw.rope.theta, &sw.rope.scaling), (1e4, &RopeScaling::None));
+        assert_eq!(cfg.norm_offset, 1.0);
+        assert_eq!(cfg.attn_scale, 0.125);
+        assert_eq!(cfg.rms_eps, 1e-6);
+        // transformers 5: `layer_types` and per-type `rope_parameters`.
+        let mut v5 = text.clone();
+        v5["layer_types"] = serde_json::json!([
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention"
+        ]);
+        v5["rope_parameters"] = serde_json::json!({
+            "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}
+        });
+        v5.as_object_mut().unwrap().remove("rope_scaling");
+        let cfg = ModelConfig::from_hf(&v5).unwrap();
+        let sw = cfg.sliding_window.as_ref().unwrap();
+        assert_eq!(sw.layers, [false, true, true, false, true, true, false]);
+        assert_eq!((cfg.rope.theta, sw.rope.theta), (5e5, 2e4));
+        assert_eq!(cfg.rope.scaling, RopeScaling::None);
+        // The multimodal wrapper is read from its `text_config`.
+        let wrapper = serde_json::json!({"model_type": "gemma3", "text_config": text});
+        assert_eq!(ModelConfig::from_hf(&wrapper).unwrap().n_layers, 7);
+        let err = ModelConfig::from_hf(&serde_json::json!({"model_type": "gemma3"})).unwrap_err();
+        assert!(err.to_string().contains("text_config"), "{err}");
+        let mut bad = v5;
+        bad["layer_types"] = serde_json::json!(["full_attention"]);
+        let err = ModelConfig::from_hf(&bad).unwrap_err();
+        assert!(err.to_string().contains("layer_types"), "{err}");
     }
 }

@@ -1,12 +1,149 @@
-//! One file per architecture, each composing the shared layers; the [`Model`] trait they share.
+//! One file per architecture family, and the registry that maps names to them.
+//!
+//! An architecture is its file plus one row of the registry here: the file holds what sets the
+//! family apart — its GGUF metadata and config.json keys and defaults, the keys its errors name,
+//! its HF tensor names, the tensors it loads and its forward pass, composed from the shared [`decoder`] and
+//! [`crate::layers`] — behind the entry points of a [`Family`]; the row gives the names that
+//! select it (GGUF `general.architecture`, HF `model_type`). [`Model`] is what a built one is.
 
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod gemma3;
 pub mod llama;
 
+use serde_json::Value;
+
+use crate::config::KeyNames;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::{Batch, ModelConfig, Result};
+use crate::names::Row;
+use crate::trace::Trace;
+use crate::weights::Weights;
+use crate::{Batch, Metadata, ModelConfig, ModelError, Result};
+
+/// The architectures supernode runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Gemma3,
+    /// Llama with Q/K/V biases (built by the Llama family's builder).
+    Qwen2,
+    /// Llama with per-head Q/K RMSNorms (built by the Llama family's builder).
+    Qwen3,
+    /// Qwen3 with a sparse mixture-of-experts feed-forward on some layers (built by the Llama
+    /// family's builder).
+    Qwen3Moe,
+    /// DeepSeek-V3 / R1: multi-head latent attention and a grouped sigmoid-routed MoE with a
+    /// shared expert (llama.cpp's `deepseek2`, which covers V2 and V3).
+    DeepseekV3,
+}
+
+/// What an architecture family gives the shared config reading and loading.
+pub struct Family {
+    /// Reads the family's own GGUF metadata (and its rope style) into a config whose shared
+    /// fields are read.
+    pub read_gguf: fn(&mut ModelConfig, &Metadata) -> Result<()>,
+    /// The defaults of `arch`'s transformers config class, filled in where config.json leaves a
+    /// key out.
+    pub hf_defaults: fn(Arch) -> Value,
+    /// Checks what the family cannot run and reads its own config.json keys into a config whose
+    /// shared fields are read.
+    pub read_hf: fn(&mut ModelConfig, &Value) -> Result<()>,
+    /// What a GGUF file's tensors tell beyond its metadata, if anything.
+    pub gguf_tensors: Option<fn(ModelConfig, &Weights) -> Result<ModelConfig>>,
+    /// Loads the model's tensors and builds it.
+    pub build: fn(ModelConfig, &Weights) -> Result<Box<dyn Model>>,
+    /// The keys its errors name where they differ from the shared ones.
+    pub keys: KeyNames,
+    /// Its own rows of the HF → GGUF tensor names (besides the shared ones of
+    /// [`crate::names`]).
+    pub hf_names: &'static [Row],
+}
+
+/// Each architecture with its GGUF `general.architecture` name, its HF `model_type` and its
+/// family. The order is that of the supported-names lists in errors.
+static REGISTRY: [(Arch, &str, &str, &Family); 6] = [
+    (Arch::Llama, "llama", "llama", &llama::FAMILY),
+    (Arch::Gemma3, "gemma3", "gemma3_text", &gemma3::FAMILY),
+    (Arch::Qwen2, "qwen2", "qwen2", &llama::FAMILY),
+    (Arch::Qwen3, "qwen3", "qwen3", &llama::FAMILY),
+    (Arch::Qwen3Moe, "qwen3moe", "qwen3_moe", &llama::FAMILY),
+    (
+        Arch::DeepseekV3,
+        "deepseek2",
+        "deepseek_v3",
+        &deepseek_v3::FAMILY,
+    ),
+];
+
+/// The registered families, each once.
+pub fn families() -> impl Iterator<Item = &'static Family> {
+    REGISTRY
+        .iter()
+        .enumerate()
+        .filter(|&(i, r)| !REGISTRY[..i].iter().any(|s| std::ptr::eq(s.3, r.3)))
+        .map(|(_, r)| r.3)
+}
+
+/// HF `model_type`s that wrap a text model, each with the function that gives the text model's
+/// config.json (with its own `model_type`).
+type TextConfig = fn(&Value) -> Result<Value>;
+static HF_WRAPPERS: [(&str, TextConfig); 1] = [("gemma3", gemma3::hf_text_config)];
+
+/// The function that unwraps a config.json of `model_type`, if that is a wrapper's.
+pub fn hf_wrapper(model_type: &str) -> Option<TextConfig> {
+    HF_WRAPPERS
+        .iter()
+        .find(|(t, _)| *t == model_type)
+        .map(|&(_, f)| f)
+}
+
+impl Arch {
+    pub fn from_gguf_name(name: &str) -> Result<Arch> {
+        REGISTRY
+            .iter()
+            .find(|(_, g, _, _)| *g == name)
+            .map(|(a, _, _, _)| *a)
+            .ok_or_else(|| unsupported(name, false))
+    }
+
+    pub fn from_hf_model_type(name: &str) -> Result<Arch> {
+        REGISTRY
+            .iter()
+            .find(|(_, _, h, _)| *h == name)
+            .map(|(a, _, _, _)| *a)
+            .ok_or_else(|| unsupported(name, true))
+    }
+
+    /// The GGUF name, which prefixes the architecture's metadata keys.
+    pub fn gguf_name(self) -> &'static str {
+        self.row().1
+    }
+
+    /// The family that reads and builds it.
+    pub fn family(self) -> &'static Family {
+        self.row().3
+    }
+
+    fn row(self) -> &'static (Arch, &'static str, &'static str, &'static Family) {
+        REGISTRY
+            .iter()
+            .find(|(a, _, _, _)| *a == self)
+            .expect("every architecture is registered")
+    }
+}
+
+/// The error for an architecture name we lack, listing the names of the same kind (GGUF
+/// `general.architecture` or HF `model_type`) that we support.
+fn unsupported(name: &str, hf: bool) -> ModelError {
+    ModelError::UnsupportedArch {
+        arch: name.to_string(),
+        supported: REGISTRY
+            .iter()
+            .map(|&(_, g, h, _)| if hf { h } else { g })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
 
 /// A loaded model that computes logits for a flat batch.
 pub trait Model: Send + Sync {
@@ -17,7 +154,18 @@ pub trait Model: Send + Sync {
 
     /// Runs the batch, writing its K/V into `kv`; returns the logits of the rows in
     /// `batch.logits_for`, `vocab_size` each, in that order.
-    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>>;
+    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_traced(batch, kv, &mut Trace::default())
+    }
+
+    /// [`Model::forward`], showing each named intermediate activation to `trace`'s hook (the
+    /// same bits with or without one).
+    fn forward_traced(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        trace: &mut Trace<'_>,
+    ) -> Result<Vec<f32>>;
 
     /// Bytes of weights read to decode one token (for bandwidth figures).
     fn weight_bytes_per_token(&self) -> usize;

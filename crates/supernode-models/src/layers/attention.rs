@@ -1,16 +1,17 @@
 //! The attention layer (MHA/GQA): projections, optional per-head Q/K norms, rope, the KV
 //! cache write, causal attention over the paged cache (optionally a sliding window), and
 //! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
-//! writes the KV cache.
+//! writes the KV cache. It loads its own tensors ([`Attention::load`]).
 
 use supernode_kernels::ops::{
     attention_group, attention_groups_parallel, round_slice_f16, AttnShape, GroupSpan,
 };
 use supernode_kernels::pool;
 
-use super::{BlockAttention, Linear, RmsNorm, RopeTable};
+use super::{BlockAttention, LayerCtx, Linear, RmsNorm};
 use crate::kv_cache::{KvDType, KvLayerSpec, KvValues, LayerKv};
-use crate::Batch;
+use crate::weights::Weights;
+use crate::{ModelConfig, Result};
 
 /// From this many tokens on, queries and keys are prepared (normed, roped, rounded) in parallel.
 const PARALLEL_PREPARE_TOKENS: usize = 8;
@@ -26,6 +27,41 @@ pub struct Attention {
     pub shape: AttnShape,
     /// Attend only to the last `window` positions (inclusive of the token itself).
     pub window: Option<usize>,
+    /// The element type of the cache rows: f16 when keys and values are rounded to f16
+    /// ([`KvDType::for_rounding`]).
+    pub kv_dtype: KvDType,
+}
+
+impl Attention {
+    /// Layer `layer`'s attention from its GGUF-named tensors: `attn_q`, `attn_k`, `attn_v`,
+    /// `attn_output` (with their biases where the file has them: Qwen2), and the per-head
+    /// norms `attn_q_norm`, `attn_k_norm` when `qk_norm` (Qwen3, Gemma 3); windowed as the
+    /// config says ([`ModelConfig::window_of`]).
+    pub fn load(cfg: &ModelConfig, w: &Weights, layer: usize, qk_norm: bool) -> Result<Attention> {
+        let p = |n: &str| format!("blk.{layer}.{n}");
+        let (h, hd, eps, off) = (cfg.hidden, cfg.head_dim, cfg.rms_eps, cfg.norm_offset);
+        let numerics = w.numerics();
+        let head_norm = |n: &str| qk_norm.then(|| w.rms_norm(&p(n), hd, eps, off)).transpose();
+        Ok(Attention {
+            wq: w.linear(&p("attn_q"), cfg.n_heads * hd, h)?,
+            wk: w.linear(&p("attn_k"), cfg.n_kv_heads * hd, h)?,
+            wv: w.linear(&p("attn_v"), cfg.n_kv_heads * cfg.v_head_dim, h)?,
+            wo: w.linear(&p("attn_output"), h, cfg.n_heads * cfg.v_head_dim)?,
+            q_norm: head_norm("attn_q_norm.weight")?,
+            k_norm: head_norm("attn_k_norm.weight")?,
+            shape: AttnShape {
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                k_dim: hd,
+                v_dim: cfg.v_head_dim,
+                scale: cfg.attn_scale,
+                softcap: None,
+                f16_rounding: numerics.f16_rounding,
+            },
+            window: cfg.window_of(layer),
+            kv_dtype: numerics.kv_dtype,
+        })
+    }
 }
 
 impl BlockAttention for Attention {
@@ -37,8 +73,7 @@ impl BlockAttention for Attention {
             .sum()
     }
 
-    /// The geometry and element type of this layer's cache rows: f16 when it rounds its keys and
-    /// values to f16 ([`KvDType::for_rounding`]).
+    /// The geometry and element type of this layer's cache rows.
     fn kv_spec(&self) -> KvLayerSpec {
         let s = &self.shape;
         KvLayerSpec {
@@ -46,20 +81,13 @@ impl BlockAttention for Attention {
             k_dim: s.k_dim,
             v_dim: s.v_dim,
             values: KvValues::Stored,
-            dtype: KvDType::for_rounding(s.f16_rounding),
+            dtype: self.kv_dtype,
         }
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
-    fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut LayerKv,
-        block_size: usize,
-        out: &mut [f32],
-    ) {
+    fn forward(&self, x: &[f32], ctx: &mut LayerCtx, kv: &mut LayerKv, out: &mut [f32]) {
+        let (batch, rope, block_size) = (ctx.batch, ctx.rope, ctx.block_size);
         let n = batch.len();
         let s = &self.shape;
         let (qw, kw, vw) = (
@@ -105,6 +133,9 @@ impl BlockAttention for Attention {
             }
             kv.write(batch.slot(t, block_size), &k[t * kw..(t + 1) * kw], vt);
         }
+        ctx.cb("q", &q);
+        ctx.cb("k", &k);
+        ctx.cb("v", &v);
         let view = kv.view(block_size);
         // One group per (token, KV head), covering the query heads that share that KV head, so
         // each K/V row is read once per group: one task per group when there are enough of them

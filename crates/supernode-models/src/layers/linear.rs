@@ -1,31 +1,32 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
 use supernode_kernels::matmul::{
-    matmul_packed, matmul_packed_glu, matmul_packed_many, matmul_with, Precision, WeightMatrix,
+    matmul_packed, matmul_packed_glu, matmul_packed_many, matmul_with, WeightMatrix,
 };
 use supernode_kernels::ops::{glu_inplace, Activation};
 use supernode_kernels::qdot::packed::PackedMatrix;
 
+use crate::numerics::Numerics;
 use crate::Tensor;
 
 /// `rows × cols` weights (any dtype), optional f32 bias of `rows`.
 ///
-/// In quantised precision, weights of the 32-element types are re-laid out once at load time
-/// into panels for the integer dot instructions ([`PackedMatrix`]) when this CPU has the packed
+/// Where the numerics pack weights, those of the 32-element types are re-laid out once at load
+/// time into panels for the integer dot instructions ([`PackedMatrix`]) when this CPU has the packed
 /// kernels; the products then always go through them (so each matrix keeps one reduction order
 /// whatever the batch).
 pub struct Linear {
     w: Tensor,
     packed: Option<PackedMatrix>,
     bias: Option<Vec<f32>>,
-    precision: Precision,
+    numerics: Numerics,
 }
 
 impl Linear {
-    pub(crate) fn new(w: Tensor, bias: Option<Vec<f32>>, precision: Precision) -> Linear {
-        let packed = match precision {
-            Precision::Quantized => PackedMatrix::pack(w.dtype, w.rows(), w.cols(), w.bytes()),
-            Precision::Exact => None,
+    pub(crate) fn new(w: Tensor, bias: Option<Vec<f32>>, numerics: Numerics) -> Linear {
+        let packed = match numerics.pack_weights {
+            true => PackedMatrix::pack(w.dtype, w.rows(), w.cols(), w.bytes()),
+            false => None,
         };
         if packed.is_some() {
             // The mapped pages were read once to pack them: let them go from this process's
@@ -37,7 +38,7 @@ impl Linear {
             w,
             packed,
             bias,
-            precision,
+            numerics,
         }
     }
 
@@ -65,7 +66,7 @@ impl Linear {
                 cols: self.cols(),
                 data: self.w.bytes(),
             };
-            matmul_with(&w, x, n, out, self.precision);
+            matmul_with(&w, x, n, out, self.numerics.matmul);
         }
         self.add_bias(out);
     }
@@ -131,12 +132,12 @@ pub struct StackedLinear {
     cols: usize,
     /// Bytes of one matrix.
     stride: usize,
-    precision: Precision,
+    numerics: Numerics,
 }
 
 impl StackedLinear {
     /// `w` must have whole-block rows and shape `[cols, rows, count]` (the caller checks).
-    pub(crate) fn new(w: Tensor, precision: Precision) -> StackedLinear {
+    pub(crate) fn new(w: Tensor, numerics: Numerics) -> StackedLinear {
         let (cols, rows) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
         let stride = w.dtype.row_bytes(cols).unwrap_or(0) * rows;
         StackedLinear {
@@ -144,7 +145,7 @@ impl StackedLinear {
             rows,
             cols,
             stride,
-            precision,
+            numerics,
         }
     }
 
@@ -170,6 +171,6 @@ impl StackedLinear {
             cols: self.cols,
             data: &self.w.bytes()[i * self.stride..(i + 1) * self.stride],
         };
-        matmul_with(&w, x, n, out, self.precision);
+        matmul_with(&w, x, n, out, self.numerics.matmul);
     }
 }

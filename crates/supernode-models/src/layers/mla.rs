@@ -17,13 +17,13 @@
 //! KV cache, through [`LayerKv::write`].
 
 use supernode_kernels::ops::{attention_head, round_slice_f16, AttnShape};
-use supernode_kernels::{pool, Precision};
+use supernode_kernels::pool;
 
-use super::{BlockAttention, Linear, RmsNorm, RopeTable, StackedLinear};
+use super::{BlockAttention, LayerCtx, Linear, RmsNorm, StackedLinear};
 use crate::config::MlaConfig;
 use crate::kv_cache::{KvDType, KvLayerSpec, LayerKv};
 use crate::weights::Weights;
-use crate::{Batch, ModelConfig, Result};
+use crate::{ModelConfig, Result};
 
 /// How queries are made.
 pub enum MlaQuery {
@@ -54,6 +54,9 @@ pub struct Mla {
     pub scale: f32,
     /// Round queries, cache rows and softmax weights to f16 (llama.cpp's numerics).
     pub f16_rounding: bool,
+    /// The element type of the cache rows: f16 when they are rounded to f16
+    /// ([`KvDType::for_rounding`]).
+    pub kv_dtype: KvDType,
 }
 
 impl BlockAttention for Mla {
@@ -69,26 +72,14 @@ impl BlockAttention for Mla {
             + self.wo.weight_bytes()
     }
 
-    /// The geometry and element type of this layer's cache rows: the latent and the roped key,
-    /// f16 when they are rounded to f16 ([`KvDType::for_rounding`]).
+    /// The geometry and element type of this layer's cache rows: the latent and the roped key.
     fn kv_spec(&self) -> KvLayerSpec {
-        KvLayerSpec::mla(
-            self.rank,
-            self.rope,
-            KvDType::for_rounding(self.f16_rounding),
-        )
+        KvLayerSpec::mla(self.rank, self.rope, self.kv_dtype)
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
-    fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut LayerKv,
-        block_size: usize,
-        out: &mut [f32],
-    ) {
+    fn forward(&self, x: &[f32], ctx: &mut LayerCtx, kv: &mut LayerKv, out: &mut [f32]) {
+        let (batch, rope, block_size) = (ctx.batch, ctx.rope, ctx.block_size);
         let n = batch.len();
         let (heads, nope, rd, rank) = (self.n_heads, self.nope, self.rope, self.rank);
         let qk = nope + rd;
@@ -134,6 +125,8 @@ impl BlockAttention for Mla {
                 }
             }
         }
+        ctx.cb("q", &q);
+        ctx.cb("kv", &ckv);
         let view = kv.view(block_size);
         let shape = AttnShape {
             n_heads: heads,
@@ -233,7 +226,8 @@ impl Mla {
             rank,
             v_dim: vd,
             scale: cfg.attn_scale,
-            f16_rounding: w.precision() == Precision::Quantized,
+            f16_rounding: w.numerics().f16_rounding,
+            kv_dtype: w.numerics().kv_dtype,
         })
     }
 }

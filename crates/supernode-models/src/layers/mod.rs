@@ -1,6 +1,8 @@
 //! Shared layers, composed by the per-architecture files: one linear, one norm, one rope,
 //! the attention layers (MHA/GQA, and MLA next to it: the only code that writes the KV cache),
-//! the feed-forwards (dense, mixture of experts).
+//! the feed-forwards (dense, mixture of experts). Each loads its own tensors by their GGUF names
+//! from the [`Weights`](crate::weights::Weights) and computes with their
+//! [`Numerics`](crate::numerics::Numerics).
 
 mod attention;
 mod embedding;
@@ -23,21 +25,32 @@ pub use output::OutputHead;
 pub use rope::{Rope, RopeTable};
 
 use crate::kv_cache::{KvLayerSpec, LayerKv};
+use crate::trace::Trace;
 use crate::Batch;
+
+/// What a block's layers run with besides their input: the batch, its rope table, the KV
+/// cache's block size, the block's index and the trace that its named activations go to.
+pub struct LayerCtx<'a, 'h> {
+    pub batch: &'a Batch<'a>,
+    pub rope: &'a RopeTable,
+    pub block_size: usize,
+    pub layer: usize,
+    pub trace: &'a mut Trace<'h>,
+}
+
+impl LayerCtx<'_, '_> {
+    /// Shows `values` (one row per token of the batch) as this block's `name` to the trace.
+    pub fn cb(&mut self, name: &'static str, values: &[f32]) {
+        self.trace
+            .cb(name, Some(self.layer), self.batch.len(), values);
+    }
+}
 
 /// The attention layer of a block.
 pub trait BlockAttention: Send + Sync {
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out` and
     /// the batch's rows into `kv`.
-    fn forward(
-        &self,
-        x: &[f32],
-        batch: &Batch,
-        rope: &RopeTable,
-        kv: &mut LayerKv,
-        block_size: usize,
-        out: &mut [f32],
-    );
+    fn forward(&self, x: &[f32], ctx: &mut LayerCtx, kv: &mut LayerKv, out: &mut [f32]);
     /// Bytes of projection weights read per token.
     fn weight_bytes(&self) -> usize;
     /// The geometry and element type of this layer's cache rows.

@@ -1,0 +1,42 @@
+//! The numerics of a loaded model, resolved once from the [`Precision`] asked for at load: every
+//! choice that precision makes in the forward pass (how products are computed, which GELU, where
+//! values are rounded to f16, the KV cache's element type) is a field here, so that no layer or
+//! architecture looks at the precision itself.
+
+use supernode_kernels::ops::Activation;
+use supernode_kernels::Precision;
+
+use crate::kv_cache::KvDType;
+
+/// How a model computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Numerics {
+    /// How activations meet weights in every projection (handed to the matmul kernels).
+    pub matmul: Precision,
+    /// Re-lay out quantised weights once at load for the integer dot kernels, where this CPU
+    /// has them.
+    pub pack_weights: bool,
+    /// The GELU of GeGLU feed-forwards.
+    pub gelu: Activation,
+    /// Round queries, keys, values (and softmax weights) to f16, as llama.cpp does.
+    pub f16_rounding: bool,
+    /// The element type of the KV cache rows ([`KvDType::for_rounding`]).
+    pub kv_dtype: KvDType,
+}
+
+impl Numerics {
+    pub fn new(precision: Precision) -> Numerics {
+        let quantized = precision == Precision::Quantized;
+        Numerics {
+            matmul: precision,
+            pack_weights: quantized,
+            // llama.cpp's table GELU in its numerics; the formula itself otherwise.
+            gelu: match quantized {
+                true => Activation::GeluF16Table,
+                false => Activation::GeluTanh,
+            },
+            f16_rounding: quantized,
+            kv_dtype: KvDType::for_rounding(quantized),
+        }
+    }
+}
