@@ -37,7 +37,8 @@ pub struct PreparedWeight<B> {
     dtype: DType,
     rows: usize,
     cols: usize,
-    packed: Option<PackedMatrix>,
+    /// Boxed: most weights have none, and a prepared weight stays small.
+    packed: Option<Box<PackedMatrix>>,
     precision: Precision,
 }
 
@@ -47,7 +48,9 @@ impl<B: WeightBytes> PreparedWeight<B> {
     /// are then released).
     pub fn new(src: B, dtype: DType, rows: usize, cols: usize, precision: Precision) -> Self {
         let packed = match precision {
-            Precision::Quantized => PackedMatrix::pack(dtype, rows, cols, src.bytes()),
+            Precision::Quantized => {
+                PackedMatrix::pack(dtype, rows, cols, src.bytes()).map(Box::new)
+            }
             Precision::Exact => None,
         };
         if packed.is_some() {
@@ -109,7 +112,7 @@ impl<B: WeightBytes> PreparedWeight<B> {
     /// Several matrices on the same activations (`outs[i]` from `ws[i]`): the same bits as
     /// [`PreparedWeight::matmul`] of each, in one parallel loop when all are packed.
     pub fn matmul_many(ws: &[&Self], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
-        let packed: Option<Vec<&PackedMatrix>> = ws.iter().map(|w| w.packed.as_ref()).collect();
+        let packed: Option<Vec<&PackedMatrix>> = ws.iter().map(|w| w.packed.as_deref()).collect();
         match packed {
             Some(ms) if ms.len() > 1 => matmul_packed_many(&ms, x, n, outs),
             _ => {

@@ -11,11 +11,9 @@ use crate::kv_cache::KvDType;
 /// How a model computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Numerics {
-    /// How activations meet weights in every projection (handed to the matmul kernels).
+    /// How activations meet weights in every projection (handed to the matmul kernels, which
+    /// also decide from it whether to pack the weights for this CPU).
     pub matmul: Precision,
-    /// Re-lay out quantised weights once at load for the integer dot kernels, where this CPU
-    /// has them.
-    pub pack_weights: bool,
     /// The GELU of GeGLU feed-forwards.
     pub gelu: Activation,
     /// Round queries, keys, values (and softmax weights) to f16, as llama.cpp does.
@@ -29,7 +27,6 @@ impl Numerics {
         let quantized = precision == Precision::Quantized;
         Numerics {
             matmul: precision,
-            pack_weights: quantized,
             // llama.cpp's table GELU in its numerics; the formula itself otherwise.
             gelu: match quantized {
                 true => Activation::GeluF16Table,

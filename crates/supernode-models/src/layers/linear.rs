@@ -1,44 +1,38 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
-use supernode_kernels::matmul::{
-    matmul_packed, matmul_packed_glu, matmul_packed_many, matmul_with, WeightMatrix,
-};
-use supernode_kernels::ops::{glu_inplace, Activation};
-use supernode_kernels::qdot::packed::PackedMatrix;
+use supernode_kernels::matmul::{matmul_with, WeightMatrix};
+use supernode_kernels::ops::Activation;
+use supernode_kernels::{PreparedWeight, WeightBytes};
 
 use crate::numerics::Numerics;
 use crate::Tensor;
 
-/// `rows × cols` weights (any dtype), optional f32 bias of `rows`.
-///
-/// Where the numerics pack weights, those of the 32-element types are re-laid out once at load
-/// time into panels for the integer dot instructions ([`PackedMatrix`]) when this CPU has the packed
-/// kernels; the products then always go through them (so each matrix keeps one reduction order
-/// whatever the batch).
+impl WeightBytes for Tensor {
+    fn bytes(&self) -> &[u8] {
+        Tensor::bytes(self)
+    }
+
+    /// Packed weights leave the mapped pages unread: they go from this process's resident set
+    /// (they come back from the page cache if the same bytes are needed again, e.g. as the
+    /// embedding table of a tied output head).
+    fn release_pages(&self) {
+        Tensor::release_pages(self)
+    }
+}
+
+/// `rows × cols` weights (any dtype, prepared for this machine's kernels as the numerics say),
+/// optional f32 bias of `rows`.
 pub struct Linear {
-    w: Tensor,
-    packed: Option<PackedMatrix>,
+    w: PreparedWeight<Tensor>,
     bias: Option<Vec<f32>>,
-    numerics: Numerics,
 }
 
 impl Linear {
     pub(crate) fn new(w: Tensor, bias: Option<Vec<f32>>, numerics: Numerics) -> Linear {
-        let packed = match numerics.pack_weights {
-            true => PackedMatrix::pack(w.dtype, w.rows(), w.cols(), w.bytes()),
-            false => None,
-        };
-        if packed.is_some() {
-            // The mapped pages were read once to pack them: let them go from this process's
-            // resident set (they come back from the page cache if the same bytes are still
-            // needed, e.g. as the embedding table of a tied output head).
-            w.release_pages();
-        }
+        let (dtype, rows, cols) = (w.dtype, w.rows(), w.cols());
         Linear {
-            w,
-            packed,
+            w: PreparedWeight::new(w, dtype, rows, cols, numerics.matmul),
             bias,
-            numerics,
         }
     }
 
@@ -52,48 +46,28 @@ impl Linear {
 
     /// Bytes of weights read per application (for bandwidth figures).
     pub fn weight_bytes(&self) -> usize {
-        self.w.bytes().len()
+        self.w.weight_bytes()
     }
 
     /// `x`: `n × cols`; `out`: `n × rows`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        if let Some(p) = &self.packed {
-            matmul_packed(p, x, n, out);
-        } else {
-            let w = WeightMatrix {
-                dtype: self.w.dtype,
-                rows: self.rows(),
-                cols: self.cols(),
-                data: self.w.bytes(),
-            };
-            matmul_with(&w, x, n, out, self.numerics.matmul);
-        }
+        self.w.matmul(x, n, out);
         self.add_bias(out);
     }
 
     /// Several projections of the same input (`outs[i]` from `linears[i]`): the same bits as
-    /// calling [`Linear::forward`] on each, in one parallel loop when all are packed.
+    /// calling [`Linear::forward`] on each, in one parallel loop where the kernels can.
     pub fn forward_many(linears: &[&Linear], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
-        let packed: Option<Vec<&PackedMatrix>> =
-            linears.iter().map(|l| l.packed.as_ref()).collect();
-        match packed {
-            Some(ms) if ms.len() > 1 => {
-                matmul_packed_many(&ms, x, n, outs);
-                for (l, out) in linears.iter().zip(outs.iter_mut()) {
-                    l.add_bias(out);
-                }
-            }
-            _ => {
-                for (l, out) in linears.iter().zip(outs.iter_mut()) {
-                    l.forward(x, n, out);
-                }
-            }
+        let ws: Vec<&PreparedWeight<Tensor>> = linears.iter().map(|l| &l.w).collect();
+        PreparedWeight::matmul_many(&ws, x, n, outs);
+        for (l, out) in linears.iter().zip(outs.iter_mut()) {
+            l.add_bias(out);
         }
     }
 
     /// The gated linear unit `act(gate x) * (up x)` into `out` (`n × rows`): the same bits as
-    /// the two products then [`glu_inplace`], fused into one parallel loop when both are packed
-    /// (and unbiased).
+    /// the two products then [`supernode_kernels::ops::glu_inplace`], fused where the kernels
+    /// can (and both are unbiased).
     pub fn forward_glu(
         gate: &Linear,
         up: &Linear,
@@ -102,13 +76,12 @@ impl Linear {
         act: Activation,
         out: &mut [f32],
     ) {
-        match (&gate.packed, &up.packed, &gate.bias, &up.bias) {
-            (Some(g), Some(u), None, None) => matmul_packed_glu(g, u, x, n, act, out),
-            _ => {
-                let mut u = vec![0.0; out.len()];
-                Linear::forward_many(&[gate, up], x, n, &mut [out, &mut u]);
-                glu_inplace(out, &u, act);
-            }
+        if gate.bias.is_none() && up.bias.is_none() {
+            PreparedWeight::matmul_glu(&gate.w, &up.w, x, n, act, out);
+        } else {
+            let mut u = vec![0.0; out.len()];
+            Linear::forward_many(&[gate, up], x, n, &mut [out, &mut u]);
+            supernode_kernels::ops::glu_inplace(out, &u, act);
         }
     }
 
