@@ -660,8 +660,6 @@ class Traffic:
             "unsupported_logit_bias": ("POST", comp, j({
                 "model": m, "prompt": "a", "max_tokens": 4, "logit_bias": {"50256": -100}}),
                 {400}, True),
-            "unsupported_echo": ("POST", comp, j({"model": m, "prompt": "a", "max_tokens": 4,
-                                                  "echo": True}), {400}, True),
         }
 
     def do_bad(self):
