@@ -126,6 +126,52 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// A config with the architecture's extras at their plain values (no embedding scale,
+    /// `1/sqrt(head_dim)` attention scale, no sliding window, soft-cap, experts or latent
+    /// attention). The readers fill the common fields over it, then the architecture's own
+    /// reader sets its extras ([`ModelConfig::read_extras`]).
+    fn plain(arch: Arch, head_dim: usize) -> ModelConfig {
+        ModelConfig {
+            arch,
+            n_layers: 0,
+            hidden: 0,
+            n_heads: 0,
+            n_kv_heads: 0,
+            head_dim,
+            v_head_dim: head_dim,
+            ffn_dim: 0,
+            vocab_size: 0,
+            context_len: 0,
+            rms_eps: 1e-6,
+            norm_offset: 0.0,
+            rope: RopeConfig {
+                theta: 10_000.0,
+                dim: head_dim,
+                style: RopeStyle::Halves,
+                scaling: RopeScaling::None,
+            },
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_window: None,
+            final_softcap: None,
+            moe: None,
+            mla: None,
+        }
+    }
+
+    /// Runs the family's reader of its extras over the common fields, then validates the whole.
+    fn read_extras(
+        mut self,
+        source: Source,
+        read: impl FnOnce(&mut ModelConfig) -> Result<()>,
+    ) -> Result<ModelConfig> {
+        // The per-layer tables of the extras are sized by it.
+        self.validate_layer_count(source)?;
+        read(&mut self)?;
+        self.validate(source)?;
+        Ok(self)
+    }
+
     /// From GGUF metadata (`{arch}.block_count`, ...). The vocabulary size is llama.cpp's: the
     /// length of `tokenizer.ggml.tokens` (which `{arch}.vocab_size` must equal when a file has
     /// both); `vocab_from_tensors`, the row count of the embedding, when a file has neither.
@@ -187,7 +233,7 @@ impl ModelConfig {
                 )))
             }
         };
-        let mut cfg = ModelConfig {
+        let cfg = ModelConfig {
             arch,
             n_layers: req("block_count")?,
             hidden,
@@ -212,18 +258,9 @@ impl ModelConfig {
                 style: RopeStyle::Halves,
                 scaling,
             },
-            embed_scale: 1.0,
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
-            sliding_window: None,
-            final_softcap: None,
-            moe: None,
-            mla: None,
+            ..ModelConfig::plain(arch, head_dim)
         };
-        // The per-layer tables of the extras are sized by it.
-        cfg.validate_layer_count(Source::Gguf)?;
-        (arch.family().read_gguf)(&mut cfg, meta)?;
-        cfg.validate(Source::Gguf)?;
-        Ok(cfg)
+        cfg.read_extras(Source::Gguf, |cfg| (arch.family().read_gguf)(cfg, meta))
     }
 
     /// The config with the sparse layers of its MoE replaced by `layers` (GGUF: the layers
@@ -268,7 +305,7 @@ impl ModelConfig {
             None => 0,
         };
         let (theta, scaling) = hf_rope(config, config.get("rope_parameters"), 10_000.0)?;
-        let mut cfg = ModelConfig {
+        let cfg = ModelConfig {
             arch,
             n_layers: req("num_hidden_layers")?,
             hidden,
@@ -288,18 +325,9 @@ impl ModelConfig {
                 style: RopeStyle::Halves,
                 scaling,
             },
-            embed_scale: 1.0,
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
-            sliding_window: None,
-            final_softcap: None,
-            moe: None,
-            mla: None,
+            ..ModelConfig::plain(arch, head_dim)
         };
-        // The per-layer tables of the extras are sized by it.
-        cfg.validate_layer_count(Source::Hf)?;
-        (arch.family().read_hf)(&mut cfg, config)?;
-        cfg.validate(Source::Hf)?;
-        Ok(cfg)
+        cfg.read_extras(Source::Hf, |cfg| (arch.family().read_hf)(cfg, config))
     }
 
     /// The config with the main rope's frequencies divided by `factors` (one per pair, GGUF's
