@@ -10,6 +10,7 @@
 //! - [`weight`]: [`PreparedWeight`], a matrix prepared for this machine's products (packing is
 //!   its business, not the model's);
 //! - [`pool`]: the low-overhead thread pool the kernels and layers run their loops on;
+//! - [`scratch`]: the per-forward scratch arena (reused activation buffers, per thread);
 //! - `cpu`: the instruction set, detected once, and the ISA-specific kernels behind one table.
 //!
 //! Module graph: the dispatching modules call [`cpu`](crate::cpu)'s table; the ISA-specific
@@ -22,6 +23,7 @@ pub mod ops;
 pub mod pool;
 pub mod qdot;
 pub mod quant;
+pub mod scratch;
 pub mod simd;
 pub mod weight;
 

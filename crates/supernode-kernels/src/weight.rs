@@ -136,7 +136,7 @@ impl<B: WeightBytes> PreparedWeight<B> {
         match (&gate.packed, &up.packed) {
             (Some(g), Some(u)) => matmul_packed_glu(g, u, x, n, act, out),
             _ => {
-                let mut u = vec![0.0; out.len()];
+                let mut u = crate::scratch::zeroed(out.len());
                 Self::matmul_many(&[gate, up], x, n, &mut [out, &mut u]);
                 glu_inplace(out, &u, act);
             }

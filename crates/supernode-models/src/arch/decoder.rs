@@ -15,6 +15,7 @@
 //! ([`ModelConfig::sliding_window`]); what the config does not say is a [`DecoderOptions`].
 
 use supernode_kernels::ops::Activation;
+use supernode_kernels::scratch::zeroed;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
@@ -125,9 +126,9 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
     ) -> Result<Vec<f32>> {
         kv.check_batch(batch, self.cfg.vocab_size)?;
         let (n, h) = (batch.len(), self.cfg.hidden);
-        let mut x = vec![0.0; n * h];
-        let mut xn = vec![0.0; n * h];
-        let mut y = vec![0.0; n * h];
+        let mut x = zeroed(n * h);
+        let mut xn = zeroed(n * h);
+        let mut y = zeroed(n * h);
         self.embed
             .forward(batch.tokens, self.cfg.embed_scale, &mut x);
         trace.cb("inp_embd", None, n, &x);

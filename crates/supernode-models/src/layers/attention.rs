@@ -7,6 +7,7 @@ use supernode_kernels::ops::{
     attention_group, attention_groups_parallel, round_slice_f16, AttnShape, GroupSpan,
 };
 use supernode_kernels::pool;
+use supernode_kernels::scratch::zeroed;
 
 use super::{BlockAttention, LayerCtx, Linear, RmsNorm};
 use crate::kv_cache::{KvDType, KvLayerSpec, KvValues, LayerKv};
@@ -95,9 +96,9 @@ impl BlockAttention for Attention {
             s.n_kv_heads * s.k_dim,
             s.n_kv_heads * s.v_dim,
         );
-        let mut q = vec![0.0; n * qw];
-        let mut k = vec![0.0; n * kw];
-        let mut v = vec![0.0; n * vw];
+        let mut q = zeroed(n * qw);
+        let mut k = zeroed(n * kw);
+        let mut v = zeroed(n * vw);
         Linear::forward_many(
             &[&self.wq, &self.wk, &self.wv],
             x,
@@ -141,7 +142,7 @@ impl BlockAttention for Attention {
         // each K/V row is read once per group: one task per group when there are enough of them
         // to keep the threads busy, else (decode) all groups spread over the threads together.
         // Both are bit-identical to one `attention_head` per query head.
-        let mut attn = vec![0.0; n * s.n_heads * s.v_dim];
+        let mut attn = zeroed(n * s.n_heads * s.v_dim);
         let group = s.n_heads / s.n_kv_heads;
         let span = |i: usize| {
             let t = i / s.n_kv_heads;

@@ -1,6 +1,7 @@
 //! The dense gated feed-forward: `down(act(gate(x)) * up(x))`.
 
 use supernode_kernels::ops::Activation;
+use supernode_kernels::scratch::zeroed;
 
 use super::Linear;
 use crate::weights::Weights;
@@ -45,7 +46,7 @@ impl Mlp {
     /// `x`: `n × hidden` → `out`: `n × hidden`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let f = self.gate.rows();
-        let mut g = vec![0.0; n * f];
+        let mut g = zeroed(n * f);
         Linear::forward_glu(&self.gate, &self.up, x, n, self.act, &mut g);
         self.down.forward(&g, n, out);
     }

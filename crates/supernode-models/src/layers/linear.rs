@@ -2,6 +2,7 @@
 
 use supernode_kernels::matmul::{matmul_with, WeightMatrix};
 use supernode_kernels::ops::Activation;
+use supernode_kernels::scratch::zeroed;
 use supernode_kernels::{PreparedWeight, WeightBytes};
 
 use crate::numerics::Numerics;
@@ -79,7 +80,7 @@ impl Linear {
         if gate.bias.is_none() && up.bias.is_none() {
             PreparedWeight::matmul_glu(&gate.w, &up.w, x, n, act, out);
         } else {
-            let mut u = vec![0.0; out.len()];
+            let mut u = zeroed(out.len());
             Linear::forward_many(&[gate, up], x, n, &mut [out, &mut u]);
             supernode_kernels::ops::glu_inplace(out, &u, act);
         }

@@ -18,6 +18,7 @@
 
 use supernode_kernels::ops::{attention_head, round_slice_f16, AttnShape};
 use supernode_kernels::pool;
+use supernode_kernels::scratch::zeroed;
 
 use super::{BlockAttention, LayerCtx, Linear, RmsNorm, StackedLinear};
 use crate::config::MlaConfig;
@@ -83,10 +84,10 @@ impl BlockAttention for Mla {
         let n = batch.len();
         let (heads, nope, rd, rank) = (self.n_heads, self.nope, self.rope, self.rank);
         let qk = nope + rd;
-        let mut q = vec![0.0; n * heads * qk];
+        let mut q = zeroed(n * heads * qk);
         match &self.q {
             MlaQuery::LoRa { a, norm, b } => {
-                let mut qa = vec![0.0; n * a.rows()];
+                let mut qa = zeroed(n * a.rows());
                 a.forward(x, n, &mut qa);
                 norm.forward_inplace(&mut qa);
                 b.forward(&qa, n, &mut q);
@@ -94,7 +95,7 @@ impl BlockAttention for Mla {
             MlaQuery::Plain(wq) => wq.forward(x, n, &mut q),
         }
         let kw = rank + rd;
-        let mut ckv = vec![0.0; n * kw];
+        let mut ckv = zeroed(n * kw);
         self.kv_a.forward(x, n, &mut ckv);
         for (t, row) in ckv.chunks_exact_mut(kw).enumerate() {
             self.kv_norm.forward_inplace(&mut row[..rank]);
@@ -105,9 +106,9 @@ impl BlockAttention for Mla {
             kv.write(batch.slot(t, block_size), row, &[]);
         }
         // The absorbed queries `[W_UK_hᵀ q_nope, q_pe]`, token-major then head.
-        let mut qa = vec![0.0; n * heads * kw];
-        let mut q_nope = vec![0.0; n * nope];
-        let mut q_lat = vec![0.0; n * rank];
+        let mut qa = zeroed(n * heads * kw);
+        let mut q_nope = zeroed(n * nope);
+        let mut q_lat = zeroed(n * rank);
         for h in 0..heads {
             for t in 0..n {
                 let src = &q[(t * heads + h) * qk..(t * heads + h + 1) * qk];
@@ -138,7 +139,7 @@ impl BlockAttention for Mla {
             f16_rounding: self.f16_rounding,
         };
         // Latent outputs `Σ p · c`, one task per (token, head).
-        let mut lat = vec![0.0; n * heads * rank];
+        let mut lat = zeroed(n * heads * rank);
         pool::for_each_chunk_mut(&mut lat, rank, |i, o| {
             let t = i / heads;
             let table = batch.block_tables[batch.seq_of[t]];
@@ -148,9 +149,9 @@ impl BlockAttention for Mla {
         });
         // Per head `W_UV_h`, into the heads' concatenated outputs.
         let vd = self.v_dim;
-        let mut attn = vec![0.0; n * heads * vd];
-        let mut lat_h = vec![0.0; n * rank];
-        let mut out_h = vec![0.0; n * vd];
+        let mut attn = zeroed(n * heads * vd);
+        let mut lat_h = zeroed(n * rank);
+        let mut out_h = zeroed(n * vd);
         for h in 0..heads {
             for t in 0..n {
                 let src = &lat[(t * heads + h) * rank..(t * heads + h + 1) * rank];

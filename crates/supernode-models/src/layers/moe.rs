@@ -11,6 +11,7 @@
 //! — the same bits whatever else is in the batch.
 
 use supernode_kernels::ops::{glu_inplace, Activation};
+use supernode_kernels::scratch::zeroed;
 
 use super::{Linear, Mlp, StackedLinear};
 use crate::config::{Gating, MoeConfig};
@@ -116,7 +117,7 @@ impl Moe {
     /// `x`: `n × hidden` → `out`: `n × hidden`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let (h, e) = (self.router.cols(), self.cfg.n_experts);
-        let mut logits = vec![0.0; n * e];
+        let mut logits = zeroed(n * e);
         self.router.forward(x, n, &mut logits);
         // For each expert, its tokens and their weights, tokens ascending.
         let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
@@ -134,16 +135,16 @@ impl Moe {
         let f = self.gate.rows();
         for (expert, tokens) in routed.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
             let m = tokens.len();
-            let mut xe = Vec::with_capacity(m * h);
-            for &(t, _) in tokens {
-                xe.extend_from_slice(&x[t * h..(t + 1) * h]);
+            let mut xe = zeroed(m * h);
+            for (&(t, _), row) in tokens.iter().zip(xe.chunks_exact_mut(h)) {
+                row.copy_from_slice(&x[t * h..(t + 1) * h]);
             }
-            let mut g = vec![0.0; m * f];
-            let mut u = vec![0.0; m * f];
+            let mut g = zeroed(m * f);
+            let mut u = zeroed(m * f);
             self.gate.forward(expert, &xe, m, &mut g);
             self.up.forward(expert, &xe, m, &mut u);
             glu_inplace(&mut g, &u, self.act);
-            let mut y = vec![0.0; m * h];
+            let mut y = zeroed(m * h);
             self.down.forward(expert, &g, m, &mut y);
             for (&(t, w), yr) in tokens.iter().zip(y.chunks_exact(h)) {
                 for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
@@ -152,7 +153,7 @@ impl Moe {
             }
         }
         if let Some(shared) = &self.shared {
-            let mut s = vec![0.0; n * h];
+            let mut s = zeroed(n * h);
             shared.forward(x, n, &mut s);
             out.iter_mut().zip(&s).for_each(|(o, v)| *o += v);
         }

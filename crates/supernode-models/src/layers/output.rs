@@ -2,6 +2,7 @@
 //! on the batch rows whose logits are wanted.
 
 use supernode_kernels::ops::softcap;
+use supernode_kernels::scratch::zeroed;
 
 use super::{Linear, RmsNorm};
 
@@ -18,7 +19,7 @@ impl OutputHead {
     /// Logits (`rows.len() × vocab`) of the rows `rows` of the hidden states `x`.
     pub fn forward(&self, x: &[f32], rows: &[usize]) -> Vec<f32> {
         let h = self.norm.w.len();
-        let mut normed = vec![0.0; rows.len() * h];
+        let mut normed = zeroed(rows.len() * h);
         for (&r, out) in rows.iter().zip(normed.chunks_exact_mut(h)) {
             out.copy_from_slice(&x[r * h..(r + 1) * h]);
             self.norm.forward_inplace(out);

@@ -1,6 +1,7 @@
 //! Rotary position embeddings: frequencies from a [`RopeConfig`], tables per batch.
 
 use supernode_kernels::ops::{rope_apply, rope_cos_sin, RopeStyle};
+use supernode_kernels::scratch::{zeroed, Scratch};
 
 use crate::config::RopeConfig;
 
@@ -13,8 +14,8 @@ pub struct Rope {
 
 /// Cosines and sines for each token of a batch.
 pub struct RopeTable {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    cos: Scratch,
+    sin: Scratch,
     pairs: usize,
     style: RopeStyle,
 }
@@ -31,8 +32,8 @@ impl Rope {
     /// The table for a batch's positions.
     pub fn table(&self, positions: &[usize]) -> RopeTable {
         let pairs = self.inv_freq.len();
-        let mut cos = vec![0.0; positions.len() * pairs];
-        let mut sin = vec![0.0; positions.len() * pairs];
+        let mut cos = zeroed(positions.len() * pairs);
+        let mut sin = zeroed(positions.len() * pairs);
         for ((&p, c), s) in positions
             .iter()
             .zip(cos.chunks_exact_mut(pairs))
