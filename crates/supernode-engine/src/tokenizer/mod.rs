@@ -559,6 +559,15 @@ struct Settings {
     chat_template: Option<String>,
 }
 
+/// The special-token ids of llama.cpp's GGUF keys that generation does not use (padding,
+/// separator — llama.cpp's spelling —, classifier and mask tokens of encoder models).
+const UNUSED_SPECIAL_KEYS: [&str; 4] = [
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.seperator_token_id",
+    "tokenizer.ggml.cls_token_id",
+    "tokenizer.ggml.mask_token_id",
+];
+
 impl SpecialIds {
     fn defaults(bos: Option<u32>, eos: Option<u32>, unk: Option<u32>) -> SpecialIds {
         SpecialIds {
@@ -607,24 +616,32 @@ impl SpecialIds {
             (&["tokenizer.ggml.fim_rep_token_id"], rep),
             (&["tokenizer.ggml.fim_sep_token_id"], sep),
         ];
+        let in_vocab = |key: &str| -> Result<Option<u32>, EngineError> {
+            match meta.get_usize(key)? {
+                Some(id) if id >= n => Err(EngineError::tokenizer(
+                    "gguf",
+                    format!(
+                        "`{key}` is {id}, outside the vocabulary of {n} tokens \
+                         (`tokenizer.ggml.tokens`)"
+                    ),
+                )),
+                id => Ok(id.map(|id| id as u32)),
+            }
+        };
         for (keys, slot) in slots {
             if slot.is_some_and(|id| id as usize >= n) {
                 *slot = None;
             }
             for key in keys {
-                if let Some(id) = meta.get_usize(key)? {
-                    if id >= n {
-                        return Err(EngineError::tokenizer(
-                            "gguf",
-                            format!(
-                                "`{key}` is {id}, outside the vocabulary of {n} tokens \
-                                 (`tokenizer.ggml.tokens`)"
-                            ),
-                        ));
-                    }
-                    *slot = Some(id as u32);
+                if let Some(id) = in_vocab(key)? {
+                    *slot = Some(id);
                 }
             }
+        }
+        // Ids generation does not use are still checked: a file that names a token it does
+        // not have is broken, and saying so at load beats a wrong token later.
+        for key in UNUSED_SPECIAL_KEYS {
+            in_vocab(key)?;
         }
         Ok(())
     }
@@ -919,7 +936,10 @@ mod tests {
             "tokenizer.ggml.fim_pre_token_id",
             "tokenizer.ggml.prefix_token_id",
             "tokenizer.ggml.fim_sep_token_id",
-        ] {
+        ]
+        .into_iter()
+        .chain(UNUSED_SPECIAL_KEYS)
+        {
             let mut bad = meta.clone();
             bad.entries.insert(key.into(), MetaValue::U32(n as u32));
             let err = Tokenizer::from_gguf_metadata(&bad).unwrap_err().to_string();
