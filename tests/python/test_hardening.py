@@ -207,6 +207,28 @@ def test_idle_keep_alive_connection_is_closed(tight):
         c.close()
 
 
+def test_a_half_sent_head_gets_408(tight):
+    out = raw(tight, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Half: ", wait=HEADER_TIMEOUT + 5)
+    err = openai_error(out, 408)
+    assert "--header-timeout" in err["message"]
+
+
+def test_an_idle_keep_alive_close_says_nothing(tight):
+    """Only a started head is answered with 408: an idle kept-alive connection is closed
+    silently, so a client reusing it never reads a stale answer to its next request."""
+    c = socket.create_connection(("127.0.0.1", tight.port), timeout=KEEP_ALIVE_TIMEOUT + 5)
+    try:
+        c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = c.recv(4096)
+        assert b"200 OK" in first
+        rest = b""
+        while chunk := c.recv(4096):
+            rest += chunk
+        assert rest == b"", rest[:200]
+    finally:
+        c.close()
+
+
 def test_a_stalled_body_gets_408(tight):
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 100\r\n\r\n" % API_KEY.encode()
     err = openai_error(raw(tight, head + b'{"model"', wait=BODY_TIMEOUT + 5), 408)

@@ -5,7 +5,8 @@
 //! served here by hyper's HTTP/1 server directly:
 //! - **Header timeout** (`--header-timeout`): a request's head must be complete this long after
 //!   the connection became ready for it (hyper's header read timeout; it also runs while a
-//!   kept-alive connection waits for its next request).
+//!   kept-alive connection waits for its next request). A connection cut off with part of
+//!   a head received is answered 408 in OpenAI's shape first; an idle one is closed silently.
 //! - **Keep-alive timeout** (`--keep-alive-timeout`): a connection with no request on it (none
 //!   whose head has arrived) that has moved no byte for this long is closed.
 //! - **Connection cap** (`--max-connections`): at the cap, the connection that has been quiet
@@ -26,9 +27,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -65,6 +66,8 @@ pub struct ConnState {
     busy: AtomicUsize,
     /// When a byte last moved either way, in milliseconds since `epoch`.
     last_io_ms: AtomicU64,
+    /// Bytes of a request head arrived that hyper has not yet turned into a request.
+    head_started: AtomicBool,
     epoch: Instant,
     /// Closes the connection at once.
     kill: Notify,
@@ -76,6 +79,7 @@ impl ConnState {
             requests: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             last_io_ms: AtomicU64::new(0),
+            head_started: AtomicBool::new(false),
             epoch,
             kill: Notify::new(),
         };
@@ -248,9 +252,16 @@ async fn connection(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // A second handle on the socket, to answer a head that timed out: hyper then drops the
+    // connection without a word, and a client should learn why (408, as for a slow body).
+    let (stream, answer) = match split_handle(stream) {
+        Ok(pair) => pair,
+        Err(_) => return,
+    };
     let io = TokioIo::new(Tracked::new(stream, st.clone()));
     let conn_state = st.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        conn_state.head_started.store(false, Ordering::Relaxed);
         let request = Busy::new(conn_state.clone(), |s| &s.requests);
         req.extensions_mut().insert(conn_state.clone());
         let resp = app.clone().oneshot(req.map(Body::new));
@@ -267,7 +278,19 @@ async fn connection(
     let mut closing = false;
     loop {
         tokio::select! {
-            _ = conn.as_mut() => break,
+            r = conn.as_mut() => {
+                let timed_out = r.as_ref().is_err_and(|e| e.is_timeout());
+                if timed_out && st.head_started.load(Ordering::Relaxed) {
+                    let message = format!(
+                        "the request's headers did not arrive within {} s (--header-timeout)",
+                        limits.header_timeout.as_secs_f64()
+                    );
+                    // Best effort: the socket's send buffer is empty while a head is being
+                    // read, so this small answer goes out without waiting.
+                    let _ = (&answer).write_all(&closing_answer(408, "invalid_request_error", &message));
+                }
+                break;
+            }
             _ = st.kill.notified() => break,
             r = shutdown.changed(), if !closing => {
                 if r.is_err() || *shutdown.borrow() {
@@ -282,6 +305,13 @@ async fn connection(
             }
         }
     }
+}
+
+/// The stream, and a second (non-blocking) handle on the same socket.
+fn split_handle(stream: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
+    let std_stream = stream.into_std()?;
+    let answer = std_stream.try_clone()?;
+    Ok((TcpStream::from_std(std_stream)?, answer))
 }
 
 /// The connection's socket: notes when bytes move, and turns hyper's own empty error answers
@@ -313,6 +343,9 @@ impl AsyncRead for Tracked {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.st.touch();
+            if !self.st.has_requests() {
+                self.st.head_started.store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -385,6 +418,11 @@ fn rewrite_bare_error(buf: &[u8]) -> Option<Vec<u8>> {
         s if s >= 500 => ("server_error", "the server could not handle the request"),
         _ => ("invalid_request_error", "the request was refused"),
     };
+    Some(closing_answer(status, kind, message))
+}
+
+/// A whole HTTP/1.1 answer with an OpenAI error body that closes the connection.
+fn closing_answer(status: u16, kind: &str, message: &str) -> Vec<u8> {
     let reason = axum::http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -393,13 +431,11 @@ fn rewrite_bare_error(buf: &[u8]) -> Option<Vec<u8>> {
         "message": message, "type": kind, "param": null, "code": null,
     }})
     .to_string();
-    Some(
-        format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     )
+    .into_bytes()
 }
 
 /// A response body that keeps its request counted until it is dropped.
