@@ -100,6 +100,27 @@ impl KvLayerSpec {
     }
 }
 
+/// Element types whose all-zero bytes are the value zero.
+trait ZeroBits: Copy {}
+impl ZeroBits for f32 {}
+impl ZeroBits for u16 {}
+
+/// `len` zeros, allocated zeroed (the pages are touched only when used), or `None` when the
+/// allocator cannot give that much (where `vec![0; len]` would abort the process).
+fn zeroed_vec<T: ZeroBits>(len: usize) -> Option<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(len).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size; the memory comes zeroed from the global
+    // allocator with exactly the layout `Vec` uses for `len` values of `T`, and zero bytes are
+    // a valid `T` (`ZeroBits`).
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        (!ptr.is_null()).then(|| Vec::from_raw_parts(ptr, len, len))
+    }
+}
+
 /// Cache rows in a layer's element type.
 #[derive(Debug)]
 pub enum KvData {
@@ -110,11 +131,23 @@ pub enum KvData {
 impl KvData {
     /// `len` zeros, allocated zeroed (f16 as the bits of `u16` zeros), so that pages the cache
     /// never uses are never touched.
-    fn zeros(dtype: KvDType, len: usize) -> KvData {
-        match dtype {
-            KvDType::F32 => KvData::F32(vec![0.0; len]),
-            KvDType::F16 => KvData::F16(vec![0u16; len].reinterpret_into()),
-        }
+    /// A size the machine cannot give is an error naming it, not an abort.
+    fn zeros(dtype: KvDType, len: usize) -> Result<KvData> {
+        let failed = || {
+            ModelError::Invalid(format!(
+                "could not allocate {} MiB for a layer's KV cache: give the cache less memory \
+                 (--kv-cache-mib) or a shorter context (--ctx)",
+                (len * dtype.bytes()) >> 20
+            ))
+        };
+        Ok(match dtype {
+            KvDType::F32 => KvData::F32(zeroed_vec::<f32>(len).ok_or_else(failed)?),
+            KvDType::F16 => KvData::F16(
+                zeroed_vec::<u16>(len)
+                    .ok_or_else(failed)?
+                    .reinterpret_into(),
+            ),
+        })
     }
 
     /// Values held.
@@ -198,8 +231,8 @@ impl KvCache {
                 let (kw, vw) = spec.stored_widths();
                 Ok(LayerKv {
                     spec,
-                    k: KvData::zeros(spec.dtype, len(kw, spec.dtype)?),
-                    v: KvData::zeros(spec.dtype, len(vw, spec.dtype)?),
+                    k: KvData::zeros(spec.dtype, len(kw, spec.dtype)?)?,
+                    v: KvData::zeros(spec.dtype, len(vw, spec.dtype)?)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -331,6 +364,22 @@ mod tests {
     }
 
     /// Sizes from a crafted file cannot wrap the cache's length around.
+    #[test]
+    fn unallocatable_cache_sizes_are_errors() {
+        // 2^46 bytes: no machine here has 64 TiB, and the size does not overflow.
+        let spec = KvLayerSpec {
+            n_kv_heads: 1 << 10,
+            k_dim: 1 << 10,
+            v_dim: 1,
+            values: KvValues::Stored,
+            dtype: KvDType::F32,
+        };
+        let err = KvCache::new(&[spec], 1 << 12, 1 << 12).unwrap_err();
+        assert!(err.to_string().contains("--kv-cache-mib"), "{err}");
+        assert_eq!(zeroed_vec::<u16>(3), Some(vec![0u16; 3]));
+        assert_eq!(zeroed_vec::<f32>(0), Some(Vec::new()));
+    }
+
     #[test]
     fn overflowing_cache_sizes_are_errors() {
         let huge = KvLayerSpec {

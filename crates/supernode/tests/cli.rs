@@ -433,3 +433,21 @@ fn run_stops_before_a_stop_string() {
     assert!(some.len() < all.len());
     assert_eq!(some[..], all[..some.len()]);
 }
+
+/// A KV cache larger than the machine is a one-line error before anything is allocated (it
+/// used to abort on the failed allocation, or to be killed later when the pages filled).
+#[test]
+fn serve_refuses_a_kv_cache_larger_than_the_machine() {
+    let path = tmp("tiny-kv.gguf");
+    tiny_llama(&path, "llama");
+    let out = supernode(&[
+        "serve",
+        "--model",
+        path.to_str().unwrap(),
+        "--port",
+        "0",
+        "--kv-cache-mib",
+        "1000000000",
+    ]);
+    assert_one_line_error(&out, &["--kv-cache-mib 1000000000", "memory"]);
+}

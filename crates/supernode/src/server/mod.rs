@@ -12,6 +12,21 @@
 
 mod api;
 mod conn;
+
+/// The machine's memory in MiB (`MemTotal`), where the system says.
+fn memory_mib() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
+}
+
 #[cfg(test)]
 mod fuzz;
 mod generate;
@@ -133,6 +148,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(t) => ChatTemplate::for_tokenizer(t)?,
         None => None,
     };
+    if let Some(total) = memory_mib() {
+        if a.kv_cache_mib > total {
+            bail!(
+                "--kv-cache-mib {} is more than this machine's memory ({total} MiB): give the \
+                 KV cache less",
+                a.kv_cache_mib
+            );
+        }
+    }
     let specs = model.kv_specs();
     let num_blocks = EngineConfig::blocks_for_budget(&specs, a.kv_cache_mib << 20);
     if num_blocks == 0 {
