@@ -26,6 +26,14 @@ if [ ! -x "$bin" ]; then
     exit 1
 fi
 
+# The chat page's test drives Debian's Chromium; install it when it is missing and this can.
+if ! command -v chromium >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "python-tests: installing chromium (apt-get)"
+    apt-get install -y -q chromium >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } ||
+        echo "python-tests: could not install chromium; test_ui.py will fail" >&2
+fi
+
 want=$(sha256sum "$req" | cut -d' ' -f1)
 if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null || true)" != "$want" ] || [ ! -x "$venv/bin/python" ]; then
     echo "python-tests: creating $venv"

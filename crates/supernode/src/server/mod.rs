@@ -13,24 +13,11 @@
 mod api;
 mod conn;
 
-/// The machine's memory in MiB (`MemTotal`), where the system says.
-fn memory_mib() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: usize = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib >> 10)
-}
-
 #[cfg(test)]
 mod fuzz;
 mod generate;
 mod metrics;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -107,6 +94,9 @@ pub struct ServeArgs {
     /// The largest request body, in MiB.
     #[arg(long, default_value_t = 8)]
     max_body_mib: usize,
+    /// Serve a chat page at `/` (streams, renders markdown, folds reasoning).
+    #[arg(long)]
+    ui: bool,
 }
 
 /// What every handler shares.
@@ -122,6 +112,8 @@ pub struct AppState {
     max_model_len: usize,
     max_body_bytes: usize,
     body_timeout: Duration,
+    /// Whether `/` serves the chat page.
+    ui: bool,
 }
 
 type Shared = Arc<AppState>;
@@ -225,6 +217,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_model_len,
         max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
         body_timeout: Duration::from_secs(a.body_timeout),
+        ui: a.ui,
     });
     // Requests are parsed, templated and tokenised on the blocking pool: two threads kept for
     // the server's life (new threads would each bring a malloc arena, and the compute pool has
@@ -333,8 +326,13 @@ fn router(state: Shared) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model_by_id))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    let pages = match state.ui {
+        true => Router::new().route("/", get(ui::page)),
+        false => Router::new(),
+    };
     Router::new()
         .merge(v1)
+        .merge(pages)
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
@@ -499,4 +497,18 @@ async fn not_found(req: Request) -> ApiError {
         format!("no route for {} {}", req.method(), req.uri().path()),
     )
     .status(StatusCode::NOT_FOUND)
+}
+
+/// The machine's memory in MiB (`MemTotal`), where the system says.
+fn memory_mib() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
 }
