@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
 
 fn chat(input: &str, extra: &[&str]) -> Output {
@@ -92,11 +92,11 @@ fn generated(err: &str) -> usize {
 
 #[test]
 fn a_reply_runs_to_the_context_unless_max_tokens_caps_it() {
-    let args = ["--ctx", "320", "--ignore-eos", "-v"];
+    let args = ["--ctx", "256", "--ignore-eos", "-v"];
     let long = chat("Tell me a long story about the sea.\n", &args);
     let err = stderr(&long);
     assert!(generated(&err) > 128, "{err}");
-    assert!(err.contains("the context of 320 tokens is full"), "{err}");
+    assert!(err.contains("the context of 256 tokens is full"), "{err}");
 
     let capped = chat(
         "Tell me a long story about the sea.\n",
@@ -105,4 +105,41 @@ fn a_reply_runs_to_the_context_unless_max_tokens_caps_it() {
     let err = stderr(&capped);
     assert_eq!(generated(&err), 40, "{err}");
     assert!(err.contains("cut at --max-tokens 40"), "{err}");
+}
+
+#[test]
+fn ctrl_c_stops_the_reply_and_the_session_goes_on() {
+    let model = common::model_path("smollm2-135m");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supernode"))
+        .args(["run", "--chat", "--temperature", "0", "--threads", "2"])
+        .args(["--ignore-eos", "--ctx", "4096", "--model"])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(b"Tell me a long story about the sea.\n")
+        .expect("write stdin");
+    // Wait for the reply to start, then press "Ctrl-C".
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("the reply starts");
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    stdin.write_all(b"/help\n").expect("write stdin");
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read stdout");
+    let out = child.wait_with_output().expect("the chat ends");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(reply stopped)"), "{err}");
+    // The session read the next line after the stopped reply.
+    assert!(err.contains("/clear forgets"), "{err}");
 }
