@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -245,3 +246,30 @@ def test_an_existing_relative_path_with_a_slash_is_still_a_path(env, reference):
     )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == reference["llama"]
+
+
+def test_serve_names_a_hub_model_by_its_hub_name(env):
+    import httpx
+
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--model", "test-org/tiny-llama", "--port", "0", "--threads", "2"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = None
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, f"the server did not start (exit code {proc.poll()})"
+        models = httpx.get(url + "/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["test-org/tiny-llama"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
