@@ -119,7 +119,8 @@ def dead_endpoint() -> str:
 @pytest.fixture
 def env(hub, tmp_path):
     e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    e.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url, SUPERNODE_CACHE=str(tmp_path / "sn"))
+    # A trailing slash, as users write it, must not matter.
+    e.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url + "/", SUPERNODE_CACHE=str(tmp_path / "sn"))
     return e
 
 

@@ -248,8 +248,12 @@ pub(crate) fn resolve(spec: &HubSpec) -> Result<PathBuf> {
             .ok()
             .filter(|t| !t.is_empty())
             .or_else(|| cache.token());
-        let api = ApiBuilder::from_env()
-            .with_token(token)
+        let mut builder = ApiBuilder::from_env().with_token(token);
+        if let Ok(e) = std::env::var("HF_ENDPOINT") {
+            // hf-hub appends `/api/...` as is: a trailing slash would double it.
+            builder = builder.with_endpoint(e.trim_end_matches('/').to_owned());
+        }
+        let api = builder
             .build()
             .map_err(|e| anyhow!("cannot set up the Hub client: {e}"))?
             .model(repo.clone());
