@@ -729,6 +729,29 @@ impl GgufWriter {
 
     /// The file's bytes. Fails only for an array whose elements differ in type.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let sizes: Vec<usize> = self.tensors.iter().map(|t| t.data.len()).collect();
+        let (mut out, offsets) = self.header(&sizes)?;
+        let data_start = out.len();
+        for (t, off) in self.tensors.iter().zip(offsets) {
+            out.resize(data_start + off, 0);
+            out.extend_from_slice(&t.data);
+        }
+        Ok(out)
+    }
+
+    /// The bytes before the data section (header, key/values, tensor infos, padding) of a file
+    /// whose tensors, in insertion order, take `sizes` bytes (their stored data is ignored), and
+    /// each tensor's offset in the data section. A caller that streams the tensor data itself
+    /// (joining split files too large to hold in memory) adds tensors with empty data, writes
+    /// these bytes, then each tensor's bytes at its offset.
+    pub fn header(&self, sizes: &[usize]) -> Result<(Vec<u8>, Vec<usize>)> {
+        if sizes.len() != self.tensors.len() {
+            return Err(ModelError::Invalid(format!(
+                "GGUF writer: {} sizes given for {} tensors",
+                sizes.len(),
+                self.tensors.len()
+            )));
+        }
         let align = self.alignment();
         let mut out = Vec::new();
         out.extend_from_slice(&GGUF_MAGIC);
@@ -742,7 +765,7 @@ impl GgufWriter {
         }
         let mut offset = 0usize;
         let mut offsets = Vec::with_capacity(self.tensors.len());
-        for t in &self.tensors {
+        for (t, &size) in self.tensors.iter().zip(sizes) {
             put_str(&mut out, &t.name);
             out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
             for d in &t.shape {
@@ -751,14 +774,13 @@ impl GgufWriter {
             out.extend_from_slice(&t.ggml_type.to_le_bytes());
             out.extend_from_slice(&(offset as u64).to_le_bytes());
             offsets.push(offset);
-            offset = (offset + t.data.len()).next_multiple_of(align);
+            offset = (offset + size).next_multiple_of(align);
         }
-        let data_start = out.len().next_multiple_of(align);
-        for (t, off) in self.tensors.iter().zip(offsets) {
-            out.resize(data_start + off, 0);
-            out.extend_from_slice(&t.data);
+        // A file without tensors ends after its infos: every byte of a written file is needed.
+        if !self.tensors.is_empty() {
+            out.resize(out.len().next_multiple_of(align), 0);
         }
-        Ok(out)
+        Ok((out, offsets))
     }
 
     /// Write the file to `path`.

@@ -1,6 +1,6 @@
 //! Subcommands: `run`, `logits`, `tokenize`, `serve`, `bench`, `fetch`.
 
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::{self, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,8 +12,12 @@ use supernode_engine::sampler::SamplingParams;
 use supernode_engine::session::{Generate, Session};
 use supernode_engine::tokenizer::Tokenizer;
 
+use crate::chat_repl::{interactive_chat, ChatOptions};
 use crate::fetch;
 use crate::model_args::{open_model, status_line, ModelArgs};
+
+/// `run`'s token limit when `--max-tokens` is not given (an interactive chat has none).
+const DEFAULT_MAX_TOKENS: usize = 128;
 
 #[derive(Parser)]
 #[command(
@@ -38,9 +42,10 @@ enum Command {
     Serve(crate::server::ServeArgs),
     /// Measure speed (prefill and decode, or a server under load with --serve) as JSON.
     Bench(crate::bench::BenchArgs),
-    /// Download a known model into the cache (smollm2-135m, gemma3-270m).
+    /// Download a model into the cache: a known name (smollm2-135m, gemma3-270m) or a Hub
+    /// name (org/repo[:QUANT]); prints its local path.
     Fetch {
-        /// The model's short name.
+        /// The model's short name or Hub name.
         name: String,
     },
 }
@@ -55,9 +60,10 @@ struct RunArgs {
     /// The prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     tokens: Option<Vec<u32>>,
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
-    max_tokens: usize,
+    /// Tokens to generate at most (default: 128, or in an interactive chat all the room the
+    /// context has left).
+    #[arg(short = 'n', long = "max-tokens")]
+    max_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
@@ -131,11 +137,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => crate::server::serve(a),
         Command::Bench(a) => crate::bench::bench(a),
         Command::Fetch { name } => {
-            let m = fetch::known(&name).with_context(|| {
-                let names: Vec<_> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
-                format!("unknown model `{name}` (known: {})", names.join(", "))
-            })?;
-            let path = fetch::ensure(m)?;
+            let path = match (fetch::known(&name), crate::hub::HubSpec::parse(&name)) {
+                (Some(m), _) => fetch::ensure(m)?,
+                (None, Some(spec)) => crate::hub::resolve(&spec)?,
+                (None, None) => {
+                    let names: Vec<_> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
+                    bail!(
+                        "unknown model `{name}`: give a Hub name (org/repo[:QUANT]) or a known \
+                         name ({})",
+                        names.join(", ")
+                    )
+                }
+            };
             println!("{}", path.display());
             Ok(())
         }
@@ -171,7 +184,16 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     params.validate().map_err(anyhow::Error::msg)?;
     let mut session = open(&a.model)?;
     if a.chat && a.prompt.is_none() && a.tokens.is_none() {
-        return interactive_chat(&mut session, &a, &params);
+        let tmpl = template(session.require_tokenizer()?)?;
+        let opts = ChatOptions {
+            system: a.system.clone(),
+            params,
+            max_tokens: a.max_tokens,
+            stop: a.stop.clone(),
+            ignore_eos: a.ignore_eos,
+            verbose: a.model.verbose,
+        };
+        return interactive_chat(&mut session, &tmpl, &opts);
     }
     let prompt: Vec<u32> = match (&a.tokens, &a.prompt) {
         (Some(ids), _) => ids.clone(),
@@ -223,7 +245,7 @@ fn generate(
     let mut first: Option<f64> = None;
     let g = Generate {
         params: params.clone(),
-        max_tokens: a.max_tokens,
+        max_tokens: a.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         cache_salt: None,
@@ -256,48 +278,6 @@ fn generate(
         );
     }
     Ok((out.tokens, has_text.then_some(out.text)))
-}
-
-fn interactive_chat(session: &mut Session, a: &RunArgs, params: &SamplingParams) -> Result<()> {
-    let tmpl = template(session.require_tokenizer()?)?;
-    let mut msgs = Vec::new();
-    if let Some(s) = &a.system {
-        msgs.push(ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        });
-    }
-    let stdin = io::stdin();
-    let interactive = stdin.is_terminal();
-    loop {
-        if interactive {
-            eprint!("> ");
-        }
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let line = line.trim_end_matches(['\n', '\r']);
-        if line.is_empty() {
-            continue;
-        }
-        msgs.push(ChatMessage {
-            role: "user".into(),
-            content: line.to_string(),
-        });
-        let prompt = tmpl.prompt_tokens(session.require_tokenizer()?, &msgs)?;
-        if prompt.len() >= session.ctx_len() {
-            bail!(
-                "the conversation no longer fits the {}-token context",
-                session.ctx_len()
-            );
-        }
-        let (_, text) = generate(session, &prompt, params, a, true)?;
-        msgs.push(ChatMessage {
-            role: "assistant".into(),
-            content: text.unwrap_or_default(),
-        });
-    }
 }
 
 fn logits_cmd(a: LogitsArgs) -> Result<()> {

@@ -75,19 +75,24 @@ fn known_names() -> String {
         .join(", ")
 }
 
-/// Resolves `--model`: an existing file or directory, or a short name (fetched if missing).
+/// Resolves `--model`: an existing file or directory, a short name (fetched if missing), or a
+/// Hub name `org/repo[:QUANT]` (see `hub`).
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    match known(spec) {
-        Some(m) => ensure(m),
-        None => bail!(
-            "`{spec}` is neither a model file, a model directory, nor a known model name (known: {})",
-            known_names()
-        ),
+    if let Some(m) = known(spec) {
+        return ensure(m);
     }
+    if let Some(hub) = crate::hub::HubSpec::parse(spec) {
+        return crate::hub::resolve(&hub);
+    }
+    bail!(
+        "`{spec}` is neither a model file, a model directory, a Hub name (org/repo[:QUANT]) nor a \
+         known model name (known: {})",
+        known_names()
+    )
 }
 
 /// The local path of a known model, fetching it first if it is not in the cache.

@@ -2,8 +2,10 @@
 //! JSON shapes printed here.
 
 mod bench;
+mod chat_repl;
 mod cli;
 mod fetch;
+mod hub;
 mod model_args;
 mod server;
 

@@ -16,8 +16,9 @@ use crate::fetch;
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// A .gguf file, a directory with config.json + *.safetensors, or a short name
-    /// (smollm2-135m, gemma3-270m) fetched into the cache on first use.
+    /// A .gguf file, a directory with config.json + *.safetensors, a short name
+    /// (smollm2-135m, gemma3-270m) fetched into the cache on first use, or a Hub name
+    /// org/repo[:QUANT] (a GGUF chosen by quant tag, or a safetensors repository).
     #[arg(long, short = 'm')]
     pub(crate) model: String,
     /// Worker threads (default: all cores).

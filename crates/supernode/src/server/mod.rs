@@ -181,7 +181,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         keep_alive_timeout: Duration::from_secs(a.keep_alive_timeout),
     };
     let model_id = a.served_model_name.clone().unwrap_or_else(|| {
-        if crate::fetch::known(&a.model.model).is_some() {
+        // A short name or a Hub name (which has no local path of that name) serves as itself.
+        let named = crate::fetch::known(&a.model.model).is_some()
+            || (!std::path::Path::new(&a.model.model).exists()
+                && crate::hub::HubSpec::parse(&a.model.model).is_some());
+        if named {
             a.model.model.clone()
         } else {
             path.file_stem()
