@@ -21,8 +21,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, arguments_value, function_tool, pieces_of, refuse_tool_history, tool_call_message,
-    End, Piece, ToolCall,
+    answer_of, arguments_value, function_tool, pieces_of, refuse_tool_history, rename_param,
+    tool_call_message, End, Piece, ToolCall,
 };
 use super::Shared;
 
@@ -344,6 +344,8 @@ pub struct EventStream {
     pinged: bool,
     end: Option<End>,
     output_tokens: u64,
+    /// An `error` event was sent: nothing follows.
+    failed: bool,
 }
 
 impl EventStream {
@@ -357,6 +359,7 @@ impl EventStream {
             pinged: false,
             end: None,
             output_tokens: 0,
+            failed: false,
         }
     }
 
@@ -430,10 +433,13 @@ impl EventStream {
             }
             Piece::End(e) => self.end = Some(e),
             Piece::Usage(u) => self.output_tokens = u.completion,
-            Piece::Error(m) => out.push((
-                "error",
-                json!({ "type": "error", "error": { "type": "api_error", "message": m } }),
-            )),
+            Piece::Error(m) => {
+                self.failed = true;
+                out.push((
+                    "error",
+                    json!({ "type": "error", "error": { "type": "api_error", "message": m } }),
+                ))
+            }
         }
         out
     }
@@ -441,6 +447,9 @@ impl EventStream {
     /// The closing events.
     pub fn finish(&mut self) -> Vec<(&'static str, Value)> {
         let mut out = Vec::new();
+        if self.failed {
+            return out;
+        }
         self.close(&mut out);
         if !self.pinged {
             out.push(("ping", json!({ "type": "ping" })));
@@ -466,7 +475,9 @@ async fn start(st: &Shared, body: Bytes) -> ApiResult<(Started, bool)> {
         let chat = to_chat(&api::parse_body(&body)?)?;
         refuse_tool_history(chat["messages"].as_array().map_or(&[], |v| v), "messages")?;
         let stream = chat.get("stream") == Some(&json!(true));
-        start_chat(&st2, &chat).map(|s| (s, stream))
+        start_chat(&st2, &chat)
+            .map(|s| (s, stream))
+            .map_err(|e| rename_param(e, "stop", "stop_sequences"))
     })
     .await
     .unwrap_or_else(|e| {

@@ -298,6 +298,17 @@ fn streams_follow_anthropics_event_sequence() {
         evs[1].1["delta"],
         json!({"stop_reason": "stop_sequence", "stop_sequence": "###"})
     );
+    // An error ends the stream.
+    let mut s = EventStream::new("c", "m", 1);
+    let evs = s.on(Piece::Error("boom".into()));
+    assert_eq!(
+        evs,
+        vec![(
+            "error",
+            json!({"type": "error", "error": {"type": "api_error", "message": "boom"}})
+        )]
+    );
+    assert!(s.finish().is_empty());
 }
 
 #[test]

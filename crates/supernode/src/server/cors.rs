@@ -39,9 +39,11 @@ impl Cors {
                 Some(host) if !host.is_empty() && !host.contains('/') => {
                     out.push(o.to_ascii_lowercase())
                 }
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "--cors-origins: `{o}` is not an origin (scheme://host[:port], no path) or `*`"
-                )),
+                ))
+                }
             }
         }
         Ok(Cors::Origins(out))

@@ -19,8 +19,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, function_tool, pieces_of, refuse_tool_history, tool_call_message, End, Piece,
-    ToolCall, Usage,
+    answer_of, function_tool, pieces_of, refuse_tool_history, rename_param, tool_call_message, End,
+    Piece, ToolCall, Usage,
 };
 use super::Shared;
 
@@ -598,7 +598,12 @@ pub async fn handler(State(st): State<Shared>, body: Bytes) -> Response {
             let chat = to_chat(&body)?;
             refuse_tool_history(chat["messages"].as_array().map_or(&[], |v| v), "input")?;
             let stream = chat.get("stream") == Some(&json!(true));
-            start_chat(&st2, &chat).map(|s| (s, stream, body))
+            start_chat(&st2, &chat)
+                .map(|s| (s, stream, body))
+                .map_err(|e| {
+                    let e = rename_param(e, "max_tokens", "max_output_tokens");
+                    rename_param(e, "messages", "input")
+                })
         })
         .await
         .unwrap_or_else(|e| {

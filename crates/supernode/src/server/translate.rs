@@ -206,6 +206,16 @@ pub fn refuse_tool_history(messages: &[Value], param: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// An error of the chat pipeline in the words of the translated API: its parameter `from`
+/// becomes `to`, in `param` and in the message.
+pub fn rename_param(mut e: ApiError, from: &str, to: &str) -> ApiError {
+    if e.param.as_deref() == Some(from) {
+        e.param = Some(to.to_string());
+    }
+    e.message = e.message.replace(&format!("`{from}`"), &format!("`{to}`"));
+    e
+}
+
 /// The arguments of a tool call as a JSON value: the parsed text, or, if the model wrote
 /// something that does not parse, the text as a string (so that nothing is lost).
 pub fn arguments_value(arguments: &str) -> Value {
@@ -346,5 +356,12 @@ mod tests {
         assert_eq!(arguments_value("{\"a\": [1]}"), json!({"a": [1]}));
         assert_eq!(arguments_value(""), json!({}));
         assert_eq!(arguments_value("{oops"), json!("{oops"));
+        let e = rename_param(
+            ApiError::invalid("max_tokens", "lower `max_tokens` or `max_tokensx`"),
+            "max_tokens",
+            "max_output_tokens",
+        );
+        assert_eq!(e.param.as_deref(), Some("max_output_tokens"));
+        assert_eq!(e.message, "lower `max_output_tokens` or `max_tokensx`");
     }
 }
