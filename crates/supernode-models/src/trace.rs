@@ -12,8 +12,10 @@
 //! - `ffn_norm`, `ffn_out`, `ffn_post_norm` (where the block has post-norms);
 //! - `l_out`: the residual stream after the block.
 //!
-//! Before the blocks, `inp_embd` (the scaled embeddings, `layer` unset). Each value is
-//! `rows` rows, one per token of the batch, in batch order.
+//! Before the blocks, `inp_embd` (the scaled embeddings, `layer` unset); after them,
+//! `result_norm` (every row after the final norm, `layer` unset: what embeddings pool; computed
+//! only when a hook is set). Each value is `rows` rows, one per token of the batch, in batch
+//! order.
 
 /// One named activation.
 pub struct Named<'a> {
@@ -35,6 +37,11 @@ impl<'h> Trace<'h> {
     /// A trace that shows every named activation to `hook`.
     pub fn new(hook: &'h mut dyn FnMut(&Named<'_>)) -> Trace<'h> {
         Trace { hook: Some(hook) }
+    }
+
+    /// Whether a hook is set (so that values computed only to be shown can be skipped).
+    pub fn is_on(&self) -> bool {
+        self.hook.is_some()
     }
 
     /// Shows `values` (`rows` rows) as `name` of layer `layer` to the hook, if there is one.

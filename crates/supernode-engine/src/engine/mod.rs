@@ -166,6 +166,8 @@ pub struct Finish {
     pub completion_tokens: usize,
     /// Prompt tokens taken from the prefix cache on admission.
     pub cached_tokens: usize,
+    /// The stop string that ended generation, if one did.
+    pub stop_string: Option<String>,
 }
 
 /// Live figures for metrics.
@@ -506,9 +508,14 @@ impl Engine {
 enum Msg {
     Submit(RequestId, Box<Request>),
     Cancel(RequestId),
+    /// Embed these inputs between two steps (see [`crate::embed`]) and hand over the result.
+    Embed(Vec<Vec<u32>>, EmbedReply),
     /// Cancel everything and exit.
     Abort,
 }
+
+/// Where the embeddings of [`EngineHandle::embed`] go: one vector per input, or the error.
+pub type EmbedReply = Box<dyn FnOnce(Result<Vec<Vec<f32>>, EngineError>) + Send>;
 
 /// The handle the server holds: an [`Engine`] on its own thread; submit requests, read
 /// stats, cancel, shut down.
@@ -599,6 +606,14 @@ impl EngineHandle {
         Ok(ids)
     }
 
+    /// Computes the embeddings of `inputs` on the engine thread, between two steps, and gives
+    /// them to `reply`.
+    pub fn embed(&self, inputs: Vec<Vec<u32>>, reply: EmbedReply) -> Result<(), SubmitError> {
+        let tx = self.tx.as_ref().ok_or(SubmitError::Stopped)?;
+        tx.send(Msg::Embed(inputs, reply))
+            .map_err(|_| SubmitError::Stopped)
+    }
+
     /// Ends request `id` (it hears `Done` with `Cancelled`); unknown or finished ids are
     /// ignored.
     pub fn cancel(&self, id: RequestId) {
@@ -637,6 +652,16 @@ fn run(mut engine: Engine, rx: Receiver<Msg>) {
         }
         Msg::Cancel(id) => {
             engine.cancel(id);
+            true
+        }
+        Msg::Embed(inputs, reply) => {
+            let chunk = engine.cfg.max_num_batched_tokens;
+            reply(
+                inputs
+                    .iter()
+                    .map(|t| crate::embed::embed(engine.model(), t, chunk))
+                    .collect(),
+            );
             true
         }
         Msg::Abort => {

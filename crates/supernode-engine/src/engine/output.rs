@@ -138,6 +138,7 @@ impl Output {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated,
             cached_tokens: self.cached_tokens,
+            stop_string: self.stop.matched.clone(),
         })
     }
 
@@ -245,6 +246,8 @@ pub fn token_logprobs(row: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
 pub struct StopText {
     stops: Vec<String>,
     pending: String,
+    /// The stop string found, once one is.
+    pub matched: Option<String>,
 }
 
 impl StopText {
@@ -252,6 +255,7 @@ impl StopText {
         StopText {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
+            matched: None,
         }
     }
 
@@ -262,9 +266,10 @@ impl StopText {
         let first = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(at) = first {
+            .filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s)))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, s)) = first {
+            self.matched = Some(s.clone());
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return (out, true);
@@ -310,9 +315,11 @@ mod tests {
     fn stop_text_finds_the_earliest_stop_and_flushes() {
         let mut st = StopText::new(vec!["bb".into(), "a".into()]);
         assert_eq!(st.push("xbbya"), ("x".to_string(), true));
+        assert_eq!(st.matched.as_deref(), Some("bb"));
         let mut st = StopText::new(vec!["\n\n".into()]);
         assert_eq!(st.push("é\n"), ("é".to_string(), false));
         assert_eq!(st.flush(), "\n");
+        assert_eq!(st.matched, None);
         let mut none = StopText::new(vec![String::new()]);
         assert_eq!(none.push("abc"), ("abc".to_string(), false));
     }

@@ -167,6 +167,13 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
             ctx.cb("l_out", &x);
         }
+        if trace.is_on() {
+            let mut normed = x.clone();
+            normed
+                .chunks_exact_mut(h)
+                .for_each(|row| self.output.norm.forward_inplace(row));
+            trace.cb("result_norm", None, n, &normed);
+        }
         Ok(self.output.forward(&x, batch.logits_for))
     }
 
@@ -230,6 +237,7 @@ mod tests {
             .unwrap();
         let mut seen = Vec::new();
         let mut l_out = Vec::new();
+        let mut result_norm = Vec::new();
         let traced = {
             let mut hook = |a: &Named| {
                 assert_eq!(a.rows, n, "{}", a.name);
@@ -238,6 +246,10 @@ mod tests {
                 }
                 if a.name == "l_out" {
                     l_out.push((a.layer, a.values.to_vec()));
+                }
+                if a.name == "result_norm" {
+                    assert_eq!(a.layer, None);
+                    result_norm.push(a.values.to_vec());
                 }
             };
             let mut kv = KvCache::new(&specs, 4, 2).unwrap();
@@ -251,6 +263,13 @@ mod tests {
         assert!(l_out.iter().all(|(_, v)| v.len() == n * m.cfg.hidden));
         let last = &l_out[l_out.len() - 1].1;
         assert_eq!(bits(&m.output.forward(last, &rows)), bits(&traced));
+        // `result_norm`: the last `l_out`, each row through the final norm, shown once.
+        let mut normed = last.clone();
+        normed
+            .chunks_exact_mut(m.cfg.hidden)
+            .for_each(|r| m.output.norm.forward_inplace(r));
+        assert_eq!(result_norm.len(), 1);
+        assert_eq!(bits(&result_norm[0]), bits(&normed));
     }
 
     #[test]

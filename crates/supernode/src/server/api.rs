@@ -530,8 +530,12 @@ pub enum Prompt {
 #[derive(Debug)]
 pub struct CompletionRequest {
     pub spec: GenSpec,
-    pub prompt: Prompt,
+    /// One or more prompts; each gets `n` choices.
+    pub prompts: Vec<Prompt>,
 }
+
+/// The most prompts in one completion request.
+pub const MAX_PROMPTS: usize = 64;
 
 pub fn completion_request(body: &Map<String, Value>) -> ApiResult<CompletionRequest> {
     let f = Fields(body);
@@ -552,11 +556,11 @@ pub fn completion_request(body: &Map<String, Value>) -> ApiResult<CompletionRequ
             "`best_of` other than `n` is not supported",
         ));
     }
-    let prompt = match f.get("prompt") {
+    let prompts = match f.get("prompt") {
         None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
-        Some(v) => prompt(v)?,
+        Some(v) => prompts(v)?,
     };
-    Ok(CompletionRequest { spec, prompt })
+    Ok(CompletionRequest { spec, prompts })
 }
 
 fn token_list(a: &[Value]) -> Option<Vec<u32>> {
@@ -565,30 +569,41 @@ fn token_list(a: &[Value]) -> Option<Vec<u32>> {
         .collect()
 }
 
-fn prompt(v: &Value) -> ApiResult<Prompt> {
+/// A prompt (text or token ids) or a list of prompts, as OpenAI takes them.
+fn prompts(v: &Value) -> ApiResult<Vec<Prompt>> {
     let bad = || {
         ApiError::invalid(
             "prompt",
-            "`prompt` must be a string, a list of token ids, or a list holding one of those",
+            "`prompt` must be a string, a list of token ids, or a list of those",
         )
     };
+    let ids = |a: &[Value]| {
+        token_list(a).map(Prompt::Tokens).ok_or_else(|| {
+            ApiError::invalid("prompt", "token ids in `prompt` must be integers >= 0")
+        })
+    };
     match v {
-        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::String(s) => Ok(vec![Prompt::Text(s.clone())]),
         Value::Array(a) if a.is_empty() => Err(ApiError::invalid("prompt", "`prompt` is empty")),
-        Value::Array(a) if a.iter().all(Value::is_number) => {
-            token_list(a).map(Prompt::Tokens).ok_or_else(|| {
-                ApiError::invalid("prompt", "token ids in `prompt` must be integers >= 0")
-            })
-        }
-        Value::Array(a) if a.len() == 1 => match &a[0] {
-            Value::String(s) => Ok(Prompt::Text(s.clone())),
-            Value::Array(t) => token_list(t).map(Prompt::Tokens).ok_or_else(bad),
-            _ => Err(bad()),
-        },
-        Value::Array(_) => Err(ApiError::invalid(
+        Value::Array(a) if a.iter().all(Value::is_number) => Ok(vec![ids(a)?]),
+        Value::Array(a) if a.len() > MAX_PROMPTS => Err(ApiError::invalid(
             "prompt",
-            "only one prompt per request is supported; send one request per prompt",
+            format!(
+                "`prompt` may hold at most {MAX_PROMPTS} prompts, got {}",
+                a.len()
+            ),
         )),
+        Value::Array(a) => a
+            .iter()
+            .map(|p| match p {
+                Value::String(s) => Ok(Prompt::Text(s.clone())),
+                Value::Array(t) if t.is_empty() => {
+                    Err(ApiError::invalid("prompt", "a prompt in `prompt` is empty"))
+                }
+                Value::Array(t) => ids(t),
+                _ => Err(bad()),
+            })
+            .collect(),
         _ => Err(bad()),
     }
 }
@@ -693,15 +708,26 @@ mod tests {
 
     #[test]
     fn prompts_come_as_text_or_tokens() {
-        let p = |v: Value| prompt(&v);
-        assert_eq!(p(json!("hi")).unwrap(), Prompt::Text("hi".into()));
-        assert_eq!(p(json!([1, 2])).unwrap(), Prompt::Tokens(vec![1, 2]));
-        assert_eq!(p(json!(["hi"])).unwrap(), Prompt::Text("hi".into()));
-        assert_eq!(p(json!([[3]])).unwrap(), Prompt::Tokens(vec![3]));
-        assert!(p(json!(["a", "b"])).is_err());
+        let p = |v: Value| prompts(&v);
+        assert_eq!(p(json!("hi")).unwrap(), vec![Prompt::Text("hi".into())]);
+        assert_eq!(p(json!([1, 2])).unwrap(), vec![Prompt::Tokens(vec![1, 2])]);
+        assert_eq!(p(json!(["hi"])).unwrap(), vec![Prompt::Text("hi".into())]);
+        assert_eq!(p(json!([[3]])).unwrap(), vec![Prompt::Tokens(vec![3])]);
+        assert_eq!(
+            p(json!(["a", [4, 5], "b"])).unwrap(),
+            vec![
+                Prompt::Text("a".into()),
+                Prompt::Tokens(vec![4, 5]),
+                Prompt::Text("b".into())
+            ]
+        );
         assert!(p(json!([-1])).is_err());
+        assert!(p(json!([[-1]])).is_err());
+        assert!(p(json!([[]])).is_err());
+        assert!(p(json!(["a", 1])).is_err());
         assert!(p(json!([])).is_err());
         assert!(p(json!({})).is_err());
+        assert!(p(json!(vec!["x"; MAX_PROMPTS + 1])).is_err());
     }
 
     #[test]

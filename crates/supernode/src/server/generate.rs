@@ -76,19 +76,30 @@ async fn answer(st: &Shared, started: ApiResult<Started>) -> Response {
         // A started request counts its own outcome.
         Ok(s) => collect(s).await.unwrap_or_else(IntoResponse::into_response),
         Err(e) => {
-            let outcome = match e.status {
-                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "rejected",
-                s if s.is_server_error() => "error",
-                _ => "invalid",
-            };
-            st.metrics.requests.with_label_values(&[outcome]).inc();
+            count_refused(st, &e);
             e.into_response()
         }
     }
 }
 
+/// Counts a request refused before it started in `supernode_requests_total`.
+pub(super) fn count_refused(st: &AppState, e: &ApiError) {
+    let outcome = match e.status {
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => "rejected",
+        s if s.is_server_error() => "error",
+        _ => "invalid",
+    };
+    st.metrics.requests.with_label_values(&[outcome]).inc();
+}
+
 fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
-    let req = api::chat_request(&api::parse_body(body)?)?;
+    start_chat(st, &api::parse_body(body)?)
+}
+
+/// Starts a chat completion from its parsed body: the way in for the APIs translated onto
+/// chat completions (Anthropic's messages, OpenAI's responses).
+pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> ApiResult<Started> {
+    let req = api::chat_request(body)?;
     check_model(st, &req.spec)?;
     let tok = st.tokenizer.as_ref().ok_or_else(|| {
         ApiError::invalid(
@@ -105,34 +116,37 @@ fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
     let prompt = tmpl
         .prompt_tokens(tok, &req.messages)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    start(st, prompt, req.spec, Kind::Chat, None)
+    start(st, vec![(prompt, None)], req.spec, Kind::Chat)
 }
 
 fn completion_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
     let req = api::completion_request(&api::parse_body(body)?)?;
     check_model(st, &req.spec)?;
     let echo = req.spec.echo;
-    let (prompt, echo_text) = match req.prompt {
-        Prompt::Tokens(t) => {
-            let text = echo.then(|| {
-                st.tokenizer
-                    .as_ref()
-                    .map(|tok| tok.decode(&t, true))
-                    .unwrap_or_default()
-            });
-            (t, text)
-        }
-        Prompt::Text(text) => {
-            let tok = st.tokenizer.as_ref().ok_or_else(|| {
-                ApiError::invalid(
-                    "prompt",
-                    "this model has no tokenizer: give the prompt as token ids",
-                )
-            })?;
-            (tok.encode(&text, true, true), echo.then_some(text))
-        }
-    };
-    start(st, prompt, req.spec, Kind::Completion, echo_text)
+    let mut prompts = Vec::with_capacity(req.prompts.len());
+    for p in req.prompts {
+        prompts.push(match p {
+            Prompt::Tokens(t) => {
+                let text = echo.then(|| {
+                    st.tokenizer
+                        .as_ref()
+                        .map(|tok| tok.decode(&t, true))
+                        .unwrap_or_default()
+                });
+                (t, text)
+            }
+            Prompt::Text(text) => {
+                let tok = st.tokenizer.as_ref().ok_or_else(|| {
+                    ApiError::invalid(
+                        "prompt",
+                        "this model has no tokenizer: give the prompt as token ids",
+                    )
+                })?;
+                (tok.encode(&text, true, true), echo.then_some(text))
+            }
+        });
+    }
+    start(st, prompts, req.spec, Kind::Completion)
 }
 
 fn check_model(st: &AppState, spec: &GenSpec) -> ApiResult<()> {
@@ -143,7 +157,7 @@ fn check_model(st: &AppState, spec: &GenSpec) -> ApiResult<()> {
 }
 
 /// A request submitted to the engine, before its answer.
-struct Started {
+pub(super) struct Started {
     st: Shared,
     rx: UnboundedReceiver<(usize, Event)>,
     kind: Kind,
@@ -159,10 +173,8 @@ struct Started {
     first_token: bool,
     /// The request's outcome is in `supernode_requests_total`.
     counted: bool,
-    /// `echo`: the prompt's text, which every choice's text starts with.
-    echo: Option<String>,
-    /// The prompt (for `echo` with logprobs).
-    prompt: Vec<u32>,
+    /// `echo`: every choice's text starts with its prompt's.
+    echo: bool,
 }
 
 #[derive(Default)]
@@ -174,6 +186,9 @@ struct Choice {
     last: Option<Instant>,
     /// `echo` while streaming: the prompt's chunk was sent.
     echoed: bool,
+    /// `echo`: the prompt's text, and its tokens (for their logprobs).
+    echo_text: String,
+    prompt: Vec<u32>,
     /// Chat: the `logprobs.content` entries; completions: the legacy columns.
     lp_content: Vec<Value>,
     lp_tokens: Vec<Value>,
@@ -194,12 +209,13 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{t:016x}{n:08x}")
 }
 
+/// Submits `spec.n` choices for each prompt (with its text if `echo`); choice `p * n + i` is
+/// prompt `p`'s `i`-th, as OpenAI numbers them.
 fn start(
     st: &Shared,
-    prompt: Vec<u32>,
+    prompts: Vec<(Vec<u32>, Option<String>)>,
     spec: GenSpec,
     kind: Kind,
-    echo: Option<String>,
 ) -> ApiResult<Started> {
     let arrival = Instant::now();
     let param = if kind == Kind::Chat {
@@ -208,30 +224,32 @@ fn start(
         "prompt"
     };
     let (tx, rx) = unbounded_channel();
-    let prompt_len = prompt.len();
+    let prompt_len: usize = prompts.iter().map(|(p, _)| p.len()).sum();
     // A prompt longer than the context is the engine's to refuse; one that fits but leaves less
     // room than `max_tokens` is refused here, as OpenAI and vLLM do.
     let ctx = st.max_model_len;
-    if let Some(m) = spec
-        .max_tokens
-        .filter(|&m| prompt_len <= ctx && m > ctx - prompt_len)
-    {
-        return Err(ApiError::invalid(
-            spec.max_tokens_param,
-            format!(
-                "this model's context holds {ctx} tokens, but {} were asked for ({prompt_len} in \
-                 the prompt, {m} to generate): lower `{}` or shorten the prompt",
-                prompt_len + m,
-                spec.max_tokens_param
-            ),
-        )
-        .with_code("context_length_exceeded"));
+    for (prompt, _) in &prompts {
+        let len = prompt.len();
+        if let Some(m) = spec.max_tokens.filter(|&m| len <= ctx && m > ctx - len) {
+            return Err(ApiError::invalid(
+                spec.max_tokens_param,
+                format!(
+                    "this model's context holds {ctx} tokens, but {} were asked for ({len} in \
+                     the prompt, {m} to generate): lower `{}` or shorten the prompt",
+                    len + m,
+                    spec.max_tokens_param
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
     }
-    let reqs = (0..spec.n)
-        .map(|i| {
+    let n = spec.n;
+    let mut reqs = Vec::with_capacity(prompts.len() * n);
+    for (p, (prompt, echo)) in prompts.iter().enumerate() {
+        for i in 0..n {
             let mut params = spec.params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            Request {
+            reqs.push(Request {
                 prompt: prompt.clone(),
                 params,
                 max_tokens: spec.max_tokens.unwrap_or(usize::MAX),
@@ -242,12 +260,12 @@ fn start(
                 prompt_logits: false,
                 prompt_logprobs: if echo.is_some() { spec.logprobs } else { None },
                 sink: Box::new(ChannelSink {
-                    index: i,
+                    index: p * n + i,
                     tx: tx.clone(),
                 }) as Box<dyn Sink>,
-            }
-        })
-        .collect();
+            });
+        }
+    }
     st.engine.submit_all(reqs).map_err(|e| match e {
         SubmitError::PromptTooLong { prompt, ctx } => ApiError::invalid(
             param,
@@ -260,11 +278,12 @@ fn start(
         SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
         SubmitError::Stopped => ApiError::overloaded("the server is shutting down"),
     })?;
-    let (id_prefix, n) = match kind {
-        Kind::Chat => ("chatcmpl", spec.n),
-        Kind::Completion => ("cmpl", spec.n),
+    let id_prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
     };
     let logprobs = spec.logprobs.is_some();
+    let echo = prompts.iter().any(|(_, e)| e.is_some());
     let mut s = Started {
         st: st.clone(),
         rx,
@@ -279,16 +298,16 @@ fn start(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         arrival,
-        choices: (0..n).map(|_| Choice::default()).collect(),
+        choices: (0..prompts.len() * n).map(|_| Choice::default()).collect(),
         first_token: false,
         counted: false,
-        echo: None,
-        prompt: Vec::new(),
+        echo,
     };
-    if let Some(text) = echo {
+    for (p, (prompt, text)) in prompts.into_iter().enumerate() {
+        let Some(text) = text else { continue };
         // The first prompt token has no context, so no logprob; the rest come from the engine.
         let first = (logprobs && !prompt.is_empty()).then(|| s.token_text(prompt[0]).0);
-        for c in &mut s.choices {
+        for c in &mut s.choices[p * n..(p + 1) * n] {
             c.text = text.clone();
             c.offset = text.len();
             if let Some(t) = &first {
@@ -297,11 +316,63 @@ fn start(
                 c.lp_top.push(Value::Null);
                 c.lp_offsets.push(json!(0));
             }
+            c.echo_text = text.clone();
+            c.prompt = prompt.clone();
         }
-        s.echo = Some(text);
-        s.prompt = prompt;
     }
     Ok(s)
+}
+
+impl Started {
+    /// Tokens in the prompt(s).
+    pub(super) fn prompt_tokens(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// The response id (`chatcmpl-…`).
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stream chunks (chat completion chunks, or an error object) of the next engine event;
+    /// `None` once every choice has finished.
+    pub(super) async fn next_chunks(&mut self) -> Option<Vec<Value>> {
+        if self.done() {
+            return None;
+        }
+        Some(match self.rx.recv().await {
+            Some((i, ev)) => self.on_event(i, ev),
+            None => {
+                let msg = "the engine stopped before the request finished";
+                for c in &mut self.choices {
+                    if c.finish.is_none() && c.error.is_none() {
+                        c.error = Some(msg.into());
+                    }
+                }
+                vec![ApiError::overloaded(msg).body()]
+            }
+        })
+    }
+
+    /// Waits for the end and returns the chat completion body.
+    pub(super) async fn body_json(mut self) -> ApiResult<Value> {
+        while !self.done() {
+            match self.rx.recv().await {
+                Some((i, ev)) => {
+                    self.on_event(i, ev);
+                }
+                None => {
+                    return Err(ApiError::overloaded(
+                        "the engine stopped before the request finished",
+                    ))
+                }
+            }
+        }
+        if let Some(e) = self.choices.iter().find_map(|c| c.error.clone()) {
+            return Err(ApiError::internal(e));
+        }
+        Ok(self.body())
+    }
 }
 
 fn finish_reason(f: &Finish) -> &'static str {
@@ -331,11 +402,12 @@ impl Started {
 
     /// Adds the legacy logprob columns of prompt tokens `p.start..` to choice `i`.
     fn prompt_logprobs(&mut self, i: usize, p: &PromptLogprobs) {
-        let mut offset: usize = self.prompt[..p.start.min(self.prompt.len())]
+        let prompt = std::mem::take(&mut self.choices[i].prompt);
+        let mut offset: usize = prompt[..p.start.min(prompt.len())]
             .iter()
             .map(|&t| self.token_text(t).0.len())
             .sum();
-        for (lp, &id) in p.logprobs.iter().zip(&self.prompt[p.start..]) {
+        for (lp, &id) in p.logprobs.iter().zip(prompt.get(p.start..).unwrap_or(&[])) {
             let text = self.token_text(id).0;
             let top: serde_json::Map<String, Value> = lp
                 .top
@@ -349,6 +421,7 @@ impl Started {
             c.lp_offsets.push(json!(offset));
             offset += text.len();
         }
+        self.choices[i].prompt = prompt;
     }
 
     /// The stream chunk of choice `i` that carries the prompt (`echo`), with the prompt's
@@ -364,7 +437,7 @@ impl Started {
         } else {
             Value::Null
         };
-        let text = self.echo.clone().unwrap_or_default();
+        let text = c.echo_text.clone();
         self.chunk(i, &text, lp, None)
     }
 
@@ -389,7 +462,7 @@ impl Started {
             self.prompt_logprobs(i, p);
             return chunks;
         }
-        if self.stream && self.echo.is_some() && !self.choices[i].echoed {
+        if self.stream && self.echo && !self.choices[i].echoed {
             chunks.push(self.echo_chunk(i));
         }
         let st = self.st.clone();
@@ -457,8 +530,11 @@ impl Started {
                 if self.stream {
                     let tail = f.text.clone();
                     let reason = finish_reason(&f);
+                    let stop = f.stop_string.clone();
                     self.choices[i].finish = Some(f);
-                    chunks.push(self.chunk(i, &tail, Value::Null, Some(reason)));
+                    let mut c = self.chunk(i, &tail, Value::Null, Some(reason));
+                    c["choices"][0]["stop_reason"] = json!(stop);
+                    chunks.push(c);
                 } else {
                     c.finish = Some(f);
                 }
@@ -570,6 +646,7 @@ impl Started {
                         "message": { "role": "assistant", "content": c.text },
                         "logprobs": if self.logprobs { json!({ "content": c.lp_content }) } else { Value::Null },
                         "finish_reason": reason,
+                        "stop_reason": c.finish.as_ref().and_then(|f| f.stop_string.clone()),
                     }),
                     Kind::Completion => json!({
                         "index": i,
@@ -605,23 +682,8 @@ impl Drop for Started {
     }
 }
 
-async fn collect(mut s: Started) -> ApiResult<Response> {
-    while !s.done() {
-        match s.rx.recv().await {
-            Some((i, ev)) => {
-                s.on_event(i, ev);
-            }
-            None => {
-                return Err(ApiError::overloaded(
-                    "the engine stopped before the request finished",
-                ))
-            }
-        }
-    }
-    if let Some(e) = s.choices.iter().find_map(|c| c.error.clone()) {
-        return Err(ApiError::internal(e));
-    }
-    Ok(Json(s.body()).into_response())
+async fn collect(s: Started) -> ApiResult<Response> {
+    Ok(Json(s.body_json().await?).into_response())
 }
 
 fn stream_response(s: Started) -> Response {
@@ -644,20 +706,11 @@ fn stream_response(s: Started) -> Response {
             if ended {
                 return None;
             }
-            if s.done() {
-                let ev = SseEvent::default().data("[DONE]");
-                return Some((Ok(ev), (s, out, true)));
-            }
-            match s.rx.recv().await {
-                Some((i, ev)) => out.extend(s.on_event(i, ev)),
+            match s.next_chunks().await {
+                Some(chunks) => out.extend(chunks),
                 None => {
-                    let msg = "the engine stopped before the request finished";
-                    for c in &mut s.choices {
-                        if c.finish.is_none() && c.error.is_none() {
-                            c.error = Some(msg.into());
-                        }
-                    }
-                    out.push_back(ApiError::overloaded(msg).body());
+                    let ev = SseEvent::default().data("[DONE]");
+                    return Some((Ok(ev), (s, out, true)));
                 }
             }
         }

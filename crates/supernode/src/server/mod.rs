@@ -10,13 +10,18 @@
 //! `conn.rs`'s; request bodies are read whole by [`read_body`], under a size and a time limit.
 //! Every error, including those of routing, body reading and HTTP parsing, is OpenAI's JSON.
 
+mod anthropic;
 mod api;
 mod conn;
-
+mod cors;
+mod embeddings;
 #[cfg(test)]
 mod fuzz;
 mod generate;
 mod metrics;
+mod responses;
+mod tokens;
+mod translate;
 mod ui;
 
 use std::net::SocketAddr;
@@ -97,6 +102,10 @@ pub struct ServeArgs {
     /// Serve a chat page at `/` (streams, renders markdown, folds reasoning).
     #[arg(long)]
     ui: bool,
+    /// Allow web pages from these origins to call the server (CORS): `*`, or
+    /// `scheme://host[:port]` origins separated by commas. Off by default.
+    #[arg(long)]
+    cors_origins: Option<String>,
 }
 
 /// What every handler shares.
@@ -114,6 +123,10 @@ pub struct AppState {
     body_timeout: Duration,
     /// Whether `/` serves the chat page.
     ui: bool,
+    /// The model's hidden size (the embeddings' length) and vocabulary size.
+    hidden: usize,
+    vocab_size: usize,
+    cors: Option<Arc<cors::Cors>>,
 }
 
 type Shared = Arc<AppState>;
@@ -133,6 +146,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             bail!("{name} must be at least 1");
         }
     }
+    let cors = match &a.cors_origins {
+        Some(o) => Some(Arc::new(cors::Cors::parse(o).map_err(anyhow::Error::msg)?)),
+        None => None,
+    };
     let (path, opts) = prepare(&a.model)?;
     let t0 = std::time::Instant::now();
     let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
@@ -159,6 +176,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let model_ctx = model.config().context_len;
+    let (hidden, vocab_size) = (model.config().hidden, model.config().vocab_size);
     let ctx_len = match a.model.ctx {
         Some(0) => bail!("--ctx must be at least 1"),
         Some(c) if c > model_ctx => bail!("--ctx {c} exceeds the model's context of {model_ctx}"),
@@ -222,6 +240,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
         body_timeout: Duration::from_secs(a.body_timeout),
         ui: a.ui,
+        hidden,
+        vocab_size,
+        cors,
     });
     // Requests are parsed, templated and tokenised on the blocking pool: two threads kept for
     // the server's life (new threads would each bring a malloc arena, and the compute pool has
@@ -329,13 +350,24 @@ fn router(state: Shared) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model_by_id))
+        .route("/v1/responses", post(responses::handler))
+        .route("/v1/embeddings", post(embeddings::handler))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     let pages = match state.ui {
         true => Router::new().route("/", get(ui::page)),
         false => Router::new(),
     };
-    Router::new()
+    // Anthropic's routes answer every error in Anthropic's shape, the key check's included.
+    let anthropic = Router::new()
+        .route("/v1/messages", post(anthropic::messages_handler))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(axum::middleware::from_fn(anthropic::errors));
+    let app = Router::new()
         .merge(v1)
+        .merge(anthropic)
         .merge(pages)
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -345,8 +377,12 @@ fn router(state: Shared) -> Router {
             state.clone(),
             read_body,
         ))
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let app = match &state.cors {
+        Some(c) => app.layer(axum::middleware::from_fn_with_state(c.clone(), cors::layer)),
+        None => app,
+    };
+    app.with_state(state)
 }
 
 /// Reads the request body whole, at most `--max-body-mib` within `--body-timeout`, answering
