@@ -168,7 +168,7 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
             ctx.cb("l_out", &x);
         }
         if trace.is_on() {
-            let mut normed = x.clone();
+            let mut normed = x.to_vec();
             normed
                 .chunks_exact_mut(h)
                 .for_each(|row| self.output.norm.forward_inplace(row));
