@@ -16,9 +16,10 @@ mod conn;
 mod fuzz;
 mod generate;
 mod metrics;
+mod structured;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -31,6 +32,7 @@ use axum::{Json, Router};
 use clap::Args;
 use serde_json::json;
 use supernode_engine::chat::ChatTemplate;
+use supernode_engine::constraint::Grammars;
 use supernode_engine::engine::{EngineConfig, EngineHandle};
 use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::tokenizer::Tokenizer;
@@ -107,6 +109,8 @@ pub struct AppState {
     max_model_len: usize,
     max_body_bytes: usize,
     body_timeout: Duration,
+    /// The vocabulary's grammars for structured output, built on first use.
+    grammars: OnceLock<Result<Arc<Grammars>, String>>,
 }
 
 type Shared = Arc<AppState>;
@@ -201,6 +205,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_model_len,
         max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
         body_timeout: Duration::from_secs(a.body_timeout),
+        grammars: OnceLock::new(),
     });
     // Requests are parsed, templated and tokenised on the blocking pool: two threads kept for
     // the server's life (new threads would each bring a malloc arena, and the compute pool has
