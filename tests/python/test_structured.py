@@ -34,7 +34,7 @@ def token_ids(text: str) -> list[int]:
 class City(BaseModel):
     name: str = Field(max_length=30)
     country: str = Field(max_length=30)
-    population: int
+    population: int = Field(ge=0, le=100_000_000)
 
 
 def test_sdk_parse_returns_a_pydantic_object(client):
@@ -65,7 +65,10 @@ PERSON = {
 }
 
 
-def test_json_schema_holds_for_200_sampled_answers(client):
+def test_json_schema_holds_for_48_sampled_answers(server):
+    # 200 answers from a random-weight model are checked by the engine's tests
+    # (crates/supernode-engine/tests/structured.rs); here the real model, fewer for time.
+    client = server.client(timeout=900)
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
     def batch(seed: int):
@@ -79,9 +82,9 @@ def test_json_schema_holds_for_200_sampled_answers(client):
             max_tokens=150,
         )
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        answers = [c for r in pool.map(batch, range(13)) for c in r.choices][:200]
-    assert len(answers) == 200
+    with cf.ThreadPoolExecutor(3) as pool:
+        answers = [c for r in pool.map(batch, range(3)) for c in r.choices]
+    assert len(answers) == 48
     invalid = []
     for c in answers:
         try:
@@ -90,13 +93,16 @@ def test_json_schema_holds_for_200_sampled_answers(client):
         except (AssertionError, ValueError, jsonschema.ValidationError) as e:
             invalid.append((c.message.content, str(e)[:200]))
     assert invalid == []
-    assert len({c.message.content for c in answers}) > 100
+    assert len({c.message.content for c in answers}) > 24
+
+
+ANSWER_AS_JSON = 'Reply with a JSON object with one key, "answer", whose value is the capital of France.'
 
 
 def test_json_object_answers_parse(client):
     r = client.chat.completions.create(
         model=MODEL,
-        messages=ask("Give me a JSON object describing a dog."),
+        messages=ask(ANSWER_AS_JSON),
         response_format={"type": "json_object"},
         temperature=0.7,
         seed=11,
@@ -113,7 +119,7 @@ def test_json_object_streams(client):
     finish = None
     for chunk in client.chat.completions.create(
         model=MODEL,
-        messages=ask("Give me a JSON object describing a cat."),
+        messages=ask(ANSWER_AS_JSON),
         response_format={"type": "json_object"},
         temperature=0,
         max_tokens=200,
@@ -249,9 +255,11 @@ def test_logit_bias_forces_and_bans_tokens(client):
     )
     assert r.choices[0].text == " banana" * 4
 
-    # -100 on every end-of-turn token: a reply that ends at once must run to max_tokens.
-    msgs = ask("Reply with the single word OK.")
-    free = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=30)
+    # -100 on every end-of-turn token: a reply that ends by itself must run to max_tokens.
+    msgs = ask("What is the capital of France? Answer in one word.")
+    free = client.chat.completions.create(
+        model=MODEL, messages=msgs, temperature=0, max_tokens=30, logprobs=True
+    )
     assert free.choices[0].finish_reason == "stop"
     eot = token_ids("<|im_end|>") + token_ids("<|endoftext|>")
     banned = client.chat.completions.create(
@@ -265,15 +273,14 @@ def test_logit_bias_forces_and_bans_tokens(client):
     assert banned.choices[0].message.content.startswith(free.choices[0].message.content)
 
     # A banned token never appears, though the model would say it first.
-    first = free.choices[0].message.content
-    [ok] = token_ids("OK")
-    assert first.startswith("OK"), first
+    first = free.choices[0].logprobs.content[0].token
+    [tok] = token_ids(first)
     r = client.chat.completions.create(
         model=MODEL, messages=msgs, temperature=1.0, seed=1, n=4, max_tokens=5,
-        logit_bias={str(ok): -100}, logprobs=True,
+        logit_bias={str(tok): -100}, logprobs=True,
     )
     for c in r.choices:
-        assert all(t.token != "OK" for t in c.logprobs.content), c.message.content
+        assert all(t.token != first for t in c.logprobs.content), c.message.content
 
 
 def test_bad_logit_bias_is_a_400(client):
