@@ -12,8 +12,9 @@ seeded mix of traffic:
   - bad requests sent on purpose: invalid JSON, a body that is not an object, wrong types,
     out-of-range values, unknown model, oversize `max_tokens`, a prompt longer than the
     context, an oversize body, unknown routes, wrong methods, and the parameters the server
-    does not implement (`tools`, `response_format`, `logit_bias`: a 400 is the intended answer,
-    a 200 is counted apart as "accepted unsupported", not as an error).
+    does not implement (`tools`: a 400 is the intended answer, a 200 is counted apart as
+    "accepted unsupported", not as an error), a JSON schema that cannot be enforced and a
+    `logit_bias` id outside the vocabulary.
 
 Each client thread draws its requests from its own RNG seeded from --seed, so a run sends the
 same sequence per thread (timings, and so the interleaving, still vary). Every request is
@@ -654,12 +655,15 @@ class Traffic:
                 "tools": [{"type": "function",
                            "function": {"name": "f", "parameters": {"type": "object"}}}]}),
                 {400}, True),
-            "unsupported_response_format": ("POST", chat, j({
+            "bad_json_schema": ("POST", chat, j({
                 "model": m, "messages": user, "max_tokens": 4,
-                "response_format": {"type": "json_object"}}), {400}, True),
-            "unsupported_logit_bias": ("POST", comp, j({
-                "model": m, "prompt": "a", "max_tokens": 4, "logit_bias": {"50256": -100}}),
-                {400}, True),
+                "response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "x", "strict": True,
+                                                    "schema": {"type": "wibble"}}}}),
+                {400}, False),
+            "logit_bias_outside_vocabulary": ("POST", comp, j({
+                "model": m, "prompt": "a", "max_tokens": 4, "logit_bias": {"99999999": -100}}),
+                {400}, False),
         }
 
     def do_bad(self):

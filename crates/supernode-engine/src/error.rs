@@ -18,6 +18,9 @@ pub enum EngineError {
     /// Reading a file failed.
     #[error("{path}: {msg}")]
     Io { path: PathBuf, msg: String },
+    /// Building a vocabulary's grammar trie or compiling a request's grammar failed.
+    #[error("grammar ({op}): {msg}")]
+    Constraint { op: &'static str, msg: String },
     /// A request or parameter that cannot be served as given.
     #[error("{0}")]
     Invalid(String),

@@ -1,6 +1,7 @@
 //! supernode-engine: tokenizers, chat templates, sampler, KV cache, generation loop. Knows no HTTP.
 
 pub mod chat;
+pub mod constraint;
 pub mod embed;
 pub mod engine;
 pub mod error;

@@ -187,6 +187,8 @@ impl Session {
                 cache_salt: g.cache_salt.clone(),
                 prompt_logits: false,
                 prompt_logprobs: None,
+                logit_bias: Vec::new(),
+                constraint: None,
                 sink,
             },
             |ev| match ev {
@@ -237,6 +239,8 @@ impl Session {
                 cache_salt: None,
                 prompt_logits: true,
                 prompt_logprobs: None,
+                logit_bias: Vec::new(),
+                constraint: None,
                 sink,
             },
             |ev| {

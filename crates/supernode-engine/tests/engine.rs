@@ -94,6 +94,8 @@ fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
         cache_salt: None,
         prompt_logits: false,
         prompt_logprobs: None,
+        logit_bias: Vec::new(),
+        constraint: None,
         sink: Box::new(ChanSink {
             tx,
             closed: closed.clone(),
@@ -256,6 +258,8 @@ fn bad_requests_are_refused() {
         cache_salt: None,
         prompt_logits: false,
         prompt_logprobs: None,
+        logit_bias: Vec::new(),
+        constraint: None,
         sink: sink(),
     };
     assert!(e.submit(req(vec![])).is_err());

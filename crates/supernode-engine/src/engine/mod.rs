@@ -37,6 +37,7 @@ use self::output::{Output, OutputSpec};
 use self::runner::Runner;
 use self::scheduler::{NewRequest, Scheduler, SchedulerConfig};
 pub use self::scheduler::{Plan, RequestId};
+use crate::constraint::Constraint;
 use crate::error::EngineError;
 use crate::sampler::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -88,6 +89,10 @@ pub struct Request {
     /// Send the log-probability of every prompt token after the first, with this many most
     /// likely alternatives ([`Event::PromptLogprobs`]; `echo` with `logprobs` in the API).
     pub prompt_logprobs: Option<usize>,
+    /// Added to the logits before sampling (OpenAI's `logit_bias`): `(token id, bias)`.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must follow (structured output, forced tool calls), if any.
+    pub constraint: Option<Constraint>,
     /// Where the events go.
     pub sink: Box<dyn Sink>,
 }
@@ -217,6 +222,25 @@ fn check(req: &Request, max_model_len: usize, vocab_size: usize) -> Result<(), S
             "token id {t} is outside the vocabulary of {vocab_size}"
         )));
     }
+    if let Some(&(t, _)) = req
+        .logit_bias
+        .iter()
+        .find(|&&(t, _)| t as usize >= vocab_size)
+    {
+        return Err(SubmitError::Invalid(format!(
+            "logit_bias: token id {t} is outside the vocabulary of {vocab_size}"
+        )));
+    }
+    if let Some(c) = req
+        .constraint
+        .as_ref()
+        .filter(|c| c.vocab_size() != vocab_size)
+    {
+        return Err(SubmitError::Invalid(format!(
+            "the grammar was built for a vocabulary of {} ids, the model has {vocab_size}",
+            c.vocab_size()
+        )));
+    }
     req.params.validate().map_err(SubmitError::Invalid)
 }
 
@@ -333,6 +357,8 @@ impl Engine {
                 prompt_logprobs: req.prompt_logprobs,
                 sink: req.sink,
                 prompt_len: req.prompt.len(),
+                logit_bias: req.logit_bias,
+                constraint: req.constraint,
             },
             self.tokenizer.as_ref(),
         );
@@ -562,6 +588,11 @@ impl EngineHandle {
 
     pub fn stats(&self) -> &Arc<EngineStats> {
         &self.stats
+    }
+
+    /// Ids in the model's logits rows (the vocabulary grammars and `logit_bias` must fit).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     /// Tokens the KV cache holds in all.

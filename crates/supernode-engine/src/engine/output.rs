@@ -6,16 +6,21 @@
 //! [`super::scheduler::Scheduled`]) and appends the token it returns to the scheduler's copy of
 //! the request.
 //!
-//! A per-request logits processor (a grammar mask for structured output, `logit_bias`) goes in
-//! [`Output::sample`], before the sampler: check the sampled token first and compute the mask
-//! only when the token is refused, as llguidance advises. Draft verification (speculative
-//! decoding) calls it once per sampled row and keeps the accepted prefix.
+//! The per-request logits processors live in [`Output::sample`], before the sampler: the
+//! request's `logit_bias` is added to the row, then a [`Constraint`] (structured output) checks
+//! the sampled token and only when it refuses one computes the mask and draws again from the
+//! masked row (see [`crate::constraint`]). Reported log-probabilities are those of the row the
+//! token was drawn from: after `logit_bias` and, for a constrained request, after the grammar's
+//! mask (computed at every token when log-probabilities are asked for), before penalties and
+//! temperature. Draft verification (speculative decoding) calls `sample` once per sampled row
+//! and keeps the accepted prefix.
 
 use std::sync::Arc;
 
 use super::{
     Event, Finish, FinishReason, PromptLogits, PromptLogprobs, Sink, TokenEvent, TokenLogprobs,
 };
+use crate::constraint::{Constraint, Step};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -38,6 +43,12 @@ pub(crate) struct Output {
     generated: usize,
     /// Prompt tokens found in the prefix cache on admission.
     pub(crate) cached_tokens: usize,
+    /// Added to the logits before sampling: `(token id, bias)`.
+    logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must follow, with its state.
+    constraint: Option<Constraint>,
+    /// The row after `logit_bias` and the mask (reused between tokens).
+    scratch: Vec<f32>,
 }
 
 /// What sampling a row did.
@@ -59,6 +70,8 @@ pub(crate) struct OutputSpec {
     pub prompt_logprobs: Option<usize>,
     pub sink: Box<dyn Sink>,
     pub prompt_len: usize,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub constraint: Option<Constraint>,
 }
 
 impl Output {
@@ -76,6 +89,9 @@ impl Output {
             prompt_len: spec.prompt_len,
             generated: 0,
             cached_tokens: 0,
+            logit_bias: spec.logit_bias,
+            constraint: spec.constraint,
+            scratch: Vec::new(),
         }
     }
 
@@ -168,15 +184,38 @@ impl Output {
                 done: Some(self.finish_length()),
             };
         }
-        let tok = self.sampler.sample(row, history);
-        if !self.ignore_eos && eog.contains(&tok) {
+        let (tok, logprobs) = match self.draw(row, history) {
+            Ok(drawn) => drawn,
+            Err(msg) => {
+                return Sampled {
+                    token: None,
+                    done: Some(Event::Error(msg)),
+                }
+            }
+        };
+        let constrained = self.constraint.as_ref().is_some_and(Constraint::is_active);
+        let ends = if constrained {
+            self.constraint.as_ref().is_some_and(|c| c.is_eos(tok))
+        } else {
+            !self.ignore_eos && eog.contains(&tok)
+        };
+        if ends {
             let text = self.flush();
             return Sampled {
                 token: None,
                 done: Some(self.finish(FinishReason::Stop, text)),
             };
         }
-        let logprobs = self.logprobs.map(|k| token_logprobs(row, tok, k));
+        let step = match self.constraint.as_mut().map(|c| c.commit(tok)) {
+            Some(Err(msg)) => {
+                return Sampled {
+                    token: None,
+                    done: Some(Event::Error(msg)),
+                }
+            }
+            Some(Ok(step)) => step,
+            None => Step::Continue,
+        };
         self.generated += 1;
         let delta = self.detok.as_mut().map(|d| d.push(tok)).unwrap_or_default();
         let (text, stopped) = self.stop.push(&delta);
@@ -189,6 +228,9 @@ impl Output {
             Some(self.finish(FinishReason::Cancelled, String::new()))
         } else if stopped {
             Some(self.finish(FinishReason::Stop, String::new()))
+        } else if step == Step::Complete {
+            let text = self.flush();
+            Some(self.finish(FinishReason::Stop, text))
         } else if self.generated >= self.max_tokens || history.len() + 1 > ctx_len {
             // The next token would sit at position `history.len()`, outside the context.
             Some(self.finish_length())
@@ -199,6 +241,48 @@ impl Output {
             token: Some(tok),
             done,
         }
+    }
+
+    /// Draws the next token from `row` under `logit_bias` and the constraint; returns it with
+    /// its log-probabilities (if asked) in the row it was drawn from.
+    fn draw(
+        &mut self,
+        row: &[f32],
+        history: &[u32],
+    ) -> Result<(u32, Option<TokenLogprobs>), String> {
+        let top = self.logprobs;
+        let constraint = self.constraint.as_mut().filter(|c| c.is_active());
+        if self.logit_bias.is_empty() && constraint.is_none() {
+            let tok = self.sampler.sample(row, history);
+            return Ok((tok, top.map(|k| token_logprobs(row, tok, k))));
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(row);
+        for &(id, bias) in &self.logit_bias {
+            if let Some(x) = self.scratch.get_mut(id as usize) {
+                *x += bias;
+            }
+        }
+        let lp = |row: &[f32], tok: u32| top.map(|k| token_logprobs(row, tok, k));
+        let Some(c) = constraint else {
+            let tok = self.sampler.sample(&self.scratch, history);
+            return Ok((tok, lp(&self.scratch, tok)));
+        };
+        // With log-probabilities asked for, the mask is needed anyway: apply it first.
+        if top.is_none() {
+            let tok = self.sampler.sample(&self.scratch, history);
+            if c.allows(tok) {
+                return Ok((tok, None));
+            }
+        }
+        c.apply_mask(&mut self.scratch)?;
+        let tok = self.sampler.sample(&self.scratch, history);
+        if !c.allows(tok) {
+            return Err(format!(
+                "the sampler drew token {tok}, which the grammar refuses, from the masked logits"
+            ));
+        }
+        Ok((tok, lp(&self.scratch, tok)))
     }
 }
 

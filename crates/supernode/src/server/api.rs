@@ -7,6 +7,8 @@ use serde_json::{json, Map, Value};
 use supernode_engine::chat::ChatMessage;
 use supernode_engine::sampler::SamplingParams;
 
+use super::structured::{self, Structured};
+
 /// An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -222,14 +224,12 @@ impl<'a> Fields<'a> {
 /// Parameters of the OpenAI API that are not implemented yet: refused when they would change
 /// the answer, so that no client believes they took effect. `(name, what may be sent)`: the
 /// value that means "nothing asked", if one does.
-const NOT_YET: [(&str, &str); 9] = [
+const NOT_YET: [(&str, &str); 7] = [
     ("tools", "an empty list"),
     ("functions", "an empty list"),
     ("tool_choice", "`none`"),
     ("function_call", "`none`"),
     ("parallel_tool_calls", "anything"),
-    ("response_format", "`{\"type\": \"text\"}`"),
-    ("logit_bias", "an empty object"),
     ("prediction", "nothing"),
     ("audio", "nothing"),
 ];
@@ -242,10 +242,6 @@ fn refuse_unsupported(f: &Fields) -> ApiResult<()> {
             ("tools" | "functions", Value::Array(a)) => a.is_empty(),
             ("tool_choice" | "function_call", Value::String(s)) => s == "none",
             ("parallel_tool_calls", _) => true,
-            ("response_format", Value::Object(o)) => {
-                o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")
-            }
-            ("logit_bias", Value::Object(o)) => o.is_empty(),
             _ => false,
         };
         if !asks_nothing {
@@ -286,6 +282,8 @@ pub struct GenSpec {
     /// Completions: the answer starts with the prompt (with its tokens' logprobs if `logprobs`
     /// is set).
     pub echo: bool,
+    /// The output constraint and `logit_bias`.
+    pub structured: Structured,
 }
 
 /// The most choices one request may ask for.
@@ -398,6 +396,7 @@ fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
             salt => salt.map(str::to_string),
         },
         echo: false,
+        structured: structured::parse(f)?,
     })
 }
 

@@ -19,6 +19,7 @@ use supernode_engine::engine::{
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::api::{self, ApiError, ApiResult, GenSpec, Prompt};
+use super::structured;
 use super::{unknown_model, AppState, Shared};
 
 /// Forwards one choice's events to its handler.
@@ -243,6 +244,11 @@ fn start(
             .with_code("context_length_exceeded"));
         }
     }
+    let constraint = match &spec.structured.constraint {
+        Some(c) => Some(structured::compile(st, c)?),
+        None => None,
+    };
+    structured::check_logit_bias(&spec.structured.logit_bias, st.engine.vocab_size())?;
     let n = spec.n;
     let mut reqs = Vec::with_capacity(prompts.len() * n);
     for (p, (prompt, echo)) in prompts.iter().enumerate() {
@@ -259,6 +265,8 @@ fn start(
                 cache_salt: spec.cache_salt.clone(),
                 prompt_logits: false,
                 prompt_logprobs: if echo.is_some() { spec.logprobs } else { None },
+                logit_bias: spec.structured.logit_bias.clone(),
+                constraint: constraint.clone(),
                 sink: Box::new(ChannelSink {
                     index: p * n + i,
                     tx: tx.clone(),

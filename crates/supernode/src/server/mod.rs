@@ -20,12 +20,13 @@ mod fuzz;
 mod generate;
 mod metrics;
 mod responses;
+mod structured;
 mod tokens;
 mod translate;
 mod ui;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -38,6 +39,7 @@ use axum::{Json, Router};
 use clap::Args;
 use serde_json::json;
 use supernode_engine::chat::ChatTemplate;
+use supernode_engine::constraint::Grammars;
 use supernode_engine::engine::{EngineConfig, EngineHandle};
 use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::tokenizer::Tokenizer;
@@ -127,6 +129,8 @@ pub struct AppState {
     hidden: usize,
     vocab_size: usize,
     cors: Option<Arc<cors::Cors>>,
+    /// The vocabulary's grammars for structured output, built on first use.
+    grammars: OnceLock<Result<Arc<Grammars>, String>>,
 }
 
 type Shared = Arc<AppState>;
@@ -243,6 +247,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         hidden,
         vocab_size,
         cors,
+        grammars: OnceLock::new(),
     });
     // Requests are parsed, templated and tokenised on the blocking pool: two threads kept for
     // the server's life (new threads would each bring a malloc arena, and the compute pool has
