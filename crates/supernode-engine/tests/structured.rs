@@ -66,6 +66,7 @@ fn wait(rx: Receiver<Event>) -> Output {
             prompt_tokens: 0,
             completion_tokens: 0,
             cached_tokens: 0,
+            stop_string: None,
         },
     };
     loop {
