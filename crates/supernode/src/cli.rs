@@ -38,7 +38,7 @@ enum Command {
     Serve(crate::server::ServeArgs),
     /// Measure speed (prefill and decode, or a server under load with --serve) as JSON.
     Bench(crate::bench::BenchArgs),
-    /// Download a known model into the cache (smollm2-135m, gemma3-270m).
+    /// Download a known model into the cache (smollm2-135m, gemma3-270m, qwen2.5-0.5b).
     Fetch {
         /// The model's short name.
         name: String,
