@@ -3,7 +3,7 @@
 //!
 //! | family | region | one call |
 //! |---|---|---|
-//! | `hermes` (Qwen2.5, Hermes) | `<tool_call>` … `</tool_call>` | `{"name": N, "arguments": {..}}` |
+//! | `hermes` (Qwen2.5, Hermes) | `<tool_call>` … `</tool_call>`, or a `{` opening the output, to the end | `{"name": N, "arguments": {..}}` |
 //! | `qwen3_coder` | `<tool_call>` … `</tool_call>` | `<function=N><parameter=P>v</parameter></function>` |
 //! | `llama3_json` | `<|python_tag|>` or a `{` opening the output, to the end | `{"name": N, "parameters": {..}}`, `;`-separated |
 //! | `deepseek_v3` | `<｜tool▁calls▁begin｜>` … `<｜tool▁calls▁end｜>` | `<｜tool▁call▁begin｜>function<｜tool▁sep｜>N\n```json\n{..}\n```<｜tool▁call▁end｜>`, or V3.1's `N<｜tool▁sep｜>{..}` |
@@ -88,13 +88,18 @@ impl Family {
     }
 
     /// A text that opens a call region only as the first thing in the output (after
-    /// whitespace): Llama 3's bare JSON call.
+    /// whitespace), running to its end: Llama 3's bare JSON call, and the same from Qwen2.5
+    /// models, which often leave out the `<tool_call>` tags.
     pub fn leading_start(self) -> Option<&'static str> {
-        (self == Family::Llama3Json).then_some("{")
+        matches!(self, Family::Llama3Json | Family::Hermes).then_some("{")
     }
 
-    /// The text that closes a region; `None`: the region runs to the end of the output.
-    pub fn end(self) -> Option<&'static str> {
+    /// The text that closes a region opened by `start`; `None`: it runs to the end of the
+    /// output.
+    pub fn end(self, start: &str) -> Option<&'static str> {
+        if start == "{" {
+            return None;
+        }
         match self {
             Family::Hermes | Family::Qwen3Coder => Some("</tool_call>"),
             Family::DeepSeekV3 => Some(DS_CALLS_END),
@@ -113,6 +118,9 @@ impl Family {
         string_params: &dyn Fn(&str, &str) -> bool,
     ) -> Option<Vec<RawCall>> {
         let calls = match self {
+            Family::Hermes if start == "{" => {
+                json_calls(&format!("{{{body}"), &["arguments", "parameters"])?
+            }
             Family::Hermes => vec![json_call(body.trim(), &["arguments", "parameters"])?],
             Family::Qwen3Coder => vec![qwen3_coder_call(body, string_params)?],
             Family::Llama3Json => {

@@ -19,6 +19,24 @@ use serde_json::Value;
 pub use families::{Family, RawCall};
 pub use reasoning::{ReasoningFamily, ReasoningParser};
 
+/// The texts of tool-call and reasoning markers, which the tokenizer decodes even where a model
+/// file marks them as control tokens (the parsers need to see them).
+pub const MARKUP_TEXTS: [&str; 13] = [
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+    "[TOOL_CALLS]",
+    "[ARGS]",
+    "[CALL_ID]",
+    "<|python_tag|>",
+    families::DS_CALLS_BEGIN,
+    families::DS_CALLS_END,
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+];
+
 /// One piece of parsed output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delta {
@@ -206,7 +224,7 @@ impl ToolCallParser {
                     return;
                 }
                 State::Region { start } => {
-                    let (body, rest, end_text) = match self.family.end() {
+                    let (body, rest, end_text) = match self.family.end(start) {
                         Some(end) => match self.buf.find(end) {
                             Some(p) => (
                                 self.buf[..p].to_string(),

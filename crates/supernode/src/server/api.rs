@@ -119,7 +119,7 @@ impl<'a> Fields<'a> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
-    fn wrong(name: &str, want: &str, got: &Value) -> ApiError {
+    pub(crate) fn wrong(name: &str, want: &str, got: &Value) -> ApiError {
         ApiError::invalid(
             name,
             format!("`{name}` must be {want}, got {}", type_name(got)),
@@ -222,12 +222,7 @@ impl<'a> Fields<'a> {
 /// Parameters of the OpenAI API that are not implemented yet: refused when they would change
 /// the answer, so that no client believes they took effect. `(name, what may be sent)`: the
 /// value that means "nothing asked", if one does.
-const NOT_YET: [(&str, &str); 9] = [
-    ("tools", "an empty list"),
-    ("functions", "an empty list"),
-    ("tool_choice", "`none`"),
-    ("function_call", "`none`"),
-    ("parallel_tool_calls", "anything"),
+const NOT_YET: [(&str, &str); 4] = [
     ("response_format", "`{\"type\": \"text\"}`"),
     ("logit_bias", "an empty object"),
     ("prediction", "nothing"),
@@ -239,9 +234,6 @@ fn refuse_unsupported(f: &Fields) -> ApiResult<()> {
     for (name, allowed) in NOT_YET {
         let Some(v) = f.get(name) else { continue };
         let asks_nothing = match (name, v) {
-            ("tools" | "functions", Value::Array(a)) => a.is_empty(),
-            ("tool_choice" | "function_call", Value::String(s)) => s == "none",
-            ("parallel_tool_calls", _) => true,
             ("response_format", Value::Object(o)) => {
                 o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")
             }
@@ -406,6 +398,7 @@ fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
 pub struct ChatRequest {
     pub spec: GenSpec,
     pub messages: Vec<ChatMessage>,
+    pub tools: super::tools::ChatTools,
 }
 
 pub fn chat_request(body: &Map<String, Value>) -> ApiResult<ChatRequest> {
@@ -436,7 +429,12 @@ pub fn chat_request(body: &Map<String, Value>) -> ApiResult<ChatRequest> {
         .enumerate()
         .map(|(i, m)| message(i, m))
         .collect::<ApiResult<_>>()?;
-    Ok(ChatRequest { spec, messages })
+    let tools = super::tools::parse(&f, msgs)?;
+    Ok(ChatRequest {
+        spec,
+        messages,
+        tools,
+    })
 }
 
 fn message(i: usize, m: &Value) -> ApiResult<ChatMessage> {

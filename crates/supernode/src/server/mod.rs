@@ -16,6 +16,7 @@ mod conn;
 mod fuzz;
 mod generate;
 mod metrics;
+mod tools;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +75,13 @@ pub struct ServeArgs {
     /// (seen by routers and other workers) cannot be matched or predicted from outside.
     #[arg(long, default_value = "")]
     prefix_cache_salt: String,
+    /// Tool-call format (hermes, qwen3_coder, llama3_json, deepseek_v3, mistral, none);
+    /// default: detected from the chat template.
+    #[arg(long)]
+    tool_call_parser: Option<String>,
+    /// Reasoning format (deepseek_r1, qwen3, none); default: detected from the chat template.
+    #[arg(long)]
+    reasoning_parser: Option<String>,
     /// Seconds to let running requests finish after SIGTERM before cancelling them.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -99,6 +107,7 @@ pub struct AppState {
     engine: EngineHandle,
     tokenizer: Option<Arc<Tokenizer>>,
     template: Option<ChatTemplate>,
+    tooling: tools::Tooling,
     model_id: String,
     api_key: Option<String>,
     metrics: Metrics,
@@ -133,6 +142,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(t) => ChatTemplate::for_tokenizer(t)?,
         None => None,
     };
+    let source = tokenizer.as_ref().and_then(|t| t.chat_template());
+    let tooling = tools::Tooling::new(
+        template.as_ref().zip(source),
+        a.tool_call_parser.as_deref(),
+        a.reasoning_parser.as_deref(),
+    )?;
     let specs = model.kv_specs();
     let num_blocks = EngineConfig::blocks_for_budget(&specs, a.kv_cache_mib << 20);
     if num_blocks == 0 {
@@ -191,6 +206,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         engine,
         tokenizer,
         template,
+        tooling,
         model_id,
         api_key: a.api_key.clone(),
         metrics: Metrics::new(),
