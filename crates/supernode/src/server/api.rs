@@ -537,6 +537,7 @@ pub fn completion_request(body: &Map<String, Value>) -> ApiResult<CompletionRequ
     // log-likelihoods).
     let echo = f.bool("echo")?.unwrap_or(false);
     let mut spec = common(&f, if echo { 0 } else { 1 })?;
+    super::tools::refuse_on_completions(&f)?;
     spec.echo = echo;
     spec.logprobs = f.int("logprobs", 0, MAX_TOP_LOGPROBS)?.map(|k| k as usize);
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {

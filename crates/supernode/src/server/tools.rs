@@ -173,6 +173,25 @@ fn parse_choice(param: &str, v: &Value, names: &[&str]) -> ApiResult<Choice> {
     Ok(choice)
 }
 
+/// Refuses tool fields on `/v1/completions`, which has no tools, unless they ask for nothing.
+pub fn refuse_on_completions(f: &Fields) -> ApiResult<()> {
+    for name in ["tools", "functions", "tool_choice", "function_call"] {
+        let asks_nothing = match f.get(name) {
+            None => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::String(s)) => s == "none",
+            Some(_) => false,
+        };
+        if !asks_nothing {
+            return Err(bad(
+                name,
+                format!("`{name}` is not supported on /v1/completions (use /v1/chat/completions)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads the tool fields of a chat request body; `messages` is its (already checked) list.
 pub fn parse(f: &Fields, messages: &[Value]) -> ApiResult<ChatTools> {
     let mut out = ChatTools {
