@@ -47,6 +47,8 @@ impl ReasoningFamily {
 enum State {
     /// Before anything but whitespace: a `<think>` may open.
     Start,
+    /// Reasoning from the start, after an optional `<think>`.
+    Opening,
     Reasoning,
     /// After `</think>`: whitespace before the content is dropped.
     AfterThink,
@@ -80,6 +82,25 @@ impl ReasoningParser {
         }
     }
 
+    /// [`ReasoningParser::new`] for a family: DeepSeek-R1 models always think first, and
+    /// templates of the R1 distills leave the opening `<think>` to the model, which may not
+    /// write it: for them the output is reasoning unless the prompt closed the block.
+    pub fn for_family(prompt: &str, family: ReasoningFamily) -> ReasoningParser {
+        let mut p = ReasoningParser::new(prompt);
+        if family == ReasoningFamily::DeepSeekR1 {
+            let closed = match (prompt.rfind(OPEN), prompt.rfind(CLOSE)) {
+                (Some(o), Some(c)) => c > o,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            if !closed && p.state == State::Start {
+                // A leading `<think>` is still taken off.
+                p.state = State::Opening;
+            }
+        }
+        p
+    }
+
     pub fn push(&mut self, text: &str, out: &mut Vec<Delta>) {
         self.buf.push_str(text);
         self.advance(false, out);
@@ -102,6 +123,15 @@ impl ReasoningParser {
                     } else {
                         self.state = State::Content;
                     }
+                }
+                State::Opening => {
+                    let body = self.buf.trim_start();
+                    if let Some(rest) = body.strip_prefix(OPEN) {
+                        self.buf = rest.to_string();
+                    } else if !at_end && OPEN.starts_with(body) {
+                        return;
+                    }
+                    self.state = State::Reasoning;
                 }
                 State::Reasoning => {
                     if let Some((p, m)) = find_marker(&self.buf, &[CLOSE]) {

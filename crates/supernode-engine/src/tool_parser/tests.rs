@@ -411,3 +411,52 @@ fn text_that_is_not_a_call_stays_content() {
         streamed_equals_whole(family, None, out);
     }
 }
+
+#[test]
+fn template_variables_and_prompts_set_the_reasoning_start() {
+    let user = [ChatMessage::new("user", "hi")];
+    // Qwen3: `enable_thinking: false` reaches the template, which closes an empty block.
+    let t = template("Qwen-Qwen3-0.6B", "", "<|im_end|>");
+    let mut off = ChatExtras::default();
+    off.kwargs.insert("enable_thinking".into(), json!(false));
+    let (out, _) = t.render_with(&user, &off, true).unwrap();
+    assert!(out.ends_with("<think>\n\n</think>\n\n"), "{out:?}");
+    let p = parse_complete(
+        &mut parser(Family::Hermes, Some(ReasoningParser::new(&out))),
+        "Hello",
+    );
+    assert_eq!((p.reasoning, p.content.as_str()), (None, "Hello"));
+    let (on, _) = t.render_with(&user, &ChatExtras::default(), true).unwrap();
+    assert!(!on.contains("<think>"), "{on:?}");
+    // DeepSeek-R1: the prompt opens `<think>`, so the output starts as reasoning.
+    let t = template(
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    );
+    // llama.cpp's copy of the template closes the block unless `enable_thinking` is set.
+    let mut think = ChatExtras::default();
+    think.kwargs.insert("enable_thinking".into(), json!(true));
+    let (out, _) = t.render_with(&user, &think, true).unwrap();
+    assert!(out.ends_with("<think>\n"), "{out:?}");
+    let r1 = |out: &str| ReasoningParser::for_family(out, ReasoningFamily::DeepSeekR1);
+    let p = parse_complete(
+        &mut parser(Family::DeepSeekV3, Some(r1(&out))),
+        "Let me think.\n</think>\n\nHi there.",
+    );
+    // A prompt that leaves the opening to the model: reasoning from the start, with or
+    // without the model's own `<think>`.
+    for text in [
+        "<think>Let me think.\n</think>\n\nHi there.",
+        "Let me think.\n</think>\n\nHi there.",
+    ] {
+        let q = parse_complete(
+            &mut parser(Family::DeepSeekV3, Some(r1("<｜Assistant｜>"))),
+            text,
+        );
+        assert_eq!(p, q);
+        streamed_equals_whole(Family::DeepSeekV3, Some("<｜Assistant｜>"), text);
+    }
+    assert_eq!(p.reasoning.as_deref(), Some("Let me think.\n"));
+    assert_eq!(p.content, "Hi there.");
+}

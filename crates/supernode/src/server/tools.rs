@@ -410,7 +410,8 @@ impl ParseSpec {
     /// A parser for choice `i`.
     pub fn parser(&self, i: usize) -> OutputParser {
         OutputParser::new(
-            self.reasoning.map(|_| ReasoningParser::new(&self.prompt)),
+            self.reasoning
+                .map(|f| ReasoningParser::for_family(&self.prompt, f)),
             self.family
                 .map(|f| ToolCallParser::new(f, &self.tools, &format!("{}{i}_", self.id_prefix))),
         )
