@@ -49,12 +49,15 @@ if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null || true)" != "$want" ] || [
     echo "$want" >"$venv/.requirements.sha256"
 fi
 
-# The model the tests serve (a no-op when it is cached already).
-if ! "$bin" fetch smollm2-135m >/dev/null; then
-    echo "python-tests: cannot fetch the model smollm2-135m" >&2
-    counts_line 0 1 0
-    exit 1
-fi
+# The models the tests serve (a no-op when they are cached already); qwen2.5-0.5b's template
+# renders tools, so the tool-calling tests run on it.
+for model in smollm2-135m qwen2.5-0.5b; do
+    if ! "$bin" fetch "$model" >/dev/null; then
+        echo "python-tests: cannot fetch the model $model" >&2
+        counts_line 0 1 0
+        exit 1
+    fi
+done
 
 counts=$(mktemp)
 trap 'rm -f "$counts"' EXIT

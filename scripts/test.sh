@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked --bin supernode
-for model in smollm2-135m gemma3-270m; do
+for model in smollm2-135m gemma3-270m qwen2.5-0.5b; do
     ./target/release/supernode fetch "$model" >/dev/null
 done
 log=$(mktemp)

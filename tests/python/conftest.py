@@ -30,14 +30,16 @@ LISTENING = re.compile(r"listening on (http://\S+)")
 class Server:
     """One `supernode serve` process; its stderr is collected for failure messages."""
 
-    def __init__(self, *extra: str, api_key: str | None = None, shutdown_timeout: int = SHUTDOWN_TIMEOUT):
+    def __init__(
+        self, *extra: str, api_key: str | None = None, shutdown_timeout: int = SHUTDOWN_TIMEOUT, model: str = MODEL
+    ):
         self.api_key = api_key
         self.shutdown_timeout = shutdown_timeout
         args = [
             str(BIN),
             "serve",
             "--model",
-            MODEL,
+            model,
             "--port",
             "0",
             "--threads",
@@ -125,6 +127,19 @@ def stop_cleanly(server: Server) -> None:
 def server():
     """The default server: prefix caching on, context 8192, 16 sequences."""
     s = Server()
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            stop_cleanly(s)
+        else:
+            pytest.fail(f"the server died during the tests (exit code {s.proc.returncode}); stderr:\n{s.stderr()}")
+
+
+@pytest.fixture(scope="session")
+def qwen_server():
+    """A server on qwen2.5-0.5b, whose chat template renders tools (the tool-calling tests)."""
+    s = Server("--ctx", "4096", model="qwen2.5-0.5b")
     try:
         yield s
     finally:

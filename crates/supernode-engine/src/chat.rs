@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::EngineError;
 use crate::tokenizer::Tokenizer;
 
+mod extras;
+pub use extras::{ChatExtras, RESERVED};
+
 /// One message of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -134,15 +137,52 @@ impl ChatTemplate {
         tok: &Tokenizer,
         messages: &[ChatMessage],
     ) -> Result<Vec<u32>, EngineError> {
-        let (text, located) = self.render(messages, true)?;
+        self.prompt_with(tok, messages, &ChatExtras::default())
+            .map(|(_, ids)| ids)
+    }
+
+    /// [`ChatTemplate::prompt_tokens`] with tools, tool-call fields and template variables; also
+    /// returns the rendered text. Control-token texts in strings that cannot be protected (tool
+    /// definitions, names, ids, template variables) are refused.
+    pub fn prompt_with(
+        &self,
+        tok: &Tokenizer,
+        messages: &[ChatMessage],
+        extras: &ChatExtras,
+    ) -> Result<(String, Vec<u32>), EngineError> {
+        extras::refuse_unmarkable(tok, messages, extras)?;
+        let (text, located) = self.render_with(messages, extras, true)?;
         let protected = match located {
             Some(ranges) => ranges,
             None => {
-                refuse_control_texts(tok, messages)?;
+                let mut texts = extras::protected_strings(messages, extras);
+                if let Some(strings) = extras.with_string_arguments() {
+                    texts.extend(extras::protected_strings(messages, &strings));
+                }
+                refuse_control_texts(tok, &texts)?;
                 Vec::new()
             }
         };
-        Ok(tok.encode_protected(&text, true, &protected))
+        let ids = tok.encode_protected(&text, true, &protected);
+        Ok((text, ids))
+    }
+
+    /// Whether the template puts tool definitions into the prompt: a render with one probe tool
+    /// must show its name.
+    pub fn renders_tools(&self) -> bool {
+        let probe = "supernode_probe_tool_7f3a";
+        let extras = ChatExtras {
+            tools: Some(serde_json::json!([{"type": "function", "function": {
+                "name": probe, "description": "probe",
+                "parameters": {"type": "object", "properties": {}}}}])),
+            ..ChatExtras::default()
+        };
+        self.render_raw(
+            &extras::template_messages(&[ChatMessage::new("user", "hi")], &extras, None),
+            &extras,
+            true,
+        )
+        .is_ok_and(|out| out.contains(probe))
     }
 
     /// The rendered prompt and the byte ranges in it that came from message contents, or `None`
@@ -166,25 +206,52 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<(String, Located), EngineError> {
-        let out = self.render_raw(messages, add_generation_prompt)?;
-        let located = self.locate_contents(messages, add_generation_prompt, &out);
+        self.render_with(messages, &ChatExtras::default(), add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with tools, tool-call fields and template variables; the
+    /// located ranges cover every protected string (see [`ChatExtras`]).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        extras: &ChatExtras,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Located), EngineError> {
+        let plain = extras::template_messages(messages, extras, None);
+        let out = match self.render_raw(&plain, extras, add_generation_prompt) {
+            Ok(out) => out,
+            // Templates that concatenate the arguments as text (DeepSeek's) fail on objects:
+            // they get the JSON strings the API sent, as transformers would pass them.
+            Err(e) => match extras.with_string_arguments() {
+                Some(strings) => {
+                    return self.render_with(messages, &strings, add_generation_prompt)
+                }
+                None => return Err(e),
+            },
+        };
+        let located = self.locate_contents(messages, extras, add_generation_prompt, &out);
         Ok((out, located))
     }
 
     fn render_raw(
         &self,
-        messages: &[ChatMessage],
+        messages: &serde_json::Value,
+        extras: &ChatExtras,
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| EngineError::template("render", describe(&e)))?;
+        let mut kwargs = extras.kwargs.clone();
+        kwargs.retain(|k, _| !RESERVED.contains(&k.as_str()));
         let ctx = minijinja::context! {
-            messages => messages,
+            messages => Value::from_serialize(messages),
+            tools => Value::from_serialize(&extras.tools),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            ..Value::from_serialize(&kwargs)
         };
         // A template comes with the model file: a bug it reaches in minijinja (2.24 panics on
         // the reverse slice of an empty sequence) is this request's error, not a crash.
@@ -215,22 +282,25 @@ impl ChatTemplate {
     fn locate_contents(
         &self,
         messages: &[ChatMessage],
+        extras: &ChatExtras,
         add_generation_prompt: bool,
         out: &str,
     ) -> Located {
-        if messages.iter().any(|m| m.content.contains(is_marker_char)) {
+        let protected = extras::protected_strings(messages, extras);
+        if protected.iter().any(|s| s.contains(is_marker_char)) {
             return None;
         }
-        let with = |core: bool| -> Vec<ChatMessage> {
-            messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| ChatMessage::new(m.role.clone(), marked(i, &m.content, core)))
-                .collect()
+        let with = |core: bool| {
+            let mut marker = extras::Marker { next: 0, core };
+            extras::template_messages(messages, extras, Some(&mut marker))
         };
-        let wrapped = self.render_raw(&with(true), add_generation_prompt).ok()?;
-        let hollow = self.render_raw(&with(false), add_generation_prompt).ok()?;
-        let spans = parse_marked(&wrapped, messages.len())?;
+        let wrapped = self
+            .render_raw(&with(true), extras, add_generation_prompt)
+            .ok()?;
+        let hollow = self
+            .render_raw(&with(false), extras, add_generation_prompt)
+            .ok()?;
+        let spans = parse_marked(&wrapped, protected.len())?;
 
         let mut plain = String::with_capacity(out.len());
         let mut emptied = String::with_capacity(hollow.len());
@@ -315,11 +385,11 @@ fn parse_marked(text: &str, n: usize) -> Option<Vec<Span>> {
 /// Refuses contents that hold a control token's text, as typed or case-changed, alone or
 /// across adjacent contents: used where the contents could not be located, so typed control
 /// texts could not be kept plain.
-fn refuse_control_texts(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<(), EngineError> {
-    let joined: String = messages.iter().map(|m| m.content.as_str()).collect();
-    let texts = messages
+fn refuse_control_texts(tok: &Tokenizer, contents: &[String]) -> Result<(), EngineError> {
+    let joined: String = contents.iter().map(String::as_str).collect();
+    let texts = contents
         .iter()
-        .map(|m| m.content.as_str())
+        .map(String::as_str)
         .chain(std::iter::once(joined.as_str()));
     for text in texts {
         for variant in [text.to_string(), text.to_lowercase(), text.to_uppercase()] {

@@ -9,5 +9,6 @@ pub mod load;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;
+pub mod tool_parser;
 
 pub use error::EngineError;

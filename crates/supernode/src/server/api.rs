@@ -121,7 +121,7 @@ impl<'a> Fields<'a> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
-    fn wrong(name: &str, want: &str, got: &Value) -> ApiError {
+    pub(crate) fn wrong(name: &str, want: &str, got: &Value) -> ApiError {
         ApiError::invalid(
             name,
             format!("`{name}` must be {want}, got {}", type_name(got)),
@@ -221,35 +221,17 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Parameters of the OpenAI API that are not implemented yet: refused when they would change
-/// the answer, so that no client believes they took effect. `(name, what may be sent)`: the
-/// value that means "nothing asked", if one does.
-const NOT_YET: [(&str, &str); 7] = [
-    ("tools", "an empty list"),
-    ("functions", "an empty list"),
-    ("tool_choice", "`none`"),
-    ("function_call", "`none`"),
-    ("parallel_tool_calls", "anything"),
-    ("prediction", "nothing"),
-    ("audio", "nothing"),
-];
+/// Parameters of the OpenAI API that are not implemented: refused whatever their value, so
+/// that no client believes they took effect.
+const NOT_YET: [&str; 2] = ["prediction", "audio"];
 
-/// Refuses the parameters of [`NOT_YET`] unless they ask for nothing.
+/// Refuses the parameters of [`NOT_YET`].
 fn refuse_unsupported(f: &Fields) -> ApiResult<()> {
-    for (name, allowed) in NOT_YET {
-        let Some(v) = f.get(name) else { continue };
-        let asks_nothing = match (name, v) {
-            ("tools" | "functions", Value::Array(a)) => a.is_empty(),
-            ("tool_choice" | "function_call", Value::String(s)) => s == "none",
-            ("parallel_tool_calls", _) => true,
-            _ => false,
-        };
-        if !asks_nothing {
-            return Err(ApiError::invalid(
-                name,
-                format!("`{name}` is not supported yet (only {allowed} is accepted)"),
-            ));
-        }
+    if let Some(name) = NOT_YET.into_iter().find(|name| f.get(name).is_some()) {
+        return Err(ApiError::invalid(
+            name,
+            format!("`{name}` is not supported"),
+        ));
     }
     if let Some(m) = f.get("modalities") {
         if m != &json!(["text"]) {
@@ -405,6 +387,7 @@ fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
 pub struct ChatRequest {
     pub spec: GenSpec,
     pub messages: Vec<ChatMessage>,
+    pub tools: super::tools::ChatTools,
 }
 
 pub fn chat_request(body: &Map<String, Value>) -> ApiResult<ChatRequest> {
@@ -435,7 +418,12 @@ pub fn chat_request(body: &Map<String, Value>) -> ApiResult<ChatRequest> {
         .enumerate()
         .map(|(i, m)| message(i, m))
         .collect::<ApiResult<_>>()?;
-    Ok(ChatRequest { spec, messages })
+    let tools = super::tools::parse(&f, msgs)?;
+    Ok(ChatRequest {
+        spec,
+        messages,
+        tools,
+    })
 }
 
 fn message(i: usize, m: &Value) -> ApiResult<ChatMessage> {
@@ -542,6 +530,7 @@ pub fn completion_request(body: &Map<String, Value>) -> ApiResult<CompletionRequ
     // log-likelihoods).
     let echo = f.bool("echo")?.unwrap_or(false);
     let mut spec = common(&f, if echo { 0 } else { 1 })?;
+    super::tools::refuse_on_completions(&f)?;
     spec.echo = echo;
     spec.logprobs = f.int("logprobs", 0, MAX_TOP_LOGPROBS)?.map(|k| k as usize);
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {

@@ -20,6 +20,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::api::{self, ApiError, ApiResult, GenSpec, Prompt};
 use super::structured;
+use super::tools;
 use super::{unknown_model, AppState, Shared};
 
 /// Forwards one choice's events to its handler.
@@ -114,10 +115,23 @@ pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> 
             "this model has no chat template (it is likely a base model): use /v1/completions",
         )
     })?;
-    let prompt = tmpl
-        .prompt_tokens(tok, &req.messages)
+    if req.tools.extras.tools.is_some() && !st.tooling.renders_tools {
+        return Err(ApiError::invalid(
+            "tools",
+            "this model's chat template cannot render tools",
+        ));
+    }
+    let (text, prompt) = tmpl
+        .prompt_with(tok, &req.messages, &req.tools.extras)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    start(st, vec![(prompt, None)], req.spec, Kind::Chat)
+    let mut s = start(st, vec![(prompt, None)], req.spec, Kind::Chat)?;
+    s.parse = tools::ParseSpec::new(&st.tooling, &req.tools, text, &s.id);
+    if let Some(spec) = &s.parse {
+        for (i, c) in s.choices.iter_mut().enumerate() {
+            c.parser = Some(spec.parser(i));
+        }
+    }
+    Ok(s)
 }
 
 fn completion_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
@@ -176,6 +190,8 @@ pub(super) struct Started {
     counted: bool,
     /// `echo`: every choice's text starts with its prompt's.
     echo: bool,
+    /// Chat: how outputs split into reasoning, content and tool calls.
+    parse: Option<tools::ParseSpec>,
 }
 
 #[derive(Default)]
@@ -197,6 +213,8 @@ struct Choice {
     lp_top: Vec<Value>,
     lp_offsets: Vec<Value>,
     offset: usize,
+    /// Streaming chat with tools or reasoning: the incremental parser.
+    parser: Option<supernode_engine::tool_parser::OutputParser>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -310,6 +328,7 @@ fn start(
         first_token: false,
         counted: false,
         echo,
+        parse: None,
     };
     for (p, (prompt, text)) in prompts.into_iter().enumerate() {
         let Some(text) = text else { continue };
@@ -515,7 +534,10 @@ impl Started {
                     c.lp_top.push(json!(top));
                     c.lp_offsets.push(json!(offset));
                 }
-                if self.stream && (!t.text.is_empty() || self.logprobs) {
+                if self.stream && self.choices[i].parser.is_some() {
+                    let ds = self.choices[i].parser.as_mut().map(|p| p.push(&t.text));
+                    chunks.extend(self.delta_chunks(i, ds.unwrap_or_default(), lp_chat, None));
+                } else if self.stream && (!t.text.is_empty() || self.logprobs) {
                     let lp = match (lp_chat, lp_legacy) {
                         (Some(v), _) => json!({ "content": [v] }),
                         (_, Some((text, l, top))) => json!({
@@ -535,7 +557,16 @@ impl Started {
                 m.generation_tokens.inc_by(f.completion_tokens as u64);
                 let c = &mut self.choices[i];
                 c.text.push_str(&f.text);
-                if self.stream {
+                if let (true, Some(p)) = (self.stream, c.parser.as_mut()) {
+                    let mut ds = p.push(&f.text);
+                    ds.extend(p.finish());
+                    let reason = match finish_reason(&f) {
+                        "stop" if p.called() => "tool_calls",
+                        r => r,
+                    };
+                    self.choices[i].finish = Some(f);
+                    chunks.extend(self.delta_chunks(i, ds, None, Some(reason)));
+                } else if self.stream {
                     let tail = f.text.clone();
                     let reason = finish_reason(&f);
                     let stop = f.stop_string.clone();
@@ -620,6 +651,42 @@ impl Started {
         v
     }
 
+    /// Stream chunks of parsed pieces of choice `i`: one per delta, the logprobs on the first,
+    /// the finish reason on the last (an empty delta carries them if there is none).
+    fn delta_chunks(
+        &self,
+        i: usize,
+        ds: Vec<supernode_engine::tool_parser::Delta>,
+        lp: Option<Value>,
+        finish: Option<&str>,
+    ) -> Vec<Value> {
+        let mut deltas = self
+            .parse
+            .as_ref()
+            .map(|p| p.deltas(ds))
+            .unwrap_or_default();
+        if deltas.is_empty() && (lp.is_some() || finish.is_some()) {
+            deltas.push(json!({}));
+        }
+        let n = deltas.len();
+        let mut lp = lp.map(|v| json!({ "content": [v] }));
+        deltas
+            .into_iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let last = k + 1 == n;
+                let mut c = self.chunk(
+                    i,
+                    "",
+                    lp.take().unwrap_or(Value::Null),
+                    if last { finish } else { None },
+                );
+                c["choices"][0]["delta"] = d;
+                c
+            })
+            .collect()
+    }
+
     fn usage(&self) -> Value {
         let completion: usize = self
             .choices
@@ -647,11 +714,21 @@ impl Started {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let reason = c.finish.as_ref().map(finish_reason);
+                let mut reason = c.finish.as_ref().map(finish_reason);
+                let message = match &self.parse {
+                    Some(p) => {
+                        let (m, called) = p.message(i, &c.text);
+                        if called && reason == Some("stop") {
+                            reason = Some("tool_calls");
+                        }
+                        m
+                    }
+                    None => json!({ "role": "assistant", "content": c.text }),
+                };
                 match self.kind {
                     Kind::Chat => json!({
                         "index": i,
-                        "message": { "role": "assistant", "content": c.text },
+                        "message": message,
                         "logprobs": if self.logprobs { json!({ "content": c.lp_content }) } else { Value::Null },
                         "finish_reason": reason,
                         "stop_reason": c.finish.as_ref().and_then(|f| f.stop_string.clone()),

@@ -22,6 +22,7 @@ mod metrics;
 mod responses;
 mod structured;
 mod tokens;
+mod tools;
 mod translate;
 mod ui;
 
@@ -83,6 +84,13 @@ pub struct ServeArgs {
     /// (seen by routers and other workers) cannot be matched or predicted from outside.
     #[arg(long, default_value = "")]
     prefix_cache_salt: String,
+    /// Tool-call format (hermes, qwen3_coder, llama3_json, deepseek_v3, mistral, none);
+    /// default: detected from the chat template.
+    #[arg(long)]
+    tool_call_parser: Option<String>,
+    /// Reasoning format (deepseek_r1, qwen3, none); default: detected from the chat template.
+    #[arg(long)]
+    reasoning_parser: Option<String>,
     /// Seconds to let running requests finish after SIGTERM before cancelling them.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -115,6 +123,7 @@ pub struct AppState {
     engine: EngineHandle,
     tokenizer: Option<Arc<Tokenizer>>,
     template: Option<ChatTemplate>,
+    tooling: tools::Tooling,
     model_id: String,
     api_key: Option<String>,
     metrics: Metrics,
@@ -170,6 +179,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             );
         }
     }
+    let source = tokenizer.as_ref().and_then(|t| t.chat_template());
+    let tooling = tools::Tooling::new(
+        template.as_ref().zip(source),
+        a.tool_call_parser.as_deref(),
+        a.reasoning_parser.as_deref(),
+    )?;
     let specs = model.kv_specs();
     let num_blocks = EngineConfig::blocks_for_budget(&specs, a.kv_cache_mib << 20);
     if num_blocks == 0 {
@@ -233,6 +248,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         engine,
         tokenizer,
         template,
+        tooling,
         model_id,
         api_key: a.api_key.clone(),
         metrics: Metrics::new(),

@@ -1,0 +1,154 @@
+"""Tool calling on /v1/chat/completions with the official `openai` SDK, on qwen2.5-0.5b
+(Qwen2.5-Coder-0.5B-Instruct, whose own chat template renders the tools): a call chosen by the
+model, the tool's result sent back for a final answer, streamed call deltas reassembled by the
+SDK, `tool_choice: none`, and the errors for bad tool fields."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+MODEL = "qwen2.5-0.5b"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city name"}},
+            "required": ["city"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+@pytest.fixture(scope="module")
+def qclient(qwen_server):
+    return qwen_server.client()
+
+
+def test_auto_tool_call_then_result_then_answer(qclient):
+    r = qclient.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="auto", temperature=0, max_tokens=80
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls
+    assert calls and len(calls) == 1
+    call = calls[0]
+    assert call.type == "function" and call.id
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"].lower() == "paris"
+    assert not choice.message.content
+
+    # The result goes back through the template; the model answers from it.
+    messages = ASK + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 23, "sky": "sunny"})},
+    ]
+    r2 = qclient.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=60)
+    final = r2.choices[0]
+    assert final.finish_reason == "stop"
+    assert not final.message.tool_calls
+    assert "23" in final.message.content or "sunny" in final.message.content.lower(), final.message.content
+
+
+def test_streamed_tool_call_is_reassembled_by_the_sdk(qclient):
+    whole = qclient.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=80)
+    with qclient.chat.completions.stream(
+        model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=80
+    ) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    got = final.choices[0]
+    assert got.finish_reason == "tool_calls"
+    want = whole.choices[0].message.tool_calls[0]
+    call = got.message.tool_calls[0]
+    assert call.function.name == want.function.name
+    assert json.loads(call.function.arguments) == json.loads(want.function.arguments)
+
+    # The raw deltas: the first names the call (index, id, type, name), later ones add arguments.
+    chunks = list(
+        qclient.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER], temperature=0, max_tokens=80, stream=True
+        )
+    )
+    tc = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert tc[0].index == 0 and tc[0].id and tc[0].type == "function" and tc[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in tc) == want.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_answers_in_text(qclient):
+    r = qclient.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=30
+    )
+    c = r.choices[0]
+    assert not c.message.tool_calls
+    assert c.finish_reason in ("stop", "length")
+    assert c.message.content
+
+
+def test_named_tool_choice_and_legacy_functions(qclient):
+    r = qclient.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=80,
+    )
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    legacy = qclient.chat.completions.create(
+        model=MODEL, messages=ASK, functions=[WEATHER["function"]], temperature=0, max_tokens=80
+    )
+    m = legacy.choices[0].message
+    assert m.function_call is not None and m.function_call.name == "get_weather"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tools": [{"type": "function"}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        ({"tools": "get_weather"}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": 3}, "chat_template_kwargs"),
+    ],
+)
+def test_bad_tool_fields_are_400s_naming_the_field(qclient, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        qclient.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body=extra)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_bad_tool_messages_are_400s(qclient):
+    bad_args = ASK + [
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}],
+        }
+    ]
+    with pytest.raises(openai.BadRequestError) as e:
+        qclient.chat.completions.create(model=MODEL, messages=bad_args, max_tokens=5)
+    assert e.value.body["param"] == "messages[1].tool_calls[0].function.arguments"
+    no_id = ASK + [{"role": "tool", "content": "21C"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        qclient.chat.completions.create(model=MODEL, messages=no_id, max_tokens=5)
+    assert e.value.body["param"] == "messages[1].tool_call_id"
+
+
+def test_template_without_tools_refuses_them(client):
+    # smollm2-135m's template has no tool support.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2-135m", messages=ASK, tools=[WEATHER], max_tokens=5)
+    assert e.value.body["param"] == "tools"
+    assert "cannot render tools" in e.value.body["message"]
