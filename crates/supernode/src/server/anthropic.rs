@@ -21,8 +21,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, arguments_value, function_tool, pieces_of, refuse_tool_history, rename_param,
-    tool_call_message, End, Piece, ToolCall,
+    answer_of, arguments_value, function_tool, pieces_of, rename_param, tool_call_message, End,
+    Piece, ToolCall,
 };
 use super::Shared;
 
@@ -473,7 +473,6 @@ async fn start(st: &Shared, body: Bytes) -> ApiResult<(Started, bool)> {
     let st2 = st.clone();
     let r = tokio::task::spawn_blocking(move || {
         let chat = to_chat(&api::parse_body(&body)?)?;
-        refuse_tool_history(chat["messages"].as_array().map_or(&[], |v| v), "messages")?;
         let stream = chat.get("stream") == Some(&json!(true));
         start_chat(&st2, &chat)
             .map(|s| (s, stream))
@@ -546,10 +545,6 @@ pub async fn count_tokens(State(st): State<Shared>, body: Bytes) -> Response {
         // `max_tokens` is not part of a count_tokens request.
         b.insert("max_tokens".into(), json!(1));
         let chat = to_chat(&b)?;
-        refuse_tool_history(chat["messages"].as_array().map_or(&[], |v| v), "messages")?;
-        if chat.contains_key("tools") {
-            return Err(ApiError::invalid("tools", "`tools` is not supported yet"));
-        }
         let req = api::chat_request(&chat)?;
         if req.spec.model != st2.model_id {
             return Err(super::unknown_model(&st2, &req.spec.model));
@@ -563,8 +558,8 @@ pub async fn count_tokens(State(st): State<Shared>, body: Bytes) -> Response {
                 ))
             }
         };
-        tmpl.prompt_tokens(tok, &req.messages)
-            .map(|p| p.len())
+        tmpl.prompt_with(tok, &req.messages, &req.tools.extras)
+            .map(|(_, p)| p.len())
             .map_err(|e| ApiError::invalid("messages", e.to_string()))
     })
     .await

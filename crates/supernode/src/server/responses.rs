@@ -19,8 +19,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, function_tool, pieces_of, refuse_tool_history, rename_param, tool_call_message, End,
-    Piece, ToolCall, Usage,
+    answer_of, function_tool, pieces_of, rename_param, tool_call_message, End, Piece, ToolCall,
+    Usage,
 };
 use super::Shared;
 
@@ -596,7 +596,6 @@ pub async fn handler(State(st): State<Shared>, body: Bytes) -> Response {
         tokio::task::spawn_blocking(move || -> ApiResult<(Started, bool, Map<String, Value>)> {
             let body = api::parse_body(&body)?;
             let chat = to_chat(&body)?;
-            refuse_tool_history(chat["messages"].as_array().map_or(&[], |v| v), "input")?;
             let stream = chat.get("stream") == Some(&json!(true));
             start_chat(&st2, &chat)
                 .map(|s| (s, stream, body))

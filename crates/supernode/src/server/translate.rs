@@ -6,7 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::api::{ApiError, ApiResult};
+use super::api::ApiError;
 
 /// One tool call of an answer, as chat completions gives it.
 #[derive(Clone, Debug, PartialEq)]
@@ -190,22 +190,6 @@ pub fn tool_call_message(text: Option<String>, calls: &[ToolCall]) -> Value {
     json!({ "role": "assistant", "content": text, "tool_calls": calls })
 }
 
-/// Tool calls in a conversation, or tool results, need the chat pipeline's tool support, which
-/// is not on this branch yet: such a conversation is refused, as chat completions refuses
-/// `tools`, naming `param` (the translated API's field).
-pub fn refuse_tool_history(messages: &[Value], param: &str) -> ApiResult<()> {
-    let has_tools = messages
-        .iter()
-        .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool");
-    if has_tools {
-        return Err(ApiError::invalid(
-            param,
-            format!("tool calls and tool results in `{param}` are not supported yet"),
-        ));
-    }
-    Ok(())
-}
-
 /// An error of the chat pipeline in the words of the translated API: its parameter `from`
 /// becomes `to`, in `param` and in the message.
 pub fn rename_param(mut e: ApiError, from: &str, to: &str) -> ApiError {
@@ -350,9 +334,6 @@ mod tests {
             json!({"role": "assistant", "content": null, "tool_calls": [
                 {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
         );
-        assert!(refuse_tool_history(&[m], "messages").is_err());
-        assert!(refuse_tool_history(&[json!({"role": "tool", "content": "x"})], "input").is_err());
-        assert!(refuse_tool_history(&[json!({"role": "user", "content": "x"})], "input").is_ok());
         assert_eq!(arguments_value("{\"a\": [1]}"), json!({"a": [1]}));
         assert_eq!(arguments_value(""), json!({}));
         assert_eq!(arguments_value("{oops"), json!("{oops"));
