@@ -111,6 +111,57 @@ def test_named_tool_choice_and_legacy_functions(qclient):
     assert m.function_call is not None and m.function_call.name == "get_weather"
 
 
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the current time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}},
+            "required": ["zone"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_choice_always_calls(qclient, choice):
+    """`required` and a named choice are enforced by a grammar: sampled at temperature 1 on a
+    prompt that needs no tool, every answer is a well-formed call of an offered function whose
+    arguments match its schema (required keys, types, the enum)."""
+    r = qclient.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a short poem about autumn leaves."}],
+        tools=[WEATHER, TIME],
+        tool_choice=choice,
+        temperature=1.0,
+        seed=7,
+        n=6,
+        max_tokens=60,
+    )
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls", c
+        call = c.message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        if choice != "required":
+            assert call.function.name == "get_time"
+        if call.function.name == "get_time":
+            assert args["zone"] in ("UTC", "CET", "PST"), args
+        else:
+            # (The schema allows other keys: it does not set additionalProperties.)
+            assert call.function.name == "get_weather" and isinstance(args["city"], str), args
+
+
+def test_forced_tool_choice_and_response_format_conflict(qclient):
+    with pytest.raises(openai.BadRequestError) as e:
+        qclient.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+            response_format={"type": "json_object"}, max_tokens=10,
+        )
+    assert e.value.body["param"] == "response_format"
+
+
 @pytest.mark.parametrize(
     "extra, param",
     [

@@ -101,8 +101,23 @@ fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
 /// Starts a chat completion from its parsed body: the way in for the APIs translated onto
 /// chat completions (Anthropic's messages, OpenAI's responses).
 pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> ApiResult<Started> {
-    let req = api::chat_request(body)?;
+    let mut req = api::chat_request(body)?;
     check_model(st, &req.spec)?;
+    if let Some(spec) = tools::forced_call(&st.tooling, &req.tools) {
+        if let Some(other) = &req.spec.structured.constraint {
+            return Err(ApiError::invalid(
+                other.param,
+                format!(
+                    "`{}` cannot be combined with a `tool_choice` that forces a call",
+                    other.param
+                ),
+            ));
+        }
+        req.spec.structured.constraint = Some(structured::Requested {
+            param: "tool_choice",
+            spec,
+        });
+    }
     let tok = st.tokenizer.as_ref().ok_or_else(|| {
         ApiError::invalid(
             "messages",

@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use supernode_engine::chat::{ChatExtras, ChatTemplate, RESERVED};
+use supernode_engine::constraint::ConstraintSpec;
 use supernode_engine::tool_parser::{
     parse_complete, Delta, Family, OutputParser, Parsed, ReasoningFamily, ReasoningParser,
     ToolCallParser,
@@ -58,6 +59,48 @@ impl Tooling {
             renders_tools: template.is_some_and(|(t, _)| t.renders_tools()),
         })
     }
+}
+
+/// The grammar that makes a `required` or named `tool_choice` a call, for the families whose
+/// call may be a bare JSON object (Hermes/Qwen2.5 `{"name", "arguments"}`, Llama 3
+/// `{"name", "parameters"}`): a JSON schema with one branch per tool offered (the named choice
+/// offers one), its parameters' schema under the family's key. `None` where the choice asks for
+/// nothing, or where the family's call format is not JSON, or where the model reasons first
+/// (the grammar would forbid its reasoning): there the model is asked, not forced.
+pub fn forced_call(tooling: &Tooling, tools: &ChatTools) -> Option<ConstraintSpec> {
+    if !matches!(tools.choice, Some(Choice::Required | Choice::Named(_)))
+        || tooling.reasoning.is_some()
+    {
+        return None;
+    }
+    let key = match tooling.family? {
+        Family::Hermes => "arguments",
+        Family::Llama3Json => "parameters",
+        _ => return None,
+    };
+    let branches: Vec<Value> = tools
+        .tools
+        .iter()
+        .filter_map(|t| {
+            let name = t.pointer("/function/name")?.as_str()?;
+            let params = t
+                .pointer("/function/parameters")
+                .cloned()
+                .unwrap_or_else(|| json!({ "type": "object" }));
+            Some(json!({
+                "type": "object",
+                "properties": { "name": { "const": name }, key: params },
+                "required": ["name", key],
+                "additionalProperties": false,
+            }))
+        })
+        .collect();
+    (!branches.is_empty()).then(|| ConstraintSpec::JsonSchema {
+        schema: json!({ "anyOf": branches }),
+        // Tool schemas come from clients written for other servers: keywords the grammar
+        // cannot enforce are ignored rather than refused.
+        strict: false,
+    })
 }
 
 /// `tool_choice`.
