@@ -7,13 +7,10 @@
 //! `content_block_stop`, `message_delta`, `message_stop`). Errors take Anthropic's shape
 //! (`{"type":"error","error":{"type","message"}}`, [`errors`]).
 
-use std::convert::Infallible;
-
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -21,8 +18,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, arguments_value, function_tool, pieces_of, rename_param, tool_call_message, End,
-    Piece, ToolCall,
+    answer_of, arguments_value, event_stream, function_tool, rename_param, tool_call_message, End,
+    Events, Piece, ToolCall,
 };
 use super::Shared;
 
@@ -348,6 +345,16 @@ pub struct EventStream {
     failed: bool,
 }
 
+impl Events for EventStream {
+    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
+        EventStream::on(self, piece)
+    }
+
+    fn finish(&mut self) -> Vec<(&'static str, Value)> {
+        EventStream::finish(self)
+    }
+}
+
 impl EventStream {
     pub fn new(chat_id: &str, model: &str, input_tokens: u64) -> EventStream {
         EventStream {
@@ -505,37 +512,7 @@ pub async fn messages_handler(State(st): State<Shared>, body: Bytes) -> Response
     }
     let conv = EventStream::new(started.id(), &model, started.prompt_tokens() as u64);
     let first = vec![conv.start()];
-    let events = futures_util::stream::unfold(
-        (started, conv, first, false),
-        |(mut s, mut conv, mut out, mut ended)| async move {
-            loop {
-                if !out.is_empty() {
-                    let (name, data) = out.remove(0);
-                    let ev = SseEvent::default().event(name).data(data.to_string());
-                    return Some((Ok::<_, Infallible>(ev), (s, conv, out, ended)));
-                }
-                if ended {
-                    return None;
-                }
-                match s.next_chunks().await {
-                    Some(chunks) => {
-                        for c in &chunks {
-                            for p in pieces_of(c) {
-                                out.extend(conv.on(p));
-                            }
-                        }
-                    }
-                    None => {
-                        out = conv.finish();
-                        ended = true;
-                    }
-                }
-            }
-        },
-    );
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    event_stream(started, conv, first)
 }
 
 pub async fn count_tokens(State(st): State<Shared>, body: Bytes) -> Response {

@@ -7,11 +7,8 @@
 //! …, `response.completed`, each with its `sequence_number`). Nothing is stored: `store` is
 //! answered `false` and `previous_response_id` is refused.
 
-use std::convert::Infallible;
-
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -19,8 +16,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, function_tool, pieces_of, rename_param, tool_call_message, End, Piece, ToolCall,
-    Usage,
+    answer_of, event_stream, function_tool, rename_param, tool_call_message, End, Events, Piece,
+    ToolCall, Usage,
 };
 use super::Shared;
 
@@ -408,6 +405,16 @@ pub struct EventStream {
     failed: bool,
 }
 
+impl Events for EventStream {
+    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
+        EventStream::on(self, piece)
+    }
+
+    fn finish(&mut self) -> Vec<(&'static str, Value)> {
+        EventStream::finish(self)
+    }
+}
+
 impl EventStream {
     pub fn new(echo: Echo) -> EventStream {
         EventStream {
@@ -626,37 +633,7 @@ pub async fn handler(State(st): State<Shared>, body: Bytes) -> Response {
     }
     let mut conv = EventStream::new(echo);
     let first = conv.start();
-    let events = futures_util::stream::unfold(
-        (started, conv, first, false),
-        |(mut s, mut conv, mut out, mut ended)| async move {
-            loop {
-                if !out.is_empty() {
-                    let (name, data) = out.remove(0);
-                    let ev = SseEvent::default().event(name).data(data.to_string());
-                    return Some((Ok::<_, Infallible>(ev), (s, conv, out, ended)));
-                }
-                if ended {
-                    return None;
-                }
-                match s.next_chunks().await {
-                    Some(chunks) => {
-                        for c in &chunks {
-                            for p in pieces_of(c) {
-                                out.extend(conv.on(p));
-                            }
-                        }
-                    }
-                    None => {
-                        out = conv.finish();
-                        ended = true;
-                    }
-                }
-            }
-        },
-    );
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    event_stream(started, conv, first)
 }
 
 #[cfg(test)]

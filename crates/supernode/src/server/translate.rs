@@ -4,9 +4,14 @@
 //! the chat pipeline, and its answer — a chat completion body or stream chunks — is read back
 //! here into plain parts each API shapes in its own way.
 
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use super::api::ApiError;
+use super::generate::Started;
 
 /// One tool call of an answer, as chat completions gives it.
 #[derive(Clone, Debug, PartialEq)]
@@ -207,6 +212,53 @@ pub fn arguments_value(arguments: &str) -> Value {
         return json!({});
     }
     serde_json::from_str(arguments).unwrap_or_else(|_| json!(arguments))
+}
+
+/// A translated API's stream: the events that each piece of the chat stream becomes, and those
+/// that close it.
+pub trait Events: Send + 'static {
+    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)>;
+    fn finish(&mut self) -> Vec<(&'static str, Value)>;
+}
+
+/// The SSE answer of a translated API: `first`, then the events of every piece of the chat
+/// stream `started`, then the closing ones.
+pub fn event_stream<E: Events>(
+    started: Started,
+    conv: E,
+    first: Vec<(&'static str, Value)>,
+) -> Response {
+    let events = futures_util::stream::unfold(
+        (started, conv, first, false),
+        |(mut s, mut conv, mut out, mut ended)| async move {
+            loop {
+                if !out.is_empty() {
+                    let (name, data) = out.remove(0);
+                    let ev = SseEvent::default().event(name).data(data.to_string());
+                    return Some((Ok::<_, Infallible>(ev), (s, conv, out, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match s.next_chunks().await {
+                    Some(chunks) => {
+                        for c in &chunks {
+                            for p in pieces_of(c) {
+                                out.extend(conv.on(p));
+                            }
+                        }
+                    }
+                    None => {
+                        out = conv.finish();
+                        ended = true;
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[cfg(test)]
