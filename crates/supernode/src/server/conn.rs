@@ -7,8 +7,8 @@
 //!   the connection became ready for it (hyper's header read timeout; it also runs while a
 //!   kept-alive connection waits for its next request). A connection cut off with part of
 //!   a head received is answered 408 in OpenAI's shape first; an idle one is closed silently.
-//! - **Keep-alive timeout** (`--keep-alive-timeout`): a connection with no request on it (none
-//!   whose head has arrived) that has moved no byte for this long is closed.
+//! - **Keep-alive timeout** (`--keep-alive-timeout`): a connection with no request on it (no
+//!   head begun or arrived) that has moved no byte for this long is closed.
 //! - **Connection cap** (`--max-connections`): at the cap, the connection that has been quiet
 //!   longest among those serving no request is closed to admit the new one; when every
 //!   connection is serving a request, new ones wait in the listen backlog.
@@ -299,7 +299,9 @@ async fn connection(
                 }
             }
             _ = tick.tick(), if !closing => {
-                if !st.has_requests() && st.quiet_for() >= limits.keep_alive_timeout {
+                // A started head is the header timeout's to end (with its 408), not this.
+                let idle = !st.has_requests() && !st.head_started.load(Ordering::Relaxed);
+                if idle && st.quiet_for() >= limits.keep_alive_timeout {
                     break;
                 }
             }
