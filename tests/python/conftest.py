@@ -6,6 +6,7 @@ smollm2-135m, which scripts/test.sh (or scripts/python-tests.sh) has fetched int
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -123,10 +124,11 @@ def stop_cleanly(server: Server) -> None:
     assert code == 0, f"the server exited with {code} after SIGTERM; stderr:\n{server.stderr()}"
 
 
-@pytest.fixture(scope="session")
-def server():
-    """The default server: prefix caching on, context 8192, 16 sequences."""
-    s = Server()
+@contextlib.contextmanager
+def running(*args: str, **kwargs):
+    """A server for a fixture's lifetime: stopped cleanly (SIGTERM, exit code 0) at the end, and a
+    failure if it died before."""
+    s = Server(*args, **kwargs)
     try:
         yield s
     finally:
@@ -134,32 +136,27 @@ def server():
             stop_cleanly(s)
         else:
             pytest.fail(f"the server died during the tests (exit code {s.proc.returncode}); stderr:\n{s.stderr()}")
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The default server: prefix caching on, context 8192, 16 sequences."""
+    with running() as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
 def qwen_server():
     """A server on qwen2.5-0.5b, whose chat template renders tools (the tool-calling tests)."""
-    s = Server("--ctx", "4096", model="qwen2.5-0.5b")
-    try:
+    with running("--ctx", "4096", model="qwen2.5-0.5b") as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            stop_cleanly(s)
-        else:
-            pytest.fail(f"the server died during the tests (exit code {s.proc.returncode}); stderr:\n{s.stderr()}")
 
 
 @pytest.fixture(scope="session")
 def small_server():
     """A server with an API key, one running sequence and room for one waiting request."""
-    s = Server("--max-num-seqs", "1", "--max-waiting", "1", "--kv-cache-mib", "64", api_key=API_KEY)
-    try:
+    with running("--max-num-seqs", "1", "--max-waiting", "1", "--kv-cache-mib", "64", api_key=API_KEY) as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            stop_cleanly(s)
-        else:
-            pytest.fail(f"the server died during the tests (exit code {s.proc.returncode}); stderr:\n{s.stderr()}")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, BIN, MODEL, Server, stop_cleanly
+from conftest import API_KEY, BIN, MODEL, Server, running, stop_cleanly
 
 GREEDY = {"temperature": 0}
 HEADER_TIMEOUT = 2
@@ -27,7 +27,7 @@ MAX_CONNECTIONS = 32
 def tight():
     """A server with short timeouts, a small connection cap, a 1 MiB body limit, an API key,
     and a KV cache of 64 MiB (1,456 tokens of SmolLM2), less than the model's context."""
-    s = Server(
+    with running(
         "--max-connections", str(MAX_CONNECTIONS),
         "--header-timeout", str(HEADER_TIMEOUT),
         "--keep-alive-timeout", str(KEEP_ALIVE_TIMEOUT),
@@ -35,14 +35,8 @@ def tight():
         "--max-body-mib", "1",
         "--kv-cache-mib", "64",
         api_key=API_KEY,
-    )
-    try:
+    ) as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            stop_cleanly(s)
-        else:
-            pytest.fail(f"the server died during the tests (exit code {s.proc.returncode}); stderr:\n{s.stderr()}")
 
 
 def openai_error(raw: bytes | str, status: int) -> dict:

@@ -18,8 +18,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, arguments_value, event_stream, function_tool, rename_param, tool_call_message, End,
-    Events, Piece, ToolCall,
+    answer_of, arguments_value, event_stream, function_tool, rename_param, stream_and_metadata,
+    tool_call_message, End, Events, Piece, ToolCall,
 };
 use super::Shared;
 
@@ -65,19 +65,7 @@ pub fn to_chat(body: &Map<String, Value>) -> ApiResult<Map<String, Value>> {
             ))
         }
     }
-    if let Some(s) = f.bool("stream")? {
-        out.insert("stream".into(), json!(s));
-        out.insert("stream_options".into(), json!({ "include_usage": true }));
-    }
-    match f.get("metadata") {
-        None | Some(Value::Object(_)) => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "metadata",
-                "`metadata` must be an object",
-            ))
-        }
-    }
+    stream_and_metadata(&f, &mut out)?;
     if let Some(t) = f.get("thinking") {
         if t["type"] != "disabled" {
             return Err(ApiError::invalid(
@@ -345,16 +333,6 @@ pub struct EventStream {
     failed: bool,
 }
 
-impl Events for EventStream {
-    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
-        EventStream::on(self, piece)
-    }
-
-    fn finish(&mut self) -> Vec<(&'static str, Value)> {
-        EventStream::finish(self)
-    }
-}
-
 impl EventStream {
     pub fn new(chat_id: &str, model: &str, input_tokens: u64) -> EventStream {
         EventStream {
@@ -406,9 +384,11 @@ impl EventStream {
             out.push(("ping", json!({ "type": "ping" })));
         }
     }
+}
 
+impl Events for EventStream {
     /// The events of one piece.
-    pub fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
+    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
         let mut out = Vec::new();
         match piece {
             Piece::Text(t) => {
@@ -452,7 +432,7 @@ impl EventStream {
     }
 
     /// The closing events.
-    pub fn finish(&mut self) -> Vec<(&'static str, Value)> {
+    fn finish(&mut self) -> Vec<(&'static str, Value)> {
         let mut out = Vec::new();
         if self.failed {
             return out;

@@ -3,12 +3,7 @@
 
 use super::*;
 
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
-}
+use crate::server::translate::obj;
 
 #[test]
 fn requests_become_chat_bodies() {

@@ -16,8 +16,8 @@ use serde_json::{json, Map, Value};
 use super::api::{self, ApiError, ApiResult, Fields};
 use super::generate::{count_refused, start_chat, Started};
 use super::translate::{
-    answer_of, event_stream, function_tool, rename_param, tool_call_message, End, Events, Piece,
-    ToolCall, Usage,
+    answer_of, event_stream, function_tool, rename_param, stream_and_metadata, tool_call_message,
+    End, Events, Piece, ToolCall, Usage,
 };
 use super::Shared;
 
@@ -74,19 +74,7 @@ pub fn to_chat(body: &Map<String, Value>) -> ApiResult<Map<String, Value>> {
             out.insert(name.into(), v.clone());
         }
     }
-    if let Some(s) = f.bool("stream")? {
-        out.insert("stream".into(), json!(s));
-        out.insert("stream_options".into(), json!({ "include_usage": true }));
-    }
-    match f.get("metadata") {
-        None | Some(Value::Object(_)) => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "metadata",
-                "`metadata` must be an object",
-            ))
-        }
-    }
+    stream_and_metadata(&f, &mut out)?;
     if let Some(tools) = f.get("tools") {
         out.insert("tools".into(), Value::Array(tools_of(tools)?));
     }
@@ -405,16 +393,6 @@ pub struct EventStream {
     failed: bool,
 }
 
-impl Events for EventStream {
-    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
-        EventStream::on(self, piece)
-    }
-
-    fn finish(&mut self) -> Vec<(&'static str, Value)> {
-        EventStream::finish(self)
-    }
-}
-
 impl EventStream {
     pub fn new(echo: Echo) -> EventStream {
         EventStream {
@@ -492,9 +470,11 @@ impl EventStream {
             }
         }
     }
+}
 
+impl Events for EventStream {
     /// The events of one piece.
-    pub fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
+    fn on(&mut self, piece: Piece) -> Vec<(&'static str, Value)> {
         let mut out = Vec::new();
         let index = self.done.len();
         match piece {
@@ -576,7 +556,7 @@ impl EventStream {
 
     /// The closing events: the open item's, then `response.completed` (or
     /// `response.incomplete`).
-    pub fn finish(&mut self) -> Vec<(&'static str, Value)> {
+    fn finish(&mut self) -> Vec<(&'static str, Value)> {
         let mut out = Vec::new();
         if self.failed {
             return out;

@@ -10,7 +10,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use super::api::ApiError;
+use super::api::{ApiError, ApiResult, Fields};
 use super::generate::Started;
 
 /// One tool call of an answer, as chat completions gives it.
@@ -212,6 +212,31 @@ pub fn arguments_value(arguments: &str) -> Value {
         return json!({});
     }
     serde_json::from_str(arguments).unwrap_or_else(|_| json!(arguments))
+}
+
+/// The translated APIs' `stream` (asking for usage in the last chunk, which their closing events
+/// need) and `metadata` (an object, checked and not passed on).
+pub fn stream_and_metadata(f: &Fields, out: &mut Map<String, Value>) -> ApiResult<()> {
+    if let Some(s) = f.bool("stream")? {
+        out.insert("stream".into(), json!(s));
+        out.insert("stream_options".into(), json!({ "include_usage": true }));
+    }
+    match f.get("metadata") {
+        None | Some(Value::Object(_)) => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "metadata",
+            "`metadata` must be an object",
+        )),
+    }
+}
+
+/// A JSON object literal as a map (the translation tests' requests).
+#[cfg(test)]
+pub fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("not an object: {v}"),
+    }
 }
 
 /// A translated API's stream: the events that each piece of the chat stream becomes, and those
