@@ -347,6 +347,29 @@ def test_wrong_method_is_json_405(tight):
             assert r.json()["error"]["message"], r.text
 
 
+def test_anthropic_routes_answer_transport_errors_in_anthropic_shape(tight):
+    """The body reader's 413 and 408 and routing's 405 and 404 under /v1/messages come in
+    Anthropic's error shape, as its SDK expects; the OpenAI routes keep OpenAI's."""
+    def anthropic_error(r_status, body, status, kind):
+        assert r_status == status, body
+        assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"], body
+
+    with tight.http() as h:
+        big = b'{"model": "x", "messages": "' + b"a" * (1 << 20) + b'"}'
+        r = h.post("/v1/messages", content=big, headers={"content-type": "application/json"})
+        anthropic_error(r.status_code, r.json(), 413, "request_too_large")
+        r = h.get("/v1/messages")
+        anthropic_error(r.status_code, r.json(), 405, "invalid_request_error")
+        r = h.post("/v1/messages/nope", json={})
+        anthropic_error(r.status_code, r.json(), 404, "not_found_error")
+        r = h.get("/v1/chat/completions")
+        assert r.status_code == 405 and "type" not in r.json() and r.json()["error"]["message"]
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: %s\r\nContent-Length: 100\r\n\r\n" % API_KEY.encode()
+    answer = raw(tight, head + b'{"model"', wait=BODY_TIMEOUT + 5).decode()
+    status = int(answer.split(" ", 2)[1])
+    anthropic_error(status, json.loads(answer.split("\r\n\r\n", 1)[1]), 408, "invalid_request_error")
+
+
 def test_bad_chunked_body_is_json_400(tight):
     data = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n" % API_KEY.encode()
     openai_error(raw(tight, data), 400)

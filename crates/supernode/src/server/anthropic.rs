@@ -541,9 +541,14 @@ fn error_type(status: StatusCode) -> &'static str {
     }
 }
 
-/// Middleware of the Anthropic routes: rewrites every error answer (from the handlers, the
-/// API key check or routing) from OpenAI's shape into Anthropic's.
+/// Middleware of the whole app that rewrites every error answer under `/v1/messages` (from the
+/// handlers, the API key check, routing or the body reader) from OpenAI's shape into
+/// Anthropic's; other paths pass through.
 pub async fn errors(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path != "/v1/messages" && !path.starts_with("/v1/messages/") {
+        return next.run(req).await;
+    }
     let resp = next.run(req).await;
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {

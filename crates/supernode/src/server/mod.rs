@@ -380,12 +380,10 @@ fn router(state: Shared) -> Router {
         true => Router::new().route("/", get(ui::page)),
         false => Router::new(),
     };
-    // Anthropic's routes answer every error in Anthropic's shape, the key check's included.
     let anthropic = Router::new()
         .route("/v1/messages", post(anthropic::messages_handler))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
-        .route_layer(axum::middleware::from_fn(anthropic::errors));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     let app = Router::new()
         .merge(v1)
         .merge(anthropic)
@@ -398,6 +396,9 @@ fn router(state: Shared) -> Router {
             state.clone(),
             read_body,
         ))
+        // Outside the body reader and routing: every error under /v1/messages (the handlers',
+        // the key check's, a 404 or 405, the body's 408 and 413) in Anthropic's shape.
+        .layer(axum::middleware::from_fn(anthropic::errors))
         .layer(axum::extract::DefaultBodyLimit::disable());
     let app = match &state.cors {
         Some(c) => app.layer(axum::middleware::from_fn_with_state(c.clone(), cors::layer)),
