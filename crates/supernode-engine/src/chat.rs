@@ -16,7 +16,7 @@
 
 use std::ops::Range;
 
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -97,8 +97,13 @@ impl ChatTemplate {
         eos_token: &str,
     ) -> Result<ChatTemplate, EngineError> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(|e| EngineError::template("compile", e.to_string()))?,
+        );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         // A template comes with the model file: its loops must not spin forever.
         env.set_fuel(Some(TEMPLATE_FUEL));
@@ -246,15 +251,15 @@ impl ChatTemplate {
         let mut kwargs = extras.kwargs.clone();
         kwargs.retain(|k, _| !RESERVED.contains(&k.as_str()));
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => Value::from_serialize(&extras.tools),
+            messages => Value::from(Serde(messages)),
+            tools => Value::from(Serde(&extras.tools)),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-            ..Value::from_serialize(&kwargs)
+            ..Value::from(Serde(&kwargs))
         };
-        // A template comes with the model file: a bug it reaches in minijinja (2.24 panics on
-        // the reverse slice of an empty sequence) is this request's error, not a crash.
+        // A template comes with the model file: a bug it reaches in minijinja (2.24 panicked on
+        // the reverse slice of an empty sequence) must be this request's error, not a crash.
         let mut out = Capped::default();
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tmpl.render_captured_to(ctx, &mut out).map(|_| ())
