@@ -156,6 +156,13 @@ fn deepseek_v3_without_query_lora_matches_transformers() {
     check_arch("deepseek_v3_noqlora");
 }
 
+/// DeepSeek-V3.2's sparse attention: each query past position 8 attends to the 8 positions its
+/// lightning indexer picks, over 130 tokens and in the greedy continuation.
+#[test]
+fn deepseek_v32_matches_transformers() {
+    check_arch("deepseek_v32");
+}
+
 /// How the fixture's `kv_b_proj` goes into the GGUF file.
 #[derive(Clone, Copy, PartialEq)]
 enum KvB {
@@ -380,6 +387,24 @@ fn deepseek_v3_kv_cache_holds_the_latent() {
     );
 }
 
+/// DeepSeek-V3.2's cache holds the latent (16), the roped key (8) and the indexer's key (16) per
+/// token and layer (3 layers of f32): 160 bytes a layer, where full K/V would be 4 heads ×
+/// (24 + 16) × 4 = 640; and the memory budget divides by it.
+#[test]
+fn deepseek_v32_kv_cache_holds_the_latent_and_the_indexer_keys() {
+    let model = load_model(&fixture_dir("deepseek_v32"), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let specs = model.kv_specs();
+    assert!(specs.iter().all(|s| s.index_dim == 16));
+    assert_eq!(KvCache::bytes_per_token(&specs), 3 * (16 + 8 + 16) * 4);
+    let per_block = KvCache::bytes_per_token(&specs) * supernode_engine::engine::BLOCK_SIZE;
+    assert_eq!(
+        supernode_engine::engine::EngineConfig::blocks_for_budget(&specs, 10 * per_block + 1),
+        10
+    );
+}
+
 /// The logits of every position of `tokens`, fed `chunk` tokens per forward pass, over a KV
 /// cache of `specs` whose blocks are handed out in reverse order; as bits.
 fn logits_over(model: &dyn Model, specs: &[KvLayerSpec], tokens: &[u32], chunk: usize) -> Vec<u32> {
@@ -422,6 +447,7 @@ fn quantized_f16_kv_cache_equals_an_f32_cache_bit_for_bit() {
         "qwen3_moe",
         "deepseek_v3",
         "deepseek_v3_noqlora",
+        "deepseek_v32",
     ] {
         let dir = fixture_dir(arch);
         let model = load_model(&dir, &quantized).unwrap().model;
@@ -469,6 +495,7 @@ fn command_line_matches_transformers_for_every_architecture() {
         "gemma3_text",
         "deepseek_v3",
         "deepseek_v3_noqlora",
+        "deepseek_v32",
     ] {
         let dir = fixture_dir(arch);
         let expected = read_json(&dir.join("expected.json"));
