@@ -387,6 +387,51 @@ fn deepseek_v3_kv_cache_holds_the_latent() {
     );
 }
 
+/// The V3.2 fixture as llama.cpp's own converter writes it (`model.gguf`, made by
+/// `tools/make_gguf_fixture.py`: its tensor names, `kv_b_proj` split into `attn_k_b` and
+/// `attn_v_b`, the `deepseek32.attention.indexer.*` keys) gives transformers' logits at every
+/// position and its greedy continuation.
+#[test]
+fn deepseek_v32_gguf_from_the_llama_cpp_converter_matches_transformers() {
+    let dir = fixture_dir("deepseek_v32");
+    let expected = read_json(&dir.join("expected.json"));
+    let model = load_model(&dir.join("model.gguf"), &LoadOptions::default())
+        .unwrap()
+        .model;
+    assert_eq!(
+        model
+            .config()
+            .mla
+            .as_ref()
+            .unwrap()
+            .indexer
+            .as_ref()
+            .unwrap()
+            .top_k,
+        8
+    );
+    let mut session = Session::new(model, None, None).unwrap();
+    check_logits("deepseek_v32 (llama.cpp's GGUF)", &mut session, &expected);
+    let want = ids(&expected["greedy"]["tokens"]);
+    let g = Generate {
+        params: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_tokens: want.len(),
+        ignore_eos: true,
+        ..Generate::default()
+    };
+    let got = session
+        .generate(&ids(&expected["greedy"]["prompt"]), &g, |_| true)
+        .unwrap()
+        .tokens;
+    assert_eq!(
+        got, want,
+        "deepseek_v32 (llama.cpp's GGUF): greedy continuation"
+    );
+}
+
 /// DeepSeek-V3.2's cache holds the latent (16), the roped key (8) and the indexer's key (16) per
 /// token and layer (3 layers of f32): 160 bytes a layer, where full K/V would be 4 heads ×
 /// (24 + 16) × 4 = 640; and the memory budget divides by it.
