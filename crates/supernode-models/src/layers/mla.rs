@@ -22,9 +22,7 @@
 //! a token is bounded by `top_k` however long the context. While a context has no more than
 //! `top_k` positions every one of them is picked, which is V3's dense attention bit for bit.
 
-use supernode_kernels::ops::{
-    attention_group, attention_group_at, attention_head, round_slice_f16, AttnShape,
-};
+use supernode_kernels::ops::{attention_group_at, attention_head, round_slice_f16, AttnShape};
 use supernode_kernels::pool;
 use supernode_kernels::scratch::zeroed;
 
@@ -166,33 +164,36 @@ impl BlockAttention for Mla {
             softcap: None,
             f16_rounding: self.f16_rounding,
         };
-        // Latent outputs `Σ p · c`: dense, one task per (token, head); sparse, one per token,
-        // its heads over the positions its indexer picks.
-        let mut lat = zeroed(n * heads * rank);
-        match &index {
-            None => pool::for_each_chunk_mut(&mut lat, rank, |i, o| {
-                let t = i / heads;
-                let table = batch.block_tables[batch.seq_of[t]];
-                let qh = &qa[i * kw..(i + 1) * kw];
-                let ctx = 0..batch.positions[t] + 1;
-                attention_head(qh, &view, 0, table, ctx, &shape, o);
-            }),
+        // Latent outputs `Σ p · c`, one task per (token, head): over the token's whole context,
+        // or (sparse) over the positions its indexer picked, chosen first, one task per token.
+        let picked: Vec<Vec<usize>> = match &index {
+            None => Vec::new(),
             Some((ix, queries)) => {
                 let keys = kv.index_view(block_size);
-                pool::for_each_chunk_mut(&mut lat, heads * rank, |t, o| {
-                    let table = batch.block_tables[batch.seq_of[t]];
-                    let qt = &qa[t * heads * kw..(t + 1) * heads * kw];
+                let mut picked = vec![Vec::new(); n];
+                pool::for_each_chunk_mut(&mut picked, 1, |t, out| {
                     let pos = batch.positions[t];
-                    if pos < ix.top_k {
-                        attention_group(qt, &view, 0, table, 0..pos + 1, &shape, o);
-                    } else {
-                        let mut picked = Vec::with_capacity(ix.top_k);
-                        ix.select(queries, t, &keys, table, pos, &mut picked);
-                        attention_group_at(qt, &view, 0, table, &picked, &shape, o);
+                    if pos >= ix.top_k {
+                        let table = batch.block_tables[batch.seq_of[t]];
+                        ix.select(queries, t, &keys, table, pos, &mut out[0]);
                     }
                 });
+                picked
             }
-        }
+        };
+        let mut lat = zeroed(n * heads * rank);
+        pool::for_each_chunk_mut(&mut lat, rank, |i, o| {
+            let t = i / heads;
+            let table = batch.block_tables[batch.seq_of[t]];
+            let qh = &qa[i * kw..(i + 1) * kw];
+            match picked.get(t).filter(|p| !p.is_empty()) {
+                Some(positions) => attention_group_at(qh, &view, 0, table, positions, &shape, o),
+                None => {
+                    let ctx = 0..batch.positions[t] + 1;
+                    attention_head(qh, &view, 0, table, ctx, &shape, o);
+                }
+            }
+        });
         // Per head `W_UV_h`, into the heads' concatenated outputs.
         let vd = self.v_dim;
         let mut attn = zeroed(n * heads * vd);
