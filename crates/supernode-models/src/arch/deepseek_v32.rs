@@ -215,4 +215,27 @@ mod tests {
         let e = err(&|v| v["mlp_layer_types"] = serde_json::json!(["dense", "sparse"]));
         assert!(e.contains("`mlp_layer_types`"), "{e}");
     }
+
+    /// llama.cpp's converter's file of the fixture (its `deepseek32.*` keys) gives the config
+    /// config.json gives; without an indexer key it is an error naming the key.
+    #[test]
+    fn deepseek32_gguf_matches_hf() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf/deepseek_v32/model.gguf");
+        let file = crate::gguf::read_gguf(&path).unwrap();
+        let gguf = ModelConfig::from_gguf(&file.metadata, 256).unwrap();
+        let hf = ModelConfig::from_hf(&fixture_config("deepseek_v32", "config.json")).unwrap();
+        assert_eq!(gguf.arch, Arch::DeepseekV32);
+        assert_eq!(gguf.mla, hf.mla);
+        assert_eq!(gguf.moe, hf.moe);
+        assert_eq!(gguf.rope.style, hf.rope.style);
+        assert!((gguf.attn_scale - hf.attn_scale).abs() < 1e-6);
+        let mut meta = file.metadata.clone();
+        meta.entries.remove("deepseek32.attention.indexer.top_k");
+        let e = ModelConfig::from_gguf(&meta, 256).unwrap_err().to_string();
+        assert!(
+            e.contains("missing `deepseek32.attention.indexer.top_k`"),
+            "{e}"
+        );
+    }
 }
