@@ -432,6 +432,55 @@ fn deepseek_v32_gguf_from_the_llama_cpp_converter_matches_transformers() {
     );
 }
 
+/// A V3.2 GGUF whose converter appended a multi-token-prediction layer (`block_count` 4 with
+/// `nextn_predict_layers` 1 and `blk.3.nextn.*` tensors, as for the real model's layer 61)
+/// loads with the decoder's 3 layers and gives the same logits, bit for bit.
+#[test]
+fn deepseek_v32_gguf_with_an_mtp_layer_loads_its_decoder() {
+    let dir = fixture_dir("deepseek_v32");
+    let file = supernode_models::gguf::read_gguf(&dir.join("model.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &file.metadata.entries {
+        let v = match k.as_str() {
+            "deepseek32.block_count" => MetaValue::U32(4),
+            "deepseek32.nextn_predict_layers" => MetaValue::U32(1),
+            _ => v.clone(),
+        };
+        w.meta(k, v);
+    }
+    for t in &file.tensors {
+        w.tensor(&t.name, t.dtype, &t.shape, t.bytes().to_vec());
+    }
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    let hidden = 64;
+    w.tensor(
+        "blk.3.nextn.eh_proj.weight",
+        supernode_kernels::DType::F32,
+        &[2 * hidden, hidden],
+        f32s(2 * hidden * hidden),
+    );
+    w.tensor(
+        "blk.3.nextn.enorm.weight",
+        supernode_kernels::DType::F32,
+        &[hidden],
+        f32s(hidden),
+    );
+    let path =
+        std::env::temp_dir().join(format!("supernode-dsv32-mtp-{}.gguf", std::process::id()));
+    w.write(&path).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
+    let logits = |p: &Path| {
+        let model = load_model(p, &LoadOptions::default()).unwrap().model;
+        assert_eq!(model.config().n_layers, 3);
+        Session::new(model, None, None)
+            .unwrap()
+            .logits(&tokens)
+            .unwrap()
+    };
+    assert_eq!(logits(&path), logits(&dir.join("model.gguf")));
+    std::fs::remove_file(&path).unwrap();
+}
+
 /// DeepSeek-V3.2's cache holds the latent (16), the roped key (8) and the indexer's key (16) per
 /// token and layer (3 layers of f32): 160 bytes a layer, where full K/V would be 4 heads ×
 /// (24 + 16) × 4 = 640; and the memory budget divides by it.
