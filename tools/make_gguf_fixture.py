@@ -15,6 +15,11 @@ For tests/fixtures/hf/<arch>/ (made by make_hf_fixtures.py) this writes, into th
   which the Rust test uses as its tolerance. `greedy` is llama.cpp's one-token-at-a-time greedy
   continuation of expected.json's prompt, with each step's top-1/top-2 margin.
 
+llama.cpp 0.3.36 runs a DeepSeek lightning indexer only with a Hadamard rotation of its keys whose size is a
+multiple of 64 (llama_kv_cache::build_input_k_rot), and aborts on a GGML_ASSERT in ggml_mul_mat otherwise; the
+deepseek_v32 fixture's index_head_dim is 16 (a 64-dim indexer with fewer heads ties at the top-k boundary and
+does not fit in 1 MB), so for it only --convert-only applies and the script refuses the reference run.
+
 Usage (the venv with torch, transformers, gguf and llama-cpp-python; --convert-only without the last):
     PYTHONPATH=$LLAMA/gguf-py python tools/make_gguf_fixture.py --llama-cpp $LLAMA [--convert-only] deepseek_v32
 where $LLAMA is the llama.cpp source tree of the installed llama-cpp-python (vendor/llama.cpp of its sdist).
@@ -122,6 +127,11 @@ def main():
     if a.convert_only:
         print(f"{a.arch}: model.gguf {os.path.getsize(out)} bytes")
         return
+    with open(os.path.join(d, "config.json")) as f:
+        index_dim = json.load(f).get("index_head_dim")
+    if index_dim is not None and index_dim % 64 != 0:
+        sys.exit(f"{a.arch}: index_head_dim {index_dim} is not a multiple of 64, which llama.cpp's indexer "
+                 "needs (its Hadamard rotation); model.gguf is written, llamacpp.json is not")
     with open(os.path.join(d, "expected.json")) as f:
         expected = json.load(f)
     ref = reference(out, expected)
