@@ -149,7 +149,29 @@ ARCHS = {
         "norm_topk_prob": False, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
     },
+    # 9. DeepSeek-V3.2: deepseek_v3's MLA, YaRN and MoE plus the DSA lightning indexer: 8 heads of 16 dims
+    #    (the first 8 roped in halves, not interleaved like MLA's; LayerNorm with bias on its key), scores
+    #    sum_h w_h relu(q_h.k / 4) / sqrt(8), and each query attends to its index_topk = 8 best positions
+    #    only: the 130-token input and the greedy continuation (5 + 16 tokens) go past 8, so the sparsity binds.
+    "deepseek_v32": {
+        "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+        "v_head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "index_n_heads": 8, "index_head_dim": 16, "index_topk": 8,
+        "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
+    },
 }
+
+# Input lengths where the default's longest (33) is too short to exercise an architecture.
+LENGTHS_OF = {"deepseek_v32": (1, 5, 130)}
 
 
 # Variants that must change the logits of the 33-token input: evidence that each trap is exercised.
@@ -184,6 +206,12 @@ TRAPS = {
             "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1}}, None),
         ("rope not interleaved", {"rope_interleave": False}, None),
     ],
+    "deepseek_v32": [
+        ("dense attention (index_topk 4096)", {"index_topk": 4096}, None),
+        ("index_topk 16", {"index_topk": 16}, None),
+        ("e_score_correction_bias zero", {}, "e_score_correction_bias"),
+        ("no yarn", {"rope_scaling": None}, None),
+    ],
 }
 
 
@@ -208,6 +236,38 @@ def trap_checks(arch, d, toks, lg):
         out[label] = (logits_of(m, toks) - lg).abs().max().item()
         del m
     return out
+
+
+def indexer_topk_gap(model, tokens):
+    """The smallest gap, over every layer and every query with more than index_topk positions before it,
+    between the index_topk-th best indexer score and the next one: how far the selection is from a tie
+    (float32 summation order moves a score by ~1e-6). Recomputed from the indexer's inputs as
+    DeepseekV32Indexer.forward computes them."""
+    gaps = []
+
+    def hook(mod, args, kwargs, _out):
+        hs, q_resid, (cos, sin), mask = args[:4]
+        from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+        b, s, _ = hs.shape
+        q = mod.wq_b(q_resid).view(b, s, mod.n_heads, mod.head_dim)
+        k = mod.k_norm(mod.wk(hs)).unsqueeze(2)
+        r = mod.qk_rope_head_dim
+        q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin, unsqueeze_dim=2)
+        q = torch.cat([q_rot, q[..., r:]], -1)
+        k = torch.cat([k_rot, k[..., r:]], -1).squeeze(2)
+        sc = torch.relu(torch.matmul(q, k.transpose(-1, -2).unsqueeze(1)) * mod.softmax_scale)
+        w = mod.weights_proj(hs) * mod.n_heads ** -0.5
+        idx = torch.matmul(w.unsqueeze(-2), sc).squeeze(-2)[0]
+        for i in range(mod.index_topk, s):
+            top = torch.sort(idx[i, : i + 1], descending=True).values
+            gaps.append((top[mod.index_topk - 1] - top[mod.index_topk]).item())
+
+    hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
+             if type(m).__name__ == "DeepseekV32Indexer"]
+    logits_of(model, tokens)
+    for h in hooks:
+        h.remove()
+    return min(gaps)
 
 
 def is_norm(name):
@@ -302,12 +362,16 @@ def build(arch, out_dir):
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(legacy, f, indent=2)
         f.write("\n")
+    # The expected outputs are those of the saved model as it loads back: for deepseek_v32 the model built
+    # in memory differs from its reloaded self in the last float32 bits (~5e-6 on the logits).
+    model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
 
     # inputs
     vocab = hub_cfg["vocab_size"]
     inputs = []
     ref = {}
-    for n in LENGTHS:
+    for n in LENGTHS_OF.get(arch, LENGTHS):
         toks = torch.randint(0, vocab, (n,), generator=gen).tolist()
         lg = logits_of(model, toks)
         ref[n] = (toks, lg)
@@ -362,7 +426,10 @@ def build(arch, out_dir):
     report["min_margin"] = min_margin
     report["files"] = {fn: os.path.getsize(os.path.join(d, fn)) for fn in sorted(os.listdir(d))}
     report["patterns"] = name_patterns(os.path.join(d, "model.safetensors"))
-    report["traps"] = trap_checks(arch, d, *ref[max(LENGTHS)])
+    longest = max(LENGTHS_OF.get(arch, LENGTHS))
+    report["traps"] = trap_checks(arch, d, *ref[longest])
+    if hub_cfg.get("index_topk"):
+        report["topk_gap"] = indexer_topk_gap(model, ref[longest][0])
     report["params"] = sum(p.numel() for p in model.parameters())
     return report, config
 
@@ -396,6 +463,8 @@ def main():
               f"({', '.join(f'{k} {v}' for k, v in rep['files'].items())})")
         print(f"   reload diffs: {rep['reload_config.json']} / {rep['reload_config.transformers5.json']}; "
               f"|logit| max {rep['logit_absmax']:.3f}; greedy min top-2 margin {rep['min_margin']:.4f}")
+        if "topk_gap" in rep:
+            print(f"   indexer: smallest gap at the top-k boundary {rep['topk_gap']:.4g}")
         for k, v in rep["traps"].items():
             print(f"   trap check: {k}: max |dlogit| {v:.4g}" + ("   <-- DOES NOT BITE" if v < 1e-4 else ""))
         print(f"   transformers view: {describe(arch, config)}")

@@ -172,6 +172,35 @@ fn moe_and_mla_outputs_do_not_depend_on_the_batch() {
     batch_invariance("deepseek_v3");
 }
 
+/// DeepSeek-V3.2's sparse attention (each query past position 8 attends to the 8 positions its
+/// indexer picks from the cached indexer keys): 12 sequences at once, chunked between each
+/// other's decodes, and preempted and recomputed, give each one's output alone.
+#[test]
+fn sparse_attention_outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    batch_invariance("deepseek_v32");
+}
+
+/// The indexer's keys are per token and cached beside the latent, so a prefix-cache hit gives
+/// a query the same keys to pick from as computing the prefix again: the same tokens, with the
+/// shared blocks counted as cached.
+#[test]
+fn sparse_attention_reuses_a_shared_prefix() {
+    let e = engine_of("deepseek_v32", 4, 256, 64);
+    let cold = engine_of("deepseek_v32", 4, 256, 64);
+    let base = prompts(40).into_iter().max_by_key(|p| p.len()).unwrap();
+    let (first, _) = submit(&e, base.clone(), 12).wait();
+    let (again, f2) = submit(&e, base.clone(), 12).wait();
+    assert_eq!(again, first);
+    assert_eq!(f2.cached_tokens, (base.len() - 1) / 16 * 16);
+    let mut other = base[..64].to_vec();
+    other.extend([1, 2, 3]);
+    let (hit, f3) = submit(&e, other.clone(), 12).wait();
+    assert_eq!(f3.cached_tokens, 64);
+    let (computed, f4) = submit(&cold, other, 12).wait();
+    assert_eq!(f4.cached_tokens, 0);
+    assert_eq!(hit, computed);
+}
+
 fn batch_invariance(arch: &str) {
     let engine = |a, b, c| engine_of(arch, a, b, c);
     let ps = prompts(12);

@@ -4,6 +4,10 @@
 //! (its block pool); the model's one attention layer writes and reads rows through a
 //! [`Batch`]'s block tables. Layers may differ in geometry (e.g. MLA stores a latent).
 //!
+//! A layer of sparse attention (DeepSeek-V3.2's lightning indexer) also keeps its indexer's key
+//! per token, in rows of its own beside the keys ([`KvLayerSpec::index_dim`]): paged by the same
+//! slots, so blocks, preemption and prefix caching treat them as part of the token's KV.
+//!
 //! Rows are f32, or f16 where the layer rounds its keys and values to f16 before writing them
 //! ([`KvDType::for_rounding`]): as llama.cpp's f16 cache, at half the bytes.
 
@@ -23,6 +27,9 @@ pub struct KvLayerSpec {
     pub v_dim: usize,
     pub values: KvValues,
     pub dtype: KvDType,
+    /// Values of a sparse-attention indexer's key per token (DeepSeek-V3.2's lightning
+    /// indexer), in their own rows; 0 for none.
+    pub index_dim: usize,
 }
 
 /// The element type of a layer's cache rows.
@@ -76,6 +83,21 @@ impl KvLayerSpec {
             v_dim: kv_lora_rank,
             values: KvValues::InKeys,
             dtype,
+            index_dim: 0,
+        }
+    }
+
+    /// [`KvLayerSpec::mla`] with the `index_dim` values of a lightning indexer's key per token
+    /// (DeepSeek-V3.2's sparse attention over the latent cache).
+    pub fn mla_indexed(
+        kv_lora_rank: usize,
+        rope_dim: usize,
+        index_dim: usize,
+        dtype: KvDType,
+    ) -> KvLayerSpec {
+        KvLayerSpec {
+            index_dim,
+            ..KvLayerSpec::mla(kv_lora_rank, rope_dim, dtype)
         }
     }
 
@@ -88,10 +110,11 @@ impl KvLayerSpec {
         (self.n_kv_heads * self.k_dim, v)
     }
 
-    /// Values stored per token (keys and values of all heads), of `dtype` each.
+    /// Values stored per token (keys and values of all heads, and the indexer's key), of
+    /// `dtype` each.
     pub fn floats_per_token(&self) -> usize {
         let (k, v) = self.stored_widths();
-        k + v
+        k + v + self.index_dim
     }
 
     /// Bytes stored per token.
@@ -193,6 +216,8 @@ pub struct LayerKv {
     pub spec: KvLayerSpec,
     pub k: KvData,
     pub v: KvData,
+    /// The indexer's key rows (`spec.index_dim` per slot; empty without an indexer).
+    pub index: KvData,
 }
 
 /// The whole cache.
@@ -233,6 +258,7 @@ impl KvCache {
                     spec,
                     k: KvData::zeros(spec.dtype, len(kw, spec.dtype)?)?,
                     v: KvData::zeros(spec.dtype, len(vw, spec.dtype)?)?,
+                    index: KvData::zeros(spec.dtype, len(spec.index_dim, spec.dtype)?)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -307,6 +333,26 @@ impl LayerKv {
         self.v.write(slot * vw, v);
     }
 
+    /// Writes the indexer's key of one token into `slot` (rounded to f16 first where the rows
+    /// are f16, as every row of such a layer is).
+    pub fn write_index(&mut self, slot: usize, key: &[f32]) {
+        let d = self.spec.index_dim;
+        assert_eq!(key.len(), d, "LayerKv::write_index: bad row size");
+        self.index.write(slot * d, key);
+    }
+
+    /// The indexer's keys as the kernels read them: one "head" of `index_dim` per slot.
+    pub fn index_view(&self, block_size: usize) -> KvView<'_> {
+        KvView {
+            k: self.index.rows(),
+            v: self.index.rows(),
+            block_size,
+            n_kv_heads: 1,
+            k_dim: self.spec.index_dim,
+            v_dim: self.spec.index_dim,
+        }
+    }
+
     /// A read-only view for the attention kernel. When the values live in the keys, the view's
     /// values are the key rows (stride `k_dim`), of which the kernel reads the first
     /// `AttnShape::v_dim`.
@@ -345,6 +391,7 @@ mod tests {
             v_dim: 128,
             values: KvValues::Stored,
             dtype: KvDType::F32,
+            index_dim: 0,
         };
         assert_eq!(
             KvCache::bytes_per_token(&vec![full; 61]),
@@ -373,6 +420,7 @@ mod tests {
             v_dim: 1,
             values: KvValues::Stored,
             dtype: KvDType::F32,
+            index_dim: 0,
         };
         let err = KvCache::new(&[spec], 1 << 12, 1 << 12).unwrap_err();
         assert!(err.to_string().contains("--kv-cache-mib"), "{err}");
@@ -388,6 +436,7 @@ mod tests {
             v_dim: 1,
             values: KvValues::Stored,
             dtype: KvDType::F32,
+            index_dim: 0,
         };
         let err = KvCache::new(&[huge], 1 << 16, 1 << 8).unwrap_err();
         assert!(err.to_string().contains("overflows"), "{err}");
@@ -405,6 +454,7 @@ mod tests {
             v_dim: 2,
             values: KvValues::Stored,
             dtype,
+            index_dim: 0,
         };
         let (f32_spec, f16_spec) = (gqa(KvDType::F32), gqa(KvDType::F16));
         assert_eq!(f32_spec.bytes_per_token(), (6 + 4) * 4);
@@ -432,5 +482,34 @@ mod tests {
         let view = layer.view(2);
         assert_eq!(view.v_dim, 6);
         assert_eq!(widened(view.v)[30..33], bits(&k[..3])[..]);
+    }
+
+    /// DeepSeek-V3.2's layer keeps the indexer's key beside the latent: 512 + 64 + 128 values
+    /// per token and layer, counted in the bytes a memory budget divides by; the keys have
+    /// rows of their own, paged by the same slots.
+    #[test]
+    fn indexed_mla_keeps_the_indexer_keys_per_slot() {
+        let spec = KvLayerSpec::mla_indexed(512, 64, 128, KvDType::F16);
+        assert_eq!(spec.floats_per_token(), 512 + 64 + 128);
+        assert_eq!(KvCache::bytes_per_token(&[spec; 61]), 61 * 704 * 2);
+        let mut cache =
+            KvCache::new(&[KvLayerSpec::mla_indexed(3, 2, 4, KvDType::F32)], 2, 3).unwrap();
+        let layer = &mut cache.layers[0];
+        assert_eq!(
+            (layer.k.len(), layer.v.len(), layer.index.len()),
+            (30, 0, 24)
+        );
+        layer.write(5, &[1.0, 2.0, 3.0, 4.0, 5.0], &[]);
+        layer.write_index(5, &[6.0, 7.0, 8.0, 9.0]);
+        let view = layer.index_view(2);
+        assert_eq!((view.k_dim, view.n_kv_heads), (4, 1));
+        let KvRows::F32(rows) = view.k else {
+            panic!("f32 rows expected")
+        };
+        assert_eq!(&rows[20..24], &[6.0, 7.0, 8.0, 9.0]);
+        let KvRows::F32(keys) = layer.view(2).k else {
+            panic!("f32 rows expected")
+        };
+        assert_eq!(&keys[25..30], &[1.0, 2.0, 3.0, 4.0, 5.0]);
     }
 }

@@ -44,6 +44,8 @@ const MOE: &[&str] = &[
     "deepseek_v2",
     "deepseek_v3",
     "deepseek2",
+    "deepseek_v32",
+    "deepseek32",
 ];
 
 /// One mapping: HF pattern, GGUF pattern, the architectures it holds for.

@@ -156,6 +156,13 @@ fn deepseek_v3_without_query_lora_matches_transformers() {
     check_arch("deepseek_v3_noqlora");
 }
 
+/// DeepSeek-V3.2's sparse attention: each query past position 8 attends to the 8 positions its
+/// lightning indexer picks, over 130 tokens and in the greedy continuation.
+#[test]
+fn deepseek_v32_matches_transformers() {
+    check_arch("deepseek_v32");
+}
+
 /// How the fixture's `kv_b_proj` goes into the GGUF file.
 #[derive(Clone, Copy, PartialEq)]
 enum KvB {
@@ -380,6 +387,118 @@ fn deepseek_v3_kv_cache_holds_the_latent() {
     );
 }
 
+/// The V3.2 fixture as llama.cpp's own converter writes it (`model.gguf`, made by
+/// `tools/make_gguf_fixture.py`: its tensor names, `kv_b_proj` split into `attn_k_b` and
+/// `attn_v_b`, the `deepseek32.attention.indexer.*` keys) gives transformers' logits at every
+/// position and its greedy continuation.
+#[test]
+fn deepseek_v32_gguf_from_the_llama_cpp_converter_matches_transformers() {
+    let dir = fixture_dir("deepseek_v32");
+    let expected = read_json(&dir.join("expected.json"));
+    let model = load_model(&dir.join("model.gguf"), &LoadOptions::default())
+        .unwrap()
+        .model;
+    assert_eq!(
+        model
+            .config()
+            .mla
+            .as_ref()
+            .unwrap()
+            .indexer
+            .as_ref()
+            .unwrap()
+            .top_k,
+        8
+    );
+    let mut session = Session::new(model, None, None).unwrap();
+    check_logits("deepseek_v32 (llama.cpp's GGUF)", &mut session, &expected);
+    let want = ids(&expected["greedy"]["tokens"]);
+    let g = Generate {
+        params: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_tokens: want.len(),
+        ignore_eos: true,
+        ..Generate::default()
+    };
+    let got = session
+        .generate(&ids(&expected["greedy"]["prompt"]), &g, |_| true)
+        .unwrap()
+        .tokens;
+    assert_eq!(
+        got, want,
+        "deepseek_v32 (llama.cpp's GGUF): greedy continuation"
+    );
+}
+
+/// A V3.2 GGUF whose converter appended a multi-token-prediction layer (`block_count` 4 with
+/// `nextn_predict_layers` 1 and `blk.3.nextn.*` tensors, as for the real model's layer 61)
+/// loads with the decoder's 3 layers and gives the same logits, bit for bit.
+#[test]
+fn deepseek_v32_gguf_with_an_mtp_layer_loads_its_decoder() {
+    let dir = fixture_dir("deepseek_v32");
+    let file = supernode_models::gguf::read_gguf(&dir.join("model.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &file.metadata.entries {
+        let v = match k.as_str() {
+            "deepseek32.block_count" => MetaValue::U32(4),
+            "deepseek32.nextn_predict_layers" => MetaValue::U32(1),
+            _ => v.clone(),
+        };
+        w.meta(k, v);
+    }
+    for t in &file.tensors {
+        w.tensor(&t.name, t.dtype, &t.shape, t.bytes().to_vec());
+    }
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    let hidden = 64;
+    w.tensor(
+        "blk.3.nextn.eh_proj.weight",
+        supernode_kernels::DType::F32,
+        &[2 * hidden, hidden],
+        f32s(2 * hidden * hidden),
+    );
+    w.tensor(
+        "blk.3.nextn.enorm.weight",
+        supernode_kernels::DType::F32,
+        &[hidden],
+        f32s(hidden),
+    );
+    let path =
+        std::env::temp_dir().join(format!("supernode-dsv32-mtp-{}.gguf", std::process::id()));
+    w.write(&path).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
+    let logits = |p: &Path| {
+        let model = load_model(p, &LoadOptions::default()).unwrap().model;
+        assert_eq!(model.config().n_layers, 3);
+        Session::new(model, None, None)
+            .unwrap()
+            .logits(&tokens)
+            .unwrap()
+    };
+    assert_eq!(logits(&path), logits(&dir.join("model.gguf")));
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// DeepSeek-V3.2's cache holds the latent (16), the roped key (8) and the indexer's key (16) per
+/// token and layer (3 layers of f32): 160 bytes a layer, where full K/V would be 4 heads ×
+/// (24 + 16) × 4 = 640; and the memory budget divides by it.
+#[test]
+fn deepseek_v32_kv_cache_holds_the_latent_and_the_indexer_keys() {
+    let model = load_model(&fixture_dir("deepseek_v32"), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let specs = model.kv_specs();
+    assert!(specs.iter().all(|s| s.index_dim == 16));
+    assert_eq!(KvCache::bytes_per_token(&specs), 3 * (16 + 8 + 16) * 4);
+    let per_block = KvCache::bytes_per_token(&specs) * supernode_engine::engine::BLOCK_SIZE;
+    assert_eq!(
+        supernode_engine::engine::EngineConfig::blocks_for_budget(&specs, 10 * per_block + 1),
+        10
+    );
+}
+
 /// The logits of every position of `tokens`, fed `chunk` tokens per forward pass, over a KV
 /// cache of `specs` whose blocks are handed out in reverse order; as bits.
 fn logits_over(model: &dyn Model, specs: &[KvLayerSpec], tokens: &[u32], chunk: usize) -> Vec<u32> {
@@ -422,6 +541,7 @@ fn quantized_f16_kv_cache_equals_an_f32_cache_bit_for_bit() {
         "qwen3_moe",
         "deepseek_v3",
         "deepseek_v3_noqlora",
+        "deepseek_v32",
     ] {
         let dir = fixture_dir(arch);
         let model = load_model(&dir, &quantized).unwrap().model;
@@ -469,6 +589,7 @@ fn command_line_matches_transformers_for_every_architecture() {
         "gemma3_text",
         "deepseek_v3",
         "deepseek_v3_noqlora",
+        "deepseek_v32",
     ] {
         let dir = fixture_dir(arch);
         let expected = read_json(&dir.join("expected.json"));

@@ -148,6 +148,103 @@ pub fn attention_group(
     shape: &AttnShape,
     out: &mut [f32],
 ) {
+    attend(q, kv, shape, out, |k_bases, v_bases| {
+        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases)
+    });
+}
+
+/// [`attention_group`] over the listed `positions` of the sequence (ascending, each cached)
+/// instead of a causal range: the top-k of DeepSeek Sparse Attention. Only those rows are read,
+/// so the work is proportional to `positions.len()`, not to the context. The same kernels as
+/// [`attention_group`]: bit-identical to it when `positions` is a whole range.
+pub fn attention_group_at(
+    q: &[f32],
+    kv: &KvView,
+    kv_head: usize,
+    block_table: &[u32],
+    positions: &[usize],
+    shape: &AttnShape,
+    out: &mut [f32],
+) {
+    attend(q, kv, shape, out, |k_bases, v_bases| {
+        let bs = kv.block_size;
+        let rows = positions
+            .iter()
+            .map(|&p| (block_table[p / bs] as usize * bs + p % bs) * kv.n_kv_heads + kv_head);
+        k_bases.extend(rows.clone().map(|row| row * kv.k_dim));
+        v_bases.extend(rows.map(|row| row * kv.v_dim));
+    });
+}
+
+/// DeepSeek Sparse Attention's lightning indexer for one query token: the score of each cached
+/// position `p` of `ctx`, `Σ_h w[h] · relu(scale · q_h · k_p)`, into `out` (`ctx.len()`
+/// values). `q` holds `w.len()` heads of `keys.k_dim` values; `keys` has one key row per token
+/// (one KV head). Each score is computed alone, its heads summed in order: the results do not
+/// depend on the batch or on how the context was chunked.
+pub fn index_scores(
+    q: &[f32],
+    w: &[f32],
+    keys: &KvView,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (d, g, m) = (keys.k_dim, w.len(), ctx.len());
+    assert_eq!(q.len(), g * d, "index_scores: q is not one row per weight");
+    assert_eq!(
+        out.len(),
+        m,
+        "index_scores: out is not one score per position"
+    );
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch {
+            weights,
+            k_bases,
+            v_bases,
+            ..
+        } = scratch;
+        k_bases.clear();
+        v_bases.clear();
+        group_bases(keys, 0, block_table, ctx, k_bases, v_bases);
+        weights.resize(g * m, 0.0);
+        let raw = &mut weights[..g * m];
+        keys.k.dot_rows(q, d, k_bases, raw);
+        for (p, o) in out.iter_mut().enumerate() {
+            *o = w
+                .iter()
+                .enumerate()
+                .map(|(h, &wh)| wh * (scale * raw[h * m + p]).max(0.0))
+                .fold(0.0, |acc, x| acc + x);
+        }
+    });
+}
+
+/// The `k` best-scored positions, ascending: position `start + i` scores `scores[i]`; of equal
+/// scores the earlier position wins (a total order, so the choice depends on nothing else); all
+/// of them when `k >= scores.len()`. Appended to `out`.
+pub fn top_k_positions(scores: &[f32], start: usize, k: usize, out: &mut Vec<usize>) {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    if k < idx.len() {
+        let better = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+        if k > 0 {
+            idx.select_nth_unstable_by(k - 1, better);
+        }
+        idx.truncate(k);
+        idx.sort_unstable();
+    }
+    out.extend(idx.into_iter().map(|i| start + i));
+}
+
+/// The body of [`attention_group`] and [`attention_group_at`]: `bases` lists the K and V row
+/// offsets of the positions attended to, in order.
+fn attend(
+    q: &[f32],
+    kv: &KvView,
+    shape: &AttnShape,
+    out: &mut [f32],
+    bases: impl FnOnce(&mut Vec<usize>, &mut Vec<usize>),
+) {
     let (k_dim, v_dim) = (shape.k_dim, shape.v_dim);
     let g = q.len() / k_dim;
     assert_eq!(q.len(), g * k_dim, "attention_group: q is not whole heads");
@@ -165,7 +262,7 @@ pub fn attention_group(
         } = scratch;
         k_bases.clear();
         v_bases.clear();
-        group_bases(kv, kv_head, block_table, ctx, k_bases, v_bases);
+        bases(k_bases, v_bases);
         let (k_bases, v_bases) = (&*k_bases, &*v_bases);
         let m = k_bases.len();
         if m == 0 {

@@ -15,8 +15,8 @@ mod tests;
 
 pub use activation::{gelu_f16_table, gelu_tanh, glu_inplace, silu, Activation};
 pub use attention::{
-    attention_group, attention_groups_parallel, attention_head, AttnShape, GroupSpan, KvRows,
-    KvView,
+    attention_group, attention_group_at, attention_groups_parallel, attention_head, index_scores,
+    top_k_positions, AttnShape, GroupSpan, KvRows, KvView,
 };
 
 use crate::simd::scale_round;
@@ -40,6 +40,24 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32, w_offset: f32) {
     let scale = (1.0 / (ss / x.len() as f64 + f64::from(eps)).sqrt()) as f32;
     for (v, &g) in x.iter_mut().zip(w) {
         *v = *v * scale * (g + w_offset);
+    }
+}
+
+/// LayerNorm in place: `x = (x - mean) / sqrt(var + eps) * w + b`, the mean and the (biased)
+/// variance accumulated in f64 (DeepSeek-V3.2's indexer keys).
+pub fn layer_norm_inplace(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    debug_assert_eq!(x.len(), w.len());
+    debug_assert_eq!(x.len(), b.len());
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let rstd = 1.0 / (var + f64::from(eps)).sqrt();
+    for ((v, &g), &c) in x.iter_mut().zip(w).zip(b) {
+        *v = ((f64::from(*v) - mean) * rstd) as f32 * g + c;
     }
 }
 

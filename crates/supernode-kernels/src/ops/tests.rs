@@ -416,3 +416,157 @@ fn assert_glu_is_scalar(act: Activation, x: &[f32], up: &[f32]) {
         );
     }
 }
+
+/// LayerNorm against its definition: zero mean, unit variance, then `* w + b`.
+#[test]
+fn layer_norm_matches_definition() {
+    let x = [1.0f32, -2.0, 3.0, 0.5];
+    let (w, b) = ([1.0f32, 0.5, 2.0, -1.0], [0.1f32, 0.0, -0.2, 0.3]);
+    let mean = 2.5f64 / 4.0;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / 4.0;
+    let mut y = x;
+    layer_norm_inplace(&mut y, &w, &b, 1e-6);
+    for i in 0..4 {
+        let want =
+            (f64::from(x[i]) - mean) / (var + 1e-6).sqrt() * f64::from(w[i]) + f64::from(b[i]);
+        assert!(
+            (f64::from(y[i]) - want).abs() < 1e-6,
+            "{i}: {} vs {want}",
+            y[i]
+        );
+    }
+}
+
+/// Sparse attention over listed positions: over a whole range it is `attention_group` bit for
+/// bit; over a subset it is the naive softmax over those positions alone (f32 and f16 rows).
+#[test]
+fn attention_at_positions_is_attention_over_those_positions() {
+    let mut rng = Lcg(11);
+    let (block_size, k_dim, v_dim, g) = (4, 12, 8, 3);
+    let table = [2u32, 0, 3, 1];
+    let slots = table.len() * block_size;
+    let k: Vec<f32> = (0..slots * k_dim).map(|_| rng.next() * 2.0).collect();
+    let q: Vec<f32> = (0..g * k_dim).map(|_| rng.next()).collect();
+    let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+    let view = |rows| KvView {
+        k: rows,
+        v: rows,
+        block_size,
+        n_kv_heads: 1,
+        k_dim,
+        v_dim: k_dim,
+    };
+    let shape = AttnShape {
+        n_heads: g,
+        n_kv_heads: 1,
+        k_dim,
+        v_dim,
+        scale: 0.3,
+        softcap: None,
+        f16_rounding: false,
+    };
+    for kv in [view(KvRows::F32(&k)), view(KvRows::F16(&k16))] {
+        let all: Vec<usize> = (0..13).collect();
+        let (mut a, mut b) = (vec![0.0; g * v_dim], vec![0.0; g * v_dim]);
+        attention_group(&q, &kv, 0, &table, 0..13, &shape, &mut a);
+        attention_group_at(&q, &kv, 0, &table, &all, &shape, &mut b);
+        assert_eq!(a, b);
+        let some = [1usize, 4, 5, 11, 15];
+        attention_group_at(&q, &kv, 0, &table, &some, &shape, &mut b);
+        let row = |p: usize| -> Vec<f32> {
+            let slot = table[p / block_size] as usize * block_size + p % block_size;
+            match kv.k {
+                KvRows::F32(x) => x[slot * k_dim..(slot + 1) * k_dim].to_vec(),
+                KvRows::F16(x) => x[slot * k_dim..(slot + 1) * k_dim]
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+            }
+        };
+        for h in 0..g {
+            let qh = &q[h * k_dim..(h + 1) * k_dim];
+            let s: Vec<f64> = some
+                .iter()
+                .map(|&p| {
+                    row(p)
+                        .iter()
+                        .zip(qh)
+                        .map(|(a, b)| f64::from(a * b))
+                        .sum::<f64>()
+                        * 0.3
+                })
+                .collect();
+            let max = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..v_dim {
+                let want: f64 = some
+                    .iter()
+                    .zip(&e)
+                    .map(|(&p, w)| w / sum * f64::from(row(p)[c]))
+                    .sum();
+                let got = f64::from(b[h * v_dim + c]);
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "head {h} col {c}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// The lightning indexer's scores against their definition, and the top-k choice: best scores,
+/// ties to the earlier position, ascending, everything when k covers the context.
+#[test]
+fn index_scores_and_top_k() {
+    let mut rng = Lcg(5);
+    let (block_size, d, g) = (4, 6, 3);
+    let table = [1u32, 2, 0];
+    let k: Vec<f32> = (0..table.len() * block_size * d)
+        .map(|_| rng.next())
+        .collect();
+    let q: Vec<f32> = (0..g * d).map(|_| rng.next()).collect();
+    let w = [0.7f32, -0.4, 1.1];
+    let kv = KvView {
+        k: KvRows::F32(&k),
+        v: KvRows::F32(&k),
+        block_size,
+        n_kv_heads: 1,
+        k_dim: d,
+        v_dim: d,
+    };
+    let mut out = vec![0.0; 7];
+    index_scores(&q, &w, &kv, &table, 3..10, 0.5, &mut out);
+    for (i, p) in (3..10).enumerate() {
+        let slot = table[p / block_size] as usize * block_size + p % block_size;
+        let kp = &k[slot * d..(slot + 1) * d];
+        let want: f64 = (0..g)
+            .map(|h| {
+                let dot: f64 = q[h * d..(h + 1) * d]
+                    .iter()
+                    .zip(kp)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                f64::from(w[h]) * (0.5 * dot).max(0.0)
+            })
+            .sum();
+        assert!(
+            (f64::from(out[i]) - want).abs() < 1e-5,
+            "{p}: {} vs {want}",
+            out[i]
+        );
+    }
+    let mut sel = Vec::new();
+    top_k_positions(&[0.5, 2.0, -1.0, 2.0, 0.0, 3.0], 10, 3, &mut sel);
+    assert_eq!(sel, [11, 13, 15]);
+    sel.clear();
+    top_k_positions(&[0.0, 0.0, 0.0, 1.0], 0, 2, &mut sel);
+    assert_eq!(sel, [0, 3], "ties go to the earlier position");
+    sel.clear();
+    top_k_positions(&[3.0, 1.0], 4, 8, &mut sel);
+    assert_eq!(sel, [4, 5]);
+}

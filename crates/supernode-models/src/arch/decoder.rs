@@ -308,6 +308,8 @@ mod tests {
             "ffn_out",
             "l_out",
         ];
+        let mut mla_indexed = mla.to_vec();
+        mla_indexed.insert(3, "indexer_k");
         for precision in [Precision::Exact, Precision::Quantized] {
             for arch in ["llama", "qwen3_moe"] {
                 let (cfg, w) = fixture(arch, precision);
@@ -317,6 +319,8 @@ mod tests {
             check_trace(&gemma3::load(cfg, &w).unwrap(), &sandwich);
             let (cfg, w) = fixture("deepseek_v3", precision);
             check_trace(&deepseek_v3::load(cfg, &w).unwrap(), &mla);
+            let (cfg, w) = fixture("deepseek_v32", precision);
+            check_trace(&deepseek_v3::load(cfg, &w).unwrap(), &mla_indexed);
         }
     }
 }

@@ -47,8 +47,14 @@ pub const FAMILY: Family = Family {
     hf_names: HF_NAMES,
 };
 
-/// Multi-head latent attention (DeepSeek-V2/V3).
-const MLA: &[&str] = &["deepseek_v2", "deepseek_v3", "deepseek2"];
+/// Multi-head latent attention (DeepSeek-V2/V3, and V3.2 with its indexer).
+const MLA: &[&str] = &[
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek2",
+    "deepseek_v32",
+    "deepseek32",
+];
 
 /// The router's selection bias, the shared experts and the MLA projections and norms (the
 /// router and routed experts are in the shared table).
@@ -132,8 +138,10 @@ fn read_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
 /// rope`) or `key_length` / `value_length` (older ones); the MoE from `expert_*` keys, the
 /// first `leading_dense_block_count` layers dense; the YaRN softmax correction from
 /// `rope.scaling.yarn_log_multiplier` (`0.1 * mscale_all_dim`).
-fn deepseek2_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
-    let key = |k: &str| format!("deepseek2.{k}");
+pub(crate) fn deepseek2_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
+    // `deepseek2`, or `deepseek32` for V3.2, whose keys are V3's plus the indexer's.
+    let arch = cfg.arch.gguf_name();
+    let key = |k: &str| format!("{arch}.{k}");
     let opt = |k: &str| meta.get_usize(&key(k));
     let req = |k: &str| -> Result<usize> {
         opt(k)?.ok_or_else(|| ModelError::Metadata(format!("missing `{}`", key(k))))
@@ -163,6 +171,7 @@ fn deepseek2_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
         kv_lora_rank,
         qk_nope_dim: cfg.head_dim.saturating_sub(rope_dim),
         qk_rope_dim: rope_dim,
+        indexer: None,
     });
     cfg.attn_scale = 1.0 / (cfg.head_dim as f32).sqrt();
     if let (
@@ -227,7 +236,7 @@ fn deepseek2_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
 /// `first_k_dense_replace` on are sparse. transformers ignores `scoring_func` and
 /// `topk_method` (always sigmoid, "noaux_tc"); a config naming others is refused rather
 /// than computed differently from its model.
-fn deepseek_v3_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
+pub(crate) fn deepseek_v3_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
     let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
     let int = |k: &str| hf_int(config, k);
     for (k, want) in [("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")] {
@@ -257,6 +266,7 @@ fn deepseek_v3_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
         kv_lora_rank: int("kv_lora_rank")?.unwrap_or(512),
         qk_nope_dim: nope,
         qk_rope_dim: rope,
+        indexer: None,
     });
     cfg.attn_scale = 1.0 / (cfg.head_dim as f32).sqrt();
     if let RopeScaling::Yarn { factor, .. } = cfg.rope.scaling {

@@ -206,7 +206,9 @@ fn hf_defaults(arch: Arch) -> Value {
             "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
             "max_position_embeddings": 32_768, "rms_norm_eps": 1e-6, "rope_theta": 10_000.0,
         }),
-        Arch::Gemma3 | Arch::DeepseekV3 => unreachable!("not in the Llama family"),
+        Arch::Gemma3 | Arch::DeepseekV3 | Arch::DeepseekV32 => {
+            unreachable!("not in the Llama family")
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod decoder;
 pub mod deepseek_v3;
+pub mod deepseek_v32;
 pub mod gemma3;
 pub mod llama;
 
@@ -35,6 +36,9 @@ pub enum Arch {
     /// DeepSeek-V3 / R1: multi-head latent attention and a grouped sigmoid-routed MoE with a
     /// shared expert (llama.cpp's `deepseek2`, which covers V2 and V3).
     DeepseekV3,
+    /// DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (a lightning indexer picks each
+    /// query's top-k positions).
+    DeepseekV32,
 }
 
 /// What an architecture family gives the shared config reading and loading.
@@ -61,7 +65,7 @@ pub struct Family {
 
 /// Each architecture with its GGUF `general.architecture` name, its HF `model_type` and its
 /// family. The order is that of the supported-names lists in errors.
-static REGISTRY: [(Arch, &str, &str, &Family); 6] = [
+static REGISTRY: [(Arch, &str, &str, &Family); 7] = [
     (Arch::Llama, "llama", "llama", &llama::FAMILY),
     (Arch::Gemma3, "gemma3", "gemma3_text", &gemma3::FAMILY),
     (Arch::Qwen2, "qwen2", "qwen2", &llama::FAMILY),
@@ -72,6 +76,12 @@ static REGISTRY: [(Arch, &str, &str, &Family); 6] = [
         "deepseek2",
         "deepseek_v3",
         &deepseek_v3::FAMILY,
+    ),
+    (
+        Arch::DeepseekV32,
+        "deepseek32",
+        "deepseek_v32",
+        &deepseek_v32::FAMILY,
     ),
 ];
 

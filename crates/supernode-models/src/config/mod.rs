@@ -87,6 +87,21 @@ pub struct MlaConfig {
     pub qk_nope_dim: usize,
     /// = the rope dim; `head_dim == qk_nope_dim + qk_rope_dim`.
     pub qk_rope_dim: usize,
+    /// DeepSeek Sparse Attention (V3.2): a lightning indexer picks the positions each query
+    /// attends to; `None`: every position.
+    pub indexer: Option<IndexerConfig>,
+}
+
+/// DeepSeek-V3.2's lightning indexer: `n_heads` query heads of `head_dim` from the query
+/// LoRA's normed latent, one key of `head_dim` per token (`LayerNorm(wk x)`), both roped in
+/// halves on their first `qk_rope_dim` dims; position `p` scores
+/// `Σ_h w_h(x) relu(q_h · k_p / sqrt(head_dim)) / sqrt(n_heads)`, and each query attends to
+/// its `top_k` best positions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexerConfig {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub top_k: usize,
 }
 
 /// The checked configuration of a decoder-only transformer.

@@ -149,6 +149,38 @@ impl ModelConfig {
                     ),
                 });
             }
+            if let Some(ix) = &mla.indexer {
+                for (k, v) in [
+                    (
+                        key("attention.indexer.head_count", "index_n_heads"),
+                        ix.n_heads,
+                    ),
+                    (
+                        key("attention.indexer.key_length", "index_head_dim"),
+                        ix.head_dim,
+                    ),
+                    (key("attention.indexer.top_k", "index_topk"), ix.top_k),
+                ] {
+                    if v == 0 || v > MAX_SIZE {
+                        return bad(format!("{k} is {v}; it must be between 1 and {MAX_SIZE}"));
+                    }
+                }
+                if ix.head_dim < mla.qk_rope_dim {
+                    return bad(format!(
+                        "{} is {}, less than the {} roped dims ({})",
+                        key("attention.indexer.key_length", "index_head_dim"),
+                        ix.head_dim,
+                        mla.qk_rope_dim,
+                        self.rope_keys(src, false).dim
+                    ));
+                }
+                if mla.q_lora_rank.is_none() {
+                    return bad(format!(
+                        "the lightning indexer reads the query LoRA's latent, and {} is not set",
+                        key("attention.q_lora_rank", "q_lora_rank")
+                    ));
+                }
+            }
             if mla.qk_rope_dim != self.rope.dim
                 || mla.qk_nope_dim + mla.qk_rope_dim != self.head_dim
             {

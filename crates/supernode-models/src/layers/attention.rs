@@ -83,6 +83,7 @@ impl BlockAttention for Attention {
             v_dim: s.v_dim,
             values: KvValues::Stored,
             dtype: self.kv_dtype,
+            index_dim: 0,
         }
     }
 

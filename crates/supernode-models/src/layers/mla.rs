@@ -15,12 +15,18 @@
 //! per-head expansion `W_UV_h` after it. Prefill, chunked prefill and decode take this one path,
 //! so they agree bit for bit. Like [`Attention`](super::Attention), this is code that writes the
 //! KV cache, through [`LayerKv::write`].
+//!
+//! With an [`Indexer`] (DeepSeek-V3.2's sparse attention) a query attends to the `top_k`
+//! positions the indexer picks instead of its whole context, in the same absorbed form: the
+//! attention kernel reads only those cache rows ([`attention_group_at`]), so the latent work of
+//! a token is bounded by `top_k` however long the context. While a context has no more than
+//! `top_k` positions every one of them is picked, which is V3's dense attention bit for bit.
 
-use supernode_kernels::ops::{attention_head, round_slice_f16, AttnShape};
+use supernode_kernels::ops::{attention_group_at, attention_head, round_slice_f16, AttnShape};
 use supernode_kernels::pool;
 use supernode_kernels::scratch::zeroed;
 
-use super::{BlockAttention, LayerCtx, Linear, RmsNorm, StackedLinear};
+use super::{BlockAttention, Indexer, LayerCtx, Linear, RmsNorm, StackedLinear};
 use crate::config::MlaConfig;
 use crate::kv_cache::{KvDType, KvLayerSpec, LayerKv};
 use crate::weights::Weights;
@@ -58,6 +64,8 @@ pub struct Mla {
     /// The element type of the cache rows: f16 when they are rounded to f16
     /// ([`KvDType::for_rounding`]).
     pub kv_dtype: KvDType,
+    /// The lightning indexer of sparse attention (DeepSeek-V3.2); `None`: dense.
+    pub indexer: Option<Indexer>,
 }
 
 impl BlockAttention for Mla {
@@ -71,11 +79,16 @@ impl BlockAttention for Mla {
             + self.k_b.weight_bytes()
             + self.v_b.weight_bytes()
             + self.wo.weight_bytes()
+            + self.indexer.as_ref().map_or(0, Indexer::weight_bytes)
     }
 
-    /// The geometry and element type of this layer's cache rows: the latent and the roped key.
+    /// The geometry and element type of this layer's cache rows: the latent and the roped key,
+    /// and the indexer's key where there is one.
     fn kv_spec(&self) -> KvLayerSpec {
-        KvLayerSpec::mla(self.rank, self.rope, self.kv_dtype)
+        match &self.indexer {
+            None => KvLayerSpec::mla(self.rank, self.rope, self.kv_dtype),
+            Some(ix) => KvLayerSpec::mla_indexed(self.rank, self.rope, ix.head_dim, self.kv_dtype),
+        }
     }
 
     /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`.
@@ -85,15 +98,20 @@ impl BlockAttention for Mla {
         let (heads, nope, rd, rank) = (self.n_heads, self.nope, self.rope, self.rank);
         let qk = nope + rd;
         let mut q = zeroed(n * heads * qk);
-        match &self.q {
+        // The query LoRA's normed latent, which the indexer reads too.
+        let q_latent = match &self.q {
             MlaQuery::LoRa { a, norm, b } => {
                 let mut qa = zeroed(n * a.rows());
                 a.forward(x, n, &mut qa);
                 norm.forward_inplace(&mut qa);
                 b.forward(&qa, n, &mut q);
+                Some(qa)
             }
-            MlaQuery::Plain(wq) => wq.forward(x, n, &mut q),
-        }
+            MlaQuery::Plain(wq) => {
+                wq.forward(x, n, &mut q);
+                None
+            }
+        };
         let kw = rank + rd;
         let mut ckv = zeroed(n * kw);
         self.kv_a.forward(x, n, &mut ckv);
@@ -128,6 +146,14 @@ impl BlockAttention for Mla {
         }
         ctx.cb("q", &q);
         ctx.cb("kv", &ckv);
+        let index = match (&self.indexer, &q_latent) {
+            (Some(ix), Some(q_latent)) => {
+                let keys = ix.write_keys(x, batch, rope, block_size, kv);
+                ctx.cb("indexer_k", &keys);
+                Some((ix, ix.queries(q_latent, x, n, rope)))
+            }
+            _ => None,
+        };
         let view = kv.view(block_size);
         let shape = AttnShape {
             n_heads: heads,
@@ -138,14 +164,35 @@ impl BlockAttention for Mla {
             softcap: None,
             f16_rounding: self.f16_rounding,
         };
-        // Latent outputs `Σ p · c`, one task per (token, head).
+        // Latent outputs `Σ p · c`, one task per (token, head): over the token's whole context,
+        // or (sparse) over the positions its indexer picked, chosen first, one task per token.
+        let picked: Vec<Vec<usize>> = match &index {
+            None => Vec::new(),
+            Some((ix, queries)) => {
+                let keys = kv.index_view(block_size);
+                let mut picked = vec![Vec::new(); n];
+                pool::for_each_chunk_mut(&mut picked, 1, |t, out| {
+                    let pos = batch.positions[t];
+                    if pos >= ix.top_k {
+                        let table = batch.block_tables[batch.seq_of[t]];
+                        ix.select(queries, t, &keys, table, pos, &mut out[0]);
+                    }
+                });
+                picked
+            }
+        };
         let mut lat = zeroed(n * heads * rank);
         pool::for_each_chunk_mut(&mut lat, rank, |i, o| {
             let t = i / heads;
             let table = batch.block_tables[batch.seq_of[t]];
             let qh = &qa[i * kw..(i + 1) * kw];
-            let ctx = 0..batch.positions[t] + 1;
-            attention_head(qh, &view, 0, table, ctx, &shape, o);
+            match picked.get(t).filter(|p| !p.is_empty()) {
+                Some(positions) => attention_group_at(qh, &view, 0, table, positions, &shape, o),
+                None => {
+                    let ctx = 0..batch.positions[t] + 1;
+                    attention_head(qh, &view, 0, table, ctx, &shape, o);
+                }
+            }
         });
         // Per head `W_UV_h`, into the heads' concatenated outputs.
         let vd = self.v_dim;
@@ -229,6 +276,11 @@ impl Mla {
             scale: cfg.attn_scale,
             f16_rounding: w.numerics().f16_rounding,
             kv_dtype: w.numerics().kv_dtype,
+            indexer: mla
+                .indexer
+                .as_ref()
+                .map(|ix| Indexer::load(cfg, mla, ix, w, layer))
+                .transpose()?,
         })
     }
 }

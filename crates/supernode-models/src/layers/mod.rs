@@ -7,6 +7,7 @@
 mod attention;
 mod embedding;
 mod ffn;
+mod indexer;
 mod linear;
 mod mla;
 mod moe;
@@ -17,10 +18,11 @@ mod rope;
 pub use attention::Attention;
 pub use embedding::Embedding;
 pub use ffn::Mlp;
+pub use indexer::{IndexQueries, Indexer};
 pub use linear::{Linear, StackedLinear};
 pub use mla::{Mla, MlaQuery};
 pub use moe::{Ffn, Moe};
-pub use norm::RmsNorm;
+pub use norm::{LayerNorm, RmsNorm};
 pub use output::OutputHead;
 pub use rope::{Rope, RopeTable};
 

@@ -1,6 +1,6 @@
-//! RMSNorm over each row of a flat batch.
+//! RMSNorm (and LayerNorm, for DeepSeek-V3.2's indexer keys) over each row of a flat batch.
 
-use supernode_kernels::ops::{rms_norm, rms_norm_inplace};
+use supernode_kernels::ops::{layer_norm_inplace, rms_norm, rms_norm_inplace};
 
 /// RMSNorm with weight `w` (scaled by `w + w_offset`: Gemma stores `w - 1`).
 pub struct RmsNorm {
@@ -22,6 +22,22 @@ impl RmsNorm {
     pub fn forward_inplace(&self, x: &mut [f32]) {
         for xr in x.chunks_exact_mut(self.w.len()) {
             rms_norm_inplace(xr, &self.w, self.eps, self.w_offset);
+        }
+    }
+}
+
+/// LayerNorm with weight and bias: `(x - mean) / sqrt(var + eps) * w + b`.
+pub struct LayerNorm {
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    /// Normalises every row of `x` (rows of `w.len()`) in place.
+    pub fn forward_inplace(&self, x: &mut [f32]) {
+        for xr in x.chunks_exact_mut(self.w.len()) {
+            layer_norm_inplace(xr, &self.w, &self.b, self.eps);
         }
     }
 }

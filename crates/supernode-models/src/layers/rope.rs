@@ -53,7 +53,13 @@ impl Rope {
 impl RopeTable {
     /// Rotates all heads (of `head_dim`) in `x`, the row of batch token `t`.
     pub fn apply(&self, t: usize, x: &mut [f32], head_dim: usize) {
+        self.apply_as(t, x, head_dim, self.style);
+    }
+
+    /// [`RopeTable::apply`] with the dims paired as `style` says, whatever the rope's own
+    /// (DeepSeek-V3.2's indexer pairs halves where its MLA pairs neighbours).
+    pub fn apply_as(&self, t: usize, x: &mut [f32], head_dim: usize, style: RopeStyle) {
         let r = t * self.pairs..(t + 1) * self.pairs;
-        rope_apply(x, head_dim, self.style, &self.cos[r.clone()], &self.sin[r]);
+        rope_apply(x, head_dim, style, &self.cos[r.clone()], &self.sin[r]);
     }
 }
