@@ -210,6 +210,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_waiting: a.max_waiting,
         prefix_caching: !a.no_prefix_caching,
         prefix_cache_salt: a.prefix_cache_salt.clone(),
+        speculative: None,
     };
     let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
     let limits = conn::Limits {
