@@ -8,6 +8,7 @@ pub mod error;
 pub mod load;
 pub mod sampler;
 pub mod session;
+pub mod spec;
 pub mod tokenizer;
 pub mod tool_parser;
 

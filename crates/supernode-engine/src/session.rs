@@ -17,6 +17,7 @@ use crate::engine::{Engine, EngineConfig, Event, Finish, Request, Sink, TokenEve
 use crate::error::EngineError;
 use crate::load::load_with_tokenizer;
 use crate::sampler::SamplingParams;
+use crate::spec::SpecConfig;
 use crate::tokenizer::Tokenizer;
 
 /// Tokens per forward pass while prefilling.
@@ -103,6 +104,7 @@ impl Session {
             max_waiting: 1,
             prefix_caching: true,
             prefix_cache_salt: String::new(),
+            speculative: None,
         };
         Ok(Session {
             engine: Engine::new(model, tokenizer, cfg)?,
@@ -112,6 +114,11 @@ impl Session {
 
     pub fn model(&self) -> &dyn Model {
         self.engine.model()
+    }
+
+    /// Turns speculative decoding on (with this configuration) or off for later generations.
+    pub fn set_speculative(&mut self, spec: Option<SpecConfig>) -> Result<(), EngineError> {
+        self.engine.set_speculative(spec)
     }
 
     pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {

@@ -42,6 +42,7 @@ fn engine_of(
         max_waiting: 1000,
         prefix_caching: true,
         prefix_cache_salt: String::new(),
+        speculative: None,
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }

@@ -29,6 +29,7 @@ fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
         max_waiting: 1000,
         prefix_caching: true,
         prefix_cache_salt: String::new(),
+        speculative: None,
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }
@@ -67,6 +68,7 @@ fn wait(rx: Receiver<Event>) -> Output {
             completion_tokens: 0,
             cached_tokens: 0,
             stop_string: None,
+            spec: None,
         },
     };
     loop {

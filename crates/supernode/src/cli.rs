@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use supernode_engine::chat::{ChatMessage, ChatTemplate};
+use supernode_engine::engine::SpecUsage;
 use supernode_engine::load::load_tokenizer;
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::session::{Generate, Session};
@@ -15,6 +16,7 @@ use supernode_engine::tokenizer::Tokenizer;
 use crate::chat_repl::{interactive_chat, ChatOptions};
 use crate::fetch;
 use crate::model_args::{open_model, status_line, ModelArgs};
+use crate::spec_args::SpecArgs;
 
 /// `run`'s token limit when `--max-tokens` is not given (an interactive chat has none).
 const DEFAULT_MAX_TOKENS: usize = 128;
@@ -54,6 +56,8 @@ enum Command {
 struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
     /// The prompt text (special tokens in it are recognised, except in --chat mode).
     #[arg(long, short = 'p', conflicts_with = "tokens")]
     prompt: Option<String>,
@@ -98,7 +102,8 @@ struct RunArgs {
     /// Stop before this text (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
-    /// Print one JSON object {prompt_tokens, tokens, text} instead of streaming text.
+    /// Print one JSON object {prompt_tokens, tokens, text} instead of streaming text (with
+    /// `speculative: {draft_tokens, accepted_tokens}` when speculating).
     #[arg(long)]
     json: bool,
 }
@@ -182,7 +187,9 @@ fn template(tok: &Tokenizer) -> Result<ChatTemplate> {
 fn run_cmd(a: RunArgs) -> Result<()> {
     let params = sampling(&a);
     params.validate().map_err(anyhow::Error::msg)?;
+    let spec = a.spec.config()?;
     let mut session = open(&a.model)?;
+    session.set_speculative(spec)?;
     if a.chat && a.prompt.is_none() && a.tokens.is_none() {
         let tmpl = template(session.require_tokenizer()?)?;
         let opts = ChatOptions {
@@ -220,25 +227,29 @@ fn run_cmd(a: RunArgs) -> Result<()> {
             bail!("give a prompt with --prompt or --tokens (or use --chat for an interactive chat)")
         }
     };
-    let (tokens, text) = generate(&mut session, &prompt, &params, &a, !a.json)?;
+    let (tokens, text, spec) = generate(&mut session, &prompt, &params, &a, !a.json)?;
     if a.json {
-        println!(
-            "{}",
-            json!({ "prompt_tokens": prompt, "tokens": tokens, "text": text })
-        );
+        let mut out = json!({ "prompt_tokens": prompt, "tokens": tokens, "text": text });
+        if let Some(u) = spec {
+            out["speculative"] = json!({
+                "draft_tokens": u.draft_tokens,
+                "accepted_tokens": u.accepted_tokens,
+            });
+        }
+        println!("{out}");
     }
     Ok(())
 }
 
-/// Generates, streaming text to stdout if `stream`; returns the tokens and their text (None
-/// without a tokenizer).
+/// Generates, streaming text to stdout if `stream`; returns the tokens, their text (None
+/// without a tokenizer) and what speculation did.
 fn generate(
     session: &mut Session,
     prompt: &[u32],
     params: &SamplingParams,
     a: &RunArgs,
     stream: bool,
-) -> Result<(Vec<u32>, Option<String>)> {
+) -> Result<(Vec<u32>, Option<String>, Option<SpecUsage>)> {
     let has_text = session.tokenizer().is_some();
     let mut stdout = io::stdout().lock();
     let t0 = Instant::now();
@@ -264,11 +275,18 @@ fn generate(
     }
     let total = t0.elapsed().as_secs_f64();
     let n = out.tokens.len();
+    let spec = out.finish.spec;
     if let (Some(f), true) = (first, n > 1) {
+        let drafts = spec.map_or(String::new(), |u| {
+            format!(
+                "; {} of {} draft tokens accepted",
+                u.accepted_tokens, u.draft_tokens
+            )
+        });
         status_line(
             a.model.verbose,
             &format!(
-                "prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens at {:.1} tok/s",
+                "prompt {} tokens in {:.3}s ({:.1} tok/s); generated {} tokens at {:.1} tok/s{drafts}",
                 prompt.len(),
                 f,
                 prompt.len() as f64 / f,
@@ -277,7 +295,7 @@ fn generate(
             ),
         );
     }
-    Ok((out.tokens, has_text.then_some(out.text)))
+    Ok((out.tokens, has_text.then_some(out.text), spec))
 }
 
 fn logits_cmd(a: LogitsArgs) -> Result<()> {

@@ -8,6 +8,7 @@ mod fetch;
 mod hub;
 mod model_args;
 mod server;
+mod spec_args;
 
 use std::process::ExitCode;
 

@@ -297,6 +297,21 @@ impl Blocks {
         true
     }
 
+    /// Returns the blocks past those that cover `tokens` slots, tail first (the slots of
+    /// rejected draft tokens).
+    pub fn shrink_to(&mut self, tokens: usize) {
+        let keep = tokens.div_ceil(BLOCK_SIZE);
+        if self.ids.len() <= keep {
+            return;
+        }
+        let mut pool = self.pool.lock();
+        while self.ids.len() > keep {
+            if let Some(b) = self.ids.pop() {
+                pool.free(b);
+            }
+        }
+    }
+
     /// Appends a block the caller already holds a reference to (a prefix-cache hit).
     pub fn push_owned(&mut self, block: u32) {
         self.ids.push(block);
@@ -474,6 +489,22 @@ mod tests {
     ///     return h.digest()
     /// def blk(p, toks): return hashlib.sha256(p + b"".join(struct.pack("<I", t) for t in toks)).digest()
     /// ```
+    #[test]
+    fn shrinking_returns_only_the_blocks_past_the_slots_kept() {
+        let pool = SharedPool::new(BlockPool::new(4, true));
+        let mut t = pool.table();
+        assert!(t.grow_to(3 * BLOCK_SIZE + 1));
+        assert_eq!(t.ids(), &[0, 1, 2, 3]);
+        t.shrink_to(2 * BLOCK_SIZE + 1);
+        assert_eq!(t.ids(), &[0, 1, 2]);
+        assert_eq!(pool.lock().num_free(), 1);
+        t.shrink_to(3 * BLOCK_SIZE);
+        assert_eq!(t.len(), 3);
+        t.shrink_to(BLOCK_SIZE);
+        assert_eq!(t.ids(), &[0]);
+        assert_eq!(pool.lock().num_free(), 3);
+    }
+
     #[test]
     fn block_hashes_match_fixed_vectors() {
         let root = root_hash("", "");

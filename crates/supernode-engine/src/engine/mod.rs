@@ -17,6 +17,13 @@
 //! nor on a token's place in the batch, and a chunked prefill computes the same K/V as one pass,
 //! so a request's logits, and hence its greedy tokens, are the same alone and under load, and
 //! the same from `run` as from `serve`.
+//!
+//! **Speculative decoding** (with [`EngineConfig::speculative`]): before each step the
+//! configured [`Proposer`] drafts tokens for the requests that decode next; the plan computes
+//! them after the request's last token in the same flat batch as everyone else, output
+//! processing samples the rows in order and keeps the drafts up to the first one the sampler
+//! did not draw, plus the token it drew there; the scheduler then takes back the rejected
+//! drafts' slots. See [`crate::spec`] for why this keeps the target's distribution exactly.
 
 pub mod block_pool;
 mod output;
@@ -40,6 +47,7 @@ pub use self::scheduler::{Plan, RequestId};
 use crate::constraint::Constraint;
 use crate::error::EngineError;
 use crate::sampler::SamplingParams;
+use crate::spec::{Adaptive, Proposer, SpecConfig};
 use crate::tokenizer::Tokenizer;
 
 /// Limits of one engine.
@@ -59,6 +67,8 @@ pub struct EngineConfig {
     /// Keys every prefix-cache hash of this deployment, so that caches (and the block hashes
     /// a router sees) of different deployments never match; empty for none.
     pub prefix_cache_salt: String,
+    /// Speculative decoding, if on.
+    pub speculative: Option<SpecConfig>,
 }
 
 impl EngineConfig {
@@ -173,6 +183,17 @@ pub struct Finish {
     pub cached_tokens: usize,
     /// The stop string that ended generation, if one did.
     pub stop_string: Option<String>,
+    /// Draft tokens verified for this request and accepted, when the engine speculates.
+    pub spec: Option<SpecUsage>,
+}
+
+/// What speculation did for one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecUsage {
+    /// Draft tokens the target verified.
+    pub draft_tokens: usize,
+    /// Of those, the ones kept.
+    pub accepted_tokens: usize,
 }
 
 /// Live figures for metrics.
@@ -190,6 +211,14 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// The proposer's name, when the engine speculates.
+    pub spec_proposer: std::sync::OnceLock<&'static str>,
+    /// Verifications of at least one draft token (vLLM's `num_drafts`).
+    pub spec_drafts: AtomicU64,
+    /// Draft tokens verified.
+    pub spec_draft_tokens: AtomicU64,
+    /// Draft tokens accepted.
+    pub spec_accepted_tokens: AtomicU64,
 }
 
 /// Why a request was refused at the door.
@@ -258,6 +287,35 @@ pub struct Engine {
     /// Requests submitted and not yet admitted (shared with an [`EngineHandle`], which counts
     /// them in as it sends them).
     queued: Arc<AtomicUsize>,
+    spec: Option<Speculator>,
+}
+
+/// The engine's speculation: its configuration, its proposer and a scratch of drafts.
+struct Speculator {
+    cfg: SpecConfig,
+    proposer: Box<dyn Proposer>,
+    /// Drafts of this step, back to back.
+    buf: Vec<u32>,
+    /// Whose drafts are where in `buf`.
+    proposals: Vec<(RequestId, std::ops::Range<usize>)>,
+}
+
+impl Speculator {
+    fn new(cfg: SpecConfig, stats: &EngineStats) -> Result<Speculator, EngineError> {
+        let proposer = cfg.proposer()?;
+        Ok(Speculator::with(cfg, proposer, stats))
+    }
+
+    fn with(cfg: SpecConfig, proposer: Box<dyn Proposer>, stats: &EngineStats) -> Speculator {
+        // Set once: an engine's stats name one proposer.
+        let _ = stats.spec_proposer.set(proposer.name());
+        Speculator {
+            cfg,
+            proposer,
+            buf: Vec::new(),
+            proposals: Vec::new(),
+        }
+    }
 }
 
 impl Engine {
@@ -287,6 +345,11 @@ impl Engine {
             .map(|t| t.eog_ids().to_vec())
             .unwrap_or_default();
         let vocab_size = model.config().vocab_size;
+        let spec = cfg
+            .speculative
+            .clone()
+            .map(|c| Speculator::new(c, &stats))
+            .transpose()?;
         let sched = Scheduler::new(SchedulerConfig {
             max_num_seqs: cfg.max_num_seqs,
             max_num_batched_tokens: cfg.max_num_batched_tokens,
@@ -304,7 +367,32 @@ impl Engine {
             vocab_size,
             stats,
             queued: Arc::new(AtomicUsize::new(0)),
+            spec,
         })
+    }
+
+    /// Turns speculative decoding on (with this configuration) or off, for requests added from
+    /// now on.
+    pub fn set_speculative(&mut self, spec: Option<SpecConfig>) -> Result<(), EngineError> {
+        self.spec = spec
+            .clone()
+            .map(|c| Speculator::new(c, &self.stats))
+            .transpose()?;
+        self.cfg.speculative = spec;
+        Ok(())
+    }
+
+    /// Speculates with a proposer of the caller's (the seam for proposers this crate does not
+    /// build), under `cfg`'s k, adaptivity and batch limit; `cfg.method` is not used.
+    pub fn set_proposer(
+        &mut self,
+        cfg: SpecConfig,
+        proposer: Box<dyn Proposer>,
+    ) -> Result<(), EngineError> {
+        cfg.validate()?;
+        self.spec = Some(Speculator::with(cfg.clone(), proposer, &self.stats));
+        self.cfg.speculative = Some(cfg);
+        Ok(())
     }
 
     pub fn model(&self) -> &dyn Model {
@@ -362,6 +450,11 @@ impl Engine {
             },
             self.tokenizer.as_ref(),
         );
+        let mut out = out;
+        out.spec = self
+            .spec
+            .as_ref()
+            .map(|sp| Adaptive::new(sp.cfg.num_speculative_tokens));
         self.outputs.insert(id, out);
         self.sched.add(NewRequest {
             id,
@@ -404,6 +497,7 @@ impl Engine {
             self.publish();
             return;
         }
+        self.propose();
         let plan = self.sched.schedule();
         self.admit(&plan);
         let result = self.runner.run(&plan);
@@ -452,20 +546,57 @@ impl Engine {
                     if !sc.sample {
                         continue;
                     }
-                    let history = self.sched.tokens(sc.id).unwrap_or(&[]);
-                    let sampled = out.sample(
-                        logits.row(rows.end - 1),
-                        history,
-                        self.cfg.ctx_len,
-                        &self.eog,
-                    );
-                    self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                    if let Some(t) = sampled.token {
-                        self.sched.append(sc.id, t);
+                    // The last `drafts + 1` rows: the row after the request's last token, then
+                    // one after each draft. Row `i` is valid only if drafts `..i` were accepted.
+                    let nd = sc.drafts;
+                    let drafts = &sc.tokens[sc.tokens.len() - nd..];
+                    let first_row = rows.end - 1 - nd;
+                    let mut accepted = 0;
+                    let mut finished = None;
+                    for (i, r) in (first_row..rows.end).enumerate() {
+                        let history = self.sched.tokens(sc.id).unwrap_or(&[]);
+                        let sampled =
+                            out.sample(logits.row(r), history, self.cfg.ctx_len, &self.eog);
+                        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                        if let Some(t) = sampled.token {
+                            self.sched.append(sc.id, t);
+                        }
+                        let hit = i < nd && sampled.token == Some(drafts[i]);
+                        accepted += usize::from(hit);
+                        if sampled.done.is_some() {
+                            finished = sampled.done;
+                            break;
+                        }
+                        if !hit {
+                            break;
+                        }
                     }
-                    if let Some(ev) = sampled.done {
-                        out.send(ev);
-                        done.push(sc.id);
+                    if nd > 0 {
+                        self.stats.spec_drafts.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .spec_draft_tokens
+                            .fetch_add(nd as u64, Ordering::Relaxed);
+                        self.stats
+                            .spec_accepted_tokens
+                            .fetch_add(accepted as u64, Ordering::Relaxed);
+                        if let (Some(a), Some(sp)) = (out.spec.as_mut(), &self.spec) {
+                            a.record(&sp.cfg, nd, accepted);
+                        }
+                    }
+                    match finished {
+                        Some(mut ev) => {
+                            // The usage in the final event counts this step's drafts too.
+                            if let (Event::Done(f), Some(a)) = (&mut ev, &out.spec) {
+                                f.spec = Some(SpecUsage {
+                                    draft_tokens: a.drafted,
+                                    accepted_tokens: a.accepted,
+                                });
+                            }
+                            out.send(ev);
+                            done.push(sc.id);
+                        }
+                        None if nd > 0 => self.sched.accept_drafts(sc.id, accepted),
+                        None => {}
                     }
                 }
                 for id in done {
@@ -475,6 +606,53 @@ impl Engine {
             }
         }
         self.publish();
+    }
+
+    /// Asks the proposer for drafts for each request that decodes next step, as many as its
+    /// adaptive k, its remaining tokens and the context allow; none while the batch is larger
+    /// than `disable_by_batch_size`.
+    fn propose(&mut self) {
+        let Some(sp) = self.spec.as_mut() else {
+            return;
+        };
+        if sp
+            .cfg
+            .disable_by_batch_size
+            .is_some_and(|n| self.sched.num_running() > n)
+        {
+            return;
+        }
+        sp.buf.clear();
+        sp.proposals.clear();
+        for (id, tokens) in self.sched.decoding() {
+            let Some(out) = self.outputs.get_mut(&id) else {
+                continue;
+            };
+            // Every draft accepted still leaves room for the bonus token, inside the limits.
+            let room = out
+                .remaining()
+                .saturating_sub(1)
+                .min(self.cfg.ctx_len.saturating_sub(tokens.len() + 1));
+            let Some(adaptive) = out.spec.as_mut() else {
+                continue;
+            };
+            if room == 0 {
+                continue;
+            }
+            let k = adaptive.want(&sp.cfg).min(room);
+            if k == 0 {
+                continue;
+            }
+            let from = sp.buf.len();
+            sp.proposer.propose(id, tokens, k, &mut sp.buf);
+            sp.buf.truncate(from + k);
+            if sp.buf.len() > from {
+                sp.proposals.push((id, from..sp.buf.len()));
+            }
+        }
+        for (id, r) in &sp.proposals {
+            self.sched.set_drafts(*id, &sp.buf[r.clone()]);
+        }
     }
 
     /// Accounts for the plan's admissions, preemptions and requests out of room.

@@ -12,16 +12,20 @@
 //! masked row (see [`crate::constraint`]). Reported log-probabilities are those of the row the
 //! token was drawn from: after `logit_bias` and, for a constrained request, after the grammar's
 //! mask (computed at every token when log-probabilities are asked for), before penalties and
-//! temperature. Draft verification (speculative decoding) calls `sample` once per sampled row
-//! and keeps the accepted prefix.
+//! temperature. Draft verification (speculative decoding) calls `sample` once per sampled row,
+//! in order, and stops at the first token that differs from its draft (see [`crate::spec`]):
+//! nothing a draft would change (penalty history, grammar state) is touched before it is
+//! accepted.
 
 use std::sync::Arc;
 
 use super::{
-    Event, Finish, FinishReason, PromptLogits, PromptLogprobs, Sink, TokenEvent, TokenLogprobs,
+    Event, Finish, FinishReason, PromptLogits, PromptLogprobs, Sink, SpecUsage, TokenEvent,
+    TokenLogprobs,
 };
 use crate::constraint::{Constraint, Step};
 use crate::sampler::{Sampler, SamplingParams};
+use crate::spec::Adaptive;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// The output side of one request.
@@ -49,6 +53,8 @@ pub(crate) struct Output {
     constraint: Option<Constraint>,
     /// The row after `logit_bias` and the mask (reused between tokens).
     scratch: Vec<f32>,
+    /// This request's speculation state, when the engine speculates.
+    pub(crate) spec: Option<Adaptive>,
 }
 
 /// What sampling a row did.
@@ -92,7 +98,13 @@ impl Output {
             logit_bias: spec.logit_bias,
             constraint: spec.constraint,
             scratch: Vec::new(),
+            spec: None,
         }
+    }
+
+    /// Output tokens it may still produce.
+    pub fn remaining(&self) -> usize {
+        self.max_tokens.saturating_sub(self.generated)
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -155,6 +167,10 @@ impl Output {
             completion_tokens: self.generated,
             cached_tokens: self.cached_tokens,
             stop_string: self.stop.matched.clone(),
+            spec: self.spec.as_ref().map(|a| SpecUsage {
+                draft_tokens: a.drafted,
+                accepted_tokens: a.accepted,
+            }),
         })
     }
 

@@ -10,6 +10,17 @@
 //! engine's output processing samples and reports. [`Scheduler::update`] records what the
 //! forward pass computed; [`Scheduler::append`] adds a sampled token.
 //!
+//! **Draft verification** (speculative decoding): [`Scheduler::set_drafts`] gives a decoding
+//! request up to k proposed tokens. When the request is caught up (only its last sampled
+//! token left to compute) and the budget and the pool allow, the plan computes the drafts
+//! right after that token and marks its last `drafts + 1` rows as sampled
+//! ([`Scheduled::drafts`]). The drafts never enter the request's tokens: [`Scheduler::update`]
+//! counts only the real tokens as computed, the engine appends the tokens it samples, and
+//! [`Scheduler::accept_drafts`] then counts the accepted drafts' K/V as computed (they equal
+//! the tokens appended) and takes back the blocks that only held rejected drafts. A rejected
+//! draft's slot is overwritten by the next token computed there, and no block holding one is
+//! registered in the prefix cache.
+//!
 //! **Preemption**: when a running request needs a block and none is free, the most recently
 //! admitted one gives all its blocks back and returns to the front of the queue, to be
 //! recomputed later (its generated tokens are then part of what it recomputes), so the pool
@@ -22,9 +33,6 @@
 //! loop):
 //! - a per-request logits processor (grammar mask, `logit_bias`) runs in output processing on
 //!   the rows this plan marks as sampled;
-//! - draft verification (speculative decoding) schedules a request's k draft tokens after its
-//!   last sampled one and marks its last k + 1 rows as sampled (`sample` becomes a count);
-//!   [`Scheduler::update`] then takes back the slots of rejected drafts;
 //! - hidden-state rows for MTP and EAGLE heads are requested per [`Scheduled`] beside its
 //!   logits rows;
 //! - a KV connector (prefill/decode hand-off) exports a finished prefill's [`Blocks`] and
@@ -101,15 +109,18 @@ pub struct Scheduled {
     pub prompt_rows: Range<usize>,
     /// Whether the last row is sampled (the request's computed tokens catch up this step).
     pub sample: bool,
+    /// How many of the last `tokens` are draft tokens to verify (0 without speculation);
+    /// with `sample`, the last `drafts + 1` rows are sampled.
+    pub drafts: usize,
 }
 
 impl Scheduled {
     /// The rows whose logits the forward pass must return, ascending: the prompt rows, then
-    /// the sampled row if it is not one of them.
+    /// the sampled rows if they are not among them.
     pub fn logits_rows(&self) -> Range<usize> {
         let n = self.tokens.len();
         match (self.prompt_rows.is_empty(), self.sample) {
-            (true, true) => n - 1..n,
+            (true, true) => n - 1 - self.drafts..n,
             (true, false) => 0..0,
             (false, true) => self.prompt_rows.start..n,
             (false, false) => self.prompt_rows.clone(),
@@ -170,6 +181,8 @@ struct Seq {
     /// Prompt positions whose logits were returned already (they are not sent twice when a
     /// preempted request recomputes them).
     prompt_rows_sent: usize,
+    /// Proposed tokens to verify after `tokens` (never part of them).
+    drafts: Vec<u32>,
 }
 
 impl Seq {
@@ -178,6 +191,24 @@ impl Seq {
         self.blocks.clear();
         self.hashes.clear();
         self.computed = 0;
+        self.drafts.clear();
+    }
+
+    /// Registers the full blocks of computed tokens in the prefix cache.
+    fn register_full(&mut self, pool: &SharedPool) {
+        let full = self.computed / BLOCK_SIZE;
+        if self.hashes.len() >= full {
+            return;
+        }
+        let mut pool = pool.lock();
+        while self.hashes.len() < full {
+            let b = self.hashes.len();
+            let parent = self.hashes.last().copied().unwrap_or(self.root);
+            let toks = &self.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
+            let h = block_hash(&parent, toks);
+            pool.register(self.blocks.ids()[b], h, parent, toks);
+            self.hashes.push(h);
+        }
     }
 }
 
@@ -249,6 +280,7 @@ impl Scheduler {
             admitted_once: false,
             prompt_logits: req.prompt_logits,
             prompt_rows_sent: 0,
+            drafts: Vec::new(),
         });
     }
 
@@ -281,6 +313,43 @@ impl Scheduler {
         }
     }
 
+    /// The running requests whose computed tokens have caught up but for the last sampled
+    /// one (those that decode next step), with their tokens: the ones a proposer drafts for.
+    pub fn decoding(&self) -> impl Iterator<Item = (RequestId, &[u32])> {
+        self.running
+            .iter()
+            .filter(|s| s.computed + 1 == s.tokens.len())
+            .map(|s| (s.id, s.tokens.as_slice()))
+    }
+
+    /// Proposes `drafts` to follow a running request's tokens in its next step (replacing any
+    /// earlier proposal); the plan verifies as many as the budget and the pool allow.
+    pub fn set_drafts(&mut self, id: RequestId, drafts: &[u32]) {
+        if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+            s.drafts.clear();
+            s.drafts.extend_from_slice(drafts);
+        }
+    }
+
+    /// After a step that verified drafts of `id` and appended the sampled tokens: the first
+    /// `accepted` drafts were sampled as they were proposed, so their K/V, computed in that
+    /// step, is kept; the blocks past the request's tokens (rejected drafts' slots) go back.
+    pub fn accept_drafts(&mut self, id: RequestId, accepted: usize) {
+        let Some(s) = self.running.iter_mut().find(|s| s.id == id) else {
+            return;
+        };
+        debug_assert!(accepted <= s.drafts.len());
+        debug_assert!(s.computed + accepted < s.tokens.len());
+        debug_assert_eq!(
+            s.tokens[s.computed..s.computed + accepted],
+            s.drafts[..accepted]
+        );
+        s.computed = (s.computed + accepted).min(s.tokens.len().saturating_sub(1));
+        s.drafts.clear();
+        s.register_full(&self.pool);
+        s.blocks.shrink_to(s.tokens.len());
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self) -> Plan {
         let mut plan = Plan::default();
@@ -289,14 +358,33 @@ impl Scheduler {
         let mut picked: Vec<(usize, usize)> = Vec::new();
         let mut stalled = false;
 
+        // Tokens the running requests have to compute (not drafts): drafts get only the
+        // budget these leave.
+        let mut pending: usize = self
+            .running
+            .iter()
+            .map(|s| s.tokens.len() - s.computed)
+            .sum();
         // Running requests first, oldest first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let s = &mut self.running[i];
-            let take = (s.tokens.len() - s.computed).min(budget);
+            let own = s.tokens.len() - s.computed;
+            pending = pending.saturating_sub(own);
+            let take = own.min(budget);
+            // Drafts ride along only on a request that catches up, with budget and blocks to
+            // spare; otherwise they are dropped for this step.
+            let mut drafts = 0;
+            if s.computed + take == s.tokens.len() {
+                drafts = s.drafts.len().min(budget.saturating_sub(take + pending));
+                if drafts > 0 && !s.blocks.grow_to(s.computed + take + drafts) {
+                    drafts = 0;
+                }
+            }
+            s.drafts.truncate(drafts);
             if s.blocks.grow_to(s.computed + take) {
-                picked.push((i, take));
-                budget -= take;
+                picked.push((i, take + drafts));
+                budget -= take + drafts;
                 i += 1;
                 continue;
             }
@@ -356,20 +444,24 @@ impl Scheduler {
             .into_iter()
             .map(|(i, take)| {
                 let s = &self.running[i];
-                let (lo, hi) = (s.computed, s.computed + take);
+                let drafts = s.drafts.len();
+                let (lo, hi) = (s.computed, s.computed + take - drafts);
                 let prompt_rows = if s.prompt_logits {
                     let first = s.prompt_rows_sent.max(lo).min(hi);
                     first - lo..hi.min(s.prompt_len).max(first) - lo
                 } else {
                     0..0
                 };
+                let mut tokens = s.tokens[lo..hi].to_vec();
+                tokens.extend_from_slice(&s.drafts);
                 Scheduled {
                     id: s.id,
                     start: lo,
-                    tokens: s.tokens[lo..hi].to_vec(),
+                    tokens,
                     block_table: s.blocks.ids().to_vec(),
                     prompt_rows,
                     sample: hi == s.tokens.len(),
+                    drafts,
                 }
             })
             .collect();
@@ -377,25 +469,17 @@ impl Scheduler {
     }
 
     /// Records that the forward pass computed `plan`'s tokens, and registers the blocks that
-    /// became full in the prefix cache.
+    /// became full in the prefix cache. Draft tokens do not count as computed until
+    /// [`Scheduler::accept_drafts`] says which were accepted.
     pub fn update(&mut self, plan: &Plan) {
         for sc in &plan.scheduled {
             let Some(s) = self.running.iter_mut().find(|s| s.id == sc.id) else {
                 continue;
             };
             debug_assert_eq!(s.computed, sc.start);
-            s.computed = sc.start + sc.tokens.len();
+            s.computed = sc.start + sc.tokens.len() - sc.drafts;
             s.prompt_rows_sent = s.prompt_rows_sent.max(sc.start + sc.prompt_rows.end);
-            let full = s.computed / BLOCK_SIZE;
-            let mut pool = self.pool.lock();
-            while s.hashes.len() < full {
-                let b = s.hashes.len();
-                let parent = s.hashes.last().copied().unwrap_or(s.root);
-                let toks = &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
-                let h = block_hash(&parent, toks);
-                pool.register(s.blocks.ids()[b], h, parent, toks);
-                s.hashes.push(h);
-            }
+            s.register_full(&self.pool);
         }
     }
 

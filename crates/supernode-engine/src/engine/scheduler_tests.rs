@@ -273,3 +273,100 @@ fn a_deployment_salt_keys_every_hash() {
         block_hash(&root_hash("", ""), &prompt(1, 20)[..BLOCK_SIZE])
     );
 }
+
+/// One verification step: schedules, then appends `sampled` (the engine's kept tokens) and
+/// accepts the drafts among them that match.
+fn verify(s: &mut Scheduler, id: RequestId, sampled: &[u32]) -> Plan {
+    let plan = s.schedule();
+    s.update(&plan);
+    let sc = plan.scheduled.iter().find(|sc| sc.id == id).unwrap();
+    let drafts = sc.tokens[sc.tokens.len() - sc.drafts..].to_vec();
+    for &t in sampled {
+        s.append(id, t);
+    }
+    let accepted = drafts
+        .iter()
+        .zip(sampled)
+        .take_while(|(d, t)| d == t)
+        .count();
+    if sc.drafts > 0 {
+        s.accept_drafts(id, accepted);
+    }
+    plan
+}
+
+#[test]
+fn drafts_ride_after_the_last_token_and_rejected_ones_give_their_blocks_back() {
+    let mut s = scheduler(4, 64, 8);
+    let a = add(&mut s, 1, prompt(1, 14));
+    step(&mut s);
+    // 15 tokens, 14 computed: the last sampled token and five drafts, over two blocks.
+    assert_eq!(
+        s.decoding()
+            .map(|(id, t)| (id, t.len()))
+            .collect::<Vec<_>>(),
+        vec![(a, 15)]
+    );
+    s.set_drafts(a, &[20, 21, 22, 23, 24]);
+    let p = verify(&mut s, a, &[20, 21, 9]);
+    let sc = &p.scheduled[0];
+    assert_eq!(
+        (sc.start, sc.tokens.len(), sc.drafts, sc.sample),
+        (14, 6, 5, true)
+    );
+    assert_eq!(sc.tokens, vec![7, 20, 21, 22, 23, 24]);
+    assert_eq!(sc.logits_rows(), 0..6);
+    assert_eq!(sc.block_table.len(), 2);
+    // Two drafts were accepted: 17 computed, 18 tokens, the last (9) is next.
+    assert_eq!(s.tokens(a).unwrap()[14..], [7, 20, 21, 9]);
+    assert_eq!(s.decoding().count(), 1);
+    let p = step(&mut s);
+    assert_eq!(
+        (p.scheduled[0].start, p.scheduled[0].tokens.clone()),
+        (17, vec![9])
+    );
+    // Only the first full block (16 accepted tokens) is in the prefix cache.
+    assert_eq!(s.pool().num_cached(), 1);
+    // A verification that rejects everything gives back the block only drafts reached.
+    s.set_drafts(a, &[30; 14]);
+    assert_eq!(s.pool().num_in_use(), 2);
+    let p = verify(&mut s, a, &[31]);
+    assert_eq!(p.scheduled[0].block_table.len(), 3);
+    assert_eq!(s.pool().num_in_use(), 2);
+    assert_eq!(s.tokens(a).unwrap().len(), 20);
+    let p = step(&mut s);
+    assert_eq!((p.scheduled[0].start, p.scheduled[0].drafts), (19, 0));
+}
+
+#[test]
+fn drafts_yield_to_the_budget_the_pool_and_prefills() {
+    // The budget: the other request's decode comes first; drafts get what is left.
+    let mut s = scheduler(4, 4, 64);
+    let a = add(&mut s, 1, prompt(1, 3));
+    let b = add(&mut s, 2, prompt(2, 1));
+    step(&mut s);
+    s.set_drafts(a, &[1, 2, 3, 4, 5]);
+    s.set_drafts(b, &[6, 7, 8, 9, 10]);
+    let p = s.schedule();
+    let shape = |p: &Plan| {
+        p.scheduled
+            .iter()
+            .map(|sc| (sc.id, sc.tokens.len(), sc.drafts))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&p), vec![(a, 3, 2), (b, 1, 0)]);
+    // A request still prefilling takes no drafts.
+    let mut s = scheduler(4, 8, 64);
+    let c = add(&mut s, 3, prompt(3, 20));
+    s.schedule();
+    s.set_drafts(c, &[1, 2]);
+    assert_eq!(s.decoding().count(), 0);
+    // The pool: no block for the drafts, so none are verified (and nothing is preempted).
+    let mut s = scheduler(4, 64, 1);
+    let d = add(&mut s, 4, prompt(4, 15));
+    step(&mut s);
+    s.set_drafts(d, &[1, 2, 3]);
+    let p = s.schedule();
+    assert_eq!((p.scheduled[0].tokens.len(), p.scheduled[0].drafts), (1, 0));
+    assert!(p.preempted.is_empty() && p.out_of_room.is_empty());
+}

@@ -1,7 +1,9 @@
 //! `supernode bench`: speed figures as JSON.
 //!
-//! - Offline (default): prefill a prompt of `--prompt-tokens` pseudo-random tokens, then decode
-//!   `--gen-tokens` greedily past end-of-generation, `--reps` times; medians with min and max.
+//! - Offline (default): prefill a prompt of `--prompt-tokens` pseudo-random tokens (or the text
+//!   of `--prompt`/`--prompt-file`, with `--chat` in the chat template), then decode
+//!   `--gen-tokens` greedily (past end-of-generation for the random prompt), `--reps` times;
+//!   medians with min and max, and with `--speculative` the draft tokens and acceptance rate.
 //! - `--serve`: drive an OpenAI server (a running one at `--url`, or `supernode serve` started
 //!   here for `--model`) with `--requests` streaming chat requests (or, with `--completions`,
 //!   text completions) at each `--concurrency`;
@@ -24,6 +26,18 @@ use crate::model_args::ModelArgs;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    spec: crate::spec_args::SpecArgs,
+    /// A real prompt instead of random tokens (offline mode); generation stops at the end of
+    /// generation.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt text from this file (offline mode).
+    #[arg(long)]
+    prompt_file: Option<std::path::PathBuf>,
+    /// Wrap the prompt text in the model's chat template as a user message (offline mode).
+    #[arg(long)]
+    chat: bool,
     /// Prompt length (offline mode).
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,

@@ -1,12 +1,14 @@
-//! `supernode bench` offline: prefill a prompt of `--prompt-tokens` pseudo-random tokens, then
-//! decode `--gen-tokens` greedily past end-of-generation, `--reps` times, through the engine;
-//! medians with min and max, and the memory bandwidth that bounds decode.
+//! `supernode bench` offline: prefill a prompt of `--prompt-tokens` pseudo-random tokens (or a
+//! real prompt's text), then decode `--gen-tokens` greedily (past end-of-generation for random
+//! tokens), `--reps` times, through the engine; medians with min and max, the memory bandwidth
+//! that bounds decode, and what speculative decoding drafted and had accepted.
 
 use std::io::IsTerminal;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use supernode_engine::chat::{ChatMessage, ChatTemplate};
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::session::Generate;
 use supernode_kernels::pool;
@@ -18,28 +20,61 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
     if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens < 2 {
         bail!("--reps and --prompt-tokens must be at least 1 and --gen-tokens at least 2");
     }
+    let spec = a.spec.config()?;
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => {
+            Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+        }
+        (None, None) => None,
+    };
+    if a.chat && text.is_none() {
+        bail!("--chat needs a prompt text (--prompt or --prompt-file)");
+    }
     let (mut session, path) = open_model(&a.model)?;
+    session.set_speculative(spec.clone())?;
     let vocab = session.model().config().vocab_size;
-    let need = a.prompt_tokens + a.gen_tokens;
+    let prompt: Vec<u32> = match &text {
+        Some(t) => {
+            let tok = session.require_tokenizer()?;
+            if a.chat {
+                let tmpl = ChatTemplate::for_tokenizer(tok)?
+                    .context("this model has no chat template: run it without --chat")?;
+                let msgs = [ChatMessage {
+                    role: "user".into(),
+                    content: t.clone(),
+                }];
+                tmpl.prompt_tokens(tok, &msgs)?
+            } else {
+                tok.encode(t, true, true)
+            }
+        }
+        None => {
+            // Pseudo-random prompt tokens (as llama-bench uses), the same every run.
+            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+            (0..a.prompt_tokens)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % vocab as u64) as u32
+                })
+                .collect()
+        }
+    };
+    let need = prompt.len() + a.gen_tokens;
     if need > session.ctx_len() {
         bail!(
-            "--prompt-tokens + --gen-tokens = {need} exceeds the context of {}",
+            "the prompt's {} tokens + --gen-tokens = {need} exceeds the context of {}",
+            prompt.len(),
             session.ctx_len()
         );
     }
-    // Pseudo-random prompt tokens (as llama-bench uses), the same every run.
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % vocab as u64) as u32
-        })
-        .collect();
     let show = !a.json && std::io::stderr().is_terminal();
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    let mut generated = Vec::new();
+    let (mut drafted, mut accepted) = (0usize, 0usize);
     for rep in 0..a.reps {
         let t0 = Instant::now();
         let mut first = None;
@@ -50,17 +85,25 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
             params: SamplingParams::greedy(),
             max_tokens: a.gen_tokens,
             stop: Vec::new(),
-            ignore_eos: true,
+            ignore_eos: text.is_none(),
             cache_salt: Some(format!("bench-rep-{rep}")),
         };
-        session.generate(&prompt, &g, |_| {
+        let out = session.generate(&prompt, &g, |_| {
             n += 1;
             first.get_or_insert_with(Instant::now);
             true
         })?;
         let end = Instant::now();
+        if n < 2 {
+            bail!("only {n} token was generated: decode speed needs at least 2");
+        }
+        if let Some(u) = out.finish.spec {
+            drafted += u.draft_tokens;
+            accepted += u.accepted_tokens;
+        }
+        generated.push(n as f64);
         let first = first.context("no token was generated")?;
-        let p = a.prompt_tokens as f64 / (first - t0).as_secs_f64();
+        let p = prompt.len() as f64 / (first - t0).as_secs_f64();
         let d = (n - 1) as f64 / (end - first).as_secs_f64().max(1e-9);
         if show {
             eprintln!(
@@ -75,11 +118,11 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
     let bytes = session.model().weight_bytes_per_token();
     let (pm, dm) = (median(&prefill), median(&decode));
     let bw = read_bandwidth();
-    let out = json!({
+    let mut out = json!({
         "model": path.display().to_string(),
         "threads": pool::threads(),
         "precision": a.model.precision_name(),
-        "prompt_tokens": a.prompt_tokens,
+        "prompt_tokens": prompt.len(),
         "gen_tokens": a.gen_tokens,
         "reps": a.reps,
         "prefill_tok_s": pm,
@@ -94,6 +137,25 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
         "decode_roofline_tok_s": bw / bytes as f64,
         "decode_roofline_share": dm * bytes as f64 / bw,
     });
+    if text.is_some() {
+        // A real prompt stops at the end of generation: how far it got.
+        out["generated_tokens"] = json!(median(&generated));
+    }
+    if let Some(c) = spec {
+        let rate = if drafted > 0 {
+            accepted as f64 / drafted as f64
+        } else {
+            0.0
+        };
+        out["speculative"] = json!({
+            "method": c.method.name(),
+            "num_speculative_tokens": c.num_speculative_tokens,
+            "adaptive": c.adaptive,
+            "draft_tokens": drafted,
+            "accepted_tokens": accepted,
+            "acceptance_rate": rate,
+        });
+    }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

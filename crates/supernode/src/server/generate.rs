@@ -714,12 +714,28 @@ impl Started {
             .filter_map(|c| c.finish.as_ref().map(|f| f.cached_tokens))
             .max()
             .unwrap_or(0);
-        json!({
+        let mut usage = json!({
             "prompt_tokens": self.prompt_len,
             "completion_tokens": completion,
             "total_tokens": self.prompt_len + completion,
             "prompt_tokens_details": { "cached_tokens": cached },
-        })
+        });
+        // Speculative decoding's drafts, in OpenAI's predicted-outputs fields.
+        let spec = self
+            .choices
+            .iter()
+            .filter_map(|c| c.finish.as_ref().and_then(|f| f.spec))
+            .fold(None, |acc: Option<(usize, usize)>, u| {
+                let (d, a) = acc.unwrap_or((0, 0));
+                Some((d + u.draft_tokens, a + u.accepted_tokens))
+            });
+        if let Some((drafted, accepted)) = spec {
+            usage["completion_tokens_details"] = json!({
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": drafted - accepted,
+            });
+        }
+        usage
     }
 
     /// The non-streaming body.

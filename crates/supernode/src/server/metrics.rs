@@ -1,11 +1,13 @@
 //! Prometheus metrics: request outcomes, token counts, latency histograms, and the engine's
-//! queue, KV block and prefix-cache figures (read from its live stats at scrape time).
+//! queue, KV block and prefix-cache figures (read from its live stats at scrape time), and
+//! speculative decoding's drafts, draft tokens, accepted tokens and acceptance rate, labelled
+//! by proposer (vLLM's `spec_decode_*` figures), when the engine speculates.
 
 use std::sync::atomic::Ordering;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use supernode_engine::engine::EngineStats;
 
@@ -26,6 +28,16 @@ pub struct Metrics {
     prefix_hits: IntCounter,
     preemptions: IntCounter,
     steps: IntCounter,
+    spec_drafts: IntCounterVec,
+    spec_draft_tokens: IntCounterVec,
+    spec_accepted_tokens: IntCounterVec,
+    spec_acceptance: GaugeVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -141,6 +153,36 @@ impl Metrics {
                 "supernode_engine_steps_total",
                 "Forward passes of the engine loop",
             ),
+            spec_drafts: counter_vec(
+                &r,
+                "supernode_spec_decode_num_drafts_total",
+                "Verifications of at least one draft token (speculative decoding)",
+                "proposer",
+            ),
+            spec_draft_tokens: counter_vec(
+                &r,
+                "supernode_spec_decode_num_draft_tokens_total",
+                "Draft tokens verified by the target model",
+                "proposer",
+            ),
+            spec_accepted_tokens: counter_vec(
+                &r,
+                "supernode_spec_decode_num_accepted_tokens_total",
+                "Draft tokens accepted",
+                "proposer",
+            ),
+            spec_acceptance: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "supernode_spec_decode_acceptance_rate",
+                        "Accepted over verified draft tokens since the start",
+                    ),
+                    &["proposer"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry: r,
         }
     }
@@ -165,6 +207,23 @@ impl Metrics {
         );
         catch_up(&self.preemptions, st.preemptions.load(Ordering::Relaxed));
         catch_up(&self.steps, st.steps.load(Ordering::Relaxed));
+        if let Some(name) = st.spec_proposer.get() {
+            let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
+            let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+            let l = [*name];
+            catch_up(
+                &self.spec_drafts.with_label_values(&l),
+                st.spec_drafts.load(Ordering::Relaxed),
+            );
+            catch_up(&self.spec_draft_tokens.with_label_values(&l), drafted);
+            catch_up(&self.spec_accepted_tokens.with_label_values(&l), accepted);
+            let rate = if drafted > 0 {
+                accepted as f64 / drafted as f64
+            } else {
+                0.0
+            };
+            self.spec_acceptance.with_label_values(&l).set(rate);
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

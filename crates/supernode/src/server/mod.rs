@@ -54,6 +54,8 @@ use metrics::Metrics;
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    spec: crate::spec_args::SpecArgs,
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -163,6 +165,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(o) => Some(Arc::new(cors::Cors::parse(o).map_err(anyhow::Error::msg)?)),
         None => None,
     };
+    let speculative = a.spec.config()?;
     let (path, opts) = prepare(&a.model)?;
     let t0 = std::time::Instant::now();
     let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
@@ -210,6 +213,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_waiting: a.max_waiting,
         prefix_caching: !a.no_prefix_caching,
         prefix_cache_salt: a.prefix_cache_salt.clone(),
+        speculative,
     };
     let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
     let limits = conn::Limits {

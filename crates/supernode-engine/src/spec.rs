@@ -1,0 +1,344 @@
+//! Speculative decoding: proposers of draft tokens, and how many to draft for each request.
+//!
+//! A [`Proposer`] guesses up to k tokens that follow a request's tokens; the engine verifies
+//! them in the same flat batch as every other request (the target computes the drafts after
+//! the request's last token and samples each of those k + 1 rows in turn, see
+//! [`crate::engine`]). The accepted prefix and one more token (the correction or bonus token)
+//! are kept.
+//!
+//! **Exactness.** The proposers here make point proposals (one token per position, no
+//! distribution). For a point proposal `d`, rejection sampling accepts `d` with probability
+//! `p(d)` and otherwise draws from the residual `p` restricted to `x ≠ d`, renormalised. The
+//! engine does it by drawing `x ~ p` with the request's own sampler (penalties, `logit_bias`,
+//! grammar, top-k/p, temperature) and accepting iff `x = d`: `P(accept) = p(d)`, and a
+//! rejected draw is distributed as the residual, so each kept token has the target's
+//! distribution. It draws exactly one random number per kept token, as decoding without
+//! speculation does, so with batch-invariant kernels a seeded request gives the very tokens it
+//! gives without speculation, at any temperature. Nothing is committed for a draft before it
+//! is accepted: the penalties' history, the grammar's state and the KV slots past the accepted
+//! prefix are those of the tokens kept.
+//!
+//! **Adaptivity** ([`Adaptive`]): k follows the request's acceptance (Hugging Face's
+//! assisted-generation heuristic: two more after a step whose drafts were all accepted, one
+//! fewer otherwise); a request whose acceptance stays low stops drafting for a number of its
+//! steps that doubles each time it fails again, then probes with one draft; and nothing is drafted while more requests
+//! than `disable_by_batch_size` are running (a batch that large is no longer bound by reading
+//! the weights, so extra rows cost their full compute).
+
+use crate::engine::RequestId;
+use crate::error::EngineError;
+
+/// The most draft tokens per request and step that can be asked for.
+pub const MAX_SPECULATIVE_TOKENS: usize = 32;
+/// The longest n-gram prompt lookup can match.
+pub const MAX_NGRAM: usize = 16;
+
+/// Which proposer drafts the tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecMethod {
+    /// Prompt lookup: the tokens that followed the latest earlier occurrence of the request's
+    /// last `min..=max` tokens (the longest that occurs) in its prompt and output.
+    Ngram { min: usize, max: usize },
+}
+
+impl SpecMethod {
+    /// The method named `name` (`ngram`, or its alias `prompt-lookup`), with the n-gram
+    /// lengths `min..=max`.
+    pub fn parse(name: &str, min: usize, max: usize) -> Result<SpecMethod, EngineError> {
+        match name {
+            "ngram" | "prompt-lookup" | "prompt_lookup" => Ok(SpecMethod::Ngram { min, max }),
+            _ => Err(EngineError::Invalid(format!(
+                "unknown speculative method `{name}`: use `ngram` (prompt lookup)"
+            ))),
+        }
+    }
+
+    /// The proposer's name in metrics and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SpecMethod::Ngram { .. } => "ngram",
+        }
+    }
+}
+
+/// How an engine speculates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpecConfig {
+    pub method: SpecMethod,
+    /// Draft tokens per request and step at most (k), `1..=MAX_SPECULATIVE_TOKENS`.
+    pub num_speculative_tokens: usize,
+    /// Choose k per request from its acceptance and pause requests whose drafts fail; `false`
+    /// drafts `num_speculative_tokens` whenever the proposer has them.
+    pub adaptive: bool,
+    /// Draft nothing while more requests than this are running; `None`: no limit.
+    pub disable_by_batch_size: Option<usize>,
+}
+
+impl SpecConfig {
+    /// Prompt lookup with n-grams of 1 to 3 tokens and `k` drafts, adaptive, off above 8
+    /// running requests.
+    pub fn ngram(k: usize) -> SpecConfig {
+        SpecConfig {
+            method: SpecMethod::Ngram { min: 1, max: 3 },
+            num_speculative_tokens: k,
+            adaptive: true,
+            disable_by_batch_size: Some(8),
+        }
+    }
+
+    /// Checks the ranges; the error names the parameter.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let k = self.num_speculative_tokens;
+        if !(1..=MAX_SPECULATIVE_TOKENS).contains(&k) {
+            return Err(EngineError::Invalid(format!(
+                "num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, got {k}"
+            )));
+        }
+        if self.disable_by_batch_size == Some(0) {
+            return Err(EngineError::Invalid(
+                "speculative_disable_by_batch_size must be at least 1".into(),
+            ));
+        }
+        match self.method {
+            SpecMethod::Ngram { min, max } => {
+                if min == 0 || min > max || max > MAX_NGRAM {
+                    return Err(EngineError::Invalid(format!(
+                        "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max \
+                         <= {MAX_NGRAM}, got min {min} and max {max}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The proposer this configuration names (validated first).
+    pub fn proposer(&self) -> Result<Box<dyn Proposer>, EngineError> {
+        self.validate()?;
+        Ok(match self.method {
+            SpecMethod::Ngram { min, max } => Box::new(NgramProposer { min, max }),
+        })
+    }
+}
+
+/// Guesses the tokens that follow a request's tokens.
+pub trait Proposer: Send {
+    /// The name metrics and reports use.
+    fn name(&self) -> &'static str;
+    /// Appends to `out` at most `k` tokens likely to follow `tokens` (request `id`'s prompt and
+    /// output so far); nothing if it has no guess.
+    fn propose(&mut self, id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>);
+    /// Request `id` is gone: drop anything kept for it.
+    fn release(&mut self, _id: RequestId) {}
+}
+
+/// Prompt lookup (llama.cpp's `lookup`, vLLM's `ngram`): find the latest earlier occurrence of
+/// the last `n` tokens, for `n` from `max` down to `min`, and propose the tokens that followed
+/// it. It costs a scan of the request's tokens, no model.
+#[derive(Clone, Debug)]
+pub struct NgramProposer {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl Proposer for NgramProposer {
+    fn name(&self) -> &'static str {
+        "ngram"
+    }
+
+    fn propose(&mut self, _id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>) {
+        let len = tokens.len();
+        for n in (self.min..=self.max.min(len.saturating_sub(1))).rev() {
+            let pattern = &tokens[len - n..];
+            // Latest start `i` with `tokens[i..i + n] == pattern`, the suffix itself excluded.
+            let found = (0..len - n).rev().find(|&i| &tokens[i..i + n] == pattern);
+            if let Some(i) = found {
+                let from = i + n;
+                out.extend_from_slice(&tokens[from..(from + k).min(len)]);
+                return;
+            }
+        }
+    }
+}
+
+/// One request's speculation state: its k and its acceptance so far.
+#[derive(Clone, Debug)]
+pub struct Adaptive {
+    /// Drafts to ask for next.
+    k: usize,
+    /// Exponential moving average of the share of drafts accepted per verification.
+    rate: f32,
+    /// Decoding steps left without drafting.
+    pause: u32,
+    /// The next pause's length.
+    backoff: u32,
+    /// Draft tokens verified and accepted, for the request's usage report.
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+/// Below this average acceptance a request pauses its drafting.
+const MIN_RATE: f32 = 0.25;
+/// The first pause, in decoding steps; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: u32 = 4;
+const MAX_BACKOFF: u32 = 64;
+
+impl Adaptive {
+    pub fn new(k: usize) -> Adaptive {
+        Adaptive {
+            k,
+            rate: 1.0,
+            pause: 0,
+            backoff: FIRST_BACKOFF,
+            drafted: 0,
+            accepted: 0,
+        }
+    }
+
+    /// How many drafts to ask for this step, out of `k_max` (0 while paused; a paused step
+    /// counts down).
+    pub fn want(&mut self, cfg: &SpecConfig) -> usize {
+        if !cfg.adaptive {
+            return cfg.num_speculative_tokens;
+        }
+        if self.pause > 0 {
+            self.pause -= 1;
+            return 0;
+        }
+        self.k.clamp(1, cfg.num_speculative_tokens)
+    }
+
+    /// Records a verification of `drafted` tokens of which the first `accepted` were kept.
+    pub fn record(&mut self, cfg: &SpecConfig, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        self.drafted += drafted;
+        self.accepted += accepted;
+        if !cfg.adaptive {
+            return;
+        }
+        let share = accepted as f32 / drafted as f32;
+        self.rate = 0.6 * self.rate + 0.4 * share;
+        self.k = if accepted == drafted {
+            (self.k + 2).min(cfg.num_speculative_tokens)
+        } else {
+            self.k.saturating_sub(1).max(1)
+        };
+        if self.rate < MIN_RATE {
+            self.pause = self.backoff;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            // Resume with one draft and a neutral average: a cheap probe.
+            self.rate = 0.5;
+            self.k = 1;
+        } else if share >= 0.5 {
+            self.backoff = FIRST_BACKOFF;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn propose(p: &mut NgramProposer, tokens: &[u32], k: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        p.propose(RequestId(1), tokens, k, &mut out);
+        out
+    }
+
+    #[test]
+    fn ngram_proposes_what_followed_the_latest_match_of_the_longest_ngram() {
+        let mut p = NgramProposer { min: 1, max: 3 };
+        // "1 2 3" occurs at 0 (followed by 4 5) and at 5 (followed by 9 9); the latest wins.
+        let t = [1, 2, 3, 4, 5, 1, 2, 3, 9, 9, 7, 1, 2, 3];
+        assert_eq!(propose(&mut p, &t, 2), vec![9, 9]);
+        assert_eq!(propose(&mut p, &t, 10), vec![9, 9, 7, 1, 2, 3]);
+        // Only the last token matches ("8" never occurred; "3" did).
+        let t = [5, 3, 6, 7, 8, 3];
+        assert_eq!(propose(&mut p, &t, 3), vec![6, 7, 8]);
+        // A longer match beats a later shorter one.
+        let t = [1, 2, 4, 9, 2, 5, 1, 2];
+        assert_eq!(propose(&mut p, &t, 1), vec![4]);
+        // Nothing to match.
+        assert!(propose(&mut p, &[1, 2, 3], 4).is_empty());
+        assert!(propose(&mut p, &[7], 4).is_empty());
+        assert!(propose(&mut p, &[], 4).is_empty());
+        let mut p2 = NgramProposer { min: 2, max: 2 };
+        assert!(propose(&mut p2, &[5, 3, 6, 7, 8, 3], 3).is_empty());
+    }
+
+    #[test]
+    fn bad_configurations_name_the_parameter() {
+        let err = |c: SpecConfig| c.proposer().err().map(|e| e.to_string()).unwrap();
+        let mut c = SpecConfig::ngram(0);
+        assert!(err(c.clone()).contains("num_speculative_tokens"));
+        c.num_speculative_tokens = MAX_SPECULATIVE_TOKENS + 1;
+        assert!(err(c.clone()).contains("num_speculative_tokens"));
+        c.num_speculative_tokens = 4;
+        c.method = SpecMethod::Ngram { min: 3, max: 2 };
+        assert!(err(c.clone()).contains("prompt_lookup_min"));
+        c.method = SpecMethod::Ngram { min: 0, max: 2 };
+        assert!(err(c.clone()).contains("prompt_lookup_min"));
+        c.method = SpecMethod::Ngram { min: 1, max: 99 };
+        assert!(err(c.clone()).contains("prompt_lookup_max"));
+        c.method = SpecMethod::Ngram { min: 1, max: 3 };
+        c.disable_by_batch_size = Some(0);
+        assert!(err(c.clone()).contains("disable_by_batch_size"));
+        c.disable_by_batch_size = None;
+        assert_eq!(c.proposer().unwrap().name(), "ngram");
+        let e = SpecMethod::parse("eagle9", 1, 3).unwrap_err().to_string();
+        assert!(e.contains("unknown speculative method `eagle9`"), "{e}");
+        assert_eq!(
+            SpecMethod::parse("ngram", 2, 4).unwrap(),
+            SpecMethod::Ngram { min: 2, max: 4 }
+        );
+    }
+
+    #[test]
+    fn k_grows_with_acceptance_and_failing_requests_pause() {
+        let cfg = SpecConfig::ngram(8);
+        let mut a = Adaptive::new(4);
+        assert_eq!(a.want(&cfg), 4);
+        a.record(&cfg, 4, 4);
+        assert_eq!(a.want(&cfg), 6);
+        a.record(&cfg, 6, 6);
+        assert_eq!(a.want(&cfg), 8);
+        a.record(&cfg, 8, 8);
+        assert_eq!(a.want(&cfg), 8, "k stays within num_speculative_tokens");
+        a.record(&cfg, 8, 3);
+        assert_eq!(a.want(&cfg), 7);
+        // Failures drag the average down until the request pauses.
+        let mut steps = 0;
+        while a.want(&cfg) > 0 {
+            a.record(&cfg, 2, 0);
+            steps += 1;
+            assert!(steps < 10, "it never paused");
+        }
+        assert_eq!(a.drafted, 26 + 2 * steps);
+        assert_eq!(a.accepted, 21);
+        // The pause lasts FIRST_BACKOFF steps (one was just spent), then drafting resumes.
+        for _ in 1..FIRST_BACKOFF {
+            assert_eq!(a.want(&cfg), 0);
+        }
+        assert_eq!(a.want(&cfg), 1);
+        // Failing again pauses for twice as long.
+        while a.want(&cfg) > 0 {
+            a.record(&cfg, 1, 0);
+        }
+        let mut paused = 1;
+        while a.want(&cfg) == 0 {
+            paused += 1;
+        }
+        assert_eq!(paused, 2 * FIRST_BACKOFF);
+        // Fixed k without adaptivity.
+        let fixed = SpecConfig {
+            adaptive: false,
+            ..SpecConfig::ngram(5)
+        };
+        let mut a = Adaptive::new(5);
+        a.record(&fixed, 5, 0);
+        a.record(&fixed, 5, 0);
+        assert_eq!(a.want(&fixed), 5);
+    }
+}

@@ -1,0 +1,579 @@
+//! Speculative decoding through the engine on the tiny random models of `tests/fixtures/hf`
+//! (vocabulary 256): the tokens with prompt lookup are the tokens without it, greedy and
+//! seeded, alone and in batches of 12 with chunked prefill, preemption and the prefix cache,
+//! with logprobs, penalties, `logit_bias` and a grammar; and a chi-square test that the drawn
+//! tokens follow the target's distribution when drafts are verified by rejection.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
+use supernode_engine::engine::{
+    Engine, EngineConfig, EngineStats, Event, Finish, FinishReason, Request, RequestId, Sink,
+    TokenEvent,
+};
+use supernode_engine::sampler::SamplingParams;
+use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
+use supernode_models::{load_model, LoadOptions};
+
+const ARCHS: [&str; 6] = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3_text",
+    "deepseek_v3",
+];
+
+fn fixture(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf")
+        .join(arch)
+}
+
+struct Collect(Arc<Mutex<Vec<Event>>>);
+
+impl Sink for Collect {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.lock().unwrap().push(event);
+        true
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Clone)]
+struct Ask {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: usize,
+    logprobs: Option<usize>,
+    logit_bias: Vec<(u32, f32)>,
+    constraint: Option<Constraint>,
+    ignore_eos: bool,
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Ask {
+    Ask {
+        prompt,
+        params: SamplingParams::greedy(),
+        max_tokens,
+        logprobs: None,
+        logit_bias: Vec::new(),
+        constraint: None,
+        ignore_eos: true,
+    }
+}
+
+struct Limits {
+    max_num_seqs: usize,
+    budget: usize,
+    num_blocks: usize,
+}
+
+const ROOMY: Limits = Limits {
+    max_num_seqs: 12,
+    budget: 48,
+    num_blocks: 160,
+};
+
+/// What one request heard: its tokens and its final event.
+type Heard = (Vec<TokenEvent>, Finish);
+
+fn engine(arch: &str, lim: &Limits) -> Engine {
+    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
+    let cfg = EngineConfig {
+        max_num_seqs: lim.max_num_seqs,
+        max_num_batched_tokens: lim.budget,
+        num_blocks: lim.num_blocks,
+        ctx_len: 256,
+        max_waiting: 1000,
+        prefix_caching: true,
+        prefix_cache_salt: String::new(),
+        speculative: None,
+    };
+    Engine::new(m.model, None, cfg).unwrap()
+}
+
+/// Adds every request at once, steps until all are done, and returns what each heard.
+fn drive(e: &mut Engine, asks: &[Ask]) -> Vec<Heard> {
+    let logs: Vec<_> = asks
+        .iter()
+        .map(|a| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            e.add_request(Request {
+                prompt: a.prompt.clone(),
+                params: a.params.clone(),
+                max_tokens: a.max_tokens,
+                stop: Vec::new(),
+                ignore_eos: a.ignore_eos,
+                logprobs: a.logprobs,
+                cache_salt: None,
+                prompt_logits: false,
+                prompt_logprobs: None,
+                logit_bias: a.logit_bias.clone(),
+                constraint: a.constraint.clone(),
+                sink: Box::new(Collect(log.clone())),
+            })
+            .unwrap();
+            log
+        })
+        .collect();
+    let mut steps = 0;
+    while e.has_unfinished() {
+        e.step();
+        steps += 1;
+        assert!(steps < 100_000, "the engine does not finish");
+    }
+    logs.iter()
+        .map(|log| {
+            let mut toks = Vec::new();
+            let mut fin = None;
+            for ev in log.lock().unwrap().drain(..) {
+                match ev {
+                    Event::Token(t) => toks.push(t),
+                    Event::Done(f) => fin = Some(f),
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            (toks, fin.expect("every request finishes"))
+        })
+        .collect()
+}
+
+fn run(arch: &str, spec: Option<SpecConfig>, lim: &Limits, asks: &[Ask]) -> (Vec<Heard>, Engine) {
+    let mut e = engine(arch, lim);
+    e.set_speculative(spec).unwrap();
+    let heard = drive(&mut e, asks);
+    (heard, e)
+}
+
+/// Prompt lookup drafting for every request whatever the batch (the tests want drafts
+/// verified in large batches too).
+fn ngram(k: usize) -> SpecConfig {
+    SpecConfig {
+        disable_by_batch_size: None,
+        ..SpecConfig::ngram(k)
+    }
+}
+
+fn ids(h: &Heard) -> Vec<u32> {
+    h.0.iter().map(|t| t.id).collect()
+}
+
+/// Deterministic prompts: some repeat a phrase (lookup finds drafts at once), some do not.
+fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 255 + 1) as u32
+    };
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                let phrase: Vec<u32> = (0..4 + i % 5).map(|_| next()).collect();
+                let mut p = Vec::new();
+                for _ in 0..2 + i % 3 {
+                    p.extend_from_slice(&phrase);
+                }
+                p.extend_from_slice(&phrase[..2]);
+                p
+            } else {
+                (0..1 + (i * 37) % 80).map(|_| next()).collect()
+            }
+        })
+        .collect()
+}
+
+fn spec_totals(st: &EngineStats) -> (u64, u64, u64) {
+    (
+        st.spec_drafts.load(Ordering::Relaxed),
+        st.spec_draft_tokens.load(Ordering::Relaxed),
+        st.spec_accepted_tokens.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn greedy_tokens_are_the_same_with_prompt_lookup_alone_and_in_batches_of_12() {
+    for arch in ARCHS {
+        let asks: Vec<Ask> = prompts(12, 0x5eed + arch.len() as u64)
+            .into_iter()
+            .map(|p| greedy(p, 40))
+            .collect();
+        let (base, _) = run(arch, None, &ROOMY, &asks);
+        let (batched, e) = run(arch, Some(ngram(5)), &ROOMY, &asks);
+        for (i, (b, s)) in base.iter().zip(&batched).enumerate() {
+            assert_eq!(ids(b), ids(s), "{arch}: request {i} in a batch of 12");
+            assert_eq!(s.1.reason, FinishReason::Length);
+            assert_eq!(s.1.completion_tokens, 40);
+            assert!(b.1.spec.is_none());
+        }
+        let (drafts, drafted, accepted) = spec_totals(e.stats());
+        assert!(drafts > 0 && accepted > 0, "{arch}: nothing was accepted");
+        assert!(accepted <= drafted);
+        // The per-request usage adds up to the engine's totals.
+        let usage = batched
+            .iter()
+            .map(|h| h.1.spec.unwrap())
+            .fold((0, 0), |(d, a), u| {
+                (d + u.draft_tokens, a + u.accepted_tokens)
+            });
+        assert_eq!(usage, (drafted as usize, accepted as usize), "{arch}");
+        assert_eq!(e.stats().blocks_in_use.load(Ordering::Relaxed), 0);
+        // Alone, with a fixed k (no adaptivity) and a token budget of 7 (drafts are cut to
+        // what the budget leaves).
+        let fixed = SpecConfig {
+            adaptive: false,
+            ..ngram(8)
+        };
+        let tight = Limits {
+            max_num_seqs: 1,
+            budget: 7,
+            num_blocks: 32,
+        };
+        for (i, a) in asks.iter().enumerate().step_by(3) {
+            let (alone, _) = run(arch, Some(fixed.clone()), &tight, std::slice::from_ref(a));
+            assert_eq!(ids(&base[i]), ids(&alone[0]), "{arch}: request {i} alone");
+        }
+    }
+}
+
+#[test]
+fn preemption_and_the_prefix_cache_keep_the_tokens() {
+    // 12 requests of up to ~130 tokens in 40 blocks of 16: requests are preempted and
+    // recomputed while they speculate; then the same prompts again, from the prefix cache.
+    let lim = Limits {
+        max_num_seqs: 12,
+        budget: 64,
+        num_blocks: 40,
+    };
+    let asks: Vec<Ask> = prompts(12, 77).into_iter().map(|p| greedy(p, 48)).collect();
+    let (base, _) = run("llama", None, &lim, &asks);
+    let mut e = engine("llama", &lim);
+    e.set_speculative(Some(ngram(6))).unwrap();
+    let first = drive(&mut e, &asks);
+    assert!(e.stats().preemptions.load(Ordering::Relaxed) > 0);
+    let again = drive(&mut e, &asks);
+    for i in 0..asks.len() {
+        assert_eq!(ids(&base[i]), ids(&first[i]), "request {i}");
+        assert_eq!(ids(&base[i]), ids(&again[i]), "request {i} again");
+    }
+    assert!(again.iter().any(|h| h.1.cached_tokens > 0));
+    assert!(spec_totals(e.stats()).2 > 0);
+    assert_eq!(e.stats().blocks_in_use.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn seeded_sampling_with_logprobs_penalties_and_bias_is_unchanged() {
+    // Drafts are checked by drawing from the target with the request's own sampler, one draw
+    // per kept token as without speculation: a seed gives the same tokens and logprobs.
+    for arch in ["llama", "qwen3", "gemma3_text"] {
+        let asks: Vec<Ask> = prompts(12, 3)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Ask {
+                prompt: p,
+                params: SamplingParams {
+                    temperature: [0.3, 0.7, 1.0][i % 3],
+                    top_k: [0, 20][i % 2],
+                    top_p: [1.0, 0.9][(i / 2) % 2],
+                    repetition_penalty: if i % 4 == 0 { 1.3 } else { 1.0 },
+                    frequency_penalty: if i % 5 == 0 { 0.5 } else { 0.0 },
+                    seed: Some(1000 + i as u64),
+                    ..SamplingParams::default()
+                },
+                max_tokens: 32,
+                logprobs: Some(3),
+                logit_bias: if i % 3 == 0 {
+                    vec![(17, 4.0), (18, -100.0)]
+                } else {
+                    Vec::new()
+                },
+                constraint: None,
+                ignore_eos: true,
+            })
+            .collect();
+        let (base, _) = run(arch, None, &ROOMY, &asks);
+        let (spec, e) = run(arch, Some(ngram(4)), &ROOMY, &asks);
+        for (i, (b, s)) in base.iter().zip(&spec).enumerate() {
+            assert_eq!(b.0, s.0, "{arch}: request {i} (tokens and logprobs)");
+        }
+        assert!(spec_totals(e.stats()).1 > 0, "{arch}: nothing was drafted");
+    }
+}
+
+fn byte_grammars() -> Arc<Grammars> {
+    // The llama fixture read as a byte vocabulary: token `b` is byte `b`, token 0 the end.
+    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    words[0] = b"\xFF<|end|>".to_vec();
+    Arc::new(Grammars::from_token_bytes(words, &[0]).unwrap())
+}
+
+#[test]
+fn a_grammar_is_never_advanced_by_a_rejected_draft() {
+    // Drafts from prompt lookup over a prompt full of JSON: many are refused by the grammar or
+    // by the draw; the documents stay valid and equal to those without speculation.
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 4}
+        },
+        "required": ["name", "tags"],
+        "additionalProperties": false
+    });
+    let compiled = byte_grammars()
+        .compile(&ConstraintSpec::JsonSchema {
+            schema,
+            strict: true,
+        })
+        .unwrap();
+    let doc = br#"{"name": "ab", "tags": ["red", "green", "red"]} {"name": "ab", "tags": ["red""#;
+    let asks: Vec<Ask> = (0..12u64)
+        .map(|i| Ask {
+            prompt: doc.iter().map(|&b| b as u32).collect(),
+            params: SamplingParams {
+                temperature: if i < 4 { 0.0 } else { 1.0 },
+                seed: Some(i),
+                ..SamplingParams::default()
+            },
+            max_tokens: 80,
+            logprobs: if i % 2 == 0 { Some(2) } else { None },
+            logit_bias: Vec::new(),
+            constraint: Some(compiled.clone()),
+            ignore_eos: false,
+        })
+        .collect();
+    let (base, _) = run("llama", None, &ROOMY, &asks);
+    let (spec, e) = run("llama", Some(ngram(6)), &ROOMY, &asks);
+    for (i, (b, s)) in base.iter().zip(&spec).enumerate() {
+        assert_eq!(b.0, s.0, "request {i}");
+        assert_eq!(s.1.reason, FinishReason::Stop, "request {i}");
+        let text: Vec<u8> = s.0.iter().map(|t| t.id as u8).collect();
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .unwrap_or_else(|err| panic!("{:?}: {err}", String::from_utf8_lossy(&text)));
+        assert!(v["tags"].is_array());
+    }
+    let (_, drafted, accepted) = spec_totals(e.stats());
+    assert!(
+        accepted > 0 && accepted < drafted,
+        "{accepted} of {drafted}"
+    );
+}
+
+/// Drafts fixed tokens after a fixed history: every request of the chi-square test verifies
+/// the same drafts at the same place.
+struct Fixed {
+    after: Vec<u32>,
+    drafts: Vec<u32>,
+}
+
+impl Proposer for Fixed {
+    fn name(&self) -> &'static str {
+        "fixed"
+    }
+    fn propose(&mut self, _id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>) {
+        if tokens == self.after.as_slice() {
+            out.extend(self.drafts.iter().take(k));
+        }
+    }
+}
+
+/// Probabilities at temperature 1 among the `top_k` largest logits (the sampler's filter).
+fn top_k_probs(row: &[f32], top_k: usize) -> Vec<(u32, f64)> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.truncate(top_k);
+    let max = row[idx[0]] as f64;
+    let w: Vec<f64> = idx.iter().map(|&i| (row[i] as f64 - max).exp()).collect();
+    let sum: f64 = w.iter().sum();
+    idx.iter()
+        .zip(&w)
+        .map(|(&i, &x)| (i as u32, x / sum))
+        .collect()
+}
+
+/// Pearson's statistic of `counts` against `probs` (every token outside `probs` must have
+/// count 0, else the statistic is infinite).
+fn chi_square(counts: &std::collections::HashMap<u32, usize>, probs: &[(u32, f64)]) -> f64 {
+    let n: usize = counts.values().sum();
+    if counts.keys().any(|t| !probs.iter().any(|p| p.0 == *t)) {
+        return f64::INFINITY;
+    }
+    probs
+        .iter()
+        .map(|&(t, p)| {
+            let e = p * n as f64;
+            let o = *counts.get(&t).unwrap_or(&0) as f64;
+            (o - e) * (o - e) / e
+        })
+        .sum()
+}
+
+#[test]
+fn rejection_sampling_keeps_the_target_distribution() {
+    // After a fixed history the proposer drafts the target's two most likely next tokens.
+    // Among 8000 requests at temperature 1 (top-k 6), the token drawn after that history (the
+    // draft accepted, or a draw from the residual) follows the target's distribution, and so
+    // does the token after an accepted draft (drawn from the draft's row in the same step) and
+    // the one after a rejected draft (drawn in the next step).
+    const TOP_K: usize = 6;
+    const N: u64 = 8000;
+    let prompt: Vec<u32> = vec![11, 42, 7, 99, 3, 42];
+    let mut reference = engine("llama", &ROOMY);
+    let logits_after = |e: &mut Engine, toks: &[u32]| -> Vec<f32> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        e.add_request(Request {
+            prompt: toks.to_vec(),
+            params: SamplingParams::greedy(),
+            max_tokens: 0,
+            stop: Vec::new(),
+            ignore_eos: true,
+            logprobs: None,
+            cache_salt: None,
+            prompt_logits: true,
+            prompt_logprobs: None,
+            logit_bias: Vec::new(),
+            constraint: None,
+            sink: Box::new(Collect(log.clone())),
+        })
+        .unwrap();
+        while e.has_unfinished() {
+            e.step();
+        }
+        let rows: Vec<f32> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|ev| match ev {
+                Event::PromptLogits(p) => Some(p.logits.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        rows[rows.len() - 256..].to_vec()
+    };
+    let mut probs_after = |toks: &[u32]| top_k_probs(&logits_after(&mut reference, toks), TOP_K);
+    // The first token comes from the prompt's last row (nothing to verify yet); after its most
+    // likely value `a` the proposer drafts the two tokens most likely to follow.
+    let a = probs_after(&prompt)[0].0;
+    let history: Vec<u32> = prompt.iter().copied().chain([a]).collect();
+    let p1 = probs_after(&history);
+    let (d1, other) = (p1[0].0, p1[1].0);
+    let with = |t: u32| history.iter().copied().chain([t]).collect::<Vec<u32>>();
+    let p2 = probs_after(&with(d1));
+    let d2 = p2[0].0;
+    // After the runner-up instead of the draft: the draft was rejected.
+    let p3 = probs_after(&with(other));
+    assert!(
+        p1[0].1 < 0.9 && p1[0].1 > 0.15,
+        "the draft should be neither sure nor hopeless: p = {}",
+        p1[0].1
+    );
+
+    let mut e = engine("llama", &ROOMY);
+    let cfg = SpecConfig {
+        method: SpecMethod::Ngram { min: 1, max: 1 },
+        num_speculative_tokens: 2,
+        adaptive: false,
+        disable_by_batch_size: None,
+    };
+    e.set_proposer(
+        cfg,
+        Box::new(Fixed {
+            after: history.clone(),
+            drafts: vec![d1, d2],
+        }),
+    )
+    .unwrap();
+    let asks: Vec<Ask> = (0..N)
+        .map(|i| Ask {
+            prompt: prompt.clone(),
+            params: SamplingParams {
+                temperature: 1.0,
+                top_k: TOP_K,
+                seed: Some(0xC0FFEE + i),
+                ..SamplingParams::default()
+            },
+            max_tokens: 3,
+            logprobs: None,
+            logit_bias: Vec::new(),
+            constraint: None,
+            ignore_eos: true,
+        })
+        .collect();
+    let heard = drive(&mut e, &asks);
+    let mut first = std::collections::HashMap::new();
+    let mut second = std::collections::HashMap::new();
+    let mut after_other = std::collections::HashMap::new();
+    for h in &heard {
+        let t = ids(h);
+        if t[0] != a {
+            continue;
+        }
+        *first.entry(t[1]).or_insert(0usize) += 1;
+        if t[1] == d1 {
+            *second.entry(t[2]).or_insert(0usize) += 1;
+        } else if t[1] == other {
+            *after_other.entry(t[2]).or_insert(0usize) += 1;
+        }
+    }
+    // 5 degrees of freedom: the 0.999 quantile is 20.52.
+    let x1 = chi_square(&first, &p1);
+    let x2 = chi_square(&second, &p2);
+    assert!(
+        x1 < 20.52,
+        "first token: chi-square {x1}, counts {first:?}, p {p1:?}"
+    );
+    assert!(
+        x2 < 20.52,
+        "after the draft: chi-square {x2}, counts {second:?}, p {p2:?}"
+    );
+    let x3 = chi_square(&after_other, &p3);
+    assert!(
+        x3 < 20.52,
+        "after a rejection: chi-square {x3}, counts {after_other:?}"
+    );
+    eprintln!(
+        "chi-square (5 dof): first {x1:.2}, after the draft {x2:.2}, after a rejection {x3:.2}"
+    );
+    // The test can fail: the same counts against the other step's probabilities.
+    assert!(chi_square(&first, &p2) > 100.0);
+    let accepted = second.values().sum::<usize>();
+    assert!(accepted > 300, "the draft was accepted {accepted} times");
+    assert!(after_other.values().sum::<usize>() > 200);
+    let (_, drafted, kept) = spec_totals(e.stats());
+    assert!(kept > 300 && kept < drafted, "{kept} of {drafted}");
+}
+
+#[test]
+fn large_batches_turn_speculation_off() {
+    // Above `disable_by_batch_size` running requests, nothing is drafted.
+    let asks: Vec<Ask> = prompts(12, 9).into_iter().map(|p| greedy(p, 24)).collect();
+    let off = SpecConfig {
+        disable_by_batch_size: Some(2),
+        ..SpecConfig::ngram(4)
+    };
+    let lim = Limits {
+        max_num_seqs: 12,
+        budget: 2048,
+        num_blocks: 160,
+    };
+    let (_, e) = run("llama", Some(off.clone()), &lim, &asks);
+    assert_eq!(spec_totals(e.stats()).0, 0);
+    // Two at a time: they draft.
+    let (_, e) = run(
+        "llama",
+        Some(off),
+        &Limits {
+            max_num_seqs: 2,
+            ..lim
+        },
+        &asks,
+    );
+    assert!(spec_totals(e.stats()).0 > 0);
+}

@@ -1,0 +1,147 @@
+//! Prompt lookup on the real models (`smollm2-135m`, `gemma3-270m`, `qwen2.5-0.5b` from
+//! `$SUPERNODE_CACHE/models`, default `~/.cache/supernode/models`): greedy tokens and stop
+//! strings are the same with and without speculation, alone and in a batch of 12.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request, Sink};
+use supernode_engine::load::load_with_tokenizer;
+use supernode_engine::sampler::SamplingParams;
+use supernode_engine::spec::SpecConfig;
+use supernode_models::LoadOptions;
+
+fn model_path(name: &str) -> PathBuf {
+    let cache = std::env::var_os("SUPERNODE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/supernode")
+        });
+    let p = cache.join("models").join(format!("{name}.gguf"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run `supernode fetch {name}` first",
+        p.display()
+    );
+    p
+}
+
+struct Collect(Arc<Mutex<Vec<Event>>>);
+
+impl Sink for Collect {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.lock().unwrap().push(event);
+        true
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+const TEXTS: [&str; 6] = [
+    "def average(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n# The same function, with `total` renamed to `acc`:\ndef average(values):\n",
+    "The city council met on Tuesday to discuss the new transport plan. The plan proposes three new bus lines. In short, the city council",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "Once upon a time there was a",
+    "<html>\n  <body>\n    <ul>\n      <li>one</li>\n      <li>two</li>\n",
+    "Question: What is the capital of France?\nAnswer:",
+];
+
+fn engine(name: &str) -> Engine {
+    let (model, tok) = load_with_tokenizer(&model_path(name), &LoadOptions::default()).unwrap();
+    let cfg = EngineConfig {
+        max_num_seqs: 12,
+        max_num_batched_tokens: 64,
+        num_blocks: 256,
+        ctx_len: 1024,
+        max_waiting: 100,
+        prefix_caching: true,
+        prefix_cache_salt: String::new(),
+        speculative: None,
+    };
+    Engine::new(model, tok, cfg).unwrap()
+}
+
+/// Each request's tokens and final event, from one run over all of `reqs` at once.
+fn run(e: &mut Engine, reqs: &[(String, Vec<String>)]) -> Vec<(Vec<u32>, Finish)> {
+    let tok = e.tokenizer().expect("the model has a tokenizer").clone();
+    let logs: Vec<_> = reqs
+        .iter()
+        .map(|(text, stop)| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            e.add_request(Request {
+                prompt: tok.encode(text, true, false),
+                params: SamplingParams::greedy(),
+                max_tokens: 24,
+                stop: stop.clone(),
+                ignore_eos: false,
+                logprobs: None,
+                cache_salt: None,
+                prompt_logits: false,
+                prompt_logprobs: None,
+                logit_bias: Vec::new(),
+                constraint: None,
+                sink: Box::new(Collect(log.clone())),
+            })
+            .unwrap();
+            log
+        })
+        .collect();
+    while e.has_unfinished() {
+        e.step();
+    }
+    logs.iter()
+        .map(|log| {
+            let mut toks = Vec::new();
+            let mut fin = None;
+            for ev in log.lock().unwrap().drain(..) {
+                match ev {
+                    Event::Token(t) => toks.push(t.id),
+                    Event::Done(f) => fin = Some(f),
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            (toks, fin.expect("finished"))
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
+    // 12 requests: each text plain and with a stop string its output is likely to contain.
+    let reqs: Vec<(String, Vec<String>)> = TEXTS
+        .iter()
+        .flat_map(|t| {
+            [
+                (t.to_string(), Vec::new()),
+                (t.to_string(), vec!["\n\n".to_string(), " the".to_string()]),
+            ]
+        })
+        .collect();
+    let spec = SpecConfig {
+        disable_by_batch_size: None,
+        ..SpecConfig::ngram(5)
+    };
+    for name in ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"] {
+        // One engine: without speculation, then with it (the prompts now partly from the
+        // prefix cache), in a batch of 12 and one request at a time.
+        let mut e = engine(name);
+        let base = run(&mut e, &reqs);
+        e.set_speculative(Some(spec.clone())).unwrap();
+        let batched = run(&mut e, &reqs);
+        let accepted = e.stats().spec_accepted_tokens.load(Ordering::Relaxed);
+        assert!(accepted > 0, "{name}: nothing accepted");
+        for (i, (b, s)) in base.iter().zip(&batched).enumerate() {
+            assert_eq!(b.0, s.0, "{name}: request {i} in a batch of 12");
+            assert_eq!(b.1.text, s.1.text, "{name}: request {i}");
+            assert_eq!(b.1.reason, s.1.reason, "{name}: request {i}");
+            assert_eq!(b.1.stop_string, s.1.stop_string, "{name}: request {i}");
+        }
+        assert!(base.iter().any(|b| b.1.stop_string.is_some()));
+        for (i, r) in reqs.iter().enumerate().step_by(4) {
+            let alone = run(&mut e, std::slice::from_ref(r));
+            assert_eq!(base[i].0, alone[0].0, "{name}: request {i} alone");
+        }
+    }
+}
