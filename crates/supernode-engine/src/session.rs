@@ -103,6 +103,7 @@ impl Session {
             max_waiting: 1,
             prefix_caching: true,
             prefix_cache_salt: String::new(),
+            state_slots: 0,
         };
         Ok(Session {
             engine: Engine::new(model, tokenizer, cfg)?,

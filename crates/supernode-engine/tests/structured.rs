@@ -29,6 +29,7 @@ fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
         max_waiting: 1000,
         prefix_caching: true,
         prefix_cache_salt: String::new(),
+        state_slots: 0,
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }

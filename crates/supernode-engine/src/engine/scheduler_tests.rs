@@ -10,6 +10,7 @@ fn scheduler(max_num_seqs: usize, budget: usize, num_blocks: usize) -> Scheduler
         num_blocks,
         prefix_caching: true,
         salt: String::new(),
+        state_slots: 0,
     })
 }
 
@@ -260,6 +261,7 @@ fn a_deployment_salt_keys_every_hash() {
     let mut a = scheduler(1, 256, 8);
     let mut b = Scheduler::new(SchedulerConfig {
         salt: "deployment-b".into(),
+        state_slots: 0,
         ..a.config().clone()
     });
     for s in [&mut a, &mut b] {
