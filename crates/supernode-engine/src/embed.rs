@@ -30,8 +30,11 @@ pub fn embed(model: &dyn Model, tokens: &[u32], chunk: usize) -> Result<Vec<f32>
         )));
     }
     let blocks = tokens.len().div_ceil(BLOCK_SIZE);
+    // One recurrent state slot for a model with linear-attention layers.
     let mut kv = KvCache::new(&model.kv_specs(), BLOCK_SIZE, blocks)
+        .and_then(|kv| kv.with_state_slots(&model.state_widths(), 1))
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let slots: &[usize] = if kv.num_state_slots > 0 { &[0] } else { &[] };
     let table: Vec<u32> = (0..blocks as u32).collect();
     let tables = [table.as_slice()];
     let hidden = cfg.hidden;
@@ -47,6 +50,7 @@ pub fn embed(model: &dyn Model, tokens: &[u32], chunk: usize) -> Result<Vec<f32>
             seq_of: &seq_of,
             block_tables: &tables,
             logits_for: &[],
+            state_slots: slots,
         };
         let mut hook = |a: &Named<'_>| {
             if a.name == "result_norm" {
@@ -134,6 +138,7 @@ mod tests {
             seq_of: &seq_of,
             block_tables: &tables,
             logits_for: &[],
+            state_slots: &[],
         };
         let mut kv = KvCache::new(&m.kv_specs(), BLOCK_SIZE, 3).unwrap();
         m.forward_traced(&batch, &mut kv, &mut Trace::new(&mut hook))

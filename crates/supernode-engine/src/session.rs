@@ -105,6 +105,7 @@ impl Session {
             prefix_caching: true,
             prefix_cache_salt: String::new(),
             speculative: None,
+            state_slots: 0,
         };
         Ok(Session {
             engine: Engine::new(model, tokenizer, cfg)?,

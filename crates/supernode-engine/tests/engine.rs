@@ -33,6 +33,17 @@ fn engine_of(
     max_num_batched_tokens: usize,
     num_blocks: usize,
 ) -> EngineHandle {
+    engine_with_slots(arch, max_num_seqs, max_num_batched_tokens, num_blocks, 0)
+}
+
+/// `state_slots`: recurrent state slots of a hybrid model (0: one per sequence).
+fn engine_with_slots(
+    arch: &str,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    num_blocks: usize,
+    state_slots: usize,
+) -> EngineHandle {
     let m = load_model(&fixture_of(arch), &LoadOptions::default()).unwrap();
     let cfg = EngineConfig {
         max_num_seqs,
@@ -43,6 +54,7 @@ fn engine_of(
         prefix_caching: true,
         prefix_cache_salt: String::new(),
         speculative: None,
+        state_slots,
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }
@@ -200,6 +212,73 @@ fn sparse_attention_reuses_a_shared_prefix() {
     let (computed, f4) = submit(&cold, other, 12).wait();
     assert_eq!(f4.cached_tokens, 0);
     assert_eq!(hit, computed);
+}
+
+/// Hybrid models (Gated DeltaNet linear attention beside attention, a recurrent state slot
+/// per request): 12 concurrent sequences equal each alone, also when the KV pool is so small
+/// that sequences are preempted and recomputed from their first token.
+#[test]
+fn hybrid_outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    for arch in ["qwen3_5", "qwen3_5_moe", "qwen3_next"] {
+        batch_invariance(arch);
+    }
+}
+
+/// Fewer state slots than sequences: requests wait for a slot, and every one finishes with
+/// the tokens it gets alone; the split of a `--kv-cache-mib` budget into state slots and
+/// blocks, and a budget that holds four sequences' state and ten blocks, runs everyone to the
+/// end too, with preemptions.
+#[test]
+fn hybrid_state_slots_limit_the_running_requests() {
+    let ps = prompts(12);
+    let alone = engine_of("qwen3_5", 1, 32, 64);
+    let solo: Vec<Vec<u32>> = ps
+        .iter()
+        .map(|p| submit(&alone, p.clone(), 20).wait().0)
+        .collect();
+    let few = engine_with_slots("qwen3_5", 16, 48, 128, 3);
+    let pend: Vec<Pending> = ps.iter().map(|p| submit(&few, p.clone(), 20)).collect();
+    let got: Vec<Vec<u32>> = pend.into_iter().map(|p| p.wait().0).collect();
+    assert_eq!(got, solo);
+    wait_idle(&few);
+
+    let m = load_model(&fixture_of("qwen3_5"), &LoadOptions::default()).unwrap();
+    let (specs, widths) = (m.model.kv_specs(), m.model.state_widths());
+    let slot = supernode_models::KvCache::bytes_per_state_slot(&widths);
+    let block = supernode_models::KvCache::bytes_per_token(&specs) * 16;
+    // Four sequences' state and ten blocks.
+    let bytes = 4 * slot + 10 * block;
+    let (blocks, slots) = EngineConfig::budget(&specs, &widths, bytes, 4);
+    assert_eq!((blocks, slots), (10, 4));
+    // Up to `max_num_seqs` slots, in at most half the budget; one if it fits at all.
+    let (b, s) = EngineConfig::budget(&specs, &widths, bytes, 64);
+    assert_eq!(s, (bytes / 2 / slot).min(64));
+    assert_eq!(b, (bytes - s * slot) / block);
+    assert_eq!(
+        EngineConfig::budget(&specs, &widths, slot + block, 8),
+        (1, 1)
+    );
+    assert_eq!(EngineConfig::budget(&specs, &widths, slot - 1, 8).1, 0);
+    let tight = engine_with_slots("qwen3_5", 4, 64, blocks, slots);
+    let pend: Vec<Pending> = ps.iter().map(|p| submit(&tight, p.clone(), 20)).collect();
+    let got: Vec<Vec<u32>> = pend.into_iter().map(|p| p.wait().0).collect();
+    assert_eq!(got, solo);
+    assert!(tight.stats().preemptions.load(Ordering::Relaxed) > 0);
+    wait_idle(&tight);
+}
+
+/// A hybrid model's cached blocks would give K/V but no recurrent state: its prefix cache is
+/// off, and a repeated prompt is computed again (with the same result).
+#[test]
+fn hybrid_models_do_not_reuse_prefixes() {
+    let e = engine_of("qwen3_next", 4, 64, 64);
+    let p: Vec<u32> = (0..40).map(|i| (i * 7 % 256) as u32).collect();
+    let (a, fa) = submit(&e, p.clone(), 8).wait();
+    let (b, fb) = submit(&e, p, 8).wait();
+    assert_eq!(a, b);
+    assert_eq!((fa.cached_tokens, fb.cached_tokens), (0, 0));
+    wait_idle(&e);
+    assert_eq!(e.stats().blocks_cached.load(Ordering::Relaxed), 0);
 }
 
 fn batch_invariance(arch: &str) {

@@ -17,13 +17,14 @@ use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
 use supernode_models::{load_model, LoadOptions};
 
-const ARCHS: [&str; 6] = [
+const ARCHS: [&str; 7] = [
     "llama",
     "qwen2",
     "qwen3",
     "qwen3_moe",
     "gemma3_text",
     "deepseek_v3",
+    "deepseek_v32",
 ];
 
 fn fixture(arch: &str) -> PathBuf {
@@ -93,6 +94,7 @@ fn engine(arch: &str, lim: &Limits) -> Engine {
         prefix_caching: true,
         prefix_cache_salt: String::new(),
         speculative: None,
+        state_slots: 0,
     };
     Engine::new(m.model, None, cfg).unwrap()
 }
@@ -576,4 +578,19 @@ fn large_batches_turn_speculation_off() {
         &asks,
     );
     assert!(spec_totals(e.stats()).0 > 0);
+}
+
+/// A model with linear attention keeps a recurrent state that rejected drafts would have
+/// entered; until that is rolled back, speculation on it is refused with a clear error, and the
+/// engine runs on without it.
+#[test]
+fn models_with_a_recurrent_state_refuse_speculation() {
+    for arch in ["qwen3_5", "qwen3_next"] {
+        let mut e = engine(arch, &ROOMY);
+        let err = e.set_speculative(Some(ngram(4))).unwrap_err().to_string();
+        assert!(err.contains("linear attention"), "{arch}: {err}");
+        let asks: Vec<Ask> = prompts(3, 7).into_iter().map(|p| greedy(p, 6)).collect();
+        let heard = drive(&mut e, &asks);
+        assert!(heard.iter().all(|h| h.0.len() == 6), "{arch}");
+    }
 }

@@ -30,6 +30,7 @@ fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
         prefix_caching: true,
         prefix_cache_salt: String::new(),
         speculative: None,
+        state_slots: 0,
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }

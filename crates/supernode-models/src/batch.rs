@@ -17,6 +17,10 @@ pub struct Batch<'a> {
     pub block_tables: &'a [&'a [u32]],
     /// The token rows whose logits are returned, in this order.
     pub logits_for: &'a [usize],
+    /// For each sequence, its recurrent state slot (models with linear-attention layers; empty
+    /// for the others). A sequence whose first token here is at position 0 starts a new state
+    /// in it, any other continues the state it holds.
+    pub state_slots: &'a [usize],
 }
 
 impl<'a> Batch<'a> {

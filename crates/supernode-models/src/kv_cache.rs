@@ -7,6 +7,10 @@
 //! A layer of sparse attention (DeepSeek-V3.2's lightning indexer) also keeps its indexer's key
 //! per token, in rows of its own beside the keys ([`KvLayerSpec::index_dim`]): paged by the same
 //! slots, so blocks, preemption and prefix caching treat them as part of the token's KV.
+//! A linear-attention layer (Gated DeltaNet) keeps no rows: its [`LayerKv::state`] holds one
+//! fixed-size [`RecurrentState`] slot per running sequence instead (the engine gives a request
+//! one slot number, the same in every such layer, and the [`Batch`] names it), and its
+//! [`KvLayerSpec`] is [`KvLayerSpec::NONE`], so it costs nothing per token.
 //!
 //! Rows are f32, or f16 where the layer rounds its keys and values to f16 before writing them
 //! ([`KvDType::for_rounding`]): as llama.cpp's f16 cache, at half the bytes.
@@ -73,6 +77,16 @@ pub enum KvValues {
 }
 
 impl KvLayerSpec {
+    /// A layer without cache rows (linear attention: its memory is a [`RecurrentState`]).
+    pub const NONE: KvLayerSpec = KvLayerSpec {
+        n_kv_heads: 0,
+        k_dim: 0,
+        v_dim: 0,
+        values: KvValues::Stored,
+        dtype: KvDType::F32,
+        index_dim: 0,
+    };
+
     /// A multi-head latent attention layer: per token one row of the compressed latent
     /// (`kv_lora_rank`, normalised) and the shared roped key (`rope_dim`); the latent doubles
     /// as the values.
@@ -210,7 +224,8 @@ impl KvData {
     }
 }
 
-/// One layer's keys and values: `num_blocks * block_size` slots.
+/// One layer's keys and values: `num_blocks * block_size` slots; and its recurrent state
+/// slots where it is a linear-attention layer.
 #[derive(Debug)]
 pub struct LayerKv {
     pub spec: KvLayerSpec,
@@ -218,6 +233,38 @@ pub struct LayerKv {
     pub v: KvData,
     /// The indexer's key rows (`spec.index_dim` per slot; empty without an indexer).
     pub index: KvData,
+    pub state: RecurrentState,
+}
+
+/// A linear-attention layer's per-sequence state: `slots` slots of `width` f32 values each
+/// (empty for other layers). A slot holds the state after exactly the positions its sequence
+/// has computed; the layer zeroes it when a sequence starts at position 0.
+#[derive(Debug, Default)]
+pub struct RecurrentState {
+    pub width: usize,
+    pub slots: usize,
+    pub data: Vec<f32>,
+}
+
+impl RecurrentState {
+    /// `slots` zeroed slots of `width` floats; a size the machine cannot give is an error.
+    fn new(width: usize, slots: usize) -> Result<RecurrentState> {
+        let len = width
+            .checked_mul(slots)
+            .filter(|n| n.checked_mul(4).is_some());
+        let data = len.and_then(zeroed_vec::<f32>).ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "could not allocate {slots} recurrent state slots of {width} floats: give the \
+                 cache less memory (--kv-cache-mib) or fewer sequences (--max-num-seqs)"
+            ))
+        })?;
+        Ok(RecurrentState { width, slots, data })
+    }
+
+    /// Slot `i`'s values.
+    pub fn slot_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.data[i * self.width..(i + 1) * self.width]
+    }
 }
 
 /// The whole cache.
@@ -226,6 +273,8 @@ pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
     pub layers: Vec<LayerKv>,
+    /// Recurrent state slots in each linear-attention layer (0: the model has none).
+    pub num_state_slots: usize,
 }
 
 impl KvCache {
@@ -259,6 +308,7 @@ impl KvCache {
                     k: KvData::zeros(spec.dtype, len(kw, spec.dtype)?)?,
                     v: KvData::zeros(spec.dtype, len(vw, spec.dtype)?)?,
                     index: KvData::zeros(spec.dtype, len(spec.index_dim, spec.dtype)?)?,
+                    state: RecurrentState::default(),
                 })
             })
             .collect::<Result<_>>()?;
@@ -266,7 +316,39 @@ impl KvCache {
             block_size,
             num_blocks,
             layers,
+            num_state_slots: 0,
         })
+    }
+
+    /// The cache with `slots` recurrent state slots in every layer whose state width
+    /// (`widths[layer]`, [`crate::Model::state_widths`]) is not 0.
+    pub fn with_state_slots(mut self, widths: &[usize], slots: usize) -> Result<KvCache> {
+        if widths.len() != self.layers.len() {
+            return Err(ModelError::Invalid(format!(
+                "{} state widths for {} layers",
+                widths.len(),
+                self.layers.len()
+            )));
+        }
+        if widths.iter().any(|&w| w > 0) {
+            if slots == 0 {
+                return Err(ModelError::Invalid(
+                    "a model with linear-attention layers needs at least one state slot".into(),
+                ));
+            }
+            for (layer, &w) in self.layers.iter_mut().zip(widths) {
+                if w > 0 {
+                    layer.state = RecurrentState::new(w, slots)?;
+                }
+            }
+            self.num_state_slots = slots;
+        }
+        Ok(self)
+    }
+
+    /// Bytes of one state slot over all layers.
+    pub fn bytes_per_state_slot(widths: &[usize]) -> usize {
+        widths.iter().sum::<usize>() * 4
     }
 
     /// Bytes per token over all layers.
@@ -310,10 +392,56 @@ impl KvCache {
                 return Err(ModelError::Invalid(format!("KV block {b} does not exist")));
             }
         }
+        if self.num_state_slots > 0 {
+            self.check_state_slots(batch)?;
+        }
         if let Some(&r) = batch.logits_for.iter().find(|&&r| r >= n) {
             return Err(ModelError::Invalid(format!(
                 "logits requested for row {r} of a {n}-token batch"
             )));
+        }
+        Ok(())
+    }
+}
+
+impl KvCache {
+    /// For a model with recurrent state: each sequence has its own existing slot, and its
+    /// tokens come in order of consecutive positions (the state continues from the last one).
+    fn check_state_slots(&self, batch: &Batch) -> Result<()> {
+        let seqs = batch.block_tables.len();
+        if batch.state_slots.len() != seqs {
+            return Err(ModelError::Invalid(format!(
+                "{} state slots for {seqs} sequences",
+                batch.state_slots.len()
+            )));
+        }
+        let mut used = vec![false; self.num_state_slots];
+        for &slot in batch.state_slots {
+            match used.get_mut(slot) {
+                None => {
+                    return Err(ModelError::Invalid(format!(
+                        "state slot {slot} does not exist"
+                    )))
+                }
+                Some(true) => {
+                    return Err(ModelError::Invalid(format!(
+                        "state slot {slot} is given to two sequences"
+                    )))
+                }
+                Some(u) => *u = true,
+            }
+        }
+        let mut next: Vec<Option<usize>> = vec![None; seqs];
+        for (t, (&q, &pos)) in batch.seq_of.iter().zip(batch.positions).enumerate() {
+            if let Some(want) = next[q] {
+                if pos != want {
+                    return Err(ModelError::Invalid(format!(
+                        "token {t}: sequence {q} continues at position {pos}, not {want} \
+                         (a recurrent state needs consecutive positions)"
+                    )));
+                }
+            }
+            next[q] = Some(pos + 1);
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ pub use arch::Model;
 pub use batch::Batch;
 pub use config::ModelConfig;
 pub use kv_cache::{KvCache, KvDType, KvData, KvLayerSpec, KvValues};
-pub use loader::{load_model, LoadOptions, LoadedModel, ModelSource};
+pub use loader::{load_model, partial_load_note, LoadOptions, LoadedModel, ModelSource};
 pub use metadata::{MetaValue, Metadata};
 pub use numerics::Numerics;
 pub use tensor::{Storage, Tensor};

@@ -35,6 +35,20 @@ pub struct LoadOptions {
 }
 
 /// Loads a model from a GGUF file or an HF-style safetensors directory.
+/// What to tell the user about a model directory that is loaded only in part: a multimodal
+/// checkpoint (Gemma 3, Qwen3.5), of which the text model is loaded and the vision tower is not.
+pub fn partial_load_note(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let model_type = config.get("model_type")?.as_str()?;
+    crate::arch::hf_wrapper(model_type)?;
+    Some(format!(
+        "{} is a multimodal `{model_type}` checkpoint: loading its text model only (the vision \
+         tower is not loaded)",
+        path.display()
+    ))
+}
+
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if path.is_dir() {
         let st = read_safetensors_dir(path)?;

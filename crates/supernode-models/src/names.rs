@@ -48,6 +48,22 @@ const MOE: &[&str] = &[
     "deepseek32",
 ];
 
+/// Architectures whose `post_attention_layernorm` has a name of their own: Gemma's sandwich
+/// norm, and llama.cpp's `post_attention_norm` for Qwen3.5 / Qwen3-Next's pre-feed-forward norm.
+const OWN_POST_ATTENTION_NORM: &[&str] = &[
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen35",
+    "qwen35moe",
+    "qwen3_next",
+    "qwen3next",
+];
+
 /// One mapping: HF pattern, GGUF pattern, the architectures it holds for.
 pub struct Row {
     hf: &'static str,
@@ -108,11 +124,12 @@ const LAYER: &[Row] = &[
     row("self_attn.o_proj.bias", "attn_output.bias"),
     row("self_attn.q_norm.weight", "attn_q_norm.weight"),
     row("self_attn.k_norm.weight", "attn_k_norm.weight"),
-    // The norm before the feed-forward (after the attention, in HF's name).
+    // The norm before the feed-forward (after the attention, in HF's name), except where an
+    // architecture names it its own way.
     except(
         "post_attention_layernorm.weight",
         "ffn_norm.weight",
-        arch::gemma3::SANDWICH_NORMS,
+        OWN_POST_ATTENTION_NORM,
     ),
     // Dense feed-forward.
     row("mlp.gate_proj.weight", "ffn_gate.weight"),
@@ -170,6 +187,12 @@ const TEXT_MODEL_PREFIXES: &[(&str, &str)] = &[
 const VISION_PREFIXES: &[&str] = &[
     "vision_tower.",
     "model.vision_tower.",
+    "model.visual.",
+    "visual.",
+    // Qwen3.5 / Qwen3-Next multi-token-prediction heads (not used for next-token decoding;
+    // llama.cpp's converter keeps them apart too).
+    "mtp.",
+    "model.mtp.",
     "multi_modal_projector.",
     "model.multi_modal_projector.",
 ];

@@ -82,6 +82,36 @@ impl Weights {
         Ok(self.linear_from(w.clone(), bias))
     }
 
+    /// The rows `pick` (in that order) of the `rows × cols` matrix `name`, dequantised to f32,
+    /// as a projection: a fused tensor whose rows a layer regroups (Qwen3-Next's per-key-head
+    /// `[q, k, v, z]`).
+    pub fn linear_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        pick: &[usize],
+    ) -> Result<Linear> {
+        let all = self.values(name, &[cols, rows])?;
+        let mut bytes = Vec::with_capacity(pick.len() * cols * 4);
+        for &r in pick {
+            let row = all
+                .get(r * cols..(r + 1) * cols)
+                .ok_or_else(|| ModelError::Tensor {
+                    name: name.to_string(),
+                    msg: format!("has no row {r}"),
+                })?;
+            bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        let t = Tensor {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape: vec![cols, pick.len()],
+            storage: Storage::Owned(Arc::new(bytes)),
+        };
+        Ok(self.linear_from(t, None))
+    }
+
     /// `{prefix}.weight` as a `rows × cols` matrix if the file has it.
     pub fn opt_linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Option<Linear>> {
         if self.get(&format!("{prefix}.weight")).is_none() {

@@ -133,6 +133,7 @@ fn load_and_run(path: &Path) -> Result<(), String> {
             seq_of: &[0, 0, 0],
             block_tables: &tables,
             logits_for: &[2],
+            state_slots: &[],
         };
         model.forward(&batch, &mut kv).map(|l| l.len())
     }));

@@ -47,10 +47,14 @@ fn one_line(e: &dyn std::fmt::Display) -> Result<(), String> {
 /// (an empty vocabulary, a KV cache that cannot be made).
 fn run_forward(m: &dyn Model) -> Option<supernode_models::Result<Vec<f32>>> {
     let vocab = m.config().vocab_size;
-    let mut kv = KvCache::new(&m.kv_specs(), 4, 2).ok()?;
+    // One recurrent state slot for a model with linear attention.
+    let mut kv = KvCache::new(&m.kv_specs(), 4, 2)
+        .and_then(|kv| kv.with_state_slots(&m.state_widths(), 1))
+        .ok()?;
     if vocab == 0 {
         return None;
     }
+    let slots: &[usize] = if kv.num_state_slots > 0 { &[0] } else { &[] };
     let tokens = [0, (vocab - 1) as u32];
     let table: &[u32] = &[0];
     let batch = Batch {
@@ -59,6 +63,7 @@ fn run_forward(m: &dyn Model) -> Option<supernode_models::Result<Vec<f32>>> {
         seq_of: &[0, 0],
         block_tables: &[table],
         logits_for: &[0, 1],
+        state_slots: slots,
     };
     Some(m.forward(&batch, &mut kv))
 }

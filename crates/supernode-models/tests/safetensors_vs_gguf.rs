@@ -248,6 +248,7 @@ fn safetensors_and_gguf_give_the_same_logits() {
         seq_of: &seq_of,
         block_tables: &tables,
         logits_for: &all,
+        state_slots: &[],
     };
     let run = |path: &Path| {
         let m = load_model(

@@ -66,6 +66,9 @@ pub(crate) fn open_model(m: &ModelArgs) -> Result<(Session, PathBuf)> {
     let (path, opts) = prepare(m)?;
     let t0 = Instant::now();
     let session = Session::load(&path, &opts, m.ctx)?;
+    if let Some(note) = supernode_models::partial_load_note(&path) {
+        status_line(true, &note);
+    }
     status_line(
         m.verbose,
         &format!(

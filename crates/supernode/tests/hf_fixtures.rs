@@ -1,7 +1,8 @@
 //! Every architecture against HF transformers, on the tiny random float32 models of
 //! `tests/fixtures/hf/<arch>/` (made by `tools/make_hf_fixtures.py`):
 //!
-//! - `logits` within 1e-3 of transformers at every position, for inputs of 1, 5 and 33 tokens,
+//! - `logits` within 1e-3 of transformers at every position, for inputs of 1, 5 and 33 tokens
+//!   (64 for the hybrid linear-attention models),
 //!   with the checkpoint's `config.json` in the hub layout (`rope_theta`/`rope_scaling`) and
 //!   in transformers 5's layout (`rope_parameters`);
 //! - greedy generation gives transformers' 16 tokens;
@@ -161,6 +162,57 @@ fn deepseek_v3_without_query_lora_matches_transformers() {
 #[test]
 fn deepseek_v32_matches_transformers() {
     check_arch("deepseek_v32");
+}
+
+#[test]
+fn qwen3_5_matches_transformers() {
+    check_arch("qwen3_5");
+    check_hybrid_gguf("qwen3_5");
+}
+
+#[test]
+fn qwen3_5_moe_matches_transformers() {
+    check_arch("qwen3_5_moe");
+    check_hybrid_gguf("qwen3_5_moe");
+}
+
+#[test]
+fn qwen3_next_matches_transformers() {
+    check_arch("qwen3_next");
+    check_hybrid_gguf("qwen3_next");
+}
+
+/// A hybrid fixture as llama.cpp's own converter writes it (`tests/fixtures/gguf/<arch>.gguf`,
+/// made by `tools/make_hybrid_gguf.py`: llama.cpp's tensor names, its reordered value heads for
+/// `qwen35`/`qwen35moe`, `-exp(A_log)`, norms with the 1 added): transformers' logits and greedy
+/// tokens, and prefill in one step equals prefill in chunks and token by token.
+fn check_hybrid_gguf(arch: &str) {
+    let expected = read_json(&fixture_dir(arch).join("expected.json"));
+    let path = common::fixture("gguf").join(format!("{arch}.gguf"));
+    let mut session = open(&path);
+    check_logits(&format!("{arch} (GGUF)"), &mut session, &expected);
+    let prompt = ids(&expected["greedy"]["prompt"]);
+    let want = ids(&expected["greedy"]["tokens"]);
+    let g = Generate {
+        params: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_tokens: want.len(),
+        ignore_eos: true,
+        ..Generate::default()
+    };
+    let got = session.generate(&prompt, &g, |_| true).unwrap().tokens;
+    assert_eq!(got, want, "{arch} (GGUF): greedy continuation differs");
+    let long = ids(&expected["inputs"].as_array().unwrap().last().unwrap()["tokens"]);
+    let one_step = session.logits_chunked(&long, long.len()).unwrap();
+    for chunk in [1, 5, 16] {
+        assert_eq!(
+            one_step,
+            session.logits_chunked(&long, chunk).unwrap(),
+            "{arch} (GGUF): prefill in chunks of {chunk} differs"
+        );
+    }
 }
 
 /// How the fixture's `kv_b_proj` goes into the GGUF file.
@@ -516,6 +568,7 @@ fn logits_over(model: &dyn Model, specs: &[KvLayerSpec], tokens: &[u32], chunk: 
             seq_of: &vec![0; end - start],
             block_tables: &tables,
             logits_for: &rows,
+            state_slots: &[],
         };
         let logits = model.forward(&batch, &mut kv).unwrap();
         bits.extend(logits.iter().map(|x| x.to_bits()));

@@ -13,6 +13,10 @@
 //! runs the same engine on its own thread for the server, taking requests over a channel.
 //! Every request has a [`RequestId`]; its events go to its [`Sink`].
 //!
+//! **Hybrid models** (linear attention beside attention): each running request also holds a
+//! recurrent state slot ([`EngineConfig::state_slots`]); preemption recomputes such a request
+//! from its first token, and there is no prefix caching for them.
+//!
 //! **Batch invariance**: the kernels reduce in an order that depends neither on the batch size
 //! nor on a token's place in the batch, and a chunked prefill computes the same K/V as one pass,
 //! so a request's logits, and hence its greedy tokens, are the same alone and under load, and
@@ -69,6 +73,10 @@ pub struct EngineConfig {
     pub prefix_cache_salt: String,
     /// Speculative decoding, if on.
     pub speculative: Option<SpecConfig>,
+    /// Recurrent state slots of a model with linear attention (Qwen3.5, Qwen3-Next), one per
+    /// running request: at most this many run at once; 0 for `max_num_seqs`. Unused by other
+    /// models. Such a model has no prefix caching (see [`scheduler`]).
+    pub state_slots: usize,
 }
 
 impl EngineConfig {
@@ -76,6 +84,28 @@ impl EngineConfig {
     pub fn blocks_for_budget(specs: &[KvLayerSpec], kv_bytes: usize) -> usize {
         let per_block = KvCache::bytes_per_token(specs) * BLOCK_SIZE;
         kv_bytes / per_block.max(1)
+    }
+
+    /// `(blocks, state slots)` that fit together in `kv_bytes` for a model with these KV layer
+    /// specs and recurrent state widths ([`Model::state_widths`]). A model without recurrent
+    /// state gets every byte as blocks and no slots. One with it gets `max_num_seqs` slots, but
+    /// at most as many as half the budget holds (at least one if one fits), and the rest as
+    /// blocks; its attention layers' blocks are then all that grows with the context.
+    pub fn budget(
+        specs: &[KvLayerSpec],
+        widths: &[usize],
+        kv_bytes: usize,
+        max_num_seqs: usize,
+    ) -> (usize, usize) {
+        let slot = KvCache::bytes_per_state_slot(widths);
+        if slot == 0 {
+            return (Self::blocks_for_budget(specs, kv_bytes), 0);
+        }
+        let slots = max_num_seqs.min((kv_bytes / 2 / slot).max(usize::from(kv_bytes >= slot)));
+        (
+            Self::blocks_for_budget(specs, kv_bytes - slots * slot),
+            slots,
+        )
     }
 }
 
@@ -318,6 +348,19 @@ impl Speculator {
     }
 }
 
+/// Speculative decoding rolls back rejected drafts' KV slots, but not yet a recurrent state
+/// (linear attention: Qwen3.5, Qwen3-Next), which would have taken in the rejected tokens.
+fn no_speculation_with_state(model: &dyn Model) -> Result<(), EngineError> {
+    if model.state_widths().iter().any(|&w| w > 0) {
+        return Err(EngineError::Invalid(
+            "speculative decoding does not support models with linear attention (a recurrent \
+             state) yet: run this model without --speculative"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// An engine over `model` with a KV cache of `cfg.num_blocks` blocks.
     pub fn new(
@@ -337,7 +380,15 @@ impl Engine {
                 model.config().context_len
             )));
         }
-        let kv = KvCache::new(&model.kv_specs(), BLOCK_SIZE, cfg.num_blocks)?;
+        // A model with linear attention: one recurrent state slot per running request.
+        let widths = model.state_widths();
+        let state_slots = match (widths.iter().any(|&w| w > 0), cfg.state_slots) {
+            (false, _) => 0,
+            (true, 0) => cfg.max_num_seqs,
+            (true, n) => n,
+        };
+        let kv = KvCache::new(&model.kv_specs(), BLOCK_SIZE, cfg.num_blocks)?
+            .with_state_slots(&widths, state_slots)?;
         let stats = Arc::new(EngineStats::default());
         stats.blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
         let eog = tokenizer
@@ -345,6 +396,9 @@ impl Engine {
             .map(|t| t.eog_ids().to_vec())
             .unwrap_or_default();
         let vocab_size = model.config().vocab_size;
+        if cfg.speculative.is_some() {
+            no_speculation_with_state(model.as_ref())?;
+        }
         let spec = cfg
             .speculative
             .clone()
@@ -356,6 +410,7 @@ impl Engine {
             num_blocks: cfg.num_blocks,
             prefix_caching: cfg.prefix_caching,
             salt: cfg.prefix_cache_salt.clone(),
+            state_slots,
         });
         Ok(Engine {
             runner: Runner::new(model, kv),
@@ -374,6 +429,9 @@ impl Engine {
     /// Turns speculative decoding on (with this configuration) or off, for requests added from
     /// now on.
     pub fn set_speculative(&mut self, spec: Option<SpecConfig>) -> Result<(), EngineError> {
+        if spec.is_some() {
+            no_speculation_with_state(self.runner.model.as_ref())?;
+        }
         self.spec = spec
             .clone()
             .map(|c| Speculator::new(c, &self.stats))
@@ -390,6 +448,7 @@ impl Engine {
         proposer: Box<dyn Proposer>,
     ) -> Result<(), EngineError> {
         cfg.validate()?;
+        no_speculation_with_state(self.runner.model.as_ref())?;
         self.spec = Some(Speculator::with(cfg.clone(), proposer, &self.stats));
         self.cfg.speculative = Some(cfg);
         Ok(())

@@ -1,7 +1,7 @@
 //! The model runner: turns a [`Plan`] into the model's flat batch and runs the forward pass.
 //!
-//! It alone builds positions, the sequence index of each row and the block tables from the
-//! plan, and it alone holds the KV cache, which only the model's attention layers write (one
+//! It alone builds positions, the sequence index of each row, the block tables and the
+//! recurrent state slots from the plan, and it alone holds the KV cache, which only the model's attention layers write (one
 //! writer). The logits come back as the rows each scheduled request asked for
 //! ([`super::scheduler::Scheduled::logits_rows`]), in plan order. Hidden-state rows for MTP
 //! or EAGLE heads would come back here too, beside the logits.
@@ -21,6 +21,7 @@ pub(crate) struct Runner {
     positions: Vec<usize>,
     seq_of: Vec<usize>,
     logits_for: Vec<usize>,
+    state_slots: Vec<usize>,
 }
 
 /// The logits of one step: `rows[k]` are the rows of the plan's `k`-th request, each
@@ -47,6 +48,7 @@ impl Runner {
             positions: Vec::new(),
             seq_of: Vec::new(),
             logits_for: Vec::new(),
+            state_slots: Vec::new(),
         }
     }
 
@@ -57,6 +59,9 @@ impl Runner {
         self.positions.clear();
         self.seq_of.clear();
         self.logits_for.clear();
+        self.state_slots.clear();
+        self.state_slots
+            .extend(plan.scheduled.iter().filter_map(|s| s.state_slot));
         let mut rows = Vec::with_capacity(plan.scheduled.len());
         for (k, s) in plan.scheduled.iter().enumerate() {
             let base = self.tokens.len();
@@ -86,6 +91,7 @@ impl Runner {
             seq_of: &self.seq_of,
             block_tables: &tables,
             logits_for: &self.logits_for,
+            state_slots: &self.state_slots,
         };
         let (model, kv) = (&self.model, &mut self.kv);
         match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {

@@ -39,14 +39,22 @@
 //!   imports a remote one's into the table instead of computing it; the pool's register and
 //!   evict points are where block-stored and block-removed events are published, with the
 //!   stable [`BlockHash`]es a router needs;
-//! - per-layer cache kinds (sliding window, MLA latent, the recurrent state of linear
-//!   attention) become one block table per cache group in [`Scheduled`], as in vLLM's hybrid
-//!   KV cache manager; the recurrent state is a slot per request.
+//! - per-layer cache kinds (sliding window, MLA latent) become one block table per cache
+//!   group in [`Scheduled`], as in vLLM's hybrid KV cache manager.
+//!
+//! **Recurrent state** (hybrid models: Gated DeltaNet layers beside attention): a request also
+//! holds one state slot ([`Scheduled::state_slot`]) from admission until it finishes or is
+//! preempted, beside its blocks for the attention layers. There are `state_slots` of them
+//! ([`SchedulerConfig::state_slots`]); a request waits when none is free. A slot's state is only
+//! valid for the exact prefix its request computed, and is not saved anywhere else, so for such
+//! models: a preempted request gives its slot back and recomputes from position 0, and there is
+//! no prefix caching (a cached block would give K/V but no matching state).
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::block_pool::{
     block_hash, root_hash, BlockHash, BlockPool, Blocks, SharedPool, BLOCK_SIZE,
@@ -79,9 +87,12 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Blocks of [`BLOCK_SIZE`] slots in the pool.
     pub num_blocks: usize,
+    /// Prefix caching (ignored, i.e. off, for a model with recurrent state).
     pub prefix_caching: bool,
     /// Keys every prefix-cache hash of this deployment (empty: none).
     pub salt: String,
+    /// Recurrent state slots (one per running request); 0 for a model without recurrent state.
+    pub state_slots: usize,
 }
 
 /// A request as the scheduler sees it.
@@ -112,6 +123,8 @@ pub struct Scheduled {
     /// How many of the last `tokens` are draft tokens to verify (0 without speculation);
     /// with `sample`, the last `drafts + 1` rows are sampled.
     pub drafts: usize,
+    /// The request's recurrent state slot (models with linear attention).
+    pub state_slot: Option<usize>,
 }
 
 impl Scheduled {
@@ -183,13 +196,16 @@ struct Seq {
     prompt_rows_sent: usize,
     /// Proposed tokens to verify after `tokens` (never part of them).
     drafts: Vec<u32>,
+    /// Its recurrent state slot while it runs (hybrid models).
+    state_slot: Option<StateSlot>,
 }
 
 impl Seq {
-    /// Gives the blocks back; nothing is computed afterwards.
+    /// Gives the blocks and the state slot back; nothing is computed afterwards.
     fn release(&mut self) {
         self.blocks.clear();
         self.hashes.clear();
+        self.state_slot = None;
         self.computed = 0;
         self.drafts.clear();
     }
@@ -212,6 +228,45 @@ impl Seq {
     }
 }
 
+/// The free recurrent state slots, shared with the [`StateSlot`]s handed out.
+#[derive(Clone, Default)]
+struct SlotPool(Arc<Mutex<Vec<usize>>>);
+
+impl SlotPool {
+    fn new(n: usize) -> SlotPool {
+        // Popped from the end: slot 0 first.
+        SlotPool(Arc::new(Mutex::new((0..n).rev().collect())))
+    }
+
+    fn take(&self) -> Option<StateSlot> {
+        let id = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        Some(StateSlot {
+            id,
+            pool: self.clone(),
+        })
+    }
+
+    fn num_free(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// One recurrent state slot held by a request; it returns to the pool when dropped.
+struct StateSlot {
+    id: usize,
+    pool: SlotPool,
+}
+
+impl Drop for StateSlot {
+    fn drop(&mut self) {
+        self.pool
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.id);
+    }
+}
+
 /// Queues and block pool of one engine.
 pub struct Scheduler {
     cfg: SchedulerConfig,
@@ -219,17 +274,27 @@ pub struct Scheduler {
     waiting: VecDeque<Seq>,
     /// Oldest admitted first; the last is preempted first.
     running: Vec<Seq>,
+    /// Recurrent state slots (empty for a model without recurrent state).
+    slots: SlotPool,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
-        let pool = SharedPool::new(BlockPool::new(cfg.num_blocks, cfg.prefix_caching));
+        // A cached block holds K/V but no recurrent state: no prefix caching with state.
+        let prefix_caching = cfg.prefix_caching && cfg.state_slots == 0;
+        let pool = SharedPool::new(BlockPool::new(cfg.num_blocks, prefix_caching));
         Scheduler {
+            slots: SlotPool::new(cfg.state_slots),
             cfg,
             pool,
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
+    }
+
+    /// Recurrent state slots free.
+    pub fn free_state_slots(&self) -> usize {
+        self.slots.num_free()
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -281,6 +346,7 @@ impl Scheduler {
             prompt_logits: req.prompt_logits,
             prompt_rows_sent: 0,
             drafts: Vec::new(),
+            state_slot: None,
         });
     }
 
@@ -411,7 +477,16 @@ impl Scheduler {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            if s.blocks.is_empty() {
+            if self.cfg.state_slots > 0 {
+                match self.slots.take() {
+                    Some(slot) => s.state_slot = Some(slot),
+                    None => {
+                        // Every slot is held by a running request: wait for one to end.
+                        self.waiting.push_front(s);
+                        break;
+                    }
+                }
+            } else if s.blocks.is_empty() {
                 self.match_prefix(&mut s);
             }
             let take = (s.tokens.len() - s.computed).min(budget);
@@ -462,6 +537,7 @@ impl Scheduler {
                     prompt_rows,
                     sample: hi == s.tokens.len(),
                     drafts,
+                    state_slot: s.state_slot.as_ref().map(|slot| slot.id),
                 }
             })
             .collect();

@@ -10,6 +10,7 @@ fn scheduler(max_num_seqs: usize, budget: usize, num_blocks: usize) -> Scheduler
         num_blocks,
         prefix_caching: true,
         salt: String::new(),
+        state_slots: 0,
     })
 }
 
@@ -260,6 +261,7 @@ fn a_deployment_salt_keys_every_hash() {
     let mut a = scheduler(1, 256, 8);
     let mut b = Scheduler::new(SchedulerConfig {
         salt: "deployment-b".into(),
+        state_slots: 0,
         ..a.config().clone()
     });
     for s in [&mut a, &mut b] {
@@ -369,4 +371,66 @@ fn drafts_yield_to_the_budget_the_pool_and_prefills() {
     let p = s.schedule();
     assert_eq!((p.scheduled[0].tokens.len(), p.scheduled[0].drafts), (1, 0));
     assert!(p.preempted.is_empty() && p.out_of_room.is_empty());
+}
+
+/// Recurrent state slots (hybrid models): a running request holds one; a request waits while
+/// none is free; removal and preemption give it back (a preempted request recomputes from
+/// position 0); no block is ever found in the prefix cache.
+#[test]
+fn state_slots_are_held_while_running_and_returned() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        num_blocks: 6,
+        prefix_caching: true,
+        salt: String::new(),
+        state_slots: 2,
+    });
+    let prompt: Vec<u32> = (0..20).collect();
+    let a = add(&mut s, 1, prompt.clone());
+    let b = add(&mut s, 2, prompt.clone());
+    let c = add(&mut s, 3, prompt.clone());
+    let plan = step(&mut s);
+    let slots: Vec<Option<usize>> = plan.scheduled.iter().map(|x| x.state_slot).collect();
+    assert_eq!(slots, [Some(0), Some(1)]);
+    assert_eq!(
+        (s.num_running(), s.num_waiting(), s.free_state_slots()),
+        (2, 1, 0)
+    );
+    s.remove(a);
+    assert_eq!(s.free_state_slots(), 1);
+    // The third request takes the freed slot and computes its whole prompt: the same tokens
+    // as the first were registered nowhere.
+    let plan = step(&mut s);
+    let third = plan.scheduled.iter().find(|x| x.id == c).unwrap();
+    assert_eq!((third.start, third.state_slot), (0, Some(0)));
+    assert_eq!(
+        plan.admitted
+            .iter()
+            .find(|x| x.id == c)
+            .unwrap()
+            .cached_tokens,
+        0
+    );
+    // Grow both until the 6 blocks run out: the newer one is preempted, gives its slot back,
+    // and is later recomputed from position 0.
+    let mut preempted = false;
+    for _ in 0..80 {
+        let plan = step(&mut s);
+        if plan.preempted.contains(&c) {
+            preempted = true;
+            assert_eq!(s.free_state_slots(), 1);
+        }
+        if preempted {
+            if let Some(x) = plan.scheduled.iter().find(|x| x.id == c) {
+                assert_eq!(x.start, 0);
+                assert!(x.state_slot.is_some());
+                break;
+            }
+        }
+    }
+    assert!(preempted);
+    s.remove(b);
+    s.remove(c);
+    assert_eq!(s.free_state_slots(), 2);
 }

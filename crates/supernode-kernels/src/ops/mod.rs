@@ -6,10 +6,12 @@
 //!
 //! - [`activation`]: SiLU, GELU and the gated unit;
 //! - [`attention`]: the paged KV cache's view and the attention kernels;
+//! - [`delta_rule`]: Gated DeltaNet's causal convolution and gated delta rule (linear attention);
 //! - here: RMSNorm, rotary embeddings, soft-capping and f16 rounding.
 
 pub mod activation;
 pub mod attention;
+pub mod delta_rule;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +20,7 @@ pub use attention::{
     attention_group, attention_group_at, attention_groups_parallel, attention_head, index_scores,
     top_k_positions, AttnShape, GroupSpan, KvRows, KvView,
 };
+pub use delta_rule::{causal_conv1d_silu, gated_delta_step, l2_norm_inplace};
 
 use crate::simd::scale_round;
 

@@ -32,6 +32,9 @@ pub struct DecoderOptions {
     /// A norm after the attention and after the feed-forward too (`post_attention_norm`,
     /// `post_ffw_norm`: Gemma's "sandwich" blocks).
     pub post_norms: bool,
+    /// The GGUF name (in a block) of the norm before the feed-forward: `ffn_norm.weight`, or
+    /// `post_attention_norm.weight` (llama.cpp's Qwen3.5 / Qwen3-Next names for it).
+    pub ffn_norm: &'static str,
 }
 
 /// One block; all norms are `[hidden]` (per-head norms live inside the attention).
@@ -87,7 +90,7 @@ impl<A: BlockAttention> PreNormDecoder<A> {
                     attn_norm: norm(&p("attn_norm.weight"))?,
                     attn: attn(i)?,
                     post_attn_norm: post_norm("post_attention_norm.weight")?,
-                    ffn_norm: norm(&p("ffn_norm.weight"))?,
+                    ffn_norm: norm(&p(opts.ffn_norm))?,
                     ffn: Ffn::load(&cfg, w, i, opts.act)?,
                     post_ffn_norm: post_norm("post_ffw_norm.weight")?,
                     local: sliding.is_some_and(|s| s.layers[i]),
@@ -118,6 +121,10 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         self.blocks.iter().map(|b| b.attn.kv_spec()).collect()
     }
 
+    fn state_widths(&self) -> Vec<usize> {
+        self.blocks.iter().map(|b| b.attn.state_width()).collect()
+    }
+
     fn forward_traced(
         &self,
         batch: &Batch,
@@ -125,6 +132,16 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         trace: &mut Trace<'_>,
     ) -> Result<Vec<f32>> {
         kv.check_batch(batch, self.cfg.vocab_size)?;
+        for (i, (block, layer)) in self.blocks.iter().zip(&kv.layers).enumerate() {
+            let want = block.attn.state_width();
+            if want > 0 && (layer.state.width != want || kv.num_state_slots == 0) {
+                return Err(crate::ModelError::Invalid(format!(
+                    "layer {i} needs recurrent state slots of {want} floats; the cache has {} \
+                     slots of {}",
+                    kv.num_state_slots, layer.state.width
+                )));
+            }
+        }
         let (n, h) = (batch.len(), self.cfg.hidden);
         let mut x = zeroed(n * h);
         let mut xn = zeroed(n * h);
@@ -230,6 +247,7 @@ mod tests {
             seq_of: &vec![0; n],
             block_tables: &tables,
             logits_for: &rows,
+            state_slots: &[],
         };
         let specs = m.kv_specs();
         let plain = m

@@ -108,6 +108,7 @@ pub fn load(cfg: ModelConfig, w: &Weights) -> Result<DeepseekV3> {
     let opts = DecoderOptions {
         act: Activation::Silu,
         post_norms: false,
+        ffn_norm: "ffn_norm.weight",
     };
     let c = cfg.clone();
     PreNormDecoder::load(cfg, w, opts, |i| Mla::load(&c, &mla, w, i))
@@ -217,6 +218,7 @@ pub(crate) fn deepseek2_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Res
         n_used: req("expert_used_count")?,
         expert_ffn_dim: req("expert_feed_forward_length")?,
         n_shared: opt("expert_shared_count")?.unwrap_or(0),
+        shared_ffn_dim: None,
         gating,
         norm_weights: meta.get_bool(&key("expert_weights_norm"))?.unwrap_or(false),
         scale: meta.get_f64(&key("expert_weights_scale"))?.unwrap_or(1.0) as f32,
@@ -294,6 +296,7 @@ pub(crate) fn deepseek_v3_from_hf(cfg: &mut ModelConfig, config: &Value) -> Resu
         n_used: int("num_experts_per_tok")?.unwrap_or(8),
         expert_ffn_dim: int("moe_intermediate_size")?.unwrap_or(2048),
         n_shared: int("n_shared_experts")?.unwrap_or(1),
+        shared_ffn_dim: None,
         gating: Gating::Sigmoid,
         norm_weights: hf_bool(config, "norm_topk_prob")?.unwrap_or(true),
         scale: hf_num(config, "routed_scaling_factor")?.unwrap_or(2.5) as f32,

@@ -72,6 +72,7 @@ pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Gemma3> {
     let opts = DecoderOptions {
         act: w.numerics().gelu,
         post_norms: true,
+        ffn_norm: "ffn_norm.weight",
     };
     let c = cfg.clone();
     PreNormDecoder::load(cfg, w, opts, |i| Attention::load(&c, w, i, true))

@@ -40,6 +40,7 @@ pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Llama> {
     let opts = DecoderOptions {
         act: Activation::Silu,
         post_norms: false,
+        ffn_norm: "ffn_norm.weight",
     };
     let c = cfg.clone();
     PreNormDecoder::load(cfg, w, opts, |i| Attention::load(&c, w, i, qk_norm))
@@ -78,6 +79,7 @@ fn qwen3moe_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
         n_used: req("expert_used_count")?,
         expert_ffn_dim: req("expert_feed_forward_length")?,
         n_shared: 0,
+        shared_ffn_dim: None,
         gating: Gating::Softmax,
         norm_weights: meta.get_bool(&key("expert_weights_norm"))?.unwrap_or(true),
         scale: 1.0,
@@ -136,7 +138,7 @@ pub(crate) fn hf_checks(config: &Value) -> Result<()> {
 /// sparse when `num_experts > 0`, `i` is not in `mlp_only_layers` and
 /// `(i + 1) % decoder_sparse_step == 0`; softmax router, top `num_experts_per_tok`,
 /// renormalised if `norm_topk_prob`. (transformers 5 writes `num_local_experts`.)
-fn qwen3_moe_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
+pub(crate) fn qwen3_moe_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
     let n_experts = hf_int(config, "num_experts")?
         .or(hf_int(config, "num_local_experts")?)
         .unwrap_or(128);
@@ -166,6 +168,7 @@ fn qwen3_moe_from_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
         n_used: hf_int(config, "num_experts_per_tok")?.unwrap_or(8),
         expert_ffn_dim: hf_int(config, "moe_intermediate_size")?.unwrap_or(768),
         n_shared: 0,
+        shared_ffn_dim: None,
         gating: Gating::Softmax,
         norm_weights: hf_bool(config, "norm_topk_prob")?.unwrap_or(false),
         scale: 1.0,
@@ -206,9 +209,7 @@ fn hf_defaults(arch: Arch) -> Value {
             "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
             "max_position_embeddings": 32_768, "rms_norm_eps": 1e-6, "rope_theta": 10_000.0,
         }),
-        Arch::Gemma3 | Arch::DeepseekV3 | Arch::DeepseekV32 => {
-            unreachable!("not in the Llama family")
-        }
+        _ => unreachable!("not in the Llama family"),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod deepseek_v3;
 pub mod deepseek_v32;
 pub mod gemma3;
 pub mod llama;
+pub mod qwen3_5;
 
 use serde_json::Value;
 
@@ -39,6 +40,12 @@ pub enum Arch {
     /// DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (a lightning indexer picks each
     /// query's top-k positions).
     DeepseekV32,
+    /// Qwen3.5 (dense): hybrid Gated DeltaNet linear attention and gated full attention.
+    Qwen35,
+    /// Qwen3.5-MoE: Qwen3.5 with a MoE (gated shared expert) on every layer.
+    Qwen35Moe,
+    /// Qwen3-Next: Qwen3.5-MoE's layers with Qwen3-MoE's sparse-layer rules and fused inputs.
+    Qwen3Next,
 }
 
 /// What an architecture family gives the shared config reading and loading.
@@ -65,7 +72,7 @@ pub struct Family {
 
 /// Each architecture with its GGUF `general.architecture` name, its HF `model_type` and its
 /// family. The order is that of the supported-names lists in errors.
-static REGISTRY: [(Arch, &str, &str, &Family); 7] = [
+static REGISTRY: [(Arch, &str, &str, &Family); 10] = [
     (Arch::Llama, "llama", "llama", &llama::FAMILY),
     (Arch::Gemma3, "gemma3", "gemma3_text", &gemma3::FAMILY),
     (Arch::Qwen2, "qwen2", "qwen2", &llama::FAMILY),
@@ -83,6 +90,14 @@ static REGISTRY: [(Arch, &str, &str, &Family); 7] = [
         "deepseek_v32",
         &deepseek_v32::FAMILY,
     ),
+    (Arch::Qwen35, "qwen35", "qwen3_5_text", &qwen3_5::FAMILY),
+    (
+        Arch::Qwen35Moe,
+        "qwen35moe",
+        "qwen3_5_moe_text",
+        &qwen3_5::FAMILY,
+    ),
+    (Arch::Qwen3Next, "qwen3next", "qwen3_next", &qwen3_5::FAMILY),
 ];
 
 /// The registered families, each once.
@@ -97,7 +112,11 @@ pub fn families() -> impl Iterator<Item = &'static Family> {
 /// HF `model_type`s that wrap a text model, each with the function that gives the text model's
 /// config.json (with its own `model_type`).
 type TextConfig = fn(&Value) -> Result<Value>;
-static HF_WRAPPERS: [(&str, TextConfig); 1] = [("gemma3", gemma3::hf_text_config)];
+static HF_WRAPPERS: [(&str, TextConfig); 3] = [
+    ("gemma3", gemma3::hf_text_config),
+    ("qwen3_5", qwen3_5::hf_text_config),
+    ("qwen3_5_moe", qwen3_5::hf_text_config),
+];
 
 /// The function that unwraps a config.json of `model_type`, if that is a wrapper's.
 pub fn hf_wrapper(model_type: &str) -> Option<TextConfig> {
@@ -161,6 +180,13 @@ pub trait Model: Send + Sync {
 
     /// The geometry of each layer's KV cache rows.
     fn kv_specs(&self) -> Vec<KvLayerSpec>;
+
+    /// Floats of each layer's recurrent state per sequence (linear attention), 0 for a layer
+    /// without one; all 0 for a model without linear attention. A cache for the model gets
+    /// its slots from [`KvCache::with_state_slots`].
+    fn state_widths(&self) -> Vec<usize> {
+        vec![0; self.kv_specs().len()]
+    }
 
     /// Runs the batch, writing its K/V into `kv`; returns the logits of the rows in
     /// `batch.logits_for`, `vocab_size` each, in that order.

@@ -63,6 +63,9 @@ pub struct MoeConfig {
     pub expert_ffn_dim: usize,
     /// Shared experts, fused into one SwiGLU of `n_shared * expert_ffn_dim`; 0 for none.
     pub n_shared: usize,
+    /// The shared expert's intermediate size where it is not `n_shared * expert_ffn_dim`
+    /// (Qwen3.5-MoE, Qwen3-Next: `shared_expert_intermediate_size`, one shared expert).
+    pub shared_ffn_dim: Option<usize>,
     pub gating: Gating,
     pub norm_weights: bool,
     pub scale: f32,
@@ -104,6 +107,23 @@ pub struct IndexerConfig {
     pub top_k: usize,
 }
 
+/// Gated DeltaNet linear attention on some of the layers (Qwen3.5, Qwen3-Next); the other
+/// layers are gated full attention.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearAttnConfig {
+    pub n_k_heads: usize,
+    pub n_v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    /// The causal convolution's kernel size.
+    pub conv_taps: usize,
+    /// Value head `h` reads key head `h % n_k_heads` (llama.cpp's `qwen35` files) instead of
+    /// `h / (n_v_heads / n_k_heads)`.
+    pub tiled_v_heads: bool,
+    /// `layers[i]`: whether layer `i` is linear attention.
+    pub layers: Vec<bool>,
+}
+
 /// The checked configuration of a decoder-only transformer.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -138,6 +158,8 @@ pub struct ModelConfig {
     /// Multi-head latent attention instead of MHA/GQA (DeepSeek); `head_dim` and `v_head_dim`
     /// are then the per-head sizes after expansion (`qk_nope + qk_rope`, `v_head_dim`).
     pub mla: Option<MlaConfig>,
+    /// Linear attention on some layers (hybrid models: Qwen3.5, Qwen3-Next).
+    pub linear: Option<LinearAttnConfig>,
 }
 
 impl ModelConfig {
@@ -171,6 +193,7 @@ impl ModelConfig {
             final_softcap: None,
             moe: None,
             mla: None,
+            linear: None,
         }
     }
 
@@ -256,7 +279,16 @@ impl ModelConfig {
             n_kv_heads,
             head_dim,
             v_head_dim,
-            ffn_dim: req("feed_forward_length")?,
+            // A model whose every layer is sparse (Qwen3.5-MoE) has no dense feed-forward size;
+            // the experts' size stands in for it (and is never used as a dense one).
+            ffn_dim: match meta.get_usize(&key("feed_forward_length"))? {
+                Some(d) => d,
+                None => meta
+                    .get_usize(&key("expert_feed_forward_length"))?
+                    .ok_or_else(|| {
+                        ModelError::Metadata(format!("missing `{}`", key("feed_forward_length")))
+                    })?,
+            },
             vocab_size: gguf_vocab_size(meta, &key("vocab_size"), vocab_from_tensors)?,
             context_len: req("context_length")?,
             rms_eps: meta

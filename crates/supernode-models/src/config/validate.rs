@@ -281,6 +281,15 @@ impl ModelConfig {
                 return bad(format!("{k} is {v}; it must be between 1 and {MAX_SIZE}"));
             }
         }
+        if let Some(d) = moe.shared_ffn_dim.filter(|&d| d == 0 || d > MAX_SIZE) {
+            return bad(format!(
+                "{} is {d}; it must be between 1 and {MAX_SIZE}",
+                key(
+                    "expert_shared_feed_forward_length",
+                    "shared_expert_intermediate_size"
+                )
+            ));
+        }
         if moe.n_shared > 1 << 12 {
             return bad(format!(
                 "{} is {}; it must be at most {}",

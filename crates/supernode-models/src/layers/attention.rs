@@ -1,6 +1,8 @@
 //! The attention layer (MHA/GQA): projections, optional per-head Q/K norms, rope, the KV
 //! cache write, causal attention over the paged cache (optionally a sliding window), and
-//! the output projection. This and its MLA sibling ([`super::Mla`]) are the only code that
+//! the output projection; optionally an output gate (Qwen3.5 / Qwen3-Next: the query
+//! projection gives each head its query and a gate, and the attention output is multiplied by
+//! the gate's sigmoid before the output projection). This and its MLA sibling ([`super::Mla`]) are the only code that
 //! writes the KV cache. It loads its own tensors ([`Attention::load`]).
 
 use supernode_kernels::ops::{
@@ -31,6 +33,8 @@ pub struct Attention {
     /// The element type of the cache rows: f16 when keys and values are rounded to f16
     /// ([`KvDType::for_rounding`]).
     pub kv_dtype: KvDType,
+    /// `wq` gives `[query, gate]` per head, and the output is `sigmoid(gate) * attention`.
+    pub output_gate: bool,
 }
 
 impl Attention {
@@ -39,12 +43,32 @@ impl Attention {
     /// norms `attn_q_norm`, `attn_k_norm` when `qk_norm` (Qwen3, Gemma 3); windowed as the
     /// config says ([`ModelConfig::window_of`]).
     pub fn load(cfg: &ModelConfig, w: &Weights, layer: usize, qk_norm: bool) -> Result<Attention> {
+        Self::load_with(cfg, w, layer, qk_norm, false)
+    }
+
+    /// The gated attention of Qwen3.5 and Qwen3-Next: `attn_q` of `2 * n_heads * head_dim`
+    /// rows (each head's query, then its gate), per-head Q/K norms.
+    pub fn load_gated(cfg: &ModelConfig, w: &Weights, layer: usize) -> Result<Attention> {
+        Self::load_with(cfg, w, layer, true, true)
+    }
+
+    fn load_with(
+        cfg: &ModelConfig,
+        w: &Weights,
+        layer: usize,
+        qk_norm: bool,
+        output_gate: bool,
+    ) -> Result<Attention> {
         let p = |n: &str| format!("blk.{layer}.{n}");
         let (h, hd, eps, off) = (cfg.hidden, cfg.head_dim, cfg.rms_eps, cfg.norm_offset);
         let numerics = w.numerics();
         let head_norm = |n: &str| qk_norm.then(|| w.rms_norm(&p(n), hd, eps, off)).transpose();
         Ok(Attention {
-            wq: w.linear(&p("attn_q"), cfg.n_heads * hd, h)?,
+            wq: w.linear(
+                &p("attn_q"),
+                (1 + usize::from(output_gate)) * cfg.n_heads * hd,
+                h,
+            )?,
             wk: w.linear(&p("attn_k"), cfg.n_kv_heads * hd, h)?,
             wv: w.linear(&p("attn_v"), cfg.n_kv_heads * cfg.v_head_dim, h)?,
             wo: w.linear(&p("attn_output"), h, cfg.n_heads * cfg.v_head_dim)?,
@@ -61,6 +85,7 @@ impl Attention {
             },
             window: cfg.window_of(layer),
             kv_dtype: numerics.kv_dtype,
+            output_gate,
         })
     }
 }
@@ -97,7 +122,8 @@ impl BlockAttention for Attention {
             s.n_kv_heads * s.k_dim,
             s.n_kv_heads * s.v_dim,
         );
-        let mut q = zeroed(n * qw);
+        let gated = usize::from(self.output_gate);
+        let mut q = zeroed(n * qw * (1 + gated));
         let mut k = zeroed(n * kw);
         let mut v = zeroed(n * vw);
         Linear::forward_many(
@@ -106,6 +132,20 @@ impl BlockAttention for Attention {
             n,
             &mut [&mut q, &mut k, &mut v],
         );
+        // Each head's `[query, gate]` apart: the queries, then the gates.
+        let mut gate = zeroed(n * qw * gated);
+        if self.output_gate {
+            let full = std::mem::replace(&mut q, zeroed(n * qw));
+            let hd = s.k_dim;
+            for ((src, qd), gd) in full
+                .chunks_exact(2 * hd)
+                .zip(q.chunks_exact_mut(hd))
+                .zip(gate.chunks_exact_mut(hd))
+            {
+                qd.copy_from_slice(&src[..hd]);
+                gd.copy_from_slice(&src[hd..]);
+            }
+        }
         // Per-head norms, rope and f16 rounding, token by token (in parallel over the tokens
         // of a long batch: each token's values are its own, so the bits are the same).
         let prepare = |t: usize, x: &mut [f32], norm: &Option<RmsNorm>| {
@@ -168,6 +208,12 @@ impl BlockAttention for Attention {
                 let qg = &q[i * group * s.k_dim..(i + 1) * group * s.k_dim];
                 attention_group(qg, &view, kv_head, block_table, ctx, s, o)
             });
+        }
+        if self.output_gate {
+            ctx.cb("attn_pregate", &attn);
+            attn.iter_mut()
+                .zip(gate.iter())
+                .for_each(|(a, &g)| *a *= 1.0 / (1.0 + (-g).exp()));
         }
         self.wo.forward(&attn, n, out);
     }

@@ -1,12 +1,14 @@
 //! Shared layers, composed by the per-architecture files: one linear, one norm, one rope,
 //! the attention layers (MHA/GQA, and MLA next to it: the only code that writes the KV cache),
-//! the feed-forwards (dense, mixture of experts). Each loads its own tensors by their GGUF names
+//! Gated DeltaNet linear attention (its state in recurrent slots, not K/V rows), the
+//! feed-forwards (dense, mixture of experts). Each loads its own tensors by their GGUF names
 //! from the [`Weights`](crate::weights::Weights) and computes with their
 //! [`Numerics`](crate::numerics::Numerics).
 
 mod attention;
 mod embedding;
 mod ffn;
+mod gated_deltanet;
 mod indexer;
 mod linear;
 mod mla;
@@ -18,6 +20,7 @@ mod rope;
 pub use attention::Attention;
 pub use embedding::Embedding;
 pub use ffn::Mlp;
+pub use gated_deltanet::{DeltaNetShape, GatedDeltaNet};
 pub use indexer::{IndexQueries, Indexer};
 pub use linear::{Linear, StackedLinear};
 pub use mla::{Mla, MlaQuery};
@@ -57,4 +60,9 @@ pub trait BlockAttention: Send + Sync {
     fn weight_bytes(&self) -> usize;
     /// The geometry and element type of this layer's cache rows.
     fn kv_spec(&self) -> KvLayerSpec;
+    /// Floats of recurrent state per sequence ([`crate::kv_cache::RecurrentState`]), 0 for a
+    /// layer that keeps K/V rows.
+    fn state_width(&self) -> usize {
+        0
+    }
 }

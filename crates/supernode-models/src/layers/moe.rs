@@ -69,6 +69,9 @@ pub struct Moe {
     pub down: StackedLinear,
     /// Applied to every token and added to the routed output.
     pub shared: Option<Mlp>,
+    /// `[hidden, 1]`: where present, the shared expert's output is scaled by `sigmoid(g x)`
+    /// per token (Qwen2-MoE, Qwen3.5-MoE, Qwen3-Next: `shared_expert_gate`).
+    pub shared_gate: Option<Linear>,
     pub cfg: MoeConfig,
     /// The experts' activation (SiLU).
     pub act: Activation,
@@ -91,9 +94,14 @@ impl Moe {
             Some(_) => Some(w.vector(&p("exp_probs_b.bias"), e)?),
             None => None,
         };
-        let shared = match moe.n_shared {
-            0 => None,
-            s => Some(Mlp::load(w, layer, "_shexp", s * f, h, act)?),
+        let shared = match (moe.n_shared, moe.shared_ffn_dim) {
+            (0, _) => None,
+            (_, Some(d)) => Some(Mlp::load(w, layer, "_shexp", d, h, act)?),
+            (s, None) => Some(Mlp::load(w, layer, "_shexp", s * f, h, act)?),
+        };
+        let shared_gate = match shared {
+            Some(_) => w.opt_linear(&p("ffn_gate_inp_shexp"), 1, h)?,
+            None => None,
         };
         Ok(Moe {
             router: w.linear(&p("ffn_gate_inp"), e, h)?,
@@ -102,6 +110,7 @@ impl Moe {
             up: w.stacked(&p("ffn_up_exps"), e, f, h)?,
             down: w.stacked(&p("ffn_down_exps"), e, h, f)?,
             shared,
+            shared_gate,
             cfg: moe.clone(),
             act,
         })
@@ -112,6 +121,7 @@ impl Moe {
         self.router.weight_bytes()
             + self.cfg.n_used * expert
             + self.shared.as_ref().map_or(0, Mlp::weight_bytes)
+            + self.shared_gate.as_ref().map_or(0, Linear::weight_bytes)
     }
 
     /// `x`: `n × hidden` → `out`: `n × hidden`.
@@ -155,6 +165,14 @@ impl Moe {
         if let Some(shared) = &self.shared {
             let mut s = zeroed(n * h);
             shared.forward(x, n, &mut s);
+            if let Some(gate) = &self.shared_gate {
+                let mut g = zeroed(n);
+                gate.forward(x, n, &mut g);
+                for (row, &g) in s.chunks_exact_mut(h).zip(g.iter()) {
+                    let scale = 1.0 / (1.0 + (-g).exp());
+                    row.iter_mut().for_each(|v| *v *= scale);
+                }
+            }
             out.iter_mut().zip(&s).for_each(|(o, v)| *o += v);
         }
     }
@@ -251,6 +269,7 @@ mod tests {
             n_used,
             expert_ffn_dim: 4,
             n_shared: 0,
+            shared_ffn_dim: None,
             gating,
             norm_weights: false,
             scale: 1.0,

@@ -169,6 +169,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let (path, opts) = prepare(&a.model)?;
     let t0 = std::time::Instant::now();
     let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
+    if let Some(note) = supernode_models::partial_load_note(&path) {
+        status_line(true, &note);
+    }
     let template = match &tokenizer {
         Some(t) => ChatTemplate::for_tokenizer(t)?,
         None => None,
@@ -189,12 +192,29 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         a.reasoning_parser.as_deref(),
     )?;
     let specs = model.kv_specs();
-    let num_blocks = EngineConfig::blocks_for_budget(&specs, a.kv_cache_mib << 20);
-    if num_blocks == 0 {
+    // A hybrid model's recurrent state slots come out of the same budget as its KV blocks.
+    let widths = model.state_widths();
+    let (num_blocks, state_slots) =
+        EngineConfig::budget(&specs, &widths, a.kv_cache_mib << 20, a.max_num_seqs);
+    let hybrid = widths.iter().any(|&w| w > 0);
+    if num_blocks == 0 || (hybrid && state_slots == 0) {
         bail!(
-            "--kv-cache-mib {} holds no KV block of this model ({} bytes per token)",
+            "--kv-cache-mib {} holds no KV block and recurrent state of this model ({} bytes per token, {} bytes \
+             of recurrent state per sequence)",
             a.kv_cache_mib,
-            KvCache::bytes_per_token(&specs)
+            KvCache::bytes_per_token(&specs),
+            KvCache::bytes_per_state_slot(&widths)
+        );
+    }
+    if hybrid && state_slots < a.max_num_seqs {
+        status_line(
+            true,
+            &format!(
+                "--kv-cache-mib {} holds the recurrent state of {state_slots} sequences ({} \
+                 bytes each): at most {state_slots} run at once",
+                a.kv_cache_mib,
+                KvCache::bytes_per_state_slot(&widths)
+            ),
         );
     }
     let model_ctx = model.config().context_len;
@@ -214,6 +234,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         prefix_caching: !a.no_prefix_caching,
         prefix_cache_salt: a.prefix_cache_salt.clone(),
         speculative,
+        state_slots,
     };
     let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
     let limits = conn::Limits {

@@ -1,0 +1,362 @@
+//! Gated DeltaNet linear attention (Qwen3.5, Qwen3-Next): a layer whose memory of the past is
+//! a fixed-size recurrent state per sequence instead of a growing KV cache.
+//!
+//! ```text
+//! qkv = conv_silu(in_qkv x)            (short causal depthwise conv, its last taps-1 inputs kept)
+//! q, k = l2norm(q) / sqrt(dk), l2norm(k)   per key head; value head h reads key head kv(h)
+//! g    = a * softplus(alpha x + dt_bias)   (a = -exp(A_log) < 0: the decay is exp(g) < 1)
+//! beta = sigmoid(beta x)
+//! o    = gated delta rule over the tokens  (supernode_kernels::ops::gated_delta_step)
+//! out  = out_proj(rmsnorm(o) * w * silu(z x))   per value head
+//! ```
+//!
+//! The state of a sequence lives in its slot of the layer's [`RecurrentState`] (the engine
+//! gives each request one slot for all of its linear layers): the conv inputs, then one
+//! `dv × dk` matrix per value head. A sequence whose first token in the batch is at position 0
+//! starts from zeros; otherwise it continues the state its slot holds, which is the state after
+//! exactly the positions before that token (the batch checks guarantee the positions of a
+//! sequence are consecutive). Every step is per sequence and per head, in the token order, with
+//! fixed-order kernels: the outputs and the state are the same bits however the sequence is
+//! split into steps and whatever else is in the batch (token by token is exactly decode).
+//!
+//! Work is spread over the threads by (sequence, value head): each head's state is its own.
+//!
+//! Prefill and decode run this one recurrence (a prompt chunk is the token loop inside each
+//! task, not a token-by-token pass of the whole model), so chunked prefill, decode and any
+//! batch give the same bits. There is no separate chunked (WY / `chunk_gated_delta_rule`)
+//! form: its different summation order would make a request's outputs depend on where the
+//! scheduler cuts its prompt, which breaks batch invariance; per token and head both forms do
+//! `O(dk * dv)` work, and the recurrence's state stays in cache for a whole chunk.
+
+use std::sync::Mutex;
+
+use supernode_kernels::ops::{causal_conv1d_silu, gated_delta_step, l2_norm_inplace, silu};
+use supernode_kernels::pool;
+use supernode_kernels::scratch::zeroed;
+
+use super::{LayerCtx, Linear, RmsNorm};
+use crate::kv_cache::RecurrentState;
+use crate::weights::Weights;
+use crate::Result;
+
+/// transformers' `l2norm` epsilon (`torch_chunk_gated_delta_rule(use_qk_l2norm_in_kernel)`).
+const L2_EPS: f32 = 1e-6;
+
+/// The sizes of a Gated DeltaNet layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaNetShape {
+    pub n_k_heads: usize,
+    pub n_v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    /// The convolution's kernel size (`linear_conv_kernel_dim`).
+    pub conv_taps: usize,
+    /// Value head `h` reads key head `h % n_k_heads` (llama.cpp's `qwen35` files, whose
+    /// converter reorders the value heads so that a tiled repeat serves), instead of
+    /// `h / (n_v_heads / n_k_heads)` (transformers' `repeat_interleave`, `qwen3next` files).
+    pub tiled_v_heads: bool,
+}
+
+impl DeltaNetShape {
+    /// Channels of the convolution: queries, keys, values.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.n_k_heads * self.k_dim + self.n_v_heads * self.v_dim
+    }
+
+    /// Floats of the carried conv inputs per sequence.
+    pub fn conv_state_len(&self) -> usize {
+        (self.conv_taps - 1) * self.conv_dim()
+    }
+
+    /// Floats of one sequence's state: the conv inputs and every head's matrix.
+    pub fn state_len(&self) -> usize {
+        self.conv_state_len() + self.n_v_heads * self.v_dim * self.k_dim
+    }
+
+    fn kv_head(&self, h: usize) -> usize {
+        if self.tiled_v_heads {
+            h % self.n_k_heads
+        } else {
+            h / (self.n_v_heads / self.n_k_heads)
+        }
+    }
+}
+
+pub struct GatedDeltaNet {
+    /// `[hidden, conv_dim]`: queries, keys, values before the convolution.
+    pub in_qkv: Linear,
+    /// `[hidden, n_v_heads * v_dim]`: the output gate z.
+    pub in_z: Linear,
+    /// `[hidden, n_v_heads]` each.
+    pub in_beta: Linear,
+    pub in_alpha: Linear,
+    /// `taps × conv_dim`, tap-major (the last tap multiplies the current token).
+    pub conv: Vec<f32>,
+    /// `[n_v_heads]`
+    pub dt_bias: Vec<f32>,
+    /// `[n_v_heads]`: `-exp(A_log)`.
+    pub a: Vec<f32>,
+    /// `[v_dim]`: the per-head gated RMSNorm (plain weight).
+    pub norm: RmsNorm,
+    /// `[n_v_heads * v_dim, hidden]`
+    pub out: Linear,
+    pub shape: DeltaNetShape,
+}
+
+impl GatedDeltaNet {
+    /// Layer `layer`'s tensors by their GGUF names (`A_log` of HF checkpoints as `ssm_a_log`).
+    ///
+    /// The input projections come as `attn_qkv` (queries of all heads, keys, values) and
+    /// `attn_gate` (z), or fused as Qwen3-Next checkpoints have them: `ssm_in` holding
+    /// `[q, k, v, z]` per key head (llama.cpp's legacy name); and as `ssm_beta` and
+    /// `ssm_alpha`, or fused as `ssm_ba` holding `[beta, alpha]` per key head (Qwen3-Next, also
+    /// converted). Fused rows are regrouped at load.
+    pub fn load(
+        w: &Weights,
+        layer: usize,
+        hidden: usize,
+        eps: f32,
+        shape: DeltaNetShape,
+    ) -> Result<GatedDeltaNet> {
+        let p = |n: &str| format!("blk.{layer}.{n}");
+        let s = shape;
+        let (nk, nv, kd, vdim) = (s.n_k_heads, s.n_v_heads, s.k_dim, s.v_dim);
+        let (vd, conv_dim, r) = (nv * vdim, s.conv_dim(), nv / nk);
+        let (in_qkv, in_z) = match w.get(&p("ssm_in.weight")) {
+            None => (
+                w.linear(&p("attn_qkv"), conv_dim, hidden)?,
+                w.linear(&p("attn_gate"), vd, hidden)?,
+            ),
+            Some(_) => {
+                // Per key head g: [q (kd), k (kd), v (r vd), z (r vd)].
+                let group = 2 * kd + 2 * r * vdim;
+                let range =
+                    |g: usize, from: usize, len: usize| g * group + from..g * group + from + len;
+                let qkv_rows: Vec<usize> = (0..nk)
+                    .flat_map(|g| range(g, 0, kd))
+                    .chain((0..nk).flat_map(|g| range(g, kd, kd)))
+                    .chain((0..nk).flat_map(|g| range(g, 2 * kd, r * vdim)))
+                    .collect();
+                let z_rows: Vec<usize> = (0..nk)
+                    .flat_map(|g| range(g, 2 * kd + r * vdim, r * vdim))
+                    .collect();
+                let qkvz = p("ssm_in.weight");
+                (
+                    w.linear_rows(&qkvz, nk * group, hidden, &qkv_rows)?,
+                    w.linear_rows(&qkvz, nk * group, hidden, &z_rows)?,
+                )
+            }
+        };
+        let (in_beta, in_alpha) = match w.get(&p("ssm_ba.weight")) {
+            None => (
+                w.linear(&p("ssm_beta"), nv, hidden)?,
+                w.linear(&p("ssm_alpha"), nv, hidden)?,
+            ),
+            Some(_) => {
+                let ba = p("ssm_ba.weight");
+                let beta: Vec<usize> = (0..nk).flat_map(|g| g * 2 * r..g * 2 * r + r).collect();
+                let alpha: Vec<usize> = (0..nk)
+                    .flat_map(|g| g * 2 * r + r..g * 2 * r + 2 * r)
+                    .collect();
+                (
+                    w.linear_rows(&ba, 2 * nv, hidden, &beta)?,
+                    w.linear_rows(&ba, 2 * nv, hidden, &alpha)?,
+                )
+            }
+        };
+        // ggml `[taps, conv_dim]` (converted: squeezed) or `[taps, 1, conv_dim]` (HF).
+        let conv_name = p("ssm_conv1d.weight");
+        let raw = match w.get(&conv_name).map(|t| t.shape.len()) {
+            Some(3) => w.values(&conv_name, &[s.conv_taps, 1, conv_dim])?,
+            _ => w.values(&conv_name, &[s.conv_taps, conv_dim])?,
+        };
+        let mut conv = vec![0.0; raw.len()];
+        for c in 0..conv_dim {
+            for t in 0..s.conv_taps {
+                conv[t * conv_dim + c] = raw[c * s.conv_taps + t];
+            }
+        }
+        let a = match w.get(&p("ssm_a_log")) {
+            Some(_) => w
+                .vector(&p("ssm_a_log"), nv)?
+                .iter()
+                .map(|&l| -l.exp())
+                .collect(),
+            None => w.vector(&p("ssm_a"), nv)?,
+        };
+        Ok(GatedDeltaNet {
+            in_qkv,
+            in_z,
+            in_beta,
+            in_alpha,
+            conv,
+            dt_bias: w.vector(&p("ssm_dt.bias"), nv)?,
+            a,
+            norm: w.rms_norm(&p("ssm_norm.weight"), s.v_dim, eps, 0.0)?,
+            out: w.linear(&p("ssm_out"), hidden, vd)?,
+            shape,
+        })
+    }
+
+    /// Bytes of projection weights read per token.
+    pub fn weight_bytes(&self) -> usize {
+        [
+            &self.in_qkv,
+            &self.in_z,
+            &self.in_beta,
+            &self.in_alpha,
+            &self.out,
+        ]
+        .iter()
+        .map(|l| l.weight_bytes())
+        .sum::<usize>()
+            + 4 * self.conv.len()
+    }
+
+    /// `x`: the normalised `n × hidden` input of the batch; writes `n × hidden` to `out`,
+    /// reading and updating each sequence's state slot in `state`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        ctx: &mut LayerCtx,
+        state: &mut RecurrentState,
+        out: &mut [f32],
+    ) {
+        let batch = ctx.batch;
+        let n = batch.len();
+        let s = &self.shape;
+        let (nv, nk, kd, vdim) = (s.n_v_heads, s.n_k_heads, s.k_dim, s.v_dim);
+        let (conv_dim, vd) = (s.conv_dim(), nv * vdim);
+        debug_assert_eq!(state.width, s.state_len(), "checked by the decoder");
+        let mut qkv = zeroed(n * conv_dim);
+        let mut z = zeroed(n * vd);
+        let mut b = zeroed(n * nv);
+        let mut a = zeroed(n * nv);
+        Linear::forward_many(
+            &[&self.in_qkv, &self.in_z, &self.in_beta, &self.in_alpha],
+            x,
+            n,
+            &mut [&mut qkv, &mut z, &mut b, &mut a],
+        );
+        ctx.cb("linear_attn_qkv_mixed", &qkv);
+        ctx.cb("z", &z);
+
+        // The rows of each sequence, in order.
+        let mut rows: Vec<Vec<usize>> = vec![Vec::new(); batch.block_tables.len()];
+        for t in 0..n {
+            rows[batch.seq_of[t]].push(t);
+        }
+        let seqs: Vec<usize> = (0..rows.len()).filter(|&q| !rows[q].is_empty()).collect();
+        // A sequence starting at position 0 starts from an empty state.
+        for &q in &seqs {
+            if batch.positions[rows[q][0]] == 0 {
+                state.slot_mut(batch.state_slots[q]).fill(0.0);
+            }
+        }
+
+        // The convolution, sequence by sequence, with its carried inputs.
+        let mut conv_out = zeroed(n * conv_dim);
+        {
+            let mut xs = Vec::new();
+            let mut ys = Vec::new();
+            for &q in &seqs {
+                let r = &rows[q];
+                xs.clear();
+                r.iter()
+                    .for_each(|&t| xs.extend_from_slice(&qkv[t * conv_dim..(t + 1) * conv_dim]));
+                ys.clear();
+                ys.resize(xs.len(), 0.0);
+                let slot = state.slot_mut(batch.state_slots[q]);
+                let conv_state = &mut slot[..s.conv_state_len()];
+                causal_conv1d_silu(&xs, conv_state, &self.conv, conv_dim, &mut ys);
+                for (i, &t) in r.iter().enumerate() {
+                    conv_out[t * conv_dim..(t + 1) * conv_dim]
+                        .copy_from_slice(&ys[i * conv_dim..(i + 1) * conv_dim]);
+                }
+            }
+        }
+        ctx.cb("conv_output_silu", &conv_out);
+
+        // Queries and keys normalised per key head (queries scaled), decays and strengths.
+        let q_scale = 1.0 / (kd as f32).sqrt();
+        let prepare = |_: usize, row: &mut [f32]| {
+            for (i, head) in row[..2 * nk * kd].chunks_exact_mut(kd).enumerate() {
+                l2_norm_inplace(head, L2_EPS);
+                if i < nk {
+                    head.iter_mut().for_each(|v| *v *= q_scale);
+                }
+            }
+        };
+        if n >= 8 {
+            pool::for_each_chunk_mut(&mut conv_out, conv_dim, prepare);
+        } else {
+            conv_out
+                .chunks_exact_mut(conv_dim)
+                .enumerate()
+                .for_each(|(t, r)| prepare(t, r));
+        }
+        let mut decay = zeroed(n * nv);
+        for (t, (g, bt)) in decay
+            .chunks_exact_mut(nv)
+            .zip(b.chunks_exact_mut(nv))
+            .enumerate()
+        {
+            for h in 0..nv {
+                let raw = a[t * nv + h] + self.dt_bias[h];
+                // softplus as torch computes it (linear above 20).
+                let sp = if raw > 20.0 { raw } else { raw.exp().ln_1p() };
+                g[h] = (self.a[h] * sp).exp();
+                bt[h] = 1.0 / (1.0 + (-bt[h]).exp());
+            }
+        }
+
+        // The recurrence: one task per (sequence, value head), each with its own state.
+        let conv_len = s.conv_state_len();
+        let head_len = vdim * kd;
+        let mut heads: Vec<Option<&mut [f32]>> = Vec::new();
+        let mut by_slot: Vec<Option<&mut [f32]>> =
+            state.data.chunks_exact_mut(state.width).map(Some).collect();
+        let mut tasks = Vec::with_capacity(seqs.len() * nv);
+        for &q in &seqs {
+            let slot = by_slot[batch.state_slots[q]]
+                .take()
+                .expect("the batch checks give each sequence its own slot");
+            for (h, m) in slot[conv_len..].chunks_exact_mut(head_len).enumerate() {
+                tasks.push((q, h));
+                heads.push(Some(m));
+            }
+        }
+        let heads: Vec<Mutex<&mut [f32]>> = heads.into_iter().flatten().map(Mutex::new).collect();
+        let outs: Vec<Mutex<Vec<f32>>> = tasks.iter().map(|_| Mutex::new(Vec::new())).collect();
+        pool::for_each(tasks.len(), |i| {
+            let (q, h) = tasks[i];
+            let mut m = heads[i].lock().unwrap_or_else(|e| e.into_inner());
+            let kh = s.kv_head(h);
+            let r = &rows[q];
+            let mut o = vec![0.0; r.len() * vdim];
+            for (&t, ot) in r.iter().zip(o.chunks_exact_mut(vdim)) {
+                let row = &conv_out[t * conv_dim..(t + 1) * conv_dim];
+                let qh = &row[kh * kd..(kh + 1) * kd];
+                let kh_ = &row[nk * kd + kh * kd..nk * kd + (kh + 1) * kd];
+                let vh = &row[2 * nk * kd + h * vdim..2 * nk * kd + (h + 1) * vdim];
+                gated_delta_step(&mut m, qh, kh_, vh, decay[t * nv + h], b[t * nv + h], ot);
+            }
+            *outs[i].lock().unwrap_or_else(|e| e.into_inner()) = o;
+        });
+        let mut o = zeroed(n * vd);
+        for (&(q, h), res) in tasks.iter().zip(&outs) {
+            let res = res.lock().unwrap_or_else(|e| e.into_inner());
+            for (&t, ot) in rows[q].iter().zip(res.chunks_exact(vdim)) {
+                o[t * vd + h * vdim..t * vd + (h + 1) * vdim].copy_from_slice(ot);
+            }
+        }
+        ctx.cb("attn_core", &o);
+        // The gated norm per value head.
+        for (oh, zh) in o.chunks_exact_mut(vdim).zip(z.chunks_exact(vdim)) {
+            self.norm.forward_inplace(oh);
+            oh.iter_mut().zip(zh).for_each(|(v, &g)| *v *= silu(g));
+        }
+        ctx.cb("final_output", &o);
+        self.out.forward(&o, n, out);
+    }
+}
