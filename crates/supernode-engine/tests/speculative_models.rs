@@ -59,6 +59,7 @@ fn engine(name: &str) -> Engine {
         prefix_caching: true,
         prefix_cache_salt: String::new(),
         speculative: None,
+        state_slots: 0,
     };
     Engine::new(model, tok, cfg).unwrap()
 }

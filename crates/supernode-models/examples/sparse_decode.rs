@@ -128,6 +128,7 @@ fn step_ms(model: &dyn Model, ctx: usize) -> f64 {
             seq_of: &vec![0; end - start],
             block_tables: &tables,
             logits_for: &[end - start - 1],
+            state_slots: &[],
         };
         model.forward(&batch, &mut kv).expect("forward");
     };
