@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import BIN, MODEL, Server, metrics, stop_cleanly
+from conftest import BIN, MODEL, metrics, running
 
 CODE = """def average(values):
     total = 0
@@ -34,14 +34,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def spec_server():
-    s = Server("--speculative", "ngram", "--num-speculative-tokens", "4")
-    try:
+    with running("--speculative", "ngram", "--num-speculative-tokens", "4") as s:
         yield s
-    finally:
-        if s.proc.poll() is None:
-            stop_cleanly(s)
-        else:
-            pytest.fail(f"the server died (exit code {s.proc.returncode}); stderr:\n{s.stderr()}")
 
 
 @pytest.fixture(scope="module")

@@ -31,20 +31,23 @@ pub const FAMILY: Family = Family {
     read_hf,
     gguf_tensors: None,
     build,
-    keys: KeyNames {
-        head_dim: Some((
-            "attention.key_length_mla",
-            "qk_nope_head_dim` + `qk_rope_head_dim",
-        )),
-        v_head_dim: ("attention.value_length_mla", "v_head_dim"),
-        rope_dim: Some(("rope.dimension_count", "qk_rope_head_dim")),
-        attn_scale: (
-            Some("rope.scaling.yarn_log_multiplier"),
-            Some("rope_scaling.mscale_all_dim"),
-        ),
-        hf_experts: "n_routed_experts",
-    },
+    keys: KEYS,
     hf_names: HF_NAMES,
+};
+
+/// The keys DeepSeek's errors name (V3's and V3.2's).
+pub const KEYS: KeyNames = KeyNames {
+    head_dim: Some((
+        "attention.key_length_mla",
+        "qk_nope_head_dim` + `qk_rope_head_dim",
+    )),
+    v_head_dim: ("attention.value_length_mla", "v_head_dim"),
+    rope_dim: Some(("rope.dimension_count", "qk_rope_head_dim")),
+    attn_scale: (
+        Some("rope.scaling.yarn_log_multiplier"),
+        Some("rope_scaling.mscale_all_dim"),
+    ),
+    hf_experts: "n_routed_experts",
 };
 
 /// Multi-head latent attention (DeepSeek-V2/V3, and V3.2 with its indexer).

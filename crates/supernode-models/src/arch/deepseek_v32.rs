@@ -14,7 +14,7 @@ use serde_json::Value;
 use supernode_kernels::ops::RopeStyle;
 
 use crate::arch::{deepseek_v3, llama, Arch, Family, Model};
-use crate::config::{hf_int, IndexerConfig, KeyNames};
+use crate::config::{hf_int, IndexerConfig};
 use crate::names::{only, Row};
 use crate::weights::Weights;
 use crate::{Metadata, ModelConfig, ModelError, Result};
@@ -26,19 +26,7 @@ pub const FAMILY: Family = Family {
     read_hf,
     gguf_tensors: None,
     build,
-    keys: KeyNames {
-        head_dim: Some((
-            "attention.key_length_mla",
-            "qk_nope_head_dim` + `qk_rope_head_dim",
-        )),
-        v_head_dim: ("attention.value_length_mla", "v_head_dim"),
-        rope_dim: Some(("rope.dimension_count", "qk_rope_head_dim")),
-        attn_scale: (
-            Some("rope.scaling.yarn_log_multiplier"),
-            Some("rope_scaling.mscale_all_dim"),
-        ),
-        hf_experts: "n_routed_experts",
-    },
+    keys: deepseek_v3::KEYS,
     hf_names: HF_NAMES,
 };
 
