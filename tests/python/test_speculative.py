@@ -65,6 +65,24 @@ def test_greedy_completions_are_the_same_and_usage_counts_the_drafts(client, spe
     assert accepted > 0, "prompt lookup accepted nothing on repetitive prompts"
 
 
+def test_streamed_chat_is_the_same_and_its_usage_counts_the_drafts(client, spec_client):
+    """Streamed, the deltas add up to the unstreamed text and the last chunk's usage carries the
+    same draft counts as the unstreamed answer's."""
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    plain = spec_client.chat.completions.create(**kw)
+    chunks = list(spec_client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert text == client.chat.completions.create(**kw).choices[0].message.content
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == plain.usage.completion_tokens == 40
+    d, want = usage.completion_tokens_details, plain.usage.completion_tokens_details
+    assert d is not None and want is not None
+    assert (d.accepted_prediction_tokens, d.rejected_prediction_tokens) == (
+        want.accepted_prediction_tokens, want.rejected_prediction_tokens)
+
+
 def test_stop_strings_n_and_seeds_are_the_same(client, spec_client):
     for kw in [
         dict(max_tokens=40, temperature=0, stop=["count"]),
