@@ -74,32 +74,37 @@ fn check_logits(label: &str, session: &mut Session, expected: &Value) {
     }
 }
 
+/// `expected.json`'s greedy continuation (EOS ignored) from `session`; returns its tokens.
+fn check_greedy(label: &str, session: &mut Session, expected: &Value) -> Vec<u32> {
+    let prompt = ids(&expected["greedy"]["prompt"]);
+    let want = ids(&expected["greedy"]["tokens"]);
+    let g = Generate {
+        params: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_tokens: want.len(),
+        ignore_eos: true,
+        ..Generate::default()
+    };
+    let got = session
+        .generate(&prompt, &g, |_| true)
+        .expect("generation")
+        .tokens;
+    assert_eq!(
+        got, want,
+        "{label}: greedy continuation differs from transformers"
+    );
+    want
+}
+
 fn check_arch(arch: &str) {
     let expected = read_json(&fixture_dir(arch).join("expected.json"));
     for config_file in ["config.json", "config.transformers5.json"] {
         let dir = with_config(arch, config_file);
         let mut session = open(&dir);
         check_logits(&format!("{arch} ({config_file})"), &mut session, &expected);
-        let prompt = ids(&expected["greedy"]["prompt"]);
-        let want = ids(&expected["greedy"]["tokens"]);
-        let params = SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        };
-        let g = Generate {
-            params,
-            max_tokens: want.len(),
-            ignore_eos: true,
-            ..Generate::default()
-        };
-        let got = session
-            .generate(&prompt, &g, |_| true)
-            .expect("generation")
-            .tokens;
-        assert_eq!(
-            got, want,
-            "{arch} ({config_file}): greedy continuation differs from transformers"
-        );
+        check_greedy(&format!("{arch} ({config_file})"), &mut session, &expected);
         std::fs::remove_dir_all(&dir).unwrap();
     }
     let mut session = open(&fixture_dir(arch));
@@ -191,19 +196,7 @@ fn check_hybrid_gguf(arch: &str) {
     let path = common::fixture("gguf").join(format!("{arch}.gguf"));
     let mut session = open(&path);
     check_logits(&format!("{arch} (GGUF)"), &mut session, &expected);
-    let prompt = ids(&expected["greedy"]["prompt"]);
-    let want = ids(&expected["greedy"]["tokens"]);
-    let g = Generate {
-        params: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens: want.len(),
-        ignore_eos: true,
-        ..Generate::default()
-    };
-    let got = session.generate(&prompt, &g, |_| true).unwrap().tokens;
-    assert_eq!(got, want, "{arch} (GGUF): greedy continuation differs");
+    let want = check_greedy(&format!("{arch} (GGUF)"), &mut session, &expected);
     let long = ids(&expected["inputs"].as_array().unwrap().last().unwrap()["tokens"]);
     let one_step = session.logits_chunked(&long, long.len()).unwrap();
     for chunk in [1, 5, 16] {
@@ -520,24 +513,7 @@ fn deepseek_v32_gguf_from_the_llama_cpp_converter_matches_transformers() {
     );
     let mut session = Session::new(model, None, None).unwrap();
     check_logits("deepseek_v32 (llama.cpp's GGUF)", &mut session, &expected);
-    let want = ids(&expected["greedy"]["tokens"]);
-    let g = Generate {
-        params: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        max_tokens: want.len(),
-        ignore_eos: true,
-        ..Generate::default()
-    };
-    let got = session
-        .generate(&ids(&expected["greedy"]["prompt"]), &g, |_| true)
-        .unwrap()
-        .tokens;
-    assert_eq!(
-        got, want,
-        "deepseek_v32 (llama.cpp's GGUF): greedy continuation"
-    );
+    check_greedy("deepseek_v32 (llama.cpp's GGUF)", &mut session, &expected);
 }
 
 /// A V3.2 GGUF whose converter appended a multi-token-prediction layer (`block_count` 4 with
