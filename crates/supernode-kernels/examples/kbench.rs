@@ -9,7 +9,8 @@
 //! compare medians from runs taken back to back.
 //!
 //! `cargo run --release -p supernode-kernels --example kbench [-- REPS [TOKENS...]]` (token
-//! counts default to 1 and 512).
+//! counts default to 1 and 512). `SUPERNODE_KBENCH=TEXT` keeps only the rows whose weight name
+//! or precision contains `TEXT` (e.g. `Exact`, `g_down`), so that `perf stat` sees one kernel.
 
 use std::time::Instant;
 
@@ -66,6 +67,7 @@ fn main() {
     if token_counts.is_empty() {
         token_counts = vec![1, 512];
     }
+    let filter = std::env::var("SUPERNODE_KBENCH").unwrap_or_default();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let shapes = [
         ("ffn_up   Q4_1", DType::Q4_1, 1536, 576),
@@ -86,6 +88,14 @@ fn main() {
         "weight", "n", "precision", "median ms", "GB/s", "GMAC/s", "min ms"
     );
     for (name, dtype, rows, cols) in shapes {
+        let modes = [("Exact", false), ("Quantized", false), ("Packed", true)];
+        let modes: Vec<_> = modes
+            .into_iter()
+            .filter(|(mode, _)| name.contains(&filter) || mode.contains(&filter))
+            .collect();
+        if modes.is_empty() {
+            continue;
+        }
         let row_bytes = dtype.row_bytes(cols).expect("whole blocks");
         let mut data = vec![0u8; rows * row_bytes];
         for row in data.chunks_exact_mut(row_bytes) {
@@ -105,8 +115,7 @@ fn main() {
             let x = rng.vec(n * cols);
             let mut out = vec![0f32; n * rows];
             let packed = PackedMatrix::pack(dtype, rows, cols, &data);
-            let modes = [("Exact", false), ("Quantized", false), ("Packed", true)];
-            for (mode, pack) in modes {
+            for &(mode, pack) in &modes {
                 let reps = if n > 1 { reps.div_ceil(3) } else { reps };
                 let (secs, min) = match (&packed, pack) {
                     (Some(p), true) => time_secs(reps, || matmul_packed(p, &x, n, &mut out)),

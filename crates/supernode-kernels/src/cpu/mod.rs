@@ -23,7 +23,7 @@ mod avx512;
 pub(crate) mod scalar;
 mod table;
 
-pub(crate) use table::Kernels;
+pub(crate) use table::{Gemm, Kernels};
 
 /// The instruction-set levels of the kernels, in increasing order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

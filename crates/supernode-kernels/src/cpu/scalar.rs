@@ -23,6 +23,7 @@ pub(super) const KERNELS: Kernels = Kernels {
     dot2: None,
     dot4: None,
     dot2x4: None,
+    gemm: None,
     dot_rows_f32: dot_rows_scalar::<f32>,
     dot_rows_f16: dot_rows_scalar::<f16>,
     weighted_rows_f32: weighted_rows_scalar::<f32>,

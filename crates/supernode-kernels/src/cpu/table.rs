@@ -21,6 +21,19 @@ pub(crate) type Dot = unsafe fn(a: &[f32], b: &[f32]) -> f32;
 pub(crate) type DotN<const N: usize> = unsafe fn(a: &[f32], b: &[f32]) -> [f32; N];
 /// Two `a` rows against four `b` rows: `[dot4(a0, b), dot4(a1, b)]`.
 pub(crate) type Dot2x4 = unsafe fn(a0: &[f32], a1: &[f32], b: &[f32]) -> [[f32; 4]; 2];
+/// The exact products' blocked kernel: `out[r * tokens + t] = dot_f32(row r, token t)` for
+/// lane-permuted rows `a` and tokens `b` of `n` floats (see [`Gemm`]).
+pub(crate) type GemmTile = unsafe fn(a: &[f32], b: &[f32], n: usize, out: &mut [f32]);
+
+/// A blocked product kernel and the lane segment its operands are permuted with
+/// (`crate::simd::order::permute_lanes`).
+#[derive(Clone, Copy)]
+pub(crate) struct Gemm {
+    /// Lanes per segment.
+    pub seg: usize,
+    /// The kernel of one tile of rows times tokens.
+    pub tile: GemmTile,
+}
 /// Query heads against K rows of `T` (`crate::simd::dot_f32_rows`), sizes checked.
 pub(crate) type DotRows<T> =
     unsafe fn(q: &[f32], n: usize, k: &[T], bases: &[usize], out: &mut [f32]);
@@ -51,6 +64,8 @@ pub(crate) struct Kernels {
     pub dot4: Option<DotN<4>>,
     /// Two `a` rows against four `b` rows.
     pub dot2x4: Option<Dot2x4>,
+    /// Many rows against many tokens, blocked ([`crate::matmul::matmul`]'s long batches).
+    pub gemm: Option<Gemm>,
     /// [`crate::simd::dot_f32_rows`].
     pub dot_rows_f32: DotRows<f32>,
     /// [`crate::simd::dot_f16_rows`].

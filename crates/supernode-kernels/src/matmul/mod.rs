@@ -37,9 +37,11 @@ pub use quantized::matmul_with;
 use std::cell::RefCell;
 use std::ops::Range;
 
+use crate::cpu::{self, Gemm};
 use crate::dtype::DType;
 use crate::pool;
 use crate::quant::dequantize_row;
+use crate::simd::order::permute_lanes;
 use crate::simd::{dot_f32_grid, row_kernels, RowKernels};
 
 /// How activations meet the weights.
@@ -119,6 +121,9 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     let dequantize = kernels.map_or(Dequantize::Scalar(w.dtype), |k| {
         Dequantize::Simd(k.dequantize)
     });
+    if let (None, Some(gemm)) = (fused, cpu::kernels().gemm) {
+        return matmul_blocked(w, x, n_tokens, out, gemm, dequantize);
+    }
     let out = SharedOut(out.as_mut_ptr());
     let run = |rows, tokens| {
         let job = Tile {
@@ -148,6 +153,78 @@ pub fn matmul(w: &WeightMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
         }
         None => for_each_tile(w.rows, n_tokens, run),
     }
+}
+
+thread_local! {
+    /// The calling thread's lane-permuted activations of [`matmul_blocked`], reused.
+    static PERMUTED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`matmul`] for long batches through the level's blocked kernel: the activations are
+/// lane-permuted once per call, each tile's rows are dequantised and permuted once per task,
+/// and the kernel gives every dot exactly as `dot_f32` would (the same bits as the other
+/// strategies).
+fn matmul_blocked(
+    w: &WeightMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+    gemm: Gemm,
+    dequantize: Dequantize,
+) {
+    let cols = w.cols;
+    PERMUTED.with(|permuted| {
+        let mut permuted = permuted.borrow_mut();
+        permuted.resize(n_tokens * cols, 0.0);
+        pool::for_each_chunk_mut(&mut permuted, cols * TOKEN_GROUP, |i, dst| {
+            let src = &x[i * TOKEN_GROUP * cols..][..dst.len()];
+            for (s, d) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(cols)) {
+                permute_lanes(s, gemm.seg, d);
+            }
+        });
+        let xs = &permuted[..];
+        let out = SharedOut(out.as_mut_ptr());
+        // Each task dequantises its rows once for as many tokens as the balance allows: all of
+        // them where the row tiles alone give every thread enough tasks.
+        let row_tiles = w.rows.div_ceil(TILE_ROWS);
+        let span = match row_tiles >= TASKS_PER_THREAD * pool::threads() {
+            true => n_tokens.div_ceil(TOKEN_CHUNK) * TOKEN_CHUNK,
+            false => TOKEN_CHUNK,
+        };
+        let spans = n_tokens.div_ceil(span);
+        pool::for_each(row_tiles * spans, |task| {
+            let (tile, span_i) = (task % row_tiles, task / row_tiles);
+            let rows = tile * TILE_ROWS..((tile + 1) * TILE_ROWS).min(w.rows);
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.resize(TILE_ROWS * cols + cols + TILE_ROWS * TOKEN_CHUNK, 0.0);
+                let (a, rest) = scratch.split_at_mut(TILE_ROWS * cols);
+                let (row, dots) = rest.split_at_mut(cols);
+                for (r, dst) in rows.clone().zip(a.chunks_exact_mut(cols)) {
+                    dequantize.row(w.row(r), row);
+                    permute_lanes(row, gemm.seg, dst);
+                }
+                let a = &a[..rows.len() * cols];
+                let first = span_i * span;
+                for t0 in (first..(first + span).min(n_tokens)).step_by(TOKEN_CHUNK) {
+                    let tokens = t0..(t0 + TOKEN_CHUNK).min(n_tokens);
+                    let m = tokens.len();
+                    let dots = &mut dots[..rows.len() * m];
+                    let b = &xs[tokens.start * cols..tokens.end * cols];
+                    // SAFETY: the table is this machine's; `a` holds the tile's rows and `b`
+                    // its tokens, `cols` floats each, and `dots` one value per pair.
+                    unsafe { (gemm.tile)(a, b, cols, dots) };
+                    for (r, row_dots) in rows.clone().zip(dots.chunks_exact(m)) {
+                        for (t, v) in tokens.clone().zip(row_dots) {
+                            // SAFETY: this task's (row, token) pairs, in bounds (see
+                            // `Tile::store`).
+                            unsafe { out.write(t * w.rows + r, *v) };
+                        }
+                    }
+                }
+            })
+        });
+    })
 }
 
 /// `f(rows, tokens)` in parallel for every tile of [`TILE_ROWS`] rows times [`TOKEN_CHUNK`]

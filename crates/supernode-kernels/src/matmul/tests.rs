@@ -106,6 +106,41 @@ fn results_are_batch_invariant() {
     }
 }
 
+/// Enough rows that each task of a long batch takes every token (the blocked product's widest
+/// tasks), against each token alone (the fused kernels), for rows of every kind of tail.
+#[test]
+fn long_batches_over_many_rows_equal_single_tokens() {
+    let mut rng = Rng::new(14);
+    for (dtype, rows, cols) in [
+        (DType::F32, 300, 20),
+        (DType::F16, 290, 300),
+        (DType::Q5_0, 300, 640),
+        (DType::Q4K, 260, 1024),
+    ] {
+        let data = random_matrix(dtype, rows, cols, &mut rng);
+        let w = WeightMatrix {
+            dtype,
+            rows,
+            cols,
+            data: &data,
+        };
+        let n = 150;
+        let x = rng.vec(n * cols);
+        let full = run(&w, &x, n);
+        for t in [0, 1, 63, 64, 65, 149] {
+            let one = run(&w, &x[t * cols..(t + 1) * cols], 1);
+            for r in 0..rows {
+                assert_eq!(
+                    one[r].to_bits(),
+                    full[t * rows + r].to_bits(),
+                    "{} token={t} row={r}",
+                    dtype.name()
+                );
+            }
+        }
+    }
+}
+
 fn run_with(w: &WeightMatrix, x: &[f32], n_tokens: usize, precision: Precision) -> Vec<f32> {
     let mut out = vec![f32::NAN; n_tokens * w.rows];
     matmul_with(w, x, n_tokens, &mut out, precision);

@@ -38,6 +38,37 @@ pub(crate) fn add_tail(mut s: f32, a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The lane-permuted form of `src` for lane segments of `seg` lanes (a divisor of [`LANES`]):
+/// segment `j` (of `LANES / seg`) holds the elements `32 i + seg j .. 32 i + seg j + seg` for
+/// `i = 0, 1, ...` in order, the segments follow one another, and the `n % 32` tail comes last,
+/// unchanged. Each segment is the sequence one register of `seg` lanes accumulates in a dot
+/// product, so dots of permuted vectors can run as plain blocked products (`crate::matmul`).
+pub(crate) fn permute_lanes(src: &[f32], seg: usize, dst: &mut [f32]) {
+    assert!(src.len() == dst.len(), "permute_lanes: lengths differ");
+    match seg {
+        8 => permute_segments::<8>(src, dst),
+        16 => permute_segments::<16>(src, dst),
+        _ => panic!("permute_lanes: segments of {seg} lanes"),
+    }
+}
+
+/// [`permute_lanes`] for segments of `S` lanes (fixed-size copies the compiler keeps inline).
+fn permute_segments<const S: usize>(src: &[f32], dst: &mut [f32]) {
+    let main = src.len() / LANES * LANES;
+    let seg_len = main / LANES * S;
+    let (src_main, src_tail) = src.split_at(main);
+    let (dst_main, dst_tail) = dst.split_at_mut(main);
+    for (j, segment) in dst_main.chunks_exact_mut(seg_len.max(1)).enumerate() {
+        let parts = src_main.chunks_exact(LANES).map(|c| &c[j * S..(j + 1) * S]);
+        for (d, s) in segment.chunks_exact_mut(S).zip(parts) {
+            let s: &[f32; S] = s.try_into().expect("S floats");
+            let d: &mut [f32; S] = d.try_into().expect("S floats");
+            *d = *s;
+        }
+    }
+    dst_tail.copy_from_slice(src_tail);
+}
+
 /// Lanes of the softmax's f64 sum: position `p` goes to lane `p % 16`.
 pub(crate) const SUM_LANES: usize = 16;
 

@@ -77,6 +77,58 @@ fn simd_dot_agrees_with_scalar() {
 }
 
 #[test]
+fn permuted_lanes_are_the_accumulators_sequences() {
+    let src: Vec<f32> = (0..70).map(|i| i as f32).collect();
+    let mut dst = vec![f32::NAN; 70];
+    order::permute_lanes(&src, 8, &mut dst);
+    // Segment j of 8 lanes: elements 32 i + 8 j .. + 8 for i = 0, 1; then the tail 64..70.
+    let mut want = Vec::new();
+    for j in 0..4 {
+        for i in 0..2 {
+            want.extend((32 * i + 8 * j..32 * i + 8 * j + 8).map(|e| e as f32));
+        }
+    }
+    want.extend((64..70).map(|e| e as f32));
+    assert_eq!(dst, want);
+    order::permute_lanes(&src, 16, &mut dst);
+    assert_eq!(&dst[..4], &[0.0, 1.0, 2.0, 3.0]);
+    assert_eq!(&dst[16..20], &[32.0, 33.0, 34.0, 35.0]);
+    assert_eq!(&dst[32..34], &[16.0, 17.0]);
+}
+
+#[test]
+fn blocked_product_equals_one_dot_per_pair_bit_for_bit() {
+    let mut rng = Rng::new(19);
+    for (isa, k) in levels() {
+        let Some(gemm) = k.gemm else { continue };
+        for n in LENGTHS.into_iter().filter(|&n| n > 0).chain([2080]) {
+            for (rows, m) in [(1, 1), (3, 4), (2, 9), (7, 5), (16, 64), (4, 3)] {
+                let (a, b) = (rng.vec(n * rows), rng.vec(n * m));
+                let permute = |v: &[f32]| {
+                    let mut p = vec![f32::NAN; v.len()];
+                    for (s, d) in v.chunks_exact(n).zip(p.chunks_exact_mut(n)) {
+                        order::permute_lanes(s, gemm.seg, d);
+                    }
+                    p
+                };
+                let mut out = vec![f32::NAN; rows * m];
+                // SAFETY: this machine's table; whole rows and tokens of `n`, one output each.
+                unsafe { (gemm.tile)(&permute(&a), &permute(&b), n, &mut out) };
+                for r in 0..rows {
+                    for t in 0..m {
+                        let (ar, bt) = (&a[r * n..(r + 1) * n], &b[t * n..(t + 1) * n]);
+                        // SAFETY: this machine's table; equal lengths.
+                        let want = unsafe { (k.dot_f32)(ar, bt) };
+                        let got = out[r * m + t];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} n={n} r={r} t={t}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn dot_grid_equals_one_dot_per_pair_bit_for_bit() {
     let mut rng = Rng::new(16);
     for n in LENGTHS {

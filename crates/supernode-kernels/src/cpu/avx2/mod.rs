@@ -14,16 +14,24 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::table::Kernels;
+use super::table::{Gemm, Kernels};
 use crate::dtype::DType;
 use crate::qdot::blocks::QuantKernel;
 use crate::qdot::reference::scalar_kernel;
 
 pub(super) mod dot;
+pub(super) mod gemm;
 pub(super) mod qdot;
 pub(super) mod quantize;
 pub(super) mod rows;
 pub(super) mod softmax;
+
+/// The blocked exact product: segments of one 256-bit register. The AVX-512 table uses it too
+/// (its f32 dots are this shape exactly).
+pub(crate) const GEMM: Gemm = Gemm {
+    seg: gemm::SEG,
+    tile: gemm::gemm_tile,
+};
 
 /// The [`super::Isa::Avx2`] kernels.
 pub(super) const KERNELS: Kernels = Kernels {
@@ -31,6 +39,7 @@ pub(super) const KERNELS: Kernels = Kernels {
     dot2: Some(dot::dot2_avx2),
     dot4: None,
     dot2x4: None,
+    gemm: Some(GEMM),
     dot_rows_f32: dot::dot_rows_avx2,
     dot_rows_f16: dot::dot_rows_f16_avx2,
     weighted_rows_f32: dot::weighted_rows_avx2,

@@ -189,6 +189,56 @@ unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     }
 }
 
+/// The five-bit values of a Q5 block: the 16 nibble bytes at `qs` (elements 0..16 low nibbles,
+/// 16..32 high) with bit `e` of `qh` as bit 4 of element `e`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn q5_values(qh: u32, qs: *const u8) -> __m256i {
+    // Byte e of the broadcast word holds bit e of `qh` once masked with 1 << (e % 8).
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(qh as i32),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles16(_mm_loadu_si128(qs.cast())), high)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q5_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let sixteen = _mm256_set1_epi8(16);
+    for (i, b) in row.chunks_exact(22).enumerate() {
+        let d = splat_f16(b.as_ptr());
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let q = _mm256_sub_epi8(q5_values(qh, b.as_ptr().add(6)), sixteen);
+        f(32 * i, scale32(i8x32_to_f32(q), d));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q5_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    for (i, b) in row.chunks_exact(24).enumerate() {
+        let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let q = scale32(u8x32_to_f32(q5_values(qh, b.as_ptr().add(8))), d);
+        f(
+            32 * i,
+            [
+                _mm256_add_ps(q[0], m),
+                _mm256_add_ps(q[1], m),
+                _mm256_add_ps(q[2], m),
+                _mm256_add_ps(q[3], m),
+            ],
+        );
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
@@ -323,6 +373,8 @@ macro_rules! block_kernels {
 
 block_kernels!(q4_0, decode_q4_0);
 block_kernels!(q4_1, decode_q4_1);
+block_kernels!(q5_0, decode_q5_0);
+block_kernels!(q5_1, decode_q5_1);
 block_kernels!(q8_0, decode_q8_0);
 block_kernels!(q4_k, decode_q4_k);
 block_kernels!(q6_k, decode_q6_k);
@@ -422,9 +474,11 @@ pub(crate) fn row_kernels(dtype: DType) -> Option<RowKernels> {
         DType::BF16 => entry!(DType::BF16, bf16_row),
         DType::Q4_0 => entry!(DType::Q4_0, q4_0),
         DType::Q4_1 => entry!(DType::Q4_1, q4_1),
+        DType::Q5_0 => entry!(DType::Q5_0, q5_0),
+        DType::Q5_1 => entry!(DType::Q5_1, q5_1),
         DType::Q8_0 => entry!(DType::Q8_0, q8_0),
         DType::Q4K => entry!(DType::Q4K, q4_k),
         DType::Q6K => entry!(DType::Q6K, q6_k),
-        DType::Q5_0 | DType::Q5_1 | DType::Q2K | DType::Q3K | DType::Q5K => return None,
+        DType::Q2K | DType::Q3K | DType::Q5K => return None,
     })
 }

@@ -35,6 +35,7 @@ pub(super) const KERNELS: Kernels = Kernels {
     dot2: Some(avx2::dot::dot2_avx2),
     dot4: Some(dot::dot4),
     dot2x4: Some(dot::dot2x4),
+    gemm: Some(super::avx2::GEMM),
     dot_rows_f32: dot::dot_rows_f32,
     dot_rows_f16: dot::dot_rows_f16,
     weighted_rows_f32: dot::weighted_rows_f32,
