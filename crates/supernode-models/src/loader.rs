@@ -10,6 +10,7 @@ use supernode_kernels::Precision;
 use crate::arch::Model;
 use crate::config::{ModelConfig, ROPE_FREQS, TOKENS_KEY};
 use crate::gguf::read_gguf;
+use crate::kv_cache::KvDType;
 use crate::numerics::Numerics;
 use crate::safetensors::read_safetensors_dir;
 use crate::weights::Weights;
@@ -32,9 +33,18 @@ pub struct LoadedModel {
 pub struct LoadOptions {
     /// How activations meet quantised weights in every projection (default: exact).
     pub precision: Precision,
+    /// The KV cache's element type; `None` takes the precision's own
+    /// ([`KvDType::for_rounding`]: f32 in exact precision, f16 in quantized).
+    pub kv_dtype: Option<KvDType>,
 }
 
-/// Loads a model from a GGUF file or an HF-style safetensors directory.
+impl LoadOptions {
+    /// The numerics these options give every layer.
+    fn numerics(&self) -> Numerics {
+        Numerics::new(self.precision).with_kv_dtype(self.kv_dtype)
+    }
+}
+
 /// What to tell the user about a model directory that is loaded only in part: a multimodal
 /// checkpoint (Gemma 3, Qwen3.5), of which the text model is loaded and the vision tower is not.
 pub fn partial_load_note(path: &Path) -> Option<String> {
@@ -49,13 +59,14 @@ pub fn partial_load_note(path: &Path) -> Option<String> {
     ))
 }
 
+/// Loads a model from a GGUF file or an HF-style safetensors directory.
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if path.is_dir() {
         let st = read_safetensors_dir(path)?;
         let cfg = ModelConfig::from_hf(&st.config).map_err(|e| {
             ModelError::Invalid(format!("{}: {e}", path.join("config.json").display()))
         })?;
-        let weights = Weights::new(st.tensors, Numerics::new(opts.precision));
+        let weights = Weights::new(st.tensors, opts.numerics());
         let model = (cfg.arch.family().build)(cfg, &weights)?;
         return Ok(LoadedModel {
             model,
@@ -69,7 +80,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let vocab_rows = file.tensor("token_embd.weight").map_or(0, |t| t.rows());
     let in_file = |e: ModelError| ModelError::Invalid(format!("{}: {e}", path.display()));
     let mut cfg = ModelConfig::from_gguf(&file.metadata, vocab_rows).map_err(in_file)?;
-    let weights = Weights::new(file.tensors, Numerics::new(opts.precision));
+    let weights = Weights::new(file.tensors, opts.numerics());
     check_vocab_rows(&file.metadata, &cfg, &weights).map_err(in_file)?;
     if weights.get(ROPE_FREQS).is_some() {
         let factors = weights

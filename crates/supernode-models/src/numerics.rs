@@ -36,4 +36,14 @@ impl Numerics {
             kv_dtype: KvDType::for_rounding(quantized),
         }
     }
+
+    /// These numerics with the KV cache's element type `kv_dtype` where one is given. An f16
+    /// cache in exact precision rounds each key and value to f16 as it is stored (what
+    /// llama.cpp's default cache does): half the bytes per token, at that rounding's cost.
+    pub fn with_kv_dtype(self, kv_dtype: Option<KvDType>) -> Numerics {
+        Numerics {
+            kv_dtype: kv_dtype.unwrap_or(self.kv_dtype),
+            ..self
+        }
+    }
 }

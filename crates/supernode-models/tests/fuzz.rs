@@ -90,7 +90,13 @@ fn load_and_run(path: &Path, quantized: bool) -> Result<(), String> {
         true => Precision::Quantized,
         false => Precision::Exact,
     };
-    match load_model(path, &LoadOptions { precision }) {
+    match load_model(
+        path,
+        &LoadOptions {
+            precision,
+            kv_dtype: None,
+        },
+    ) {
         Ok(m) => {
             harness::note("loaded");
             forward(&*m.model)

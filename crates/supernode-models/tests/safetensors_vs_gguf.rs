@@ -255,6 +255,7 @@ fn safetensors_and_gguf_give_the_same_logits() {
             path,
             &LoadOptions {
                 precision: Precision::Exact,
+                kv_dtype: None,
             },
         )
         .unwrap()

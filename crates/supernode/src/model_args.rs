@@ -1,5 +1,5 @@
 //! The model arguments every subcommand shares (`--model`, `--threads`, `--ctx`,
-//! `--precision`, `--verbose`), and opening the model they name. Its own module so that the
+//! `--precision`, `--kv-cache-dtype`, `--verbose`), and opening the model they name. Its own module so that the
 //! subcommands (`cli`, `bench`, `server`) depend on it and not on each other.
 
 use std::io::{self, IsTerminal};
@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use supernode_engine::session::Session;
 use supernode_kernels::Precision;
-use supernode_models::LoadOptions;
+use supernode_models::{KvDType, LoadOptions};
 
 use crate::fetch;
 
@@ -32,9 +32,22 @@ pub(crate) struct ModelArgs {
     /// numerics: activations quantised to 8 bits, integer dot products, f16 attention).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
     pub(crate) precision: PrecisionArg,
+    /// The KV cache's element type: `auto` (f32 in exact precision; f16 in quantized, whose
+    /// keys and values are f16 values already), `f32`, or `f16` (in exact precision each key
+    /// and value is rounded to f16 as it is cached: half the memory and the bytes decode reads
+    /// per token of context, logits about 1e-3 relative further from a float64 forward).
+    #[arg(long, value_enum, default_value_t = KvCacheDtypeArg::Auto)]
+    pub(crate) kv_cache_dtype: KvCacheDtypeArg,
     /// Print load time and speed on stderr even when it is not a terminal.
     #[arg(long, short = 'v')]
     pub(crate) verbose: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum KvCacheDtypeArg {
+    Auto,
+    F32,
+    F16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,7 +71,18 @@ pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
         PrecisionArg::Quantized => Precision::Quantized,
         PrecisionArg::Exact => Precision::Exact,
     };
-    Ok((path, LoadOptions { precision }))
+    let kv_dtype = match m.kv_cache_dtype {
+        KvCacheDtypeArg::Auto => None,
+        KvCacheDtypeArg::F32 => Some(KvDType::F32),
+        KvCacheDtypeArg::F16 => Some(KvDType::F16),
+    };
+    Ok((
+        path,
+        LoadOptions {
+            precision,
+            kv_dtype,
+        },
+    ))
 }
 
 /// The session of `m` and the model file's path.
@@ -81,6 +105,14 @@ pub(crate) fn open_model(m: &ModelArgs) -> Result<(Session, PathBuf)> {
 }
 
 impl ModelArgs {
+    pub(crate) fn kv_cache_dtype_name(&self) -> &'static str {
+        match self.kv_cache_dtype {
+            KvCacheDtypeArg::Auto => "auto",
+            KvCacheDtypeArg::F32 => "f32",
+            KvCacheDtypeArg::F16 => "f16",
+        }
+    }
+
     pub(crate) fn precision_name(&self) -> &'static str {
         match self.precision {
             PrecisionArg::Quantized => "quantized",

@@ -43,9 +43,11 @@ const MAX_MEAN: f64 = 0.25;
 const MAX_DISTANCE: f64 = 2.5;
 const EXACT: LoadOptions = LoadOptions {
     precision: Precision::Exact,
+    kv_dtype: None,
 };
 const QUANTIZED: LoadOptions = LoadOptions {
     precision: Precision::Quantized,
+    kv_dtype: None,
 };
 const MARGIN: f64 = 0.3;
 

@@ -122,6 +122,7 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
         "model": path.display().to_string(),
         "threads": pool::threads(),
         "precision": a.model.precision_name(),
+        "kv_cache_dtype": a.model.kv_cache_dtype_name(),
         "prompt_tokens": prompt.len(),
         "gen_tokens": a.gen_tokens,
         "reps": a.reps,

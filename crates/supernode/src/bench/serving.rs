@@ -33,6 +33,7 @@ impl Spawned {
             cmd.args(["--ctx", &c.to_string()]);
         }
         cmd.args(["--precision", a.model.precision_name()]);
+        cmd.args(["--kv-cache-dtype", a.model.kv_cache_dtype_name()]);
         if let Some(extra) = &a.server_args {
             cmd.args(extra.split_whitespace());
         }
