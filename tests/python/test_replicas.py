@@ -186,6 +186,8 @@ class Gateway:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--prometheus-host",
+            "127.0.0.1",
             "--prometheus-port",
             str(free_port()),
             "--policy",
