@@ -194,6 +194,9 @@ class Gateway:
             "cache_aware",
             "--log-level",
             "warn",
+            # Nothing is in flight when the tests stop it: no need to wait for the default 180s.
+            "--shutdown-grace-period-secs",
+            "1",
             "--worker-urls",
             *urls,
         ]
