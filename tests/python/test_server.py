@@ -624,10 +624,23 @@ def test_metrics_count_requests(http):
     assert after["supernode_time_to_first_token_seconds_count"] > before["supernode_time_to_first_token_seconds_count"]
 
 
+def vllm_sample(m: dict[str, float], name: str) -> float:
+    """The one series of a vLLM-named family (labelled by model_name and engine)."""
+    found = [v for k, v in m.items() if k.startswith(name + "{")]
+    assert len(found) == 1, f"{name}: {found}"
+    return found[0]
+
+
 def gauges_are(h: httpx.Client, running: int, waiting: int):
+    """Whether supernode's gauges and vLLM's names for them both say `running` and `waiting`."""
     m = metrics(h)
-    snap = (m["supernode_num_requests_running"], m["supernode_num_requests_waiting"])
-    return snap == (running, waiting), {"running": snap[0], "waiting": snap[1]}
+    snap = (
+        m["supernode_num_requests_running"],
+        m["supernode_num_requests_waiting"],
+        vllm_sample(m, "vllm:num_requests_running"),
+        vllm_sample(m, "vllm:num_requests_waiting"),
+    )
+    return snap == (running, waiting) * 2, {"running": snap[0::2], "waiting": snap[1::2]}
 
 
 # --- client disconnects ------------------------------------------------------------------
@@ -737,14 +750,23 @@ def test_full_queue_is_rejected_with_retry_after(small_server):
             small_server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2)
         # The gauges are published at the end of each engine step: poll.
         wait_for(lambda: gauges_are(h, running=1, waiting=1), 30, "one running and one waiting request")
+        m = metrics(h)
+        usage = vllm_sample(m, "vllm:kv_cache_usage_perc")
+        assert usage == m["supernode_kv_blocks_in_use"] / m["supernode_kv_blocks_total"], usage
+        assert 0 < usage <= 1, usage
         del it1
     # Both streams are closed: the server drains and serves again.
     with small_server.http() as h:
 
         def idle():
             m = metrics(h)
-            snap = (m["supernode_kv_blocks_in_use"], m["supernode_num_requests_running"], m["supernode_num_requests_waiting"])
-            return snap == (0, 0, 0), snap
+            snap = (
+                m["supernode_kv_blocks_in_use"],
+                m["supernode_num_requests_running"],
+                m["supernode_num_requests_waiting"],
+                vllm_sample(m, "vllm:kv_cache_usage_perc"),
+            )
+            return snap == (0, 0, 0, 0), snap
 
         wait_for(idle, 60, "the closed requests to be dropped")
         still_works(h)

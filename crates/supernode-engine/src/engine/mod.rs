@@ -234,6 +234,9 @@ pub struct EngineStats {
     pub blocks_in_use: AtomicUsize,
     pub blocks_total: AtomicUsize,
     pub blocks_cached: AtomicUsize,
+    /// Prompt tokens looked up in the prefix cache on first admission (vLLM's
+    /// `prefix_cache_queries`); `prefix_hit_tokens` of them were found.
+    pub prefix_query_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
     /// Prefix-cache hits refused because the block's tokens differed (a hash collision).
     pub prefix_refused_hits: AtomicU64,
@@ -718,6 +721,10 @@ impl Engine {
     fn admit(&mut self, plan: &Plan) {
         for a in &plan.admitted {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            let queried = self.outputs.get(&a.id).map_or(0, Output::prompt_len);
+            self.stats
+                .prefix_query_tokens
+                .fetch_add(queried as u64, Ordering::Relaxed);
             self.stats
                 .prefix_hit_tokens
                 .fetch_add(a.cached_tokens as u64, Ordering::Relaxed);

@@ -169,8 +169,8 @@ pub async fn handler(State(st): State<Shared>, body: Bytes) -> Response {
                 .into_response()
         }
     };
-    st.metrics.requests.with_label_values(&["stop"]).inc();
-    st.metrics.prompt_tokens.inc_by(tokens as u64);
+    st.metrics.finished("stop", None);
+    st.metrics.prompt(tokens, 0);
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()

@@ -513,10 +513,10 @@ impl Started {
             Event::Token(t) => {
                 if !self.first_token {
                     self.first_token = true;
-                    m.ttft.observe((now - self.arrival).as_secs_f64());
+                    m.first_token((now - self.arrival).as_secs_f64());
                 }
                 if let Some(prev) = self.choices[i].last {
-                    m.itl.observe((now - prev).as_secs_f64());
+                    m.next_token((now - prev).as_secs_f64());
                 }
                 let lp_chat = match (&t.logprobs, self.kind) {
                     (Some(lp), Kind::Chat) => Some(self.chat_logprob(t.id, lp)),
@@ -566,10 +566,9 @@ impl Started {
             }
             Event::Done(f) => {
                 if i == 0 {
-                    m.prompt_tokens.inc_by(f.prompt_tokens as u64);
-                    m.cached_prompt_tokens.inc_by(f.cached_tokens as u64);
+                    m.prompt(f.prompt_tokens, f.cached_tokens);
                 }
-                m.generation_tokens.inc_by(f.completion_tokens as u64);
+                m.generated(f.completion_tokens);
                 let c = &mut self.choices[i];
                 c.text.push_str(&f.text);
                 if let (true, Some(p)) = (self.stream, c.parser.as_mut()) {
@@ -606,13 +605,7 @@ impl Started {
             self.counted = true;
             self.st
                 .metrics
-                .e2e
-                .observe((now - self.arrival).as_secs_f64());
-            self.st
-                .metrics
-                .requests
-                .with_label_values(&[self.outcome()])
-                .inc();
+                .finished(self.outcome(), Some((now - self.arrival).as_secs_f64()));
         }
         if self.stream && self.done() && self.include_usage {
             let mut u = self.base("chunk");

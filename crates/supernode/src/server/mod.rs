@@ -269,6 +269,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ),
     );
     let max_model_len = engine.max_model_len();
+    let metrics = Metrics::new(
+        &model_id,
+        &metrics::CacheInfo {
+            num_blocks,
+            prefix_caching: !a.no_prefix_caching,
+        },
+    );
     let state = Arc::new(AppState {
         engine,
         tokenizer,
@@ -276,7 +283,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tooling,
         model_id,
         api_key: a.api_key.clone(),
-        metrics: Metrics::new(),
+        metrics,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

