@@ -57,7 +57,7 @@ pub(super) fn dequantize_q2_k(b: &[u8], y: &mut [f32]) {
 
 /// Q3_K's sixteen scales, unpacked from 12 bytes and offset back to signed (-32..32).
 #[inline(always)]
-fn q3_k_scales(s: &[u8]) -> [i32; 16] {
+pub(crate) fn q3_k_scales(s: &[u8]) -> [i32; 16] {
     std::array::from_fn(|j| {
         let low = if j < 8 { s[j] & 0xF } else { s[j - 8] >> 4 };
         let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;

@@ -17,6 +17,7 @@
 
 mod float;
 mod kquants;
+pub(crate) use kquants::q3_k_scales;
 mod legacy;
 
 use crate::dtype::DType;

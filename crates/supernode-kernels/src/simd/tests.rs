@@ -603,11 +603,11 @@ fn avx512_row_kernels_equal_scalar_dequantise_then_dot_on_edge_rows() {
 }
 
 #[test]
-fn fused_kernels_cover_the_real_models_formats() {
+fn fused_kernels_cover_every_weight_format() {
     if isa() == Isa::Scalar {
         return;
     }
-    for dtype in [DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::F16] {
+    for dtype in ALL_DTYPES {
         assert!(row_kernels(dtype).is_some(), "{}", dtype.name());
     }
 }

@@ -280,6 +280,124 @@ unsafe fn decode_q4_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     }
 }
 
+/// The 2-bit fields at bit `2 j` of the 32 bytes `q` (`j` in 0..4), as bytes 0..4.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn two_bits(q: __m256i, j: usize) -> __m256i {
+    let q = match j {
+        0 => q,
+        1 => _mm256_srli_epi16::<2>(q),
+        2 => _mm256_srli_epi16::<4>(q),
+        _ => _mm256_srli_epi16::<6>(q),
+    };
+    _mm256_and_si256(q, _mm256_set1_epi8(3))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    for (i, b) in row.chunks_exact(84).enumerate() {
+        let (d, dmin) = (
+            f16_scalar(b.as_ptr().add(80)),
+            f16_scalar(b.as_ptr().add(82)),
+        );
+        for n in 0..2 {
+            let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * n).cast());
+            for j in 0..4 {
+                // Elements 0..16 take the first scale byte, 16..32 the second.
+                let q = u8x32_to_f32(two_bits(qs, j));
+                let (s0, s1) = (b[8 * n + 2 * j], b[8 * n + 2 * j + 1]);
+                let dl = |s: u8| _mm256_set1_ps(d * (s & 0xF) as f32);
+                let ml = |s: u8| _mm256_set1_ps(dmin * (s >> 4) as f32);
+                f(
+                    QK_K * i + 128 * n + 32 * j,
+                    [
+                        _mm256_sub_ps(_mm256_mul_ps(q[0], dl(s0)), ml(s0)),
+                        _mm256_sub_ps(_mm256_mul_ps(q[1], dl(s0)), ml(s0)),
+                        _mm256_sub_ps(_mm256_mul_ps(q[2], dl(s1)), ml(s1)),
+                        _mm256_sub_ps(_mm256_mul_ps(q[3], dl(s1)), ml(s1)),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q3_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let four = _mm256_set1_epi8(4);
+    for (i, b) in row.chunks_exact(110).enumerate() {
+        let scales = crate::quant::q3_k_scales(&b[96..108]);
+        let d = f16_scalar(b.as_ptr().add(108));
+        let hmask = _mm256_loadu_si256(b.as_ptr().cast());
+        for n in 0..2 {
+            let qs = _mm256_loadu_si256(b.as_ptr().add(32 + 32 * n).cast());
+            for j in 0..4 {
+                // low - 4 where the high bit is clear.
+                let m = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, m), _mm256_setzero_si256());
+                let q = _mm256_sub_epi8(two_bits(qs, j), _mm256_and_si256(clear, four));
+                let q = i8x32_to_f32(q);
+                let dl = |h: usize| _mm256_set1_ps(d * scales[8 * n + 2 * j + h] as f32);
+                f(
+                    QK_K * i + 128 * n + 32 * j,
+                    [
+                        _mm256_mul_ps(q[0], dl(0)),
+                        _mm256_mul_ps(q[1], dl(0)),
+                        _mm256_mul_ps(q[2], dl(1)),
+                        _mm256_mul_ps(q[3], dl(1)),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+/// 0x10 in each byte of `qh` whose bit `bit` is set (the fifth bit of a Q5_K value).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn fifth_bit(qh: __m256i, bit: u32) -> __m256i {
+    let m = _mm256_set1_epi8((1u8 << bit) as i8);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q5_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (i, b) in row.chunks_exact(176).enumerate() {
+        let (d, dmin) = (f16_scalar(b.as_ptr()), f16_scalar(b.as_ptr().add(2)));
+        let scales = &b[4..16];
+        let qh = _mm256_loadu_si256(b.as_ptr().add(16).cast());
+        for c in 0..4 {
+            let q = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c).cast());
+            let halves = [
+                _mm256_or_si256(_mm256_and_si256(q, m4), fifth_bit(qh, 2 * c as u32)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+                    fifth_bit(qh, 2 * c as u32 + 1),
+                ),
+            ];
+            for (h, q) in halves.into_iter().enumerate() {
+                let (sc, m) = scale_min_k4(2 * c + h, scales);
+                let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
+                let dm = _mm256_set1_ps(dmin * m as f32);
+                f(
+                    QK_K * i + 64 * c + 32 * h,
+                    [
+                        _mm256_sub_ps(q[0], dm),
+                        _mm256_sub_ps(q[1], dm),
+                        _mm256_sub_ps(q[2], dm),
+                        _mm256_sub_ps(q[3], dm),
+                    ],
+                );
+            }
+        }
+    }
+}
+
 /// The 6-bit quants of half `n` (0 or 1) of the Q6_K block at `p`, as four vectors of 32
 /// unsigned bytes (0..64) in element order: ggml's `ql`/`qh` interleave undone.
 #[target_feature(enable = "avx2")]
@@ -377,6 +495,9 @@ block_kernels!(q5_0, decode_q5_0);
 block_kernels!(q5_1, decode_q5_1);
 block_kernels!(q8_0, decode_q8_0);
 block_kernels!(q4_k, decode_q4_k);
+block_kernels!(q2_k, decode_q2_k);
+block_kernels!(q3_k, decode_q3_k);
+block_kernels!(q5_k, decode_q5_k);
 block_kernels!(q6_k, decode_q6_k);
 
 /// As [`block_kernels`], for plain floats: the tail past the last 32 elements goes through
@@ -478,7 +599,9 @@ pub(crate) fn row_kernels(dtype: DType) -> Option<RowKernels> {
         DType::Q5_1 => entry!(DType::Q5_1, q5_1),
         DType::Q8_0 => entry!(DType::Q8_0, q8_0),
         DType::Q4K => entry!(DType::Q4K, q4_k),
+        DType::Q2K => entry!(DType::Q2K, q2_k),
+        DType::Q3K => entry!(DType::Q3K, q3_k),
+        DType::Q5K => entry!(DType::Q5K, q5_k),
         DType::Q6K => entry!(DType::Q6K, q6_k),
-        DType::Q2K | DType::Q3K | DType::Q5K => return None,
     })
 }
