@@ -120,25 +120,26 @@ def llamacpp_isa_flags():
     return ["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v in flags else 'OFF'}" for k, v in wanted.items()]
 
 
-def build(name, src, build_dir, configure):
-    """Configures and builds `llama-bench` and `llama-server` from `src` into `build_dir` unless
-    both exist; returns their paths and the build record (flags, seconds, date) kept beside them."""
+def build(name, src, build_dir, configure, serve):
+    """Configures and builds `llama-bench` (and `llama-server` when `serve`) from `src` into
+    `build_dir` unless they exist; returns their paths and the build record (flags, seconds,
+    date) kept beside them."""
     bindir = build_dir / "bin"
     bench, server = bindir / "llama-bench", bindir / "llama-server"
     record = build_dir / "bench_peers_build.json"
-    if bench.exists() and server.exists():
+    targets = ["llama-bench", "llama-server"] if serve else ["llama-bench"]
+    if all((bindir / t).exists() for t in targets):
         info = json.loads(record.read_text()) if record.exists() else {"seconds": None}
         say(f"{name}: using the build in {build_dir}")
         return bench, server, info
     cm = cmake()
-    say(f"{name}: building llama-bench and llama-server in {build_dir} (-j2; several minutes on 2 cores)")
+    say(f"{name}: building {' and '.join(targets)} in {build_dir} (-j2; tens of minutes on 2 busy cores)")
     t0 = time.time()
     log = build_dir.parent / f"{build_dir.name}.log"
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         for step in ([cm, "-S", str(src), "-B", str(build_dir), *configure],
-                     [cm, "--build", str(build_dir), "--target", "llama-bench", "llama-server",
-                      "-j", "2"]):
+                     [cm, "--build", str(build_dir), "--target", *targets, "-j", "2"]):
             say("$ " + " ".join(step))
             p = subprocess.Popen(step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             last = 0.0
@@ -151,13 +152,13 @@ def build(name, src, build_dir, configure):
                 raise BenchError(f"{name}: build step failed (exit {p.returncode}); see {log}")
     info = {"seconds": round(time.time() - t0), "configure": configure,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cpu": cpu_name(), "jobs": 2}
+            "cpu": cpu_name(), "jobs": 2, "targets": targets}
     record.write_text(json.dumps(info, indent=2))
     say(f"{name}: built in {info['seconds']} s")
     return bench, server, info
 
 
-def ensure_llamacpp():
+def ensure_llamacpp(serve):
     """llama.cpp as vendored in the llama-cpp-python sdist (fetched with pip download once)."""
     sdists = CACHE / "sdists"
     sdist = sdists / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -178,7 +179,7 @@ def ensure_llamacpp():
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
     bench, server, info = build("llama.cpp", src, CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}-noamx" / "build",
-                                configure)
+                                configure, serve)
     return {"bench": bench, "server": server, "build": info,
             "version": f"llama-cpp-python {LLAMA_CPP_PYTHON} (vendored llama.cpp)"}
 
@@ -229,7 +230,7 @@ def export_tree(git_dir, dest):
     return missing
 
 
-def ensure_ik(git_dir):
+def ensure_ik(git_dir, serve):
     """ik_llama.cpp at the HEAD of a local clone or mirror, under ik_llama.cpp-<commit12>."""
     if not Path(git_dir).exists():
         raise BenchError(f"ik_llama.cpp: no git directory at {git_dir}; clone ik_llama.cpp "
@@ -250,7 +251,7 @@ def ensure_ik(git_dir):
                  f"-DCMAKE_CXX_FLAGS={NO_AMX}", "-DLLAMA_CURL=OFF", "-DGGML_CURL=OFF",
                  "-DLLAMA_SERVER_SSL=OFF", "-DLLAMA_SERVER_SQLITE3=OFF", "-DGGML_CCACHE=OFF",
                  "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_IQK_FA_ALL_QUANTS=OFF"]
-    bench, server, info = build("ik_llama.cpp", src, base / "build", configure)
+    bench, server, info = build("ik_llama.cpp", src, base / "build", configure, serve)
     help_text = subprocess.run([str(bench), "--help"], capture_output=True, text=True).stdout
     for flag in ("-rtr", "-fmoe", "-gp"):
         if flag not in help_text:
@@ -704,9 +705,9 @@ def run_all(a, concurrencies):
     models = {name: model_path(name) for name in a.models.split(",")}
     peers = {}
     if not a.skip_llamacpp:
-        peers["llama.cpp"] = ensure_llamacpp()
+        peers["llama.cpp"] = ensure_llamacpp(a.serve)
     if not a.skip_ik:
-        peers["ik_llama.cpp"] = ensure_ik(a.ik_git_dir)
+        peers["ik_llama.cpp"] = ensure_ik(a.ik_git_dir, a.serve)
     sn = supernode_bin(a.supernode)
     load0 = os.getloadavg()
     if load0[0] > 3:
