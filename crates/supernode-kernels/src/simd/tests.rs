@@ -9,7 +9,7 @@ use crate::cpu::scalar::{
     dot_f32_scalar, dot_rows_scalar, exp_sum_scalar, scale_round_scalar, weighted_rows_scalar,
 };
 use crate::cpu::{isa, kernels_of, Isa, Kernels};
-use crate::dtype::{DType, ALL_DTYPES};
+use crate::dtype::ALL_DTYPES;
 use crate::quant::tests::{edge_rows, Rng};
 use crate::quant::{dequantize_row, quantize_row};
 

@@ -249,37 +249,6 @@ unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn decode_q4_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    let m4 = _mm256_set1_epi8(0x0F);
-    for (i, b) in row.chunks_exact(144).enumerate() {
-        let (d, dmin) = (f16_scalar(b.as_ptr()), f16_scalar(b.as_ptr().add(2)));
-        let scales = &b[4..16];
-        for c in 0..4 {
-            let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * c).cast());
-            let halves = [
-                _mm256_and_si256(q, m4),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
-            ];
-            for (h, q) in halves.into_iter().enumerate() {
-                let (sc, m) = scale_min_k4(2 * c + h, scales);
-                let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
-                let dm = _mm256_set1_ps(dmin * m as f32);
-                f(
-                    QK_K * i + 64 * c + 32 * h,
-                    [
-                        _mm256_sub_ps(q[0], dm),
-                        _mm256_sub_ps(q[1], dm),
-                        _mm256_sub_ps(q[2], dm),
-                        _mm256_sub_ps(q[3], dm),
-                    ],
-                );
-            }
-        }
-    }
-}
-
 /// The 2-bit fields at bit `2 j` of the 32 bytes `q` (`j` in 0..4), as bytes 0..4.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -363,23 +332,31 @@ unsafe fn fifth_bit(qh: __m256i, bit: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
+/// Q4_K (`FIVE = false`) or Q5_K (`FIVE = true`: the fifth bits in `qh` at byte 16, the
+/// nibbles from byte 48) rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn decode_q5_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+unsafe fn decode_k<const FIVE: bool>(row: &[u8], mut f: impl FnMut(usize, Acc)) {
+    let (bytes, qs) = if FIVE { (176, 48) } else { (144, 16) };
     let m4 = _mm256_set1_epi8(0x0F);
-    for (i, b) in row.chunks_exact(176).enumerate() {
+    for (i, b) in row.chunks_exact(bytes).enumerate() {
         let (d, dmin) = (f16_scalar(b.as_ptr()), f16_scalar(b.as_ptr().add(2)));
         let scales = &b[4..16];
-        let qh = _mm256_loadu_si256(b.as_ptr().add(16).cast());
+        let qh = match FIVE {
+            true => _mm256_loadu_si256(b.as_ptr().add(16).cast()),
+            false => _mm256_setzero_si256(),
+        };
         for c in 0..4 {
-            let q = _mm256_loadu_si256(b.as_ptr().add(48 + 32 * c).cast());
-            let halves = [
-                _mm256_or_si256(_mm256_and_si256(q, m4), fifth_bit(qh, 2 * c as u32)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
-                    fifth_bit(qh, 2 * c as u32 + 1),
-                ),
+            let q = _mm256_loadu_si256(b.as_ptr().add(qs + 32 * c).cast());
+            let mut halves = [
+                _mm256_and_si256(q, m4),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
             ];
+            if FIVE {
+                for (h, half) in halves.iter_mut().enumerate() {
+                    *half = _mm256_or_si256(*half, fifth_bit(qh, (2 * c + h) as u32));
+                }
+            }
             for (h, q) in halves.into_iter().enumerate() {
                 let (sc, m) = scale_min_k4(2 * c + h, scales);
                 let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
@@ -396,6 +373,18 @@ unsafe fn decode_q5_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
             }
         }
     }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q4_k(row: &[u8], f: impl FnMut(usize, Acc)) {
+    decode_k::<false>(row, f)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn decode_q5_k(row: &[u8], f: impl FnMut(usize, Acc)) {
+    decode_k::<true>(row, f)
 }
 
 /// The 6-bit quants of half `n` (0 or 1) of the Q6_K block at `p`, as four vectors of 32
