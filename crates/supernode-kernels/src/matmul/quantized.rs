@@ -143,15 +143,18 @@ fn matmul_quantized<A: ActBlock>(
             }
             for r0 in rows.clone().step_by(DOT_ROWS) {
                 let n_rows = (r0 + DOT_ROWS).min(rows.end) - r0;
-                for (i, row) in ws[..n_rows].iter_mut().enumerate() {
-                    *row = w.row(r0 + i);
+                let group_bytes = &w.data[r0 * row_bytes..(r0 + n_rows) * row_bytes];
+                for (row, bytes) in ws.iter_mut().zip(group_bytes.chunks_exact(row_bytes)) {
+                    *row = bytes;
                 }
                 let dots = &mut dots[..n_rows * group];
                 dot(&ws[..n_rows], &ys[..group], dots);
-                for (k, v) in dots.iter().enumerate() {
-                    let (r, t) = (r0 + k / group, t0 + k % group);
-                    // SAFETY: as in `Tile::store`: this task's (row, token) range is its own.
-                    unsafe { out.write(t * w.rows + r, *v) }
+                for (i, row_dots) in dots.chunks_exact(group).enumerate() {
+                    for (j, v) in row_dots.iter().enumerate() {
+                        // SAFETY: as in `Tile::store`: this task's (row, token) range is its
+                        // own.
+                        unsafe { out.write((t0 + j) * w.rows + r0 + i, *v) }
+                    }
                 }
             }
         }

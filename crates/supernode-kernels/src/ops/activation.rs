@@ -22,7 +22,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// llama.cpp's GELU table: `f16(gelu(v))` for every f16 `v` (by its bits), with
 /// `gelu(v) = 0.5 v (1 + tanh(sqrt(2/pi) v (1 + 0.044715 v²)))` in f32.
-static GELU_TABLE: std::sync::LazyLock<Box<[f32]>> = std::sync::LazyLock::new(|| {
+pub(crate) static GELU_TABLE: std::sync::LazyLock<Box<[f32]>> = std::sync::LazyLock::new(|| {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044715;
     (0..=u16::MAX)

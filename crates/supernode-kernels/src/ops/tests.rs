@@ -404,16 +404,37 @@ fn glu_of_the_table_gelu_is_the_scalar_lookup() {
 }
 
 /// `act.glu` of `x` and `up` equals `act.apply(x) * up` value by value, bit for bit (any
-/// NaN for NaN).
+/// NaN for NaN), and so does every level's vector kernel on the values it takes.
 fn assert_glu_is_scalar(act: Activation, x: &[f32], up: &[f32]) {
+    let check = |got: &[f32], what: &str| {
+        for ((&x, &u), &got) in x.iter().zip(up).zip(got) {
+            let want = act.apply(x) * u;
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{act:?} {what} x = {x}: {got} vs {want}"
+            );
+        }
+    };
     let mut got = x.to_vec();
     act.glu(&mut got, up);
-    for ((&x, &u), &got) in x.iter().zip(up).zip(&got) {
-        let want = act.apply(x) * u;
-        assert!(
-            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-            "{act:?} x = {x}: {got} vs {want}"
-        );
+    check(&got, "glu");
+    for isa in crate::cpu::Isa::ALL {
+        let Some(k) = crate::cpu::kernels_of(isa) else {
+            continue;
+        };
+        let mut got = x.to_vec();
+        // SAFETY: `kernels_of` hands out only the levels this CPU has; the lengths are equal
+        // and the table is the activation's own.
+        let done = unsafe {
+            match (act, k.glu_silu, k.glu_gelu_table) {
+                (Activation::Silu, Some(glu), _) => glu(&mut got, up),
+                (Activation::GeluF16Table, _, Some(glu)) => {
+                    glu(&mut got, up, &super::activation::GELU_TABLE)
+                }
+                _ => 0,
+            }
+        };
+        check(&got[..done], &format!("{isa:?}"));
     }
 }
 

@@ -1,7 +1,7 @@
 //! AVX2 (with FMA and F16C) kernels and their table, [`KERNELS`].
 //!
 //! - [`dot`]: f32 dots and the attention row kernels;
-//! - [`softmax`]: the softmax steps;
+//! - [`elementwise`]: the softmax steps and the gated activations;
 //! - [`rows`]: fused "dequantise and dot" row kernels;
 //! - [`quantize`]: llama.cpp's activation quantisers;
 //! - [`qdot`]: integer tile kernels of the quantised weight types.
@@ -20,11 +20,11 @@ use crate::qdot::blocks::QuantKernel;
 use crate::qdot::reference::scalar_kernel;
 
 pub(super) mod dot;
+pub(super) mod elementwise;
 pub(super) mod gemm;
 pub(super) mod qdot;
 pub(super) mod quantize;
 pub(super) mod rows;
-pub(super) mod softmax;
 
 /// The blocked exact product: segments of one 256-bit register. The AVX-512 table uses it too
 /// (its f32 dots are this shape exactly).
@@ -45,10 +45,10 @@ pub(super) const KERNELS: Kernels = Kernels {
     weighted_rows_f32: dot::weighted_rows_avx2,
     weighted_rows_f16: dot::weighted_rows_f16_avx2,
     scale_max: super::scalar::scale_max_scalar,
-    exp_sum: softmax::exp_sum,
-    scale_round: softmax::scale_round,
-    glu_silu: None,
-    glu_gelu_table: None,
+    exp_sum: elementwise::exp_sum,
+    scale_round: elementwise::scale_round,
+    glu_silu: Some(elementwise::glu_silu),
+    glu_gelu_table: Some(elementwise::glu_gelu_table),
     row_kernels: rows::row_kernels,
     quantize_q8_0: quantize::quantize_q8_0,
     quantize_q8_1: quantize::quantize_q8_1,

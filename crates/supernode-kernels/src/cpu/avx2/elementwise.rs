@@ -1,7 +1,10 @@
-//! AVX2 softmax steps: [`crate::simd::exp_sum`] and [`crate::simd::scale_round`].
+//! AVX2 element-wise kernels: the softmax steps ([`crate::simd::exp_sum`] and
+//! [`crate::simd::scale_round`]) and the gated activations of SiLU and of the table GELU, 8
+//! values at a time.
 //!
-//! Invariant: the bits of the portable twins in [`crate::cpu::scalar`] (the exponential's
-//! operations lane by lane, the f64 sum in the fixed lanes and tree).
+//! Invariant: the bits of the portable twins in [`crate::cpu::scalar`] and
+//! [`crate::ops::Activation::apply`] (the exponential's operations lane by lane, the f64 sum in
+//! the fixed lanes and tree, each activation as its scalar function computes it).
 
 use std::arch::x86_64::*;
 
@@ -39,6 +42,50 @@ unsafe fn exp8(x: __m256) -> __m256 {
         )))
     };
     _mm256_mul_ps(_mm256_mul_ps(y, pow2(n1)), pow2(_mm256_sub_epi32(ni, n1)))
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` over whole vectors of 8, with `silu(x) = x / (1 +
+/// exp_f32(-x))` (each step as the scalar [`crate::ops::silu`] does it); returns how many
+/// values it did.
+///
+/// # Safety
+/// AVX2 and FMA; `up.len() >= gate.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn glu_silu(gate: &mut [f32], up: &[f32]) -> usize {
+    let n = gate.len() / 8 * 8;
+    let one = _mm256_set1_ps(1.0);
+    for i in (0..n).step_by(8) {
+        let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        let u = _mm256_loadu_ps(up.as_ptr().add(i));
+        _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(silu, u));
+    }
+    n
+}
+
+/// The table GELU's [`crate::ops::Activation::glu`] over whole vectors of 8 values; returns how
+/// many values it did. Per value: `f16(x)` rounded to nearest even (as `half` rounds), the
+/// table entry at its bits, then 0 where `x <= -10` and `x` where `x >= 10`, times `up`.
+///
+/// # Safety
+/// AVX2 and F16C; `up.len() >= gate.len()`; `table` has 65,536 entries.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn glu_gelu_table(gate: &mut [f32], up: &[f32], table: &[f32]) -> usize {
+    assert_eq!(table.len(), 1 << 16);
+    let n = gate.len() / 8 * 8;
+    let (lo, hi) = (_mm256_set1_ps(-10.0), _mm256_set1_ps(10.0));
+    for i in (0..n).step_by(8) {
+        let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+        let bits = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+        let idx = _mm256_cvtepu16_epi32(bits);
+        let t = _mm256_i32gather_ps::<4>(table.as_ptr(), idx);
+        let t = _mm256_blendv_ps(t, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LE_OQ>(x, lo));
+        let t = _mm256_blendv_ps(t, x, _mm256_cmp_ps::<_CMP_GE_OQ>(x, hi));
+        let u = _mm256_loadu_ps(up.as_ptr().add(i));
+        _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(t, u));
+    }
+    n
 }
 
 /// [`crate::simd::exp_sum`]: 16 positions per step into 16 f64 lanes; the last, partial step
