@@ -1,15 +1,17 @@
 """A local mock of the Hub's HTTP routes that hf-hub's client calls, for tests/python/test_hub.py.
 
-Routes (as hf-hub 0.4 calls them):
-- `GET /api/models/{org}/{repo}/revision/main`: `{"sha": COMMIT, "siblings": [{"rfilename": ..}]}`.
-- `GET /{org}/{repo}/resolve/main/{file}`: the file, honouring `Range: bytes=A-` and `bytes=A-B`
+Routes (as hf-hub 0.4 calls them; REV is `main` or another revision of the repository, URL-escaped):
+- `GET /api/models/{org}/{repo}/revision/{REV}`: `{"sha": COMMIT, "siblings": [{"rfilename": ..}]}`.
+- `GET /{org}/{repo}/resolve/{REV}/{file}`: the file, honouring `Range: bytes=A-` and `bytes=A-B`
   (206 with `Content-Range`), with `ETag` (the SHA-256 of the file, as the Hub gives for large
   files), `X-Repo-Commit` and `Content-Length`. hf-hub first asks for `bytes=0-0` to learn the
   size, ETag and commit, then for `bytes=START-`.
 
 A repository may be gated: without `Authorization: Bearer <token>` it answers 401. A file may be
 set to break: the next `drops[file]` downloads of it stop after `drop_after` bytes, the
-connection closed mid-body. Every request is logged as (method, path, Range header).
+connection closed mid-body. A file in `stalls` sends its headers and first bytes and then nothing
+for `stall_secs`; a repository in `stall_info` answers its file list only after `stall_secs`.
+Every request is logged as (method, path, Range header).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import hashlib
 import json
 import re
 import threading
+import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,17 +32,27 @@ CHUNK = 1 << 16
 
 @dataclass
 class MockRepo:
-    files: dict[str, Path]  # repo file name -> local file with its bytes
+    files: dict[str, Path]  # repo file name -> local file with its bytes (revision `main`)
     token: str | None = None  # gated: this bearer token is required
+    revisions: dict[str, dict[str, Path]] = field(default_factory=dict)  # other revisions' files
     sha256: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, path in self.files.items():
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self.sha256[name] = h.hexdigest()
+        for files in [self.files, *self.revisions.values()]:
+            for path in files.values():
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                self.sha256[str(path)] = h.hexdigest()
+
+    def at(self, rev: str) -> tuple[str, dict[str, Path]] | None:
+        """The commit and files of revision `rev`, or None if there is no such revision."""
+        if rev == "main":
+            return COMMIT, self.files
+        if rev in self.revisions:
+            return hashlib.sha1(rev.encode()).hexdigest(), self.revisions[rev]
+        return None
 
 
 class MockHub:
@@ -47,6 +61,9 @@ class MockHub:
         self.log: list[tuple[str, str, str | None]] = []
         self.drops: dict[str, int] = {}
         self.drop_after = 1 << 20
+        self.stalls: set[str] = set()
+        self.stall_info: set[str] = set()
+        self.stall_secs = 30.0
         self.lock = threading.Lock()
         hub = self
 
@@ -72,9 +89,9 @@ class MockHub:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def ranges(self, file: str) -> list[str | None]:
-        """The Range headers of the downloads of `file`, in order."""
-        return [r for (_, p, r) in self.log if p.endswith("/resolve/main/" + file)]
+    def ranges(self, file: str, rev: str = "main") -> list[str | None]:
+        """The Range headers of the downloads of `file` at revision `rev`, in order."""
+        return [r for (_, p, r) in self.log if p.endswith(f"/resolve/{rev}/{file}")]
 
     @staticmethod
     def reply(h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str = "application/json") -> None:
@@ -97,28 +114,36 @@ class MockHub:
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         with self.lock:
             self.log.append(("GET", h.path, h.headers.get("Range")))
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/main", h.path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", h.path)
         if m:
             repo = self.repo_of(h, m.group(1))
-            if repo is not None:
-                body = {"id": m.group(1), "sha": COMMIT, "siblings": [{"rfilename": f} for f in repo.files]}
-                self.reply(h, 200, json.dumps(body).encode())
+            if repo is None:
+                return
+            if m.group(1) in self.stall_info:
+                time.sleep(self.stall_secs)
+            found = repo.at(urllib.parse.unquote(m.group(2)))
+            if found is None:
+                self.reply(h, 404, b'{"error": "Invalid rev id"}')
+                return
+            commit, files = found
+            body = {"id": m.group(1), "sha": commit, "siblings": [{"rfilename": f} for f in files]}
+            self.reply(h, 200, json.dumps(body).encode())
             return
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/main/(.+)", h.path)
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", h.path)
         if not m:
             self.reply(h, 404, b'{"error": "no such route"}')
             return
         repo = self.repo_of(h, m.group(1))
         if repo is None:
             return
-        name = m.group(2)
-        if name not in repo.files:
+        found = repo.at(urllib.parse.unquote(m.group(2)))
+        name = m.group(3)
+        if found is None or name not in found[1]:
             self.reply(h, 404, b'{"error": "Entry not found"}')
             return
-        self.send_file(h, repo, name)
+        self.send_file(h, repo, found[1][name], name, found[0])
 
-    def send_file(self, h: BaseHTTPRequestHandler, repo: MockRepo, name: str) -> None:
-        path = repo.files[name]
+    def send_file(self, h: BaseHTTPRequestHandler, repo: MockRepo, path: Path, name: str, commit: str) -> None:
         size = path.stat().st_size
         start, end = 0, size - 1
         rng = h.headers.get("Range")
@@ -143,8 +168,8 @@ class MockHub:
         h.send_response(206 if partial else 200)
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(length))
-        h.send_header("ETag", f'"{repo.sha256[name]}"')
-        h.send_header("X-Repo-Commit", COMMIT)
+        h.send_header("ETag", f'"{repo.sha256[str(path)]}"')
+        h.send_header("X-Repo-Commit", commit)
         h.send_header("Accept-Ranges", "bytes")
         if partial:
             h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -152,6 +177,7 @@ class MockHub:
             h.send_header("Connection", "close")
         h.end_headers()
         limit = min(length, self.drop_after) if drop else length
+        stall = length > 1 and name in self.stalls
         with open(path, "rb") as f:
             f.seek(start)
             sent = 0
@@ -161,6 +187,10 @@ class MockHub:
                     break
                 h.wfile.write(block)
                 sent += len(block)
+                if stall:
+                    h.wfile.flush()
+                    time.sleep(self.stall_secs)
+                    return
         if drop:
             h.wfile.flush()
             h.close_connection = True

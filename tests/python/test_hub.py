@@ -102,8 +102,14 @@ def hub(tmp_path_factory):
             "test-org/resume-GGUF": MockRepo({"smol.Q4_1.gguf": SMOL}),
             "test-org/tiny-llama": MockRepo({**llama, "README.md": readme}),
             "test-org/gated-llama": MockRepo(dict(llama), token="hf_test_secret"),
+            # `main` holds junk under the GGUF's name; revision `v2` the real file.
+            "test-org/rev-GGUF": MockRepo({"smol-Q4_K_M.gguf": junk["Q8_0"]}, revisions={"v2": {"smol-Q4_K_M.gguf": SMOL}}),
+            "test-org/stall-GGUF": MockRepo({"stall.Q4_1.gguf": SMOL}),
+            "test-org/slow-list": MockRepo(dict(llama)),
         }
     )
+    mock.stalls.add("stall.Q4_1.gguf")
+    mock.stall_info.add("test-org/slow-list")
     yield mock
     mock.close()
 
@@ -239,6 +245,55 @@ def test_offline_without_the_cache_says_what_is_missing(env):
     assert "HF_HUB_OFFLINE" in line and "cache" in line, line
     line = one_line_error(supernode("run", "--model", "test-org/tiny-llama", *TOKENS, env={**env, "HF_ENDPOINT": dead_endpoint()}))
     assert "could not reach" in line and "HF_HUB_OFFLINE" in line, line
+
+
+def test_a_revision_downloads_that_revision_and_is_cached_apart(hub, env, reference):
+    hub.log.clear()
+    p = supernode("run", "--model", "test-org/rev-GGUF@v2", *PROMPT, env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == reference["smol"]
+    assert hub.ranges("smol-Q4_K_M.gguf", rev="v2") and not hub.ranges("smol-Q4_K_M.gguf")
+    assert any(path.endswith("/revision/v2") for (_, path, _) in hub.log), hub.log
+    # `main` is another commit with other bytes under the same name.
+    p = supernode("fetch", "test-org/rev-GGUF", env=env)
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.strip()).read_bytes() == b"GGUF junk Q8_0"
+    # Offline, each revision comes from its own snapshot.
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    p = supernode("run", "--model", "test-org/rev-GGUF@v2:Q4_K_M", *PROMPT, env=offline)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == reference["smol"]
+    p = supernode("fetch", "test-org/rev-GGUF", env=offline)
+    assert p.returncode == 0 and Path(p.stdout.strip()).read_bytes() == b"GGUF junk Q8_0", p.stderr
+
+
+def test_an_unknown_revision_is_a_one_line_404(env):
+    line = one_line_error(supernode("run", "--model", "test-org/rev-GGUF@v9", *PROMPT, env=env))
+    assert "not found" in line and "revision v9" in line, line
+
+
+def test_a_stalled_download_gives_up_and_keeps_its_part_file(hub, env):
+    import time
+
+    t0 = time.monotonic()
+    p = supernode("run", "--model", "test-org/stall-GGUF", *PROMPT, env={**env, "HF_HUB_DOWNLOAD_TIMEOUT": "2"})
+    took = time.monotonic() - t0
+    line = one_line_error(p)
+    assert "HF_HUB_DOWNLOAD_TIMEOUT" in line and "stall.Q4_1.gguf" in line and "again" in line, line
+    assert took < hub.stall_secs, took
+    (part,) = list(Path(env["HF_HOME"]).rglob("*.part"))
+    assert 0 < part.stat().st_size < SMOL.stat().st_size
+
+
+def test_a_stalled_file_list_gives_up(hub, env):
+    import time
+
+    t0 = time.monotonic()
+    p = supernode("run", "--model", "test-org/slow-list", *TOKENS, env={**env, "HF_HUB_ETAG_TIMEOUT": "2"})
+    took = time.monotonic() - t0
+    line = one_line_error(p)
+    assert "could not reach" in line and "test-org/slow-list" in line, line
+    assert took < hub.stall_secs, took
 
 
 def test_an_existing_relative_path_with_a_slash_is_still_a_path(env, reference):

@@ -45,7 +45,7 @@ enum Command {
     /// Measure speed (prefill and decode, or a server under load with --serve) as JSON.
     Bench(crate::bench::BenchArgs),
     /// Download a model into the cache: a known name (smollm2-135m, gemma3-270m, qwen2.5-0.5b)
-    /// or a Hub name (org/repo[:QUANT]); prints its local path.
+    /// or a Hub name (org/repo[@REV][:QUANT]); prints its local path.
     Fetch {
         /// The model's short name or Hub name.
         name: String,
@@ -148,7 +148,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 (None, None) => {
                     let names: Vec<_> = fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
                     bail!(
-                        "unknown model `{name}`: give a Hub name (org/repo[:QUANT]) or a known \
+                        "unknown model `{name}`: give a Hub name (org/repo[@REV][:QUANT]) or a known \
                          name ({})",
                         names.join(", ")
                     )

@@ -102,7 +102,7 @@ fn known_names() -> String {
 }
 
 /// Resolves `--model`: an existing file or directory, a short name (fetched if missing), or a
-/// Hub name `org/repo[:QUANT]` (see `hub`).
+/// Hub name `org/repo[@REV][:QUANT]` (see `hub`).
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.exists() {
@@ -115,7 +115,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         return crate::hub::resolve(&hub);
     }
     bail!(
-        "`{spec}` is neither a model file, a model directory, a Hub name (org/repo[:QUANT]) nor a \
+        "`{spec}` is neither a model file, a model directory, a Hub name (org/repo[@REV][:QUANT]) nor a \
          known model name (known: {})",
         known_names()
     )

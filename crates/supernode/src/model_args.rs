@@ -18,7 +18,7 @@ use crate::fetch;
 pub(crate) struct ModelArgs {
     /// A .gguf file, a directory with config.json + *.safetensors, a short name
     /// (smollm2-135m, gemma3-270m, qwen2.5-0.5b) fetched into the cache on first use, or a Hub name
-    /// org/repo[:QUANT] (a GGUF chosen by quant tag, or a safetensors repository).
+    /// org/repo[@REV][:QUANT] (a GGUF chosen by quant tag, or a safetensors repository).
     #[arg(long, short = 'm')]
     pub(crate) model: String,
     /// Worker threads (default: all cores).

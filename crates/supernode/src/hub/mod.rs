@@ -1,4 +1,7 @@
-//! Models from the Hub: `--model org/repo[:QUANT]` (and `supernode fetch org/repo[:QUANT]`).
+//! Models from the Hub: `--model org/repo[@REVISION][:QUANT]` (and `supernode fetch ...`).
+//!
+//! `@REVISION` names a branch, tag or commit (default `main`), as `--revision` does for vLLM
+//! and `revision=` for transformers.
 //!
 //! The repository's file list decides what to download ([`select`]): one GGUF chosen by its
 //! quant tag (a split set downloaded whole and joined, [`join`]), or a safetensors directory
@@ -18,15 +21,23 @@
 //!   process killed between the last byte and the rename, gets HTTP 416 from the Hub: the
 //!   message says to delete it.) A file whose ETag is a SHA-256 (the Hub's ETag of a
 //!   large file) is checked against it after a download; a mismatch deletes it.
+//! - Nothing waits forever: the repository's file list is one request bounded by
+//!   `HF_HUB_ETAG_TIMEOUT` seconds, and a download gives up after `HF_HUB_DOWNLOAD_TIMEOUT`
+//!   seconds without a byte (both default to 10, as in `huggingface_hub`), keeping its part
+//!   file for the next run.
 
 mod join;
 mod select;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
-use hf_hub::{Cache, Repo};
+use hf_hub::api::{Progress, RepoInfo};
+use hf_hub::{Cache, Repo, RepoType};
 use sha2::{Digest, Sha256};
 
 use crate::fetch::cache_dir;
@@ -36,10 +47,12 @@ use select::Plan;
 /// Resumed attempts of one interrupted file download within a run.
 const RETRIES: usize = 3;
 
-/// `org/repo` and the optional quant tag of `org/repo:QUANT`.
+/// `org/repo`, the optional revision of `org/repo@REV` and the optional quant tag of
+/// `org/repo:QUANT`.
 #[derive(Debug, PartialEq)]
 pub(crate) struct HubSpec {
     pub(crate) repo: String,
+    pub(crate) revision: Option<String>,
     pub(crate) quant: Option<String>,
 }
 
@@ -51,21 +64,151 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// A branch, tag or commit: names separated by `/` (`refs/pr/1`).
+fn valid_revision(s: &str) -> bool {
+    s.split('/').all(valid_name)
+}
+
 impl HubSpec {
-    /// `org/repo[:QUANT]`, or `None` for anything else (a path, a short name).
+    /// `org/repo[@REV][:QUANT]`, or `None` for anything else (a path, a short name).
     pub(crate) fn parse(spec: &str) -> Option<HubSpec> {
-        let (repo, quant) = match spec.split_once(':') {
+        let (head, quant) = match spec.split_once(':') {
             Some((r, q)) => (r, Some(q)),
             None => (spec, None),
         };
+        let (repo, revision) = match head.split_once('@') {
+            Some((r, v)) => (r, Some(v)),
+            None => (head, None),
+        };
         let (org, name) = repo.split_once('/')?;
-        if !valid_name(org) || !valid_name(name) || quant.is_some_and(|q| !valid_name(q)) {
+        if !valid_name(org)
+            || !valid_name(name)
+            || quant.is_some_and(|q| !valid_name(q))
+            || revision.is_some_and(|v| !valid_revision(v))
+        {
             return None;
         }
         Some(HubSpec {
             repo: repo.to_owned(),
+            revision: revision.map(str::to_owned),
             quant: quant.map(str::to_owned),
         })
+    }
+
+    /// The repository at its revision, as hf-hub names it.
+    fn handle(&self) -> Repo {
+        let revision = self.revision.clone().unwrap_or_else(|| "main".to_owned());
+        Repo::with_revision(self.repo.clone(), RepoType::Model, revision)
+    }
+
+    /// `org/repo`, or `org/repo@REV`: the name messages use.
+    fn display(&self) -> String {
+        match &self.revision {
+            Some(v) => format!("{}@{v}", self.repo),
+            None => self.repo.clone(),
+        }
+    }
+}
+
+/// Seconds from the environment variable `var` (a positive number), else `default`.
+fn seconds_from_env(var: &str, default: f64) -> Duration {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::from_secs_f64(default), Duration::from_secs_f64)
+}
+
+/// Ends the process when the download it watches has had no byte for
+/// `HF_HUB_DOWNLOAD_TIMEOUT` seconds, until it is dropped. hf-hub's client has no read
+/// timeout, and models are resolved before anything else runs, so exiting with one line (the
+/// part file kept for the next run) is the clean way out of a stalled connection.
+struct Watchdog {
+    /// When the last byte came.
+    last: Arc<Mutex<Instant>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(what: &str) -> Watchdog {
+        let limit = seconds_from_env("HF_HUB_DOWNLOAD_TIMEOUT", 10.0);
+        let last = Arc::new(Mutex::new(Instant::now()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, st, what) = (last.clone(), stop.clone(), what.to_owned());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100).min(limit / 4));
+                let idle = l.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                if idle >= limit && !st.load(Ordering::Relaxed) {
+                    eprintln!(
+                        "error: no data from {} for {:.0} s while downloading {what} \
+                         (HF_HUB_DOWNLOAD_TIMEOUT): check the network and run the same \
+                         command again; the download resumes where it stopped",
+                        endpoint_name(),
+                        limit.as_secs_f64()
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Watchdog {
+            last,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Data came: the clock starts again.
+    fn feed(last: &Mutex<Instant>) {
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// hf-hub's progress callbacks: keep the watchdog fed, and show how far a download is.
+struct Activity {
+    what: String,
+    last: Arc<Mutex<Instant>>,
+    total: usize,
+    done: usize,
+    shown: Instant,
+}
+
+impl Progress for Activity {
+    fn init(&mut self, size: usize, _filename: &str) {
+        self.total = size;
+        Watchdog::feed(&self.last);
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size;
+        Watchdog::feed(&self.last);
+        if self.shown.elapsed() >= Duration::from_secs(1) && self.total > 0 {
+            self.shown = Instant::now();
+            let mib = |b: usize| b as f64 / (1 << 20) as f64;
+            status_line(
+                false,
+                &format!(
+                    "downloading {}: {:.0} of {:.0} MiB",
+                    self.what,
+                    mib(self.done.min(self.total)),
+                    mib(self.total)
+                ),
+            );
+        }
+    }
+
+    fn finish(&mut self) {
+        Watchdog::feed(&self.last);
     }
 }
 
@@ -129,13 +272,14 @@ fn unreachable(e: &ApiError) -> bool {
     }
 }
 
-/// The commit `refs/main` of `repo` points to in the cache, and its snapshot directory.
-fn cached_snapshot(cache: &Cache, repo: &str) -> Option<(String, PathBuf)> {
-    let dir = cache
-        .path()
-        .join(Repo::model(repo.to_owned()).folder_name());
-    let commit = std::fs::read_to_string(dir.join("refs").join("main")).ok()?;
-    let commit = commit.trim().to_owned();
+/// The commit the revision of `repo` points to in the cache (`refs/<revision>`, or the
+/// revision itself when it is a commit with a snapshot), and its snapshot directory.
+fn cached_snapshot(cache: &Cache, repo: &Repo) -> Option<(String, PathBuf)> {
+    let dir = cache.path().join(repo.folder_name());
+    let commit = match std::fs::read_to_string(dir.join("refs").join(repo.revision())) {
+        Ok(c) => c.trim().to_owned(),
+        Err(_) => repo.revision().to_owned(),
+    };
     let snap = dir.join("snapshots").join(&commit);
     snap.is_dir().then_some((commit, snap))
 }
@@ -159,7 +303,9 @@ fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) {
 
 /// Where one model's files come from: the Hub (through the cache) or the cache alone.
 struct Source {
-    repo: String,
+    /// `org/repo[@REV]`, for messages.
+    name: String,
+    repo: Repo,
     cache: Cache,
     api: Option<ApiRepo>,
 }
@@ -167,8 +313,8 @@ struct Source {
 impl Source {
     /// The local path of `file`, downloading it if it is not cached.
     fn get(&self, file: &str) -> Result<PathBuf> {
-        let what = format!("{}/{file}", self.repo);
-        if let Some(p) = self.cache.model(self.repo.clone()).get(file) {
+        let what = format!("{}/{file}", self.name);
+        if let Some(p) = self.cache.repo(self.repo.clone()).get(file) {
             return Ok(p);
         }
         let Some(api) = &self.api else {
@@ -183,7 +329,17 @@ impl Source {
         // because it reports failure even when its last attempt succeeds.
         let mut attempt = 0;
         let path = loop {
-            match api.download(file) {
+            let watchdog = Watchdog::start(&what);
+            let activity = Activity {
+                what: what.clone(),
+                last: watchdog.last.clone(),
+                total: 0,
+                done: 0,
+                shown: Instant::now(),
+            };
+            let result = api.download_with_progress(file, activity);
+            drop(watchdog);
+            match result {
                 Ok(p) => break p,
                 Err(ApiError::IoError(e)) if attempt < RETRIES => {
                     attempt += 1;
@@ -193,7 +349,7 @@ impl Source {
                     );
                     std::thread::sleep(std::time::Duration::from_millis(500));
                 }
-                Err(e) => return Err(explain(e, &self.repo, &what)),
+                Err(e) => return Err(explain(e, &self.name, &what)),
             }
         };
         check_digest(&path, &what)?;
@@ -227,14 +383,26 @@ fn check_digest(pointer: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The repository's file list and commit, in one request bounded by `HF_HUB_ETAG_TIMEOUT`.
+fn repo_info(api: &ApiRepo) -> Result<RepoInfo, ApiError> {
+    let timeout = seconds_from_env("HF_HUB_ETAG_TIMEOUT", 10.0);
+    let reply = api
+        .info_request()
+        .timeout(timeout)
+        .call()
+        .map_err(Box::new)?;
+    Ok(reply.into_json()?)
+}
+
 /// The local path of the model `spec` names: a GGUF file, or a safetensors directory.
 pub(crate) fn resolve(spec: &HubSpec) -> Result<PathBuf> {
     let cache = Cache::from_env();
-    let repo = &spec.repo;
-    let cached = cached_snapshot(&cache, repo);
+    let name = spec.display();
+    let handle = spec.handle();
+    let cached = cached_snapshot(&cache, &handle);
     let offline_msg = |why: &str| {
         anyhow!(
-            "{why}, and {repo} is not in the Hub cache at {}: download it once online",
+            "{why}, and {name} is not in the Hub cache at {}: download it once online",
             cache.path().display()
         )
     };
@@ -256,8 +424,8 @@ pub(crate) fn resolve(spec: &HubSpec) -> Result<PathBuf> {
         let api = builder
             .build()
             .map_err(|e| anyhow!("cannot set up the Hub client: {e}"))?
-            .model(repo.clone());
-        match api.info() {
+            .repo(handle.clone());
+        match repo_info(&api) {
             Ok(info) => {
                 let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
                 (files, info.sha, Some(api))
@@ -266,7 +434,7 @@ pub(crate) fn resolve(spec: &HubSpec) -> Result<PathBuf> {
                 status_line(
                     true,
                     &format!(
-                        "{} cannot be reached; using the cached files of {repo}",
+                        "{} cannot be reached; using the cached files of {name}",
                         endpoint_name()
                     ),
                 );
@@ -275,11 +443,19 @@ pub(crate) fn resolve(spec: &HubSpec) -> Result<PathBuf> {
                 list_files(&snap, "", &mut files);
                 (files, commit, None)
             }
-            Err(e) => return Err(explain(e, repo, &format!("repository {repo}"))),
+            Err(e) => {
+                let what = match &spec.revision {
+                    Some(v) => format!("repository {} at revision {v}", spec.repo),
+                    None => format!("repository {}", spec.repo),
+                };
+                return Err(explain(e, &name, &what));
+            }
         }
     };
+    let repo = &spec.repo;
     let source = Source {
-        repo: repo.clone(),
+        name: name.clone(),
+        repo: handle,
         cache: cache.clone(),
         api,
     };
@@ -338,9 +514,24 @@ mod tests {
             HubSpec::parse("org/repo-GGUF:q4_k_m"),
             Some(HubSpec {
                 repo: "org/repo-GGUF".into(),
+                revision: None,
                 quant: Some("q4_k_m".into())
             })
         );
+        assert_eq!(
+            HubSpec::parse("org/repo-GGUF@v1.2:Q8_0"),
+            Some(HubSpec {
+                repo: "org/repo-GGUF".into(),
+                revision: Some("v1.2".into()),
+                quant: Some("Q8_0".into())
+            })
+        );
+        let pr = HubSpec::parse("org/repo@refs/pr/7").expect("a pull-request revision");
+        assert_eq!(
+            (pr.revision.as_deref(), pr.quant.as_deref()),
+            (Some("refs/pr/7"), None)
+        );
+        assert_eq!(pr.handle().url_revision(), "refs%2Fpr%2F7");
         assert_eq!(HubSpec::parse("Org_1/Repo.v2").map(|s| s.quant), Some(None));
         for not_hub in [
             "smollm2-135m",
@@ -352,6 +543,12 @@ mod tests {
             "org/repo:",
             "org/../x",
             "~/models",
+            "org/repo@",
+            "org/repo@:Q4_0",
+            "org/repo@a//b",
+            "org/repo@../x",
+            "org/repo@/main",
+            "org/repo@v1@v2",
         ] {
             assert_eq!(HubSpec::parse(not_hub), None, "{not_hub}");
         }
