@@ -176,11 +176,16 @@ pub fn attention_group_at(
     });
 }
 
+/// Positions one task of [`index_scores`] scores: a long context is split over the threads
+/// (a decode step's one query would otherwise score all of it on one).
+const INDEX_CHUNK: usize = 512;
+
 /// DeepSeek Sparse Attention's lightning indexer for one query token: the score of each cached
 /// position `p` of `ctx`, `Σ_h w[h] · relu(scale · q_h · k_p)`, into `out` (`ctx.len()`
 /// values). `q` holds `w.len()` heads of `keys.k_dim` values; `keys` has one key row per token
 /// (one KV head). Each score is computed alone, its heads summed in order: the results do not
-/// depend on the batch or on how the context was chunked.
+/// depend on the batch, on how the context was chunked, or on how it is split over threads
+/// ([`INDEX_CHUNK`] positions per task).
 pub fn index_scores(
     q: &[f32],
     w: &[f32],
@@ -197,6 +202,34 @@ pub fn index_scores(
         m,
         "index_scores: out is not one score per position"
     );
+    if m <= INDEX_CHUNK {
+        return index_scores_range(q, w, keys, block_table, ctx, scale, out);
+    }
+    pool::for_each_chunk_mut(out, INDEX_CHUNK, |task, out| {
+        let start = ctx.start + task * INDEX_CHUNK;
+        index_scores_range(
+            q,
+            w,
+            keys,
+            block_table,
+            start..start + out.len(),
+            scale,
+            out,
+        );
+    });
+}
+
+/// [`index_scores`] on the calling thread (sizes checked by it).
+fn index_scores_range(
+    q: &[f32],
+    w: &[f32],
+    keys: &KvView,
+    block_table: &[u32],
+    ctx: Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (d, g, m) = (keys.k_dim, w.len(), ctx.len());
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch {
             weights,

@@ -591,3 +591,35 @@ fn index_scores_and_top_k() {
     top_k_positions(&[3.0, 1.0], 4, 8, &mut sel);
     assert_eq!(sel, [4, 5]);
 }
+
+/// A long context is scored over the threads in chunks: every score has the bits of the same
+/// position scored in a short call on one thread.
+#[test]
+fn index_scores_split_over_threads_are_the_bits_of_short_calls() {
+    let mut rng = Lcg(11);
+    let (block_size, d, g, n) = (16, 8, 4, 1300usize);
+    let blocks = n.div_ceil(block_size);
+    // A shuffled block table, so that chunk offsets must map through it.
+    let table: Vec<u32> = (0..blocks as u32)
+        .map(|b| (b * 7) % blocks as u32)
+        .collect();
+    let k: Vec<f32> = (0..blocks * block_size * d).map(|_| rng.next()).collect();
+    let q: Vec<f32> = (0..g * d).map(|_| rng.next()).collect();
+    let w: Vec<f32> = (0..g).map(|_| rng.next()).collect();
+    let kv = KvView {
+        k: KvRows::F32(&k),
+        v: KvRows::F32(&k),
+        block_size,
+        n_kv_heads: 1,
+        k_dim: d,
+        v_dim: d,
+    };
+    let ctx = 5..n;
+    let mut long = vec![0.0; ctx.len()];
+    index_scores(&q, &w, &kv, &table, ctx.clone(), 0.3, &mut long);
+    for (i, p) in ctx.enumerate() {
+        let mut one = [0.0];
+        index_scores(&q, &w, &kv, &table, p..p + 1, 0.3, &mut one);
+        assert_eq!(long[i].to_bits(), one[0].to_bits(), "position {p}");
+    }
+}
