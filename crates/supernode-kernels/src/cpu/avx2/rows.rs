@@ -14,26 +14,17 @@ use crate::quant::scale_min_k4;
 use crate::simd::order::{add_tail, LANES};
 use crate::simd::rows::RowKernels;
 
-/// `w * d` per vector.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn scale32(w: Acc, d: __m256) -> Acc {
-    [
-        _mm256_mul_ps(w[0], d),
-        _mm256_mul_ps(w[1], d),
-        _mm256_mul_ps(w[2], d),
-        _mm256_mul_ps(w[3], d),
-    ]
-}
-
-/// The f16 at `p`, broadcast to 8 lanes (exact widening).
+/// The two f16 at `p` (a block's scale and min; blocks with one scale take the first), each
+/// broadcast to 8 lanes (exact widening): one conversion of the pair, then in-lane
+/// duplication, cheaper than two broadcasts and conversions.
 ///
 /// # Safety
-/// AVX2 and F16C; `p` must point at 2 readable bytes.
+/// AVX2 and F16C; `p` must point at 4 readable bytes.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn splat_f16(p: *const u8) -> __m256 {
-    _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
+unsafe fn splat_f16_pair(p: *const u8) -> (__m256, __m256) {
+    let pair = _mm256_cvtph_ps(_mm_set1_epi32(p.cast::<i32>().read_unaligned()));
+    (_mm256_moveldup_ps(pair), _mm256_movehdup_ps(pair))
 }
 
 /// The f16 at `p` as a scalar f32 (exact widening).
@@ -159,33 +150,82 @@ unsafe fn decode_bf16(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
     }
 }
 
+/// Bytes `p[0..8]` zero-extended to 8 lanes.
+///
+/// # Safety
+/// AVX2; `p` must point at 8 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))
+}
+
+/// As [`u8x8`], sign-extending.
+///
+/// # Safety
+/// AVX2; `p` must point at 8 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn i8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))
+}
+
+/// The 32 nibbles of the 16 bytes at `p` as four vectors of 8 lanes, in element order: the low
+/// nibbles of bytes 0..16 (elements 0..16), then the high ones.
+///
+/// # Safety
+/// AVX2; `p` must point at 16 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles32(p: *const u8) -> [__m256i; 4] {
+    let (lo, hi) = (u8x8(p), u8x8(p.add(8)));
+    let m4 = _mm256_set1_epi32(0xF);
+    [
+        _mm256_and_si256(lo, m4),
+        _mm256_and_si256(hi, m4),
+        _mm256_srli_epi32::<4>(lo),
+        _mm256_srli_epi32::<4>(hi),
+    ]
+}
+
+/// The Q4_0 block at `b`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_0_block(b: *const u8) -> Acc {
+    let d = splat_f16_pair(b).0;
+    let eight = _mm256_set1_epi32(8);
+    nibbles32(b.add(2)).map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight)), d))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    let eight = _mm256_set1_epi8(8);
     for (i, b) in row.chunks_exact(18).enumerate() {
-        let d = splat_f16(b.as_ptr());
-        let q = nibbles16(_mm_loadu_si128(b.as_ptr().add(2).cast()));
-        f(32 * i, scale32(i8x32_to_f32(_mm256_sub_epi8(q, eight)), d));
+        f(32 * i, q4_0_block(b.as_ptr()));
     }
+}
+
+/// The Q4_1 block at `b`. `q * d` is exact (a 4-bit integer times an f16), so
+/// `fma(q, d, m)` rounds once, as the scalar `q * d + m` does: the same value, signed zeros
+/// included.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_1_block(b: *const u8) -> Acc {
+    let (d, m) = splat_f16_pair(b);
+    nibbles32(b.add(4)).map(|q| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     for (i, b) in row.chunks_exact(20).enumerate() {
-        let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
-        let q = u8x32_to_f32(nibbles16(_mm_loadu_si128(b.as_ptr().add(4).cast())));
-        let q = scale32(q, d);
-        f(
-            32 * i,
-            [
-                _mm256_add_ps(q[0], m),
-                _mm256_add_ps(q[1], m),
-                _mm256_add_ps(q[2], m),
-                _mm256_add_ps(q[3], m),
-            ],
-        );
+        f(32 * i, q4_1_block(b.as_ptr()));
     }
 }
 
@@ -208,44 +248,64 @@ unsafe fn q5_values(qh: u32, qs: *const u8) -> __m256i {
     _mm256_or_si256(nibbles16(_mm_loadu_si128(qs.cast())), high)
 }
 
+/// The Q5_0 block at `b`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_0_block(b: *const u8) -> Acc {
+    let d = splat_f16_pair(b).0;
+    let qh = b.add(2).cast::<u32>().read_unaligned();
+    let q = _mm256_sub_epi8(q5_values(qh, b.add(6)), _mm256_set1_epi8(16));
+    i8x32_to_f32(q).map(|q| _mm256_mul_ps(q, d))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    let sixteen = _mm256_set1_epi8(16);
     for (i, b) in row.chunks_exact(22).enumerate() {
-        let d = splat_f16(b.as_ptr());
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let q = _mm256_sub_epi8(q5_values(qh, b.as_ptr().add(6)), sixteen);
-        f(32 * i, scale32(i8x32_to_f32(q), d));
+        f(32 * i, q5_0_block(b.as_ptr()));
     }
+}
+
+/// The Q5_1 block at `b`: `fma(q, d, m)`, exactly the scalar `q * d + m` (see [`q4_1_block`]; a
+/// 5-bit `q` times an f16 is exact too).
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_1_block(b: *const u8) -> Acc {
+    let (d, m) = splat_f16_pair(b);
+    let qh = b.add(4).cast::<u32>().read_unaligned();
+    u8x32_to_f32(q5_values(qh, b.add(8))).map(|q| _mm256_fmadd_ps(q, d, m))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     for (i, b) in row.chunks_exact(24).enumerate() {
-        let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
-        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let q = scale32(u8x32_to_f32(q5_values(qh, b.as_ptr().add(8))), d);
-        f(
-            32 * i,
-            [
-                _mm256_add_ps(q[0], m),
-                _mm256_add_ps(q[1], m),
-                _mm256_add_ps(q[2], m),
-                _mm256_add_ps(q[3], m),
-            ],
-        );
+        f(32 * i, q5_1_block(b.as_ptr()));
     }
+}
+
+/// The Q8_0 block at `b`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q8_0_block(b: *const u8) -> Acc {
+    let d = splat_f16_pair(b).0;
+    [0, 8, 16, 24].map(|k| _mm256_mul_ps(_mm256_cvtepi32_ps(i8x8(b.add(2 + k))), d))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     for (i, b) in row.chunks_exact(34).enumerate() {
-        let d = splat_f16(b.as_ptr());
-        let q = i8x32_to_f32(_mm256_loadu_si256(b.as_ptr().add(2).cast()));
-        f(32 * i, scale32(q, d));
+        f(32 * i, q8_0_block(b.as_ptr()));
     }
 }
 
@@ -273,7 +333,9 @@ unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
         for n in 0..2 {
             let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * n).cast());
             for j in 0..4 {
-                // Elements 0..16 take the first scale byte, 16..32 the second.
+                // Elements 0..16 take the first scale byte, 16..32 the second. `q * dl` is
+                // exact (2 bits times 4 bits times an f16), so one rounding of `q * dl - ml`
+                // gives the scalar value.
                 let q = u8x32_to_f32(two_bits(qs, j));
                 let (s0, s1) = (b[8 * n + 2 * j], b[8 * n + 2 * j + 1]);
                 let dl = |s: u8| _mm256_set1_ps(d * (s & 0xF) as f32);
@@ -281,10 +343,10 @@ unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
                 f(
                     QK_K * i + 128 * n + 32 * j,
                     [
-                        _mm256_sub_ps(_mm256_mul_ps(q[0], dl(s0)), ml(s0)),
-                        _mm256_sub_ps(_mm256_mul_ps(q[1], dl(s0)), ml(s0)),
-                        _mm256_sub_ps(_mm256_mul_ps(q[2], dl(s1)), ml(s1)),
-                        _mm256_sub_ps(_mm256_mul_ps(q[3], dl(s1)), ml(s1)),
+                        _mm256_fmsub_ps(q[0], dl(s0), ml(s0)),
+                        _mm256_fmsub_ps(q[1], dl(s0), ml(s0)),
+                        _mm256_fmsub_ps(q[2], dl(s1), ml(s1)),
+                        _mm256_fmsub_ps(q[3], dl(s1), ml(s1)),
                     ],
                 );
             }
@@ -359,16 +421,15 @@ unsafe fn decode_k<const FIVE: bool>(row: &[u8], mut f: impl FnMut(usize, Acc)) 
             }
             for (h, q) in halves.into_iter().enumerate() {
                 let (sc, m) = scale_min_k4(2 * c + h, scales);
-                let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
-                let dm = _mm256_set1_ps(dmin * m as f32);
+                // `q * ds` is exact (a 4- or 5-bit `q` times a 6-bit scale times an f16), so one
+                // rounding of `q * ds - dm` gives the scalar value.
+                let (ds, dm) = (
+                    _mm256_set1_ps(d * sc as f32),
+                    _mm256_set1_ps(dmin * m as f32),
+                );
                 f(
                     QK_K * i + 64 * c + 32 * h,
-                    [
-                        _mm256_sub_ps(q[0], dm),
-                        _mm256_sub_ps(q[1], dm),
-                        _mm256_sub_ps(q[2], dm),
-                        _mm256_sub_ps(q[3], dm),
-                    ],
+                    u8x32_to_f32(q).map(|q| _mm256_fmsub_ps(q, ds, dm)),
                 );
             }
         }
