@@ -188,6 +188,24 @@ unsafe fn nibbles32(p: *const u8) -> [__m256i; 4] {
     ]
 }
 
+/// `f(i, b)` for every block `b` (index `i`) of `size` bytes of `row`, asking for the bytes
+/// [`PREFETCH_BYTES`] ahead of each (past the row's end: the next rows, which follow it in
+/// memory; prefetches never fault). Rows streamed from memory otherwise waited on it.
+///
+/// # Safety
+/// AVX2; `row` holds whole blocks.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn for_each_block(row: &[u8], size: usize, mut f: impl FnMut(usize, *const u8)) {
+    for (i, b) in row.chunks_exact(size).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_BYTES).cast());
+        f(i, b.as_ptr());
+    }
+}
+
+/// How far ahead [`for_each_block`] prefetches.
+const PREFETCH_BYTES: usize = 2048;
+
 /// The Q4_0 block at `b`.
 ///
 /// # Safety
@@ -203,9 +221,7 @@ unsafe fn q4_0_block(b: *const u8) -> Acc {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(18).enumerate() {
-        f(32 * i, q4_0_block(b.as_ptr()));
-    }
+    for_each_block(row, 18, |i, b| f(32 * i, q4_0_block(b)));
 }
 
 /// The Q4_1 block at `b`. `q * d` is exact (a 4-bit integer times an f16), so
@@ -224,9 +240,7 @@ unsafe fn q4_1_block(b: *const u8) -> Acc {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(20).enumerate() {
-        f(32 * i, q4_1_block(b.as_ptr()));
-    }
+    for_each_block(row, 20, |i, b| f(32 * i, q4_1_block(b)));
 }
 
 /// The five-bit values of a Q5 block: the 16 nibble bytes at `qs` (elements 0..16 low nibbles,
@@ -264,9 +278,7 @@ unsafe fn q5_0_block(b: *const u8) -> Acc {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(22).enumerate() {
-        f(32 * i, q5_0_block(b.as_ptr()));
-    }
+    for_each_block(row, 22, |i, b| f(32 * i, q5_0_block(b)));
 }
 
 /// The Q5_1 block at `b`: `fma(q, d, m)`, exactly the scalar `q * d + m` (see [`q4_1_block`]; a
@@ -285,9 +297,7 @@ unsafe fn q5_1_block(b: *const u8) -> Acc {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(24).enumerate() {
-        f(32 * i, q5_1_block(b.as_ptr()));
-    }
+    for_each_block(row, 24, |i, b| f(32 * i, q5_1_block(b)));
 }
 
 /// The Q8_0 block at `b`.
@@ -304,9 +314,7 @@ unsafe fn q8_0_block(b: *const u8) -> Acc {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(34).enumerate() {
-        f(32 * i, q8_0_block(b.as_ptr()));
-    }
+    for_each_block(row, 34, |i, b| f(32 * i, q8_0_block(b)));
 }
 
 /// The 2-bit fields at bit `2 j` of the 32 bytes `q` (`j` in 0..4), as bytes 0..4.
