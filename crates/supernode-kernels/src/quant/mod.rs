@@ -202,6 +202,24 @@ pub(crate) mod tests {
         rows
     }
 
+    /// Rows whose quants are all zero or all at the zero offset (0x00 and 0x88 bytes), with f16
+    /// scales alternately -0.0 and negative: products that are signed zeros, which a kernel
+    /// rounding differently from the scalar dequantiser could turn into +0.0.
+    pub(crate) fn zero_rows(dtype: DType, n: usize) -> Vec<Vec<u8>> {
+        [0x00, 0x88]
+            .map(|byte| {
+                let mut row = vec![byte; dtype.row_bytes(n).expect("whole blocks")];
+                for (i, b) in row.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+                    for (j, &off) in f16_fields(dtype).iter().enumerate() {
+                        let v = [-0.0, -0.01][(i + j) % 2];
+                        b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                    }
+                }
+                row
+            })
+            .into()
+    }
+
     /// Quantise then dequantise `x`; the RMS error relative to the RMS of `x`.
     fn round_trip_error(dtype: DType, x: &[f32]) -> f64 {
         let mut q = vec![0u8; dtype.row_bytes(x.len()).expect("whole blocks")];

@@ -10,7 +10,7 @@ use crate::cpu::scalar::{
 };
 use crate::cpu::{isa, kernels_of, Isa, Kernels};
 use crate::dtype::ALL_DTYPES;
-use crate::quant::tests::{edge_rows, Rng};
+use crate::quant::tests::{edge_rows, zero_rows, Rng};
 use crate::quant::{dequantize_row, quantize_row};
 
 /// Every level this machine has, with its kernels.
@@ -596,6 +596,63 @@ fn avx512_row_kernels_equal_scalar_dequantise_then_dot_on_edge_rows() {
                 if let Some(dot4) = wide.dot4 {
                     let got = dot4([&row, &row, &row, &row], &x0).map(f32::to_bits);
                     assert_eq!(got, [want[0]; 4], "{} n={n} dot4", dtype.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_levels_row_kernels_equal_scalar_dequantise_then_dot_on_edge_rows() {
+    let mut rng = Rng::new(8);
+    // Tiny activations: products that underflow to signed zeros make the sums' zero signs
+    // depend on the weights' (a kernel that rounds a weight to +0.0 instead of -0.0 shows).
+    let tiny = |rng: &mut Rng, n| {
+        let ulp = f32::from_bits(1);
+        (0..n)
+            .map(|_| if rng.uniform() < 0.5 { -ulp } else { ulp })
+            .collect::<Vec<f32>>()
+    };
+    for (level, k) in levels() {
+        for dtype in ALL_DTYPES.into_iter().filter(|d| d.block_size() > 1) {
+            let Some(kernels) = (k.row_kernels)(dtype) else {
+                continue;
+            };
+            for n in [256, 608]
+                .into_iter()
+                .filter(|n| n % dtype.block_size() == 0)
+            {
+                let rows: Vec<Vec<u8>> = edge_rows(dtype, n, &mut rng)
+                    .into_iter()
+                    .chain(zero_rows(dtype, n))
+                    .collect();
+                for x in [rng.vec(n), tiny(&mut rng, n)] {
+                    let deq: Vec<Vec<f32>> = rows
+                        .iter()
+                        .map(|row| {
+                            let mut deq = vec![f32::NAN; n];
+                            dequantize_row(dtype, row, &mut deq);
+                            deq
+                        })
+                        .collect();
+                    let want: Vec<u32> = deq.iter().map(|d| dot_f32(d, &x).to_bits()).collect();
+                    let what = format!("{level:?} {} n={n}", dtype.name());
+                    for ((row, deq), want) in rows.iter().zip(&deq).zip(&want) {
+                        let mut got = vec![f32::NAN; n];
+                        (kernels.dequantize)(row, &mut got);
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(deq), "{what}");
+                        assert_eq!((kernels.dot)(row, &x).to_bits(), *want, "{what}");
+                        let pair = (kernels.dot2)(row, &x, &x).map(f32::to_bits);
+                        assert_eq!(pair, [*want; 2], "{what}");
+                    }
+                    if let Some(dot4) = kernels.dot4 {
+                        // Every window of four rows, so each row takes every lockstep place.
+                        for (r, win) in rows.windows(4).enumerate() {
+                            let got = dot4(std::array::from_fn(|i| &win[i][..]), &x);
+                            assert_eq!(got.map(f32::to_bits)[..], want[r..r + 4], "{what} dot4");
+                        }
+                    }
                 }
             }
         }

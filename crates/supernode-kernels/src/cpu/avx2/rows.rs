@@ -14,26 +14,17 @@ use crate::quant::scale_min_k4;
 use crate::simd::order::{add_tail, LANES};
 use crate::simd::rows::RowKernels;
 
-/// `w * d` per vector.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn scale32(w: Acc, d: __m256) -> Acc {
-    [
-        _mm256_mul_ps(w[0], d),
-        _mm256_mul_ps(w[1], d),
-        _mm256_mul_ps(w[2], d),
-        _mm256_mul_ps(w[3], d),
-    ]
-}
-
-/// The f16 at `p`, broadcast to 8 lanes (exact widening).
+/// The two f16 at `p` (a block's scale and min; blocks with one scale take the first), each
+/// broadcast to 8 lanes (exact widening): one conversion of the pair, then in-lane
+/// duplication, cheaper than two broadcasts and conversions.
 ///
 /// # Safety
-/// AVX2 and F16C; `p` must point at 2 readable bytes.
+/// AVX2 and F16C; `p` must point at 4 readable bytes.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn splat_f16(p: *const u8) -> __m256 {
-    _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
+unsafe fn splat_f16_pair(p: *const u8) -> (__m256, __m256) {
+    let pair = _mm256_cvtph_ps(_mm_set1_epi32(p.cast::<i32>().read_unaligned()));
+    (_mm256_moveldup_ps(pair), _mm256_movehdup_ps(pair))
 }
 
 /// The f16 at `p` as a scalar f32 (exact widening).
@@ -159,34 +150,97 @@ unsafe fn decode_bf16(row: &[u8], n: usize, mut f: impl FnMut(usize, Acc)) {
     }
 }
 
+/// Bytes `p[0..8]` zero-extended to 8 lanes.
+///
+/// # Safety
+/// AVX2; `p` must point at 8 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()))
+}
+
+/// As [`u8x8`], sign-extending.
+///
+/// # Safety
+/// AVX2; `p` must point at 8 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn i8x8(p: *const u8) -> __m256i {
+    _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))
+}
+
+/// The 32 nibbles of the 16 bytes at `p` as four vectors of 8 lanes, in element order: the low
+/// nibbles of bytes 0..16 (elements 0..16), then the high ones.
+///
+/// # Safety
+/// AVX2; `p` must point at 16 readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles32(p: *const u8) -> [__m256i; 4] {
+    let (lo, hi) = (u8x8(p), u8x8(p.add(8)));
+    let m4 = _mm256_set1_epi32(0xF);
+    [
+        _mm256_and_si256(lo, m4),
+        _mm256_and_si256(hi, m4),
+        _mm256_srli_epi32::<4>(lo),
+        _mm256_srli_epi32::<4>(hi),
+    ]
+}
+
+/// `f(i, b)` for every block `b` (index `i`) of `size` bytes of `row`, asking for the bytes
+/// [`PREFETCH_BYTES`] ahead of each (past the row's end: the next rows, which follow it in
+/// memory; prefetches never fault). Rows streamed from memory otherwise waited on it.
+///
+/// # Safety
+/// AVX2; `row` holds whole blocks.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn for_each_block(row: &[u8], size: usize, mut f: impl FnMut(usize, *const u8)) {
+    for (i, b) in row.chunks_exact(size).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_BYTES).cast());
+        f(i, b.as_ptr());
+    }
+}
+
+/// How far ahead [`for_each_block`] prefetches.
+const PREFETCH_BYTES: usize = 2048;
+
+/// The Q4_0 block at `b`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_0_block(b: *const u8) -> Acc {
+    let d = splat_f16_pair(b).0;
+    let eight = _mm256_set1_epi32(8);
+    nibbles32(b.add(2)).map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight)), d))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    let eight = _mm256_set1_epi8(8);
-    for (i, b) in row.chunks_exact(18).enumerate() {
-        let d = splat_f16(b.as_ptr());
-        let q = nibbles16(_mm_loadu_si128(b.as_ptr().add(2).cast()));
-        f(32 * i, scale32(i8x32_to_f32(_mm256_sub_epi8(q, eight)), d));
-    }
+    for_each_block(row, 18, |i, b| f(32 * i, q4_0_block(b)));
+}
+
+/// The Q4_1 block at `b`. `q * d` is exact (a 4-bit integer times an f16), so
+/// `fma(q, d, m)` rounds once, as the scalar `q * d + m` does: the same value, signed zeros
+/// included.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_1_block(b: *const u8) -> Acc {
+    let (d, m) = splat_f16_pair(b);
+    nibbles32(b.add(4)).map(|q| _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q4_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(20).enumerate() {
-        let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
-        let q = u8x32_to_f32(nibbles16(_mm_loadu_si128(b.as_ptr().add(4).cast())));
-        let q = scale32(q, d);
-        f(
-            32 * i,
-            [
-                _mm256_add_ps(q[0], m),
-                _mm256_add_ps(q[1], m),
-                _mm256_add_ps(q[2], m),
-                _mm256_add_ps(q[3], m),
-            ],
-        );
-    }
+    for_each_block(row, 20, |i, b| f(32 * i, q4_1_block(b)));
 }
 
 /// The five-bit values of a Q5 block: the 16 nibble bytes at `qs` (elements 0..16 low nibbles,
@@ -208,45 +262,59 @@ unsafe fn q5_values(qh: u32, qs: *const u8) -> __m256i {
     _mm256_or_si256(nibbles16(_mm_loadu_si128(qs.cast())), high)
 }
 
+/// The Q5_0 block at `b`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_0_block(b: *const u8) -> Acc {
+    let d = splat_f16_pair(b).0;
+    let qh = b.add(2).cast::<u32>().read_unaligned();
+    let q = _mm256_sub_epi8(q5_values(qh, b.add(6)), _mm256_set1_epi8(16));
+    i8x32_to_f32(q).map(|q| _mm256_mul_ps(q, d))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    let sixteen = _mm256_set1_epi8(16);
-    for (i, b) in row.chunks_exact(22).enumerate() {
-        let d = splat_f16(b.as_ptr());
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let q = _mm256_sub_epi8(q5_values(qh, b.as_ptr().add(6)), sixteen);
-        f(32 * i, scale32(i8x32_to_f32(q), d));
-    }
+    for_each_block(row, 22, |i, b| f(32 * i, q5_0_block(b)));
+}
+
+/// The Q5_1 block at `b`: `fma(q, d, m)`, exactly the scalar `q * d + m` (see [`q4_1_block`]; a
+/// 5-bit `q` times an f16 is exact too).
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q5_1_block(b: *const u8) -> Acc {
+    let (d, m) = splat_f16_pair(b);
+    let qh = b.add(4).cast::<u32>().read_unaligned();
+    u8x32_to_f32(q5_values(qh, b.add(8))).map(|q| _mm256_fmadd_ps(q, d, m))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q5_1(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(24).enumerate() {
-        let (d, m) = (splat_f16(b.as_ptr()), splat_f16(b.as_ptr().add(2)));
-        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let q = scale32(u8x32_to_f32(q5_values(qh, b.as_ptr().add(8))), d);
-        f(
-            32 * i,
-            [
-                _mm256_add_ps(q[0], m),
-                _mm256_add_ps(q[1], m),
-                _mm256_add_ps(q[2], m),
-                _mm256_add_ps(q[3], m),
-            ],
-        );
-    }
+    for_each_block(row, 24, |i, b| f(32 * i, q5_1_block(b)));
+}
+
+/// The Q8_0 block at `b`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `b` must point at a whole block.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q8_0_block(b: *const u8) -> Acc {
+    let d = splat_f16_pair(b).0;
+    [0, 8, 16, 24].map(|k| _mm256_mul_ps(_mm256_cvtepi32_ps(i8x8(b.add(2 + k))), d))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn decode_q8_0(row: &[u8], mut f: impl FnMut(usize, Acc)) {
-    for (i, b) in row.chunks_exact(34).enumerate() {
-        let d = splat_f16(b.as_ptr());
-        let q = i8x32_to_f32(_mm256_loadu_si256(b.as_ptr().add(2).cast()));
-        f(32 * i, scale32(q, d));
-    }
+    for_each_block(row, 34, |i, b| f(32 * i, q8_0_block(b)));
 }
 
 /// The 2-bit fields at bit `2 j` of the 32 bytes `q` (`j` in 0..4), as bytes 0..4.
@@ -273,7 +341,9 @@ unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
         for n in 0..2 {
             let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * n).cast());
             for j in 0..4 {
-                // Elements 0..16 take the first scale byte, 16..32 the second.
+                // Elements 0..16 take the first scale byte, 16..32 the second. `q * dl` is
+                // exact (2 bits times 4 bits times an f16), so one rounding of `q * dl - ml`
+                // gives the scalar value.
                 let q = u8x32_to_f32(two_bits(qs, j));
                 let (s0, s1) = (b[8 * n + 2 * j], b[8 * n + 2 * j + 1]);
                 let dl = |s: u8| _mm256_set1_ps(d * (s & 0xF) as f32);
@@ -281,10 +351,10 @@ unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
                 f(
                     QK_K * i + 128 * n + 32 * j,
                     [
-                        _mm256_sub_ps(_mm256_mul_ps(q[0], dl(s0)), ml(s0)),
-                        _mm256_sub_ps(_mm256_mul_ps(q[1], dl(s0)), ml(s0)),
-                        _mm256_sub_ps(_mm256_mul_ps(q[2], dl(s1)), ml(s1)),
-                        _mm256_sub_ps(_mm256_mul_ps(q[3], dl(s1)), ml(s1)),
+                        _mm256_fmsub_ps(q[0], dl(s0), ml(s0)),
+                        _mm256_fmsub_ps(q[1], dl(s0), ml(s0)),
+                        _mm256_fmsub_ps(q[2], dl(s1), ml(s1)),
+                        _mm256_fmsub_ps(q[3], dl(s1), ml(s1)),
                     ],
                 );
             }
@@ -359,16 +429,15 @@ unsafe fn decode_k<const FIVE: bool>(row: &[u8], mut f: impl FnMut(usize, Acc)) 
             }
             for (h, q) in halves.into_iter().enumerate() {
                 let (sc, m) = scale_min_k4(2 * c + h, scales);
-                let q = scale32(u8x32_to_f32(q), _mm256_set1_ps(d * sc as f32));
-                let dm = _mm256_set1_ps(dmin * m as f32);
+                // `q * ds` is exact (a 4- or 5-bit `q` times a 6-bit scale times an f16), so one
+                // rounding of `q * ds - dm` gives the scalar value.
+                let (ds, dm) = (
+                    _mm256_set1_ps(d * sc as f32),
+                    _mm256_set1_ps(dmin * m as f32),
+                );
                 f(
                     QK_K * i + 64 * c + 32 * h,
-                    [
-                        _mm256_sub_ps(q[0], dm),
-                        _mm256_sub_ps(q[1], dm),
-                        _mm256_sub_ps(q[2], dm),
-                        _mm256_sub_ps(q[3], dm),
-                    ],
+                    u8x32_to_f32(q).map(|q| _mm256_fmsub_ps(q, ds, dm)),
                 );
             }
         }
@@ -445,42 +514,90 @@ unsafe fn decode_q6_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     }
 }
 
+/// `[dot(r, x) for r in rows]` for rows of 32-element blocks of `size` bytes, decoded by
+/// `block` in lockstep: block `i` of every row, then block `i + 1`, each row's sums in its own
+/// accumulators (in the lanes and order of `dot`), each block's activations loaded once.
+///
+/// # Safety
+/// AVX2, FMA and F16C; every row holds `x.len() / 32` whole blocks, and `block` reads one.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_rows<const R: usize>(
+    rows: [&[u8]; R],
+    x: &[f32],
+    size: usize,
+    block: impl Fn(*const u8) -> Acc,
+) -> [f32; R] {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    for i in 0..x.len() / LANES {
+        let xi = x.as_ptr().add(LANES * i);
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let b = row.as_ptr().add(size * i);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_BYTES).cast());
+            fma32(acc, block(b), xi);
+        }
+    }
+    acc.map(|a| fold(a))
+}
+
 /// Generates, for one decoder, a module with the kernels of [`RowKernels`]: `dot`
-/// (`dot_f32(dequantize(row), x)`), `dot2` (two tokens against one decode of the row) and
-/// `dequant` (into `y`). `# Safety` for each: AVX2, FMA, F16C and matching sizes.
+/// (`dot_f32(dequantize(row), x)`), `dot2` (two tokens against one decode of the row),
+/// `dequant` (into `y`); given the block decoder and size, also `dot4` (four rows against one
+/// token, two at a time in lockstep, see [`dot_rows`]). Only Q5_0 has it: its long decode
+/// gained 12% in single-token kbench; Q4_0, Q4_1, Q5_1 and Q8_0 lost 3-20% (with two rows'
+/// accumulators, decoded values and scales in 16 registers the compiler spills), and four rows
+/// in lockstep lost for every type. `# Safety` for each: AVX2, FMA, F16C and matching sizes.
 macro_rules! block_kernels {
     ($name:ident, $decode:ident) => {
         mod $name {
             use super::*;
 
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                $decode(row, |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
-                fold(acc)
-            }
+            block_kernels!(@one_row $decode);
+        }
+    };
+    ($name:ident, $decode:ident, $block:ident, $size:expr) => {
+        mod $name {
+            use super::*;
+
+            block_kernels!(@one_row $decode);
 
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
-                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-                $decode(row, |i, w| {
-                    fma32(&mut acc0, w, x0.as_ptr().add(i));
-                    fma32(&mut acc1, w, x1.as_ptr().add(i));
-                });
-                [fold(acc0), fold(acc1)]
+            pub(super) unsafe fn dot4(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+                let [a, b, c, d] = rows;
+                let [r0, r1] = dot_rows([a, b], x, $size, |p| $block(p));
+                let [r2, r3] = dot_rows([c, d], x, $size, |p| $block(p));
+                [r0, r1, r2, r3]
             }
+        }
+    };
+    (@one_row $decode:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn dot(row: &[u8], x: &[f32]) -> f32 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            $decode(row, |i, w| fma32(&mut acc, w, x.as_ptr().add(i)));
+            fold(acc)
+        }
 
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
-                $decode(row, |i, w| store32(y.as_mut_ptr().add(i), w));
-            }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn dot2(row: &[u8], x0: &[f32], x1: &[f32]) -> [f32; 2] {
+            let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            $decode(row, |i, w| {
+                fma32(&mut acc0, w, x0.as_ptr().add(i));
+                fma32(&mut acc1, w, x1.as_ptr().add(i));
+            });
+            [fold(acc0), fold(acc1)]
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn dequant(row: &[u8], y: &mut [f32]) {
+            $decode(row, |i, w| store32(y.as_mut_ptr().add(i), w));
         }
     };
 }
 
 block_kernels!(q4_0, decode_q4_0);
 block_kernels!(q4_1, decode_q4_1);
-block_kernels!(q5_0, decode_q5_0);
+block_kernels!(q5_0, decode_q5_0, q5_0_block, 22);
 block_kernels!(q5_1, decode_q5_1);
 block_kernels!(q8_0, decode_q8_0);
 block_kernels!(q4_k, decode_q4_k);
@@ -572,6 +689,18 @@ macro_rules! entry {
             dot4: None,
         }
     };
+    ($dtype:expr, $name:ident, rows) => {
+        RowKernels {
+            dot4: Some(|rows, x| {
+                for r in rows {
+                    check($dtype, r, x.len());
+                }
+                // SAFETY: see `row_kernels`; sizes checked.
+                unsafe { $name::dot4(rows, x) }
+            }),
+            ..entry!($dtype, $name)
+        }
+    };
 }
 
 /// The kernels for `dtype`. Reachable only through the AVX2 and AVX-512 tables, handed out
@@ -584,7 +713,7 @@ pub(crate) fn row_kernels(dtype: DType) -> Option<RowKernels> {
         DType::BF16 => entry!(DType::BF16, bf16_row),
         DType::Q4_0 => entry!(DType::Q4_0, q4_0),
         DType::Q4_1 => entry!(DType::Q4_1, q4_1),
-        DType::Q5_0 => entry!(DType::Q5_0, q5_0),
+        DType::Q5_0 => entry!(DType::Q5_0, q5_0, rows),
         DType::Q5_1 => entry!(DType::Q5_1, q5_1),
         DType::Q8_0 => entry!(DType::Q8_0, q8_0),
         DType::Q4K => entry!(DType::Q4K, q4_k),
