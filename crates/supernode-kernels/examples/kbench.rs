@@ -76,6 +76,8 @@ fn main() {
         ("head     Q8_0", DType::Q8_0, 49152, 576),
         // Larger than the last-level cache: the weights stream from memory, as in decoding.
         ("big      Q4_1", DType::Q4_1, 49152, 576),
+        ("big      Q4_K", DType::Q4K, 8192, 2048),
+        ("big      Q6_K", DType::Q6K, 8192, 2048),
         // Gemma 3 270M's FFN: 640 columns take no K-quant, so Q4_K_M stores them as Q5_0.
         ("g_up     Q5_0", DType::Q5_0, 2048, 640),
         ("g_down   Q4_K", DType::Q4K, 640, 2048),
