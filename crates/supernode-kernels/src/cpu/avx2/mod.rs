@@ -63,6 +63,20 @@ pub(super) fn quant_kernel(dtype: DType) -> Option<QuantKernel> {
     qdot::kernel(dtype).or_else(|| scalar_kernel(dtype))
 }
 
+/// How far ahead of the block being decoded the kernels ask for a row's bytes ([`prefetch`]).
+pub(crate) const PREFETCH_BYTES: usize = 2048;
+
+/// Asks for the cache lines [`PREFETCH_BYTES`] ahead of the `bytes` at `p` (past a row's end:
+/// the next rows, which follow it in memory). Rows streamed from memory otherwise waited on
+/// each line; a prefetch never faults, whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults; SSE is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + off).cast()) };
+    }
+}
+
 /// 32 lanes as four vectors: `acc[k]` holds lanes `8k .. 8k + 8`.
 pub(crate) type Acc = [__m256; 4];
 

@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::rows::q6_k_unpack;
-use super::{hsum_i32, hsum_i32x4};
+use super::{hsum_i32, hsum_i32x4, prefetch};
 use crate::dtype::DType;
 use crate::qdot::blocks::{BlockQ8K, BlockQ8_0, BlockQ8_1, QuantKernel, DOT_ROWS};
 use crate::quant::scale_min_k4;
@@ -107,20 +107,6 @@ unsafe fn add_scaled(acc: __m256, dw: __m256, dx: &f32, lanes: __m256) -> __m256
     _mm256_add_ps(acc, _mm256_mul_ps(d, lanes))
 }
 
-/// How far ahead of each block the 32-element kernels ask for the row's bytes (past the row's
-/// end: the next rows, which follow it in memory; prefetches never fault). Rows streamed from
-/// memory otherwise waited on it.
-const PREFETCH_BYTES: usize = 2048;
-
-/// Asks for the cache lines [`PREFETCH_BYTES`] ahead of a super block of `bytes` at `p`.
-#[inline(always)]
-fn prefetch_block(p: *const u8, bytes: usize) {
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch never faults, whatever the address; SSE is part of x86-64.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + off).cast()) };
-    }
-}
-
 /// A signed 32-element weight type against Q8_0: `values(block)` gives the 32 signed bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -132,7 +118,7 @@ unsafe fn dot_q8_0<const N: usize>(
 ) -> [f32; N] {
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, b) in row.chunks_exact(bytes).enumerate() {
-        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_BYTES).cast());
+        prefetch(b.as_ptr(), bytes);
         let w = values(b.as_ptr());
         let aw = _mm256_sign_epi8(w, w);
         let dw = _mm256_set1_ps(f16_at(b.as_ptr()));
@@ -161,7 +147,7 @@ unsafe fn dot_q8_1<const N: usize>(
     let mut acc = [_mm256_setzero_ps(); N];
     let mut summs = [0f32; N];
     for (i, b) in row.chunks_exact(bytes).enumerate() {
-        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_BYTES).cast());
+        prefetch(b.as_ptr(), bytes);
         let w = values(b.as_ptr());
         let (dw, mw) = f16_pair(b.as_ptr());
         let dw = _mm256_set1_ps(dw);
@@ -230,7 +216,7 @@ unsafe fn dot_k4<const N: usize, const FIVE: bool>(row: &[u8], ys: [&[BlockQ8K];
     let mut acc = [0f32; N];
     for (i, b) in row.chunks_exact(bytes).enumerate() {
         let p = b.as_ptr();
-        prefetch_block(p, bytes);
+        prefetch(p, bytes);
         let (dw, dminw) = f16_pair(p);
         let mut scales = [0i16; 8];
         let mut mins = [0i16; 8];
@@ -301,7 +287,7 @@ unsafe fn q6_k<const N: usize>(row: &[u8], ys: [&[BlockQ8K]; N]) -> [f32; N] {
     let mut acc = [0f32; N];
     for (i, b) in row.chunks_exact(210).enumerate() {
         let p = b.as_ptr();
-        prefetch_block(p, 210);
+        prefetch(p, 210);
         let dw = f16_at(p.add(208));
         let scales = _mm_loadu_si128(p.add(192).cast());
         // sumi = Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsums: start from the second term.

@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{fma32, fold, load32, Acc};
+use super::{fma32, fold, load32, prefetch, Acc};
 use crate::dtype::{DType, QK_K};
 use crate::quant::scale_min_k4;
 use crate::simd::order::{add_tail, LANES};
@@ -189,8 +189,7 @@ unsafe fn nibbles32(p: *const u8) -> [__m256i; 4] {
 }
 
 /// `f(i, b)` for every block `b` (index `i`) of `size` bytes of `row`, asking for the bytes
-/// [`PREFETCH_BYTES`] ahead of each (past the row's end: the next rows, which follow it in
-/// memory; prefetches never fault). Rows streamed from memory otherwise waited on it.
+/// ahead of each ([`prefetch`]).
 ///
 /// # Safety
 /// AVX2; `row` holds whole blocks.
@@ -198,13 +197,10 @@ unsafe fn nibbles32(p: *const u8) -> [__m256i; 4] {
 #[inline]
 unsafe fn for_each_block(row: &[u8], size: usize, mut f: impl FnMut(usize, *const u8)) {
     for (i, b) in row.chunks_exact(size).enumerate() {
-        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(PREFETCH_BYTES).cast());
+        prefetch(b.as_ptr(), size);
         f(i, b.as_ptr());
     }
 }
-
-/// How far ahead [`for_each_block`] prefetches.
-const PREFETCH_BYTES: usize = 2048;
 
 /// The Q4_0 block at `b`.
 ///
@@ -334,6 +330,7 @@ unsafe fn two_bits(q: __m256i, j: usize) -> __m256i {
 #[inline]
 unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     for (i, b) in row.chunks_exact(84).enumerate() {
+        prefetch(b.as_ptr(), 84);
         let (d, dmin) = (
             f16_scalar(b.as_ptr().add(80)),
             f16_scalar(b.as_ptr().add(82)),
@@ -367,6 +364,7 @@ unsafe fn decode_q2_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
 unsafe fn decode_q3_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     let four = _mm256_set1_epi8(4);
     for (i, b) in row.chunks_exact(110).enumerate() {
+        prefetch(b.as_ptr(), 110);
         let scales = crate::quant::q3_k_scales(&b[96..108]);
         let d = f16_scalar(b.as_ptr().add(108));
         let hmask = _mm256_loadu_si256(b.as_ptr().cast());
@@ -410,6 +408,7 @@ unsafe fn decode_k<const FIVE: bool>(row: &[u8], mut f: impl FnMut(usize, Acc)) 
     let (bytes, qs) = if FIVE { (176, 48) } else { (144, 16) };
     let m4 = _mm256_set1_epi8(0x0F);
     for (i, b) in row.chunks_exact(bytes).enumerate() {
+        prefetch(b.as_ptr(), bytes);
         let (d, dmin) = (f16_scalar(b.as_ptr()), f16_scalar(b.as_ptr().add(2)));
         let scales = &b[4..16];
         let qh = match FIVE {
@@ -491,6 +490,7 @@ pub(crate) unsafe fn q6_k_unpack(p: *const u8, n: usize) -> [__m256i; 4] {
 unsafe fn decode_q6_k(row: &[u8], mut f: impl FnMut(usize, Acc)) {
     let k32 = _mm256_set1_epi8(32);
     for (i, b) in row.chunks_exact(210).enumerate() {
+        prefetch(b.as_ptr(), 210);
         let d = f16_scalar(b.as_ptr().add(208));
         let p = b.as_ptr();
         for n in 0..2 {
@@ -533,7 +533,7 @@ unsafe fn dot_rows<const R: usize>(
         let xi = x.as_ptr().add(LANES * i);
         for (acc, row) in acc.iter_mut().zip(rows) {
             let b = row.as_ptr().add(size * i);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH_BYTES).cast());
+            prefetch(b, size);
             fma32(acc, block(b), xi);
         }
     }
