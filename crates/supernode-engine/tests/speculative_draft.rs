@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use serde_json::json;
 use supernode_engine::engine::{
     Engine, EngineConfig, EngineStats, Event, Finish, Request, RequestId, Sink,
 };
+use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{DraftModel, DraftProposer, Proposer, SpecConfig};
 use supernode_models::{load_model, LoadOptions};
@@ -331,4 +333,60 @@ fn bad_draft_models_are_refused_with_one_line() {
         err.starts_with("the draft model /nonexistent/draft.gguf failed to load: "),
         "{err}"
     );
+}
+
+/// A copy of the tiny HF Llama fixture with a word-level `tokenizer.json` of these tokens.
+fn llama_with_words(tag: &str, words: &[&str]) -> PathBuf {
+    let src = fixture("llama");
+    let dir = std::env::temp_dir().join(format!("supernode-draft-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), json!(i)))
+        .collect();
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "unk_token": "<unk>", "vocab": vocab},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    dir
+}
+
+/// With a tokenizer on both sides, the draft's token texts must be the target's, id for id.
+#[test]
+fn a_draft_with_other_token_texts_is_refused() {
+    let target = llama_with_words("target", &["<unk>", "a", "b"]);
+    let (model, tok) = load_with_tokenizer(&target, &LoadOptions::default()).unwrap();
+    let check = |words: &[&str], tag: &str| {
+        let dir = llama_with_words(tag, words);
+        let r = DraftModel::load(
+            &dir,
+            tag,
+            &LoadOptions::default(),
+            model.as_ref(),
+            tok.as_deref(),
+        )
+        .map(drop)
+        .map_err(|e| one_line(e.to_string()));
+        let _ = std::fs::remove_dir_all(dir);
+        r
+    };
+    assert_eq!(check(&["<unk>", "a", "b"], "same"), Ok(()));
+    let err = check(&["<unk>", "a", "c"], "texts").unwrap_err();
+    assert!(
+        err.contains(r#"the draft model texts's token 2 is "c" and the target's "b""#),
+        "{err}"
+    );
+    let err = check(&["<unk>", "a"], "fewer").unwrap_err();
+    assert!(
+        err.contains("the draft model fewer's tokenizer has 2 tokens and the target's 3"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(target);
 }
