@@ -1,7 +1,8 @@
 """Speculative decoding (`--speculative ngram`) through the server: the same tokens as a server
 without it (greedy, seeded, `n`, stop strings, logprobs, structured output, concurrent requests),
 the drafts in each response's usage (OpenAI's `completion_tokens_details`), the proposer's figures
-in /metrics, and clear refusals of bad flags."""
+in /metrics, and clear refusals of bad flags. And `--speculative draft` with the model as its own
+draft model: the same greedy text, every draft accepted."""
 
 from __future__ import annotations
 
@@ -136,6 +137,26 @@ def test_metrics_report_the_proposer(spec_client, spec_server):
     assert rate == pytest.approx(accepted / drafted)
 
 
+def test_a_draft_model_gives_the_same_greedy_completions(client):
+    """The model drafting for itself: the same text as without speculation, and every draft
+    accepted (the same model computes the same logits), in the usage and in /metrics."""
+    with running("--speculative", "draft", "--draft-model", MODEL, "--num-speculative-tokens", "4") as s:
+        draft_client = s.client()
+        accepted = 0
+        for p in PROMPTS:
+            kw = dict(max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+            a = complete(client, p, **kw)
+            b = complete(draft_client, p, **kw)
+            assert a.choices[0].text == b.choices[0].text, p
+            d = b.usage.completion_tokens_details
+            assert d is not None and d.rejected_prediction_tokens == 0, p
+            accepted += d.accepted_prediction_tokens
+        assert accepted > 0
+        with s.http() as h:
+            m = metrics(h)
+        assert m['supernode_spec_decode_num_accepted_tokens_total{proposer="draft"}'] == accepted
+
+
 def test_a_server_without_speculation_reports_no_proposer(http):
     assert not any(k.startswith("supernode_spec_decode") for k in metrics(http))
 
@@ -148,6 +169,8 @@ def test_a_server_without_speculation_reports_no_proposer(http):
         (["--speculative", "ngram", "--num-speculative-tokens", "99"], "num_speculative_tokens"),
         (["--speculative", "ngram", "--prompt-lookup-min", "4", "--prompt-lookup-max", "2"], "prompt_lookup_min"),
         (["--speculative", "ngram", "--speculative-disable-by-batch-size", "0"], "disable_by_batch_size"),
+        (["--speculative", "draft"], "--speculative draft needs --draft-model"),
+        (["--draft-model", MODEL], "--draft-model needs --speculative draft"),
     ],
 )
 @pytest.mark.parametrize("cmd", ["serve", "run"])

@@ -18,6 +18,9 @@
 //! is accepted: the penalties' history, the grammar's state and the KV slots past the accepted
 //! prefix are those of the tokens kept.
 //!
+//! **Proposers**: [`NgramProposer`] (prompt lookup, no model) and [`DraftProposer`] (a smaller
+//! model with the target's vocabulary, [`draft`]).
+//!
 //! **Adaptivity** ([`Adaptive`]): k follows the request's acceptance (Hugging Face's
 //! assisted-generation heuristic: two more after a step whose drafts were all accepted, one
 //! fewer otherwise); a request whose acceptance stays low stops drafting for a number of its
@@ -25,6 +28,9 @@
 //! than `disable_by_batch_size` are running (a batch that large is no longer bound by reading
 //! the weights, so extra rows cost their full compute).
 
+mod draft;
+
+pub use self::draft::{DraftModel, DraftProposer};
 use crate::engine::RequestId;
 use crate::error::EngineError;
 
@@ -39,16 +45,22 @@ pub enum SpecMethod {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the request's
     /// last `min..=max` tokens (the longest that occurs) in its prompt and output.
     Ngram { min: usize, max: usize },
+    /// A draft model's greedy tokens.
+    Draft(DraftModel),
 }
 
 impl SpecMethod {
     /// The method named `name` (`ngram`, or its alias `prompt-lookup`), with the n-gram
-    /// lengths `min..=max`.
+    /// lengths `min..=max`. `draft` needs its model loaded first: see [`DraftModel::load`].
     pub fn parse(name: &str, min: usize, max: usize) -> Result<SpecMethod, EngineError> {
         match name {
             "ngram" | "prompt-lookup" | "prompt_lookup" => Ok(SpecMethod::Ngram { min, max }),
+            "draft" => Err(EngineError::Invalid(
+                "speculative method `draft` needs a draft model (--draft-model PATH)".into(),
+            )),
             _ => Err(EngineError::Invalid(format!(
-                "unknown speculative method `{name}`: use `ngram` (prompt lookup)"
+                "unknown speculative method `{name}`: use `ngram` (prompt lookup) or `draft` \
+                 (a draft model, with --draft-model PATH)"
             ))),
         }
     }
@@ -57,6 +69,7 @@ impl SpecMethod {
     pub fn name(&self) -> &'static str {
         match self {
             SpecMethod::Ngram { .. } => "ngram",
+            SpecMethod::Draft(_) => "draft",
         }
     }
 }
@@ -86,6 +99,14 @@ impl SpecConfig {
         }
     }
 
+    /// `draft`'s greedy tokens, `k` drafts, adaptive, off above 8 running requests.
+    pub fn draft(draft: DraftModel, k: usize) -> SpecConfig {
+        SpecConfig {
+            method: SpecMethod::Draft(draft),
+            ..SpecConfig::ngram(k)
+        }
+    }
+
     /// Checks the ranges; the error names the parameter.
     pub fn validate(&self) -> Result<(), EngineError> {
         let k = self.num_speculative_tokens;
@@ -108,6 +129,7 @@ impl SpecConfig {
                     )));
                 }
             }
+            SpecMethod::Draft(_) => {}
         }
         Ok(())
     }
@@ -115,8 +137,9 @@ impl SpecConfig {
     /// The proposer this configuration names (validated first).
     pub fn proposer(&self) -> Result<Box<dyn Proposer>, EngineError> {
         self.validate()?;
-        Ok(match self.method {
-            SpecMethod::Ngram { min, max } => Box::new(NgramProposer { min, max }),
+        Ok(match &self.method {
+            &SpecMethod::Ngram { min, max } => Box::new(NgramProposer { min, max }),
+            SpecMethod::Draft(d) => Box::new(DraftProposer::new(d.clone())),
         })
     }
 }

@@ -1,6 +1,8 @@
 //! Prompt lookup on the real models (`smollm2-135m`, `gemma3-270m`, `qwen2.5-0.5b` from
 //! `$SUPERNODE_CACHE/models`, default `~/.cache/supernode/models`): greedy tokens and stop
-//! strings are the same with and without speculation, alone and in a batch of 12.
+//! strings are the same with and without speculation, alone and in a batch of 12. And a draft
+//! model on SmolLM2: itself (every draft accepted) and itself in the other precision (drafts
+//! that differ now and then are rejected).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -9,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request, Sink};
 use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::sampler::SamplingParams;
-use supernode_engine::spec::SpecConfig;
+use supernode_engine::spec::{DraftModel, SpecConfig};
+use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
 
 fn model_path(name: &str) -> PathBuf {
@@ -143,6 +146,51 @@ fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
         for (i, r) in reqs.iter().enumerate().step_by(4) {
             let alone = run(&mut e, std::slice::from_ref(r));
             assert_eq!(base[i].0, alone[0].0, "{name}: request {i} alone");
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_are_the_same_with_a_draft_model_on_smollm2() {
+    let reqs: Vec<(String, Vec<String>)> = TEXTS
+        .iter()
+        .map(|t| (t.to_string(), vec!["\n\n".to_string()]))
+        .collect();
+    let path = model_path("smollm2-135m");
+    let mut e = engine("smollm2-135m");
+    let base = run(&mut e, &reqs);
+    let (target, tok) = (e.model(), e.tokenizer().map(|t| t.as_ref()));
+    for precision in [Precision::Exact, Precision::Quantized] {
+        let opts = LoadOptions {
+            precision,
+            ..LoadOptions::default()
+        };
+        let d = DraftModel::load(&path, "smollm2-135m", &opts, target, tok).unwrap();
+        let mut e = engine("smollm2-135m");
+        e.set_speculative(Some(SpecConfig {
+            disable_by_batch_size: None,
+            ..SpecConfig::draft(d, 5)
+        }))
+        .unwrap();
+        let got = run(&mut e, &reqs);
+        for (i, (b, s)) in base.iter().zip(&got).enumerate() {
+            assert_eq!(b.0, s.0, "{precision:?} draft: request {i}");
+            assert_eq!(b.1.text, s.1.text, "{precision:?} draft: request {i}");
+        }
+        let st = e.stats();
+        let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
+        let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+        eprintln!("smollm2-135m drafted by itself ({precision:?}): {accepted} of {drafted}");
+        assert!(accepted > 0, "{precision:?}: nothing accepted");
+        if precision == Precision::Exact {
+            // Every draft is the target's own choice; only those past a request's end (its
+            // stop string or end-of-generation token) are not kept, one step per request.
+            let ended = got.iter().filter(|g| g.0.len() < 24).count() as u64;
+            assert!(
+                drafted - accepted <= 5 * ended,
+                "drafting for itself: {accepted} of {drafted} accepted, {ended} stopped early"
+            );
+            assert!(accepted as f64 >= 0.9 * drafted as f64);
         }
     }
 }

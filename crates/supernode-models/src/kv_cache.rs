@@ -215,6 +215,25 @@ impl KvData {
         }
     }
 
+    /// Zeros appended up to `len` values (none taken away); a size the machine cannot give is
+    /// an error, not an abort.
+    fn grow(&mut self, len: usize) -> Result<()> {
+        let more = len.saturating_sub(self.len());
+        let failed =
+            |_| ModelError::Invalid(format!("could not grow a layer's KV cache to {len} values"));
+        match self {
+            KvData::F32(x) => {
+                x.try_reserve(more).map_err(failed)?;
+                x.resize(x.len() + more, 0.0);
+            }
+            KvData::F16(x) => {
+                x.try_reserve(more).map_err(failed)?;
+                x.resize(x.len() + more, f16::ZERO);
+            }
+        }
+        Ok(())
+    }
+
     /// The rows as the attention kernels read them.
     pub fn rows(&self) -> KvRows<'_> {
         match self {
@@ -344,6 +363,33 @@ impl KvCache {
             self.num_state_slots = slots;
         }
         Ok(self)
+    }
+
+    /// Grows every layer to `num_blocks` blocks (nothing if it has as many already): the rows
+    /// held keep their slots, the new blocks are zeros. For a cache that grows with one
+    /// sequence instead of being sized up front (the engine's draft model keeps one per
+    /// request). Recurrent state slots are not changed.
+    pub fn grow(&mut self, num_blocks: usize) -> Result<()> {
+        if num_blocks <= self.num_blocks {
+            return Ok(());
+        }
+        let slots = self
+            .block_size
+            .checked_mul(num_blocks)
+            .ok_or_else(|| ModelError::Invalid("KV cache size overflows".into()))?;
+        for layer in &mut self.layers {
+            let (kw, vw) = layer.spec.stored_widths();
+            let len = |w: usize| {
+                slots
+                    .checked_mul(w)
+                    .ok_or_else(|| ModelError::Invalid("KV cache size overflows".into()))
+            };
+            layer.k.grow(len(kw)?)?;
+            layer.v.grow(len(vw)?)?;
+            layer.index.grow(len(layer.spec.index_dim)?)?;
+        }
+        self.num_blocks = num_blocks;
+        Ok(())
     }
 
     /// Bytes of one state slot over all layers.
@@ -503,6 +549,41 @@ impl LayerKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grow_keeps_the_rows_and_adds_zeroed_blocks() {
+        for dtype in [KvDType::F32, KvDType::F16] {
+            let spec = KvLayerSpec {
+                n_kv_heads: 2,
+                k_dim: 4,
+                v_dim: 3,
+                values: KvValues::Stored,
+                dtype,
+                index_dim: 0,
+            };
+            let mut kv = KvCache::new(&[spec; 2], 4, 1).unwrap();
+            let k: Vec<f32> = (0..8).map(|i| i as f32).collect();
+            let v: Vec<f32> = (0..6).map(|i| -(i as f32)).collect();
+            kv.layers[1].write(3, &k, &v);
+            kv.grow(3).unwrap();
+            kv.grow(2).unwrap();
+            assert_eq!(kv.num_blocks, 3);
+            let l = &kv.layers[1];
+            assert_eq!((l.k.len(), l.v.len(), l.index.len()), (12 * 8, 12 * 6, 0));
+            let f = |d: &KvData| -> Vec<f32> {
+                match d {
+                    KvData::F32(x) => x.clone(),
+                    KvData::F16(x) => x.iter().map(|h| h.to_f32()).collect(),
+                }
+            };
+            let (ks, vs) = (f(&l.k), f(&l.v));
+            assert_eq!(&ks[24..32], &k[..]);
+            assert_eq!(&vs[18..24], &v[..]);
+            assert!(ks[32..].iter().chain(&vs[24..]).all(|&x| x == 0.0));
+            // The new slots take rows.
+            kv.layers[0].write(11, &k, &v);
+        }
+    }
 
     /// MLA keeps the latent and the roped key per token and layer, nothing per head: DeepSeek-V3
     /// (61 layers, rank 512, rope 64) stores 576 floats per layer where full K/V would be

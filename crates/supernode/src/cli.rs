@@ -15,7 +15,7 @@ use supernode_engine::tokenizer::Tokenizer;
 
 use crate::chat_repl::{interactive_chat, ChatOptions};
 use crate::fetch;
-use crate::model_args::{open_model, status_line, ModelArgs};
+use crate::model_args::{load_options, open_model, status_line, ModelArgs};
 use crate::spec_args::SpecArgs;
 
 /// `run`'s token limit when `--max-tokens` is not given (an interactive chat has none).
@@ -187,8 +187,13 @@ fn template(tok: &Tokenizer) -> Result<ChatTemplate> {
 fn run_cmd(a: RunArgs) -> Result<()> {
     let params = sampling(&a);
     params.validate().map_err(anyhow::Error::msg)?;
-    let spec = a.spec.config()?;
+    a.spec.check()?;
     let mut session = open(&a.model)?;
+    let spec = a.spec.config(
+        &load_options(&a.model),
+        session.model(),
+        session.tokenizer().map(|t| t.as_ref()),
+    )?;
     session.set_speculative(spec)?;
     if a.chat && a.prompt.is_none() && a.tokens.is_none() {
         let tmpl = template(session.require_tokenizer()?)?;

@@ -67,6 +67,11 @@ pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
         }
     }
     let path: PathBuf = fetch::resolve_model(&m.model)?;
+    Ok((path, load_options(m)))
+}
+
+/// How `m` asks models to be loaded (a draft model is loaded the same way).
+pub(crate) fn load_options(m: &ModelArgs) -> LoadOptions {
     let precision = match m.precision {
         PrecisionArg::Quantized => Precision::Quantized,
         PrecisionArg::Exact => Precision::Exact,
@@ -76,13 +81,10 @@ pub(crate) fn prepare(m: &ModelArgs) -> Result<(PathBuf, LoadOptions)> {
         KvCacheDtypeArg::F32 => Some(KvDType::F32),
         KvCacheDtypeArg::F16 => Some(KvDType::F16),
     };
-    Ok((
-        path,
-        LoadOptions {
-            precision,
-            kv_dtype,
-        },
-    ))
+    LoadOptions {
+        precision,
+        kv_dtype,
+    }
 }
 
 /// The session of `m` and the model file's path.

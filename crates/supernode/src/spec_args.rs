@@ -1,16 +1,27 @@
 //! The speculative-decoding options every generating subcommand shares (`run`, `serve`,
 //! `bench`), named as vLLM and llama.cpp name them, and the engine configuration they make.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use supernode_engine::spec::{SpecConfig, SpecMethod};
+use supernode_engine::spec::{DraftModel, SpecConfig, SpecMethod};
+use supernode_engine::tokenizer::Tokenizer;
+use supernode_models::{LoadOptions, Model};
+
+use crate::fetch;
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct SpecArgs {
     /// Speculative decoding: `ngram` (prompt lookup: drafts copied from what followed the last
-    /// few tokens earlier in the prompt or output; no extra model). Off when not given.
+    /// few tokens earlier in the prompt or output; no extra model) or `draft` (a smaller model
+    /// with the same vocabulary drafts greedily; give it with --draft-model). Off when not
+    /// given.
     #[arg(long, value_name = "METHOD")]
     pub(crate) speculative: Option<String>,
+    /// The draft model of `--speculative draft`: a .gguf file, a model directory, a short name
+    /// or a Hub name, as --model takes; loaded with the model's precision and threads. It must
+    /// have the model's vocabulary.
+    #[arg(long, value_name = "MODEL")]
+    pub(crate) draft_model: Option<String>,
     /// Draft tokens per request and step at most (k, 1 to 32).
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub(crate) num_speculative_tokens: usize,
@@ -30,19 +41,56 @@ pub(crate) struct SpecArgs {
 }
 
 impl SpecArgs {
-    /// The engine's speculation, checked; `None` without `--speculative`.
-    pub(crate) fn config(&self) -> Result<Option<SpecConfig>> {
+    /// Checks what needs no model (before the model loads): the flags go together, and
+    /// prompt lookup's configuration is valid.
+    pub(crate) fn check(&self) -> Result<()> {
+        match (self.speculative.as_deref(), &self.draft_model) {
+            (Some("draft"), None) => {
+                bail!("--speculative draft needs --draft-model MODEL (the model that drafts)")
+            }
+            (Some("draft"), Some(_)) | (None, None) => Ok(()),
+            (_, Some(_)) => bail!("--draft-model needs --speculative draft"),
+            (Some(name), None) => self
+                .with(SpecMethod::parse(
+                    name,
+                    self.prompt_lookup_min,
+                    self.prompt_lookup_max,
+                )?)
+                .map(drop),
+        }
+    }
+
+    /// The engine's speculation, checked; `None` without `--speculative`. A draft model is
+    /// loaded with `opts` (the target's) and checked against `target` and its tokenizer.
+    pub(crate) fn config(
+        &self,
+        opts: &LoadOptions,
+        target: &dyn Model,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Option<SpecConfig>> {
+        self.check()?;
         let Some(name) = &self.speculative else {
             return Ok(None);
         };
+        let method = match &self.draft_model {
+            Some(m) => {
+                let path = fetch::resolve_model(m).context("--draft-model")?;
+                SpecMethod::Draft(DraftModel::load(&path, m, opts, target, tokenizer)?)
+            }
+            None => SpecMethod::parse(name, self.prompt_lookup_min, self.prompt_lookup_max)?,
+        };
+        self.with(method).map(Some)
+    }
+
+    fn with(&self, method: SpecMethod) -> Result<SpecConfig> {
         let cfg = SpecConfig {
-            method: SpecMethod::parse(name, self.prompt_lookup_min, self.prompt_lookup_max)?,
+            method,
             num_speculative_tokens: self.num_speculative_tokens,
             adaptive: !self.speculative_fixed_k,
             disable_by_batch_size: Some(self.speculative_disable_by_batch_size),
         };
         cfg.validate()
             .map_err(|e| anyhow::anyhow!("--speculative: {e}"))?;
-        Ok(Some(cfg))
+        Ok(cfg)
     }
 }

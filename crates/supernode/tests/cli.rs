@@ -451,3 +451,124 @@ fn serve_refuses_a_kv_cache_larger_than_the_machine() {
     ]);
     assert_one_line_error(&out, &["--kv-cache-mib 1000000000", "memory"]);
 }
+
+/// `--speculative draft` and `--draft-model` go together, and a draft model that cannot serve
+/// (not found, not a model, a recurrent state, another vocabulary) is a one-line error naming
+/// it, for `run`, `serve` and `bench`.
+#[test]
+fn bad_draft_models_are_named() {
+    let path = tmp("tiny-target.gguf");
+    tiny_llama(&path, "llama");
+    let p = path.to_str().unwrap();
+    let junk = tmp("junk.gguf");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let fixtures = common::fixture("hf");
+    let hybrid = fixtures.join("qwen3_5");
+    let vocab256 = fixtures.join("llama");
+    let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+        (
+            vec!["--speculative", "draft"],
+            vec!["--speculative draft needs --draft-model".into()],
+        ),
+        (
+            vec!["--draft-model", p],
+            vec!["--draft-model needs --speculative draft".into()],
+        ),
+        (
+            vec!["--speculative", "ngram", "--draft-model", p],
+            vec!["--draft-model needs --speculative draft".into()],
+        ),
+        (
+            vec![
+                "--speculative",
+                "draft",
+                "--draft-model",
+                "/nonexistent/draft.gguf",
+            ],
+            vec!["--draft-model: `/nonexistent/draft.gguf`".into()],
+        ),
+        (
+            vec![
+                "--speculative",
+                "draft",
+                "--draft-model",
+                junk.to_str().unwrap(),
+            ],
+            vec![format!("the draft model {} failed to load", junk.display())],
+        ),
+        (
+            vec![
+                "--speculative",
+                "draft",
+                "--draft-model",
+                hybrid.to_str().unwrap(),
+            ],
+            vec![
+                format!("the draft model {}", hybrid.display()),
+                "linear attention".into(),
+            ],
+        ),
+        (
+            vec![
+                "--speculative",
+                "draft",
+                "--draft-model",
+                vocab256.to_str().unwrap(),
+            ],
+            vec!["has a vocabulary of 256 tokens and the target one of 50".into()],
+        ),
+    ];
+    for (args, needles) in &cases {
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        let mut run = vec!["run", "--model", p, "--tokens", "1,2", "-n", "2"];
+        run.extend(args);
+        assert_one_line_error(&supernode(&run), &needles);
+        let mut serve = vec!["serve", "--model", p, "--port", "0"];
+        serve.extend(args);
+        assert_one_line_error(&supernode(&serve), &needles);
+        let mut bench = vec!["bench", "--model", p, "--prompt-tokens", "4"];
+        bench.extend(args);
+        assert_one_line_error(&supernode(&bench), &needles);
+    }
+}
+
+/// `run --speculative draft` with the model as its own draft: the greedy tokens of a run
+/// without speculation, and every draft accepted (the same model computes the same logits).
+#[test]
+fn run_with_a_draft_model_gives_the_same_tokens() {
+    let model = common::model_path("smollm2-135m");
+    let m = model.to_str().unwrap();
+    let base = [
+        "run",
+        "--model",
+        m,
+        "--prompt",
+        "The history of the printing press begins",
+        "-n",
+        "32",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--threads",
+        "2",
+    ];
+    let parse = |out: Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = parse(supernode(&base));
+    let mut args = base.to_vec();
+    args.extend(["--speculative", "draft", "--draft-model", m]);
+    let spec = parse(supernode(&args));
+    assert_eq!(plain["tokens"], spec["tokens"]);
+    assert_eq!(plain["text"], spec["text"]);
+    let drafted = spec["speculative"]["draft_tokens"].as_u64().unwrap();
+    let accepted = spec["speculative"]["accepted_tokens"].as_u64().unwrap();
+    assert!(drafted > 0);
+    assert_eq!(accepted, drafted, "drafting for itself");
+}

@@ -28,6 +28,8 @@
 //! processing samples the rows in order and keeps the drafts up to the first one the sampler
 //! did not draw, plus the token it drew there; the scheduler then takes back the rejected
 //! drafts' slots. See [`crate::spec`] for why this keeps the target's distribution exactly.
+//! A request that ends, however it ends, is released from the proposer too (a draft model's
+//! cache of it is dropped).
 
 pub mod block_pool;
 mod output;
@@ -51,7 +53,7 @@ pub use self::scheduler::{Plan, RequestId};
 use crate::constraint::Constraint;
 use crate::error::EngineError;
 use crate::sampler::SamplingParams;
-use crate::spec::{Adaptive, Proposer, SpecConfig};
+use crate::spec::{Adaptive, Proposer, SpecConfig, SpecMethod};
 use crate::tokenizer::Tokenizer;
 
 /// Limits of one engine.
@@ -364,6 +366,16 @@ fn no_speculation_with_state(model: &dyn Model) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// The checks of speculation with `spec` on `model`: no recurrent state, and a draft model
+/// with the model's vocabulary.
+fn check_speculation(model: &dyn Model, spec: &SpecConfig) -> Result<(), EngineError> {
+    no_speculation_with_state(model)?;
+    if let SpecMethod::Draft(d) = &spec.method {
+        d.check_vocab_size(model.config().vocab_size)?;
+    }
+    Ok(())
+}
+
 impl Engine {
     /// An engine over `model` with a KV cache of `cfg.num_blocks` blocks.
     pub fn new(
@@ -399,8 +411,8 @@ impl Engine {
             .map(|t| t.eog_ids().to_vec())
             .unwrap_or_default();
         let vocab_size = model.config().vocab_size;
-        if cfg.speculative.is_some() {
-            no_speculation_with_state(model.as_ref())?;
+        if let Some(spec) = &cfg.speculative {
+            check_speculation(model.as_ref(), spec)?;
         }
         let spec = cfg
             .speculative
@@ -432,8 +444,8 @@ impl Engine {
     /// Turns speculative decoding on (with this configuration) or off, for requests added from
     /// now on.
     pub fn set_speculative(&mut self, spec: Option<SpecConfig>) -> Result<(), EngineError> {
-        if spec.is_some() {
-            no_speculation_with_state(self.runner.model.as_ref())?;
+        if let Some(spec) = &spec {
+            check_speculation(self.runner.model.as_ref(), spec)?;
         }
         self.spec = spec
             .clone()
@@ -537,10 +549,19 @@ impl Engine {
             let ev = out.finish(FinishReason::Cancelled, String::new());
             out.send(ev);
         }
-        if self.sched.remove(id) == Some(false) {
+        if self.forget(id) == Some(false) {
             self.queued.fetch_sub(1, Ordering::Relaxed);
         }
         self.publish();
+    }
+
+    /// Takes request `id` out of the scheduler (its blocks go back to the pool) and out of the
+    /// proposer (its draft cache, if any); what [`Scheduler::remove`] says.
+    fn forget(&mut self, id: RequestId) -> Option<bool> {
+        if let Some(sp) = self.spec.as_mut() {
+            sp.proposer.release(id);
+        }
+        self.sched.remove(id)
     }
 
     /// Cancels every request.
@@ -567,7 +588,7 @@ impl Engine {
         match result {
             Err(msg) => {
                 for sc in &plan.scheduled {
-                    self.sched.remove(sc.id);
+                    self.forget(sc.id);
                     if let Some(mut out) = self.outputs.remove(&sc.id) {
                         out.send(Event::Error(msg.clone()));
                     }
@@ -662,7 +683,7 @@ impl Engine {
                     }
                 }
                 for id in done {
-                    self.sched.remove(id);
+                    self.forget(id);
                     self.outputs.remove(&id);
                 }
             }
@@ -739,6 +760,10 @@ impl Engine {
             if !r.was_admitted {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
             }
+            // The scheduler has dropped it already.
+            if let Some(sp) = self.spec.as_mut() {
+                sp.proposer.release(r.id);
+            }
             if let Some(mut out) = self.outputs.remove(&r.id) {
                 let ev = out.finish_length();
                 out.send(ev);
@@ -755,7 +780,7 @@ impl Engine {
             .collect();
         for id in gone {
             self.outputs.remove(&id);
-            if self.sched.remove(id) == Some(false) {
+            if self.forget(id) == Some(false) {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
             }
         }

@@ -14,13 +14,13 @@ use supernode_engine::session::Generate;
 use supernode_kernels::pool;
 
 use super::{max, median, min, BenchArgs};
-use crate::model_args::open_model;
+use crate::model_args::{load_options, open_model};
 
 pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
     if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens < 2 {
         bail!("--reps and --prompt-tokens must be at least 1 and --gen-tokens at least 2");
     }
-    let spec = a.spec.config()?;
+    a.spec.check()?;
     let text = match (&a.prompt, &a.prompt_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => {
@@ -32,6 +32,11 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
         bail!("--chat needs a prompt text (--prompt or --prompt-file)");
     }
     let (mut session, path) = open_model(&a.model)?;
+    let spec = a.spec.config(
+        &load_options(&a.model),
+        session.model(),
+        session.tokenizer().map(|t| t.as_ref()),
+    )?;
     session.set_speculative(spec.clone())?;
     let vocab = session.model().config().vocab_size;
     let prompt: Vec<u32> = match &text {
@@ -156,6 +161,9 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
             "accepted_tokens": accepted,
             "acceptance_rate": rate,
         });
+        if let supernode_engine::spec::SpecMethod::Draft(d) = &c.method {
+            out["speculative"]["draft_model"] = json!(d.name);
+        }
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

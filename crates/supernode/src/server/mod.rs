@@ -165,10 +165,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(o) => Some(Arc::new(cors::Cors::parse(o).map_err(anyhow::Error::msg)?)),
         None => None,
     };
-    let speculative = a.spec.config()?;
+    a.spec.check()?;
     let (path, opts) = prepare(&a.model)?;
     let t0 = std::time::Instant::now();
     let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
+    let speculative = a.spec.config(&opts, model.as_ref(), tokenizer.as_deref())?;
     if let Some(note) = supernode_models::partial_load_note(&path) {
         status_line(true, &note);
     }
