@@ -10,7 +10,9 @@
 //!
 //! `cargo run --release -p supernode-kernels --example kbench [-- REPS [TOKENS...]]` (token
 //! counts default to 1 and 512). `SUPERNODE_KBENCH=TEXT` keeps only the rows whose weight name
-//! or precision contains `TEXT` (e.g. `Exact`, `g_down`), so that `perf stat` sees one kernel.
+//! or precision contains `TEXT` (e.g. `Exact`, `g_down`), so that `perf stat` sees one kernel;
+//! `attention` keeps only one decode step's attention rows (K dots and V sums at 512 and 4,096
+//! cached positions).
 
 use std::time::Instant;
 
@@ -47,6 +49,66 @@ fn time_secs(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
         .collect();
     times.sort_by(f64::total_cmp);
     (times[times.len() / 2], times[0])
+}
+
+/// One decode step's attention over `ctx` cached positions in the paged layout of SmolLM2's
+/// cache (3 KV heads of 64, 16-token pages in shuffled order), per KV head: the query heads
+/// of its group against the K rows, then the weighted sum of the V rows. Prints the median
+/// milliseconds for one layer (all KV heads), in f16 and f32.
+fn attention_rows(rng: &mut Rng, reps: usize, ctx: usize) {
+    use supernode_kernels::simd::{
+        dot_f16_rows, dot_f32_rows, weighted_rows_f16, weighted_rows_f32,
+    };
+    let (kv_heads, g, d, page) = (3usize, 3usize, 64usize, 16usize);
+    let pages = ctx.div_ceil(page);
+    let order: Vec<usize> = (0..pages).map(|p| (p * 7919) % pages).collect();
+    let stride = kv_heads * d;
+    let len = pages * page * stride;
+    let k32 = rng.vec(len);
+    let v32 = rng.vec(len);
+    let k16: Vec<half::f16> = k32.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let v16: Vec<half::f16> = v32.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let q = rng.vec(g * d);
+    let ws: Vec<f32> = rng
+        .vec(g * ctx)
+        .iter()
+        .map(|x| x.abs() / ctx as f32)
+        .collect();
+    let mut scores = vec![0f32; g * ctx];
+    let mut out = vec![0f32; g * d];
+    {
+        // KV head 0's rows; the others' cost the same.
+        let bases: Vec<usize> = (0..ctx)
+            .map(|p| (order[p / page] * page + p % page) * stride)
+            .collect();
+        let (dot16, _) = time_secs(reps, || {
+            for _ in 0..kv_heads {
+                dot_f16_rows(&q, d, &k16, &bases, &mut scores)
+            }
+        });
+        let (wsum16, _) = time_secs(reps, || {
+            for _ in 0..kv_heads {
+                weighted_rows_f16(&ws, &v16, &bases, d, &mut out)
+            }
+        });
+        let (dot32, _) = time_secs(reps, || {
+            for _ in 0..kv_heads {
+                dot_f32_rows(&q, d, &k32, &bases, &mut scores)
+            }
+        });
+        let (wsum32, _) = time_secs(reps, || {
+            for _ in 0..kv_heads {
+                weighted_rows_f32(&ws, &v32, &bases, d, &mut out)
+            }
+        });
+        println!(
+            "attention ctx {ctx:>6}: K dots f16 {:.3} ms, V sums f16 {:.3} ms, K dots f32 {:.3} ms, V sums f32 {:.3} ms (one layer, {kv_heads} KV heads x {g} query heads)",
+            dot16 * 1e3,
+            wsum16 * 1e3,
+            dot32 * 1e3,
+            wsum32 * 1e3
+        );
+    }
 }
 
 fn main() {
@@ -142,6 +204,11 @@ fn main() {
                     min * 1e3
                 );
             }
+        }
+    }
+    if filter.is_empty() || "attention".contains(&filter) {
+        for ctx in [512, 4096] {
+            attention_rows(&mut rng, reps, ctx);
         }
     }
 }

@@ -258,8 +258,13 @@ pub(super) unsafe fn weighted_rows_f16_avx2(
     weighted_rows(ws, v, bases, n, out, |p| load8_f16(p));
 }
 
+/// Heads one pass of [`weighted_rows`] takes: each V row is read (and widened) once for all of
+/// them, and their accumulators are independent chains.
+const PASS_HEADS: usize = 4;
+
 /// The `weighted_rows_*` kernel over rows of `T`, which `load8` reads 8 at a time as f32:
-/// per output value, the same multiplies and adds in the same order whatever `T` is.
+/// per output value, the same multiplies and adds in the same order (positions in order)
+/// whatever `T` is, and however many heads a pass takes.
 ///
 /// # Safety
 /// As [`weighted_rows_avx2`]; `load8(p)` must read no more than `p[0..8]`.
@@ -271,47 +276,85 @@ unsafe fn weighted_rows<T: KvElem>(
     bases: &[usize],
     n: usize,
     out: &mut [f32],
-    load8: impl Fn(*const T) -> __m256,
+    load8: impl Fn(*const T) -> __m256 + Copy,
 ) {
     if n == 0 {
         return;
     }
+    let g = out.len() / n;
+    let mut h0 = 0;
+    while h0 < g {
+        let hs = (g - h0).min(PASS_HEADS);
+        match hs {
+            1 => weighted_heads::<T, 1>(ws, v, bases, n, out, h0, load8),
+            2 => weighted_heads::<T, 2>(ws, v, bases, n, out, h0, load8),
+            3 => weighted_heads::<T, 3>(ws, v, bases, n, out, h0, load8),
+            _ => weighted_heads::<T, PASS_HEADS>(ws, v, bases, n, out, h0, load8),
+        }
+        h0 += hs;
+    }
+}
+
+/// Heads `h0 .. h0 + H` of [`weighted_rows`]: 16 columns at a time, then 8, then the rest one
+/// by one.
+///
+/// # Safety
+/// As [`weighted_rows`]; `h0 + H` heads exist.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn weighted_heads<T: KvElem, const H: usize>(
+    ws: &[f32],
+    v: &[T],
+    bases: &[usize],
+    n: usize,
+    out: &mut [f32],
+    h0: usize,
+    load8: impl Fn(*const T) -> __m256,
+) {
     let m = bases.len();
     let vp = v.as_ptr();
-    for (h, oh) in out.chunks_exact_mut(n).enumerate() {
-        let (wp, op) = (ws.as_ptr().add(h * m), oh.as_mut_ptr());
-        let mut c = 0;
-        while c + 32 <= n {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (p, &b) in bases.iter().enumerate() {
-                let w = _mm256_set1_ps(*wp.add(p));
-                let x = vp.add(b + c);
-                for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(w, load8(x.add(8 * k))));
-                }
+    let wp: [*const f32; H] = std::array::from_fn(|h| ws.as_ptr().add((h0 + h) * m));
+    let op: [*mut f32; H] = std::array::from_fn(|h| out.as_mut_ptr().add((h0 + h) * n));
+    let mut c = 0;
+    while c + 16 <= n {
+        let mut acc = [[_mm256_setzero_ps(); 2]; H];
+        for (p, &b) in bases.iter().enumerate() {
+            let x = vp.add(b + c);
+            let (x0, x1) = (load8(x), load8(x.add(8)));
+            for (a, w) in acc.iter_mut().zip(wp) {
+                let w = _mm256_set1_ps(*w.add(p));
+                a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(w, x0));
+                a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(w, x1));
             }
-            for (k, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(op.add(c + 8 * k), *a);
-            }
-            c += 32;
         }
-        while c + 8 <= n {
-            let mut acc = _mm256_setzero_ps();
-            for (p, &b) in bases.iter().enumerate() {
-                let w = _mm256_set1_ps(*wp.add(p));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(w, load8(vp.add(b + c))));
-            }
-            _mm256_storeu_ps(op.add(c), acc);
-            c += 8;
+        for (a, o) in acc.iter().zip(op) {
+            _mm256_storeu_ps(o.add(c), a[0]);
+            _mm256_storeu_ps(o.add(c + 8), a[1]);
         }
-        let mut buf = [0f32; 1];
+        c += 16;
+    }
+    while c + 8 <= n {
+        let mut acc = [_mm256_setzero_ps(); H];
+        for (p, &b) in bases.iter().enumerate() {
+            let x = load8(vp.add(b + c));
+            for (a, w) in acc.iter_mut().zip(wp) {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(_mm256_set1_ps(*w.add(p)), x));
+            }
+        }
+        for (a, o) in acc.iter().zip(op) {
+            _mm256_storeu_ps(o.add(c), *a);
+        }
+        c += 8;
+    }
+    let mut buf = [0f32; 1];
+    for (w, o) in wp.into_iter().zip(op) {
         for i in c..n {
-            let mut o = 0f32;
+            let mut acc = 0f32;
             for (p, &b) in bases.iter().enumerate() {
                 let x = T::widen(std::slice::from_raw_parts(vp.add(b + i), 1), &mut buf)[0];
-                o += *wp.add(p) * x;
+                acc += *w.add(p) * x;
             }
-            *op.add(i) = o;
+            *o.add(i) = acc;
         }
     }
 }
