@@ -14,20 +14,12 @@ use half::slice::HalfFloatSliceExt;
 pub(crate) trait KvElem: Copy {
     /// `src` as f32: itself, or widened into `buf[..src.len()]`.
     fn widen<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
-    /// `p` itself if the elements already are f32 (the SIMD kernels then read rows in place
-    /// instead of widening them into a buffer first).
-    fn as_f32(p: *const Self) -> Option<*const f32>;
 }
 
 impl KvElem for f32 {
     #[inline(always)]
     fn widen<'a>(src: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
         src
-    }
-
-    #[inline(always)]
-    fn as_f32(p: *const f32) -> Option<*const f32> {
-        Some(p)
     }
 }
 
@@ -37,11 +29,6 @@ impl KvElem for f16 {
         let buf = &mut buf[..src.len()];
         src.convert_to_f32_slice(buf);
         buf
-    }
-
-    #[inline(always)]
-    fn as_f32(_p: *const f16) -> Option<*const f32> {
-        None
     }
 }
 

@@ -255,7 +255,7 @@ fn multi_row_dot_kernels_equal_single_dots_bit_for_bit() {
     let mut rng = Rng::new(10);
     for n in [1, 7, 32, 64, 100, 256] {
         for rows in [0, 1, 5, 8, 9, 17, 64] {
-            for g in [1, 3, 4] {
+            for g in [1, 2, 3, 4, 5, 7] {
                 let len = rows.max(1) * n + 7;
                 let (k16, kw) = f16_rows(&mut rng, len);
                 let bases = row_bases(&mut rng, rows, n, len);

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::{fma32, fold, load32, load8_f16};
-use crate::simd::elem::{with_buffer, KvElem};
+use crate::simd::elem::KvElem;
 use crate::simd::order::{add_tail, LANES};
 
 /// # Safety
@@ -45,7 +45,7 @@ pub(crate) unsafe fn dot2_avx2(a: &[f32], b: &[f32]) -> [f32; 2] {
 }
 
 /// [`crate::simd::dot_f32_rows`]: each dot exactly as [`dot_f32_avx2`] computes it, four
-/// positions at a time ([`dot4`]).
+/// positions and up to three heads at a time ([`dot_rows`]).
 ///
 /// # Safety
 /// Requires AVX2, FMA and F16C; `q.len() == g * n`, `out.len() == g * bases.len()`, and
@@ -58,20 +58,10 @@ pub(super) unsafe fn dot_rows_avx2(
     bases: &[usize],
     out: &mut [f32],
 ) {
-    let main = n / LANES * LANES;
-    dot_rows_blocked(
-        q,
-        n,
-        k,
-        bases,
-        out,
-        |_, _, _| {},
-        |q, rows| dot4(q, rows, main),
-    );
+    dot_rows(q, n, k, bases, out, |p| _mm256_loadu_ps(p));
 }
 
-/// [`crate::simd::dot_f16_rows`]: [`dot_rows_avx2`] over each block's K rows widened once (for
-/// all heads) into a buffer.
+/// [`crate::simd::dot_f16_rows`]: [`dot_rows_avx2`] with each K value widened as it is loaded.
 ///
 /// # Safety
 /// As [`dot_rows_avx2`].
@@ -83,70 +73,160 @@ pub(super) unsafe fn dot_rows_f16_avx2(
     bases: &[usize],
     out: &mut [f32],
 ) {
+    dot_rows(q, n, k, bases, out, |p| load8_f16(p));
+}
+
+/// Most heads one pass of [`dot_rows`] takes: each K vector is loaded (and widened) once for
+/// all of them. Three heads of four rows keep twelve accumulators, the query vectors and one
+/// K vector in the sixteen registers.
+const DOT_PASS_HEADS: usize = 3;
+
+/// The `dot_*_rows` kernel over rows of `T`, which `load8` reads 8 at a time as f32: the `g`
+/// heads in as few passes as [`DOT_PASS_HEADS`] allows, of sizes as even as possible (4 heads
+/// go as 2 + 2, not 3 + 1), then per pass [`dot_heads`].
+///
+/// # Safety
+/// As [`dot_rows_avx2`]; `load8(p)` must read no more than `p[0..8]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_rows<T: KvElem>(
+    q: &[f32],
+    n: usize,
+    k: &[T],
+    bases: &[usize],
+    out: &mut [f32],
+    load8: impl Fn(*const T) -> __m256 + Copy,
+) {
+    if n == 0 || bases.is_empty() {
+        return;
+    }
+    let g = q.len() / n;
+    let passes = g.div_ceil(DOT_PASS_HEADS);
+    let mut h0 = 0;
+    for pass in 0..passes {
+        // Heads left over the passes left, rounded up.
+        let hs = (g - h0).div_ceil(passes - pass);
+        match hs {
+            1 => dot_heads::<T, 1>(q, n, k, bases, out, h0, load8),
+            2 => dot_heads::<T, 2>(q, n, k, bases, out, h0, load8),
+            _ => dot_heads::<T, DOT_PASS_HEADS>(q, n, k, bases, out, h0, load8),
+        }
+        h0 += hs;
+    }
+}
+
+/// Heads `h0 .. h0 + H` of [`dot_rows`]: positions in blocks of four (a short last block
+/// repeats its first row in the unused slots and stores only its own results), the folded
+/// main parts of [`dot_block`], then the scalar tails added after, as [`add_tail`] does for
+/// `dot_f32`.
+///
+/// # Safety
+/// As [`dot_rows`]; `h0 + H` heads exist.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_heads<T: KvElem, const H: usize>(
+    q: &[f32],
+    n: usize,
+    k: &[T],
+    bases: &[usize],
+    out: &mut [f32],
+    h0: usize,
+    load8: impl Fn(*const T) -> __m256 + Copy,
+) {
+    let m = bases.len();
     let main = n / LANES * LANES;
-    dot_rows_blocked(
-        q,
-        n,
-        k,
-        bases,
-        out,
-        |s, d, n| widen_f16(s, d, n),
-        |q, rows| dot4(q, rows, main),
-    );
-}
-
-/// `dst[..n]` = `src[..n]` widened to f32 (exact).
-///
-/// # Safety
-/// AVX2 and F16C; `src[..n]` readable, `dst[..n]` writable.
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-unsafe fn widen_f16(src: *const f16, dst: *mut f32, n: usize) {
-    let main = n / 8 * 8;
-    for i in (0..main).step_by(8) {
-        _mm256_storeu_ps(dst.add(i), load8_f16(src.add(i)));
-    }
-    for i in main..n {
-        *dst.add(i) = (*src.add(i)).to_f32();
-    }
-}
-
-/// Lanes `8k .. 8k + 8` of the 32 accumulators of `q · rows[j]` over `q[..main]`, for the
-/// four rows: the fused multiply-adds of [`dot_f32_avx2`] in the same order per lane.
-///
-/// # Safety
-/// AVX2 and FMA; `q` and every row readable up to `main`, a multiple of 32; `k < 4`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn lanes4(q: *const f32, rows: &[*const f32; 4], main: usize, k: usize) -> [__m256; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for i in (8 * k..main).step_by(LANES) {
-        let w = _mm256_loadu_ps(q.add(i));
-        for (a, r) in acc.iter_mut().zip(rows) {
-            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(i)), *a);
+    let kp = k.as_ptr();
+    let qp: [*const f32; H] = std::array::from_fn(|h| q.as_ptr().add((h0 + h) * n));
+    let op: [*mut f32; H] = std::array::from_fn(|h| out.as_mut_ptr().add((h0 + h) * m));
+    let mut tail = [0f32; LANES];
+    for (j0, block) in bases.chunks(4).enumerate().map(|(i, c)| (4 * i, c)) {
+        let rows: [*const T; 4] =
+            std::array::from_fn(|j| kp.add(block[if j < block.len() { j } else { 0 }]));
+        // Head dims of 64 and 128 with the chunk count known: loops unrolled whole.
+        let mut r = match main {
+            64 => dot_block::<T, H, 2>(&qp, &rows, main, load8),
+            128 => dot_block::<T, H, 4>(&qp, &rows, main, load8),
+            _ => dot_block::<T, H, 0>(&qp, &rows, main, load8),
+        };
+        if main < n {
+            for (j, row) in rows.iter().take(block.len()).enumerate() {
+                let src = std::slice::from_raw_parts(row.add(main), n - main);
+                let tail_k = T::widen(src, &mut tail);
+                for (r, qh) in r.iter_mut().zip(qp) {
+                    let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
+                    r[j] = add_tail(r[j], tail_q, tail_k);
+                }
+            }
+        }
+        for (r, o) in r.iter().zip(op) {
+            std::ptr::copy_nonoverlapping(r.as_ptr(), o.add(j0), block.len());
         }
     }
-    acc
 }
 
-/// The folded main parts (`q[..main]`) of the dots of `q` with four rows: per row the lanes,
-/// fused multiply-adds and tree of [`dot_f32_avx2`] and [`fold`], bit for bit. The lanes go
-/// 8 at a time (lanes are independent: few registers live), and the tree runs for the four
-/// rows at once: `l + 16` and `l + 8` as in [`fold`], then `l + 4` on two rows per vector
-/// (`vperm2f128`), `l + 2` and `l + 1` on pairs of those (`vshufps`).
+/// The folded main parts (`q[..main]`) of the dots of `H` query heads with four rows: per dot
+/// the lanes, fused multiply-adds and tree of [`dot_f32_avx2`] and [`fold`], bit for bit. The
+/// lanes go 8 at a time (lanes are independent), each K vector loaded once for the `H` heads,
+/// and the tree runs per head for its four rows at once ([`tree4`]).
 ///
 /// # Safety
-/// As [`lanes4`].
+/// AVX2 and FMA; every `q` and row readable up to `main`, a multiple of 32.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn dot4(q: *const f32, rows: &[*const f32; 4], main: usize) -> [f32; 4] {
-    let (l0, l2) = (lanes4(q, rows, main, 0), lanes4(q, rows, main, 2));
-    let s02: [__m256; 4] = std::array::from_fn(|j| _mm256_add_ps(l0[j], l2[j]));
-    let (l1, l3) = (lanes4(q, rows, main, 1), lanes4(q, rows, main, 3));
-    // s[j] lane l: row j's lanes after `l + 16` and `l + 8`, as in `fold`.
-    let s: [__m256; 4] =
-        std::array::from_fn(|j| _mm256_add_ps(s02[j], _mm256_add_ps(l1[j], l3[j])));
-    // l + 4: [row 0 | row 1] and [row 2 | row 3], four lanes each.
+unsafe fn dot_block<T, const H: usize, const C: usize>(
+    q: &[*const f32; H],
+    rows: &[*const T; 4],
+    main: usize,
+    load8: impl Fn(*const T) -> __m256,
+) -> [[f32; 4]; H] {
+    let chunks = if C > 0 { C } else { main / LANES };
+    // lanes[h][k][j]: lanes `8k .. 8k + 8` of head h's accumulators for row j.
+    let mut lanes = [[[_mm256_setzero_ps(); 4]; 4]; H];
+    for k in 0..4 {
+        let mut acc = [[_mm256_setzero_ps(); 4]; H];
+        for c in 0..chunks {
+            let i = 8 * k + LANES * c;
+            // Plain loops, not `array::from_fn`: its closures are not inlined here.
+            let mut w = [_mm256_setzero_ps(); H];
+            for (w, q) in w.iter_mut().zip(q) {
+                *w = _mm256_loadu_ps(q.add(i));
+            }
+            for (j, r) in rows.iter().enumerate() {
+                let x = load8(r.add(i));
+                for (a, w) in acc.iter_mut().zip(w) {
+                    a[j] = _mm256_fmadd_ps(w, x, a[j]);
+                }
+            }
+        }
+        for (l, a) in lanes.iter_mut().zip(acc) {
+            l[k] = a;
+        }
+    }
+    let mut r = [[0f32; 4]; H];
+    for (r, l) in r.iter_mut().zip(&lanes) {
+        *r = tree4(l);
+    }
+    r
+}
+
+/// The trees of four dots from their lanes (`l[k][j]`: lanes `8k .. 8k + 8` of dot `j`), each
+/// [`fold`]'s bit for bit: `l + 16` and `l + 8` as in [`fold`], then `l + 4` on two dots per
+/// vector (`vperm2f128`), `l + 2` and `l + 1` on pairs of those (`vshufps`).
+///
+/// # Safety
+/// AVX2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn tree4(l: &[[__m256; 4]; 4]) -> [f32; 4] {
+    // s[j] lane l: dot j's lanes after `l + 16` and `l + 8`, as in `fold`.
+    let mut s = [_mm256_setzero_ps(); 4];
+    for (j, s) in s.iter_mut().enumerate() {
+        *s = _mm256_add_ps(
+            _mm256_add_ps(l[0][j], l[2][j]),
+            _mm256_add_ps(l[1][j], l[3][j]),
+        );
+    }
+    // l + 4: [dot 0 | dot 1] and [dot 2 | dot 3], four lanes each.
     let h = |a, b| {
         _mm256_add_ps(
             _mm256_permute2f128_ps::<0x20>(a, b),
@@ -154,12 +234,12 @@ unsafe fn dot4(q: *const f32, rows: &[*const f32; 4], main: usize) -> [f32; 4] {
         )
     };
     let (r01, r23) = (h(s[0], s[1]), h(s[2], s[3]));
-    // l + 2: [row 0 (2), row 2 (2) | row 1 (2), row 3 (2)].
+    // l + 2: [dot 0 (2), dot 2 (2) | dot 1 (2), dot 3 (2)].
     let z = _mm256_add_ps(
         _mm256_shuffle_ps::<0x44>(r01, r23),
         _mm256_shuffle_ps::<0xEE>(r01, r23),
     );
-    // l + 1: [row 0, row 2, .. | row 1, row 3, ..].
+    // l + 1: [dot 0, dot 2, .. | dot 1, dot 3, ..].
     let t = _mm256_add_ps(
         _mm256_shuffle_ps::<0x88>(z, z),
         _mm256_shuffle_ps::<0xDD>(z, z),
@@ -168,63 +248,6 @@ unsafe fn dot4(q: *const f32, rows: &[*const f32; 4], main: usize) -> [f32; 4] {
     let mut r = [0f32; 4];
     _mm_storeu_ps(r.as_mut_ptr(), _mm256_castps256_ps128(t));
     r
-}
-
-/// The driver of the SIMD `dot_*_rows` kernels: positions in blocks of `B`, each block's rows
-/// as f32 (read in place, or widened once into a buffer by `widen(src, dst, n)` for all heads),
-/// then per head `block(q_h, rows)`, which returns the `B` folded main parts (the first
-/// `32 * (n / 32)` elements), and the scalar tails added after, as [`add_tail`] does for
-/// `dot_f32`. A short last block repeats its first row in the unused slots and stores only its
-/// own results.
-///
-/// # Safety
-/// The sizes `crate::simd::kv::check_dot_rows` checks; `widen(src, dst, n)` must read
-/// `src[..n]` and write `dst[..n]` only; `block(q, rows)` must read no more than
-/// `q[..32 * (n / 32)]` and the same of each row; both may need the CPU features of their
-/// caller.
-#[inline(always)]
-unsafe fn dot_rows_blocked<T: KvElem, const B: usize>(
-    q: &[f32],
-    n: usize,
-    k: &[T],
-    bases: &[usize],
-    out: &mut [f32],
-    widen: impl Fn(*const T, *mut f32, usize),
-    block: impl Fn(*const f32, &[*const f32; B]) -> [f32; B],
-) {
-    let (g, m) = (q.len() / n, bases.len());
-    let main = n / LANES * LANES;
-    let (qp, kp, op) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
-    let len = if T::as_f32(kp).is_some() { 0 } else { B * n };
-    with_buffer(len, |buf| {
-        let bp = buf.as_mut_ptr();
-        for (j0, block_bases) in bases.chunks(B).enumerate().map(|(i, c)| (i * B, c)) {
-            let rows: [*const f32; B] = std::array::from_fn(|j| {
-                let b = block_bases[if j < block_bases.len() { j } else { 0 }];
-                match T::as_f32(kp.add(b)) {
-                    Some(p) => p,
-                    None if j < block_bases.len() => {
-                        widen(kp.add(b), bp.add(j * n), n);
-                        bp.add(j * n)
-                    }
-                    None => bp,
-                }
-            });
-            for h in 0..g {
-                let qh = qp.add(h * n);
-                let mut r = block(qh, &rows);
-                if main < n {
-                    let tail_q = std::slice::from_raw_parts(qh.add(main), n - main);
-                    for (r, row) in r.iter_mut().zip(rows) {
-                        let tail_k = std::slice::from_raw_parts(row.add(main), n - main);
-                        *r = add_tail(*r, tail_q, tail_k);
-                    }
-                }
-                let o = op.add(h * m + j0);
-                std::ptr::copy_nonoverlapping(r.as_ptr(), o, block_bases.len());
-            }
-        }
-    })
 }
 
 /// [`crate::simd::weighted_rows_f32`], one head at a time.
