@@ -2,7 +2,9 @@
 # End-to-end tests of `supernode serve` with the official OpenAI Python client (tests/python).
 # Creates once, and caches, a venv with the pinned tools of tests/python/requirements.txt under
 # ${SUPERNODE_CACHE:-~/.cache/supernode}/venv-server-tests (rebuilt when that file changes), then
-# runs pytest against $SUPERNODE_BIN (default: target/release/supernode, built beforehand).
+# runs pytest against $SUPERNODE_BIN (default: target/release/supernode, built beforehand);
+# then tests/python/test_instructor.py in a second cached venv, venv-instructor-tests, with
+# tests/python/requirements-instructor.txt (instructor's pins exclude the main venv's openai).
 # Extra arguments go to pytest (e.g. `-k stream -x`). Closes with a line
 # `test result: ok|FAILED. N passed; M failed; ...` that scripts/test.sh adds to its summary.
 set -euo pipefail
@@ -34,19 +36,29 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-ge
         echo "python-tests: could not install chromium; test_ui.py will fail" >&2
 fi
 
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null || true)" != "$want" ] || [ ! -x "$venv/bin/python" ]; then
-    echo "python-tests: creating $venv"
-    rm -rf "$venv"
-    mkdir -p "$cache"
-    if ! { "$python" -m venv "$venv" &&
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"; }; then
-        echo "python-tests: cannot create the venv at $venv" >&2
-        rm -rf "$venv"
-        counts_line 0 1 0
-        exit 1
+# ensure_venv DIR REQUIREMENTS: a venv at DIR with those pinned tools, rebuilt when the file
+# changes.
+ensure_venv() {
+    local dir=$1 req=$2 want
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    if [ "$(cat "$dir/.requirements.sha256" 2>/dev/null || true)" = "$want" ] && [ -x "$dir/bin/python" ]; then
+        return 0
     fi
-    echo "$want" >"$venv/.requirements.sha256"
+    echo "python-tests: creating $dir"
+    rm -rf "$dir"
+    mkdir -p "$cache"
+    if ! { "$python" -m venv "$dir" &&
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"; }; then
+        echo "python-tests: cannot create the venv at $dir" >&2
+        rm -rf "$dir"
+        return 1
+    fi
+    echo "$want" >"$dir/.requirements.sha256"
+}
+
+if ! ensure_venv "$venv" "$req"; then
+    counts_line 0 1 0
+    exit 1
 fi
 
 # The models the tests serve (a no-op when they are cached already); qwen2.5-0.5b's template
@@ -61,16 +73,38 @@ done
 
 counts=$(mktemp)
 trap 'rm -f "$counts"' EXIT
-status=0
-SUPERNODE_BIN=$bin SUPERNODE_PYTEST_COUNTS=$counts PYTHONDONTWRITEBYTECODE=1 \
-    "$venv/bin/python" -m pytest tests/python "$@" || status=$?
-if [ -s "$counts" ]; then
-    read -r passed failed skipped <"$counts"
+# run_pytest VENV ARGS...: runs pytest there and adds its counts to passed/failed/skipped.
+passed=0 failed=0 skipped=0 status=0 user_args=$#
+run_pytest() {
+    local dir=$1 code=0 p f s
+    shift
+    : >"$counts"
+    SUPERNODE_BIN=$bin SUPERNODE_PYTEST_COUNTS=$counts PYTHONDONTWRITEBYTECODE=1 \
+        "$dir/bin/python" -m pytest "$@" || code=$?
+    if [ -s "$counts" ]; then
+        read -r p f s <"$counts"
+    else
+        p=0 f=1 s=0 # pytest died before its summary
+    fi
+    # Exit 5 (no test collected) is a failure unless arguments given to this script (say
+    # `-k stream`) deselected everything.
+    if [ "$code" -eq 5 ] && [ "$user_args" -gt 0 ]; then
+        code=0
+    fi
+    if [ "$code" -ne 0 ] && [ "$f" -eq 0 ]; then
+        f=1 # no test collected, or an internal error
+    fi
+    passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+    if [ "$code" -ne 0 ]; then status=$code; fi
+}
+
+run_pytest "$venv" tests/python --ignore=tests/python/test_instructor.py "$@"
+# instructor, in its own venv (tests/python/requirements-instructor.txt says why).
+ins_venv=$cache/venv-instructor-tests
+if ensure_venv "$ins_venv" tests/python/requirements-instructor.txt; then
+    SUPERNODE_REQUIRE_INSTRUCTOR=1 run_pytest "$ins_venv" tests/python/test_instructor.py "$@"
 else
-    passed=0 failed=1 skipped=0 # pytest died before its summary
-fi
-if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
-    failed=1 # e.g. no test collected (exit 5) or an internal error
+    failed=$((failed + 1)) status=1
 fi
 counts_line "$passed" "$failed" "$skipped"
 exit "$status"
