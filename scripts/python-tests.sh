@@ -3,8 +3,8 @@
 # Creates once, and caches, a venv with the pinned tools of tests/python/requirements.txt under
 # ${SUPERNODE_CACHE:-~/.cache/supernode}/venv-server-tests (rebuilt when that file changes), then
 # runs pytest against $SUPERNODE_BIN (default: target/release/supernode, built beforehand);
-# then tests/python/test_instructor.py in a second cached venv, venv-instructor-tests, with
-# tests/python/requirements-instructor.txt (instructor's pins exclude the main venv's openai).
+# then tests/python/test_instructor.py and test_lm_eval.py in a second cached venv,
+# venv-extra-tests, with tests/python/requirements-extra.txt (which says why they are apart).
 # Extra arguments go to pytest (e.g. `-k stream -x`). Closes with a line
 # `test result: ok|FAILED. N passed; M failed; ...` that scripts/test.sh adds to its summary.
 set -euo pipefail
@@ -98,11 +98,12 @@ run_pytest() {
     if [ "$code" -ne 0 ]; then status=$code; fi
 }
 
-run_pytest "$venv" tests/python --ignore=tests/python/test_instructor.py "$@"
-# instructor, in its own venv (tests/python/requirements-instructor.txt says why).
-ins_venv=$cache/venv-instructor-tests
-if ensure_venv "$ins_venv" tests/python/requirements-instructor.txt; then
-    SUPERNODE_REQUIRE_INSTRUCTOR=1 run_pytest "$ins_venv" tests/python/test_instructor.py "$@"
+extra_tests=(tests/python/test_instructor.py tests/python/test_lm_eval.py)
+run_pytest "$venv" tests/python "${extra_tests[@]/#/--ignore=}" "$@"
+# instructor and lm-eval, in the second venv (tests/python/requirements-extra.txt says why).
+extra_venv=$cache/venv-extra-tests
+if ensure_venv "$extra_venv" tests/python/requirements-extra.txt; then
+    SUPERNODE_EXTRA_VENV=1 run_pytest "$extra_venv" "${extra_tests[@]}" "$@"
 else
     failed=$((failed + 1)) status=1
 fi

@@ -352,6 +352,37 @@ def test_tokenize_and_detokenize(keyed):
     assert bad2.status_code == 400 and bad2.json()["error"]["param"] == "content"
 
 
+def test_tokenizer_info_agrees_with_the_gguf(keyed):
+    """vLLM's `GET /tokenizer_info` (lm-eval's remote tokenizer reads it): the special tokens as
+    text that /tokenize turns back into the GGUF's ids, and the GGUF's chat template, as
+    gguf-py reads them."""
+    from gguf import GGUFReader
+
+    gguf = Path.home() / ".cache" / "supernode" / "models" / f"{MODEL}.gguf"
+    reader = GGUFReader(str(gguf))
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents()
+
+    with keyed.http() as h:
+        r = h.get("/tokenizer_info")
+        assert r.status_code == 200, r.text
+        info = r.json()
+        ids = {
+            k: h.post("/tokenize", json={"prompt": info[k], "add_special_tokens": False}).json()["tokens"]
+            for k in ("bos_token", "eos_token")
+        }
+        anonymous = httpx.get(keyed.url + "/tokenizer_info")
+    assert ids["bos_token"] == [field("tokenizer.ggml.bos_token_id")]
+    assert ids["eos_token"] == [field("tokenizer.ggml.eos_token_id")]
+    assert info["chat_template"] == field("tokenizer.chat_template")
+    assert info["vocab_size"] == len(field("tokenizer.ggml.tokens"))
+    assert isinstance(info["tokenizer_class"], str) and info["model_max_length"] > 0
+    # Behind the API key, as /tokenize is.
+    assert anonymous.status_code == 401
+
+
 # --- CORS -----------------------------------------------------------------------------------
 
 

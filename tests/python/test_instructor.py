@@ -3,9 +3,8 @@ the modes that speak the OpenAI API (JSON object, JSON schema, markdown JSON, to
 its partial-object streaming, its async client, and its retry loop.
 
 instructor 1.17 (the current release) pins `jiter<0.15`, which the `openai` of requirements.txt
-excludes, so it has a venv of its own with the newest `openai` it accepts
-(requirements-instructor.txt); scripts/python-tests.sh runs this file there. In the main venv it
-is skipped.
+excludes, so it is in the second venv with the newest `openai` it accepts (requirements-extra.txt);
+scripts/python-tests.sh runs this file there. In the main venv it is skipped.
 
 Every call sets `max_retries=0` unless it tests retries: the first answer must already parse
 and validate. The grammar behind `response_format` and forced tool calls is what makes that
@@ -18,10 +17,10 @@ import os
 
 import pytest
 
-if os.environ.get("SUPERNODE_REQUIRE_INSTRUCTOR"):
+if os.environ.get("SUPERNODE_EXTRA_VENV"):
     import instructor
 else:
-    instructor = pytest.importorskip("instructor", reason="instructor runs in its own venv (scripts/python-tests.sh)")
+    instructor = pytest.importorskip("instructor", reason="instructor runs in the second venv (scripts/python-tests.sh)")
 
 from openai import AsyncOpenAI, OpenAI  # noqa: E402
 from pydantic import BaseModel, Field, field_validator  # noqa: E402
@@ -42,17 +41,22 @@ def openai_client(server) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
-def extract(server, mode, model: str = QWEN, **kw) -> User:
-    client = instructor.from_openai(openai_client(server), mode=mode)
-    kw.setdefault("temperature", 0)
-    return client.chat.completions.create(
-        model=model,
-        response_model=User,
-        messages=[{"role": "user", "content": TEXT}],
-        max_retries=kw.pop("max_retries", 0),
-        max_tokens=100,
+def request(text: str = TEXT, model: str = QWEN, **kw) -> dict:
+    """The arguments of one extraction: greedy and without retries unless `kw` says otherwise."""
+    return {
+        "model": model,
+        "response_model": User,
+        "messages": [{"role": "user", "content": text}],
+        "max_retries": 0,
+        "temperature": 0,
+        "max_tokens": 100,
         **kw,
-    )
+    }
+
+
+def extract(server, mode, **kw) -> User:
+    client = instructor.from_openai(openai_client(server), mode=mode)
+    return client.chat.completions.create(**request(**kw))
 
 
 @pytest.mark.parametrize(
@@ -77,16 +81,7 @@ def test_the_tiny_model_at_temperature_one_always_validates(server):
 @pytest.mark.parametrize("mode", ["TOOLS", "JSON"])
 def test_partial_streaming_ends_in_the_whole_object(qwen_server, mode):
     client = instructor.from_openai(openai_client(qwen_server), mode=getattr(instructor.Mode, mode))
-    parts = list(
-        client.chat.completions.create_partial(
-            model=QWEN,
-            response_model=User,
-            messages=[{"role": "user", "content": TEXT}],
-            max_retries=0,
-            temperature=0,
-            max_tokens=100,
-        )
-    )
+    parts = list(client.chat.completions.create_partial(**request()))
     assert parts, "no partial object"
     last = parts[-1]
     assert (last.name, last.age) == ("Jason", 25)
@@ -101,19 +96,8 @@ def test_async_client(qwen_server):
             AsyncOpenAI(base_url=qwen_server.url + "/v1", api_key="unused", timeout=300, max_retries=0),
             mode=instructor.Mode.TOOLS,
         )
-        users = await asyncio.gather(
-            *(
-                client.chat.completions.create(
-                    model=QWEN,
-                    response_model=User,
-                    messages=[{"role": "user", "content": t}],
-                    max_retries=0,
-                    temperature=0,
-                    max_tokens=100,
-                )
-                for t in (TEXT, "Extract the person: Maria, aged 31, is a doctor.")
-            )
-        )
+        texts = (TEXT, "Extract the person: Maria, aged 31, is a doctor.")
+        users = await asyncio.gather(*(client.chat.completions.create(**request(t)) for t in texts))
         return [(u.name, u.age) for u in users]
 
     assert asyncio.run(go()) == [("Jason", 25), ("Maria", 31)]
@@ -140,14 +124,7 @@ def test_a_failed_validation_is_retried_with_the_error_in_the_conversation(qwen_
     sent = []
     client.on("completion:kwargs", lambda *a, **kw: sent.append(kw))
     try:
-        user = client.chat.completions.create(
-            model=QWEN,
-            response_model=ShoutedUser,
-            messages=[{"role": "user", "content": TEXT}],
-            max_retries=2,
-            temperature=0,
-            max_tokens=100,
-        )
+        user = client.chat.completions.create(**request(response_model=ShoutedUser, max_retries=2))
         assert user.name == user.name.upper()
     except InstructorRetryException as e:
         # Every attempt came back as a tool call that parsed; only the validator refused it.

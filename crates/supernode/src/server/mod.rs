@@ -408,6 +408,7 @@ fn router(state: Shared) -> Router {
         .route("/v1/embeddings", post(embeddings::handler))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
+        .route("/tokenizer_info", get(tokens::tokenizer_info))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     let pages = match state.ui {
         true => Router::new().route("/", get(ui::page)),

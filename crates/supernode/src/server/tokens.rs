@@ -2,7 +2,7 @@
 //! `add_special`, `parse_special`, `with_pieces` → `tokens`; `tokens` → `content`), with vLLM's
 //! forms accepted too (`prompt` with `add_special_tokens`, or chat `messages` rendered through
 //! the model's template; the answer adds `count` and `max_model_len`, and detokenize's answer
-//! `prompt`).
+//! `prompt`), and vLLM's `GET /tokenizer_info` (what lm-eval's remote tokenizer reads).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -103,6 +103,31 @@ pub fn detokenize_body(st: &AppState, body: &Map<String, Value>) -> ApiResult<Va
     }
     let text = tok.decode(&ids, true);
     Ok(json!({ "content": text, "prompt": text }))
+}
+
+/// vLLM's `GET /tokenizer_info`: the tokenizer's configuration in `tokenizer_config.json`'s
+/// terms. lm-eval's API models detect a server tokenizer by it (with `/tokenize`) and then
+/// tokenise through the server instead of loading one from the Hub.
+pub fn tokenizer_info_body(st: &AppState) -> ApiResult<Value> {
+    let tok = tokenizer(st)?;
+    // Special tokens as the text that encodes to them (`/tokenize` parses special text).
+    let text = |id: Option<u32>| id.map(|id| tok.decode(&[id], true));
+    Ok(json!({
+        "tokenizer_class": "supernode",
+        "bos_token": text(tok.bos_id()),
+        "eos_token": text(tok.eos_id()),
+        "add_bos_token": tok.adds_bos(),
+        "chat_template": tok.chat_template(),
+        "model_max_length": st.max_model_len,
+        "vocab_size": tok.vocab_size(),
+    }))
+}
+
+pub async fn tokenizer_info(State(st): State<Shared>) -> Response {
+    match tokenizer_info_body(&st) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn run(
