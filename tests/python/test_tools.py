@@ -203,3 +203,75 @@ def test_template_without_tools_refuses_them(client):
         client.chat.completions.create(model="smollm2-135m", messages=ASK, tools=[WEATHER], max_tokens=5)
     assert e.value.body["param"] == "tools"
     assert "cannot render tools" in e.value.body["message"]
+
+
+# --- Forced calls in other families' formats (--chat-template) ------------------------------
+
+FORECAST = {
+    "type": "function",
+    "function": {
+        "name": "get_forecast",
+        "description": "Get the forecast for a number of days",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "hourly": {"type": "boolean"},
+            },
+            "required": ["days", "unit"],
+        },
+    },
+}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("Qwen3-Coder.jinja", "qwen3_coder"), ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral")],
+    ids=["qwen3_coder", "mistral"],
+)
+def other_format_server(request):
+    """qwen2.5-0.5b served with another family's real chat template (`--chat-template`): the
+    prompt renders the tools that family's way, and a forced call is written in that family's
+    format (Qwen3-Coder's XML-like tags; Mistral's `[TOOL_CALLS]` list), whatever the model
+    would have written by itself."""
+    from conftest import ROOT, running
+
+    template, family = request.param
+    path = ROOT / "tests" / "fixtures" / "templates" / template
+    with running("--ctx", "4096", "--chat-template", str(path), model=MODEL) as s:
+        yield s, family, path
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_forecast"}}])
+def test_forced_calls_in_other_families_formats_always_parse(other_format_server, choice):
+    """Sampled at temperature 1 on a prompt that needs no tool, with a template the model was
+    not trained on: every answer is a call of an offered tool whose arguments match its schema
+    (the integer's range, the enum, the boolean), which only the grammar makes sure of."""
+    server, family, path = other_format_server
+    client = server.client()
+    with server.http() as h:
+        info = h.get("/tokenizer_info").json()
+    assert info["chat_template"] == path.read_text(), "the server is not using the given template"
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a short poem about autumn leaves."}],
+        tools=[FORECAST, TIME],
+        tool_choice=choice,
+        temperature=1.0,
+        seed=11,
+        n=4,
+        max_tokens=100,
+    )
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls", (family, c)
+        [call] = c.message.tool_calls
+        args = json.loads(call.function.arguments)
+        if choice != "required":
+            assert call.function.name == "get_forecast", (family, call)
+        if call.function.name == "get_forecast":
+            assert isinstance(args["days"], int) and 1 <= args["days"] <= 7, (family, args)
+            assert args["unit"] in ("celsius", "fahrenheit"), (family, args)
+            assert isinstance(args.get("hourly", False), bool), (family, args)
+        else:
+            assert call.function.name == "get_time" and args["zone"] in ("UTC", "CET", "PST"), (family, args)

@@ -123,11 +123,16 @@ impl ChatTemplate {
     /// The template of `tok`'s model with its BOS and EOS texts; `None` if the model has none
     /// (base models often do not).
     pub fn for_tokenizer(tok: &Tokenizer) -> Result<Option<ChatTemplate>, EngineError> {
-        let Some(src) = tok.chat_template() else {
-            return Ok(None);
-        };
+        tok.chat_template()
+            .map(|src| ChatTemplate::with_source(tok, src))
+            .transpose()
+    }
+
+    /// The template `src` (say, one given instead of the model's own) with `tok`'s BOS and EOS
+    /// texts.
+    pub fn with_source(tok: &Tokenizer, src: &str) -> Result<ChatTemplate, EngineError> {
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-        ChatTemplate::new(src, &text(tok.bos_id()), &text(tok.eos_id())).map(Some)
+        ChatTemplate::new(src, &text(tok.bos_id()), &text(tok.eos_id()))
     }
 
     /// Renders a conversation with the generation prompt and tokenises it, keeping special-token

@@ -180,6 +180,13 @@ impl ConstraintSpec {
     }
 }
 
+/// `schema` as a JSON grammar nested in a Lark one (`%json {...}`), with the JSON options of
+/// [`ConstraintSpec::JsonSchema`] (`strict: false` ignores the keywords llguidance cannot
+/// enforce).
+pub fn lark_json(schema: &Value, strict: bool) -> String {
+    format!("%json {}", with_json_options(schema.clone(), !strict))
+}
+
 /// `schema` with llguidance's JSON options (`x-guidance`) set, unless it sets them itself.
 fn with_json_options(mut schema: Value, lenient: bool) -> Value {
     if let Value::Object(o) = &mut schema {

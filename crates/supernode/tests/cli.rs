@@ -452,6 +452,42 @@ fn serve_refuses_a_kv_cache_larger_than_the_machine() {
     assert_one_line_error(&out, &["--kv-cache-mib 1000000000", "memory"]);
 }
 
+/// `serve --chat-template`: a file that cannot be read, a template that does not compile, and
+/// a model without a tokenizer are one-line errors naming the option.
+#[test]
+fn serve_refuses_a_bad_chat_template_with_one_line() {
+    let tiny = tmp("tiny-template.gguf");
+    tiny_llama(&tiny, "llama");
+    let bad = tmp("bad-template.jinja");
+    std::fs::write(&bad, "{% if messages %}unclosed").unwrap();
+    let good = tmp("good-template.jinja");
+    std::fs::write(&good, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+    let real = common::model_path("smollm2-135m");
+    let serve = |model: &Path, template: &str| {
+        supernode(&[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--chat-template",
+            template,
+        ])
+    };
+    assert_one_line_error(
+        &serve(&real, "/nonexistent/template.jinja"),
+        &["cannot read --chat-template /nonexistent/template.jinja"],
+    );
+    assert_one_line_error(
+        &serve(&real, bad.to_str().unwrap()),
+        &[&format!("--chat-template {}", bad.display()), "template"],
+    );
+    assert_one_line_error(
+        &serve(&tiny, good.to_str().unwrap()),
+        &["--chat-template needs a model with a tokenizer"],
+    );
+}
+
 /// `--speculative draft` and `--draft-model` go together, and a draft model that cannot serve
 /// (not found, not a model, a recurrent state, another vocabulary) is a one-line error naming
 /// it, for `run`, `serve` and `bench`.

@@ -30,9 +30,9 @@ pub struct RawCall {
 
 pub const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 pub const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
-const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
-const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
-const DS_SEP: &str = "<｜tool▁sep｜>";
+pub const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+pub const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
+pub const DS_SEP: &str = "<｜tool▁sep｜>";
 
 impl Family {
     pub const ALL: [Family; 5] = [

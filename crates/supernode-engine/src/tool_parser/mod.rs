@@ -16,7 +16,9 @@ mod tests;
 
 use serde_json::Value;
 
-pub use families::{Family, RawCall};
+pub use families::{
+    Family, RawCall, DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END, DS_SEP,
+};
 pub use reasoning::{ReasoningFamily, ReasoningParser};
 
 /// The texts of tool-call and reasoning markers, which the tokenizer decodes even where a model

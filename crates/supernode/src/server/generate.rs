@@ -103,7 +103,8 @@ fn chat_inner(st: &Shared, body: &[u8]) -> ApiResult<Started> {
 pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> ApiResult<Started> {
     let mut req = api::chat_request(body)?;
     check_model(st, &req.spec)?;
-    if let Some(spec) = tools::forced_call(&st.tooling, &req.tools) {
+    let control = |text: &str| tools::control_token(st.tokenizer.as_deref(), text);
+    if let Some(spec) = tools::forced_call(&st.tooling, &req.tools, &control) {
         if let Some(other) = &req.spec.structured.constraint {
             return Err(ApiError::invalid(
                 other.param,

@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// (seen by routers and other workers) cannot be matched or predicted from outside.
     #[arg(long, default_value = "")]
     prefix_cache_salt: String,
+    /// A chat template file (Jinja) to use instead of the model's own (vLLM's `--chat-template`,
+    /// llama-server's `--chat-template-file`); the tool-call and reasoning formats are then
+    /// detected from it.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<std::path::PathBuf>,
     /// Tool-call format (hermes, qwen3_coder, llama3_json, deepseek_v3, mistral, none);
     /// default: detected from the chat template.
     #[arg(long)]
@@ -125,6 +130,8 @@ pub struct AppState {
     engine: EngineHandle,
     tokenizer: Option<Arc<Tokenizer>>,
     template: Option<ChatTemplate>,
+    /// The chat template's source (`--chat-template`'s, else the model's).
+    template_source: Option<String>,
     tooling: tools::Tooling,
     model_id: String,
     api_key: Option<String>,
@@ -173,9 +180,23 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if let Some(note) = supernode_models::partial_load_note(&path) {
         status_line(true, &note);
     }
-    let template = match &tokenizer {
-        Some(t) => ChatTemplate::for_tokenizer(t)?,
+    let given = match &a.chat_template {
+        Some(p) => {
+            let path = p.display().to_string();
+            let src = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read --chat-template {path}: {e}"))?;
+            Some((path, src))
+        }
         None => None,
+    };
+    let template = match (&tokenizer, &given) {
+        (Some(t), Some((path, src))) => Some(
+            ChatTemplate::with_source(t, src)
+                .map_err(|e| anyhow::anyhow!("--chat-template {path}: {e}"))?,
+        ),
+        (Some(t), None) => ChatTemplate::for_tokenizer(t)?,
+        (None, Some(_)) => bail!("--chat-template needs a model with a tokenizer"),
+        (None, None) => None,
     };
     if let Some(total) = memory_mib() {
         if a.kv_cache_mib > total {
@@ -186,9 +207,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             );
         }
     }
-    let source = tokenizer.as_ref().and_then(|t| t.chat_template());
+    let source: Option<String> = given.map(|(_, src)| src).or_else(|| {
+        tokenizer
+            .as_ref()
+            .and_then(|t| t.chat_template())
+            .map(str::to_string)
+    });
     let tooling = tools::Tooling::new(
-        template.as_ref().zip(source),
+        template.as_ref().zip(source.as_deref()),
         a.tool_call_parser.as_deref(),
         a.reasoning_parser.as_deref(),
     )?;
@@ -280,6 +306,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         engine,
         tokenizer,
+        template_source: source,
         template,
         tooling,
         model_id,

@@ -117,7 +117,7 @@ pub fn tokenizer_info_body(st: &AppState) -> ApiResult<Value> {
         "bos_token": text(tok.bos_id()),
         "eos_token": text(tok.eos_id()),
         "add_bos_token": tok.adds_bos(),
-        "chat_template": tok.chat_template(),
+        "chat_template": st.template_source,
         "model_max_length": st.max_model_len,
         "vocab_size": tok.vocab_size(),
     }))

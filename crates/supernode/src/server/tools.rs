@@ -7,10 +7,11 @@
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use supernode_engine::chat::{ChatExtras, ChatTemplate, RESERVED};
-use supernode_engine::constraint::ConstraintSpec;
+use supernode_engine::constraint::{lark_json, ConstraintSpec};
+use supernode_engine::tokenizer::Tokenizer;
 use supernode_engine::tool_parser::{
     parse_complete, Delta, Family, OutputParser, Parsed, ReasoningFamily, ReasoningParser,
-    ToolCallParser,
+    ToolCallParser, DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END, DS_SEP,
 };
 
 use super::api::{ApiError, ApiResult, Fields};
@@ -21,6 +22,41 @@ pub struct Tooling {
     pub reasoning: Option<ReasoningFamily>,
     /// The template puts tool definitions into the prompt.
     pub renders_tools: bool,
+    /// How a call is written where a `tool_choice` forces one.
+    forced: Option<Forced>,
+}
+
+/// A family's way of writing one call, as its template writes an assistant's calls: what the
+/// grammar of a forced call produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Forced {
+    /// A bare JSON object `{"name": N, KEY: {..}}` (Hermes/Qwen2.5 `arguments`, Llama 3
+    /// `parameters`).
+    Json(&'static str),
+    /// `<tool_call>\n<function=N>\n<parameter=P>\nV\n</parameter>\n</function>\n</tool_call>`.
+    Qwen3Coder,
+    /// DeepSeek-V3.1: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>N<｜tool▁sep｜>{..}<｜tool▁call▁end｜><｜tool▁calls▁end｜>`.
+    DeepSeekNamed,
+    /// DeepSeek-V3/R1: `...<｜tool▁call▁begin｜>function<｜tool▁sep｜>N\n```json\n{..}\n```<｜tool▁call▁end｜>...`.
+    DeepSeekFenced,
+    /// Mistral before v11: `[TOOL_CALLS][{"name": N, "arguments": {..}}]`.
+    MistralList,
+}
+
+impl Forced {
+    /// The format of `family` as the template `src` writes calls; `None` where no grammar is
+    /// built (Mistral v11's `N[ARGS]{..}`: no template of it to test against here).
+    fn of(family: Family, src: &str) -> Option<Forced> {
+        Some(match family {
+            Family::Hermes => Forced::Json("arguments"),
+            Family::Llama3Json => Forced::Json("parameters"),
+            Family::Qwen3Coder => Forced::Qwen3Coder,
+            Family::DeepSeekV3 if src.contains("```json") => Forced::DeepSeekFenced,
+            Family::DeepSeekV3 => Forced::DeepSeekNamed,
+            Family::Mistral if src.contains("[ARGS]") => return None,
+            Family::Mistral => Forced::MistralList,
+        })
+    }
 }
 
 impl Tooling {
@@ -57,28 +93,30 @@ impl Tooling {
             family,
             reasoning,
             renders_tools: template.is_some_and(|(t, _)| t.renders_tools()),
+            forced: family.and_then(|f| Forced::of(f, src)),
         })
     }
 }
 
-/// The grammar that makes a `required` or named `tool_choice` a call, for the families whose
-/// call may be a bare JSON object (Hermes/Qwen2.5 `{"name", "arguments"}`, Llama 3
-/// `{"name", "parameters"}`): a JSON schema with one branch per tool offered (the named choice
-/// offers one), its parameters' schema under the family's key. `None` where the choice asks for
-/// nothing, or where the family's call format is not JSON, or where the model reasons first
-/// (the grammar would forbid its reasoning): there the model is asked, not forced.
-pub fn forced_call(tooling: &Tooling, tools: &ChatTools) -> Option<ConstraintSpec> {
+/// The grammar that makes a `required` or named `tool_choice` a call, in the family's own format
+/// ([`Forced`]): one call of one of the tools offered (the named choice offers one), its
+/// arguments held to the tool's parameters schema. Markers that are one control token of the
+/// vocabulary (`control(text)` gives its id) are that token: a grammar reaches control tokens
+/// only by id. `None` where the
+/// choice asks for nothing, where no grammar is built for the format, or where the model
+/// reasons first (the grammar would forbid its reasoning): there the model is asked, not forced.
+pub fn forced_call(
+    tooling: &Tooling,
+    tools: &ChatTools,
+    control: &dyn Fn(&str) -> Option<u32>,
+) -> Option<ConstraintSpec> {
     if !matches!(tools.choice, Some(Choice::Required | Choice::Named(_)))
         || tooling.reasoning.is_some()
     {
         return None;
     }
-    let key = match tooling.family? {
-        Family::Hermes => "arguments",
-        Family::Llama3Json => "parameters",
-        _ => return None,
-    };
-    let branches: Vec<Value> = tools
+    let forced = tooling.forced?;
+    let offered: Vec<(&str, Value)> = tools
         .tools
         .iter()
         .filter_map(|t| {
@@ -87,20 +125,149 @@ pub fn forced_call(tooling: &Tooling, tools: &ChatTools) -> Option<ConstraintSpe
                 .pointer("/function/parameters")
                 .cloned()
                 .unwrap_or_else(|| json!({ "type": "object" }));
-            Some(json!({
-                "type": "object",
-                "properties": { "name": { "const": name }, key: params },
-                "required": ["name", key],
-                "additionalProperties": false,
-            }))
+            Some((name, params))
         })
         .collect();
-    (!branches.is_empty()).then(|| ConstraintSpec::JsonSchema {
-        schema: json!({ "anyOf": branches }),
-        // Tool schemas come from clients written for other servers: keywords the grammar
-        // cannot enforce are ignored rather than refused.
-        strict: false,
-    })
+    if offered.is_empty() {
+        return None;
+    }
+    // Tool schemas come from clients written for other servers: keywords the grammar cannot
+    // enforce are ignored rather than refused (`strict: false`).
+    let json_branch = |key: &str, name: &str, params: &Value| {
+        json!({
+            "type": "object",
+            "properties": { "name": { "const": name }, key: params },
+            "required": ["name", key],
+            "additionalProperties": false,
+        })
+    };
+    let lit = |text: &str| match control(text) {
+        Some(id) => format!("<[{id}]>"),
+        None => lark_string(text),
+    };
+    let alts = |one: &dyn Fn(&str, &Value) -> String| {
+        offered
+            .iter()
+            .map(|(n, p)| one(n, p))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let lark = match forced {
+        Forced::Json(key) => {
+            let branches: Vec<Value> = offered
+                .iter()
+                .map(|(n, p)| json_branch(key, n, p))
+                .collect();
+            return Some(ConstraintSpec::JsonSchema {
+                schema: json!({ "anyOf": branches }),
+                strict: false,
+            });
+        }
+        Forced::MistralList => {
+            let branches: Vec<Value> = offered
+                .iter()
+                .map(|(n, p)| json_branch("arguments", n, p))
+                .collect();
+            let list = json!({
+                "type": "array", "items": { "anyOf": branches }, "minItems": 1, "maxItems": 1,
+            });
+            format!(
+                "start: {} {}\n",
+                lit("[TOOL_CALLS]"),
+                lark_json(&list, false)
+            )
+        }
+        Forced::DeepSeekNamed | Forced::DeepSeekFenced => {
+            let call = alts(&|n, p| {
+                let args = lark_json(p, false);
+                match forced {
+                    Forced::DeepSeekNamed => format!("({} {} {args})", lit(n), lit(DS_SEP)),
+                    _ => format!(
+                        "({} {} {} {args} {})",
+                        lit("function"),
+                        lit(DS_SEP),
+                        lit(&format!("{n}\n```json\n")),
+                        lit("\n```"),
+                    ),
+                }
+            });
+            format!(
+                "start: {} {} call {} {}\ncall: {call}\n",
+                lit(DS_CALLS_BEGIN),
+                lit(DS_CALL_BEGIN),
+                lit(DS_CALL_END),
+                lit(DS_CALLS_END),
+            )
+        }
+        Forced::Qwen3Coder => {
+            let mut rules = String::new();
+            let call = alts(&|n, p| {
+                let required: Vec<&str> = p
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|r| r.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let mut parts = vec![lit(&format!("<function={n}>\n"))];
+                for (param, schema) in p
+                    .pointer("/properties")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    // A string is the text itself (up to the closing tag; one of its `enum`
+                    // if it has one); any other type is JSON, as the parser reads it.
+                    let strings: Option<Vec<&str>> = schema
+                        .get("enum")
+                        .and_then(Value::as_array)
+                        .and_then(|e| e.iter().map(Value::as_str).collect());
+                    let value = match (schema.get("type").and_then(Value::as_str), strings) {
+                        (Some("string"), Some(options)) => format!(
+                            "({}) {}",
+                            options
+                                .iter()
+                                .map(|o| lit(o))
+                                .collect::<Vec<_>>()
+                                .join(" | "),
+                            lit(PARAM_END)
+                        ),
+                        (Some("string"), None) => "text".to_string(),
+                        _ => format!("{} {}", lark_json(schema, false), lit(PARAM_END)),
+                    };
+                    let part = format!("({} {value})", lit(&format!("<parameter={param}>\n")));
+                    let optional = !required.contains(&param.as_str());
+                    parts.push(if optional { format!("{part}?") } else { part });
+                }
+                parts.push(lit("</function>\n"));
+                format!("({})", parts.join(" "))
+            });
+            rules.push_str(&format!(
+                "start: {} call {}\ncall: {call}\ntext[suffix={}]: /(?s:.*)/\n",
+                lit("<tool_call>\n"),
+                lit("</tool_call>"),
+                lark_string(PARAM_END),
+            ));
+            rules
+        }
+    };
+    Some(ConstraintSpec::Lark(lark))
+}
+
+/// What closes a Qwen3-Coder parameter's value.
+const PARAM_END: &str = "\n</parameter>\n";
+
+/// The id of the control token whose text is exactly `text`, if `tok`'s vocabulary has one
+/// (a token without plain bytes, as `Grammars::for_tokenizer` marks them special).
+pub fn control_token(tok: Option<&Tokenizer>, text: &str) -> Option<u32> {
+    let t = tok?;
+    let id = t.token_id(text)?;
+    t.token_bytes(id, false).is_empty().then_some(id)
+}
+
+/// A Lark string literal of `text` (Lark strings use JSON's syntax, without a raw DEL).
+fn lark_string(text: &str) -> String {
+    serde_json::to_string(text)
+        .expect("a string serialises")
+        .replace('\u{7f}', "\\u007f")
 }
 
 /// `tool_choice`.
@@ -506,5 +673,234 @@ impl ParseSpec {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use supernode_engine::constraint::Grammars;
+    use supernode_engine::tool_parser::{Parsed, ToolCallParser};
+
+    use super::*;
+
+    /// Control tokens of the test vocabulary, after the 256 bytes (id 0, the end, included).
+    const CONTROL: [&str; 6] = [
+        DS_CALLS_BEGIN,
+        DS_CALLS_END,
+        DS_CALL_BEGIN,
+        DS_CALL_END,
+        DS_SEP,
+        "[TOOL_CALLS]",
+    ];
+
+    fn control(text: &str) -> Option<u32> {
+        CONTROL
+            .iter()
+            .position(|c| *c == text)
+            .map(|i| 256 + i as u32)
+    }
+
+    /// Byte `b` is token `b` (0 is the end), then the control tokens by name only.
+    fn grammars() -> Arc<Grammars> {
+        let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        words[0] = b"\xFF<|end|>".to_vec();
+        for c in CONTROL {
+            words.push([b"\xFF", c.as_bytes()].concat());
+        }
+        Arc::new(Grammars::from_token_bytes(words, &[0]).unwrap())
+    }
+
+    fn tools() -> Vec<Value> {
+        vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                },
+                "required": ["city"],
+            }}}),
+            json!({"type": "function", "function": {"name": "get_time", "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+            }}}),
+        ]
+    }
+
+    fn tooling(family: Family, src: &str) -> Tooling {
+        Tooling {
+            family: Some(family),
+            reasoning: None,
+            renders_tools: true,
+            forced: Forced::of(family, src),
+        }
+    }
+
+    /// As `parse` leaves them: a named choice offers only its tool.
+    fn chat_tools(choice: Choice) -> ChatTools {
+        let offered = |t: &Value| match &choice {
+            Choice::Named(n) => t.pointer("/function/name").and_then(Value::as_str) == Some(n),
+            _ => true,
+        };
+        ChatTools {
+            tools: tools().into_iter().filter(offered).collect(),
+            choice: Some(choice),
+            parallel: true,
+            ..ChatTools::default()
+        }
+    }
+
+    /// Whether the grammar takes `text` (control-token texts as those tokens) whole and may end
+    /// there.
+    fn accepts(spec: &ConstraintSpec, text: &str) -> bool {
+        let mut c = grammars().compile(spec).unwrap();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let (tok, len) = match CONTROL.iter().find(|m| rest.starts_with(**m)) {
+                Some(m) => (control(m).unwrap(), m.len()),
+                None => (rest.as_bytes()[0] as u32, 1),
+            };
+            if !c.allows(tok) {
+                return false;
+            }
+            c.commit(tok).unwrap();
+            rest = &rest[len..];
+        }
+        c.is_accepting()
+    }
+
+    /// The calls the family's parser reads in `text`.
+    fn parsed(family: Family, text: &str) -> Vec<(String, Value)> {
+        let mut p = ToolCallParser::new(family, &tools(), "call_");
+        let mut out = Vec::new();
+        p.push(text, &mut out);
+        p.finish(&mut out);
+        Parsed::from_deltas(out)
+            .tool_calls
+            .into_iter()
+            .map(|c| (c.name, serde_json::from_str(&c.arguments).unwrap()))
+            .collect()
+    }
+
+    /// Each format with a grammar: (family, a template source that selects it, a call as its
+    /// template writes one, calls it must refuse).
+    fn formats() -> Vec<(Family, &'static str, String, Vec<String>)> {
+        let ds = |inner: &str| {
+            format!("{DS_CALLS_BEGIN}{DS_CALL_BEGIN}{inner}{DS_CALL_END}{DS_CALLS_END}")
+        };
+        vec![
+            (
+                Family::Hermes,
+                "",
+                r#"{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}"#.into(),
+                vec![
+                    r#"{"name": "get_weather", "arguments": {"days": 3}}"#.into(),
+                    r#"{"name": "get_news", "arguments": {"city": "Paris"}}"#.into(),
+                ],
+            ),
+            (
+                Family::DeepSeekV3,
+                "",
+                ds(&format!(r#"get_weather{DS_SEP}{{"city": "Paris", "days": 3}}"#)),
+                vec![
+                    ds(&format!(r#"get_weather{DS_SEP}{{"city": "Paris", "days": 9}}"#)),
+                    ds(&format!(r#"get_time{DS_SEP}{{"zone": "PST"}}"#)),
+                    format!(r#"get_weather{DS_SEP}{{"city": "Paris"}}"#),
+                ],
+            ),
+            (
+                Family::DeepSeekV3,
+                "```json",
+                ds(&format!(
+                    "function{DS_SEP}get_weather\n```json\n{{\"city\": \"Paris\", \"days\": 3}}\n```"
+                )),
+                vec![ds(&format!(
+                    "function{DS_SEP}get_weather\n{{\"city\": \"Paris\", \"days\": 3}}"
+                ))],
+            ),
+            (
+                Family::Mistral,
+                "",
+                r#"[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]"#
+                    .into(),
+                vec![
+                    r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#.into(),
+                    r#"[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": 3}}]"#.into(),
+                ],
+            ),
+            (
+                Family::Qwen3Coder,
+                "",
+                "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan <Francisco>\n\
+                 </parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+                    .into(),
+                vec![
+                    "<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n\
+                     </function>\n</tool_call>"
+                        .into(),
+                    "<tool_call>\n<function=get_time>\n<parameter=zone>\nPST\n</parameter>\n\
+                     </function>\n</tool_call>"
+                        .into(),
+                    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n\
+                     <parameter=days>\nthree\n</parameter>\n</function>\n</tool_call>"
+                        .into(),
+                ],
+            ),
+        ]
+    }
+
+    #[test]
+    fn forced_calls_take_each_formats_calls_and_its_parser_reads_them() {
+        for (family, src, call, wrong) in formats() {
+            let t = tooling(family, src);
+            let spec = forced_call(&t, &chat_tools(Choice::Required), &control)
+                .unwrap_or_else(|| panic!("{family:?}: no grammar"));
+            assert!(
+                accepts(&spec, &call),
+                "{family:?} {src:?}: refused {call:?}"
+            );
+            for w in &wrong {
+                assert!(!accepts(&spec, w), "{family:?} {src:?}: took {w:?}");
+            }
+            let calls = parsed(family, &call);
+            assert_eq!(calls.len(), 1, "{family:?}: {call:?}");
+            assert_eq!(calls[0].0, "get_weather");
+            assert_eq!(calls[0].1["days"], json!(3), "{family:?}");
+            // A named choice takes only that tool.
+            let named = forced_call(&t, &chat_tools(Choice::Named("get_time".into())), &control);
+            assert!(
+                !accepts(&named.unwrap(), &call),
+                "{family:?}: a named choice took another tool"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_forced_where_the_choice_or_the_model_asks_for_nothing() {
+        let t = tooling(Family::Qwen3Coder, "");
+        assert!(forced_call(&t, &chat_tools(Choice::Auto), &control).is_none());
+        assert!(forced_call(&t, &chat_tools(Choice::None), &control).is_none());
+        let reasoning = Tooling {
+            reasoning: Some(ReasoningFamily::DeepSeekR1),
+            ..tooling(Family::Hermes, "")
+        };
+        assert!(forced_call(&reasoning, &chat_tools(Choice::Required), &control).is_none());
+        // Mistral v11's `N[ARGS]{..}` has no grammar: asked, not forced.
+        let v11 = tooling(Family::Mistral, "[TOOL_CALLS]{{ name }}[ARGS]");
+        assert!(forced_call(&v11, &chat_tools(Choice::Required), &control).is_none());
+        // Markers that are not control tokens are plain text in the grammar.
+        let plain = |_: &str| None;
+        let t = tooling(Family::DeepSeekV3, "");
+        let spec = forced_call(&t, &chat_tools(Choice::Required), &plain).unwrap();
+        let ConstraintSpec::Lark(src) = spec else {
+            panic!("not a Lark grammar")
+        };
+        assert!(
+            src.contains(&lark_string(DS_CALLS_BEGIN)) && !src.contains("<["),
+            "{src}"
+        );
     }
 }
