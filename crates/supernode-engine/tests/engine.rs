@@ -1,7 +1,6 @@
 //! The engine loop on the tiny random Llama of `tests/fixtures/hf/llama` (transformers'
 //! outputs recorded): batch invariance, preemption, prefix reuse, cancellation.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -13,15 +12,8 @@ use supernode_engine::engine::{
 use supernode_engine::sampler::SamplingParams;
 use supernode_models::{load_model, LoadOptions};
 
-fn fixture() -> PathBuf {
-    fixture_of("llama")
-}
-
-fn fixture_of(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(arch)
-}
+mod common;
+use common::fixture;
 
 fn engine(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize) -> EngineHandle {
     engine_of("llama", max_num_seqs, max_num_batched_tokens, num_blocks)
@@ -44,7 +36,7 @@ fn engine_with_slots(
     num_blocks: usize,
     state_slots: usize,
 ) -> EngineHandle {
-    let m = load_model(&fixture_of(arch), &LoadOptions::default()).unwrap();
+    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
     let cfg = EngineConfig {
         max_num_seqs,
         max_num_batched_tokens,
@@ -152,9 +144,10 @@ fn wait_idle(e: &EngineHandle) {
 
 #[test]
 fn greedy_matches_transformers() {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap())
-            .unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama").join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array()
             .unwrap()
@@ -242,7 +235,7 @@ fn hybrid_state_slots_limit_the_running_requests() {
     assert_eq!(got, solo);
     wait_idle(&few);
 
-    let m = load_model(&fixture_of("qwen3_5"), &LoadOptions::default()).unwrap();
+    let m = load_model(&fixture("qwen3_5"), &LoadOptions::default()).unwrap();
     let (specs, widths) = (m.model.kv_specs(), m.model.state_widths());
     let slot = supernode_models::KvCache::bytes_per_state_slot(&widths);
     let block = supernode_models::KvCache::bytes_per_token(&specs) * 16;

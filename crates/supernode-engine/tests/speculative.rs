@@ -4,18 +4,19 @@
 //! with logprobs, penalties, `logit_bias` and a grammar; and a chi-square test that the drawn
 //! tokens follow the target's distribution when drafts are verified by rejection.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
 use supernode_engine::engine::{
-    Engine, EngineConfig, EngineStats, Event, Finish, FinishReason, Request, RequestId, Sink,
-    TokenEvent,
+    Engine, EngineConfig, EngineStats, Event, Finish, FinishReason, Request, RequestId, TokenEvent,
 };
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
 use supernode_models::{load_model, LoadOptions};
+
+mod common;
+use common::{fixture, Collect};
 
 const ARCHS: [&str; 7] = [
     "llama",
@@ -26,24 +27,6 @@ const ARCHS: [&str; 7] = [
     "deepseek_v3",
     "deepseek_v32",
 ];
-
-fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(arch)
-}
-
-struct Collect(Arc<Mutex<Vec<Event>>>);
-
-impl Sink for Collect {
-    fn send(&mut self, event: Event) -> bool {
-        self.0.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        false
-    }
-}
 
 #[derive(Clone)]
 struct Ask {

@@ -18,27 +18,12 @@ use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{DraftModel, DraftProposer, Proposer, SpecConfig};
 use supernode_models::{load_model, LoadOptions};
 
-fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(arch)
-}
+mod common;
+use common::{fixture, model_path, Collect};
 
 fn draft(arch: &str) -> DraftModel {
     let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
     DraftModel::new(arch, m.model).unwrap()
-}
-
-struct Collect(Arc<Mutex<Vec<Event>>>);
-
-impl Sink for Collect {
-    fn send(&mut self, event: Event) -> bool {
-        self.0.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        false
-    }
 }
 
 fn engine(arch: &str, max_num_seqs: usize, budget: usize) -> Engine {
@@ -266,21 +251,6 @@ fn draft_caches_are_released_with_their_requests() {
     }
 }
 
-fn smollm2() -> PathBuf {
-    let cache = std::env::var_os("SUPERNODE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/supernode")
-        });
-    let p = cache.join("models/smollm2-135m.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run `supernode fetch smollm2-135m` first",
-        p.display()
-    );
-    p
-}
-
 fn load_err(path: &Path, target: &str) -> String {
     let t = load_model(&fixture(target), &LoadOptions::default()).unwrap();
     DraftModel::load(
@@ -312,12 +282,12 @@ fn bad_draft_models_are_refused_with_one_line() {
     let err = one_line(load_err(&fixture("qwen3_next"), "llama"));
     assert!(err.contains("linear attention"), "{err}");
     // Another vocabulary: both sizes are named, by the loader and by the engine.
-    let err = one_line(load_err(&smollm2(), "llama"));
+    let err = one_line(load_err(&model_path("smollm2-135m"), "llama"));
     assert!(
         err.contains("has a vocabulary of 49152 tokens and the target one of 256"),
         "{err}"
     );
-    let small = load_model(&smollm2(), &LoadOptions::default()).unwrap();
+    let small = load_model(&model_path("smollm2-135m"), &LoadOptions::default()).unwrap();
     let mut e = engine("llama", 1, 16);
     let spec = SpecConfig::draft(DraftModel::new("smollm2", small.model).unwrap(), 4);
     let err = one_line(e.set_speculative(Some(spec)).unwrap_err().to_string());

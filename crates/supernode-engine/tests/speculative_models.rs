@@ -4,43 +4,18 @@
 //! model on SmolLM2: itself (every draft accepted) and itself in the other precision (drafts
 //! that differ now and then are rejected).
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request, Sink};
+use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request};
 use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{DraftModel, SpecConfig};
 use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
 
-fn model_path(name: &str) -> PathBuf {
-    let cache = std::env::var_os("SUPERNODE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/supernode")
-        });
-    let p = cache.join("models").join(format!("{name}.gguf"));
-    assert!(
-        p.is_file(),
-        "{} is missing: run `supernode fetch {name}` first",
-        p.display()
-    );
-    p
-}
-
-struct Collect(Arc<Mutex<Vec<Event>>>);
-
-impl Sink for Collect {
-    fn send(&mut self, event: Event) -> bool {
-        self.0.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        false
-    }
-}
+mod common;
+use common::{model_path, Collect};
 
 const TEXTS: [&str; 6] = [
     "def average(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n# The same function, with `total` renamed to `acc`:\ndef average(values):\n",

@@ -3,7 +3,6 @@
 //! `b`, token 0 the end of generation. Random weights write no JSON of their own, so every valid
 //! document below is the grammar's doing; the `jsonschema` crate judges them.
 
-use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +15,13 @@ use supernode_engine::engine::{
 use supernode_engine::sampler::SamplingParams;
 use supernode_models::{load_model, LoadOptions};
 
+mod common;
+use common::fixture;
+
 const EOS: u32 = 0;
 
 fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf/llama");
-    let m = load_model(&dir, &LoadOptions::default()).unwrap();
+    let m = load_model(&fixture("llama"), &LoadOptions::default()).unwrap();
     let cfg = EngineConfig {
         max_num_seqs,
         max_num_batched_tokens: 256,
