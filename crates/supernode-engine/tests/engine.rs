@@ -6,14 +6,11 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use supernode_engine::engine::{
-    EngineConfig, EngineHandle, Event, Finish, FinishReason, Request, Sink,
-};
-use supernode_engine::sampler::SamplingParams;
+use supernode_engine::engine::{EngineConfig, EngineHandle, Event, Finish, FinishReason, Sink};
 use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::fixture;
+use common::{config, fixture, greedy};
 
 fn engine(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize) -> EngineHandle {
     engine_of("llama", max_num_seqs, max_num_batched_tokens, num_blocks)
@@ -38,15 +35,8 @@ fn engine_with_slots(
 ) -> EngineHandle {
     let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
     let cfg = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens,
-        num_blocks,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
         state_slots,
+        ..config(max_num_seqs, max_num_batched_tokens, num_blocks)
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }
@@ -89,24 +79,11 @@ impl Pending {
 fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
     let (tx, rx) = channel();
     let closed = Arc::new(AtomicBool::new(false));
-    e.submit(Request {
-        prompt,
-        params: SamplingParams::greedy(),
-        max_tokens,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        cache_salt: None,
-        prompt_logits: false,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
-        constraint: None,
-        sink: Box::new(ChanSink {
-            tx,
-            closed: closed.clone(),
-        }),
-    })
-    .unwrap();
+    let sink = Box::new(ChanSink {
+        tx,
+        closed: closed.clone(),
+    });
+    e.submit(greedy(prompt, max_tokens, sink)).unwrap();
     Pending { rx, closed }
 }
 
@@ -350,20 +327,7 @@ fn bad_requests_are_refused() {
             closed: Arc::new(AtomicBool::new(false)),
         })
     };
-    let req = |prompt: Vec<u32>| Request {
-        prompt,
-        params: SamplingParams::greedy(),
-        max_tokens: 1,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        cache_salt: None,
-        prompt_logits: false,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
-        constraint: None,
-        sink: sink(),
-    };
+    let req = |prompt: Vec<u32>| greedy(prompt, 1, sink());
     assert!(e.submit(req(vec![])).is_err());
     assert!(e.submit(req(vec![999])).is_err());
     // 4 blocks hold 64 tokens.

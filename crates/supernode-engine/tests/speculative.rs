@@ -9,14 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
 use supernode_engine::engine::{
-    Engine, EngineConfig, EngineStats, Event, Finish, FinishReason, Request, RequestId, TokenEvent,
+    Engine, EngineStats, Event, Finish, FinishReason, Request, RequestId, TokenEvent,
 };
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
-use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::{fixture, Collect};
+use common::Collect;
 
 const ARCHS: [&str; 7] = [
     "llama",
@@ -67,19 +66,7 @@ const ROOMY: Limits = Limits {
 type Heard = (Vec<TokenEvent>, Finish);
 
 fn engine(arch: &str, lim: &Limits) -> Engine {
-    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
-    let cfg = EngineConfig {
-        max_num_seqs: lim.max_num_seqs,
-        max_num_batched_tokens: lim.budget,
-        num_blocks: lim.num_blocks,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
-        state_slots: 0,
-    };
-    Engine::new(m.model, None, cfg).unwrap()
+    common::engine(arch, lim.max_num_seqs, lim.budget, lim.num_blocks)
 }
 
 /// Adds every request at once, steps until all are done, and returns what each heard.
@@ -89,18 +76,16 @@ fn drive(e: &mut Engine, asks: &[Ask]) -> Vec<Heard> {
         .map(|a| {
             let log = Arc::new(Mutex::new(Vec::new()));
             e.add_request(Request {
-                prompt: a.prompt.clone(),
                 params: a.params.clone(),
-                max_tokens: a.max_tokens,
-                stop: Vec::new(),
                 ignore_eos: a.ignore_eos,
                 logprobs: a.logprobs,
-                cache_salt: None,
-                prompt_logits: false,
-                prompt_logprobs: None,
                 logit_bias: a.logit_bias.clone(),
                 constraint: a.constraint.clone(),
-                sink: Box::new(Collect(log.clone())),
+                ..common::greedy(
+                    a.prompt.clone(),
+                    a.max_tokens,
+                    Box::new(Collect(log.clone())),
+                )
             })
             .unwrap();
             log
@@ -413,18 +398,8 @@ fn rejection_sampling_keeps_the_target_distribution() {
     let logits_after = |e: &mut Engine, toks: &[u32]| -> Vec<f32> {
         let log = Arc::new(Mutex::new(Vec::new()));
         e.add_request(Request {
-            prompt: toks.to_vec(),
-            params: SamplingParams::greedy(),
-            max_tokens: 0,
-            stop: Vec::new(),
-            ignore_eos: true,
-            logprobs: None,
-            cache_salt: None,
             prompt_logits: true,
-            prompt_logprobs: None,
-            logit_bias: Vec::new(),
-            constraint: None,
-            sink: Box::new(Collect(log.clone())),
+            ..common::greedy(toks.to_vec(), 0, Box::new(Collect(log.clone())))
         })
         .unwrap();
         while e.has_unfinished() {

@@ -10,16 +10,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use supernode_engine::engine::{
-    Engine, EngineConfig, EngineStats, Event, Finish, Request, RequestId, Sink,
-};
+use supernode_engine::engine::{Engine, EngineStats, Event, Finish, RequestId, Sink};
 use supernode_engine::load::load_with_tokenizer;
-use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{DraftModel, DraftProposer, Proposer, SpecConfig};
 use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::{fixture, model_path, Collect};
+use common::{fixture, greedy, model_path, Collect};
 
 fn draft(arch: &str) -> DraftModel {
     let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
@@ -27,36 +24,7 @@ fn draft(arch: &str) -> DraftModel {
 }
 
 fn engine(arch: &str, max_num_seqs: usize, budget: usize) -> Engine {
-    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
-    let cfg = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens: budget,
-        num_blocks: 160,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
-        state_slots: 0,
-    };
-    Engine::new(m.model, None, cfg).unwrap()
-}
-
-fn request(prompt: &[u32], max_tokens: usize, log: &Arc<Mutex<Vec<Event>>>) -> Request {
-    Request {
-        prompt: prompt.to_vec(),
-        params: SamplingParams::greedy(),
-        max_tokens,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        cache_salt: None,
-        prompt_logits: false,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
-        constraint: None,
-        sink: Box::new(Collect(log.clone())),
-    }
+    common::engine(arch, max_num_seqs, budget, 160)
 }
 
 /// Adds every prompt at once, steps until all are done; each request's tokens and finish.
@@ -65,7 +33,12 @@ fn drive(e: &mut Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<(Vec<u3
         .iter()
         .map(|p| {
             let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(request(p, max_tokens, &log)).unwrap();
+            e.add_request(greedy(
+                p.clone(),
+                max_tokens,
+                Box::new(Collect(log.clone())),
+            ))
+            .unwrap();
             log
         })
         .collect();
@@ -220,7 +193,9 @@ fn draft_caches_are_released_with_their_requests() {
     assert_eq!(inner.lock().unwrap().num_cached(), 0);
     // A request cancelled while it decodes.
     let log = Arc::new(Mutex::new(Vec::new()));
-    let id = e.add_request(request(&[5, 6, 7, 8], 100, &log)).unwrap();
+    let id = e
+        .add_request(greedy(vec![5, 6, 7, 8], 100, Box::new(Collect(log))))
+        .unwrap();
     for _ in 0..4 {
         e.step();
     }
@@ -237,9 +212,8 @@ fn draft_caches_are_released_with_their_requests() {
             true
         }
     }
-    let mut r = request(&[9, 10, 11], 50, &log);
-    r.sink = Box::new(Gone);
-    e.add_request(r).unwrap();
+    e.add_request(greedy(vec![9, 10, 11], 50, Box::new(Gone)))
+        .unwrap();
     while e.has_unfinished() {
         e.step();
     }

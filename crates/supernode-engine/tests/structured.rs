@@ -10,30 +10,19 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
 use supernode_engine::engine::{
-    EngineConfig, EngineHandle, Event, Finish, FinishReason, Request, Sink, TokenLogprobs,
+    EngineHandle, Event, Finish, FinishReason, Request, Sink, TokenLogprobs,
 };
 use supernode_engine::sampler::SamplingParams;
 use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::fixture;
+use common::{config, fixture};
 
 const EOS: u32 = 0;
 
 fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
     let m = load_model(&fixture("llama"), &LoadOptions::default()).unwrap();
-    let cfg = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens: 256,
-        num_blocks,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
-        state_slots: 0,
-    };
-    EngineHandle::start(m.model, None, cfg).unwrap()
+    EngineHandle::start(m.model, None, config(max_num_seqs, 256, num_blocks)).unwrap()
 }
 
 fn grammars() -> Arc<Grammars> {
