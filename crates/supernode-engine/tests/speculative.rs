@@ -8,14 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
-use supernode_engine::engine::{
-    Engine, EngineStats, Event, Finish, FinishReason, Request, RequestId, TokenEvent,
-};
+use supernode_engine::engine::{Engine, EngineStats, Event, FinishReason, Request, RequestId};
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
 
 mod common;
-use common::Collect;
+use common::{ids, Collect, Heard};
 
 const ARCHS: [&str; 7] = [
     "llama",
@@ -62,55 +60,20 @@ const ROOMY: Limits = Limits {
     num_blocks: 160,
 };
 
-/// What one request heard: its tokens and its final event.
-type Heard = (Vec<TokenEvent>, Finish);
-
 fn engine(arch: &str, lim: &Limits) -> Engine {
     common::engine(arch, lim.max_num_seqs, lim.budget, lim.num_blocks)
 }
 
 /// Adds every request at once, steps until all are done, and returns what each heard.
 fn drive(e: &mut Engine, asks: &[Ask]) -> Vec<Heard> {
-    let logs: Vec<_> = asks
-        .iter()
-        .map(|a| {
-            let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(Request {
-                params: a.params.clone(),
-                ignore_eos: a.ignore_eos,
-                logprobs: a.logprobs,
-                logit_bias: a.logit_bias.clone(),
-                constraint: a.constraint.clone(),
-                ..common::greedy(
-                    a.prompt.clone(),
-                    a.max_tokens,
-                    Box::new(Collect(log.clone())),
-                )
-            })
-            .unwrap();
-            log
-        })
-        .collect();
-    let mut steps = 0;
-    while e.has_unfinished() {
-        e.step();
-        steps += 1;
-        assert!(steps < 100_000, "the engine does not finish");
-    }
-    logs.iter()
-        .map(|log| {
-            let mut toks = Vec::new();
-            let mut fin = None;
-            for ev in log.lock().unwrap().drain(..) {
-                match ev {
-                    Event::Token(t) => toks.push(t),
-                    Event::Done(f) => fin = Some(f),
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            (toks, fin.expect("every request finishes"))
-        })
-        .collect()
+    common::drive(e, asks, |a, sink| Request {
+        params: a.params.clone(),
+        ignore_eos: a.ignore_eos,
+        logprobs: a.logprobs,
+        logit_bias: a.logit_bias.clone(),
+        constraint: a.constraint.clone(),
+        ..common::greedy(a.prompt.clone(), a.max_tokens, sink)
+    })
 }
 
 fn run(arch: &str, spec: Option<SpecConfig>, lim: &Limits, asks: &[Ask]) -> (Vec<Heard>, Engine) {
@@ -127,10 +90,6 @@ fn ngram(k: usize) -> SpecConfig {
         disable_by_batch_size: None,
         ..SpecConfig::ngram(k)
     }
-}
-
-fn ids(h: &Heard) -> Vec<u32> {
-    h.0.iter().map(|t| t.id).collect()
 }
 
 /// Deterministic prompts: some repeat a phrase (lookup finds drafts at once), some do not.

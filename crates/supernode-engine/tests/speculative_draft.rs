@@ -16,7 +16,7 @@ use supernode_engine::spec::{DraftModel, DraftProposer, Proposer, SpecConfig};
 use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::{fixture, greedy, model_path, Collect};
+use common::{fixture, greedy, ids, model_path, Collect};
 
 fn draft(arch: &str) -> DraftModel {
     let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
@@ -27,40 +27,11 @@ fn engine(arch: &str, max_num_seqs: usize, budget: usize) -> Engine {
     common::engine(arch, max_num_seqs, budget, 160)
 }
 
-/// Adds every prompt at once, steps until all are done; each request's tokens and finish.
+/// A greedy request for every prompt at once, run to the end; each one's token ids and finish.
 fn drive(e: &mut Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<(Vec<u32>, Finish)> {
-    let logs: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(greedy(
-                p.clone(),
-                max_tokens,
-                Box::new(Collect(log.clone())),
-            ))
-            .unwrap();
-            log
-        })
-        .collect();
-    let mut steps = 0;
-    while e.has_unfinished() {
-        e.step();
-        steps += 1;
-        assert!(steps < 100_000, "the engine does not finish");
-    }
-    logs.iter()
-        .map(|log| {
-            let mut toks = Vec::new();
-            let mut fin = None;
-            for ev in log.lock().unwrap().drain(..) {
-                match ev {
-                    Event::Token(t) => toks.push(t.id),
-                    Event::Done(f) => fin = Some(f),
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            (toks, fin.expect("every request finishes"))
-        })
+    common::drive(e, prompts, |p, sink| greedy(p.clone(), max_tokens, sink))
+        .into_iter()
+        .map(|h| (ids(&h), h.1))
         .collect()
 }
 

@@ -5,17 +5,15 @@
 //! that differ now and then are rejected).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
-use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request};
+use supernode_engine::engine::{Engine, EngineConfig, Finish, Request};
 use supernode_engine::load::load_with_tokenizer;
-use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{DraftModel, SpecConfig};
 use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
 
 mod common;
-use common::{model_path, Collect};
+use common::{greedy, ids, model_path};
 
 const TEXTS: [&str; 6] = [
     "def average(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n# The same function, with `total` renamed to `acc`:\ndef average(values):\n",
@@ -42,48 +40,18 @@ fn engine(name: &str) -> Engine {
     Engine::new(model, tok, cfg).unwrap()
 }
 
-/// Each request's tokens and final event, from one run over all of `reqs` at once.
+/// Each request's token ids and final event, from one run over all of `reqs` at once: greedy,
+/// 24 tokens at most, ending at the end of generation or a stop string.
 fn run(e: &mut Engine, reqs: &[(String, Vec<String>)]) -> Vec<(Vec<u32>, Finish)> {
     let tok = e.tokenizer().expect("the model has a tokenizer").clone();
-    let logs: Vec<_> = reqs
-        .iter()
-        .map(|(text, stop)| {
-            let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(Request {
-                prompt: tok.encode(text, true, false),
-                params: SamplingParams::greedy(),
-                max_tokens: 24,
-                stop: stop.clone(),
-                ignore_eos: false,
-                logprobs: None,
-                cache_salt: None,
-                prompt_logits: false,
-                prompt_logprobs: None,
-                logit_bias: Vec::new(),
-                constraint: None,
-                sink: Box::new(Collect(log.clone())),
-            })
-            .unwrap();
-            log
-        })
-        .collect();
-    while e.has_unfinished() {
-        e.step();
-    }
-    logs.iter()
-        .map(|log| {
-            let mut toks = Vec::new();
-            let mut fin = None;
-            for ev in log.lock().unwrap().drain(..) {
-                match ev {
-                    Event::Token(t) => toks.push(t.id),
-                    Event::Done(f) => fin = Some(f),
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            (toks, fin.expect("finished"))
-        })
-        .collect()
+    common::drive(e, reqs, |(text, stop), sink| Request {
+        stop: stop.clone(),
+        ignore_eos: false,
+        ..greedy(tok.encode(text, true, false), 24, sink)
+    })
+    .into_iter()
+    .map(|h| (ids(&h), h.1))
+    .collect()
 }
 
 #[test]

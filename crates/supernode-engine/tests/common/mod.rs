@@ -1,5 +1,5 @@
 //! Helpers shared by the engine's integration tests: model paths, an event sink, greedy
-//! requests and engines on the fixtures.
+//! requests, engines on the fixtures and a loop that runs requests to their end.
 
 // Each test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use supernode_engine::engine::{Engine, EngineConfig, Event, Request, Sink};
+use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request, Sink, TokenEvent};
 use supernode_engine::sampler::SamplingParams;
 use supernode_models::{load_model, LoadOptions};
 
@@ -96,4 +96,51 @@ pub fn engine(
     let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
     let cfg = config(max_num_seqs, max_num_batched_tokens, num_blocks);
     Engine::new(m.model, None, cfg).unwrap()
+}
+
+/// What one request heard: its tokens and its final event.
+pub type Heard = (Vec<TokenEvent>, Finish);
+
+/// Adds a request for every item at once (`request` builds it around its sink), steps until
+/// all are done (at most 100,000 steps), and returns what each heard; any event but a token
+/// or the final one fails the test.
+pub fn drive<T>(
+    e: &mut Engine,
+    items: &[T],
+    mut request: impl FnMut(&T, Box<dyn Sink>) -> Request,
+) -> Vec<Heard> {
+    let logs: Vec<_> = items
+        .iter()
+        .map(|item| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            e.add_request(request(item, Box::new(Collect(log.clone()))))
+                .unwrap();
+            log
+        })
+        .collect();
+    let mut steps = 0;
+    while e.has_unfinished() {
+        e.step();
+        steps += 1;
+        assert!(steps < 100_000, "the engine does not finish");
+    }
+    logs.iter()
+        .map(|log| {
+            let mut toks = Vec::new();
+            let mut fin = None;
+            for ev in log.lock().unwrap().drain(..) {
+                match ev {
+                    Event::Token(t) => toks.push(t),
+                    Event::Done(f) => fin = Some(f),
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            (toks, fin.expect("every request finishes"))
+        })
+        .collect()
+}
+
+/// The token ids a request heard.
+pub fn ids(h: &Heard) -> Vec<u32> {
+    h.0.iter().map(|t| t.id).collect()
 }
