@@ -10,7 +10,7 @@ use supernode_engine::engine::{EngineConfig, EngineHandle, Event, Finish, Finish
 use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::{config, fixture, greedy};
+use common::{config, fixture, greedy, xorshift};
 
 fn engine(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize) -> EngineHandle {
     engine_of("llama", max_num_seqs, max_num_batched_tokens, num_blocks)
@@ -89,18 +89,11 @@ fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
 
 /// Deterministic pseudo-random prompts of varied lengths.
 fn prompts(n: usize) -> Vec<Vec<u32>> {
-    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut x = xorshift(0x9e3779b97f4a7c15);
     (0..n)
         .map(|i| {
             let len = 1 + (i * 37) % 90;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % 256) as u32
-                })
-                .collect()
+            (0..len).map(|_| (x() % 256) as u32).collect()
         })
         .collect()
 }

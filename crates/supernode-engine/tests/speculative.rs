@@ -7,13 +7,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
-use supernode_engine::engine::{Engine, EngineStats, Event, FinishReason, Request, RequestId};
+use supernode_engine::constraint::{Constraint, ConstraintSpec};
+use supernode_engine::engine::{Engine, Event, FinishReason, Request, RequestId};
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
 
 mod common;
-use common::{ids, Collect, Heard};
+use common::{byte_grammars, ids, ngram, spec_totals, xorshift, Collect, Heard};
 
 const ARCHS: [&str; 7] = [
     "llama",
@@ -83,24 +83,10 @@ fn run(arch: &str, spec: Option<SpecConfig>, lim: &Limits, asks: &[Ask]) -> (Vec
     (heard, e)
 }
 
-/// Prompt lookup drafting for every request whatever the batch (the tests want drafts
-/// verified in large batches too).
-fn ngram(k: usize) -> SpecConfig {
-    SpecConfig {
-        disable_by_batch_size: None,
-        ..SpecConfig::ngram(k)
-    }
-}
-
 /// Deterministic prompts: some repeat a phrase (lookup finds drafts at once), some do not.
 fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % 255 + 1) as u32
-    };
+    let mut x = xorshift(seed);
+    let mut next = move || (x() % 255 + 1) as u32;
     (0..n)
         .map(|i| {
             if i % 2 == 0 {
@@ -116,14 +102,6 @@ fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
             }
         })
         .collect()
-}
-
-fn spec_totals(st: &EngineStats) -> (u64, u64, u64) {
-    (
-        st.spec_drafts.load(Ordering::Relaxed),
-        st.spec_draft_tokens.load(Ordering::Relaxed),
-        st.spec_accepted_tokens.load(Ordering::Relaxed),
-    )
 }
 
 #[test]
@@ -233,13 +211,6 @@ fn seeded_sampling_with_logprobs_penalties_and_bias_is_unchanged() {
         }
         assert!(spec_totals(e.stats()).1 > 0, "{arch}: nothing was drafted");
     }
-}
-
-fn byte_grammars() -> Arc<Grammars> {
-    // The llama fixture read as a byte vocabulary: token `b` is byte `b`, token 0 the end.
-    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    words[0] = b"\xFF<|end|>".to_vec();
-    Arc::new(Grammars::from_token_bytes(words, &[0]).unwrap())
 }
 
 #[test]

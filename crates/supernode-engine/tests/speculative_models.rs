@@ -4,16 +4,14 @@
 //! model on SmolLM2: itself (every draft accepted) and itself in the other precision (drafts
 //! that differ now and then are rejected).
 
-use std::sync::atomic::Ordering;
-
 use supernode_engine::engine::{Engine, EngineConfig, Finish, Request};
 use supernode_engine::load::load_with_tokenizer;
-use supernode_engine::spec::{DraftModel, SpecConfig};
+use supernode_engine::spec::DraftModel;
 use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
 
 mod common;
-use common::{greedy, ids, model_path};
+use common::{greedy, ids, model_path, ngram, spec_totals, with_draft};
 
 const TEXTS: [&str; 6] = [
     "def average(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n# The same function, with `total` renamed to `acc`:\ndef average(values):\n",
@@ -66,10 +64,7 @@ fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
             ]
         })
         .collect();
-    let spec = SpecConfig {
-        disable_by_batch_size: None,
-        ..SpecConfig::ngram(5)
-    };
+    let spec = ngram(5);
     for name in ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"] {
         // One engine: without speculation, then with it (the prompts now partly from the
         // prefix cache), in a batch of 12 and one request at a time.
@@ -77,7 +72,7 @@ fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
         let base = run(&mut e, &reqs);
         e.set_speculative(Some(spec.clone())).unwrap();
         let batched = run(&mut e, &reqs);
-        let accepted = e.stats().spec_accepted_tokens.load(Ordering::Relaxed);
+        let accepted = spec_totals(e.stats()).2;
         assert!(accepted > 0, "{name}: nothing accepted");
         for (i, (b, s)) in base.iter().zip(&batched).enumerate() {
             assert_eq!(b.0, s.0, "{name}: request {i} in a batch of 12");
@@ -110,19 +105,13 @@ fn greedy_tokens_are_the_same_with_a_draft_model_on_smollm2() {
         };
         let d = DraftModel::load(&path, "smollm2-135m", &opts, target, tok).unwrap();
         let mut e = engine("smollm2-135m");
-        e.set_speculative(Some(SpecConfig {
-            disable_by_batch_size: None,
-            ..SpecConfig::draft(d, 5)
-        }))
-        .unwrap();
+        e.set_speculative(Some(with_draft(d, 5))).unwrap();
         let got = run(&mut e, &reqs);
         for (i, (b, s)) in base.iter().zip(&got).enumerate() {
             assert_eq!(b.0, s.0, "{precision:?} draft: request {i}");
             assert_eq!(b.1.text, s.1.text, "{precision:?} draft: request {i}");
         }
-        let st = e.stats();
-        let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
-        let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+        let (_, drafted, accepted) = spec_totals(e.stats());
         eprintln!("smollm2-135m drafted by itself ({precision:?}): {accepted} of {drafted}");
         assert!(accepted > 0, "{precision:?}: nothing accepted");
         if precision == Precision::Exact {

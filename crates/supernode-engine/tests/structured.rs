@@ -16,19 +16,11 @@ use supernode_engine::sampler::SamplingParams;
 use supernode_models::{load_model, LoadOptions};
 
 mod common;
-use common::{config, fixture};
-
-const EOS: u32 = 0;
+use common::{byte_grammars, config, fixture};
 
 fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
     let m = load_model(&fixture("llama"), &LoadOptions::default()).unwrap();
     EngineHandle::start(m.model, None, config(max_num_seqs, 256, num_blocks)).unwrap()
-}
-
-fn grammars() -> Arc<Grammars> {
-    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    words[EOS as usize] = b"\xFF<|end|>".to_vec();
-    Arc::new(Grammars::from_token_bytes(words, &[EOS]).unwrap())
 }
 
 struct ChanSink(Sender<Event>);
@@ -136,7 +128,7 @@ fn person_schema() -> Value {
 fn random_weights_write_valid_json_200_times_out_of_200() {
     let schema = person_schema();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    let compiled = grammars()
+    let compiled = byte_grammars()
         .compile(&ConstraintSpec::JsonSchema {
             schema: schema.clone(),
             strict: true,
@@ -212,7 +204,7 @@ fn unconstrained_random_weights_write_no_json() {
 #[test]
 fn a_cut_document_finishes_with_length() {
     let e = engine(4, 32);
-    let c = grammars()
+    let c = byte_grammars()
         .compile(&ConstraintSpec::JsonSchema {
             schema: person_schema(),
             strict: true,
@@ -238,7 +230,7 @@ fn a_cut_document_finishes_with_length() {
 #[test]
 fn logprobs_are_those_of_the_masked_distribution() {
     let e = engine(4, 32);
-    let c = grammars()
+    let c = byte_grammars()
         .compile(&ConstraintSpec::Choice(vec!["yes".into(), "no".into()]))
         .unwrap();
     let (req, rx) = request(

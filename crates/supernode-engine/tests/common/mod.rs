@@ -1,14 +1,20 @@
 //! Helpers shared by the engine's integration tests: model paths, an event sink, greedy
-//! requests, engines on the fixtures and a loop that runs requests to their end.
+//! requests, engines on the fixtures and a loop that runs requests to their end, speculation
+//! settings and counters, pseudo-random numbers, byte grammars.
 
 // Each test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request, Sink, TokenEvent};
+use supernode_engine::constraint::Grammars;
+use supernode_engine::engine::{
+    Engine, EngineConfig, EngineStats, Event, Finish, Request, Sink, TokenEvent,
+};
 use supernode_engine::sampler::SamplingParams;
+use supernode_engine::spec::{DraftModel, SpecConfig};
 use supernode_models::{load_model, LoadOptions};
 
 /// The tiny random model of `tests/fixtures/hf/<arch>`.
@@ -143,4 +149,48 @@ pub fn drive<T>(
 /// The token ids a request heard.
 pub fn ids(h: &Heard) -> Vec<u32> {
     h.0.iter().map(|t| t.id).collect()
+}
+
+/// Prompt lookup drafting up to `k` tokens for every request whatever the batch.
+pub fn ngram(k: usize) -> SpecConfig {
+    SpecConfig {
+        disable_by_batch_size: None,
+        ..SpecConfig::ngram(k)
+    }
+}
+
+/// The draft model `d` drafting up to `k` tokens for every request whatever the batch.
+pub fn with_draft(d: DraftModel, k: usize) -> SpecConfig {
+    SpecConfig {
+        disable_by_batch_size: None,
+        ..SpecConfig::draft(d, k)
+    }
+}
+
+/// The engine's speculation totals: `(drafts, draft tokens, accepted tokens)`.
+pub fn spec_totals(st: &EngineStats) -> (u64, u64, u64) {
+    (
+        st.spec_drafts.load(Ordering::Relaxed),
+        st.spec_draft_tokens.load(Ordering::Relaxed),
+        st.spec_accepted_tokens.load(Ordering::Relaxed),
+    )
+}
+
+/// Xorshift64 numbers from `seed` (made odd, so never stuck at 0).
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// The grammars of the llama fixture read as a byte vocabulary: token `b` is byte `b`, token 0
+/// the end of generation.
+pub fn byte_grammars() -> Arc<Grammars> {
+    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    words[0] = b"\xFF<|end|>".to_vec();
+    Arc::new(Grammars::from_token_bytes(words, &[0]).unwrap())
 }
