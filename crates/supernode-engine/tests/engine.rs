@@ -1,27 +1,16 @@
 //! The engine loop on the tiny random Llama of `tests/fixtures/hf/llama` (transformers'
 //! outputs recorded): batch invariance, preemption, prefix reuse, cancellation.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use supernode_engine::engine::{
-    EngineConfig, EngineHandle, Event, Finish, FinishReason, Request, Sink,
-};
-use supernode_engine::sampler::SamplingParams;
+use supernode_engine::engine::{EngineConfig, EngineHandle, Event, Finish, FinishReason, Sink};
 use supernode_models::{load_model, LoadOptions};
 
-fn fixture() -> PathBuf {
-    fixture_of("llama")
-}
-
-fn fixture_of(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(arch)
-}
+mod common;
+use common::{config, fixture, greedy, xorshift};
 
 fn engine(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize) -> EngineHandle {
     engine_of("llama", max_num_seqs, max_num_batched_tokens, num_blocks)
@@ -44,17 +33,10 @@ fn engine_with_slots(
     num_blocks: usize,
     state_slots: usize,
 ) -> EngineHandle {
-    let m = load_model(&fixture_of(arch), &LoadOptions::default()).unwrap();
+    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
     let cfg = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens,
-        num_blocks,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
         state_slots,
+        ..config(max_num_seqs, max_num_batched_tokens, num_blocks)
     };
     EngineHandle::start(m.model, None, cfg).unwrap()
 }
@@ -97,41 +79,21 @@ impl Pending {
 fn submit(e: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Pending {
     let (tx, rx) = channel();
     let closed = Arc::new(AtomicBool::new(false));
-    e.submit(Request {
-        prompt,
-        params: SamplingParams::greedy(),
-        max_tokens,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        cache_salt: None,
-        prompt_logits: false,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
-        constraint: None,
-        sink: Box::new(ChanSink {
-            tx,
-            closed: closed.clone(),
-        }),
-    })
-    .unwrap();
+    let sink = Box::new(ChanSink {
+        tx,
+        closed: closed.clone(),
+    });
+    e.submit(greedy(prompt, max_tokens, sink)).unwrap();
     Pending { rx, closed }
 }
 
 /// Deterministic pseudo-random prompts of varied lengths.
 fn prompts(n: usize) -> Vec<Vec<u32>> {
-    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut x = xorshift(0x9e3779b97f4a7c15);
     (0..n)
         .map(|i| {
             let len = 1 + (i * 37) % 90;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % 256) as u32
-                })
-                .collect()
+            (0..len).map(|_| (x() % 256) as u32).collect()
         })
         .collect()
 }
@@ -152,9 +114,10 @@ fn wait_idle(e: &EngineHandle) {
 
 #[test]
 fn greedy_matches_transformers() {
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap())
-            .unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama").join("expected.json")).unwrap(),
+    )
+    .unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array()
             .unwrap()
@@ -242,7 +205,7 @@ fn hybrid_state_slots_limit_the_running_requests() {
     assert_eq!(got, solo);
     wait_idle(&few);
 
-    let m = load_model(&fixture_of("qwen3_5"), &LoadOptions::default()).unwrap();
+    let m = load_model(&fixture("qwen3_5"), &LoadOptions::default()).unwrap();
     let (specs, widths) = (m.model.kv_specs(), m.model.state_widths());
     let slot = supernode_models::KvCache::bytes_per_state_slot(&widths);
     let block = supernode_models::KvCache::bytes_per_token(&specs) * 16;
@@ -357,20 +320,7 @@ fn bad_requests_are_refused() {
             closed: Arc::new(AtomicBool::new(false)),
         })
     };
-    let req = |prompt: Vec<u32>| Request {
-        prompt,
-        params: SamplingParams::greedy(),
-        max_tokens: 1,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        cache_salt: None,
-        prompt_logits: false,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
-        constraint: None,
-        sink: sink(),
-    };
+    let req = |prompt: Vec<u32>| greedy(prompt, 1, sink());
     assert!(e.submit(req(vec![])).is_err());
     assert!(e.submit(req(vec![999])).is_err());
     // 4 blocks hold 64 tokens.

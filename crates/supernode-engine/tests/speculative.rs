@@ -4,18 +4,16 @@
 //! with logprobs, penalties, `logit_bias` and a grammar; and a chi-square test that the drawn
 //! tokens follow the target's distribution when drafts are verified by rejection.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
-use supernode_engine::engine::{
-    Engine, EngineConfig, EngineStats, Event, Finish, FinishReason, Request, RequestId, Sink,
-    TokenEvent,
-};
+use supernode_engine::constraint::{Constraint, ConstraintSpec};
+use supernode_engine::engine::{Engine, Event, FinishReason, Request, RequestId};
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
-use supernode_models::{load_model, LoadOptions};
+
+mod common;
+use common::{byte_grammars, ids, ngram, spec_totals, xorshift, Collect, Heard};
 
 const ARCHS: [&str; 7] = [
     "llama",
@@ -26,24 +24,6 @@ const ARCHS: [&str; 7] = [
     "deepseek_v3",
     "deepseek_v32",
 ];
-
-fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(arch)
-}
-
-struct Collect(Arc<Mutex<Vec<Event>>>);
-
-impl Sink for Collect {
-    fn send(&mut self, event: Event) -> bool {
-        self.0.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        false
-    }
-}
 
 #[derive(Clone)]
 struct Ask {
@@ -80,69 +60,20 @@ const ROOMY: Limits = Limits {
     num_blocks: 160,
 };
 
-/// What one request heard: its tokens and its final event.
-type Heard = (Vec<TokenEvent>, Finish);
-
 fn engine(arch: &str, lim: &Limits) -> Engine {
-    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
-    let cfg = EngineConfig {
-        max_num_seqs: lim.max_num_seqs,
-        max_num_batched_tokens: lim.budget,
-        num_blocks: lim.num_blocks,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
-        state_slots: 0,
-    };
-    Engine::new(m.model, None, cfg).unwrap()
+    common::engine(arch, lim.max_num_seqs, lim.budget, lim.num_blocks)
 }
 
 /// Adds every request at once, steps until all are done, and returns what each heard.
 fn drive(e: &mut Engine, asks: &[Ask]) -> Vec<Heard> {
-    let logs: Vec<_> = asks
-        .iter()
-        .map(|a| {
-            let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(Request {
-                prompt: a.prompt.clone(),
-                params: a.params.clone(),
-                max_tokens: a.max_tokens,
-                stop: Vec::new(),
-                ignore_eos: a.ignore_eos,
-                logprobs: a.logprobs,
-                cache_salt: None,
-                prompt_logits: false,
-                prompt_logprobs: None,
-                logit_bias: a.logit_bias.clone(),
-                constraint: a.constraint.clone(),
-                sink: Box::new(Collect(log.clone())),
-            })
-            .unwrap();
-            log
-        })
-        .collect();
-    let mut steps = 0;
-    while e.has_unfinished() {
-        e.step();
-        steps += 1;
-        assert!(steps < 100_000, "the engine does not finish");
-    }
-    logs.iter()
-        .map(|log| {
-            let mut toks = Vec::new();
-            let mut fin = None;
-            for ev in log.lock().unwrap().drain(..) {
-                match ev {
-                    Event::Token(t) => toks.push(t),
-                    Event::Done(f) => fin = Some(f),
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            (toks, fin.expect("every request finishes"))
-        })
-        .collect()
+    common::drive(e, asks, |a, sink| Request {
+        params: a.params.clone(),
+        ignore_eos: a.ignore_eos,
+        logprobs: a.logprobs,
+        logit_bias: a.logit_bias.clone(),
+        constraint: a.constraint.clone(),
+        ..common::greedy(a.prompt.clone(), a.max_tokens, sink)
+    })
 }
 
 fn run(arch: &str, spec: Option<SpecConfig>, lim: &Limits, asks: &[Ask]) -> (Vec<Heard>, Engine) {
@@ -152,28 +83,10 @@ fn run(arch: &str, spec: Option<SpecConfig>, lim: &Limits, asks: &[Ask]) -> (Vec
     (heard, e)
 }
 
-/// Prompt lookup drafting for every request whatever the batch (the tests want drafts
-/// verified in large batches too).
-fn ngram(k: usize) -> SpecConfig {
-    SpecConfig {
-        disable_by_batch_size: None,
-        ..SpecConfig::ngram(k)
-    }
-}
-
-fn ids(h: &Heard) -> Vec<u32> {
-    h.0.iter().map(|t| t.id).collect()
-}
-
 /// Deterministic prompts: some repeat a phrase (lookup finds drafts at once), some do not.
 fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % 255 + 1) as u32
-    };
+    let mut x = xorshift(seed);
+    let mut next = move || (x() % 255 + 1) as u32;
     (0..n)
         .map(|i| {
             if i % 2 == 0 {
@@ -189,14 +102,6 @@ fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
             }
         })
         .collect()
-}
-
-fn spec_totals(st: &EngineStats) -> (u64, u64, u64) {
-    (
-        st.spec_drafts.load(Ordering::Relaxed),
-        st.spec_draft_tokens.load(Ordering::Relaxed),
-        st.spec_accepted_tokens.load(Ordering::Relaxed),
-    )
 }
 
 #[test]
@@ -306,13 +211,6 @@ fn seeded_sampling_with_logprobs_penalties_and_bias_is_unchanged() {
         }
         assert!(spec_totals(e.stats()).1 > 0, "{arch}: nothing was drafted");
     }
-}
-
-fn byte_grammars() -> Arc<Grammars> {
-    // The llama fixture read as a byte vocabulary: token `b` is byte `b`, token 0 the end.
-    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    words[0] = b"\xFF<|end|>".to_vec();
-    Arc::new(Grammars::from_token_bytes(words, &[0]).unwrap())
 }
 
 #[test]
@@ -430,18 +328,8 @@ fn rejection_sampling_keeps_the_target_distribution() {
     let logits_after = |e: &mut Engine, toks: &[u32]| -> Vec<f32> {
         let log = Arc::new(Mutex::new(Vec::new()));
         e.add_request(Request {
-            prompt: toks.to_vec(),
-            params: SamplingParams::greedy(),
-            max_tokens: 0,
-            stop: Vec::new(),
-            ignore_eos: true,
-            logprobs: None,
-            cache_salt: None,
             prompt_logits: true,
-            prompt_logprobs: None,
-            logit_bias: Vec::new(),
-            constraint: None,
-            sink: Box::new(Collect(log.clone())),
+            ..common::greedy(toks.to_vec(), 0, Box::new(Collect(log.clone())))
         })
         .unwrap();
         while e.has_unfinished() {

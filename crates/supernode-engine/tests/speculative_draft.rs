@@ -10,129 +10,38 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use supernode_engine::engine::{
-    Engine, EngineConfig, EngineStats, Event, Finish, Request, RequestId, Sink,
-};
+use supernode_engine::engine::{Engine, Event, Finish, RequestId, Sink};
 use supernode_engine::load::load_with_tokenizer;
-use supernode_engine::sampler::SamplingParams;
 use supernode_engine::spec::{DraftModel, DraftProposer, Proposer, SpecConfig};
 use supernode_models::{load_model, LoadOptions};
 
-fn fixture(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(arch)
-}
+mod common;
+use common::{fixture, greedy, ids, model_path, spec_totals, with_draft, xorshift, Collect};
 
 fn draft(arch: &str) -> DraftModel {
     let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
     DraftModel::new(arch, m.model).unwrap()
 }
 
-struct Collect(Arc<Mutex<Vec<Event>>>);
-
-impl Sink for Collect {
-    fn send(&mut self, event: Event) -> bool {
-        self.0.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        false
-    }
-}
-
 fn engine(arch: &str, max_num_seqs: usize, budget: usize) -> Engine {
-    let m = load_model(&fixture(arch), &LoadOptions::default()).unwrap();
-    let cfg = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens: budget,
-        num_blocks: 160,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
-        state_slots: 0,
-    };
-    Engine::new(m.model, None, cfg).unwrap()
+    common::engine(arch, max_num_seqs, budget, 160)
 }
 
-fn request(prompt: &[u32], max_tokens: usize, log: &Arc<Mutex<Vec<Event>>>) -> Request {
-    Request {
-        prompt: prompt.to_vec(),
-        params: SamplingParams::greedy(),
-        max_tokens,
-        stop: Vec::new(),
-        ignore_eos: true,
-        logprobs: None,
-        cache_salt: None,
-        prompt_logits: false,
-        prompt_logprobs: None,
-        logit_bias: Vec::new(),
-        constraint: None,
-        sink: Box::new(Collect(log.clone())),
-    }
-}
-
-/// Adds every prompt at once, steps until all are done; each request's tokens and finish.
+/// A greedy request for every prompt at once, run to the end; each one's token ids and finish.
 fn drive(e: &mut Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<(Vec<u32>, Finish)> {
-    let logs: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(request(p, max_tokens, &log)).unwrap();
-            log
-        })
-        .collect();
-    let mut steps = 0;
-    while e.has_unfinished() {
-        e.step();
-        steps += 1;
-        assert!(steps < 100_000, "the engine does not finish");
-    }
-    logs.iter()
-        .map(|log| {
-            let mut toks = Vec::new();
-            let mut fin = None;
-            for ev in log.lock().unwrap().drain(..) {
-                match ev {
-                    Event::Token(t) => toks.push(t.id),
-                    Event::Done(f) => fin = Some(f),
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            (toks, fin.expect("every request finishes"))
-        })
+    common::drive(e, prompts, |p, sink| greedy(p.clone(), max_tokens, sink))
+        .into_iter()
+        .map(|h| (ids(&h), h.1))
         .collect()
 }
 
 /// Deterministic prompts of 1 to ~90 tokens.
 fn prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % 255 + 1) as u32
-    };
+    let mut x = xorshift(seed);
+    let mut next = move || (x() % 255 + 1) as u32;
     (0..n)
         .map(|i| (0..1 + (i * 37) % 90).map(|_| next()).collect())
         .collect()
-}
-
-fn spec_totals(st: &EngineStats) -> (u64, u64) {
-    (
-        st.spec_draft_tokens.load(Ordering::Relaxed),
-        st.spec_accepted_tokens.load(Ordering::Relaxed),
-    )
-}
-
-/// Drafting for every request whatever the batch.
-fn with_draft(d: DraftModel, k: usize) -> SpecConfig {
-    SpecConfig {
-        disable_by_batch_size: None,
-        ..SpecConfig::draft(d, k)
-    }
 }
 
 #[test]
@@ -151,7 +60,7 @@ fn greedy_tokens_are_the_same_with_a_draft_model() {
                 assert_eq!(b.0, s.0, "{target} drafted by {drafter}: request {i}");
                 assert_eq!(s.1.completion_tokens, 40);
             }
-            let (drafted, accepted) = spec_totals(e.stats());
+            let (_, drafted, accepted) = spec_totals(e.stats());
             assert_eq!(e.stats().spec_proposer.get(), Some(&"draft"));
             assert!(drafted > 0, "{target} drafted by {drafter}: no drafts");
             let usage = got.iter().map(|h| h.1.spec.unwrap()).fold((0, 0), |a, u| {
@@ -187,7 +96,7 @@ fn greedy_tokens_are_the_same_with_a_draft_model() {
                     "{target}/{drafter}: request {i} alone"
                 );
             }
-            assert!(spec_totals(e.stats()).0 > 0);
+            assert!(spec_totals(e.stats()).1 > 0);
         }
     }
 }
@@ -235,7 +144,9 @@ fn draft_caches_are_released_with_their_requests() {
     assert_eq!(inner.lock().unwrap().num_cached(), 0);
     // A request cancelled while it decodes.
     let log = Arc::new(Mutex::new(Vec::new()));
-    let id = e.add_request(request(&[5, 6, 7, 8], 100, &log)).unwrap();
+    let id = e
+        .add_request(greedy(vec![5, 6, 7, 8], 100, Box::new(Collect(log))))
+        .unwrap();
     for _ in 0..4 {
         e.step();
     }
@@ -252,9 +163,8 @@ fn draft_caches_are_released_with_their_requests() {
             true
         }
     }
-    let mut r = request(&[9, 10, 11], 50, &log);
-    r.sink = Box::new(Gone);
-    e.add_request(r).unwrap();
+    e.add_request(greedy(vec![9, 10, 11], 50, Box::new(Gone)))
+        .unwrap();
     while e.has_unfinished() {
         e.step();
     }
@@ -264,21 +174,6 @@ fn draft_caches_are_released_with_their_requests() {
     for id in p.iter() {
         assert!(r.contains(id), "{id:?} was proposed for and never released");
     }
-}
-
-fn smollm2() -> PathBuf {
-    let cache = std::env::var_os("SUPERNODE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/supernode")
-        });
-    let p = cache.join("models/smollm2-135m.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run `supernode fetch smollm2-135m` first",
-        p.display()
-    );
-    p
 }
 
 fn load_err(path: &Path, target: &str) -> String {
@@ -312,12 +207,12 @@ fn bad_draft_models_are_refused_with_one_line() {
     let err = one_line(load_err(&fixture("qwen3_next"), "llama"));
     assert!(err.contains("linear attention"), "{err}");
     // Another vocabulary: both sizes are named, by the loader and by the engine.
-    let err = one_line(load_err(&smollm2(), "llama"));
+    let err = one_line(load_err(&model_path("smollm2-135m"), "llama"));
     assert!(
         err.contains("has a vocabulary of 49152 tokens and the target one of 256"),
         "{err}"
     );
-    let small = load_model(&smollm2(), &LoadOptions::default()).unwrap();
+    let small = load_model(&model_path("smollm2-135m"), &LoadOptions::default()).unwrap();
     let mut e = engine("llama", 1, 16);
     let spec = SpecConfig::draft(DraftModel::new("smollm2", small.model).unwrap(), 4);
     let err = one_line(e.set_speculative(Some(spec)).unwrap_err().to_string());

@@ -4,43 +4,14 @@
 //! model on SmolLM2: itself (every draft accepted) and itself in the other precision (drafts
 //! that differ now and then are rejected).
 
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-
-use supernode_engine::engine::{Engine, EngineConfig, Event, Finish, Request, Sink};
+use supernode_engine::engine::{Engine, EngineConfig, Finish, Request};
 use supernode_engine::load::load_with_tokenizer;
-use supernode_engine::sampler::SamplingParams;
-use supernode_engine::spec::{DraftModel, SpecConfig};
+use supernode_engine::spec::DraftModel;
 use supernode_kernels::Precision;
 use supernode_models::LoadOptions;
 
-fn model_path(name: &str) -> PathBuf {
-    let cache = std::env::var_os("SUPERNODE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/supernode")
-        });
-    let p = cache.join("models").join(format!("{name}.gguf"));
-    assert!(
-        p.is_file(),
-        "{} is missing: run `supernode fetch {name}` first",
-        p.display()
-    );
-    p
-}
-
-struct Collect(Arc<Mutex<Vec<Event>>>);
-
-impl Sink for Collect {
-    fn send(&mut self, event: Event) -> bool {
-        self.0.lock().unwrap().push(event);
-        true
-    }
-    fn is_closed(&self) -> bool {
-        false
-    }
-}
+mod common;
+use common::{greedy, ids, model_path, ngram, spec_totals, with_draft};
 
 const TEXTS: [&str; 6] = [
     "def average(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n\n# The same function, with `total` renamed to `acc`:\ndef average(values):\n",
@@ -67,48 +38,18 @@ fn engine(name: &str) -> Engine {
     Engine::new(model, tok, cfg).unwrap()
 }
 
-/// Each request's tokens and final event, from one run over all of `reqs` at once.
+/// Each request's token ids and final event, from one run over all of `reqs` at once: greedy,
+/// 24 tokens at most, ending at the end of generation or a stop string.
 fn run(e: &mut Engine, reqs: &[(String, Vec<String>)]) -> Vec<(Vec<u32>, Finish)> {
     let tok = e.tokenizer().expect("the model has a tokenizer").clone();
-    let logs: Vec<_> = reqs
-        .iter()
-        .map(|(text, stop)| {
-            let log = Arc::new(Mutex::new(Vec::new()));
-            e.add_request(Request {
-                prompt: tok.encode(text, true, false),
-                params: SamplingParams::greedy(),
-                max_tokens: 24,
-                stop: stop.clone(),
-                ignore_eos: false,
-                logprobs: None,
-                cache_salt: None,
-                prompt_logits: false,
-                prompt_logprobs: None,
-                logit_bias: Vec::new(),
-                constraint: None,
-                sink: Box::new(Collect(log.clone())),
-            })
-            .unwrap();
-            log
-        })
-        .collect();
-    while e.has_unfinished() {
-        e.step();
-    }
-    logs.iter()
-        .map(|log| {
-            let mut toks = Vec::new();
-            let mut fin = None;
-            for ev in log.lock().unwrap().drain(..) {
-                match ev {
-                    Event::Token(t) => toks.push(t.id),
-                    Event::Done(f) => fin = Some(f),
-                    other => panic!("unexpected event {other:?}"),
-                }
-            }
-            (toks, fin.expect("finished"))
-        })
-        .collect()
+    common::drive(e, reqs, |(text, stop), sink| Request {
+        stop: stop.clone(),
+        ignore_eos: false,
+        ..greedy(tok.encode(text, true, false), 24, sink)
+    })
+    .into_iter()
+    .map(|h| (ids(&h), h.1))
+    .collect()
 }
 
 #[test]
@@ -123,10 +64,7 @@ fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
             ]
         })
         .collect();
-    let spec = SpecConfig {
-        disable_by_batch_size: None,
-        ..SpecConfig::ngram(5)
-    };
+    let spec = ngram(5);
     for name in ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"] {
         // One engine: without speculation, then with it (the prompts now partly from the
         // prefix cache), in a batch of 12 and one request at a time.
@@ -134,7 +72,7 @@ fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
         let base = run(&mut e, &reqs);
         e.set_speculative(Some(spec.clone())).unwrap();
         let batched = run(&mut e, &reqs);
-        let accepted = e.stats().spec_accepted_tokens.load(Ordering::Relaxed);
+        let accepted = spec_totals(e.stats()).2;
         assert!(accepted > 0, "{name}: nothing accepted");
         for (i, (b, s)) in base.iter().zip(&batched).enumerate() {
             assert_eq!(b.0, s.0, "{name}: request {i} in a batch of 12");
@@ -167,19 +105,13 @@ fn greedy_tokens_are_the_same_with_a_draft_model_on_smollm2() {
         };
         let d = DraftModel::load(&path, "smollm2-135m", &opts, target, tok).unwrap();
         let mut e = engine("smollm2-135m");
-        e.set_speculative(Some(SpecConfig {
-            disable_by_batch_size: None,
-            ..SpecConfig::draft(d, 5)
-        }))
-        .unwrap();
+        e.set_speculative(Some(with_draft(d, 5))).unwrap();
         let got = run(&mut e, &reqs);
         for (i, (b, s)) in base.iter().zip(&got).enumerate() {
             assert_eq!(b.0, s.0, "{precision:?} draft: request {i}");
             assert_eq!(b.1.text, s.1.text, "{precision:?} draft: request {i}");
         }
-        let st = e.stats();
-        let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
-        let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+        let (_, drafted, accepted) = spec_totals(e.stats());
         eprintln!("smollm2-135m drafted by itself ({precision:?}): {accepted} of {drafted}");
         assert!(accepted > 0, "{precision:?}: nothing accepted");
         if precision == Precision::Exact {

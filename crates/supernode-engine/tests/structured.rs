@@ -3,7 +3,6 @@
 //! `b`, token 0 the end of generation. Random weights write no JSON of their own, so every valid
 //! document below is the grammar's doing; the `jsonschema` crate judges them.
 
-use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,34 +10,17 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
 use supernode_engine::engine::{
-    EngineConfig, EngineHandle, Event, Finish, FinishReason, Request, Sink, TokenLogprobs,
+    EngineHandle, Event, Finish, FinishReason, Request, Sink, TokenLogprobs,
 };
 use supernode_engine::sampler::SamplingParams;
 use supernode_models::{load_model, LoadOptions};
 
-const EOS: u32 = 0;
+mod common;
+use common::{byte_grammars, config, fixture};
 
 fn engine(max_num_seqs: usize, num_blocks: usize) -> EngineHandle {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf/llama");
-    let m = load_model(&dir, &LoadOptions::default()).unwrap();
-    let cfg = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens: 256,
-        num_blocks,
-        ctx_len: 256,
-        max_waiting: 1000,
-        prefix_caching: true,
-        prefix_cache_salt: String::new(),
-        speculative: None,
-        state_slots: 0,
-    };
-    EngineHandle::start(m.model, None, cfg).unwrap()
-}
-
-fn grammars() -> Arc<Grammars> {
-    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    words[EOS as usize] = b"\xFF<|end|>".to_vec();
-    Arc::new(Grammars::from_token_bytes(words, &[EOS]).unwrap())
+    let m = load_model(&fixture("llama"), &LoadOptions::default()).unwrap();
+    EngineHandle::start(m.model, None, config(max_num_seqs, 256, num_blocks)).unwrap()
 }
 
 struct ChanSink(Sender<Event>);
@@ -146,7 +128,7 @@ fn person_schema() -> Value {
 fn random_weights_write_valid_json_200_times_out_of_200() {
     let schema = person_schema();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    let compiled = grammars()
+    let compiled = byte_grammars()
         .compile(&ConstraintSpec::JsonSchema {
             schema: schema.clone(),
             strict: true,
@@ -222,7 +204,7 @@ fn unconstrained_random_weights_write_no_json() {
 #[test]
 fn a_cut_document_finishes_with_length() {
     let e = engine(4, 32);
-    let c = grammars()
+    let c = byte_grammars()
         .compile(&ConstraintSpec::JsonSchema {
             schema: person_schema(),
             strict: true,
@@ -248,7 +230,7 @@ fn a_cut_document_finishes_with_length() {
 #[test]
 fn logprobs_are_those_of_the_masked_distribution() {
     let e = engine(4, 32);
-    let c = grammars()
+    let c = byte_grammars()
         .compile(&ConstraintSpec::Choice(vec!["yes".into(), "no".into()]))
         .unwrap();
     let (req, rx) = request(
