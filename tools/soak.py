@@ -32,26 +32,30 @@ At the end it stops sending, waits for the requests in flight, waits for the ser
 reads /metrics, prints a summary, writes --json-out, stops the server it started (SIGTERM; it
 must exit 0), and exits non-zero with one line saying why if the verdict fails:
 
-  - RSS growth from the end of the first window after warm-up to the end of the last window,
-    within --rss-tolerance percent (default 5). The KV cache is allocated zeroed and its pages
-    become resident when a block is first used; with prefix caching, freed registered blocks
-    are kept and new requests take never-used blocks first, so the resident KV pool grows
-    until every block has been used once (up to --kv-cache-mib). That is not a leak, so the
-    check judges the RSS without the KV cache's pages: the cache is one region of adjacent
-    anonymous mappings about its size (its per-layer buffers are allocated together at
-    start-up), whose resident size /proc/PID/smaps gives. The cache's size is
+  - RSS: flat within --rss-tolerance percent (default 5), judged on the highest VmRSS of any
+    later window against the first window after warm-up in which the KV pool is fully
+    resident. The KV cache is allocated zeroed and its pages become resident when a block is
+    first used; with prefix caching, freed registered blocks are kept and new requests take
+    never-used blocks first, so the resident KV pool grows until every block has been used
+    once (up to --kv-cache-mib). That is not a leak, so the baseline waits for it: the first
+    window whose upper bound of blocks ever used (the high-water of blocks in use +
+    prefix-cache blocks, sampled every couple of seconds) reaches supernode_kv_blocks_total.
+    Give the server a KV budget the traffic fills (e.g. --server-args "--kv-cache-mib 256").
+    Where the pool never fills, it judges the growth from the first window after warm-up to
+    the last net of the KV cache's pages instead: the cache is a run of adjacent anonymous
+    read-write mappings about its size (its per-layer buffers are allocated together at
+    start-up), whose resident size /proc/PID/smaps gives; the cache's size is
     supernode_kv_blocks_total x 16 tokens x the bytes per token the started server logs (or
-    --kv-bytes-per-token with --url). Where no such region shows, it subtracts an upper bound
-    of the KV blocks first used instead (the high-water of blocks in use + prefix-cache blocks,
-    sampled every couple of seconds). Both the raw and the net figure are reported, with the
-    anonymous / file-backed split; --rss-judge raw judges the plain VmRSS growth. For a clean
-    raw figure, give the server a KV budget the warm-up fills (e.g. --server-args
-    "--kv-cache-mib 256" and a few warm-up windows).
-  - p95 latency stability: the p95 of the requests of the last k windows over that of the
-    first k windows after warm-up (k: a third of them, at most --p95-windows), at most
+    --kv-bytes-per-token with --url). Where no such run shows, it subtracts the upper bound of
+    the KV blocks first used. Both the raw and the net figure are reported, with the
+    anonymous / file-backed split; --rss-judge raw judges the plain VmRSS growth there.
+  - p95 latency stability: the p95 of the requests of the last third of the windows after
+    warm-up over that of the first third (or of --p95-windows windows on each side), at most
     --p95-tolerance (default 1.5x); skipped when a side has under --p95-min-requests.
     Long-prompt requests are left out of this figure (they are a small, random share of each
-    window and dominate its tail).
+    window and dominate its tail). Their prefill chunks still delay the other requests of
+    their steps, so one window's p95 swings with whether a long prompt fell in it; a third of
+    the run pools enough of them to compare.
   - unexpected errors: 0. Unexpected is anything but a 200 that validates, an intended 4xx on
     a bad request, or a disconnect we made: 5xx, 503 (queue full), 4xx on a valid request,
     connection errors, timeouts, malformed answers, stream error events.
@@ -146,29 +150,35 @@ def read_status(pid):
 
 
 def kv_region(pid, kv_bytes):
-    """(Size, Rss) in kB of the anonymous read-write mappings at least kv_bytes long: where the
-    KV cache lives. Its layers are allocated together at start-up, each far above the
-    allocator's mmap threshold, and the kernel merges the adjacent anonymous mappings into
-    one region about the size of the cache. None if /proc/PID/smaps has no such region."""
-    size = rss = 0
-    found = False
+    """(Size, Rss) in kB of the runs of adjacent anonymous read-write mappings at least
+    kv_bytes long: where the KV cache lives. Its layers are allocated together at start-up,
+    each far above the allocator's mmap threshold, so they sit next to each other; the kernel
+    merges such neighbours into one mapping only when their flags agree, so neighbours are
+    joined here. None if /proc/PID/smaps has no such run."""
+    runs = []  # [end address, Size kB, Rss kB] of each run of adjacent anonymous rw mappings
     cur = None
     try:
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 head = line.split()
                 if head and re.match(r"^[0-9a-f]+-[0-9a-f]+$", head[0]):
-                    anon_rw = len(head) == 5 and head[1].startswith("rw")
-                    cur = {"anon_rw": anon_rw}
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    if len(head) == 5 and head[1].startswith("rw"):
+                        if runs and runs[-1][0] == lo and cur is not None:
+                            runs[-1][0] = hi
+                        else:
+                            runs.append([hi, 0, 0])
+                        cur = runs[-1]
+                    else:
+                        cur = None
                 elif cur is not None and head and head[0] in ("Size:", "Rss:"):
-                    cur[head[0]] = int(head[1])
-                    if head[0] == "Rss:" and cur["anon_rw"] and cur.get("Size:", 0) * 1024 >= kv_bytes:
-                        size += cur["Size:"]
-                        rss += cur["Rss:"]
-                        found = True
+                    cur[1 if head[0] == "Size:" else 2] += int(head[1])
     except (OSError, ValueError, IndexError):
         return None
-    return (size, rss) if found else None
+    big = [r for r in runs if r[1] * 1024 >= kv_bytes]
+    if not big:
+        return None
+    return sum(r[1] for r in big), sum(r[2] for r in big)
 
 
 def read_status_kb(pid, field):
@@ -874,9 +884,9 @@ def main():
                    help="judge RSS growth net of KV pages first touched (default, when the KV "
                         "bytes per token are known) or the raw VmRSS growth")
     v.add_argument("--p95-tolerance", type=float, default=1.5, help="ratio last/first")
-    v.add_argument("--p95-windows", type=int, default=10,
-                   help="windows pooled on each side of the p95 comparison (at most a third of "
-                        "those after warm-up)")
+    v.add_argument("--p95-windows", type=int, default=0,
+                   help="windows pooled on each side of the p95 comparison (default 0: a third "
+                        "of those after warm-up; at most a third)")
     v.add_argument("--p95-min-requests", type=int, default=20,
                    help="fewer finished requests on a side skips the p95 check")
     v.add_argument("--drain-timeout", type=float, default=60.0,
@@ -1155,7 +1165,33 @@ def main():
             print("the server's last log lines:\n  " + "\n  ".join(tail), flush=True)
     if interrupted:
         fails.append("interrupted")
-    if len(post) >= 2 and post[0]["rss_kb"] and post[-1]["rss_kb"]:
+    # The first window after warm-up whose KV pool is fully resident (every block used once).
+    warm = next((i for i, w in enumerate(post)
+                 if total_blocks and (w.get("kv_touched_bound_blocks") or 0) >= total_blocks),
+                None)
+    if warm is not None and len(post) - warm >= 2 and all(w["rss_kb"] for w in post[warm:]):
+        flat = post[warm:]
+        base, last = flat[0]["rss_kb"], flat[-1]["rss_kb"]
+        top = max(flat, key=lambda w: w["rss_kb"])
+        raw = 100.0 * (last - base) / base
+        peak = 100.0 * (top["rss_kb"] - base) / base
+        rss_info = {"baseline_window": flat[0]["window"], "last_window": flat[-1]["window"],
+                    "baseline": "the first window after warm-up with every KV block used once",
+                    "rss_baseline_kb": base, "rss_last_kb": last, "growth_pct": raw,
+                    "rss_peak_kb": top["rss_kb"], "peak_window": top["window"],
+                    "peak_growth_pct": peak,
+                    "rss_min_kb": min(w["rss_kb"] for w in flat)}
+        for part in ("anon", "file"):
+            b, l_ = flat[0].get(f"rss_{part}_kb"), flat[-1].get(f"rss_{part}_kb")
+            if b is not None and l_ is not None:
+                rss_info[f"rss_{part}_growth_kb"] = l_ - b
+        ok = peak <= a.rss_tolerance
+        checks.append({"check": "rss_growth", "ok": ok,
+                       "judged": "highest VmRSS over the KV-resident baseline", **rss_info})
+        if not ok:
+            fails.append(f"RSS rose {peak:.1f}% from window {flat[0]['window']} (KV pool "
+                         f"resident) to window {top['window']}, over {a.rss_tolerance}%")
+    elif len(post) >= 2 and post[0]["rss_kb"] and post[-1]["rss_kb"]:
         base, last = post[0]["rss_kb"], post[-1]["rss_kb"]
         raw = 100.0 * (last - base) / base
         rss_info = {"baseline_window": post[0]["window"], "last_window": post[-1]["window"],
@@ -1206,8 +1242,8 @@ def main():
         checks.append({"check": "rss_growth", "ok": None,
                        "note": "skipped: needs the server's PID and 2 windows after warm-up"})
     # p95 stability: the requests of the first k windows after warm-up pooled, against those
-    # of the last k (k: a third of them, at most --p95-windows).
-    k = max(1, min(a.p95_windows, len(post) // 3))
+    # of the last k (k: a third of them, or --p95-windows).
+    k = max(1, len(post) // 3 if a.p95_windows <= 0 else min(a.p95_windows, len(post) // 3))
     first_lat = [r for w in post[:k] for r in w.pop("_short_lat")] if len(post) >= 2 else []
     last_lat = [r for w in post[-k:] for r in w.pop("_short_lat", [])] if len(post) >= 2 else []
     for w in windows + [drain]:
