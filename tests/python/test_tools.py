@@ -84,6 +84,26 @@ def test_streamed_tool_call_is_reassembled_by_the_sdk(qclient):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_forced_call_streams_its_arguments_as_they_are_written(qclient):
+    """A forced call is written in the template's `<tool_call>` tags, so its arguments stream
+    piece by piece as the model writes them (vLLM's behaviour); the SDK's events see several
+    argument deltas before `done`, and the pieces add up to the non-streamed call."""
+    ask = dict(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=80)
+    whole = qclient.chat.completions.create(**ask).choices[0].message.tool_calls[0]
+    with qclient.chat.completions.stream(**ask) as stream:
+        events = [e for e in stream]
+        final = stream.get_final_completion()
+    kinds = [e.type for e in events]
+    pieces = [e.arguments_delta for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert len([p for p in pieces if p]) >= 3, kinds
+    assert kinds.count("tool_calls.function.arguments.done") == 1
+    assert kinds.index("tool_calls.function.arguments.delta") < kinds.index("tool_calls.function.arguments.done")
+    call = final.choices[0].message.tool_calls[0]
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, call.function.arguments) == (whole.function.name, whole.function.arguments)
+    assert json.loads(call.function.arguments)["city"].lower() == "paris"
+
+
 def test_tool_choice_none_answers_in_text(qclient):
     r = qclient.chat.completions.create(
         model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=30

@@ -161,7 +161,7 @@ fn call_from_value(v: &Value, keys: &[&str]) -> Option<RawCall> {
 }
 
 /// Arguments as a JSON object text: an object, or a string holding one.
-fn arguments_text(args: Value) -> Option<String> {
+pub(super) fn arguments_text(args: Value) -> Option<String> {
     let args = match args {
         Value::String(s) => serde_json::from_str::<Value>(&s).ok()?,
         v => v,

@@ -5,11 +5,14 @@
 //! then their arguments). The reasoning split comes first ([`reasoning`]); only the content
 //! that follows is searched for tool calls, so a call written while thinking stays reasoning.
 //! A call is recognised by its family's markers ([`families`]); text that may be the start of a
-//! marker is held back until it is decided, and a region that does not parse as calls is given
+//! marker is held back until it is decided. Inside a call region, a call is given out once its
+//! name is written and its arguments have begun, and its arguments as they are written
+//! ([`partial`]); a region that shows no call by its end, and does not parse as calls, is given
 //! back as content. Every decision depends only on the text, never on how it was cut into
 //! pieces, so a stream's deltas add up to the parse of the whole output ([`parse_complete`]).
 
 mod families;
+mod partial;
 mod reasoning;
 #[cfg(test)]
 mod tests;
@@ -19,6 +22,7 @@ use serde_json::Value;
 pub use families::{
     Family, RawCall, DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END, DS_SEP,
 };
+pub use partial::PartialCall;
 pub use reasoning::{ReasoningFamily, ReasoningParser};
 
 /// The texts of tool-call and reasoning markers, which the tokenizer decodes even where a model
@@ -145,6 +149,8 @@ pub struct ToolCallParser {
     /// Whitespace after the last content given out, held until text follows it.
     held_space: String,
     calls: usize,
+    /// The current region's calls given out so far: how many argument bytes of each.
+    region_args: Vec<usize>,
 }
 
 impl ToolCallParser {
@@ -175,6 +181,7 @@ impl ToolCallParser {
             buf: String::new(),
             held_space: String::new(),
             calls: 0,
+            region_args: Vec::new(),
         }
     }
 
@@ -226,49 +233,91 @@ impl ToolCallParser {
                     return;
                 }
                 State::Region { start } => {
-                    let (body, rest, end_text) = match self.family.end(start) {
-                        Some(end) => match self.buf.find(end) {
-                            Some(p) => (
-                                self.buf[..p].to_string(),
-                                self.buf[p + end.len()..].to_string(),
-                                end,
-                            ),
-                            None if at_end => (std::mem::take(&mut self.buf), String::new(), ""),
-                            None => return,
-                        },
-                        None if at_end => (std::mem::take(&mut self.buf), String::new(), ""),
-                        None => return,
-                    };
-                    self.region(start, &body, end_text, out);
-                    self.buf = rest;
+                    let end = self.family.end(start);
+                    match end.and_then(|e| self.buf.find(e).map(|p| (p, e))) {
+                        Some((p, e)) => {
+                            let body = self.buf[..p].to_string();
+                            self.buf.drain(..p + e.len());
+                            self.region(start, &body, e, out);
+                        }
+                        None if at_end => {
+                            let body = std::mem::take(&mut self.buf);
+                            self.region(start, &body, "", out);
+                        }
+                        None => {
+                            // Give out what the region shows so far: not the beginning of its
+                            // end marker, which is not part of its body.
+                            let hold = end.map_or(0, |e| partial_marker_len(&self.buf, &[e]));
+                            let seen = &self.buf[..self.buf.len() - hold];
+                            let calls = self.family.partial(start, seen, &self.is_string());
+                            self.show(&calls, out);
+                            return;
+                        }
+                    }
                     self.state = State::Text;
                 }
             }
         }
     }
 
-    /// A complete region: calls if it parses, else the text as it came.
-    fn region(&mut self, start: &str, body: &str, end: &str, out: &mut Vec<Delta>) {
-        let is_string = |f: &str, p: &str| {
+    /// Whether a tool's parameter is to be read as text: declared a string, or not declared.
+    fn is_string(&self) -> impl Fn(&str, &str) -> bool + '_ {
+        |f: &str, p: &str| {
             let key = (f.to_string(), p.to_string());
             self.string_params.contains(&key) || !self.known_params.contains(&key)
-        };
-        match self.family.parse(start, body, &is_string) {
-            Some(calls) => {
+        }
+    }
+
+    /// Gives out what is new in the current region's `calls`: calls not yet started, and the
+    /// arguments each has grown by.
+    fn show(&mut self, calls: &[PartialCall], out: &mut Vec<Delta>) {
+        for (k, c) in calls.iter().enumerate() {
+            if k == self.region_args.len() {
                 self.held_space.clear();
-                for c in calls {
-                    let index = self.calls;
-                    self.calls += 1;
-                    out.push(Delta::CallStart {
-                        index,
-                        id: format!("{}{index}", self.id_prefix),
+                let index = self.calls;
+                self.calls += 1;
+                out.push(Delta::CallStart {
+                    index,
+                    id: format!("{}{index}", self.id_prefix),
+                    name: c.name.clone(),
+                });
+                self.region_args.push(0);
+            }
+            // (Arguments only grow, so what was sent is a prefix of them.)
+            let sent = self.region_args[k];
+            if let Some(more) = c.args.get(sent..).filter(|m| !m.is_empty()) {
+                out.push(Delta::CallArgs {
+                    index: self.calls - self.region_args.len() + k,
+                    text: more.to_string(),
+                });
+                self.region_args[k] = c.args.len();
+            }
+        }
+    }
+
+    /// A complete region: the calls it shows (those given out so far and the rest), else its
+    /// calls if it parses as a whole, else the text as it came.
+    fn region(&mut self, start: &str, body: &str, end: &str, out: &mut Vec<Delta>) {
+        let calls = self.family.partial(start, body, &self.is_string());
+        if !calls.is_empty() {
+            self.show(&calls, out);
+            self.region_args.clear();
+            return;
+        }
+        debug_assert!(self.region_args.is_empty());
+        let parsed = self.family.parse(start, body, &self.is_string());
+        match parsed {
+            Some(calls) => {
+                let whole: Vec<PartialCall> = calls
+                    .into_iter()
+                    .map(|c| PartialCall {
                         name: c.name,
-                    });
-                    out.push(Delta::CallArgs {
-                        index,
-                        text: c.arguments,
-                    });
-                }
+                        args: c.arguments,
+                        done: true,
+                    })
+                    .collect();
+                self.show(&whole, out);
+                self.region_args.clear();
             }
             None => {
                 let text = format!("{start}{body}{end}");

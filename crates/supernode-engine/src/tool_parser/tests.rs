@@ -250,6 +250,32 @@ fn check_turn(name: &str, family: Family, reasoning: Option<ReasoningFamily>, tu
     }
     assert_eq!(p.content.trim(), "", "{name}: {turn:?}");
     streamed_equals_whole(family, prompt, &turn);
+    // Streamed a character at a time, the first call and the start of its arguments are given
+    // out before the model has written its second argument; a bare JSON call (Llama 3's) only
+    // when the output ends.
+    let cut = turn
+        .find("days")
+        .unwrap_or_else(|| panic!("{name}: {turn:?}"));
+    let mut stream = parser(family, prompt.map(ReasoningParser::new));
+    let mut deltas = Vec::new();
+    for ch in turn[..cut].chars() {
+        deltas.extend(stream.push(ch.encode_utf8(&mut [0; 4])));
+    }
+    let so_far = Parsed::from_deltas(deltas);
+    if turn.trim_start().starts_with('{') {
+        assert_eq!(so_far, Parsed::default(), "{name}");
+        return;
+    }
+    let first = &p.tool_calls[0];
+    assert_eq!(so_far.tool_calls.len(), 1, "{name}: {:?}", &turn[..cut]);
+    let shown = &so_far.tool_calls[0].arguments;
+    assert!(
+        shown.contains("Paris")
+            && first.arguments.starts_with(shown.as_str())
+            && *shown != first.arguments,
+        "{name}: {shown:?} of {:?}",
+        first.arguments
+    );
 }
 
 #[test]
@@ -459,4 +485,39 @@ fn template_variables_and_prompts_set_the_reasoning_start() {
     }
     assert_eq!(p.reasoning.as_deref(), Some("Let me think.\n"));
     assert_eq!(p.content, "Hi there.");
+}
+
+/// A call that goes wrong after it was given out (malformed arguments, or an output cut short
+/// by `max_tokens`) keeps what was valid, streamed or whole; the text after its region is
+/// content again.
+#[test]
+fn calls_cut_short_keep_what_was_written() {
+    let ds = format!("{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{\"city\": \"Par");
+    for (family, out, args, content) in [
+        (
+            Family::Hermes,
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa",
+            "{\"city\": \"Pa",
+            "",
+        ),
+        (
+            Family::Hermes,
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"days\": 2, oops}}</tool_call> then",
+            "{\"days\": 2, ",
+            " then",
+        ),
+        (Family::DeepSeekV3, ds.as_str(), "{\"city\": \"Par", ""),
+        (
+            Family::Qwen3Coder,
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=da",
+            "{\"city\":\"Paris\"",
+            "",
+        ),
+    ] {
+        let p = parse_complete(&mut parser(family, None), out);
+        assert_eq!(p.tool_calls.len(), 1, "{out}");
+        assert_eq!(p.tool_calls[0].arguments, args, "{out}");
+        assert_eq!(p.content, content, "{out}");
+        streamed_equals_whole(family, None, out);
+    }
 }

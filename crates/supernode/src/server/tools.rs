@@ -30,9 +30,10 @@ pub struct Tooling {
 /// grammar of a forced call produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Forced {
-    /// A bare JSON object `{"name": N, KEY: {..}}` (Hermes/Qwen2.5 `arguments`, Llama 3
-    /// `parameters`).
+    /// Llama 3: a bare JSON object `{"name": N, "parameters": {..}}`.
     Json(&'static str),
+    /// Hermes/Qwen2.5: `<tool_call>\n{"name": N, "arguments": {..}}\n</tool_call>`.
+    Hermes,
     /// `<tool_call>\n<function=N>\n<parameter=P>\nV\n</parameter>\n</function>\n</tool_call>`.
     Qwen3Coder,
     /// DeepSeek-V3.1: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>N<｜tool▁sep｜>{..}<｜tool▁call▁end｜><｜tool▁calls▁end｜>`.
@@ -48,7 +49,7 @@ impl Forced {
     /// built (Mistral v11's `N[ARGS]{..}`: no template of it to test against here).
     fn of(family: Family, src: &str) -> Option<Forced> {
         Some(match family {
-            Family::Hermes => Forced::Json("arguments"),
+            Family::Hermes => Forced::Hermes,
             Family::Llama3Json => Forced::Json("parameters"),
             Family::Qwen3Coder => Forced::Qwen3Coder,
             Family::DeepSeekV3 if src.contains("```json") => Forced::DeepSeekFenced,
@@ -163,6 +164,20 @@ pub fn forced_call(
                 strict: false,
             });
         }
+        Forced::Hermes => {
+            let branches: Vec<Value> = offered
+                .iter()
+                .map(|(n, p)| json_branch("arguments", n, p))
+                .collect();
+            format!(
+                "start: {} {} {} {} {}\n",
+                lit("<tool_call>"),
+                lit("\n"),
+                lark_json(&json!({ "anyOf": branches }), false),
+                lit("\n"),
+                lit("</tool_call>"),
+            )
+        }
         Forced::MistralList => {
             let branches: Vec<Value> = offered
                 .iter()
@@ -200,7 +215,6 @@ pub fn forced_call(
             )
         }
         Forced::Qwen3Coder => {
-            let mut rules = String::new();
             let call = alts(&|n, p| {
                 let required: Vec<&str> = p
                     .get("required")
@@ -240,13 +254,13 @@ pub fn forced_call(
                 parts.push(lit("</function>\n"));
                 format!("({})", parts.join(" "))
             });
-            rules.push_str(&format!(
-                "start: {} call {}\ncall: {call}\ntext[suffix={}]: /(?s:.*)/\n",
-                lit("<tool_call>\n"),
+            format!(
+                "start: {} {} call {}\ncall: {call}\ntext[suffix={}]: /(?s:.*)/\n",
+                lit("<tool_call>"),
+                lit("\n"),
                 lit("</tool_call>"),
                 lark_string(PARAM_END),
-            ));
-            rules
+            )
         }
     };
     Some(ConstraintSpec::Lark(lark))
@@ -795,10 +809,20 @@ mod tests {
             (
                 Family::Hermes,
                 "",
-                r#"{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}"#.into(),
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}\n</tool_call>".into(),
                 vec![
-                    r#"{"name": "get_weather", "arguments": {"days": 3}}"#.into(),
-                    r#"{"name": "get_news", "arguments": {"city": "Paris"}}"#.into(),
+                    r#"{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}"#.into(),
+                    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"days\": 3}}\n</tool_call>".into(),
+                    "<tool_call>\n{\"name\": \"get_news\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>".into(),
+                ],
+            ),
+            (
+                Family::Llama3Json,
+                "",
+                r#"{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}"#.into(),
+                vec![
+                    r#"{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}"#.into(),
+                    r#"{"name": "get_news", "parameters": {"city": "Paris"}}"#.into(),
                 ],
             ),
             (
