@@ -76,39 +76,38 @@ fn attention_rows(rng: &mut Rng, reps: usize, ctx: usize) {
         .collect();
     let mut scores = vec![0f32; g * ctx];
     let mut out = vec![0f32; g * d];
-    {
-        // KV head 0's rows; the others' cost the same.
-        let bases: Vec<usize> = (0..ctx)
-            .map(|p| (order[p / page] * page + p % page) * stride)
-            .collect();
-        let (dot16, _) = time_secs(reps, || {
-            for _ in 0..kv_heads {
-                dot_f16_rows(&q, d, &k16, &bases, &mut scores)
+    // Each KV head's rows: its slice of every position's row.
+    let bases: Vec<Vec<usize>> = (0..kv_heads)
+        .map(|h| {
+            (0..ctx)
+                .map(|p| (order[p / page] * page + p % page) * stride + h * d)
+                .collect()
+        })
+        .collect();
+    let names = ["K dots f16", "V sums f16", "K dots f32", "V sums f32"];
+    let mut ms = [0f64; 4];
+    for (kernel, m) in ms.iter_mut().enumerate() {
+        let (secs, _) = time_secs(reps, || {
+            for b in &bases {
+                match kernel {
+                    0 => dot_f16_rows(&q, d, &k16, b, &mut scores),
+                    1 => weighted_rows_f16(&ws, &v16, b, d, &mut out),
+                    2 => dot_f32_rows(&q, d, &k32, b, &mut scores),
+                    _ => weighted_rows_f32(&ws, &v32, b, d, &mut out),
+                }
             }
         });
-        let (wsum16, _) = time_secs(reps, || {
-            for _ in 0..kv_heads {
-                weighted_rows_f16(&ws, &v16, &bases, d, &mut out)
-            }
-        });
-        let (dot32, _) = time_secs(reps, || {
-            for _ in 0..kv_heads {
-                dot_f32_rows(&q, d, &k32, &bases, &mut scores)
-            }
-        });
-        let (wsum32, _) = time_secs(reps, || {
-            for _ in 0..kv_heads {
-                weighted_rows_f32(&ws, &v32, &bases, d, &mut out)
-            }
-        });
-        println!(
-            "attention ctx {ctx:>6}: K dots f16 {:.3} ms, V sums f16 {:.3} ms, K dots f32 {:.3} ms, V sums f32 {:.3} ms (one layer, {kv_heads} KV heads x {g} query heads)",
-            dot16 * 1e3,
-            wsum16 * 1e3,
-            dot32 * 1e3,
-            wsum32 * 1e3
-        );
+        *m = secs * 1e3;
     }
+    let cols: Vec<String> = names
+        .iter()
+        .zip(ms)
+        .map(|(n, m)| format!("{n} {m:.3} ms"))
+        .collect();
+    println!(
+        "attention ctx {ctx:>6}: {} (one layer, {kv_heads} KV heads x {g} query heads)",
+        cols.join(", ")
+    );
 }
 
 fn main() {
