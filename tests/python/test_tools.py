@@ -295,3 +295,54 @@ def test_forced_calls_in_other_families_formats_always_parse(other_format_server
             assert isinstance(args.get("hourly", False), bool), (family, args)
         else:
             assert call.function.name == "get_time" and args["zone"] in ("UTC", "CET", "PST"), (family, args)
+
+
+# --- A grammar after the reasoning (Qwen3's template) -----------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+POEM = [{"role": "user", "content": "Write a short poem about autumn leaves."}]
+
+
+@pytest.fixture(scope="module")
+def qwen3_template_server():
+    """qwen2.5-0.5b served with Qwen3's real chat template, which makes it a model that may
+    reason first (`<think>`): the server detects the `qwen3` reasoning parser from it."""
+    from conftest import ROOT, running
+
+    path = ROOT / "tests" / "fixtures" / "templates" / "Qwen-Qwen3-0.6B.jinja"
+    with running("--ctx", "4096", "--chat-template", str(path), model=MODEL) as s:
+        yield s
+
+
+def test_a_grammar_applies_once_the_reasoning_ends(qwen3_template_server):
+    """With `enable_thinking: false` the template closes the reasoning block in the prompt, so a
+    schema and a forced call apply from the first token: every answer sampled at temperature 1
+    is valid. With thinking on, the grammar waits for `</think>` (as vLLM's reasoning-aware
+    structured output does): this model, not trained to think, never closes a block, so its
+    answer stays the free text it would write anyway instead of being forced into JSON."""
+    client = qwen3_template_server.client()
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    r = client.chat.completions.create(
+        model=MODEL, messages=POEM, response_format=schema, temperature=1.0, seed=5, n=4, max_tokens=60, extra_body=off
+    )
+    for c in r.choices:
+        assert c.finish_reason == "stop", c
+        v = json.loads(c.message.content)
+        assert set(v) == {"name", "age"} and isinstance(v["age"], int) and 0 <= v["age"] <= 120, v
+    r = client.chat.completions.create(
+        model=MODEL, messages=POEM, tools=[FORECAST], tool_choice="required", temperature=1.0, seed=5, n=4,
+        max_tokens=60, extra_body=off,
+    )
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls", c
+        assert c.message.tool_calls[0].function.name == "get_forecast"
+    thinking = client.chat.completions.create(
+        model=MODEL, messages=POEM, response_format=schema, temperature=0, max_tokens=30
+    ).choices[0].message
+    assert thinking.content and not thinking.content.lstrip().startswith("{"), thinking

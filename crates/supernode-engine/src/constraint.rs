@@ -206,10 +206,10 @@ fn with_json_options(mut schema: Value, lenient: bool) -> Value {
 pub struct Constraint {
     grammars: Arc<Grammars>,
     matcher: Matcher,
-    /// Applies only after the output has produced these tokens (`None`: from the start).
-    trigger: Option<Vec<u32>>,
-    /// The last tokens seen while waiting for the trigger.
-    recent: Vec<u32>,
+    /// Applies only after the output's text has contained these bytes (`None`: from the start).
+    trigger: Option<Vec<u8>>,
+    /// The last bytes of output seen while waiting for the trigger.
+    recent: Vec<u8>,
 }
 
 impl Clone for Constraint {
@@ -244,10 +244,12 @@ pub enum Step {
 }
 
 impl Constraint {
-    /// The same constraint, applied only once the output has produced `trigger` (for instance
-    /// the token that ends a reasoning block). The trigger's own tokens are not constrained.
-    pub fn start_after(mut self, trigger: Vec<u32>) -> Constraint {
-        self.trigger = (!trigger.is_empty()).then_some(trigger);
+    /// The same constraint, applied only once the output's text has contained `trigger` (for
+    /// instance `</think>`, which ends a reasoning block), however the tokens cut it: as plain
+    /// bytes or as one control token of that text. The tokens up to the one that completes it
+    /// are not constrained.
+    pub fn start_after(mut self, trigger: &str) -> Constraint {
+        self.trigger = (!trigger.is_empty()).then(|| trigger.as_bytes().to_vec());
         self
     }
 
@@ -312,13 +314,20 @@ impl Constraint {
     /// accepted (or any token while waiting for the trigger).
     pub fn commit(&mut self, tok: u32) -> Result<Step, String> {
         if let Some(trigger) = &self.trigger {
-            self.recent.push(tok);
-            if self.recent.len() > trigger.len() {
-                self.recent.remove(0);
-            }
-            if self.recent == *trigger {
+            // A control token's bytes are a marker byte and its text.
+            let bytes = self.grammars.factory.tok_env().tok_trie().token(tok);
+            self.recent.extend_from_slice(bytes);
+            if self
+                .recent
+                .windows(trigger.len())
+                .any(|w| w == trigger.as_slice())
+            {
                 self.trigger = None;
                 self.recent.clear();
+            } else {
+                let keep = trigger.len() - 1;
+                let cut = self.recent.len().saturating_sub(keep);
+                self.recent.drain(..cut);
             }
             return Ok(Step::Continue);
         }

@@ -162,10 +162,9 @@ fn strict_refuses_unknown_keywords_that_lenient_ignores() {
 
 #[test]
 fn a_triggered_constraint_waits_for_its_trigger() {
-    let mut c =
-        compile(ConstraintSpec::Regex("ok".into())).start_after(vec![b'<' as u32, b'>' as u32]);
+    let mut c = compile(ConstraintSpec::Regex("ok".into())).start_after("</think>");
     assert!(!c.is_active());
-    for &b in b"free text <x <" {
+    for &b in b"free text </thin> </think" {
         assert_eq!(c.commit(b as u32), Ok(Step::Continue));
         assert!(!c.is_active());
     }
@@ -173,6 +172,30 @@ fn a_triggered_constraint_waits_for_its_trigger() {
     assert!(c.is_active());
     assert!(!c.allows(b'x' as u32));
     assert_eq!(feed(&mut c, "ok"), Step::Complete);
+}
+
+#[test]
+fn a_trigger_is_found_however_the_tokens_cut_it() {
+    // Byte tokens, then "</th" and "ink>\n" (the trigger ends inside a token), then a control
+    // token whose text is the trigger.
+    let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    words[0] = b"\xFF<|end|>".to_vec();
+    words.push(b"</th".to_vec());
+    words.push(b"ink>\n".to_vec());
+    words.push(b"\xFF</think>".to_vec());
+    let g = Arc::new(Grammars::from_token_bytes(words, &[EOS]).unwrap());
+    let spec = ConstraintSpec::Regex("ok".into());
+    let mut split = g.compile(&spec).unwrap().start_after("</think>");
+    for tok in [b'a' as u32, 256, 257] {
+        assert!(!split.is_active());
+        split.commit(tok).unwrap();
+    }
+    assert!(split.is_active() && split.allows(b'o' as u32) && !split.allows(b'x' as u32));
+    let mut control = g.compile(&spec).unwrap().start_after("</think>");
+    control.commit(256).unwrap();
+    assert!(!control.is_active());
+    control.commit(258).unwrap();
+    assert!(control.is_active());
 }
 
 #[test]

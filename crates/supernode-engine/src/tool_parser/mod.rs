@@ -23,7 +23,7 @@ pub use families::{
     Family, RawCall, DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END, DS_SEP,
 };
 pub use partial::PartialCall;
-pub use reasoning::{ReasoningFamily, ReasoningParser};
+pub use reasoning::{may_reason, ReasoningFamily, ReasoningParser, REASONING_END};
 
 /// The texts of tool-call and reasoning markers, which the tokenizer decodes even where a model
 /// file marks them as control tokens (the parsers need to see them).

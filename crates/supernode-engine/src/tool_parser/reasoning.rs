@@ -10,6 +10,15 @@ use super::{find_marker, partial_marker_len, Delta};
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
 
+/// The text that ends a reasoning block: where an output constraint begins to apply.
+pub const REASONING_END: &str = CLOSE;
+
+/// Whether an output after `prompt` may hold reasoning: unless the prompt ends by closing a
+/// `<think>` block (Qwen3 with `enable_thinking: false`, DeepSeek-V3.1's non-thinking mode).
+pub fn may_reason(prompt: &str) -> bool {
+    !prompt.trim_end().ends_with(CLOSE)
+}
+
 /// A reasoning format (both use `<think>`; the names are vLLM's `--reasoning-parser` names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReasoningFamily {

@@ -454,6 +454,8 @@ fn template_variables_and_prompts_set_the_reasoning_start() {
     assert_eq!((p.reasoning, p.content.as_str()), (None, "Hello"));
     let (on, _) = t.render_with(&user, &ChatExtras::default(), true).unwrap();
     assert!(!on.contains("<think>"), "{on:?}");
+    // An output constraint waits for the reasoning only where the prompt left room for it.
+    assert!(!may_reason(&out) && may_reason(&on));
     // DeepSeek-R1: the prompt opens `<think>`, so the output starts as reasoning.
     let t = template(
         "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B",
@@ -465,6 +467,8 @@ fn template_variables_and_prompts_set_the_reasoning_start() {
     think.kwargs.insert("enable_thinking".into(), json!(true));
     let (out, _) = t.render_with(&user, &think, true).unwrap();
     assert!(out.ends_with("<think>\n"), "{out:?}");
+    let (closed, _) = t.render_with(&user, &ChatExtras::default(), true).unwrap();
+    assert!(may_reason(&out) && !may_reason(&closed), "{closed:?}");
     let r1 = |out: &str| ReasoningParser::for_family(out, ReasoningFamily::DeepSeekR1);
     let p = parse_complete(
         &mut parser(Family::DeepSeekV3, Some(r1(&out))),

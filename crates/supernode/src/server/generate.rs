@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use supernode_engine::engine::{
     Event, Finish, FinishReason, PromptLogprobs, Request, Sink, SubmitError, TokenLogprobs,
 };
+use supernode_engine::tool_parser;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::api::{self, ApiError, ApiResult, GenSpec, Prompt};
@@ -117,6 +118,7 @@ pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> 
         req.spec.structured.constraint = Some(structured::Requested {
             param: "tool_choice",
             spec,
+            after: None,
         });
     }
     let tok = st.tokenizer.as_ref().ok_or_else(|| {
@@ -140,6 +142,12 @@ pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> 
     let (text, prompt) = tmpl
         .prompt_with(tok, &req.messages, &req.tools.extras)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    // A model that may reason first is constrained once its reasoning ends.
+    if let Some(c) = &mut req.spec.structured.constraint {
+        if st.tooling.reasoning.is_some() && tool_parser::may_reason(&text) {
+            c.after = Some(tool_parser::REASONING_END);
+        }
+    }
     let mut s = start(st, vec![(prompt, None)], req.spec, Kind::Chat)?;
     s.parse = tools::ParseSpec::new(&st.tooling, &req.tools, text, &s.id);
     if let Some(spec) = &s.parse {

@@ -26,6 +26,9 @@ use super::AppState;
 pub struct Requested {
     pub param: &'static str,
     pub spec: ConstraintSpec,
+    /// Applies once the output's text has contained this (the end of its reasoning); `None`:
+    /// from the start.
+    pub after: Option<&'static str>,
 }
 
 /// What these fields ask of generation.
@@ -56,6 +59,7 @@ pub fn parse(f: &Fields) -> ApiResult<Structured> {
     ] {
         if let Some(v) = f.get(param) {
             found.push(Requested {
+                after: None,
                 param,
                 spec: one_kind(param, kind, v)?,
             });
@@ -127,7 +131,11 @@ fn response_format(v: &Value) -> ApiResult<Option<Requested>> {
             ))
         }
     };
-    Ok(Some(Requested { param: P, spec }))
+    Ok(Some(Requested {
+        param: P,
+        spec,
+        after: None,
+    }))
 }
 
 fn structured_outputs(v: &Value) -> ApiResult<Requested> {
@@ -157,6 +165,7 @@ fn structured_outputs(v: &Value) -> ApiResult<Requested> {
     }
     match kinds.as_slice() {
         [(kind, val)] => Ok(Requested {
+            after: None,
             param: P,
             spec: one_kind(P, kind, val)?,
         }),
@@ -253,7 +262,7 @@ pub fn check_logit_bias(bias: &[(u32, f32)], vocab_size: usize) -> ApiResult<()>
 /// Compiles the request's constraint for this model's vocabulary.
 pub fn compile(st: &AppState, req: &Requested) -> ApiResult<Constraint> {
     let grammars = grammars(st).map_err(|m| ApiError::invalid(req.param, m))?;
-    grammars.compile(&req.spec).map_err(|e| {
+    let c = grammars.compile(&req.spec).map_err(|e| {
         let reason = match e {
             EngineError::Constraint { msg, .. } => msg,
             other => other.to_string(),
@@ -262,6 +271,10 @@ pub fn compile(st: &AppState, req: &Requested) -> ApiResult<Constraint> {
             req.param,
             format!("`{}` cannot be enforced: {reason}", req.param),
         )
+    })?;
+    Ok(match req.after {
+        Some(text) => c.start_after(text),
+        None => c,
     })
 }
 

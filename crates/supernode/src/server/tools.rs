@@ -103,17 +103,15 @@ impl Tooling {
 /// ([`Forced`]): one call of one of the tools offered (the named choice offers one), its
 /// arguments held to the tool's parameters schema. Markers that are one control token of the
 /// vocabulary (`control(text)` gives its id) are that token: a grammar reaches control tokens
-/// only by id. `None` where the
-/// choice asks for nothing, where no grammar is built for the format, or where the model
-/// reasons first (the grammar would forbid its reasoning): there the model is asked, not forced.
+/// only by id. `None` where the choice asks for nothing, or where no grammar is built for the
+/// format: there the model is asked, not forced. (For a model that may reason first, the
+/// caller applies the grammar once the reasoning ends.)
 pub fn forced_call(
     tooling: &Tooling,
     tools: &ChatTools,
     control: &dyn Fn(&str) -> Option<u32>,
 ) -> Option<ConstraintSpec> {
-    if !matches!(tools.choice, Some(Choice::Required | Choice::Named(_)))
-        || tooling.reasoning.is_some()
-    {
+    if !matches!(tools.choice, Some(Choice::Required | Choice::Named(_))) {
         return None;
     }
     let forced = tooling.forced?;
@@ -911,7 +909,7 @@ mod tests {
             reasoning: Some(ReasoningFamily::DeepSeekR1),
             ..tooling(Family::Hermes, "")
         };
-        assert!(forced_call(&reasoning, &chat_tools(Choice::Required), &control).is_none());
+        assert!(forced_call(&reasoning, &chat_tools(Choice::Required), &control).is_some());
         // Mistral v11's `N[ARGS]{..}` has no grammar: asked, not forced.
         let v11 = tooling(Family::Mistral, "[TOOL_CALLS]{{ name }}[ARGS]");
         assert!(forced_call(&v11, &chat_tools(Choice::Required), &control).is_none());
