@@ -257,15 +257,8 @@ fn qwen3_coder_call(body: &str, string_params: &dyn Fn(&str, &str) -> bool) -> O
         let r = rest.strip_prefix("<parameter=")?;
         let (param, r) = r.split_once('>')?;
         let end = r.find("</parameter>")?;
-        let raw = &r[..end];
-        let raw = raw.strip_prefix('\n').unwrap_or(raw);
-        let raw = raw.strip_suffix('\n').unwrap_or(raw);
         let param = param.trim();
-        let value = if string_params(name, param) {
-            Value::String(raw.to_string())
-        } else {
-            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
-        };
+        let value = qwen3_coder_value(&r[..end], string_params(name, param));
         args.insert(param.to_string(), value);
         rest = &r[end + "</parameter>".len()..];
     }
@@ -273,4 +266,15 @@ fn qwen3_coder_call(body: &str, string_params: &dyn Fn(&str, &str) -> bool) -> O
         name: name.to_string(),
         arguments: Value::Object(args).to_string(),
     })
+}
+
+/// A Qwen3-Coder parameter's value from the text between its tags (one newline trimmed at each
+/// end): the text itself for a string parameter, else JSON where it parses.
+pub(super) fn qwen3_coder_value(raw: &str, string: bool) -> Value {
+    let raw = raw.strip_prefix('\n').unwrap_or(raw);
+    let raw = raw.strip_suffix('\n').unwrap_or(raw);
+    match string {
+        true => Value::String(raw.to_string()),
+        false => serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string())),
+    }
 }

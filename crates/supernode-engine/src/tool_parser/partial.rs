@@ -14,7 +14,9 @@
 
 use serde_json::Value;
 
-use super::families::{arguments_text, Family, DS_CALL_BEGIN, DS_CALL_END, DS_SEP};
+use super::families::{
+    arguments_text, qwen3_coder_value, Family, DS_CALL_BEGIN, DS_CALL_END, DS_SEP,
+};
 
 /// A call as far as the text shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -463,15 +465,8 @@ fn qwen3_coder(body: &str, is_string: &dyn Fn(&str, &str) -> bool) -> Vec<Partia
         let Some(end) = r.find("</parameter>") else {
             break;
         };
-        let raw = &r[..end];
-        let raw = raw.strip_prefix('\n').unwrap_or(raw);
-        let raw = raw.strip_suffix('\n').unwrap_or(raw);
         let param = param.trim();
-        let value = if is_string(name, param) {
-            Value::String(raw.to_string())
-        } else {
-            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
-        };
+        let value = qwen3_coder_value(&r[..end], is_string(name, param));
         call.args.push(if call.args.is_empty() { '{' } else { ',' });
         call.args
             .push_str(&Value::String(param.to_string()).to_string());
