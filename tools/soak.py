@@ -49,13 +49,17 @@ must exit 0), and exits non-zero with one line saying why if the verdict fails:
     --kv-bytes-per-token with --url). Where no such run shows, it subtracts the upper bound of
     the KV blocks first used. Both the raw and the net figure are reported, with the
     anonymous / file-backed split; --rss-judge raw judges the plain VmRSS growth there.
-  - p95 latency stability: the p95 of the requests of the last third of the windows after
-    warm-up over that of the first third (or of --p95-windows windows on each side), at most
-    --p95-tolerance (default 1.5x); skipped when a side has under --p95-min-requests.
-    Long-prompt requests are left out of this figure (they are a small, random share of each
-    window and dominate its tail). Their prefill chunks still delay the other requests of
-    their steps, so one window's p95 swings with whether a long prompt fell in it; a third of
-    the run pools enough of them to compare.
+  - p95 latency stability: the median of the windows' p95 in the last third of the windows
+    after warm-up over that in the first third (or --p95-windows windows on each side), at
+    most --p95-tolerance (default 1.5x); skipped when a side has under --p95-min-requests
+    requests. Long-prompt requests are left out of these figures (they are a small, random
+    share of each window and dominate its tail). Their prefill chunks still delay the other
+    requests of their steps, so latency is bimodal: a request that shares steps with a long
+    prompt's prefill waits for it. Where that share is near 5%, the p95 of a pooled third
+    jumps between the two modes with a few requests either way (a 1-hour run on one thread
+    gave 7.4 s against 17.1 s with equal p50s and equal counts of stalled windows), so the
+    default judges the median window instead, which moves when latency does; --p95-judge
+    pooled judges the pooled p95. The pooled p50, p95 and p99 of both thirds are reported.
   - unexpected errors: 0. Unexpected is anything but a 200 that validates, an intended 4xx on
     a bad request, or a disconnect we made: 5xx, 503 (queue full), 4xx on a valid request,
     connection errors, timeouts, malformed answers, stream error events.
@@ -884,6 +888,9 @@ def main():
                    help="judge RSS growth net of KV pages first touched (default, when the KV "
                         "bytes per token are known) or the raw VmRSS growth")
     v.add_argument("--p95-tolerance", type=float, default=1.5, help="ratio last/first")
+    v.add_argument("--p95-judge", choices=("windows", "pooled"), default="windows",
+                   help="compare the median of the windows' p95 (default) or the p95 of the "
+                        "requests pooled, first third against last")
     v.add_argument("--p95-windows", type=int, default=0,
                    help="windows pooled on each side of the p95 comparison (default 0: a third "
                         "of those after warm-up; at most a third)")
@@ -1249,14 +1256,26 @@ def main():
     for w in windows + [drain]:
         w.pop("_short_lat", None)
     if len(post) >= 2 and min(len(first_lat), len(last_lat)) >= a.p95_min_requests:
-        first, last = percentile(first_lat, 95), percentile(last_lat, 95)
-        ratio = last / first if first > 0 else None
+        pooled = (percentile(first_lat, 95), percentile(last_lat, 95))
+
+        def window_median(ws):
+            xs = [w["latency_short_s"]["p95"] for w in ws if w["latency_short_s"]["p95"]]
+            return statistics.median(xs) if xs else None
+
+        by_windows = (window_median(post[:k]), window_median(post[-k:]))
+        first, last = by_windows if a.p95_judge == "windows" else pooled
+        ratio = last / first if first and last is not None else None
         ok = ratio is not None and ratio <= a.p95_tolerance
-        checks.append({"check": "p95_stability", "ok": ok, "windows_each_side": k,
+        checks.append({"check": "p95_stability", "ok": ok, "judged": a.p95_judge,
+                       "windows_each_side": k,
                        "requests_first": len(first_lat), "requests_last": len(last_lat),
-                       "first_p95_s": first, "last_p95_s": last, "ratio": ratio})
+                       "window_median_p95_s": list(by_windows), "pooled_p95_s": list(pooled),
+                       "pooled_p99_s": [percentile(first_lat, 99), percentile(last_lat, 99)],
+                       "pooled_p50_s": [percentile(first_lat, 50), percentile(last_lat, 50)],
+                       "ratio": ratio})
         if not ok:
-            fails.append(f"p95 latency went from {first:.3f}s (windows "
+            what = "the median window p95" if a.p95_judge == "windows" else "p95 latency"
+            fails.append(f"{what} went from {first:.3f}s (windows "
                          f"{post[0]['window']}-{post[k - 1]['window']}) to {last:.3f}s (windows "
                          f"{post[-k]['window']}-{post[-1]['window']}): {fmt(ratio, '{:.2f}')}x, "
                          f"over {a.p95_tolerance}x")
