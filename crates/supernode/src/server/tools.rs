@@ -31,7 +31,7 @@ pub struct Tooling {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Forced {
     /// Llama 3: a bare JSON object `{"name": N, "parameters": {..}}`.
-    Json(&'static str),
+    Llama3,
     /// Hermes/Qwen2.5: `<tool_call>\n{"name": N, "arguments": {..}}\n</tool_call>`.
     Hermes,
     /// `<tool_call>\n<function=N>\n<parameter=P>\nV\n</parameter>\n</function>\n</tool_call>`.
@@ -50,7 +50,7 @@ impl Forced {
     fn of(family: Family, src: &str) -> Option<Forced> {
         Some(match family {
             Family::Hermes => Forced::Hermes,
-            Family::Llama3Json => Forced::Json("parameters"),
+            Family::Llama3Json => Forced::Llama3,
             Family::Qwen3Coder => Forced::Qwen3Coder,
             Family::DeepSeekV3 if src.contains("```json") => Forced::DeepSeekFenced,
             Family::DeepSeekV3 => Forced::DeepSeekNamed,
@@ -132,13 +132,20 @@ pub fn forced_call(
     }
     // Tool schemas come from clients written for other servers: keywords the grammar cannot
     // enforce are ignored rather than refused (`strict: false`).
-    let json_branch = |key: &str, name: &str, params: &Value| {
-        json!({
-            "type": "object",
-            "properties": { "name": { "const": name }, key: params },
-            "required": ["name", key],
-            "additionalProperties": false,
-        })
+    // Any one offered call as a JSON object `{"name": N, key: {..}}`.
+    let json_call = |key: &str| {
+        let branches: Vec<Value> = offered
+            .iter()
+            .map(|(name, params)| {
+                json!({
+                    "type": "object",
+                    "properties": { "name": { "const": name }, key: params },
+                    "required": ["name", key],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        json!({ "anyOf": branches })
     };
     let lit = |text: &str| match control(text) {
         Some(id) => format!("<[{id}]>"),
@@ -152,37 +159,23 @@ pub fn forced_call(
             .join(" | ")
     };
     let lark = match forced {
-        Forced::Json(key) => {
-            let branches: Vec<Value> = offered
-                .iter()
-                .map(|(n, p)| json_branch(key, n, p))
-                .collect();
+        Forced::Llama3 => {
             return Some(ConstraintSpec::JsonSchema {
-                schema: json!({ "anyOf": branches }),
+                schema: json_call("parameters"),
                 strict: false,
             });
         }
-        Forced::Hermes => {
-            let branches: Vec<Value> = offered
-                .iter()
-                .map(|(n, p)| json_branch("arguments", n, p))
-                .collect();
-            format!(
-                "start: {} {} {} {} {}\n",
-                lit("<tool_call>"),
-                lit("\n"),
-                lark_json(&json!({ "anyOf": branches }), false),
-                lit("\n"),
-                lit("</tool_call>"),
-            )
-        }
+        Forced::Hermes => format!(
+            "start: {} {} {} {} {}\n",
+            lit("<tool_call>"),
+            lit("\n"),
+            lark_json(&json_call("arguments"), false),
+            lit("\n"),
+            lit("</tool_call>"),
+        ),
         Forced::MistralList => {
-            let branches: Vec<Value> = offered
-                .iter()
-                .map(|(n, p)| json_branch("arguments", n, p))
-                .collect();
             let list = json!({
-                "type": "array", "items": { "anyOf": branches }, "minItems": 1, "maxItems": 1,
+                "type": "array", "items": json_call("arguments"), "minItems": 1, "maxItems": 1,
             });
             format!(
                 "start: {} {}\n",
