@@ -107,6 +107,28 @@ def test_max_tokens_gives_length(client):
     assert r.usage.completion_tokens == 7
 
 
+
+def test_serve_max_tokens_caps_requests_that_set_none():
+    """`serve -n N` (llama-server's `-n`) is the cap of a request without `max_tokens`, on every
+    API; a request's own `max_tokens` wins, above it or below."""
+    s = Server("-n", "6")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        r = c.completions.create(model=MODEL, prompt="Once upon a time", extra_body={"ignore_eos": True}, **GREEDY)
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 6)
+        r = c.chat.completions.create(
+            model=MODEL, messages=chat_msgs("Write a long poem about the sea."), extra_body={"ignore_eos": True}
+        )
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 6)
+        r = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=9, extra_body={"ignore_eos": True})
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 9)
+        r = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=2)
+        assert r.usage.completion_tokens <= 2
+        r = c.responses.create(model=MODEL, input="Write a long poem about the sea.")
+        assert r.usage.output_tokens <= 6
+    finally:
+        stop_cleanly(s)
+
 # --- streaming ---------------------------------------------------------------------------
 
 

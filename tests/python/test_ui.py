@@ -96,7 +96,9 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def ui_server():
-    s = Server("--ui")
+    # The page sets no `max_tokens`, and at the default temperature a small model can write
+    # until its context is full (a CI run timed out so); `-n` caps what it writes.
+    s = Server("--ui", "-n", "200")
     try:
         yield s
     finally:

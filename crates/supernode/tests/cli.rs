@@ -452,6 +452,32 @@ fn serve_refuses_a_kv_cache_larger_than_the_machine() {
     assert_one_line_error(&out, &["--kv-cache-mib 1000000000", "memory"]);
 }
 
+/// The server's limits must be at least 1, and a zero names its option (checked before the
+/// model loads).
+#[test]
+fn serve_refuses_zero_limits_with_one_line() {
+    let path = tmp("tiny-limits.gguf");
+    tiny_llama(&path, "llama");
+    for opt in [
+        "--max-tokens",
+        "-n",
+        "--max-connections",
+        "--header-timeout",
+    ] {
+        let out = supernode(&[
+            "serve",
+            "--model",
+            path.to_str().unwrap(),
+            "--port",
+            "0",
+            opt,
+            "0",
+        ]);
+        let name = if opt == "-n" { "--max-tokens" } else { opt };
+        assert_one_line_error(&out, &[&format!("{name} must be at least 1")]);
+    }
+}
+
 /// `serve --chat-template`: a file that cannot be read, a template that does not compile, and
 /// a model without a tokenizer are one-line errors naming the option.
 #[test]

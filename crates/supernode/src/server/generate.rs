@@ -300,7 +300,12 @@ fn start(
             reqs.push(Request {
                 prompt: prompt.clone(),
                 params,
-                max_tokens: spec.max_tokens.unwrap_or(usize::MAX),
+                // The server's `--max-tokens` caps a request that sets none; unlike an asked-for
+                // cap it is never refused for want of room (the context ends the answer first).
+                max_tokens: spec
+                    .max_tokens
+                    .or(st.default_max_tokens)
+                    .unwrap_or(usize::MAX),
                 stop: spec.stop.clone(),
                 ignore_eos: spec.ignore_eos,
                 logprobs: spec.logprobs,

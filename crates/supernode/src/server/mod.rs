@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// Memory for the KV cache, in MiB.
     #[arg(long, default_value_t = 1024)]
     kv_cache_mib: usize,
+    /// Tokens a request generates at most when it does not say (llama-server's `-n`); default:
+    /// all the room the context has left.
+    #[arg(short = 'n', long = "max-tokens", value_name = "N")]
+    max_tokens: Option<usize>,
     /// Requests allowed to wait for admission; more get 503 with Retry-After.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
@@ -139,6 +143,8 @@ pub struct AppState {
     created: u64,
     /// The longest prompt plus completion a request may ask for.
     max_model_len: usize,
+    /// `--max-tokens`: the cap of a request that sets none.
+    default_max_tokens: Option<usize>,
     max_body_bytes: usize,
     body_timeout: Duration,
     /// Whether `/` serves the chat page.
@@ -163,6 +169,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ("--body-timeout", a.body_timeout),
         ("--keep-alive-timeout", a.keep_alive_timeout),
         ("--max-body-mib", a.max_body_mib as u64),
+        ("--max-tokens", a.max_tokens.map_or(1, |n| n as u64)),
     ] {
         if v == 0 {
             bail!("{name} must be at least 1");
@@ -317,6 +324,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         max_model_len,
+        default_max_tokens: a.max_tokens,
         max_body_bytes: a.max_body_mib.saturating_mul(1 << 20),
         body_timeout: Duration::from_secs(a.body_timeout),
         ui: a.ui,
