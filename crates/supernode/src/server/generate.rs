@@ -115,11 +115,7 @@ pub(super) fn start_chat(st: &Shared, body: &serde_json::Map<String, Value>) -> 
                 ),
             ));
         }
-        req.spec.structured.constraint = Some(structured::Requested {
-            param: "tool_choice",
-            spec,
-            after: None,
-        });
+        req.spec.structured.constraint = Some(structured::Requested::new("tool_choice", spec));
     }
     let tok = st.tokenizer.as_ref().ok_or_else(|| {
         ApiError::invalid(

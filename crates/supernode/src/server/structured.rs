@@ -31,6 +31,17 @@ pub struct Requested {
     pub after: Option<&'static str>,
 }
 
+impl Requested {
+    /// `spec`, asked for by `param`, applying from the start.
+    pub fn new(param: &'static str, spec: ConstraintSpec) -> Requested {
+        Requested {
+            param,
+            spec,
+            after: None,
+        }
+    }
+}
+
 /// What these fields ask of generation.
 #[derive(Debug, Default)]
 pub struct Structured {
@@ -58,11 +69,7 @@ pub fn parse(f: &Fields) -> ApiResult<Structured> {
         ("guided_grammar", "grammar"),
     ] {
         if let Some(v) = f.get(param) {
-            found.push(Requested {
-                after: None,
-                param,
-                spec: one_kind(param, kind, v)?,
-            });
+            found.push(Requested::new(param, one_kind(param, kind, v)?));
         }
     }
     if found.len() > 1 {
@@ -131,11 +138,7 @@ fn response_format(v: &Value) -> ApiResult<Option<Requested>> {
             ))
         }
     };
-    Ok(Some(Requested {
-        param: P,
-        spec,
-        after: None,
-    }))
+    Ok(Some(Requested::new(P, spec)))
 }
 
 fn structured_outputs(v: &Value) -> ApiResult<Requested> {
@@ -164,11 +167,7 @@ fn structured_outputs(v: &Value) -> ApiResult<Requested> {
         }
     }
     match kinds.as_slice() {
-        [(kind, val)] => Ok(Requested {
-            after: None,
-            param: P,
-            spec: one_kind(P, kind, val)?,
-        }),
+        [(kind, val)] => Ok(Requested::new(P, one_kind(P, kind, val)?)),
         [] => Err(ApiError::invalid(
             P,
             "`structured_outputs` must give one of `json`, `regex`, `choice`, `grammar`, `json_object`",
