@@ -6,6 +6,7 @@ SDK, `tool_choice: none`, and the errors for bad tool fields."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -247,14 +248,22 @@ FORECAST = {
 
 @pytest.fixture(
     scope="module",
-    params=[("Qwen3-Coder.jinja", "qwen3_coder"), ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral")],
-    ids=["qwen3_coder", "mistral"],
+    params=[
+        ("Qwen3-Coder.jinja", "qwen3_coder"),
+        ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral"),
+        ("mistralai-mistral-common-v11.jinja", "mistral_v11"),
+        ("vllm-tool_chat_template_deepseekv31.jinja", "deepseek_v31"),
+        ("vllm-tool_chat_template_deepseekv3.jinja", "deepseek_v3"),
+    ],
+    ids=["qwen3_coder", "mistral", "mistral_v11", "deepseek_v31", "deepseek_v3"],
 )
 def other_format_server(request):
     """qwen2.5-0.5b served with another family's real chat template (`--chat-template`): the
     prompt renders the tools that family's way, and a forced call is written in that family's
-    format (Qwen3-Coder's XML-like tags; Mistral's `[TOOL_CALLS]` list), whatever the model
-    would have written by itself."""
+    format (Qwen3-Coder's XML-like tags; Mistral's `[TOOL_CALLS]` list, or v11's
+    `[TOOL_CALLS]N[CALL_ID]id[ARGS]{..}`; DeepSeek's markers, V3.1's `N<sep>{..}` or V3's
+    fenced JSON, with vLLM's tool templates for DeepSeek, whose own templates do not render
+    tools), whatever the model would have written by itself."""
     from conftest import ROOT, running
 
     template, family = request.param
@@ -295,6 +304,24 @@ def test_forced_calls_in_other_families_formats_always_parse(other_format_server
             assert isinstance(args.get("hourly", False), bool), (family, args)
         else:
             assert call.function.name == "get_time" and args["zone"] in ("UTC", "CET", "PST"), (family, args)
+        if family.startswith("mistral"):
+            # Mistral's templates take call ids of 9 letters or digits (v11's refuses others).
+            assert re.fullmatch(r"[A-Za-z0-9]{9}", call.id), (family, call.id)
+    # The call and its result go back through the template for the answer (v11's template
+    # raises on an id that is not 9 characters).
+    c = r.choices[0]
+    follow = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Write a short poem about autumn leaves."},
+            c.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": c.message.tool_calls[0].id, "content": '{"result": "ok"}'},
+        ],
+        tools=[FORECAST, TIME],
+        max_tokens=4,
+        temperature=0,
+    )
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls"), (family, follow)
 
 
 # --- A grammar after the reasoning (Qwen3's template) -----------------------------------------

@@ -155,7 +155,7 @@ pub struct ToolCallParser {
 
 impl ToolCallParser {
     /// A parser for `family`; `tools` are the request's definitions (OpenAI shape), which say
-    /// the parameter types; call ids are `{id_prefix}{n}`.
+    /// the parameter types; call ids are `{id_prefix}{n}` (see [`ToolCallParser::call_id`]).
     pub fn new(family: Family, tools: &[Value], id_prefix: &str) -> ToolCallParser {
         let mut string_params = Vec::new();
         let mut known_params = Vec::new();
@@ -268,6 +268,27 @@ impl ToolCallParser {
         }
     }
 
+    /// Call `index`'s id: `{id_prefix}{index}`, except for Mistral, whose templates take ids
+    /// of 9 letters or digits (v11's refuses any other, Nemo's keeps the last 9): there it is
+    /// 9 of them derived from that text (FNV-1a in base 62), as vLLM gives Mistral's calls.
+    fn call_id(&self, index: usize) -> String {
+        let id = format!("{}{index}", self.id_prefix);
+        if self.family != Family::Mistral {
+            return id;
+        }
+        const DIGITS: &[u8; 62] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let mut h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        (0..9)
+            .map(|_| {
+                let d = DIGITS[(h % 62) as usize] as char;
+                h /= 62;
+                d
+            })
+            .collect()
+    }
+
     /// Gives out what is new in the current region's `calls`: calls not yet started, and the
     /// arguments each has grown by.
     fn show(&mut self, calls: &[PartialCall], out: &mut Vec<Delta>) {
@@ -278,7 +299,7 @@ impl ToolCallParser {
                 self.calls += 1;
                 out.push(Delta::CallStart {
                     index,
-                    id: format!("{}{index}", self.id_prefix),
+                    id: self.call_id(index),
                     name: c.name.clone(),
                 });
                 self.region_args.push(0);

@@ -1,4 +1,5 @@
-//! The parsers against real chat templates (tests/fixtures/templates, from llama.cpp) and model
+//! The parsers against real chat templates (tests/fixtures/templates, from llama.cpp, vLLM and
+//! mistral-common) and model
 //! outputs (tests/fixtures/tool_outputs.json), whole and streamed in random pieces.
 
 use serde_json::{json, Map, Value};
@@ -12,7 +13,7 @@ fn fixture(path: &str) -> String {
 }
 
 /// (template file, tool-call family, reasoning family, BOS, EOS)
-const TEMPLATES: [(&str, Family, Option<ReasoningFamily>, &str, &str); 9] = [
+const TEMPLATES: [(&str, Family, Option<ReasoningFamily>, &str, &str); 13] = [
     (
         "Qwen-Qwen2.5-7B-Instruct",
         Family::Hermes,
@@ -65,6 +66,34 @@ const TEMPLATES: [(&str, Family, Option<ReasoningFamily>, &str, &str); 9] = [
     ),
     (
         "mistralai-Mistral-Nemo-Instruct-2407",
+        Family::Mistral,
+        None,
+        "<s>",
+        "</s>",
+    ),
+    (
+        "vllm-tool_chat_template_deepseekv31",
+        Family::DeepSeekV3,
+        Some(ReasoningFamily::DeepSeekR1),
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),
+    (
+        "vllm-tool_chat_template_deepseekv3",
+        Family::DeepSeekV3,
+        None,
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),
+    (
+        "mistralai-mistral-common-v11",
+        Family::Mistral,
+        None,
+        "<s>",
+        "</s>",
+    ),
+    (
+        "mistralai-mistral-common-v13",
         Family::Mistral,
         None,
         "<s>",
@@ -199,6 +228,8 @@ fn calls_rendered_by_each_template_parse_back() {
             // `<think>` in R1's): take the turn from the assistant header.
             let (at, header) = [
                 "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                // (A generation prompt with thinking off closes the block at once.)
+                "<｜Assistant｜></think>",
                 "<｜Assistant｜>",
             ]
             .iter()

@@ -42,11 +42,13 @@ enum Forced {
     DeepSeekFenced,
     /// Mistral before v11: `[TOOL_CALLS][{"name": N, "arguments": {..}}]`.
     MistralList,
+    /// Mistral v11 and later: `[TOOL_CALLS]N[ARGS]{..}`, with `[CALL_ID]` and a 9-character id
+    /// before `[ARGS]` where the template writes one (v11 does, v13 does not).
+    MistralArgs { call_id: bool },
 }
 
 impl Forced {
-    /// The format of `family` as the template `src` writes calls; `None` where no grammar is
-    /// built (Mistral v11's `N[ARGS]{..}`: no template of it to test against here).
+    /// The format of `family` as the template `src` writes calls.
     fn of(family: Family, src: &str) -> Option<Forced> {
         Some(match family {
             Family::Hermes => Forced::Hermes,
@@ -54,7 +56,9 @@ impl Forced {
             Family::Qwen3Coder => Forced::Qwen3Coder,
             Family::DeepSeekV3 if src.contains("```json") => Forced::DeepSeekFenced,
             Family::DeepSeekV3 => Forced::DeepSeekNamed,
-            Family::Mistral if src.contains("[ARGS]") => return None,
+            Family::Mistral if src.contains("[ARGS]") => Forced::MistralArgs {
+                call_id: src.contains("[CALL_ID]"),
+            },
             Family::Mistral => Forced::MistralList,
         })
     }
@@ -182,6 +186,17 @@ pub fn forced_call(
                 lit("[TOOL_CALLS]"),
                 lark_json(&list, false)
             )
+        }
+        Forced::MistralArgs { call_id } => {
+            // The id is what v11's template checks a call's id for: 9 letters or digits.
+            let id = if call_id {
+                format!("{} /[a-zA-Z0-9]{{9}}/ ", lit("[CALL_ID]"))
+            } else {
+                String::new()
+            };
+            let call =
+                alts(&|n, p| format!("({} {id}{} {})", lit(n), lit("[ARGS]"), lark_json(p, false)));
+            format!("start: {} call\ncall: {call}\n", lit("[TOOL_CALLS]"))
         }
         Forced::DeepSeekNamed | Forced::DeepSeekFenced => {
             let call = alts(&|n, p| {
@@ -691,13 +706,15 @@ mod tests {
     use super::*;
 
     /// Control tokens of the test vocabulary, after the 256 bytes (id 0, the end, included).
-    const CONTROL: [&str; 6] = [
+    const CONTROL: [&str; 8] = [
         DS_CALLS_BEGIN,
         DS_CALLS_END,
         DS_CALL_BEGIN,
         DS_CALL_END,
         DS_SEP,
         "[TOOL_CALLS]",
+        "[ARGS]",
+        "[CALL_ID]",
     ];
 
     fn control(text: &str) -> Option<u32> {
@@ -847,6 +864,28 @@ mod tests {
                 ],
             ),
             (
+                Family::Mistral,
+                "{{- name + '[ARGS]' + arguments }}",
+                r#"[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}"#.into(),
+                vec![
+                    r#"get_weather[ARGS]{"city": "Paris", "days": 3}"#.into(),
+                    r#"[TOOL_CALLS]get_weather{"city": "Paris", "days": 3}"#.into(),
+                    r#"[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}"#.into(),
+                    r#"[TOOL_CALLS]get_weather[ARGS]{"days": 3}"#.into(),
+                ],
+            ),
+            (
+                Family::Mistral,
+                "{{- name + '[CALL_ID]' + id + '[ARGS]' + arguments }}",
+                r#"[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris", "days": 3}"#
+                    .into(),
+                vec![
+                    r#"[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}"#.into(),
+                    r#"[TOOL_CALLS]get_weather[CALL_ID]a1b2[ARGS]{"city": "Paris"}"#.into(),
+                    r#"[TOOL_CALLS]get_weather[CALL_ID]a1b2-c3d4[ARGS]{"city": "Paris"}"#.into(),
+                ],
+            ),
+            (
                 Family::Qwen3Coder,
                 "",
                 "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan <Francisco>\n\
@@ -903,9 +942,6 @@ mod tests {
             ..tooling(Family::Hermes, "")
         };
         assert!(forced_call(&reasoning, &chat_tools(Choice::Required), &control).is_some());
-        // Mistral v11's `N[ARGS]{..}` has no grammar: asked, not forced.
-        let v11 = tooling(Family::Mistral, "[TOOL_CALLS]{{ name }}[ARGS]");
-        assert!(forced_call(&v11, &chat_tools(Choice::Required), &control).is_none());
         // Markers that are not control tokens are plain text in the grammar.
         let plain = |_: &str| None;
         let t = tooling(Family::DeepSeekV3, "");
