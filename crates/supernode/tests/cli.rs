@@ -434,47 +434,33 @@ fn run_stops_before_a_stop_string() {
     assert_eq!(some[..], all[..some.len()]);
 }
 
-/// A KV cache larger than the machine is a one-line error before anything is allocated (it
-/// used to abort on the failed allocation, or to be killed later when the pages filled).
+/// Bad limits of `serve` are one-line errors naming the option, before anything is allocated:
+/// a KV cache larger than the machine (it used to abort on the failed allocation, or to be
+/// killed later when the pages filled), and a zero where at least 1 is needed.
 #[test]
-fn serve_refuses_a_kv_cache_larger_than_the_machine() {
-    let path = tmp("tiny-kv.gguf");
-    tiny_llama(&path, "llama");
-    let out = supernode(&[
-        "serve",
-        "--model",
-        path.to_str().unwrap(),
-        "--port",
-        "0",
-        "--kv-cache-mib",
-        "1000000000",
-    ]);
-    assert_one_line_error(&out, &["--kv-cache-mib 1000000000", "memory"]);
-}
-
-/// The server's limits must be at least 1, and a zero names its option (checked before the
-/// model loads).
-#[test]
-fn serve_refuses_zero_limits_with_one_line() {
+fn serve_refuses_bad_limits_with_one_line() {
     let path = tmp("tiny-limits.gguf");
     tiny_llama(&path, "llama");
-    for opt in [
-        "--max-tokens",
-        "-n",
-        "--max-connections",
-        "--header-timeout",
-    ] {
-        let out = supernode(&[
-            "serve",
-            "--model",
-            path.to_str().unwrap(),
-            "--port",
-            "0",
-            opt,
-            "0",
-        ]);
-        let name = if opt == "-n" { "--max-tokens" } else { opt };
-        assert_one_line_error(&out, &[&format!("{name} must be at least 1")]);
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["--kv-cache-mib", "1000000000"],
+            &["--kv-cache-mib 1000000000", "memory"],
+        ),
+        (&["--max-tokens", "0"], &["--max-tokens must be at least 1"]),
+        (&["-n", "0"], &["--max-tokens must be at least 1"]),
+        (
+            &["--max-connections", "0"],
+            &["--max-connections must be at least 1"],
+        ),
+        (
+            &["--header-timeout", "0"],
+            &["--header-timeout must be at least 1"],
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["serve", "--model", path.to_str().unwrap(), "--port", "0"];
+        args.extend_from_slice(extra);
+        assert_one_line_error(&supernode(&args), want);
     }
 }
 
