@@ -22,7 +22,7 @@ pub struct Tooling {
     pub reasoning: Option<ReasoningFamily>,
     /// The template puts tool definitions into the prompt.
     pub renders_tools: bool,
-    /// How a call is written where a `tool_choice` forces one.
+    /// How a call is written where a `tool_choice` forces one (`None`: no tool-call format).
     forced: Option<Forced>,
 }
 
@@ -49,8 +49,8 @@ enum Forced {
 
 impl Forced {
     /// The format of `family` as the template `src` writes calls.
-    fn of(family: Family, src: &str) -> Option<Forced> {
-        Some(match family {
+    fn of(family: Family, src: &str) -> Forced {
+        match family {
             Family::Hermes => Forced::Hermes,
             Family::Llama3Json => Forced::Llama3,
             Family::Qwen3Coder => Forced::Qwen3Coder,
@@ -60,7 +60,7 @@ impl Forced {
                 call_id: src.contains("[CALL_ID]"),
             },
             Family::Mistral => Forced::MistralList,
-        })
+        }
     }
 }
 
@@ -98,7 +98,7 @@ impl Tooling {
             family,
             reasoning,
             renders_tools: template.is_some_and(|(t, _)| t.renders_tools()),
-            forced: family.and_then(|f| Forced::of(f, src)),
+            forced: family.map(|f| Forced::of(f, src)),
         })
     }
 }
@@ -107,9 +107,9 @@ impl Tooling {
 /// ([`Forced`]): one call of one of the tools offered (the named choice offers one), its
 /// arguments held to the tool's parameters schema. Markers that are one control token of the
 /// vocabulary (`control(text)` gives its id) are that token: a grammar reaches control tokens
-/// only by id. `None` where the choice asks for nothing, or where no grammar is built for the
-/// format: there the model is asked, not forced. (For a model that may reason first, the
-/// caller applies the grammar once the reasoning ends.)
+/// only by id. `None` where the choice asks for nothing, or where the model has no tool-call
+/// format. (For a model that may reason first, the caller applies the grammar once the
+/// reasoning ends.)
 pub fn forced_call(
     tooling: &Tooling,
     tools: &ChatTools,
@@ -757,7 +757,7 @@ mod tests {
             family: Some(family),
             reasoning: None,
             renders_tools: true,
-            forced: Forced::of(family, src),
+            forced: Some(Forced::of(family, src)),
         }
     }
 
