@@ -17,7 +17,8 @@
 //! element-wise, so a head's outputs and state depend only on its own inputs: the same bits
 //! whatever else is in the batch and however the tokens are split into steps.
 
-use crate::simd::dot_f32;
+use crate::scratch::zeroed;
+use crate::simd::{dot_f32, dot_f32_grid, weighted_rows_f32};
 
 /// One token of the gated delta rule for one head: updates `state` (`v.len()` rows of
 /// `k.len()`) in place and writes the head's output (`v.len()` values) to `out`.
@@ -40,6 +41,141 @@ pub fn gated_delta_step(
         row.iter_mut().zip(k).for_each(|(s, &kk)| *s += d * kk);
         *o = dot_f32(row, q);
     }
+}
+
+/// Tokens per chunk of the chunked form ([`gated_delta_chunk`]): prefill computes a prompt in
+/// windows of this many positions, aligned to multiples of it.
+pub const DELTA_CHUNK: usize = 64;
+
+/// The gated delta rule over `L` consecutive tokens of one head at once (the chunked, "WY"
+/// form of `chunk_gated_delta_rule`): the same outputs and final state as `L` calls of
+/// [`gated_delta_step`], within float rounding, as small matrix products instead of a token
+/// loop. `q`, `k`: `L` rows of `dk` (queries already scaled); `v`: `L` rows of `dv`;
+/// `log_decay[i] = ln g_i`; `state`: `dv × dk`, updated in place; `out`: `L` rows of `dv`.
+///
+/// With `G_i = Σ_{j≤i} ln g_j`, the state after token `i` is
+/// `S_i = e^{G_i} S_0 + Σ_{j≤i} e^{G_i − G_j} u_j k_jᵀ`, where the written values `u` solve
+/// the unit lower-triangular system `u_i + Σ_{j<i} β_i e^{G_i − G_j} (k_i·k_j) u_j =
+/// β_i (v_i − e^{G_i} S_0 k_i)`, solved by forward substitution. Then
+/// `o_i = e^{G_i} S_0 q_i + Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) u_j` and the state is `S_{L−1}`.
+/// Every exponent is of a non-positive number. The summation order is fixed by `L` and the
+/// inputs alone, so a given split of a sequence into chunks always gives the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_delta_chunk(
+    state: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    log_decay: &[f32],
+    beta: &[f32],
+    out: &mut [f32],
+) {
+    let l = log_decay.len();
+    let dv = out.len() / l.max(1);
+    let dk = state.len() / dv.max(1);
+    assert!(
+        l > 0 && q.len() == l * dk && k.len() == l * dk && v.len() == l * dv,
+        "gated_delta_chunk: lengths differ"
+    );
+    assert_eq!(beta.len(), l, "gated_delta_chunk: lengths differ");
+    // Cumulative log decays.
+    let mut g = vec![0.0f32; l];
+    let mut acc = 0.0f32;
+    for (gi, &d) in g.iter_mut().zip(log_decay) {
+        acc += d;
+        *gi = acc;
+    }
+    // x = [β v | β e^G k], then forward substitution: row i -= Σ_{j<i} a_ij row j.
+    let w = dv + dk;
+    let mut x = zeroed(l * w);
+    for i in 0..l {
+        let (row, b, e) = (&mut x[i * w..(i + 1) * w], beta[i], g[i].exp());
+        row[..dv]
+            .iter_mut()
+            .zip(&v[i * dv..(i + 1) * dv])
+            .for_each(|(x, &v)| *x = b * v);
+        row[dv..]
+            .iter_mut()
+            .zip(&k[i * dk..(i + 1) * dk])
+            .for_each(|(x, &k)| *x = b * e * k);
+    }
+    let mut kk = zeroed(l * l);
+    dot_f32_grid(k, k, dk, &mut kk);
+    let bases: Vec<usize> = (0..l).map(|j| j * w).collect();
+    let mut coef = zeroed(l);
+    let mut tmp = zeroed(w);
+    for i in 1..l {
+        for j in 0..i {
+            coef[j] = beta[i] * (g[i] - g[j]).exp() * kk[i * l + j];
+        }
+        weighted_rows_f32(&coef[..i], &x, &bases[..i], w, &mut tmp);
+        x[i * w..(i + 1) * w]
+            .iter_mut()
+            .zip(tmp.iter())
+            .for_each(|(x, &t)| *x -= t);
+    }
+    // S_0ᵀ (dk × dv), so that products with it are sums of its rows.
+    let mut st = zeroed(dk * dv);
+    for (j, row) in state.chunks_exact(dk).enumerate() {
+        for (a, &s) in row.iter().enumerate() {
+            st[a * dv + j] = s;
+        }
+    }
+    // Rows [w_0 .. w_{L-1}, e^{G_0} q_0 .. e^{G_{L-1}} q_{L-1}] times S_0ᵀ.
+    let mut lhs = zeroed(2 * l * dk);
+    for i in 0..l {
+        lhs[i * dk..(i + 1) * dk].copy_from_slice(&x[i * w + dv..(i + 1) * w]);
+        let e = g[i].exp();
+        lhs[(l + i) * dk..(l + i + 1) * dk]
+            .iter_mut()
+            .zip(&q[i * dk..(i + 1) * dk])
+            .for_each(|(o, &q)| *o = e * q);
+    }
+    let st_bases: Vec<usize> = (0..dk).map(|a| a * dv).collect();
+    let mut prod = zeroed(2 * l * dv);
+    weighted_rows_f32(&lhs, &st, &st_bases, dv, &mut prod);
+    // u = x[.., ..dv] − w S_0ᵀ, gathered as rows of dv.
+    let mut u = zeroed(l * dv);
+    for i in 0..l {
+        u[i * dv..(i + 1) * dv]
+            .iter_mut()
+            .zip(&x[i * w..i * w + dv])
+            .zip(&prod[i * dv..(i + 1) * dv])
+            .for_each(|((u, &x), &p)| *u = x - p);
+    }
+    // o_i = e^{G_i} S_0 q_i + Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) u_j.
+    let mut qk = zeroed(l * l);
+    dot_f32_grid(q, k, dk, &mut qk);
+    let u_bases: Vec<usize> = (0..l).map(|j| j * dv).collect();
+    let mut orow = zeroed(dv);
+    for i in 0..l {
+        for j in 0..=i {
+            coef[j] = qk[i * l + j] * (g[i] - g[j]).exp();
+        }
+        weighted_rows_f32(&coef[..=i], &u, &u_bases[..=i], dv, &mut orow);
+        out[i * dv..(i + 1) * dv]
+            .iter_mut()
+            .zip(&prod[(l + i) * dv..(l + i + 1) * dv])
+            .zip(orow.iter())
+            .for_each(|((o, &p), &r)| *o = p + r);
+    }
+    // S = e^{G_{L−1}} S_0 + Σ_j e^{G_{L−1} − G_j} u_j k_jᵀ: row r of S gains Σ_j c_rj k_j.
+    let last = g[l - 1];
+    let mut c = zeroed(dv * l);
+    for j in 0..l {
+        let e = (last - g[j]).exp();
+        for r in 0..dv {
+            c[r * l + j] = e * u[j * dv + r];
+        }
+    }
+    let k_bases: Vec<usize> = (0..l).map(|j| j * dk).collect();
+    let mut gain = zeroed(dv * dk);
+    weighted_rows_f32(&c, k, &k_bases, dk, &mut gain);
+    let e = last.exp();
+    state
+        .iter_mut()
+        .zip(gain.iter())
+        .for_each(|(s, &d)| *s = e * *s + d);
 }
 
 /// The causal depthwise convolution of `x` (`n` rows of `channels`), each output channel the
@@ -78,8 +214,8 @@ pub fn causal_conv1d_silu(
                 .zip(xi)
                 .for_each(|((o, &w), &x)| *o += w * x);
         }
-        o.iter_mut().for_each(|v| *v = super::silu(*v));
     }
+    super::silu_inplace(out);
     // The last `taps - 1` inputs become the state.
     let keep = taps - 1;
     let mut last = vec![0.0; keep * channels];
@@ -136,6 +272,71 @@ mod tests {
             for a in 0..dk {
                 assert!((f64::from(s[j * dk + a]) - m[a][j]).abs() < 1e-5);
             }
+        }
+    }
+
+    /// The chunked form gives the token loop's outputs and state, from a non-zero state, for
+    /// chunks of one token, a few, and a whole window; strong decays included.
+    #[test]
+    fn chunk_matches_the_token_loop() {
+        let (dk, dv) = (16, 12);
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 2001) as f32 / 1000.0 - 1.0
+        };
+        for l in [1, 5, 37, DELTA_CHUNK] {
+            let norm = |mut x: Vec<f32>| {
+                for h in x.chunks_exact_mut(dk) {
+                    l2_norm_inplace(h, 1e-6);
+                }
+                x
+            };
+            let q: Vec<f32> = norm((0..l * dk).map(|_| rnd()).collect())
+                .iter()
+                .map(|x| x / (dk as f32).sqrt())
+                .collect();
+            let k = norm((0..l * dk).map(|_| rnd()).collect());
+            let v: Vec<f32> = (0..l * dv).map(|_| rnd()).collect();
+            let log_decay: Vec<f32> = (0..l)
+                .map(|i| -2.0 * (rnd() + 1.0) - (i % 3) as f32)
+                .collect();
+            let beta: Vec<f32> = (0..l).map(|_| 0.5 + 0.5 * rnd()).collect();
+            let s0: Vec<f32> = (0..dv * dk).map(|_| rnd()).collect();
+            let mut want_s = s0.clone();
+            let mut want = vec![0.0; l * dv];
+            for i in 0..l {
+                gated_delta_step(
+                    &mut want_s,
+                    &q[i * dk..(i + 1) * dk],
+                    &k[i * dk..(i + 1) * dk],
+                    &v[i * dv..(i + 1) * dv],
+                    log_decay[i].exp(),
+                    beta[i],
+                    &mut want[i * dv..(i + 1) * dv],
+                );
+            }
+            let mut s = s0.clone();
+            let mut got = vec![0.0; l * dv];
+            gated_delta_chunk(&mut s, &q, &k, &v, &log_decay, &beta, &mut got);
+            let diff = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max)
+            };
+            assert!(
+                diff(&got, &want) < 1e-5,
+                "L={l}: outputs {}",
+                diff(&got, &want)
+            );
+            assert!(
+                diff(&s, &want_s) < 1e-5,
+                "L={l}: state {}",
+                diff(&s, &want_s)
+            );
         }
     }
 

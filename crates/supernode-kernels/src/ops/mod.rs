@@ -15,12 +15,14 @@ pub mod delta_rule;
 #[cfg(test)]
 mod tests;
 
-pub use activation::{gelu_f16_table, gelu_tanh, glu_inplace, silu, Activation};
+pub use activation::{gelu_f16_table, gelu_tanh, glu_inplace, silu, silu_inplace, Activation};
 pub use attention::{
     attention_group, attention_group_at, attention_groups_parallel, attention_head, index_scores,
     top_k_positions, AttnShape, GroupSpan, KvRows, KvView,
 };
-pub use delta_rule::{causal_conv1d_silu, gated_delta_step, l2_norm_inplace};
+pub use delta_rule::{
+    causal_conv1d_silu, gated_delta_chunk, gated_delta_step, l2_norm_inplace, DELTA_CHUNK,
+};
 
 use crate::simd::scale_round;
 
