@@ -5,10 +5,13 @@
 //! The forward pass runs over a scratch KV cache of its own, sized to the input, so that an
 //! embedding never takes blocks from (or leaves blocks in) the engine's pool. The input goes
 //! through in chunks of `chunk` tokens; a chunked pass computes the same K/V and hidden states
-//! as one pass (the engine's batch invariance), so the result does not depend on `chunk`.
+//! as one pass (the engine's batch invariance), so the result does not depend on `chunk` (for
+//! a hybrid model, on any `chunk` of at least one linear-attention window; smaller ones agree
+//! within rounding).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use supernode_kernels::ops::DELTA_CHUNK;
 use supernode_models::{Batch, KvCache, Model, Named, Trace};
 
 use crate::engine::BLOCK_SIZE;
@@ -35,6 +38,14 @@ pub fn embed(model: &dyn Model, tokens: &[u32], chunk: usize) -> Result<Vec<f32>
         .and_then(|kv| kv.with_state_slots(&model.state_widths(), 1))
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
     let slots: &[usize] = if kv.num_state_slots > 0 { &[0] } else { &[] };
+    // Linear-attention layers take the input in the chunked form, in steps cut at window
+    // boundaries as the scheduler cuts prompts (the same bits whatever the budget).
+    let until = [tokens.len()];
+    let (chunked_until, chunk): (&[usize], usize) = match slots.is_empty() {
+        false if chunk >= DELTA_CHUNK => (&until, chunk / DELTA_CHUNK * DELTA_CHUNK),
+        false => (&until, chunk),
+        true => (&[], chunk),
+    };
     let table: Vec<u32> = (0..blocks as u32).collect();
     let tables = [table.as_slice()];
     let hidden = cfg.hidden;
@@ -51,6 +62,7 @@ pub fn embed(model: &dyn Model, tokens: &[u32], chunk: usize) -> Result<Vec<f32>
             block_tables: &tables,
             logits_for: &[],
             state_slots: slots,
+            chunked_until,
         };
         let mut hook = |a: &Named<'_>| {
             if a.name == "result_norm" {
@@ -139,6 +151,7 @@ mod tests {
             block_tables: &tables,
             logits_for: &[],
             state_slots: &[],
+            chunked_until: &[],
         };
         let mut kv = KvCache::new(&m.kv_specs(), BLOCK_SIZE, 3).unwrap();
         m.forward_traced(&batch, &mut kv, &mut Trace::new(&mut hook))

@@ -129,6 +129,7 @@ fn step_ms(model: &dyn Model, ctx: usize) -> f64 {
             block_tables: &tables,
             logits_for: &[end - start - 1],
             state_slots: &[],
+            chunked_until: &[],
         };
         model.forward(&batch, &mut kv).expect("forward");
     };

@@ -21,6 +21,13 @@ pub struct Batch<'a> {
     /// for the others). A sequence whose first token here is at position 0 starts a new state
     /// in it, any other continues the state it holds.
     pub state_slots: &'a [usize],
+    /// For each sequence (or empty: none), the position before which its linear-attention
+    /// layers use the chunked form: the positions below it in windows of
+    /// [`supernode_kernels::ops::DELTA_CHUNK`] aligned to multiples of it (each window's
+    /// tokens in this batch at once), later ones token by token. The engine gives the prompt's
+    /// length, so that a prompt is prefilled in chunks while generated tokens, decoded one at
+    /// a time, are recomputed the same way after a preemption.
+    pub chunked_until: &'a [usize],
 }
 
 impl<'a> Batch<'a> {

@@ -134,6 +134,7 @@ fn load_and_run(path: &Path) -> Result<(), String> {
             block_tables: &tables,
             logits_for: &[2],
             state_slots: &[],
+            chunked_until: &[],
         };
         model.forward(&batch, &mut kv).map(|l| l.len())
     }));

@@ -64,6 +64,7 @@ fn run_forward(m: &dyn Model) -> Option<supernode_models::Result<Vec<f32>>> {
         block_tables: &[table],
         logits_for: &[0, 1],
         state_slots: slots,
+        chunked_until: &[],
     };
     Some(m.forward(&batch, &mut kv))
 }

@@ -249,6 +249,7 @@ fn safetensors_and_gguf_give_the_same_logits() {
         block_tables: &tables,
         logits_for: &all,
         state_slots: &[],
+        chunked_until: &[],
     };
     let run = |path: &Path| {
         let m = load_model(

@@ -1,7 +1,8 @@
 //! The model runner: turns a [`Plan`] into the model's flat batch and runs the forward pass.
 //!
-//! It alone builds positions, the sequence index of each row, the block tables and the
-//! recurrent state slots from the plan, and it alone holds the KV cache, which only the model's attention layers write (one
+//! It alone builds positions, the sequence index of each row, the block tables, the recurrent
+//! state slots and where each request's prompt ends (the chunked form of linear attention) from
+//! the plan, and it alone holds the KV cache, which only the model's attention layers write (one
 //! writer). The logits come back as the rows each scheduled request asked for
 //! ([`super::scheduler::Scheduled::logits_rows`]), in plan order. Hidden-state rows for MTP
 //! or EAGLE heads would come back here too, beside the logits.
@@ -22,6 +23,7 @@ pub(crate) struct Runner {
     seq_of: Vec<usize>,
     logits_for: Vec<usize>,
     state_slots: Vec<usize>,
+    chunked_until: Vec<usize>,
 }
 
 /// The logits of one step: `rows[k]` are the rows of the plan's `k`-th request, each
@@ -49,6 +51,7 @@ impl Runner {
             seq_of: Vec::new(),
             logits_for: Vec::new(),
             state_slots: Vec::new(),
+            chunked_until: Vec::new(),
         }
     }
 
@@ -62,6 +65,11 @@ impl Runner {
         self.state_slots.clear();
         self.state_slots
             .extend(plan.scheduled.iter().filter_map(|s| s.state_slot));
+        self.chunked_until.clear();
+        if !self.state_slots.is_empty() {
+            self.chunked_until
+                .extend(plan.scheduled.iter().map(|s| s.prompt_len));
+        }
         let mut rows = Vec::with_capacity(plan.scheduled.len());
         for (k, s) in plan.scheduled.iter().enumerate() {
             let base = self.tokens.len();
@@ -92,6 +100,7 @@ impl Runner {
             block_tables: &tables,
             logits_for: &self.logits_for,
             state_slots: &self.state_slots,
+            chunked_until: &self.chunked_until,
         };
         let (model, kv) = (&self.model, &mut self.kv);
         match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {

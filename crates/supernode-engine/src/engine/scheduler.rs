@@ -48,13 +48,18 @@
 //! ([`SchedulerConfig::state_slots`]); a request waits when none is free. A slot's state is only
 //! valid for the exact prefix its request computed, and is not saved anywhere else, so for such
 //! models: a preempted request gives its slot back and recomputes from position 0, and there is
-//! no prefix caching (a cached block would give K/V but no matching state).
+//! no prefix caching (a cached block would give K/V but no matching state). Their prompts are
+//! cut only at multiples of the linear-attention window ([`DELTA_CHUNK`]) or at the prompt's
+//! end, so that a prompt always goes through the chunked form in the same windows, alone or
+//! in any batch.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use supernode_kernels::ops::DELTA_CHUNK;
 
 use super::block_pool::{
     block_hash, root_hash, BlockHash, BlockPool, Blocks, SharedPool, BLOCK_SIZE,
@@ -125,6 +130,8 @@ pub struct Scheduled {
     pub drafts: usize,
     /// The request's recurrent state slot (models with linear attention).
     pub state_slot: Option<usize>,
+    /// The length of its prompt.
+    pub prompt_len: usize,
 }
 
 impl Scheduled {
@@ -416,6 +423,20 @@ impl Scheduler {
         s.blocks.shrink_to(s.tokens.len());
     }
 
+    /// How many of the `take` tokens after `computed` a request computes this step. With
+    /// recurrent state (hybrid models), a cut inside the prompt falls on a multiple of
+    /// [`DELTA_CHUNK`], so that the linear-attention layers see each of the prompt's aligned
+    /// windows whole, and a request's prefill is the same computation whatever else is in the
+    /// batch (0: the next window does not fit this step). Not when the whole budget is smaller
+    /// than a window: the cuts then fall anywhere, and the results agree within rounding.
+    fn cut(cfg: &SchedulerConfig, computed: usize, take: usize, prompt_len: usize) -> usize {
+        let end = computed + take;
+        if cfg.state_slots == 0 || cfg.max_num_batched_tokens < DELTA_CHUNK || end >= prompt_len {
+            return take;
+        }
+        (end / DELTA_CHUNK * DELTA_CHUNK).saturating_sub(computed)
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self) -> Plan {
         let mut plan = Plan::default();
@@ -437,7 +458,12 @@ impl Scheduler {
             let s = &mut self.running[i];
             let own = s.tokens.len() - s.computed;
             pending = pending.saturating_sub(own);
-            let take = own.min(budget);
+            let take = Self::cut(&self.cfg, s.computed, own.min(budget), s.prompt_len);
+            if take == 0 && own > 0 {
+                // Its next prompt window does not fit in what is left of the budget.
+                i += 1;
+                continue;
+            }
             // Drafts ride along only on a request that catches up, with budget and blocks to
             // spare; otherwise they are dropped for this step.
             let mut drafts = 0;
@@ -489,7 +515,13 @@ impl Scheduler {
             } else if s.blocks.is_empty() {
                 self.match_prefix(&mut s);
             }
-            let take = (s.tokens.len() - s.computed).min(budget);
+            let own = s.tokens.len() - s.computed;
+            let take = Self::cut(&self.cfg, s.computed, own.min(budget), s.prompt_len);
+            if take == 0 {
+                s.release();
+                self.waiting.push_front(s);
+                break;
+            }
             if !s.blocks.grow_to(s.computed + take) {
                 s.release();
                 if self.running.is_empty() {
@@ -538,6 +570,7 @@ impl Scheduler {
                     sample: hi == s.tokens.len(),
                     drafts,
                     state_slot: s.state_slot.as_ref().map(|slot| slot.id),
+                    prompt_len: s.prompt_len,
                 }
             })
             .collect();

@@ -434,3 +434,53 @@ fn state_slots_are_held_while_running_and_returned() {
     s.remove(c);
     assert_eq!(s.free_state_slots(), 2);
 }
+
+/// With state slots (a hybrid model), prompts are cut only at multiples of the linear-attention
+/// window, whatever the budget leaves: a 250-token prompt under a budget of 100 goes in 64,
+/// 64, 64 and 58 tokens (the rest fits); beside a decoding request, a newcomer whose next window does not fit
+/// waits for the next step; a budget below one window cuts anywhere (so it never stalls).
+#[test]
+fn hybrid_prompts_are_cut_at_window_boundaries() {
+    let w = DELTA_CHUNK;
+    let hybrid = |budget| {
+        Scheduler::new(SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: budget,
+            num_blocks: 64,
+            prefix_caching: true,
+            salt: String::new(),
+            state_slots: 4,
+        })
+    };
+    let mut s = hybrid(100);
+    let a = add(&mut s, 1, (0..250).collect());
+    let spans = |plan: &Plan| -> Vec<(RequestId, usize, usize)> {
+        plan.scheduled
+            .iter()
+            .map(|x| (x.id, x.start, x.tokens.len()))
+            .collect()
+    };
+    assert_eq!(spans(&step(&mut s)), [(a, 0, w)]);
+    assert_eq!(spans(&step(&mut s)), [(a, w, w)]);
+    assert_eq!(spans(&step(&mut s)), [(a, 2 * w, w)]);
+    assert_eq!(spans(&step(&mut s)), [(a, 3 * w, 250 - 3 * w)]);
+    // `a` decodes one token a step; `b` gets 99 of the budget, cut to 64, then the rest.
+    let b = add(&mut s, 2, (0..100).collect());
+    assert_eq!(spans(&step(&mut s)), [(a, 250, 1), (b, 0, w)]);
+    assert_eq!(spans(&step(&mut s)), [(a, 251, 1), (b, w, 100 - w)]);
+    // Two decoders leave 62 of a budget of 64: the newcomer waits rather than cut mid-window.
+    let mut s = hybrid(w);
+    let (c, d) = (add(&mut s, 3, vec![1]), add(&mut s, 4, vec![2]));
+    step(&mut s);
+    let e = add(&mut s, 5, (0..80).collect());
+    assert_eq!(spans(&step(&mut s)), [(c, 1, 1), (d, 1, 1)]);
+    assert_eq!(s.num_waiting(), 1);
+    s.remove(c);
+    s.remove(d);
+    assert_eq!(spans(&step(&mut s)), [(e, 0, w)]);
+    assert_eq!(spans(&step(&mut s)), [(e, w, 80 - w)]);
+    // A budget smaller than a window: any cut.
+    let mut s = hybrid(10);
+    let f = add(&mut s, 6, (0..30).collect());
+    assert_eq!(spans(&step(&mut s)), [(f, 0, 10)]);
+}

@@ -263,6 +263,7 @@ fn forward(model: &dyn Model, seq: &mut DraftSeq, part: &[u32]) -> Result<Vec<f3
         block_tables: &tables,
         logits_for: &[part.len() - 1],
         state_slots: &[],
+        chunked_until: &[],
     };
     let kv = &mut seq.kv;
     let logits = match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {
@@ -324,6 +325,7 @@ mod tests {
                 block_tables: &[table.as_slice()],
                 logits_for: &[n - 1],
                 state_slots: &[],
+                chunked_until: &[],
             };
             let logits = model.forward(&batch, &mut kv).unwrap();
             t.push(argmax(&logits));

@@ -248,6 +248,7 @@ mod tests {
             block_tables: &tables,
             logits_for: &rows,
             state_slots: &[],
+            chunked_until: &[],
         };
         let specs = m.kv_specs();
         let plain = m

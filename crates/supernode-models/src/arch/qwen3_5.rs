@@ -483,29 +483,38 @@ mod tests {
     use crate::weights::Weights;
     use crate::{Batch, KvCache, ModelConfig};
 
-    /// Two sequences at once, each prefilled in one step, in chunks of several sizes (two
-    /// sequences interleaved in a batch) or token by token: the same logits and the same
-    /// recurrent state in every linear layer, bit for bit; a sequence restarted at position 0
-    /// in a used slot forgets what the slot held.
+    /// Two sequences at once (interleaved in each batch), run in steps of several sizes: the
+    /// same logits and the same recurrent state in every linear layer.
+    /// - All token by token (no `chunked_until`): the same bits however the steps are cut.
+    /// - Prompts of 150 and 70 in the chunked form, then generated tokens token by token: the
+    ///   same bits for every cut at multiples of the window (as the scheduler cuts); cuts
+    ///   anywhere else, and the token-by-token form, agree within rounding.
+    ///
+    /// A sequence restarted at position 0 in a used slot forgets what the slot held.
     #[test]
     fn state_and_logits_do_not_depend_on_the_steps() {
+        use supernode_kernels::ops::DELTA_CHUNK;
+        // The forms round differently; over 150 positions and six layers of these random
+        // models, whose logits reach ±10, that moves a logit by up to ~1.2e-3.
+        const TOL: f32 = 2e-3;
+        let (c, w) = (DELTA_CHUNK, DELTA_CHUNK);
         for arch in ["qwen3_5", "qwen3_5_moe", "qwen3_next"] {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../../tests/fixtures/hf")
                 .join(arch);
             let st = read_safetensors_dir(&dir).unwrap();
             let cfg = ModelConfig::from_hf(&st.config).unwrap();
-            let w = Weights::new(st.tensors, Numerics::new(Precision::Exact));
-            let m = super::load(cfg, &w).unwrap();
+            let w_ = Weights::new(st.tensors, Numerics::new(Precision::Exact));
+            let m = super::load(cfg, &w_).unwrap();
             let seqs: [Vec<u32>; 2] = [
-                (0..40).map(|i| (i * 37 % 256) as u32).collect(),
-                (0..23).map(|i| (i * 11 % 256) as u32 + 1).collect(),
+                (0..2 * w + 40).map(|i| (i * 37 % 256) as u32).collect(),
+                (0..w + 23).map(|i| (i * 11 % 256) as u32 + 1).collect(),
             ];
-            let tables: [Vec<u32>; 2] = [vec![0, 1, 2, 3, 4], vec![5, 6, 7]];
+            let tables: [Vec<u32>; 2] = [(0..12).collect(), (12..18).collect()];
             let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
             // Runs the sequences in steps of `chunk` tokens each (both in every step), the
-            // second in state slot 2; returns every position's logits per sequence and the cache.
-            let run = |chunk: usize, kv: &mut KvCache| {
+            // second in state slot 2; returns every position's logits per sequence.
+            let run = |chunk: usize, until: &[usize], kv: &mut KvCache| {
                 let mut logits: [Vec<f32>; 2] = [Vec::new(), Vec::new()];
                 let mut done = [0usize; 2];
                 while done[0] < seqs[0].len() || done[1] < seqs[1].len() {
@@ -529,6 +538,7 @@ mod tests {
                         block_tables: &table_refs,
                         logits_for: &rows,
                         state_slots: &[0, 2],
+                        chunked_until: until,
                     };
                     let out = m.forward(&batch, kv).unwrap();
                     let v = m.config().vocab_size;
@@ -539,27 +549,66 @@ mod tests {
                 logits
             };
             let fresh = || {
-                KvCache::new(&m.kv_specs(), 16, 8)
+                KvCache::new(&m.kv_specs(), 16, 18)
                     .unwrap()
                     .with_state_slots(&m.state_widths(), 3)
                     .unwrap()
             };
+            let states = |kv: &KvCache| -> Vec<f32> {
+                kv.layers
+                    .iter()
+                    .flat_map(|l| l.state.data.iter().copied())
+                    .collect()
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let far = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max)
+            };
             let mut one = fresh();
-            let want = run(64, &mut one);
+            let want = run(1000, &[], &mut one);
             for chunk in [1, 3, 16] {
                 let mut kv = fresh();
-                assert_eq!(run(chunk, &mut kv), want, "{arch}: chunks of {chunk}");
-                for (a, b) in kv.layers.iter().zip(&one.layers) {
-                    assert!(a
-                        .state
-                        .data
-                        .iter()
-                        .zip(&b.state.data)
-                        .all(|(x, y)| x.to_bits() == y.to_bits()));
-                }
+                assert_eq!(run(chunk, &[], &mut kv), want, "{arch}: steps of {chunk}");
+                assert_eq!(bits(&states(&kv)), bits(&states(&one)), "{arch}: {chunk}");
             }
             // Slot 0 reused from position 0: the old state is forgotten.
-            assert_eq!(run(64, &mut one), want, "{arch}: a reused slot");
+            assert_eq!(run(1000, &[], &mut one), want, "{arch}: a reused slot");
+
+            let until = [2 * w + 10, w + 23];
+            let mut whole = fresh();
+            let chunked = run(1000, &until, &mut whole);
+            for chunk in [c, 2 * c] {
+                let mut kv = fresh();
+                assert_eq!(
+                    run(chunk, &until, &mut kv),
+                    chunked,
+                    "{arch}: windows {chunk}"
+                );
+                assert_eq!(bits(&states(&kv)), bits(&states(&whole)), "{arch}: {chunk}");
+            }
+            for chunk in [1, 5, 16] {
+                let mut kv = fresh();
+                let got = run(chunk, &until, &mut kv);
+                for q in 0..2 {
+                    let d = far(&got[q], &chunked[q]);
+                    assert!(d < TOL, "{arch}: cut every {chunk}: {d}");
+                }
+                let d = far(&states(&kv), &states(&whole));
+                assert!(d < TOL, "{arch}: cut every {chunk}: state {d}");
+            }
+            for q in 0..2 {
+                let d = far(&chunked[q], &want[q]);
+                assert!(d < TOL, "{arch}: chunked against token by token: {d}");
+            }
+            assert!(far(&states(&whole), &states(&one)) < TOL, "{arch}");
+            assert_ne!(
+                bits(&chunked[0]),
+                bits(&want[0]),
+                "{arch}: the forms differ"
+            );
             assert!(m.state_widths().iter().filter(|&&w| w > 0).count() >= 3);
         }
     }

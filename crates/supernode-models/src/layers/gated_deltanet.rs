@@ -6,7 +6,7 @@
 //! q, k = l2norm(q) / sqrt(dk), l2norm(k)   per key head; value head h reads key head kv(h)
 //! g    = a * softplus(alpha x + dt_bias)   (a = -exp(A_log) < 0: the decay is exp(g) < 1)
 //! beta = sigmoid(beta x)
-//! o    = gated delta rule over the tokens  (supernode_kernels::ops::gated_delta_step)
+//! o    = gated delta rule over the tokens  (chunked in the prompt, then token by token)
 //! out  = out_proj(rmsnorm(o) * w * silu(z x))   per value head
 //! ```
 //!
@@ -16,21 +16,26 @@
 //! starts from zeros; otherwise it continues the state its slot holds, which is the state after
 //! exactly the positions before that token (the batch checks guarantee the positions of a
 //! sequence are consecutive). Every step is per sequence and per head, in the token order, with
-//! fixed-order kernels: the outputs and the state are the same bits however the sequence is
-//! split into steps and whatever else is in the batch (token by token is exactly decode).
+//! fixed-order kernels: the outputs and the state do not depend on what else is in the batch.
 //!
 //! Work is spread over the threads by (sequence, value head): each head's state is its own.
 //!
-//! Prefill and decode run this one recurrence (a prompt chunk is the token loop inside each
-//! task, not a token-by-token pass of the whole model), so chunked prefill, decode and any
-//! batch give the same bits. There is no separate chunked (WY / `chunk_gated_delta_rule`)
-//! form: its different summation order would make a request's outputs depend on where the
-//! scheduler cuts its prompt, which breaks batch invariance; per token and head both forms do
-//! `O(dk * dv)` work, and the recurrence's state stays in cache for a whole chunk.
+//! **Two forms of the recurrence.** Prompt positions (those below the batch's
+//! [`crate::Batch::chunked_until`] for the sequence) are computed in the chunked form
+//! ([`gated_delta_chunk`]: the window's tokens at once as small matrix products), in windows
+//! of [`DELTA_CHUNK`] positions aligned to multiples of it; every other token, a decoded one,
+//! in the token-by-token form ([`gated_delta_step`]). Both give the same outputs and state
+//! within float rounding. The bits depend only on how the prompt is cut into windows: the
+//! scheduler cuts a hybrid model's prompts only at multiples of [`DELTA_CHUNK`], so a request's
+//! prefill is the same computation alone, in any batch and after a preemption (which recomputes
+//! its generated tokens token by token, as they were decoded).
 
 use std::sync::Mutex;
 
-use supernode_kernels::ops::{causal_conv1d_silu, gated_delta_step, l2_norm_inplace, silu};
+use supernode_kernels::ops::{
+    causal_conv1d_silu, gated_delta_chunk, gated_delta_step, glu_inplace, l2_norm_inplace,
+    Activation, DELTA_CHUNK,
+};
 use supernode_kernels::pool;
 use supernode_kernels::scratch::zeroed;
 
@@ -295,8 +300,9 @@ impl GatedDeltaNet {
                 .enumerate()
                 .for_each(|(t, r)| prepare(t, r));
         }
-        let mut decay = zeroed(n * nv);
-        for (t, (g, bt)) in decay
+        // ln of each token's decay, and its write strength.
+        let mut log_decay = zeroed(n * nv);
+        for (t, (g, bt)) in log_decay
             .chunks_exact_mut(nv)
             .zip(b.chunks_exact_mut(nv))
             .enumerate()
@@ -305,12 +311,36 @@ impl GatedDeltaNet {
                 let raw = a[t * nv + h] + self.dt_bias[h];
                 // softplus as torch computes it (linear above 20).
                 let sp = if raw > 20.0 { raw } else { raw.exp().ln_1p() };
-                g[h] = (self.a[h] * sp).exp();
+                g[h] = self.a[h] * sp;
                 bt[h] = 1.0 / (1.0 + (-bt[h]).exp());
             }
         }
 
-        // The recurrence: one task per (sequence, value head), each with its own state.
+        // Each sequence's rows as runs: a run of prompt positions inside one aligned window
+        // (the chunked form), or one token (the recurrence).
+        let runs: Vec<Vec<(usize, usize, bool)>> = (0..rows.len())
+            .map(|q| {
+                let until = batch.chunked_until.get(q).copied().unwrap_or(0);
+                let r = &rows[q];
+                let mut out = Vec::new();
+                let mut i = 0;
+                while i < r.len() {
+                    let pos = batch.positions[r[i]];
+                    if pos < until {
+                        let end = until.min((pos / DELTA_CHUNK + 1) * DELTA_CHUNK);
+                        let len = (end - pos).min(r.len() - i);
+                        out.push((i, len, true));
+                        i += len;
+                    } else {
+                        out.push((i, 1, false));
+                        i += 1;
+                    }
+                }
+                out
+            })
+            .collect();
+
+        // One task per (sequence, value head), each with its own state.
         let conv_len = s.conv_state_len();
         let head_len = vdim * kd;
         let mut heads: Vec<Option<&mut [f32]>> = Vec::new();
@@ -333,13 +363,35 @@ impl GatedDeltaNet {
             let mut m = heads[i].lock().unwrap_or_else(|e| e.into_inner());
             let kh = s.kv_head(h);
             let r = &rows[q];
+            let (qo, ko, vo) = (kh * kd, nk * kd + kh * kd, 2 * nk * kd + h * vdim);
+            let row = |t: usize| &conv_out[t * conv_dim..(t + 1) * conv_dim];
             let mut o = vec![0.0; r.len() * vdim];
-            for (&t, ot) in r.iter().zip(o.chunks_exact_mut(vdim)) {
-                let row = &conv_out[t * conv_dim..(t + 1) * conv_dim];
-                let qh = &row[kh * kd..(kh + 1) * kd];
-                let kh_ = &row[nk * kd + kh * kd..nk * kd + (kh + 1) * kd];
-                let vh = &row[2 * nk * kd + h * vdim..2 * nk * kd + (h + 1) * vdim];
-                gated_delta_step(&mut m, qh, kh_, vh, decay[t * nv + h], b[t * nv + h], ot);
+            let (mut qs, mut ks, mut vs, mut ls, mut bs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for &(start, len, chunked) in &runs[q] {
+                let ts = &r[start..start + len];
+                let ot = &mut o[start * vdim..(start + len) * vdim];
+                if !chunked {
+                    let (t, x) = (ts[0], row(ts[0]));
+                    let g = log_decay[t * nv + h].exp();
+                    let (qh, khd) = (&x[qo..qo + kd], &x[ko..ko + kd]);
+                    gated_delta_step(&mut m, qh, khd, &x[vo..vo + vdim], g, b[t * nv + h], ot);
+                    continue;
+                }
+                qs.clear();
+                ks.clear();
+                vs.clear();
+                ls.clear();
+                bs.clear();
+                for &t in ts {
+                    let x = row(t);
+                    qs.extend_from_slice(&x[qo..qo + kd]);
+                    ks.extend_from_slice(&x[ko..ko + kd]);
+                    vs.extend_from_slice(&x[vo..vo + vdim]);
+                    ls.push(log_decay[t * nv + h]);
+                    bs.push(b[t * nv + h]);
+                }
+                gated_delta_chunk(&mut m, &qs, &ks, &vs, &ls, &bs, ot);
             }
             *outs[i].lock().unwrap_or_else(|e| e.into_inner()) = o;
         });
@@ -352,11 +404,12 @@ impl GatedDeltaNet {
         }
         ctx.cb("attn_core", &o);
         // The gated norm per value head.
-        for (oh, zh) in o.chunks_exact_mut(vdim).zip(z.chunks_exact(vdim)) {
+        for oh in o.chunks_exact_mut(vdim) {
             self.norm.forward_inplace(oh);
-            oh.iter_mut().zip(zh).for_each(|(v, &g)| *v *= silu(g));
         }
-        ctx.cb("final_output", &o);
-        self.out.forward(&o, n, out);
+        // silu(z) * o, the gated unit's bits.
+        glu_inplace(&mut z, &o, Activation::Silu);
+        ctx.cb("final_output", &z);
+        self.out.forward(&z, n, out);
     }
 }
