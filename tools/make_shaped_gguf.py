@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""A random-weight GGUF with the shape of a real hybrid model, for speed comparisons against llama.cpp.
+
+No checkpoint of Qwen3.5 can be fetched here, and speed depends on the shapes, not on the values. This writes
+llama.cpp's `qwen35` layout (the tensor and metadata names of its converter, as in
+tests/fixtures/gguf/qwen3_5.gguf) at the sizes of Qwen3.5-0.8B's text model:
+
+    hidden 1024, 24 layers (3 Gated DeltaNet layers, then one gated full-attention layer, repeated),
+    FFN 3584, linear attention 16 key heads and 16 value heads of 128, conv kernel 4,
+    full attention 8 query heads, 2 KV heads of 256 (rotary on 64 of them), vocabulary 248,320, tied head.
+
+Matrices are written as Q8_0 (or --type f16/f32), norms and the other vectors as f32. Values are small random
+normals (seeded), the decays and norms in the ranges trained models have, so the numbers stay finite. The
+vocabulary is placeholder tokens: benchmarks feed token ids.
+
+Usage:
+    python tools/make_shaped_gguf.py OUT.gguf [--type q8_0|f16|f32] [--layers 24] [--seed 0]
+Needs the `gguf` and `numpy` Python packages.
+"""
+import argparse
+import sys
+
+import numpy as np
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--type", default="q8_0", choices=["q8_0", "f16", "f32"])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--vocab", type=int, default=248320)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    import gguf
+
+    hidden, ffn, interval = 1024, 3584, 4
+    nk, nv, dk, dv, taps = 16, 16, 128, 128, 4
+    n_head, n_kv, hd, rot = 8, 2, 256, 64
+    conv_dim = 2 * nk * dk + nv * dv
+    rng = np.random.default_rng(a.seed)
+    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
+             "f32": gguf.GGMLQuantizationType.F32}[a.type]
+
+    w = gguf.GGUFWriter(a.out, "qwen35")
+    w.add_name("Qwen3.5-0.8B-shaped (random weights)")
+    w.add_block_count(a.layers)
+    w.add_context_length(32768)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_sections([11, 11, 10, 0])
+    w.add_rope_freq_base(10_000_000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if a.type == "q8_0" else
+                    gguf.LlamaFileType.MOSTLY_F16 if a.type == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_ssm_conv_kernel(taps)
+    w.add_ssm_state_size(dk)
+    w.add_ssm_group_count(nk)
+    w.add_ssm_time_step_rank(nv)
+    w.add_ssm_inner_size(nv * dv)
+    recurrent = [(i + 1) % interval != 0 for i in range(a.layers)]
+    w.add_array("qwen35.attention.recurrent_layers", recurrent)
+    w.add_full_attention_interval(interval)
+    w.add_rope_dimension_count(rot)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    # Placeholder tokens; one merge, since a BPE vocabulary needs merges.
+    w.add_token_list(["a", "b"] + [f"<t{i}>" for i in range(2, a.vocab - 1)] + ["<|endoftext|>"])
+    w.add_token_types([1] * (a.vocab - 1) + [3])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(a.vocab - 1)
+    w.add_eos_token_id(a.vocab - 1)
+
+    def matrix(name, cols, rows):
+        """A `rows x cols` weight (ggml shape [cols, rows]), std 1/sqrt(cols)."""
+        x = (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, x)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+
+    def vector(name, x):
+        w.add_tensor(name, np.asarray(x, dtype=np.float32))
+
+    ones = lambda n: 1.0 + 0.05 * rng.standard_normal(n, dtype=np.float32)
+    matrix("token_embd.weight", hidden, a.vocab)
+    for i in range(a.layers):
+        p = f"blk.{i}."
+        print(f"layer {i + 1}/{a.layers} ({'linear' if recurrent[i] else 'full'} attention)",
+              file=sys.stderr, flush=True)
+        vector(p + "attn_norm.weight", ones(hidden))
+        if recurrent[i]:
+            vector(p + "ssm_a", -np.exp(rng.uniform(0.0, np.log(16.0), nv)))
+            vector(p + "ssm_conv1d.weight", 0.3 * rng.standard_normal((conv_dim, taps), dtype=np.float32))
+            vector(p + "ssm_dt.bias", rng.uniform(-4.0, 0.0, nv))
+            matrix(p + "ssm_alpha.weight", hidden, nv)
+            matrix(p + "ssm_beta.weight", hidden, nv)
+            matrix(p + "attn_qkv.weight", hidden, conv_dim)
+            matrix(p + "attn_gate.weight", hidden, nv * dv)
+            vector(p + "ssm_norm.weight", ones(dv))
+            matrix(p + "ssm_out.weight", nv * dv, hidden)
+        else:
+            vector(p + "attn_q_norm.weight", ones(hd))
+            vector(p + "attn_k_norm.weight", ones(hd))
+            matrix(p + "attn_q.weight", hidden, 2 * n_head * hd)
+            matrix(p + "attn_k.weight", hidden, n_kv * hd)
+            matrix(p + "attn_v.weight", hidden, n_kv * hd)
+            matrix(p + "attn_output.weight", n_head * hd, hidden)
+        vector(p + "post_attention_norm.weight", ones(hidden))
+        matrix(p + "ffn_gate.weight", hidden, ffn)
+        matrix(p + "ffn_up.weight", hidden, ffn)
+        matrix(p + "ffn_down.weight", ffn, hidden)
+    vector("output_norm.weight", ones(hidden))
+    print(f"writing {a.out}", file=sys.stderr, flush=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=True)
+    w.close()
+
+
+if __name__ == "__main__":
+    main()
