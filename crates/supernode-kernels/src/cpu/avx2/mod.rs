@@ -26,8 +26,8 @@ pub(super) mod qdot;
 pub(super) mod quantize;
 pub(super) mod rows;
 
-/// The blocked exact product: segments of one 256-bit register. The AVX-512 table uses it too
-/// (its f32 dots are this shape exactly).
+/// The blocked exact product: segments of one 256-bit register (the AVX-512 table has its own,
+/// with segments of 16, giving the same bits).
 pub(crate) const GEMM: Gemm = Gemm {
     seg: gemm::SEG,
     tile: gemm::gemm_tile,

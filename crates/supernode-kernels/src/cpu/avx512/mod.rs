@@ -5,6 +5,7 @@
 //! - [`dot`]: f32 dots and the attention row kernels;
 //! - [`elementwise`]: the softmax steps and the gated activations;
 //! - [`rows`]: fused "dequantise and dot" row kernels;
+//! - [`gemm`]: the blocked exact product of prefill;
 //! - [`qdot`]: VNNI integer tile kernels, rows in pairs;
 //! - [`panel`]: VNNI kernels of the packed matrices' 16-row panels.
 //!
@@ -18,13 +19,14 @@
 use std::arch::x86_64::*;
 
 use super::avx2;
-use super::table::Kernels;
+use super::table::{Gemm, Kernels};
 use crate::dtype::DType;
 use crate::qdot::blocks::QuantKernel;
 use crate::simd::rows::RowKernels;
 
 pub(super) mod dot;
 pub(super) mod elementwise;
+pub(super) mod gemm;
 pub(super) mod panel;
 pub(super) mod qdot;
 pub(super) mod rows;
@@ -35,7 +37,10 @@ pub(super) const KERNELS: Kernels = Kernels {
     dot2: Some(avx2::dot::dot2_avx2),
     dot4: Some(dot::dot4),
     dot2x4: Some(dot::dot2x4),
-    gemm: Some(super::avx2::GEMM),
+    gemm: Some(Gemm {
+        seg: gemm::SEG,
+        tile: gemm::gemm_tile,
+    }),
     dot_rows_f32: dot::dot_rows_f32,
     dot_rows_f16: dot::dot_rows_f16,
     weighted_rows_f32: dot::weighted_rows_f32,
