@@ -56,10 +56,13 @@ pub const DELTA_CHUNK: usize = 64;
 /// With `G_i = Σ_{j≤i} ln g_j`, the state after token `i` is
 /// `S_i = e^{G_i} S_0 + Σ_{j≤i} e^{G_i − G_j} u_j k_jᵀ`, where the written values `u` solve
 /// the unit lower-triangular system `u_i + Σ_{j<i} β_i e^{G_i − G_j} (k_i·k_j) u_j =
-/// β_i (v_i − e^{G_i} S_0 k_i)`, solved by forward substitution. Then
+/// β_i (v_i − e^{G_i} S_0 k_i)`: with the system's inverse `T` (forward substitution on the
+/// `L × L` matrix), `u = T β v − (T β e^G k) S_0ᵀ`. Then
 /// `o_i = e^{G_i} S_0 q_i + Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) u_j` and the state is `S_{L−1}`.
-/// Every exponent is of a non-positive number. The summation order is fixed by `L` and the
-/// inputs alone, so a given split of a sequence into chunks always gives the same bits.
+/// Every exponent is of a non-positive number. The products are grids of fixed-order dots
+/// ([`dot_f32_grid`], over `dk`) and weighted sums of rows ([`weighted_rows_f32`]), so the bits
+/// depend only on the inputs: a given split of a sequence into chunks always gives the same
+/// bits.
 #[allow(clippy::too_many_arguments)]
 pub fn gated_delta_chunk(
     state: &mut [f32],
@@ -85,11 +88,29 @@ pub fn gated_delta_chunk(
         acc += d;
         *gi = acc;
     }
-    // x = [β v | β e^G k], then forward substitution: row i -= Σ_{j<i} a_ij row j.
-    let w = dv + dk;
-    let mut x = zeroed(l * w);
+    // t = (I + A)^-1 with A_ij = β_i e^{G_i − G_j} (k_i·k_j) for j < i, row by row:
+    // t_i = e_i − Σ_{j<i} A_ij t_j (row j of t is zero beyond column j).
+    let mut kk = zeroed(l * l);
+    dot_f32_grid(k, k, dk, &mut kk);
+    let mut t = zeroed(l * l);
     for i in 0..l {
-        let (row, b, e) = (&mut x[i * w..(i + 1) * w], beta[i], g[i].exp());
+        let (done, rest) = t.split_at_mut(i * l);
+        let ti = &mut rest[..l];
+        ti[i] = 1.0;
+        for j in 0..i {
+            let c = beta[i] * (g[i] - g[j]).exp() * kk[i * l + j];
+            ti[..=j]
+                .iter_mut()
+                .zip(&done[j * l..j * l + j + 1])
+                .for_each(|(x, &y)| *x -= c * y);
+        }
+    }
+    // x = t [β v | β e^G k]: the values to write before the state's share (u0) and the keys'
+    // share of the state (w).
+    let w = dv + dk;
+    let mut rhs = zeroed(l * w);
+    for i in 0..l {
+        let (row, b, e) = (&mut rhs[i * w..(i + 1) * w], beta[i], g[i].exp());
         row[..dv]
             .iter_mut()
             .zip(&v[i * dv..(i + 1) * dv])
@@ -99,29 +120,10 @@ pub fn gated_delta_chunk(
             .zip(&k[i * dk..(i + 1) * dk])
             .for_each(|(x, &k)| *x = b * e * k);
     }
-    let mut kk = zeroed(l * l);
-    dot_f32_grid(k, k, dk, &mut kk);
     let bases: Vec<usize> = (0..l).map(|j| j * w).collect();
-    let mut coef = zeroed(l);
-    let mut tmp = zeroed(w);
-    for i in 1..l {
-        for j in 0..i {
-            coef[j] = beta[i] * (g[i] - g[j]).exp() * kk[i * l + j];
-        }
-        weighted_rows_f32(&coef[..i], &x, &bases[..i], w, &mut tmp);
-        x[i * w..(i + 1) * w]
-            .iter_mut()
-            .zip(tmp.iter())
-            .for_each(|(x, &t)| *x -= t);
-    }
-    // S_0ᵀ (dk × dv), so that products with it are sums of its rows.
-    let mut st = zeroed(dk * dv);
-    for (j, row) in state.chunks_exact(dk).enumerate() {
-        for (a, &s) in row.iter().enumerate() {
-            st[a * dv + j] = s;
-        }
-    }
-    // Rows [w_0 .. w_{L-1}, e^{G_0} q_0 .. e^{G_{L-1}} q_{L-1}] times S_0ᵀ.
+    let mut x = zeroed(l * w);
+    weighted_rows_f32(&t, &rhs, &bases, w, &mut x);
+    // Rows [w_0 .. w_{L-1}, e^{G_0} q_0 .. e^{G_{L-1}} q_{L-1}] against S_0's rows.
     let mut lhs = zeroed(2 * l * dk);
     for i in 0..l {
         lhs[i * dk..(i + 1) * dk].copy_from_slice(&x[i * w + dv..(i + 1) * w]);
@@ -131,10 +133,17 @@ pub fn gated_delta_chunk(
             .zip(&q[i * dk..(i + 1) * dk])
             .for_each(|(o, &q)| *o = e * q);
     }
+    // S_0ᵀ (dk × dv), so that products with it are sums of its rows.
+    let mut st = zeroed(dk * dv);
+    for (j, row) in state.chunks_exact(dk).enumerate() {
+        for (a, &s) in row.iter().enumerate() {
+            st[a * dv + j] = s;
+        }
+    }
     let st_bases: Vec<usize> = (0..dk).map(|a| a * dv).collect();
     let mut prod = zeroed(2 * l * dv);
     weighted_rows_f32(&lhs, &st, &st_bases, dv, &mut prod);
-    // u = x[.., ..dv] − w S_0ᵀ, gathered as rows of dv.
+    // u = u0 − w S_0ᵀ.
     let mut u = zeroed(l * dv);
     for i in 0..l {
         u[i * dv..(i + 1) * dv]
@@ -144,21 +153,23 @@ pub fn gated_delta_chunk(
             .for_each(|((u, &x), &p)| *u = x - p);
     }
     // o_i = e^{G_i} S_0 q_i + Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) u_j.
-    let mut qk = zeroed(l * l);
-    dot_f32_grid(q, k, dk, &mut qk);
-    let u_bases: Vec<usize> = (0..l).map(|j| j * dv).collect();
-    let mut orow = zeroed(dv);
+    let mut m = zeroed(l * l);
+    dot_f32_grid(q, k, dk, &mut m);
     for i in 0..l {
-        for j in 0..=i {
-            coef[j] = qk[i * l + j] * (g[i] - g[j]).exp();
+        for j in 0..l {
+            let mij = &mut m[i * l + j];
+            *mij = if j <= i {
+                *mij * (g[i] - g[j]).exp()
+            } else {
+                0.0
+            };
         }
-        weighted_rows_f32(&coef[..=i], &u, &u_bases[..=i], dv, &mut orow);
-        out[i * dv..(i + 1) * dv]
-            .iter_mut()
-            .zip(&prod[(l + i) * dv..(l + i + 1) * dv])
-            .zip(orow.iter())
-            .for_each(|((o, &p), &r)| *o = p + r);
     }
+    let u_bases: Vec<usize> = (0..l).map(|j| j * dv).collect();
+    weighted_rows_f32(&m, &u, &u_bases, dv, out);
+    out.iter_mut()
+        .zip(&prod[l * dv..])
+        .for_each(|(o, &p)| *o += p);
     // S = e^{G_{L−1}} S_0 + Σ_j e^{G_{L−1} − G_j} u_j k_jᵀ: row r of S gains Σ_j c_rj k_j.
     let last = g[l - 1];
     let mut c = zeroed(dv * l);
