@@ -18,7 +18,8 @@
 //! sequence are consecutive). Every step is per sequence and per head, in the token order, with
 //! fixed-order kernels: the outputs and the state do not depend on what else is in the batch.
 //!
-//! Work is spread over the threads by (sequence, value head): each head's state is its own.
+//! Work is spread over the threads by (sequence, value head): each head's state is its own; the
+//! convolution by (sequence, block of channels), each channel being its own sum.
 //!
 //! **Two forms of the recurrence.** Prompt positions (those below the batch's
 //! [`crate::Batch::chunked_until`] for the sequence) are computed in the chunked form
@@ -259,25 +260,73 @@ impl GatedDeltaNet {
             }
         }
 
-        // The convolution, sequence by sequence, with its carried inputs.
+        // The convolution with its carried inputs: one task per (sequence, block of channels),
+        // the blocks only for long runs of tokens (each channel is its own sum, so the split
+        // changes no bit).
+        let conv_len = s.conv_state_len();
+        let taps = s.conv_taps;
+        let blocks = match n * conv_dim >= 1 << 13 {
+            true => (conv_dim / 16).clamp(1, 4 * pool::threads()),
+            false => 1,
+        };
+        let width = conv_dim.div_ceil(blocks);
+        let cols: Vec<std::ops::Range<usize>> = (0..conv_dim)
+            .step_by(width)
+            .map(|c0| c0..(c0 + width).min(conv_dim))
+            .collect();
+        let conv_tasks: Vec<(usize, std::ops::Range<usize>)> = seqs
+            .iter()
+            .flat_map(|&q| cols.iter().map(move |c| (q, c.clone())))
+            .collect();
+        // Each task's carried inputs in, and its outputs and new carried inputs out.
+        let conv_io: Vec<Mutex<(Vec<f32>, Vec<f32>)>> = conv_tasks
+            .iter()
+            .map(|(q, c)| {
+                let slot = state.slot_mut(batch.state_slots[*q]);
+                let carried: Vec<f32> = slot[..conv_len]
+                    .chunks_exact(conv_dim)
+                    .flat_map(|row| row[c.clone()].iter().copied())
+                    .collect();
+                Mutex::new((Vec::new(), carried))
+            })
+            .collect();
+        pool::for_each(conv_tasks.len(), |i| {
+            let (q, c) = &conv_tasks[i];
+            let w = c.len();
+            let r = &rows[*q];
+            let xs: Vec<f32> = r
+                .iter()
+                .flat_map(|&t| {
+                    qkv[t * conv_dim + c.start..t * conv_dim + c.end]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let ws: Vec<f32> = (0..taps)
+                .flat_map(|tap| {
+                    self.conv[tap * conv_dim + c.start..tap * conv_dim + c.end]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let mut io = conv_io[i].lock().unwrap_or_else(|e| e.into_inner());
+            let (ys, carried) = &mut *io;
+            ys.resize(r.len() * w, 0.0);
+            causal_conv1d_silu(&xs, carried, &ws, w, ys);
+        });
         let mut conv_out = zeroed(n * conv_dim);
-        {
-            let mut xs = Vec::new();
-            let mut ys = Vec::new();
-            for &q in &seqs {
-                let r = &rows[q];
-                xs.clear();
-                r.iter()
-                    .for_each(|&t| xs.extend_from_slice(&qkv[t * conv_dim..(t + 1) * conv_dim]));
-                ys.clear();
-                ys.resize(xs.len(), 0.0);
-                let slot = state.slot_mut(batch.state_slots[q]);
-                let conv_state = &mut slot[..s.conv_state_len()];
-                causal_conv1d_silu(&xs, conv_state, &self.conv, conv_dim, &mut ys);
-                for (i, &t) in r.iter().enumerate() {
-                    conv_out[t * conv_dim..(t + 1) * conv_dim]
-                        .copy_from_slice(&ys[i * conv_dim..(i + 1) * conv_dim]);
-                }
+        for ((q, c), io) in conv_tasks.iter().zip(conv_io) {
+            let (ys, carried) = io.into_inner().unwrap_or_else(|e| e.into_inner());
+            let w = c.len();
+            for (&t, y) in rows[*q].iter().zip(ys.chunks_exact(w)) {
+                conv_out[t * conv_dim + c.start..t * conv_dim + c.end].copy_from_slice(y);
+            }
+            let slot = state.slot_mut(batch.state_slots[*q]);
+            for (row, src) in slot[..conv_len]
+                .chunks_exact_mut(conv_dim)
+                .zip(carried.chunks_exact(w))
+            {
+                row[c.clone()].copy_from_slice(src);
             }
         }
         ctx.cb("conv_output_silu", &conv_out);
@@ -341,7 +390,6 @@ impl GatedDeltaNet {
             .collect();
 
         // One task per (sequence, value head), each with its own state.
-        let conv_len = s.conv_state_len();
         let head_len = vdim * kd;
         let mut heads: Vec<Option<&mut [f32]>> = Vec::new();
         let mut by_slot: Vec<Option<&mut [f32]>> =
