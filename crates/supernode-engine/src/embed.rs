@@ -63,6 +63,7 @@ pub fn embed(model: &dyn Model, tokens: &[u32], chunk: usize) -> Result<Vec<f32>
             logits_for: &[],
             state_slots: slots,
             chunked_until,
+            drafts: &[],
         };
         let mut hook = |a: &Named<'_>| {
             if a.name == "result_norm" {
@@ -152,6 +153,7 @@ mod tests {
             logits_for: &[],
             state_slots: &[],
             chunked_until: &[],
+            drafts: &[],
         };
         let mut kv = KvCache::new(&m.kv_specs(), BLOCK_SIZE, 3).unwrap();
         m.forward_traced(&batch, &mut kv, &mut Trace::new(&mut hook))

@@ -101,6 +101,26 @@ fn greedy_tokens_are_the_same_with_a_draft_model() {
     }
 }
 
+/// A target with linear attention (its recurrent state rolled back after rejected drafts),
+/// drafted by a model without: the same greedy tokens, in a batch with prefill chunks of a
+/// window (so the prompts are cut at the same places with and without drafts).
+#[test]
+fn a_target_with_a_recurrent_state_takes_a_draft_model() {
+    let ps = prompts(8, 0x4ead);
+    for target in ["qwen3_5", "qwen3_next"] {
+        let base = drive(&mut engine(target, 8, 64), &ps, 30);
+        let mut e = engine(target, 8, 64);
+        e.set_speculative(Some(with_draft(draft("llama"), 4)))
+            .unwrap();
+        let got = drive(&mut e, &ps, 30);
+        for (i, (b, s)) in base.iter().zip(&got).enumerate() {
+            assert_eq!(b.0, s.0, "{target} drafted by llama: request {i}");
+        }
+        let (_, drafted, accepted) = spec_totals(e.stats());
+        assert!(drafted > 0 && accepted < drafted, "{accepted} of {drafted}");
+    }
+}
+
 /// A draft proposer the test can look into: what it holds, and which requests it was told
 /// were gone.
 struct Shared {

@@ -130,6 +130,7 @@ fn step_ms(model: &dyn Model, ctx: usize) -> f64 {
             logits_for: &[end - start - 1],
             state_slots: &[],
             chunked_until: &[],
+            drafts: &[],
         };
         model.forward(&batch, &mut kv).expect("forward");
     };

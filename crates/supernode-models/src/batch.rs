@@ -28,6 +28,11 @@ pub struct Batch<'a> {
     /// length, so that a prompt is prefilled in chunks while generated tokens, decoded one at
     /// a time, are recomputed the same way after a preemption.
     pub chunked_until: &'a [usize],
+    /// For each sequence (or empty: none), how many of its last tokens here are speculative
+    /// drafts that a verification may reject. Its linear-attention layers then keep what
+    /// [`crate::Model::rollback_drafts`] needs to put their state back to the end of the
+    /// accepted ones (attention layers need nothing: rejected slots are simply not attended).
+    pub drafts: &'a [usize],
 }
 
 impl<'a> Batch<'a> {

@@ -20,6 +20,7 @@ use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 use supernode_kernels::ops::{KvRows, KvView};
 
+use crate::layers::DeltaJournal;
 use crate::{Batch, ModelError, Result};
 
 /// Geometry and element type of one layer's cache rows.
@@ -263,6 +264,10 @@ pub struct RecurrentState {
     pub width: usize,
     pub slots: usize,
     pub data: Vec<f32>,
+    /// Per slot (grown as needed), what a rollback of the last step's drafts needs: kept only
+    /// by a step that carried drafts for the slot ([`crate::Batch::drafts`]), then used or
+    /// dropped by [`crate::Model::rollback_drafts`].
+    pub journals: Vec<DeltaJournal>,
 }
 
 impl RecurrentState {
@@ -277,7 +282,12 @@ impl RecurrentState {
                  cache less memory (--kv-cache-mib) or fewer sequences (--max-num-seqs)"
             ))
         })?;
-        Ok(RecurrentState { width, slots, data })
+        Ok(RecurrentState {
+            width,
+            slots,
+            data,
+            journals: Vec::new(),
+        })
     }
 
     /// Slot `i`'s values.
@@ -440,6 +450,18 @@ impl KvCache {
         }
         if self.num_state_slots > 0 {
             self.check_state_slots(batch)?;
+        }
+        let seqs = batch.block_tables.len();
+        for (what, per_seq) in [
+            ("drafts", batch.drafts),
+            ("chunked_until", batch.chunked_until),
+        ] {
+            if !per_seq.is_empty() && per_seq.len() != seqs {
+                return Err(ModelError::Invalid(format!(
+                    "{} {what} entries for {seqs} sequences",
+                    per_seq.len()
+                )));
+            }
         }
         if let Some(&r) = batch.logits_for.iter().find(|&&r| r >= n) {
             return Err(ModelError::Invalid(format!(

@@ -135,6 +135,7 @@ fn load_and_run(path: &Path) -> Result<(), String> {
             logits_for: &[2],
             state_slots: &[],
             chunked_until: &[],
+            drafts: &[],
         };
         model.forward(&batch, &mut kv).map(|l| l.len())
     }));

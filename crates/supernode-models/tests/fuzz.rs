@@ -65,6 +65,7 @@ fn run_forward(m: &dyn Model) -> Option<supernode_models::Result<Vec<f32>>> {
         logits_for: &[0, 1],
         state_slots: slots,
         chunked_until: &[],
+        drafts: &[],
     };
     Some(m.forward(&batch, &mut kv))
 }

@@ -250,6 +250,7 @@ fn safetensors_and_gguf_give_the_same_logits() {
         logits_for: &all,
         state_slots: &[],
         chunked_until: &[],
+        drafts: &[],
     };
     let run = |path: &Path| {
         let m = load_model(

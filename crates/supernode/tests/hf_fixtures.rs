@@ -650,6 +650,7 @@ fn logits_over(model: &dyn Model, specs: &[KvLayerSpec], tokens: &[u32], chunk: 
             logits_for: &rows,
             state_slots: &[],
             chunked_until: &[],
+            drafts: &[],
         };
         let logits = model.forward(&batch, &mut kv).unwrap();
         bits.extend(logits.iter().map(|x| x.to_bits()));

@@ -27,7 +27,8 @@
 //! them after the request's last token in the same flat batch as everyone else, output
 //! processing samples the rows in order and keeps the drafts up to the first one the sampler
 //! did not draw, plus the token it drew there; the scheduler then takes back the rejected
-//! drafts' slots. See [`crate::spec`] for why this keeps the target's distribution exactly.
+//! drafts' slots, and a model with linear attention puts its recurrent state back to the end of
+//! the accepted drafts ([`supernode_models::Model::rollback_drafts`]). See [`crate::spec`] for why this keeps the target's distribution exactly.
 //! A request that ends, however it ends, is released from the proposer too (a draft model's
 //! cache of it is dropped).
 
@@ -353,23 +354,9 @@ impl Speculator {
     }
 }
 
-/// Speculative decoding rolls back rejected drafts' KV slots, but not yet a recurrent state
-/// (linear attention: Qwen3.5, Qwen3-Next), which would have taken in the rejected tokens.
-fn no_speculation_with_state(model: &dyn Model) -> Result<(), EngineError> {
-    if model.state_widths().iter().any(|&w| w > 0) {
-        return Err(EngineError::Invalid(
-            "speculative decoding does not support models with linear attention (a recurrent \
-             state) yet: run this model without --speculative"
-                .into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The checks of speculation with `spec` on `model`: no recurrent state, and a draft model
-/// with the model's vocabulary.
+/// The checks of speculation with `spec` on `model`: a draft model with the model's
+/// vocabulary.
 fn check_speculation(model: &dyn Model, spec: &SpecConfig) -> Result<(), EngineError> {
-    no_speculation_with_state(model)?;
     if let SpecMethod::Draft(d) = &spec.method {
         d.check_vocab_size(model.config().vocab_size)?;
     }
@@ -463,7 +450,6 @@ impl Engine {
         proposer: Box<dyn Proposer>,
     ) -> Result<(), EngineError> {
         cfg.validate()?;
-        no_speculation_with_state(self.runner.model.as_ref())?;
         self.spec = Some(Speculator::with(cfg.clone(), proposer, &self.stats));
         self.cfg.speculative = Some(cfg);
         Ok(())
@@ -678,7 +664,17 @@ impl Engine {
                             out.send(ev);
                             done.push(sc.id);
                         }
-                        None if nd > 0 => self.sched.accept_drafts(sc.id, accepted),
+                        None if nd > 0 => {
+                            // A recurrent state took every draft in: back to the accepted.
+                            if let Some(slot) = sc.state_slot.filter(|_| accepted < nd) {
+                                if let Err(msg) = self.runner.rollback_drafts(slot, accepted) {
+                                    out.send(Event::Error(msg));
+                                    done.push(sc.id);
+                                    continue;
+                                }
+                            }
+                            self.sched.accept_drafts(sc.id, accepted)
+                        }
                         None => {}
                     }
                 }

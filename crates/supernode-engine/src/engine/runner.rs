@@ -3,7 +3,7 @@
 //! It alone builds positions, the sequence index of each row, the block tables, the recurrent
 //! state slots and where each request's prompt ends (the chunked form of linear attention) from
 //! the plan, and it alone holds the KV cache, which only the model's attention layers write (one
-//! writer). The logits come back as the rows each scheduled request asked for
+//! writer), and which it puts back after rejected drafts where a recurrent state took them in. The logits come back as the rows each scheduled request asked for
 //! ([`super::scheduler::Scheduled::logits_rows`]), in plan order. Hidden-state rows for MTP
 //! or EAGLE heads would come back here too, beside the logits.
 
@@ -24,6 +24,7 @@ pub(crate) struct Runner {
     logits_for: Vec<usize>,
     state_slots: Vec<usize>,
     chunked_until: Vec<usize>,
+    drafts: Vec<usize>,
 }
 
 /// The logits of one step: `rows[k]` are the rows of the plan's `k`-th request, each
@@ -52,6 +53,7 @@ impl Runner {
             logits_for: Vec::new(),
             state_slots: Vec::new(),
             chunked_until: Vec::new(),
+            drafts: Vec::new(),
         }
     }
 
@@ -66,9 +68,11 @@ impl Runner {
         self.state_slots
             .extend(plan.scheduled.iter().filter_map(|s| s.state_slot));
         self.chunked_until.clear();
+        self.drafts.clear();
         if !self.state_slots.is_empty() {
             self.chunked_until
                 .extend(plan.scheduled.iter().map(|s| s.prompt_len));
+            self.drafts.extend(plan.scheduled.iter().map(|s| s.drafts));
         }
         let mut rows = Vec::with_capacity(plan.scheduled.len());
         for (k, s) in plan.scheduled.iter().enumerate() {
@@ -101,6 +105,7 @@ impl Runner {
             logits_for: &self.logits_for,
             state_slots: &self.state_slots,
             chunked_until: &self.chunked_until,
+            drafts: &self.drafts,
         };
         let (model, kv) = (&self.model, &mut self.kv);
         match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {
@@ -112,5 +117,16 @@ impl Runner {
             Ok(Err(e)) => Err(format!("the forward pass failed: {e}")),
             Err(_) => Err("the forward pass panicked".into()),
         }
+    }
+
+    /// After a step that verified drafts for the request in state slot `slot`: its recurrent
+    /// state back to the end of the first `accepted` drafts (models with linear attention;
+    /// nothing for others). A panic is reported as for the forward pass.
+    pub fn rollback_drafts(&mut self, slot: usize, accepted: usize) -> Result<(), String> {
+        let (model, kv) = (&self.model, &mut self.kv);
+        catch_unwind(AssertUnwindSafe(|| {
+            model.rollback_drafts(kv, slot, accepted)
+        }))
+        .map_err(|_| "rolling back rejected drafts panicked".to_string())
     }
 }

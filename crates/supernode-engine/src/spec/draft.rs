@@ -264,6 +264,7 @@ fn forward(model: &dyn Model, seq: &mut DraftSeq, part: &[u32]) -> Result<Vec<f3
         logits_for: &[part.len() - 1],
         state_slots: &[],
         chunked_until: &[],
+        drafts: &[],
     };
     let kv = &mut seq.kv;
     let logits = match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {
@@ -326,6 +327,7 @@ mod tests {
                 logits_for: &[n - 1],
                 state_slots: &[],
                 chunked_until: &[],
+                drafts: &[],
             };
             let logits = model.forward(&batch, &mut kv).unwrap();
             t.push(argmax(&logits));

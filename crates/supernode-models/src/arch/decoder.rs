@@ -125,6 +125,12 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         self.blocks.iter().map(|b| b.attn.state_width()).collect()
     }
 
+    fn rollback_drafts(&self, kv: &mut KvCache, slot: usize, accepted: usize) {
+        for (block, layer) in self.blocks.iter().zip(kv.layers.iter_mut()) {
+            block.attn.rollback_drafts(layer, slot, accepted);
+        }
+    }
+
     fn forward_traced(
         &self,
         batch: &Batch,
@@ -249,6 +255,7 @@ mod tests {
             logits_for: &rows,
             state_slots: &[],
             chunked_until: &[],
+            drafts: &[],
         };
         let specs = m.kv_specs();
         let plain = m

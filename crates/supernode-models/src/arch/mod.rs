@@ -205,4 +205,12 @@ pub trait Model: Send + Sync {
 
     /// Bytes of weights read to decode one token (for bandwidth figures).
     fn weight_bytes_per_token(&self) -> usize;
+
+    /// After a step whose batch carried drafts for the sequence in state slot `slot`
+    /// ([`Batch::drafts`]): puts its recurrent state back to the end of the first `accepted`
+    /// drafts, as if the rejected ones had never run. Nothing for a model without recurrent
+    /// state (attention never reads a rejected draft's rows again: they are overwritten).
+    fn rollback_drafts(&self, kv: &mut KvCache, slot: usize, accepted: usize) {
+        let _ = (kv, slot, accepted);
+    }
 }

@@ -147,6 +147,12 @@ impl BlockAttention for Mixer {
             Mixer::Linear(l) => l.shape.state_len(),
         }
     }
+
+    fn rollback_drafts(&self, kv: &mut LayerKv, slot: usize, accepted: usize) {
+        if let Mixer::Linear(l) = self {
+            l.rollback_drafts(&mut kv.state, slot, accepted);
+        }
+    }
 }
 
 /// A Qwen3.5-family model.
@@ -539,6 +545,7 @@ mod tests {
                         logits_for: &rows,
                         state_slots: &[0, 2],
                         chunked_until: until,
+                        drafts: &[],
                     };
                     let out = m.forward(&batch, kv).unwrap();
                     let v = m.config().vocab_size;
@@ -610,6 +617,108 @@ mod tests {
                 "{arch}: the forms differ"
             );
             assert!(m.state_widths().iter().filter(|&&w| w > 0).count() >= 3);
+        }
+    }
+
+    /// A step that verifies drafts, then a rollback to the accepted ones, leaves every linear
+    /// layer's state and the later logits bit for bit as if only the accepted tokens had run
+    /// one at a time; a sequence beside it in the batch, without drafts, is untouched.
+    #[test]
+    fn rejected_drafts_roll_back_to_the_bits_of_the_accepted_tokens() {
+        for arch in ["qwen3_5", "qwen3_5_moe", "qwen3_next"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/hf")
+                .join(arch);
+            let st = read_safetensors_dir(&dir).unwrap();
+            let cfg = ModelConfig::from_hf(&st.config).unwrap();
+            let w = Weights::new(st.tensors, Numerics::new(Precision::Exact));
+            let m = super::load(cfg, &w).unwrap();
+            let v = m.config().vocab_size;
+            let tables: [Vec<u32>; 2] = [(0..8).collect(), (8..16).collect()];
+            let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+            // One step: per sequence (state slot 0 for the first, 2 for the second) its first
+            // position, tokens and trailing drafts; every row's logits.
+            let step = |kv: &mut KvCache, parts: [(usize, &[u32], usize); 2]| {
+                let (mut tokens, mut positions, mut seq_of) = (vec![], vec![], vec![]);
+                for (q, (start, toks, _)) in parts.iter().enumerate() {
+                    tokens.extend_from_slice(toks);
+                    positions.extend(*start..start + toks.len());
+                    seq_of.extend(std::iter::repeat_n(q, toks.len()));
+                }
+                let rows: Vec<usize> = (0..tokens.len()).collect();
+                let drafts = [parts[0].2, parts[1].2];
+                let batch = Batch {
+                    tokens: &tokens,
+                    positions: &positions,
+                    seq_of: &seq_of,
+                    block_tables: &table_refs,
+                    logits_for: &rows,
+                    state_slots: &[0, 2],
+                    chunked_until: &[70, 70],
+                    drafts: &drafts,
+                };
+                m.forward(&batch, kv).unwrap()
+            };
+            let fresh = || {
+                KvCache::new(&m.kv_specs(), 16, 16)
+                    .unwrap()
+                    .with_state_slots(&m.state_widths(), 3)
+                    .unwrap()
+            };
+            // The first sequence's state (slot 0) in every linear layer.
+            let states = |kv: &KvCache| -> Vec<u32> {
+                kv.layers
+                    .iter()
+                    .flat_map(|l| l.state.data[..l.state.width].iter().map(|x| x.to_bits()))
+                    .collect()
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let prompt: Vec<u32> = (0..70).map(|i| (i * 29 % 251) as u32 + 2).collect();
+            let other: Vec<u32> = (0..70).map(|i| (i * 13 % 241) as u32 + 1).collect();
+            let gen: Vec<u32> = (0..7).map(|i| (i * 53 % 250) as u32 + 3).collect();
+            // Without drafts: the prompts, then the generated tokens one at a time (the other
+            // sequence decodes its own token beside each); the state after each token.
+            let mut kv = fresh();
+            step(&mut kv, [(0, &prompt, 0), (0, &other, 0)]);
+            let mut want_states = vec![states(&kv)];
+            let mut want_logits = vec![];
+            for (i, t) in gen.iter().enumerate() {
+                let out = step(&mut kv, [(70 + i, &[*t], 0), (70 + i, &[gen[6 - i]], 0)]);
+                want_logits.push(bits(&out[..v]));
+                want_states.push(states(&kv));
+            }
+            for accepted in 0..=4 {
+                let mut kv = fresh();
+                step(&mut kv, [(0, &prompt, 0), (0, &other, 0)]);
+                // The first generated token, then 4 drafts: `accepted` right, then wrong ones.
+                let mut toks = vec![gen[0]];
+                toks.extend((1..5).map(|i| match i <= accepted {
+                    true => gen[i],
+                    false => gen[i] ^ 1,
+                }));
+                let out = step(&mut kv, [(70, &toks, 4), (70, &[gen[6]], 0)]);
+                for r in 0..=accepted {
+                    assert_eq!(bits(&out[r * v..(r + 1) * v]), want_logits[r], "{arch}");
+                }
+                m.rollback_drafts(&mut kv, 0, accepted);
+                assert!(
+                    states(&kv) == want_states[accepted + 1],
+                    "{arch}: {accepted} accepted"
+                );
+                // A second rollback does nothing: the journal is used once.
+                m.rollback_drafts(&mut kv, 0, 0);
+                assert!(states(&kv) == want_states[accepted + 1], "{arch}");
+                // Decoding goes on as if the rejected drafts had never run.
+                let p = 71 + accepted;
+                let out = step(&mut kv, [(p, &[gen[accepted + 1]], 0), (71, &[gen[5]], 0)]);
+                assert_eq!(bits(&out[..v]), want_logits[accepted + 1], "{arch}");
+            }
+            // Drafts not rolled back would have changed the state: the test can fail.
+            let mut kv = fresh();
+            step(&mut kv, [(0, &prompt, 0), (0, &other, 0)]);
+            step(&mut kv, [(70, &[gen[0], 9, 9], 2), (70, &[gen[6]], 0)]);
+            m.rollback_drafts(&mut kv, 2, 0);
+            assert!(states(&kv) != want_states[1], "{arch}");
         }
     }
 

@@ -30,6 +30,15 @@
 //! scheduler cuts a hybrid model's prompts only at multiples of [`DELTA_CHUNK`], so a request's
 //! prefill is the same computation alone, in any batch and after a preemption (which recomputes
 //! its generated tokens token by token, as they were decoded).
+//!
+//! **Drafts.** A speculative step appends a sequence's drafted tokens after its own
+//! ([`crate::Batch::drafts`]); they run token by token like any generated token, and the state
+//! takes them in. So that a verification can reject some, the step keeps a [`DeltaJournal`]
+//! for the slot: each head's matrix before the first draft, the drafts' normalised queries,
+//! keys, values, decays and strengths, and the conv inputs around them.
+//! [`GatedDeltaNet::rollback_drafts`] restores the matrices and replays the accepted drafts
+//! with the same token-by-token kernel and the same inputs, so the state is bit for bit the
+//! one of a step that never saw the rejected drafts.
 
 use std::sync::Mutex;
 
@@ -86,6 +95,23 @@ impl DeltaNetShape {
             h / (self.n_v_heads / self.n_k_heads)
         }
     }
+}
+
+/// What a slot needs to undo the rejected drafts of its last step (see the module docs).
+#[derive(Debug, Default)]
+pub struct DeltaJournal {
+    /// Drafts at the end of the step (0: nothing to roll back).
+    pub drafts: usize,
+    /// Conv input rows from the one ending the state's carried inputs before the first draft:
+    /// after `a` accepted drafts the carried inputs are rows `a..a + taps - 1`.
+    pub conv: Vec<f32>,
+    /// Each value head's `dv × dk` matrix before the first draft.
+    pub heads: Vec<f32>,
+    /// Per draft but the last (which a rollback never keeps): its normalised conv output row
+    /// (queries, keys, values), then per head ln of its decay, and its write strength.
+    pub rows: Vec<f32>,
+    pub log_decay: Vec<f32>,
+    pub beta: Vec<f32>,
 }
 
 pub struct GatedDeltaNet {
@@ -259,12 +285,43 @@ impl GatedDeltaNet {
                 state.slot_mut(batch.state_slots[q]).fill(0.0);
             }
         }
+        // Drafts at the end of each sequence (at most all but its first row), and a journal
+        // for each slot that has some: the conv inputs from the last carried one before the
+        // first draft (the carried inputs, then the step's rows).
+        let drafts: Vec<usize> = (0..rows.len())
+            .map(|q| {
+                let nd = batch.drafts.get(q).copied().unwrap_or(0);
+                nd.min(rows[q].len().saturating_sub(1))
+            })
+            .collect();
+        let taps = s.conv_taps;
+        for &q in &seqs {
+            let slot = batch.state_slots[q];
+            if state.journals.len() <= slot {
+                state.journals.resize_with(slot + 1, DeltaJournal::default);
+            }
+            let nd = drafts[q];
+            state.journals[slot].drafts = nd;
+            if nd == 0 {
+                continue;
+            }
+            let carried = state.data[slot * state.width..][..s.conv_state_len()].to_vec();
+            let j = &mut state.journals[slot];
+            let before = rows[q].len() - nd;
+            let input = |i: usize| match i.checked_sub(taps - 1) {
+                None => &carried[i * conv_dim..(i + 1) * conv_dim],
+                Some(r) => &qkv[rows[q][r] * conv_dim..(rows[q][r] + 1) * conv_dim],
+            };
+            j.conv.clear();
+            for i in before..before + nd + taps - 2 {
+                j.conv.extend_from_slice(input(i));
+            }
+        }
 
         // The convolution with its carried inputs: one task per (sequence, block of channels),
         // the blocks only for long runs of tokens (each channel is its own sum, so the split
         // changes no bit).
         let conv_len = s.conv_state_len();
-        let taps = s.conv_taps;
         let blocks = match n * conv_dim >= 1 << 13 {
             true => (conv_dim / 16).clamp(1, 4 * pool::threads()),
             false => 1,
@@ -371,13 +428,14 @@ impl GatedDeltaNet {
             .map(|q| {
                 let until = batch.chunked_until.get(q).copied().unwrap_or(0);
                 let r = &rows[q];
+                let first_draft = r.len() - drafts[q];
                 let mut out = Vec::new();
                 let mut i = 0;
                 while i < r.len() {
                     let pos = batch.positions[r[i]];
-                    if pos < until {
+                    if pos < until && i < first_draft {
                         let end = until.min((pos / DELTA_CHUNK + 1) * DELTA_CHUNK);
-                        let len = (end - pos).min(r.len() - i);
+                        let len = (end - pos).min(r.len() - i).min(first_draft - i);
                         out.push((i, len, true));
                         i += len;
                     } else {
@@ -405,7 +463,11 @@ impl GatedDeltaNet {
             }
         }
         let heads: Vec<Mutex<&mut [f32]>> = heads.into_iter().flatten().map(Mutex::new).collect();
-        let outs: Vec<Mutex<Vec<f32>>> = tasks.iter().map(|_| Mutex::new(Vec::new())).collect();
+        // Each task's outputs, and its head's matrix before the first draft (if any).
+        let outs: Vec<Mutex<(Vec<f32>, Vec<f32>)>> = tasks
+            .iter()
+            .map(|_| Mutex::new((Vec::new(), Vec::new())))
+            .collect();
         pool::for_each(tasks.len(), |i| {
             let (q, h) = tasks[i];
             let mut m = heads[i].lock().unwrap_or_else(|e| e.into_inner());
@@ -416,7 +478,11 @@ impl GatedDeltaNet {
             let mut o = vec![0.0; r.len() * vdim];
             let (mut qs, mut ks, mut vs, mut ls, mut bs) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut before_drafts = Vec::new();
             for &(start, len, chunked) in &runs[q] {
+                if drafts[q] > 0 && start == r.len() - drafts[q] {
+                    before_drafts = m.to_vec();
+                }
                 let ts = &r[start..start + len];
                 let ot = &mut o[start * vdim..(start + len) * vdim];
                 if !chunked {
@@ -441,13 +507,38 @@ impl GatedDeltaNet {
                 }
                 gated_delta_chunk(&mut m, &qs, &ks, &vs, &ls, &bs, ot);
             }
-            *outs[i].lock().unwrap_or_else(|e| e.into_inner()) = o;
+            *outs[i].lock().unwrap_or_else(|e| e.into_inner()) = (o, before_drafts);
         });
         let mut o = zeroed(n * vd);
+        for &q in &seqs {
+            let j = &mut state.journals[batch.state_slots[q]];
+            if drafts[q] == 0 {
+                continue;
+            }
+            j.heads.clear();
+            // The replayed drafts' inputs: all but the last draft.
+            let replayed = &rows[q][rows[q].len() - drafts[q]..rows[q].len() - 1];
+            j.rows.clear();
+            j.log_decay.clear();
+            j.beta.clear();
+            for &t in replayed {
+                j.rows
+                    .extend_from_slice(&conv_out[t * conv_dim..(t + 1) * conv_dim]);
+                j.log_decay
+                    .extend_from_slice(&log_decay[t * nv..(t + 1) * nv]);
+                j.beta.extend_from_slice(&b[t * nv..(t + 1) * nv]);
+            }
+        }
         for (&(q, h), res) in tasks.iter().zip(&outs) {
             let res = res.lock().unwrap_or_else(|e| e.into_inner());
-            for (&t, ot) in rows[q].iter().zip(res.chunks_exact(vdim)) {
+            for (&t, ot) in rows[q].iter().zip(res.0.chunks_exact(vdim)) {
                 o[t * vd + h * vdim..t * vd + (h + 1) * vdim].copy_from_slice(ot);
+            }
+            if drafts[q] > 0 {
+                // Tasks of a sequence come in head order.
+                state.journals[batch.state_slots[q]]
+                    .heads
+                    .extend_from_slice(&res.1);
             }
         }
         ctx.cb("attn_core", &o);
@@ -459,5 +550,48 @@ impl GatedDeltaNet {
         glu_inplace(&mut z, &o, Activation::Silu);
         ctx.cb("final_output", &z);
         self.out.forward(&z, n, out);
+    }
+
+    /// Puts `slot`'s state back to the end of the first `accepted` drafts of the last step
+    /// that carried drafts for it: the matrices from the journal, then the accepted drafts
+    /// replayed token by token. Nothing when every draft was accepted (the state is already
+    /// that) or the slot has no journal; the journal is used once.
+    pub fn rollback_drafts(&self, state: &mut RecurrentState, slot: usize, accepted: usize) {
+        let RecurrentState {
+            width,
+            data,
+            journals,
+            ..
+        } = state;
+        let Some(j) = journals.get_mut(slot) else {
+            return;
+        };
+        let drafts = std::mem::take(&mut j.drafts);
+        if accepted >= drafts {
+            return;
+        }
+        let s = &self.shape;
+        let (nv, nk, kd, vdim) = (s.n_v_heads, s.n_k_heads, s.k_dim, s.v_dim);
+        let (conv_dim, conv_len, head_len) = (s.conv_dim(), s.conv_state_len(), vdim * kd);
+        let values = &mut data[slot * *width..(slot + 1) * *width];
+        values[..conv_len].copy_from_slice(&j.conv[accepted * conv_dim..][..conv_len]);
+        let heads: Vec<Mutex<&mut [f32]>> = values[conv_len..]
+            .chunks_exact_mut(head_len)
+            .map(Mutex::new)
+            .collect();
+        let j = &*j;
+        pool::for_each(nv, |h| {
+            let mut m = heads[h].lock().unwrap_or_else(|e| e.into_inner());
+            m.copy_from_slice(&j.heads[h * head_len..(h + 1) * head_len]);
+            let kh = s.kv_head(h);
+            let (qo, ko, vo) = (kh * kd, nk * kd + kh * kd, 2 * nk * kd + h * vdim);
+            let mut o = vec![0.0; vdim];
+            for d in 0..accepted {
+                let x = &j.rows[d * conv_dim..(d + 1) * conv_dim];
+                let g = j.log_decay[d * nv + h].exp();
+                let (q, k, v) = (&x[qo..qo + kd], &x[ko..ko + kd], &x[vo..vo + vdim]);
+                gated_delta_step(&mut m, q, k, v, g, j.beta[d * nv + h], &mut o);
+            }
+        });
     }
 }

@@ -20,7 +20,7 @@ mod rope;
 pub use attention::Attention;
 pub use embedding::Embedding;
 pub use ffn::Mlp;
-pub use gated_deltanet::{DeltaNetShape, GatedDeltaNet};
+pub use gated_deltanet::{DeltaJournal, DeltaNetShape, GatedDeltaNet};
 pub use indexer::{IndexQueries, Indexer};
 pub use linear::{Linear, StackedLinear};
 pub use mla::{Mla, MlaQuery};
@@ -65,4 +65,8 @@ pub trait BlockAttention: Send + Sync {
     fn state_width(&self) -> usize {
         0
     }
+    /// Puts state slot `slot` back to the end of the first `accepted` drafts of the last step
+    /// that carried drafts for it ([`crate::Model::rollback_drafts`]); nothing for a layer
+    /// without recurrent state.
+    fn rollback_drafts(&self, _kv: &mut LayerKv, _slot: usize, _accepted: usize) {}
 }

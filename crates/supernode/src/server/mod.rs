@@ -227,7 +227,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     )?;
     let specs = model.kv_specs();
     // A hybrid model's recurrent state slots come out of the same budget as its KV blocks.
-    let widths = model.state_widths();
+    // With speculation a slot also keeps a journal to roll rejected drafts back (each head's
+    // state before the drafts, and the drafts' inputs): counted as a second slot.
+    let widths: Vec<usize> = model
+        .state_widths()
+        .into_iter()
+        .map(|w| if speculative.is_some() { 2 * w } else { w })
+        .collect();
     let (num_blocks, state_slots) =
         EngineConfig::budget(&specs, &widths, a.kv_cache_mib << 20, a.max_num_seqs);
     let hybrid = widths.iter().any(|&w| w > 0);
