@@ -9,12 +9,18 @@ tests/fixtures/gguf/qwen3_5.gguf) at the sizes of Qwen3.5-0.8B's text model:
     FFN 3584, linear attention 16 key heads and 16 value heads of 128, conv kernel 4,
     full attention 8 query heads, 2 KV heads of 256 (rotary on 64 of them), vocabulary 248,320, tied head.
 
+With --mtp, a multi-token-prediction layer follows the decoder's, as llama.cpp's converter writes
+Qwen3.5's `mtp.*`: `block_count` counts it, `qwen35.nextn_predict_layers` is 1, and block `layers` holds a
+gated full-attention layer with `nextn.eh_proj`, `nextn.enorm`, `nextn.hnorm` and
+`nextn.shared_head_norm`. Its random weights make its drafts (almost) never right: the file measures
+what failed drafts cost.
+
 Matrices are written as Q8_0 (or --type f16/f32), norms and the other vectors as f32. Values are small random
 normals (seeded), the decays and norms in the ranges trained models have, so the numbers stay finite. The
 vocabulary is placeholder tokens: benchmarks feed token ids.
 
 Usage:
-    python tools/make_shaped_gguf.py OUT.gguf [--type q8_0|f16|f32] [--layers 24] [--seed 0]
+    python tools/make_shaped_gguf.py OUT.gguf [--type q8_0|f16|f32] [--layers 24] [--seed 0] [--mtp]
 Needs the `gguf` and `numpy` Python packages.
 """
 import argparse
@@ -30,7 +36,9 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=248320)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mtp", action="store_true", help="add a multi-token-prediction layer")
     a = ap.parse_args()
+    blocks = a.layers + int(a.mtp)
     import gguf
 
     hidden, ffn, interval = 1024, 3584, 4
@@ -43,7 +51,9 @@ def main():
 
     w = gguf.GGUFWriter(a.out, "qwen35")
     w.add_name("Qwen3.5-0.8B-shaped (random weights)")
-    w.add_block_count(a.layers)
+    w.add_block_count(blocks)
+    if a.mtp:
+        w.add_uint32("qwen35.nextn_predict_layers", 1)
     w.add_context_length(32768)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(ffn)
@@ -61,7 +71,7 @@ def main():
     w.add_ssm_group_count(nk)
     w.add_ssm_time_step_rank(nv)
     w.add_ssm_inner_size(nv * dv)
-    recurrent = [(i + 1) % interval != 0 for i in range(a.layers)]
+    recurrent = [i < a.layers and (i + 1) % interval != 0 for i in range(blocks)]
     w.add_array("qwen35.attention.recurrent_layers", recurrent)
     w.add_full_attention_interval(interval)
     w.add_rope_dimension_count(rot)
@@ -90,9 +100,9 @@ def main():
 
     ones = lambda n: 1.0 + 0.05 * rng.standard_normal(n, dtype=np.float32)
     matrix("token_embd.weight", hidden, a.vocab)
-    for i in range(a.layers):
+    for i in range(blocks):
         p = f"blk.{i}."
-        print(f"layer {i + 1}/{a.layers} ({'linear' if recurrent[i] else 'full'} attention)",
+        print(f"layer {i + 1}/{blocks} ({'linear' if recurrent[i] else 'full'} attention)",
               file=sys.stderr, flush=True)
         vector(p + "attn_norm.weight", ones(hidden))
         if recurrent[i]:
@@ -116,6 +126,10 @@ def main():
         matrix(p + "ffn_gate.weight", hidden, ffn)
         matrix(p + "ffn_up.weight", hidden, ffn)
         matrix(p + "ffn_down.weight", ffn, hidden)
+        if i == a.layers:
+            matrix(p + "nextn.eh_proj.weight", 2 * hidden, hidden)
+            for n in ("enorm", "hnorm", "shared_head_norm"):
+                vector(p + f"nextn.{n}.weight", ones(hidden))
     vector("output_norm.weight", ones(hidden))
     print(f"writing {a.out}", file=sys.stderr, flush=True)
     w.write_header_to_file()

@@ -18,8 +18,9 @@
 //! is accepted: the penalties' history, the grammar's state and the KV slots past the accepted
 //! prefix are those of the tokens kept.
 //!
-//! **Proposers**: [`NgramProposer`] (prompt lookup, no model) and [`DraftProposer`] (a smaller
-//! model with the target's vocabulary, [`draft`]).
+//! **Proposers**: [`NgramProposer`] (prompt lookup, no model), [`DraftProposer`] (a smaller
+//! model with the target's vocabulary, [`draft`]) and [`MtpProposer`] (the target's own
+//! multi-token-prediction layer, fed the target's hidden states, [`mtp`]).
 //!
 //! **Adaptivity** ([`Adaptive`]): k follows the request's acceptance (Hugging Face's
 //! assisted-generation heuristic: two more after a step whose drafts were all accepted, one
@@ -29,8 +30,14 @@
 //! the weights, so extra rows cost their full compute).
 
 mod draft;
+mod mtp;
+
+use std::sync::Arc;
+
+use supernode_models::Model;
 
 pub use self::draft::{DraftModel, DraftProposer};
+pub use self::mtp::MtpProposer;
 use crate::engine::RequestId;
 use crate::error::EngineError;
 
@@ -47,6 +54,9 @@ pub enum SpecMethod {
     Ngram { min: usize, max: usize },
     /// A draft model's greedy tokens.
     Draft(DraftModel),
+    /// The target's own multi-token-prediction (NextN) layer, loaded with it
+    /// ([`supernode_models::LoadOptions::mtp`]): its greedy tokens, one layer per draft.
+    Mtp,
 }
 
 impl SpecMethod {
@@ -55,12 +65,14 @@ impl SpecMethod {
     pub fn parse(name: &str, min: usize, max: usize) -> Result<SpecMethod, EngineError> {
         match name {
             "ngram" | "prompt-lookup" | "prompt_lookup" => Ok(SpecMethod::Ngram { min, max }),
+            "mtp" => Ok(SpecMethod::Mtp),
             "draft" => Err(EngineError::Invalid(
                 "speculative method `draft` needs a draft model (--draft-model PATH)".into(),
             )),
             _ => Err(EngineError::Invalid(format!(
-                "unknown speculative method `{name}`: use `ngram` (prompt lookup) or `draft` \
-                 (a draft model, with --draft-model PATH)"
+                "unknown speculative method `{name}`: use `ngram` (prompt lookup), `draft` \
+                 (a draft model, with --draft-model PATH) or `mtp` (the model's own \
+                 multi-token-prediction layer)"
             ))),
         }
     }
@@ -70,6 +82,7 @@ impl SpecMethod {
         match self {
             SpecMethod::Ngram { .. } => "ngram",
             SpecMethod::Draft(_) => "draft",
+            SpecMethod::Mtp => "mtp",
         }
     }
 }
@@ -129,17 +142,18 @@ impl SpecConfig {
                     )));
                 }
             }
-            SpecMethod::Draft(_) => {}
+            SpecMethod::Draft(_) | SpecMethod::Mtp => {}
         }
         Ok(())
     }
 
-    /// The proposer this configuration names (validated first).
-    pub fn proposer(&self) -> Result<Box<dyn Proposer>, EngineError> {
+    /// The proposer this configuration names (validated first), for speculating on `target`.
+    pub fn proposer(&self, target: &Arc<dyn Model>) -> Result<Box<dyn Proposer>, EngineError> {
         self.validate()?;
         Ok(match &self.method {
             &SpecMethod::Ngram { min, max } => Box::new(NgramProposer { min, max }),
             SpecMethod::Draft(d) => Box::new(DraftProposer::new(d.clone())),
+            SpecMethod::Mtp => Box::new(MtpProposer::new(target.clone())?),
         })
     }
 }
@@ -153,6 +167,16 @@ pub trait Proposer: Send {
     fn propose(&mut self, id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>);
     /// Request `id` is gone: drop anything kept for it.
     fn release(&mut self, _id: RequestId) {}
+    /// Whether it needs the target's hidden states ([`Proposer::observe`]).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+    /// The target's hidden states (after its final norm, `hidden` floats each) of request
+    /// `id`'s positions `first..`, computed in the last step and kept (prompt tokens, the
+    /// token before the drafts and the accepted drafts; not the rejected drafts). Given in
+    /// order of positions; a `first` below what was given before means the request is
+    /// being recomputed from there.
+    fn observe(&mut self, _id: RequestId, _first: usize, _hidden: &[f32]) {}
 }
 
 /// Prompt lookup (llama.cpp's `lookup`, vLLM's `ngram`): find the latest earlier occurrence of
@@ -293,7 +317,14 @@ mod tests {
 
     #[test]
     fn bad_configurations_name_the_parameter() {
-        let err = |c: SpecConfig| c.proposer().err().map(|e| e.to_string()).unwrap();
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf/llama");
+        let target: Arc<dyn Model> = Arc::from(
+            supernode_models::load_model(&dir, &Default::default())
+                .unwrap()
+                .model,
+        );
+        let err = |c: SpecConfig| c.proposer(&target).err().map(|e| e.to_string()).unwrap();
         let mut c = SpecConfig::ngram(0);
         assert!(err(c.clone()).contains("num_speculative_tokens"));
         c.num_speculative_tokens = MAX_SPECULATIVE_TOKENS + 1;
@@ -309,7 +340,10 @@ mod tests {
         c.disable_by_batch_size = Some(0);
         assert!(err(c.clone()).contains("disable_by_batch_size"));
         c.disable_by_batch_size = None;
-        assert_eq!(c.proposer().unwrap().name(), "ngram");
+        assert_eq!(c.proposer(&target).unwrap().name(), "ngram");
+        // MTP needs the target's own multi-token-prediction layer.
+        c.method = SpecMethod::parse("mtp", 1, 3).unwrap();
+        assert!(err(c.clone()).contains("no multi-token-prediction layer"));
         let e = SpecMethod::parse("eagle9", 1, 3).unwrap_err().to_string();
         assert!(e.contains("unknown speculative method `eagle9`"), "{e}");
         assert_eq!(

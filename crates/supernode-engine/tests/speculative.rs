@@ -48,6 +48,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Ask {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Limits {
     max_num_seqs: usize,
     budget: usize,
@@ -575,6 +576,240 @@ fn models_with_a_recurrent_state_roll_back_rejected_drafts() {
         let (lookup, _) = run(arch, Some(ngram(5)), &lim, &asks);
         for (i, (b, s)) in base.iter().zip(&lookup).enumerate() {
             assert_eq!(b.0, s.0, "{arch}: request {i} with prompt lookup");
+        }
+    }
+}
+
+/// The target's own multi-token-prediction layer drafts (`qwen3_5_mtp`: the Qwen3.5 fixture
+/// with an MTP layer of random weights): the tokens are those without speculation, greedy and
+/// seeded with logprobs, in a batch of 12, under preemption and alone with a tight budget;
+/// drafts are made and verified from the target's hidden states, and the acceptance reported.
+/// A model without the layer loaded is refused with one line.
+#[test]
+fn the_models_own_mtp_layer_drafts_without_changing_the_tokens() {
+    use supernode_models::{load_model, LoadOptions};
+    let engine_mtp = |lim: &Limits, mtp: bool| {
+        let opts = LoadOptions {
+            mtp,
+            ..LoadOptions::default()
+        };
+        let m = load_model(&common::fixture("qwen3_5_mtp"), &opts).unwrap();
+        let cfg = common::config(lim.max_num_seqs, lim.budget, lim.num_blocks);
+        Engine::new(m.model, None, cfg).unwrap()
+    };
+    let lim = Limits {
+        max_num_seqs: 12,
+        budget: 64,
+        num_blocks: 160,
+    };
+    let asks: Vec<Ask> = prompts(12, 0x3b7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| match i % 3 {
+            0 => Ask {
+                params: SamplingParams {
+                    temperature: 0.9,
+                    seed: Some(40 + i as u64),
+                    ..SamplingParams::default()
+                },
+                logprobs: Some(2),
+                ..greedy(p, 32)
+            },
+            _ => greedy(p, 32),
+        })
+        .collect();
+    let base = drive(&mut engine_mtp(&lim, false), &asks);
+    let mtp = SpecConfig {
+        method: SpecMethod::Mtp,
+        adaptive: false,
+        ..ngram(3)
+    };
+    for (what, lim) in [
+        ("a batch of 12", lim),
+        (
+            "preempted",
+            Limits {
+                num_blocks: 16,
+                ..lim
+            },
+        ),
+    ] {
+        let mut e = engine_mtp(&lim, true);
+        e.set_speculative(Some(mtp.clone())).unwrap();
+        let got = drive(&mut e, &asks);
+        for (i, (b, s)) in base.iter().zip(&got).enumerate() {
+            assert_eq!(b.0, s.0, "request {i}, {what}");
+        }
+        let (drafts, drafted, accepted) = spec_totals(e.stats());
+        assert!(drafts > 0 && drafted > 0, "{what}: no drafts");
+        assert_eq!(e.stats().spec_proposer.get(), Some(&"mtp"));
+        eprintln!("mtp, {what}: {accepted} of {drafted} drafts accepted");
+        if what == "preempted" {
+            assert!(e.stats().preemptions.load(Ordering::Relaxed) > 0);
+        }
+    }
+    let tight = Limits {
+        max_num_seqs: 1,
+        budget: 7,
+        num_blocks: 32,
+    };
+    // (A budget under a window cuts the prompts elsewhere than above: its own baseline.)
+    for (i, a) in asks.iter().enumerate().step_by(5) {
+        let base = drive(&mut engine_mtp(&tight, false), std::slice::from_ref(a));
+        let mut e = engine_mtp(&tight, true);
+        e.set_speculative(Some(mtp.clone())).unwrap();
+        let alone = drive(&mut e, std::slice::from_ref(a));
+        assert_eq!(base[0].0, alone[0].0, "request {i} alone");
+        assert!(spec_totals(e.stats()).1 > 0, "request {i} alone: no drafts");
+    }
+    let err = engine_mtp(&lim, false)
+        .set_speculative(Some(mtp))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no multi-token-prediction layer"), "{err}");
+}
+
+type Seen = std::collections::HashMap<RequestId, (usize, Vec<(Option<Vec<f32>>, usize)>)>;
+
+/// Drafts like [`Oracle`] and records the hidden states the engine hands over.
+struct Recorder {
+    oracle: Oracle,
+    /// Per request: the ask its prompt is, and the states seen per position (the last one
+    /// seen, and how many times).
+    seen: Arc<Mutex<Seen>>,
+    width: usize,
+}
+
+impl Proposer for Recorder {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+    fn propose(&mut self, id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>) {
+        let ask = self
+            .oracle
+            .known
+            .iter()
+            .position(|(p, _)| tokens.starts_with(p));
+        if let (Some(ask), Some(entry)) = (ask, self.seen.lock().unwrap().get_mut(&id)) {
+            entry.0 = ask;
+        }
+        self.oracle.propose(id, tokens, k, out);
+    }
+    fn wants_hidden(&self) -> bool {
+        true
+    }
+    fn observe(&mut self, id: RequestId, first: usize, hidden: &[f32]) {
+        let mut seen = self.seen.lock().unwrap();
+        let rows = &mut seen.entry(id).or_insert((usize::MAX, Vec::new())).1;
+        for (i, row) in hidden.chunks_exact(self.width).enumerate() {
+            if rows.len() <= first + i {
+                rows.resize(first + i + 1, (None, 0));
+            }
+            rows[first + i].0 = Some(row.to_vec());
+            rows[first + i].1 += 1;
+        }
+    }
+}
+
+/// What the engine hands a proposer that reads hidden states: for every position a request
+/// computed and kept (prompt chunks, the token before the drafts, accepted drafts; never a
+/// rejected draft), the target's state after the final norm, bit for bit what one forward pass
+/// over the request's final tokens gives; under preemption too.
+#[test]
+fn proposers_see_the_hidden_states_of_every_kept_position() {
+    use supernode_models::{load_model, Batch, KvCache, LoadOptions, Named, Trace};
+    let arch = "llama";
+    let asks: Vec<Ask> = prompts(12, 0x41d)
+        .into_iter()
+        .map(|p| greedy(p, 30))
+        .collect();
+    let (base, _) = run(arch, None, &ROOMY, &asks);
+    let m = load_model(&common::fixture(arch), &LoadOptions::default())
+        .unwrap()
+        .model;
+    let width = m.config().hidden;
+    for lim in [
+        ROOMY,
+        Limits {
+            num_blocks: 30,
+            ..ROOMY
+        },
+    ] {
+        let seen = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let rec = Recorder {
+            oracle: Oracle {
+                known: asks
+                    .iter()
+                    .zip(&base)
+                    .map(|(a, b)| (a.prompt.clone(), ids(b)))
+                    .collect(),
+            },
+            seen: seen.clone(),
+            width,
+        };
+        let mut e = engine(arch, &lim);
+        let cfg = SpecConfig {
+            adaptive: false,
+            ..ngram(4)
+        };
+        e.set_proposer(cfg, Box::new(rec)).unwrap();
+        let got = drive(&mut e, &asks);
+        let (_, drafted, accepted) = spec_totals(e.stats());
+        assert!(
+            accepted > 0 && accepted < drafted,
+            "{accepted} of {drafted}"
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), asks.len());
+        for (ask, rows) in seen.values() {
+            let (a, h) = (&asks[*ask], &got[*ask]);
+            assert_eq!(ids(h), ids(&base[*ask]));
+            // The request's tokens but the last one (never computed).
+            let mut tokens = a.prompt.clone();
+            tokens.extend(ids(h));
+            tokens.pop();
+            let n = tokens.len();
+            assert_eq!(rows.len(), n, "ask {ask}: positions seen");
+            let mut kv = KvCache::new(&m.kv_specs(), 16, n.div_ceil(16)).unwrap();
+            let table: Vec<u32> = (0..kv.num_blocks as u32).collect();
+            let positions: Vec<usize> = (0..n).collect();
+            let batch = Batch {
+                tokens: &tokens,
+                positions: &positions,
+                seq_of: &vec![0; n],
+                block_tables: &[table.as_slice()],
+                logits_for: &[n - 1],
+                state_slots: &[],
+                chunked_until: &[],
+                drafts: &[],
+            };
+            let mut want = Vec::new();
+            let mut keep = |x: &Named<'_>| {
+                if x.name == "result_norm" {
+                    want = x.values.to_vec();
+                }
+            };
+            m.forward_traced(&batch, &mut kv, &mut Trace::new(&mut keep))
+                .unwrap();
+            for (p, (row, times)) in rows.iter().enumerate() {
+                let row = row
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("ask {ask}: position {p}"));
+                // Once each, unless preemption recomputed it.
+                assert!(
+                    *times == 1 || lim.num_blocks == 30,
+                    "ask {ask}: position {p} seen {times} times"
+                );
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(row),
+                    bits(&want[p * width..(p + 1) * width]),
+                    "ask {ask}: position {p}"
+                );
+            }
+        }
+        if lim.num_blocks == 30 {
+            assert!(e.stats().preemptions.load(Ordering::Relaxed) > 0);
         }
     }
 }

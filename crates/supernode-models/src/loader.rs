@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use supernode_kernels::Precision;
 
-use crate::arch::Model;
+use crate::arch::{Arch, Model};
 use crate::config::{ModelConfig, ROPE_FREQS, TOKENS_KEY};
 use crate::gguf::read_gguf;
 use crate::kv_cache::KvDType;
@@ -36,6 +36,9 @@ pub struct LoadOptions {
     /// The KV cache's element type; `None` takes the precision's own
     /// ([`KvDType::for_rounding`]: f32 in exact precision, f16 in quantized).
     pub kv_dtype: Option<KvDType>,
+    /// Also load the checkpoint's first multi-token-prediction (NextN) layer, the drafter of
+    /// `--speculative mtp` (unused otherwise, so not loaded by default).
+    pub mtp: bool,
 }
 
 impl LoadOptions {
@@ -59,13 +62,37 @@ pub fn partial_load_note(path: &Path) -> Option<String> {
     ))
 }
 
+/// Whether to load the NextN layer: when asked for, of a checkpoint that has one, of an
+/// architecture whose layer is supported (Qwen3.5 and Qwen3-Next so far).
+fn check_mtp(cfg: &ModelConfig, opts: &LoadOptions) -> Result<bool> {
+    if !opts.mtp {
+        return Ok(false);
+    }
+    if !matches!(cfg.arch, Arch::Qwen35 | Arch::Qwen35Moe | Arch::Qwen3Next) {
+        return Err(ModelError::Invalid(format!(
+            "multi-token prediction (--speculative mtp) is supported for Qwen3.5 and Qwen3-Next \
+             checkpoints so far, not `{}`: use `ngram` or `draft`",
+            cfg.arch.gguf_name()
+        )));
+    }
+    if cfg.nextn_layers == 0 {
+        return Err(ModelError::Invalid(
+            "the checkpoint has no multi-token-prediction layer (--speculative mtp needs one): \
+             use `ngram` or `draft`"
+                .into(),
+        ));
+    }
+    Ok(true)
+}
+
 /// Loads a model from a GGUF file or an HF-style safetensors directory.
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if path.is_dir() {
         let st = read_safetensors_dir(path)?;
-        let cfg = ModelConfig::from_hf(&st.config).map_err(|e| {
+        let mut cfg = ModelConfig::from_hf(&st.config).map_err(|e| {
             ModelError::Invalid(format!("{}: {e}", path.join("config.json").display()))
         })?;
+        cfg.load_nextn = check_mtp(&cfg, opts)?;
         let weights = Weights::new(st.tensors, opts.numerics());
         let model = (cfg.arch.family().build)(cfg, &weights)?;
         return Ok(LoadedModel {
@@ -90,6 +117,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             .with_rope_factors(factors.into_iter().map(f64::from).collect())
             .map_err(in_file)?;
     }
+    cfg.load_nextn = check_mtp(&cfg, opts).map_err(in_file)?;
     let family = cfg.arch.family();
     if let Some(from_tensors) = family.gguf_tensors {
         cfg = from_tensors(cfg, &weights).map_err(in_file)?;

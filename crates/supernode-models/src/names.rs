@@ -132,6 +132,14 @@ const LAYER: &[Row] = &[
         OWN_POST_ATTENTION_NORM,
     ),
     // Dense feed-forward.
+    // A multi-token-prediction (NextN) layer's own tensors (DeepSeek's names; Qwen3.5's `mtp.*`
+    // come here through `qwen_mtp_as_layer`).
+    row("enorm.weight", "nextn.enorm.weight"),
+    row("hnorm.weight", "nextn.hnorm.weight"),
+    row("eh_proj.weight", "nextn.eh_proj.weight"),
+    row("shared_head.norm.weight", "nextn.shared_head_norm.weight"),
+    row("shared_head.head.weight", "nextn.shared_head_head.weight"),
+    row("embed_tokens.weight", "nextn.embed_tokens.weight"),
     row("mlp.gate_proj.weight", "ffn_gate.weight"),
     row("mlp.up_proj.weight", "ffn_up.weight"),
     row("mlp.down_proj.weight", "ffn_down.weight"),
@@ -189,10 +197,6 @@ const VISION_PREFIXES: &[&str] = &[
     "model.vision_tower.",
     "model.visual.",
     "visual.",
-    // Qwen3.5 / Qwen3-Next multi-token-prediction heads (not used for next-token decoding;
-    // llama.cpp's converter keeps them apart too).
-    "mtp.",
-    "model.mtp.",
     "multi_modal_projector.",
     "model.multi_modal_projector.",
 ];
@@ -213,6 +217,30 @@ pub fn hf_expert_to_gguf(arch: &str, hf_name: &str) -> Option<(String, usize)> {
         (name, Some(e)) => Some((name, e)),
         (_, None) => None,
     }
+}
+
+/// A Qwen3.5 / Qwen3-Next multi-token-prediction tensor (`mtp.*`) under the HF name of the layer
+/// llama.cpp's converter makes of it: `mtp.layers.{j}.X` is layer `n_layers + j`, and the MTP's
+/// own `fc`, `pre_fc_norm_embedding`, `pre_fc_norm_hidden` and `norm` are the NextN
+/// `eh_proj`, `enorm`, `hnorm` and `shared_head.norm` of layer `n_layers`. `None` for other
+/// names.
+pub fn qwen_mtp_as_layer(hf_name: &str, n_layers: usize) -> Option<String> {
+    let rest = hf_name
+        .strip_prefix("mtp.")
+        .or_else(|| hf_name.strip_prefix("model.mtp."))?;
+    if let Some(layer) = rest.strip_prefix("layers.") {
+        let (j, local) = split_index(layer)?;
+        return Some(format!("model.layers.{}.{local}", n_layers + j));
+    }
+    let (own, tail) = rest.split_once('.')?;
+    let nextn = match own {
+        "fc" => "eh_proj",
+        "pre_fc_norm_embedding" => "enorm",
+        "pre_fc_norm_hidden" => "hnorm",
+        "norm" => "shared_head.norm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{n_layers}.{nextn}.{tail}"))
 }
 
 /// Whether a checkpoint tensor can be skipped without changing what the model computes.

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use supernode_kernels::DType;
 
-use crate::names::{hf_expert_to_gguf, hf_to_gguf, is_ignorable};
+use crate::names::{hf_expert_to_gguf, hf_to_gguf, is_ignorable, qwen_mtp_as_layer};
 use crate::{ModelError, Result, Shown, Storage, Tensor};
 
 /// The largest JSON header accepted (the format's reference implementation uses the same).
@@ -355,12 +355,22 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
     let mut unknown = Vec::new();
     let mut experts: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
     let mut seen: HashMap<String, String> = HashMap::new();
+    // Qwen3.5 / Qwen3-Next keep theirs under `mtp.`: named as llama.cpp's converter names them
+    // (layers after the decoder's), loaded only for `--speculative mtp`.
+    let text_layers = config
+        .get("text_config")
+        .and_then(|c| c.get("num_hidden_layers"))
+        .or_else(|| config.get("num_hidden_layers"))
+        .and_then(Value::as_u64);
     for mut t in hf {
         if is_ignorable(&t.name) || is_mtp(&t.name) {
             continue;
         }
-        let Some(gguf) = hf_to_gguf(arch, &t.name) else {
-            match hf_expert_to_gguf(arch, &t.name) {
+        let hf_name = text_layers
+            .and_then(|n| qwen_mtp_as_layer(&t.name, n as usize))
+            .unwrap_or_else(|| t.name.clone());
+        let Some(gguf) = hf_to_gguf(arch, &hf_name) else {
+            match hf_expert_to_gguf(arch, &hf_name) {
                 Some((stacked, e)) => experts.entry(stacked).or_default().push((e, t)),
                 None => unknown.push(t.name),
             }

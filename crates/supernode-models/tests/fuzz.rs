@@ -97,6 +97,7 @@ fn load_and_run(path: &Path, quantized: bool) -> Result<(), String> {
         &LoadOptions {
             precision,
             kv_dtype: None,
+            mtp: false,
         },
     ) {
         Ok(m) => {

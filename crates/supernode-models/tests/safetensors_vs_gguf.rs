@@ -258,6 +258,7 @@ fn safetensors_and_gguf_give_the_same_logits() {
             &LoadOptions {
                 precision: Precision::Exact,
                 kv_dtype: None,
+                mtp: false,
             },
         )
         .unwrap()

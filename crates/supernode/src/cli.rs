@@ -15,7 +15,7 @@ use supernode_engine::tokenizer::Tokenizer;
 
 use crate::chat_repl::{interactive_chat, ChatOptions};
 use crate::fetch;
-use crate::model_args::{load_options, open_model, status_line, ModelArgs};
+use crate::model_args::{load_options, open_model, open_model_with, status_line, ModelArgs};
 use crate::spec_args::SpecArgs;
 
 /// `run`'s token limit when `--max-tokens` is not given (an interactive chat has none).
@@ -188,7 +188,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let params = sampling(&a);
     params.validate().map_err(anyhow::Error::msg)?;
     a.spec.check()?;
-    let mut session = open(&a.model)?;
+    let mut session = open_model_with(&a.model, a.spec.wants_mtp())?.0;
     let spec = a.spec.config(
         &load_options(&a.model),
         session.model(),

@@ -84,12 +84,20 @@ pub(crate) fn load_options(m: &ModelArgs) -> LoadOptions {
     LoadOptions {
         precision,
         kv_dtype,
+        mtp: false,
     }
 }
 
 /// The session of `m` and the model file's path.
 pub(crate) fn open_model(m: &ModelArgs) -> Result<(Session, PathBuf)> {
-    let (path, opts) = prepare(m)?;
+    open_model_with(m, false)
+}
+
+/// [`open_model`], with the checkpoint's multi-token-prediction layer too when `mtp` asks
+/// (`--speculative mtp`).
+pub(crate) fn open_model_with(m: &ModelArgs, mtp: bool) -> Result<(Session, PathBuf)> {
+    let (path, mut opts) = prepare(m)?;
+    opts.mtp = mtp;
     let t0 = Instant::now();
     let session = Session::load(&path, &opts, m.ctx)?;
     if let Some(note) = supernode_models::partial_load_note(&path) {

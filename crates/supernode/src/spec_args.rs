@@ -12,8 +12,9 @@ use crate::fetch;
 #[derive(Args, Clone, Debug)]
 pub(crate) struct SpecArgs {
     /// Speculative decoding: `ngram` (prompt lookup: drafts copied from what followed the last
-    /// few tokens earlier in the prompt or output; no extra model) or `draft` (a smaller model
-    /// with the same vocabulary drafts greedily; give it with --draft-model). Off when not
+    /// few tokens earlier in the prompt or output; no extra model), `draft` (a smaller model
+    /// with the same vocabulary drafts greedily; give it with --draft-model) or `mtp` (the
+    /// checkpoint's own multi-token-prediction layer, Qwen3.5 / Qwen3-Next). Off when not
     /// given.
     #[arg(long, value_name = "METHOD")]
     pub(crate) speculative: Option<String>,
@@ -58,6 +59,11 @@ impl SpecArgs {
                 )?)
                 .map(drop),
         }
+    }
+
+    /// Whether the model must be loaded with its multi-token-prediction layer.
+    pub(crate) fn wants_mtp(&self) -> bool {
+        self.speculative.as_deref() == Some("mtp")
     }
 
     /// The engine's speculation, checked; `None` without `--speculative`. A draft model is

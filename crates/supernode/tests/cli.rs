@@ -565,6 +565,10 @@ fn bad_draft_models_are_named() {
             ],
             vec!["has a vocabulary of 256 tokens and the target one of 50".into()],
         ),
+        (
+            vec!["--speculative", "mtp"],
+            vec!["multi-token prediction (--speculative mtp) is supported for Qwen3.5".into()],
+        ),
     ];
     for (args, needles) in &cases {
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
@@ -619,4 +623,47 @@ fn run_with_a_draft_model_gives_the_same_tokens() {
     let accepted = spec["speculative"]["accepted_tokens"].as_u64().unwrap();
     assert!(drafted > 0);
     assert_eq!(accepted, drafted, "drafting for itself");
+}
+
+/// `run --speculative mtp` on the Qwen3.5 fixture with a multi-token-prediction layer: the
+/// greedy tokens of a run without speculation, with drafts made; the fixture without the layer
+/// is refused with one line.
+#[test]
+fn run_with_the_models_mtp_layer_gives_the_same_tokens() {
+    let fixtures = common::fixture("hf");
+    let with = fixtures.join("qwen3_5_mtp");
+    let without = fixtures.join("qwen3_5");
+    let run = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            "5,9,17,5,9,17,5,9",
+            "-n",
+            "24",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ];
+        args.extend(extra);
+        supernode(&args)
+    };
+    let parse = |out: Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = parse(run(&with, &[]));
+    let spec = parse(run(&with, &["--speculative", "mtp"]));
+    assert_eq!(plain["tokens"], spec["tokens"]);
+    assert!(spec["speculative"]["draft_tokens"].as_u64().unwrap() > 0);
+    assert_one_line_error(
+        &run(&without, &["--speculative", "mtp"]),
+        &["no multi-token-prediction layer"],
+    );
 }

@@ -667,6 +667,7 @@ fn quantized_f16_kv_cache_equals_an_f32_cache_bit_for_bit() {
     let quantized = LoadOptions {
         precision: Precision::Quantized,
         kv_dtype: None,
+        mtp: false,
     };
     let tokens: Vec<u32> = (0..33).map(|i| (i * 37 + 11) % 256).collect();
     for arch in [
@@ -720,6 +721,7 @@ fn exact_precision_with_an_f16_kv_cache_stays_near_transformers() {
     let f16_kv = LoadOptions {
         precision: Precision::Exact,
         kv_dtype: Some(KvDType::F16),
+        mtp: false,
     };
     let mut largest = Vec::new();
     for arch in [

@@ -44,10 +44,12 @@ const MAX_DISTANCE: f64 = 2.5;
 const EXACT: LoadOptions = LoadOptions {
     precision: Precision::Exact,
     kv_dtype: None,
+    mtp: false,
 };
 const QUANTIZED: LoadOptions = LoadOptions {
     precision: Precision::Quantized,
     kv_dtype: None,
+    mtp: false,
 };
 const MARGIN: f64 = 0.3;
 

@@ -337,8 +337,12 @@ struct Speculator {
 }
 
 impl Speculator {
-    fn new(cfg: SpecConfig, stats: &EngineStats) -> Result<Speculator, EngineError> {
-        let proposer = cfg.proposer()?;
+    fn new(
+        cfg: SpecConfig,
+        stats: &EngineStats,
+        target: &Arc<dyn Model>,
+    ) -> Result<Speculator, EngineError> {
+        let proposer = cfg.proposer(target)?;
         Ok(Speculator::with(cfg, proposer, stats))
     }
 
@@ -355,7 +359,7 @@ impl Speculator {
 }
 
 /// The checks of speculation with `spec` on `model`: a draft model with the model's
-/// vocabulary.
+/// vocabulary (MTP's checks are its proposer's).
 fn check_speculation(model: &dyn Model, spec: &SpecConfig) -> Result<(), EngineError> {
     if let SpecMethod::Draft(d) = &spec.method {
         d.check_vocab_size(model.config().vocab_size)?;
@@ -401,10 +405,11 @@ impl Engine {
         if let Some(spec) = &cfg.speculative {
             check_speculation(model.as_ref(), spec)?;
         }
+        let runner = Runner::new(model, kv);
         let spec = cfg
             .speculative
             .clone()
-            .map(|c| Speculator::new(c, &stats))
+            .map(|c| Speculator::new(c, &stats, &runner.model))
             .transpose()?;
         let sched = Scheduler::new(SchedulerConfig {
             max_num_seqs: cfg.max_num_seqs,
@@ -415,7 +420,7 @@ impl Engine {
             state_slots,
         });
         Ok(Engine {
-            runner: Runner::new(model, kv),
+            runner,
             sched,
             outputs: HashMap::new(),
             tokenizer,
@@ -436,7 +441,7 @@ impl Engine {
         }
         self.spec = spec
             .clone()
-            .map(|c| Speculator::new(c, &self.stats))
+            .map(|c| Speculator::new(c, &self.stats, &self.runner.model))
             .transpose()?;
         self.cfg.speculative = spec;
         Ok(())
@@ -569,7 +574,11 @@ impl Engine {
         self.propose();
         let plan = self.sched.schedule();
         self.admit(&plan);
-        let result = self.runner.run(&plan);
+        let hidden = self
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.proposer.wants_hidden());
+        let result = self.runner.run(&plan, hidden);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Err(msg) => {
@@ -596,7 +605,17 @@ impl Engine {
                     .fetch_add(prefill as u64, Ordering::Relaxed);
                 self.sched.update(&plan);
                 let mut done = Vec::new();
-                for (sc, rows) in plan.scheduled.iter().zip(&logits.rows) {
+                let width = self.runner.model.config().hidden;
+                // The target's hidden states of request `k`'s first `kept` tokens, for a
+                // proposer that reads them.
+                let observe = |spec: &mut Option<Speculator>, k: usize, kept: usize| {
+                    if let Some(sp) = spec.as_mut().filter(|_| !logits.hidden.is_empty()) {
+                        let (sc, r) = (&plan.scheduled[k], &logits.tokens[k]);
+                        let rows = &logits.hidden[r.start * width..(r.start + kept) * width];
+                        sp.proposer.observe(sc.id, sc.start, rows);
+                    }
+                };
+                for (k, (sc, rows)) in plan.scheduled.iter().zip(&logits.rows).enumerate() {
                     let Some(out) = self.outputs.get_mut(&sc.id) else {
                         continue;
                     };
@@ -613,6 +632,7 @@ impl Engine {
                         }
                     }
                     if !sc.sample {
+                        observe(&mut self.spec, k, sc.tokens.len());
                         continue;
                     }
                     // The last `drafts + 1` rows: the row after the request's last token, then
@@ -654,6 +674,7 @@ impl Engine {
                     }
                     match finished {
                         Some(mut ev) => {
+                            observe(&mut self.spec, k, sc.tokens.len() - nd + accepted);
                             // The usage in the final event counts this step's drafts too.
                             if let (Event::Done(f), Some(a)) = (&mut ev, &out.spec) {
                                 f.spec = Some(SpecUsage {
@@ -665,6 +686,7 @@ impl Engine {
                             done.push(sc.id);
                         }
                         None if nd > 0 => {
+                            observe(&mut self.spec, k, sc.tokens.len() - nd + accepted);
                             // A recurrent state took every draft in: back to the accepted.
                             if let Some(slot) = sc.state_slot.filter(|_| accepted < nd) {
                                 if let Err(msg) = self.runner.rollback_drafts(slot, accepted) {
@@ -675,7 +697,7 @@ impl Engine {
                             }
                             self.sched.accept_drafts(sc.id, accepted)
                         }
-                        None => {}
+                        None => observe(&mut self.spec, k, sc.tokens.len()),
                     }
                 }
                 for id in done {

@@ -4,19 +4,21 @@
 //! state slots and where each request's prompt ends (the chunked form of linear attention) from
 //! the plan, and it alone holds the KV cache, which only the model's attention layers write (one
 //! writer), and which it puts back after rejected drafts where a recurrent state took them in. The logits come back as the rows each scheduled request asked for
-//! ([`super::scheduler::Scheduled::logits_rows`]), in plan order. Hidden-state rows for MTP
-//! or EAGLE heads would come back here too, beside the logits.
+//! ([`super::scheduler::Scheduled::logits_rows`]), in plan order; when asked, the hidden
+//! state of every row (after the final norm, which a multi-token-prediction proposer reads)
+//! comes back beside them.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
-use supernode_models::{Batch, KvCache, Model};
+use supernode_models::{Batch, KvCache, Model, Named, Trace};
 
 use super::scheduler::Plan;
 
 /// The model and its KV cache, with the batch buffers reused from step to step.
 pub(crate) struct Runner {
-    pub model: Box<dyn Model>,
+    pub model: Arc<dyn Model>,
     kv: KvCache,
     tokens: Vec<u32>,
     positions: Vec<usize>,
@@ -28,11 +30,14 @@ pub(crate) struct Runner {
 }
 
 /// The logits of one step: `rows[k]` are the rows of the plan's `k`-th request, each
-/// `vocab` wide, in `logits`.
+/// `vocab` wide, in `logits`. With hidden states asked for, `hidden` has one row of the model's
+/// width per token of the batch, the plan's `k`-th request's tokens at rows `tokens[k]`.
 pub(crate) struct StepLogits {
     pub logits: Vec<f32>,
     pub rows: Vec<Range<usize>>,
     pub vocab: usize,
+    pub hidden: Vec<f32>,
+    pub tokens: Vec<Range<usize>>,
 }
 
 impl StepLogits {
@@ -45,7 +50,7 @@ impl StepLogits {
 impl Runner {
     pub fn new(model: Box<dyn Model>, kv: KvCache) -> Runner {
         Runner {
-            model,
+            model: Arc::from(model),
             kv,
             tokens: Vec::new(),
             positions: Vec::new(),
@@ -57,9 +62,10 @@ impl Runner {
         }
     }
 
-    /// Runs the plan's tokens; an error names what failed (a panic in the model is caught and
-    /// reported, so it fails this step's requests, not the engine).
-    pub fn run(&mut self, plan: &Plan) -> Result<StepLogits, String> {
+    /// Runs the plan's tokens, keeping every row's hidden state when `hidden` asks; an error
+    /// names what failed (a panic in the model is caught and reported, so it fails this step's
+    /// requests, not the engine).
+    pub fn run(&mut self, plan: &Plan, hidden: bool) -> Result<StepLogits, String> {
         self.tokens.clear();
         self.positions.clear();
         self.seq_of.clear();
@@ -75,8 +81,10 @@ impl Runner {
             self.drafts.extend(plan.scheduled.iter().map(|s| s.drafts));
         }
         let mut rows = Vec::with_capacity(plan.scheduled.len());
+        let mut token_rows = Vec::with_capacity(plan.scheduled.len());
         for (k, s) in plan.scheduled.iter().enumerate() {
             let base = self.tokens.len();
+            token_rows.push(base..base + s.tokens.len());
             self.tokens.extend_from_slice(&s.tokens);
             self.positions.extend(s.start..s.start + s.tokens.len());
             self.seq_of.extend(std::iter::repeat_n(k, s.tokens.len()));
@@ -90,6 +98,8 @@ impl Runner {
                 logits: Vec::new(),
                 rows,
                 vocab,
+                hidden: Vec::new(),
+                tokens: token_rows,
             });
         }
         let tables: Vec<&[u32]> = plan
@@ -108,11 +118,25 @@ impl Runner {
             drafts: &self.drafts,
         };
         let (model, kv) = (&self.model, &mut self.kv);
-        match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {
+        let mut states = Vec::new();
+        let result = catch_unwind(AssertUnwindSafe(|| match hidden {
+            false => model.forward(&batch, kv),
+            true => {
+                let mut keep = |a: &Named<'_>| {
+                    if a.name == "result_norm" {
+                        states = a.values.to_vec();
+                    }
+                };
+                model.forward_traced(&batch, kv, &mut Trace::new(&mut keep))
+            }
+        }));
+        match result {
             Ok(Ok(logits)) => Ok(StepLogits {
                 logits,
                 rows,
                 vocab,
+                hidden: states,
+                tokens: token_rows,
             }),
             Ok(Err(e)) => Err(format!("the forward pass failed: {e}")),
             Err(_) => Err("the forward pass panicked".into()),

@@ -9,17 +9,26 @@
 //! logits = softcap?(head(output_norm(x)))            (rows in batch.logits_for only)
 //! ```
 //!
+//! A checkpoint's multi-token-prediction layer (NextN: DeepSeek-V3's MTP module, Qwen3.5's
+//! `mtp`) is one more block of the same kind, after the decoder's, with its own input:
+//!
+//! ```text
+//! x = eh_proj([enorm(embed(token_p)) ; hnorm(h_{p-1})])   h: a hidden state after the final norm
+//! x = block(x)                                            (its own one-layer KV cache)
+//! h_p = head_norm(x);  logits = head(h_p)                 (the model's head unless it has one)
+//! ```
+//!
 //! What the config says applies to every architecture alike: the embedding scale
 //! ([`ModelConfig::embed_scale`]), the final soft-cap ([`ModelConfig::final_softcap`]), the norm
 //! weights' offset, and the windowed layers with their own rope
 //! ([`ModelConfig::sliding_window`]); what the config does not say is a [`DecoderOptions`].
 
-use supernode_kernels::ops::Activation;
+use supernode_kernels::ops::{softcap, Activation};
 use supernode_kernels::scratch::zeroed;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{BlockAttention, Embedding, Ffn, LayerCtx, OutputHead, RmsNorm, Rope};
+use crate::layers::{BlockAttention, Embedding, Ffn, LayerCtx, Linear, OutputHead, RmsNorm, Rope};
 use crate::trace::Trace;
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
@@ -49,6 +58,56 @@ struct Block<A> {
     local: bool,
 }
 
+impl<A: BlockAttention> Block<A> {
+    /// The block on the residual stream `x` (`n × hidden`), `xn` and `y` its scratch.
+    fn forward(
+        &self,
+        x: &mut [f32],
+        xn: &mut [f32],
+        y: &mut [f32],
+        ctx: &mut LayerCtx,
+        kv: &mut crate::kv_cache::LayerKv,
+    ) {
+        let n = ctx.batch.len();
+        self.attn_norm.forward(x, xn);
+        ctx.cb("attn_norm", xn);
+        self.attn.forward(xn, ctx, kv, y);
+        ctx.cb("attn_out", y);
+        if let Some(norm) = &self.post_attn_norm {
+            norm.forward_inplace(y);
+            ctx.cb("attn_post_norm", y);
+        }
+        x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
+        ctx.cb("ffn_inp", x);
+        self.ffn_norm.forward(x, xn);
+        ctx.cb("ffn_norm", xn);
+        self.ffn.forward(xn, n, y);
+        ctx.cb("ffn_out", y);
+        if let Some(norm) = &self.post_ffn_norm {
+            norm.forward_inplace(y);
+            ctx.cb("ffn_post_norm", y);
+        }
+        x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
+        ctx.cb("l_out", x);
+    }
+}
+
+/// The first multi-token-prediction layer (GGUF `blk.{n_layers}.nextn.*` beside the block's own
+/// tensors), loaded when [`ModelConfig::load_nextn`] asks for it.
+struct NextN<A> {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    /// `[2 hidden, hidden]`: the normed embedding and hidden state, concatenated, to `hidden`.
+    eh_proj: Linear,
+    block: Block<A>,
+    /// `nextn.shared_head_norm`, or the model's final norm.
+    head_norm: RmsNorm,
+    /// `nextn.shared_head_head` if the checkpoint has its own; else the model's head.
+    head: Option<Linear>,
+    /// `nextn.embed_tokens` if the checkpoint has its own; else the model's embedding.
+    embed: Option<Embedding>,
+}
+
 /// A pre-norm decoder with attention `A`, gated (or MoE) feed-forwards, a final RMSNorm and a
 /// tied or untied output head.
 pub struct PreNormDecoder<A> {
@@ -63,6 +122,7 @@ pub struct PreNormDecoder<A> {
     rope: Rope,
     /// The rope of the windowed layers, if the config has any.
     rope_local: Option<Rope>,
+    nextn: Option<NextN<A>>,
 }
 
 impl<A: BlockAttention> PreNormDecoder<A> {
@@ -82,22 +142,47 @@ impl<A: BlockAttention> PreNormDecoder<A> {
             None => w.linear_from(embed.table().clone(), None),
         };
         let sliding = cfg.sliding_window.as_ref();
-        let blocks = (0..cfg.n_layers)
-            .map(|i| {
-                let p = |n: &str| format!("blk.{i}.{n}");
-                let post_norm = |n: &str| opts.post_norms.then(|| norm(&p(n))).transpose();
-                Ok(Block {
-                    attn_norm: norm(&p("attn_norm.weight"))?,
-                    attn: attn(i)?,
-                    post_attn_norm: post_norm("post_attention_norm.weight")?,
-                    ffn_norm: norm(&p(opts.ffn_norm))?,
-                    ffn: Ffn::load(&cfg, w, i, opts.act)?,
-                    post_ffn_norm: post_norm("post_ffw_norm.weight")?,
-                    local: sliding.is_some_and(|s| s.layers[i]),
-                })
+        let block = |i: usize| -> Result<Block<A>> {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            let post_norm = |n: &str| opts.post_norms.then(|| norm(&p(n))).transpose();
+            Ok(Block {
+                attn_norm: norm(&p("attn_norm.weight"))?,
+                attn: attn(i)?,
+                post_attn_norm: post_norm("post_attention_norm.weight")?,
+                ffn_norm: norm(&p(opts.ffn_norm))?,
+                ffn: Ffn::load(&cfg, w, i, opts.act)?,
+                post_ffn_norm: post_norm("post_ffw_norm.weight")?,
+                local: sliding.is_some_and(|s| s.layers.get(i).copied().unwrap_or(false)),
             })
-            .collect::<Result<Vec<_>>>()?;
+        };
+        let blocks = (0..cfg.n_layers).map(block).collect::<Result<Vec<_>>>()?;
+        let nextn = match cfg.load_nextn && cfg.nextn_layers > 0 {
+            false => None,
+            true => {
+                let i = cfg.n_layers;
+                let p = |n: &str| format!("blk.{i}.nextn.{n}");
+                let head_norm = match w.get(&p("shared_head_norm.weight")) {
+                    Some(_) => norm(&p("shared_head_norm.weight"))?,
+                    None => norm("output_norm.weight")?,
+                };
+                Some(NextN {
+                    enorm: norm(&p("enorm.weight"))?,
+                    hnorm: norm(&p("hnorm.weight"))?,
+                    eh_proj: w.linear(&p("eh_proj"), h, 2 * h)?,
+                    block: block(i)?,
+                    head_norm,
+                    head: w.opt_linear(&p("shared_head_head"), cfg.vocab_size, h)?,
+                    embed: match w.get(&p("embed_tokens.weight")) {
+                        Some(_) => {
+                            Some(w.embedding(&p("embed_tokens.weight"), cfg.vocab_size, h)?)
+                        }
+                        None => None,
+                    },
+                })
+            }
+        };
         Ok(PreNormDecoder {
+            nextn,
             output: OutputHead {
                 norm: norm("output_norm.weight")?,
                 head,
@@ -123,6 +208,86 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
 
     fn state_widths(&self) -> Vec<usize> {
         self.blocks.iter().map(|b| b.attn.state_width()).collect()
+    }
+
+    fn has_nextn(&self) -> bool {
+        self.nextn.is_some()
+    }
+
+    fn nextn_kv_specs(&self) -> Vec<KvLayerSpec> {
+        self.nextn.iter().map(|m| m.block.attn.kv_spec()).collect()
+    }
+
+    fn forward_nextn(
+        &self,
+        batch: &Batch,
+        hidden: &[f32],
+        kv: &mut KvCache,
+        hidden_out: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let Some(m) = &self.nextn else {
+            return Err(crate::ModelError::Invalid(
+                "this model has no multi-token-prediction layer loaded".into(),
+            ));
+        };
+        kv.check_batch(batch, self.cfg.vocab_size)?;
+        let (n, h) = (batch.len(), self.cfg.hidden);
+        if kv.layers.len() != 1 || kv.layers[0].spec != m.block.attn.kv_spec() {
+            return Err(crate::ModelError::Invalid(
+                "the multi-token-prediction layer needs a one-layer cache of its own geometry"
+                    .into(),
+            ));
+        }
+        if hidden.len() != n * h {
+            return Err(crate::ModelError::Invalid(format!(
+                "{} hidden values for {n} rows of {h}",
+                hidden.len()
+            )));
+        }
+        let mut e = zeroed(n * h);
+        m.embed
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .forward(batch.tokens, self.cfg.embed_scale, &mut e);
+        let mut cat = zeroed(2 * n * h);
+        for ((row, e), hid) in cat
+            .chunks_exact_mut(2 * h)
+            .zip(e.chunks_exact(h))
+            .zip(hidden.chunks_exact(h))
+        {
+            let (a, b) = row.split_at_mut(h);
+            m.enorm.forward(e, a);
+            m.hnorm.forward(hid, b);
+        }
+        let mut x = zeroed(n * h);
+        m.eh_proj.forward(&cat, n, &mut x);
+        let rope = self.rope.table(batch.positions);
+        let mut trace = Trace::default();
+        let mut ctx = LayerCtx {
+            batch,
+            rope: &rope,
+            block_size: kv.block_size,
+            layer: self.cfg.n_layers,
+            trace: &mut trace,
+        };
+        let (mut xn, mut y) = (zeroed(n * h), zeroed(n * h));
+        m.block
+            .forward(&mut x, &mut xn, &mut y, &mut ctx, &mut kv.layers[0]);
+        x.chunks_exact_mut(h)
+            .for_each(|row| m.head_norm.forward_inplace(row));
+        let rows = batch.logits_for;
+        let mut picked = zeroed(rows.len() * h);
+        for (&r, out) in rows.iter().zip(picked.chunks_exact_mut(h)) {
+            out.copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let head = m.head.as_ref().unwrap_or(&self.output.head);
+        let mut logits = vec![0.0; rows.len() * self.cfg.vocab_size];
+        head.forward(&picked, rows.len(), &mut logits);
+        if let Some(cap) = self.output.softcap {
+            logits.iter_mut().for_each(|l| *l = softcap(*l, cap));
+        }
+        *hidden_out = x.to_vec();
+        Ok(logits)
     }
 
     fn rollback_drafts(&self, kv: &mut KvCache, slot: usize, accepted: usize) {
@@ -169,26 +334,7 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
                 layer,
                 trace,
             };
-            block.attn_norm.forward(&x, &mut xn);
-            ctx.cb("attn_norm", &xn);
-            block.attn.forward(&xn, &mut ctx, layer_kv, &mut y);
-            ctx.cb("attn_out", &y);
-            if let Some(norm) = &block.post_attn_norm {
-                norm.forward_inplace(&mut y);
-                ctx.cb("attn_post_norm", &y);
-            }
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-            ctx.cb("ffn_inp", &x);
-            block.ffn_norm.forward(&x, &mut xn);
-            ctx.cb("ffn_norm", &xn);
-            block.ffn.forward(&xn, n, &mut y);
-            ctx.cb("ffn_out", &y);
-            if let Some(norm) = &block.post_ffn_norm {
-                norm.forward_inplace(&mut y);
-                ctx.cb("ffn_post_norm", &y);
-            }
-            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
-            ctx.cb("l_out", &x);
+            block.forward(&mut x, &mut xn, &mut y, &mut ctx, layer_kv);
         }
         if trace.is_on() {
             let mut normed = x.to_vec();

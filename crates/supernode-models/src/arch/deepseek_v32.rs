@@ -67,23 +67,10 @@ fn hf_defaults(_: Arch) -> Value {
     })
 }
 
-/// V3's reading, with the indexer's `attention.indexer.{head_count, key_length, top_k}`. The
-/// converter appends the multi-token-prediction layers (`nextn_predict_layers`, the drafters of
-/// speculative decoding) to `block_count`, as llama.cpp reads it: the decoder's layers are the
-/// ones before them, and the MTP layers' tensors stay in the file for a drafter to load.
+/// V3's reading, with the indexer's `attention.indexer.{head_count, key_length, top_k}`. (The
+/// multi-token-prediction layers the converter appends to `block_count` are taken off in
+/// [`ModelConfig::from_gguf`].)
 fn deepseek32_from_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
-    let arch = cfg.arch.gguf_name();
-    let nextn = meta
-        .get_usize(&format!("{arch}.nextn_predict_layers"))?
-        .unwrap_or(0);
-    if nextn >= cfg.n_layers {
-        return Err(ModelError::Metadata(format!(
-            "`{arch}.nextn_predict_layers` is {nextn}, which leaves none of the {} layers of \
-             `{arch}.block_count` to the decoder",
-            cfg.n_layers
-        )));
-    }
-    cfg.n_layers -= nextn;
     deepseek_v3::deepseek2_from_gguf(cfg, meta)?;
     let key = |k: &str| format!("{}.attention.indexer.{k}", cfg.arch.gguf_name());
     let req = |k: &str| -> Result<usize> {

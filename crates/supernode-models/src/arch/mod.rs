@@ -213,4 +213,34 @@ pub trait Model: Send + Sync {
     fn rollback_drafts(&self, kv: &mut KvCache, slot: usize, accepted: usize) {
         let _ = (kv, slot, accepted);
     }
+
+    /// Whether the model has its first multi-token-prediction (NextN) layer loaded
+    /// ([`crate::LoadOptions::mtp`], a checkpoint with [`ModelConfig::nextn_layers`]).
+    fn has_nextn(&self) -> bool {
+        false
+    }
+
+    /// The geometry of the NextN layer's own KV cache (one layer; empty without one).
+    fn nextn_kv_specs(&self) -> Vec<KvLayerSpec> {
+        Vec::new()
+    }
+
+    /// The NextN layer on `batch`: row `t` pairs `batch.tokens[t]`, the token at position
+    /// `batch.positions[t]`, with `hidden[t]`, the hidden state (after the final norm) that
+    /// predicted it, from the model's last layer or from this layer's previous row. Writes
+    /// the rows' K/V into `kv` (a cache of [`Model::nextn_kv_specs`]); returns the logits of
+    /// the rows in `batch.logits_for` (its guesses for the token after each) and writes every
+    /// row's hidden state (after the layer's head norm) to `hidden_out`, to be fed back.
+    fn forward_nextn(
+        &self,
+        batch: &Batch,
+        hidden: &[f32],
+        kv: &mut KvCache,
+        hidden_out: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let _ = (batch, hidden, kv, hidden_out);
+        Err(ModelError::Invalid(
+            "this model has no multi-token-prediction layer loaded".into(),
+        ))
+    }
 }

@@ -160,6 +160,13 @@ pub struct ModelConfig {
     pub mla: Option<MlaConfig>,
     /// Linear attention on some layers (hybrid models: Qwen3.5, Qwen3-Next).
     pub linear: Option<LinearAttnConfig>,
+    /// Multi-token-prediction (NextN) layers the checkpoint has after its `n_layers` decoder
+    /// layers (Qwen3.5's `mtp_num_hidden_layers`, DeepSeek's `num_nextn_predict_layers`,
+    /// GGUF's `nextn_predict_layers`, which llama.cpp's converter counts in `block_count`).
+    /// Next-token decoding never uses them; they are the drafters of speculative decoding.
+    pub nextn_layers: usize,
+    /// Load the first NextN layer with the model ([`crate::LoadOptions::mtp`]).
+    pub load_nextn: bool,
 }
 
 impl ModelConfig {
@@ -194,6 +201,8 @@ impl ModelConfig {
             moe: None,
             mla: None,
             linear: None,
+            nextn_layers: 0,
+            load_nextn: false,
         }
     }
 
@@ -271,9 +280,21 @@ impl ModelConfig {
                 )))
             }
         };
+        // llama.cpp's converter appends the NextN layers to `block_count`; the decoder's layers
+        // are the ones before them.
+        let blocks = req("block_count")?;
+        let nextn = meta.get_usize(&key("nextn_predict_layers"))?.unwrap_or(0);
+        if nextn > 0 && nextn >= blocks {
+            return Err(ModelError::Metadata(format!(
+                "`{}` is {nextn}, which leaves none of the {blocks} layers of `{}` to the decoder",
+                key("nextn_predict_layers"),
+                key("block_count")
+            )));
+        }
         let cfg = ModelConfig {
             arch,
-            n_layers: req("block_count")?,
+            n_layers: blocks - nextn,
+            nextn_layers: nextn,
             hidden,
             n_heads,
             n_kv_heads,
@@ -355,6 +376,10 @@ impl ModelConfig {
         let cfg = ModelConfig {
             arch,
             n_layers: req("num_hidden_layers")?,
+            nextn_layers: match int("mtp_num_hidden_layers")? {
+                Some(n) => n,
+                None => int("num_nextn_predict_layers")?.unwrap_or(0),
+            },
             hidden,
             n_heads,
             n_kv_heads: int("num_key_value_heads")?.unwrap_or(n_heads),

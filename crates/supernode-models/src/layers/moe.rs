@@ -29,7 +29,12 @@ impl Ffn {
     /// makes the layer sparse, else the dense `ffn_gate`/`ffn_up`/`ffn_down` of `ffn_dim`.
     pub fn load(cfg: &ModelConfig, w: &Weights, layer: usize, act: Activation) -> Result<Ffn> {
         match &cfg.moe {
-            Some(moe) if moe.layers[layer] => {
+            // A layer past the decoder's (a NextN layer) is sparse if it has a router.
+            Some(moe)
+                if moe.layers.get(layer).copied().unwrap_or_else(|| {
+                    w.get(&format!("blk.{layer}.ffn_gate_inp.weight")).is_some()
+                }) =>
+            {
                 Ok(Ffn::Moe(Box::new(Moe::load(cfg, moe, w, layer, act)?)))
             }
             _ => {

@@ -14,7 +14,7 @@ use supernode_engine::session::Generate;
 use supernode_kernels::pool;
 
 use super::{max, median, min, BenchArgs};
-use crate::model_args::{load_options, open_model};
+use crate::model_args::{load_options, open_model_with};
 
 pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
     if a.reps == 0 || a.prompt_tokens == 0 || a.gen_tokens < 2 {
@@ -31,7 +31,7 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
     if a.chat && text.is_none() {
         bail!("--chat needs a prompt text (--prompt or --prompt-file)");
     }
-    let (mut session, path) = open_model(&a.model)?;
+    let (mut session, path) = open_model_with(&a.model, a.spec.wants_mtp())?;
     let spec = a.spec.config(
         &load_options(&a.model),
         session.model(),

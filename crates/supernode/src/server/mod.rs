@@ -180,7 +180,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         None => None,
     };
     a.spec.check()?;
-    let (path, opts) = prepare(&a.model)?;
+    let (path, mut opts) = prepare(&a.model)?;
+    opts.mtp = a.spec.wants_mtp();
     let t0 = std::time::Instant::now();
     let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
     let speculative = a.spec.config(&opts, model.as_ref(), tokenizer.as_deref())?;
