@@ -10,6 +10,11 @@ runs, one after the other on the same machine:
 It prints the median decode tok/s of each over the rounds, the ratio with/without speculation
 for each engine, supernode's speculative speed over llama.cpp's, and the acceptance rates.
 
+With --mtp-gguf F (a GGUF with a multi-token-prediction layer, e.g. tools/make_shaped_gguf.py
+--mtp), it also times, on a prompt of F's own placeholder tokens, supernode without and with
+`--speculative mtp`, and llama.cpp's `llama-lookup --spec-draft-n-max 0` (no drafts) against
+`llama-speculative-simple --spec-type draft-mtp` (its MTP drafts, k = 3, its default).
+
 llama.cpp comes from the llama-cpp-python sdist as `tools/bench_peers.py` builds it (its
 `llama-lookup` target is built here if missing). Usage:
   python3 tools/bench_spec.py --supernode target/release/supernode [--rounds 3] [--models ...]
@@ -47,15 +52,33 @@ def llama_lookup():
     return exe
 
 
-def supernode(exe, model, prompt, gen, threads, precision, spec):
+def supernode(exe, model, prompt, gen, threads, precision, spec, method="ngram"):
     cmd = [exe, "bench", "-m", model, "--prompt-file", str(prompt), "--gen-tokens", str(gen),
            "--reps", "1", "--json", "-t", str(threads), "--precision", precision]
     if spec:
-        cmd += ["--speculative", "ngram", "--num-speculative-tokens", str(spec)]
+        cmd += ["--speculative", method, "--num-speculative-tokens", str(spec)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     d = json.loads(out)
     s = d.get("speculative") or {}
     return d["decode_tok_s"], s.get("acceptance_rate")
+
+
+def llama_mtp(bindir, model, prompt, gen, threads):
+    """llama.cpp's MTP drafting (`llama-speculative-simple --spec-type draft-mtp`)."""
+    exe = bindir / "llama-speculative-simple"
+    if not exe.exists():
+        say("building llama.cpp's llama-speculative-simple")
+        subprocess.run([bench_peers.cmake(), "--build", str(bindir.parent), "--target",
+                        "llama-speculative-simple", "-j", "2"], check=True)
+    cmd = [str(exe), "-m", model, "-f", str(prompt), "-n", str(gen), "--temp", "0", "-t",
+           str(threads), "-c", "4096", "--spec-type", "draft-mtp"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", text)
+    if out.returncode != 0 or not m:
+        raise SystemExit(f"llama-speculative-simple failed ({out.returncode}): {text[-800:]}")
+    acc = re.search(r"accept\s+=\s+([\d.]+)%", text)
+    return float(m.group(1)), (float(acc.group(1)) / 100 if acc else None)
 
 
 def lookup(exe, model, prompt, gen, threads, k):
@@ -74,12 +97,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--supernode", required=True, help="the supernode binary")
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"])
-    ap.add_argument("--prompts", nargs="+", default=["code_edit", "summary", "fresh_text"])
+    ap.add_argument("--prompts", nargs="+",
+                    default=["code_edit", "summary", "fresh_text", "counting"])
     ap.add_argument("--precisions", nargs="+", default=["exact", "quantized"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--k", type=int, default=5, help="drafts per step at most, both engines")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mtp-gguf", help="also time MTP drafting on this GGUF")
     a = ap.parse_args()
     try:
         exe = llama_lookup()
@@ -106,11 +131,31 @@ def main():
                 spec = statistics.median(t for t, _ in runs[(engine, a.k)])
                 acc = statistics.median(x for _, x in runs[(engine, a.k)])
                 rows.append((name, p, engine, base, spec, acc))
+    if a.mtp_gguf:
+        import tempfile
+        prompt = Path(tempfile.mkdtemp()) / "ab.txt"
+        prompt.write_text("ab" * 60)  # 60 tokens of the placeholder vocabulary's one merge
+        runs = {}
+        for r in range(a.rounds):
+            say(f"mtp {a.mtp_gguf}: round {r + 1} of {a.rounds}")
+            for prec in a.precisions:
+                for spec in (0, a.k):
+                    runs.setdefault((f"supernode {prec}", spec), []).append(supernode(
+                        a.supernode, a.mtp_gguf, prompt, a.gen, a.threads, prec, spec, "mtp"))
+            runs.setdefault(("llama.cpp", 0), []).append(
+                lookup(exe, a.mtp_gguf, prompt, a.gen, a.threads, 0))
+            runs.setdefault(("llama.cpp", a.k), []).append(
+                llama_mtp(exe.parent, a.mtp_gguf, prompt, a.gen, a.threads))
+        for engine in [f"supernode {x}" for x in a.precisions] + ["llama.cpp"]:
+            base = statistics.median(t for t, _ in runs[(engine, 0)])
+            spec = statistics.median(t for t, _ in runs[(engine, a.k)])
+            acc = statistics.median(x for _, x in runs[(engine, a.k)])
+            rows.append((Path(a.mtp_gguf).name, "mtp (ab x 60)", engine, base, spec, acc))
     llama = {(m, p): s for m, p, e, _, s, _ in rows if e == "llama.cpp"}
     print(f"\nSingle-stream greedy decode, {a.gen} tokens, k = {a.k}, {a.threads} threads, "
           f"medians of {a.rounds} rounds (tok/s)\n")
-    print("| model | prompt | engine | without | with lookup | ratio | acceptance "
-          "| x llama.cpp lookup |")
+    print("| model | prompt | engine | without | with drafts | ratio | acceptance "
+          "| x llama.cpp with drafts |")
     print("|---|---|---|---|---|---|---|---|")
     for m, p, e, base, spec, acc in rows:
         vs = "" if e == "llama.cpp" else f"{spec / llama[(m, p)]:.2f}"

@@ -24,7 +24,8 @@
 //!
 //! **Adaptivity** ([`Adaptive`]): k follows the request's acceptance (Hugging Face's
 //! assisted-generation heuristic: two more after a step whose drafts were all accepted, one
-//! fewer otherwise); a request whose acceptance stays low stops drafting for a number of its
+//! fewer otherwise), from all of k for prompt lookup and from one for the proposers whose
+//! drafts cost a forward pass ([`Proposer::first_k`]); a request whose acceptance stays low stops drafting for a number of its
 //! steps that doubles each time it fails again, then probes with one draft; and nothing is drafted while more requests
 //! than `disable_by_batch_size` are running (a batch that large is no longer bound by reading
 //! the weights, so extra rows cost their full compute).
@@ -167,6 +168,13 @@ pub trait Proposer: Send {
     fn propose(&mut self, id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>);
     /// Request `id` is gone: drop anything kept for it.
     fn release(&mut self, _id: RequestId) {}
+    /// The k a request starts with (adaptive speculation; at most `k`): all of it where drafts
+    /// cost next to nothing (prompt lookup), one where each costs a forward pass of a model
+    /// (a draft model, MTP), so that a request whose drafts fail stops after a few cheap
+    /// probes instead of a few full rounds.
+    fn first_k(&self, k: usize) -> usize {
+        k
+    }
     /// Whether it needs the target's hidden states ([`Proposer::observe`]).
     fn wants_hidden(&self) -> bool {
         false

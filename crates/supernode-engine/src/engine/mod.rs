@@ -519,7 +519,7 @@ impl Engine {
         out.spec = self
             .spec
             .as_ref()
-            .map(|sp| Adaptive::new(sp.cfg.num_speculative_tokens));
+            .map(|sp| Adaptive::new(sp.proposer.first_k(sp.cfg.num_speculative_tokens)));
         self.outputs.insert(id, out);
         self.sched.add(NewRequest {
             id,

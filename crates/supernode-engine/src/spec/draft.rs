@@ -241,6 +241,10 @@ impl Proposer for DraftProposer {
     fn release(&mut self, id: RequestId) {
         self.seqs.remove(&id);
     }
+
+    fn first_k(&self, _k: usize) -> usize {
+        1
+    }
 }
 
 /// Runs `part` after `seq`'s tokens, growing its cache as needed; the logits of its last

@@ -166,6 +166,10 @@ impl Proposer for MtpProposer {
         true
     }
 
+    fn first_k(&self, _k: usize) -> usize {
+        1
+    }
+
     fn observe(&mut self, id: RequestId, first: usize, hidden: &[f32]) {
         let width = self.width;
         let Some(seq) = self.seq(id) else {
