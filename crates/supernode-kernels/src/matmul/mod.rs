@@ -98,9 +98,13 @@ pub(super) const TASKS_PER_THREAD: usize = 8;
 /// Tokens dotted together against each dequantised row.
 const TOKEN_GROUP: usize = 4;
 
-/// Up to this many tokens the fused kernels decode each row once per token; beyond it, rows are
-/// dequantised once per tile and token chunk. Either way the results are the same bits.
-const FUSED_MAX_TOKENS: usize = 2;
+/// Up to this many tokens the fused kernels decode each row once per pair of tokens; beyond it,
+/// rows are dequantised once per tile and token chunk. Either way the results are the same bits.
+/// Four keeps the verification of up to three speculative drafts (and decoding of up to four
+/// sequences) on the fused kernels: in kbench (two threads), 3 and 4 tokens took 0.5-0.92x the
+/// time of the blocked path on SmolLM2's and Gemma 3's shapes (Q4_1, Q4_K, Q5_0); at 6 and 8
+/// tokens neither way was faster on every shape.
+const FUSED_MAX_TOKENS: usize = 4;
 
 /// `out[t * rows + r] = dot(row r of w, x[t * cols .. (t + 1) * cols])` for `t` in
 /// `0..n_tokens`. Bit-identical per element whatever `n_tokens` is and wherever `t` sits.
