@@ -63,6 +63,16 @@ def supernode(exe, model, prompt, gen, threads, precision, spec, method="ngram")
     return d["decode_tok_s"], s.get("acceptance_rate")
 
 
+def decoded_speed(what, out):
+    """The decode tok/s and acceptance llama.cpp's examples print (acceptance None without)."""
+    text = out.stdout + out.stderr
+    m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", text)
+    if out.returncode != 0 or not m:
+        raise SystemExit(f"{what} failed ({out.returncode}): {text[-800:]}")
+    acc = re.search(r"accept\s+=\s+([\d.]+)%", text)
+    return float(m.group(1)), (float(acc.group(1)) / 100 if acc else None)
+
+
 def llama_mtp(bindir, model, prompt, gen, threads):
     """llama.cpp's MTP drafting (`llama-speculative-simple --spec-type draft-mtp`)."""
     exe = bindir / "llama-speculative-simple"
@@ -72,25 +82,15 @@ def llama_mtp(bindir, model, prompt, gen, threads):
                         "llama-speculative-simple", "-j", "2"], check=True)
     cmd = [str(exe), "-m", model, "-f", str(prompt), "-n", str(gen), "--temp", "0", "-t",
            str(threads), "-c", "4096", "--spec-type", "draft-mtp"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", text)
-    if out.returncode != 0 or not m:
-        raise SystemExit(f"llama-speculative-simple failed ({out.returncode}): {text[-800:]}")
-    acc = re.search(r"accept\s+=\s+([\d.]+)%", text)
-    return float(m.group(1)), (float(acc.group(1)) / 100 if acc else None)
+    return decoded_speed("llama-speculative-simple",
+                         subprocess.run(cmd, capture_output=True, text=True))
 
 
 def lookup(exe, model, prompt, gen, threads, k):
     cmd = [str(exe), "-m", model, "-f", str(prompt), "-n", str(gen), "--temp", "0", "-t",
            str(threads), "--spec-draft-n-max", str(k), "-c", "4096"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", text)
-    if out.returncode != 0 or not m:
-        raise SystemExit(f"llama-lookup failed ({out.returncode}): {text[-800:]}")
-    acc = re.search(r"accept\s+=\s+([\d.]+)%", text)
-    return float(m.group(1)), (float(acc.group(1)) / 100 if acc and k else None)
+    speed, acc = decoded_speed("llama-lookup", subprocess.run(cmd, capture_output=True, text=True))
+    return speed, (acc if k else None)
 
 
 def main():

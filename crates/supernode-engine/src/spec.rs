@@ -159,6 +159,45 @@ impl SpecConfig {
     }
 }
 
+/// A proposer's own KV cache of one request (a draft model's, an MTP layer's), outside the
+/// engine's pool: one [`supernode_models::KvCache`] whose block table is the identity, grown as
+/// the request grows and dropped with it, so its memory is that of the positions it holds.
+pub(crate) struct OwnCache {
+    pub kv: supernode_models::KvCache,
+    pub table: Vec<u32>,
+}
+
+impl OwnCache {
+    /// A cache of one block for layers of `specs`.
+    pub fn new(specs: &[supernode_models::KvLayerSpec]) -> Result<OwnCache, EngineError> {
+        Ok(OwnCache {
+            kv: supernode_models::KvCache::new(specs, crate::engine::BLOCK_SIZE, 1)?,
+            table: vec![0],
+        })
+    }
+
+    /// Room for positions `..end`, growing by at least 16 blocks at a time.
+    pub fn reserve(&mut self, end: usize) -> Result<(), EngineError> {
+        let blocks = end.div_ceil(crate::engine::BLOCK_SIZE);
+        if blocks > self.kv.num_blocks {
+            self.kv.grow(blocks.max(self.kv.num_blocks + 16))?;
+            self.table = (0..self.kv.num_blocks as u32).collect();
+        }
+        Ok(())
+    }
+}
+
+/// The most likely id (the lowest of equals).
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Guesses the tokens that follow a request's tokens.
 pub trait Proposer: Send {
     /// The name metrics and reports use.

@@ -2,9 +2,9 @@
 //! smaller model with the target's vocabulary guesses the next k tokens greedily, and the
 //! target verifies them in its own batch (see [`crate::spec`]).
 //!
-//! The draft model keeps a KV cache of its own per request, outside the engine's block pool:
-//! one [`KvCache`] whose block table is the identity, grown as the request's tokens grow
-//! ([`KvCache::grow`]) and dropped with the request ([`Proposer::release`]), so its memory is
+//! The draft model keeps a KV cache of its own per request, outside the engine's block pool
+//! ([`OwnCache`]): one KV cache whose block table is the identity, grown as the request's tokens
+//! grow and dropped with the request ([`Proposer::release`]), so its memory is
 //! that of the tokens it holds. The cache remembers which tokens it holds; each proposal keeps
 //! the longest prefix of the request's tokens it already has (so the drafts the target
 //! rejected are rolled back by forgetting them: their slots are overwritten later), computes
@@ -20,18 +20,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
-use supernode_models::{Batch, KvCache, LoadOptions, Model};
+use supernode_models::{Batch, LoadOptions, Model};
 
-use super::Proposer;
-use crate::engine::{RequestId, BLOCK_SIZE};
+use super::{argmax, OwnCache, Proposer};
+use crate::engine::RequestId;
 use crate::error::EngineError;
 use crate::load::load_with_tokenizer;
 use crate::tokenizer::Tokenizer;
 
 /// Tokens per forward pass while the draft catches up with a request (its prompt).
 const CHUNK: usize = 256;
-/// A request's draft cache grows by at least this many blocks at a time.
-const GROW_BLOCKS: usize = 16;
 
 /// A loaded draft model, shared by every engine that speculates with it (cloning is cheap).
 #[derive(Clone)]
@@ -147,9 +145,7 @@ impl DraftModel {
 
 /// One request's draft cache.
 struct DraftSeq {
-    kv: KvCache,
-    /// `0..kv.num_blocks`: a request's cache is all its own.
-    table: Vec<u32>,
+    cache: OwnCache,
     /// The tokens whose K/V the cache holds, at positions `0..`.
     tokens: Vec<u32>,
 }
@@ -221,10 +217,9 @@ impl Proposer for DraftProposer {
         let seq = match self.seqs.entry(id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                match KvCache::new(&model.kv_specs(), BLOCK_SIZE, 1) {
-                    Ok(kv) => e.insert(DraftSeq {
-                        kv,
-                        table: vec![0],
+                match OwnCache::new(&model.kv_specs()) {
+                    Ok(cache) => e.insert(DraftSeq {
+                        cache,
                         tokens: Vec::new(),
                     }),
                     Err(_) => return,
@@ -252,14 +247,10 @@ impl Proposer for DraftProposer {
 fn forward(model: &dyn Model, seq: &mut DraftSeq, part: &[u32]) -> Result<Vec<f32>, EngineError> {
     let start = seq.tokens.len();
     let end = start + part.len();
-    let blocks = end.div_ceil(BLOCK_SIZE);
-    if blocks > seq.kv.num_blocks {
-        seq.kv.grow(blocks.max(seq.kv.num_blocks + GROW_BLOCKS))?;
-        seq.table = (0..seq.kv.num_blocks as u32).collect();
-    }
+    seq.cache.reserve(end)?;
     let positions: Vec<usize> = (start..end).collect();
     let seq_of = vec![0; part.len()];
-    let tables = [seq.table.as_slice()];
+    let tables = [seq.cache.table.as_slice()];
     let batch = Batch {
         tokens: part,
         positions: &positions,
@@ -270,7 +261,7 @@ fn forward(model: &dyn Model, seq: &mut DraftSeq, part: &[u32]) -> Result<Vec<f3
         chunked_until: &[],
         drafts: &[],
     };
-    let kv = &mut seq.kv;
+    let kv = &mut seq.cache.kv;
     let logits = match catch_unwind(AssertUnwindSafe(|| model.forward(&batch, kv))) {
         Ok(r) => r?,
         Err(_) => {
@@ -283,24 +274,14 @@ fn forward(model: &dyn Model, seq: &mut DraftSeq, part: &[u32]) -> Result<Vec<f3
     Ok(logits)
 }
 
-/// The most likely id (the lowest of equals).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use supernode_models::load_model;
+    use supernode_models::{load_model, KvCache};
 
     use super::*;
+    use crate::engine::BLOCK_SIZE;
 
     fn draft() -> DraftModel {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf/llama");

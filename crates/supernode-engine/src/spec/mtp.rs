@@ -13,29 +13,25 @@
 //! with a single MTP layer); their K/V sit past the kept rows and are overwritten later, so
 //! rejected drafts need no rollback.
 //!
-//! Each request has a KV cache of its own, outside the engine's pool, grown with the request
-//! and dropped with it, like the draft model's ([`super::DraftProposer`]); hidden states are
-//! kept only until the layer has read them.
+//! Each request has a KV cache of its own ([`OwnCache`]), like the draft model's
+//! ([`super::DraftProposer`]); hidden states are kept only until the layer has read them.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use supernode_models::{Batch, KvCache, Model};
+use supernode_models::{Batch, Model};
 
-use super::Proposer;
-use crate::engine::{RequestId, BLOCK_SIZE};
+use super::{argmax, OwnCache, Proposer};
+use crate::engine::RequestId;
 use crate::error::EngineError;
 
 /// Rows per forward pass while the layer catches up with a request (its prompt).
 const CHUNK: usize = 256;
-/// A request's cache grows by at least this many blocks at a time.
-const GROW_BLOCKS: usize = 16;
 
 /// One request's NextN cache and the target's hidden states not yet fed to it.
 struct MtpSeq {
-    kv: KvCache,
-    table: Vec<u32>,
+    cache: OwnCache,
     /// The layer has computed (and keeps the K/V of) rows `0..fed` from the target's hidden
     /// states.
     fed: usize,
@@ -76,12 +72,11 @@ impl MtpProposer {
 
     fn seq(&mut self, id: RequestId) -> Option<&mut MtpSeq> {
         if !self.seqs.contains_key(&id) {
-            let kv = KvCache::new(&self.model.nextn_kv_specs(), BLOCK_SIZE, 1).ok()?;
+            let cache = OwnCache::new(&self.model.nextn_kv_specs()).ok()?;
             self.seqs.insert(
                 id,
                 MtpSeq {
-                    kv,
-                    table: vec![0],
+                    cache,
                     fed: 0,
                     from: 0,
                     hidden: Vec::new(),
@@ -207,14 +202,10 @@ fn forward(
     h: &mut Vec<f32>,
 ) -> Result<Vec<f32>, EngineError> {
     let end = start + tokens.len();
-    let blocks = end.div_ceil(BLOCK_SIZE);
-    if blocks > seq.kv.num_blocks {
-        seq.kv.grow(blocks.max(seq.kv.num_blocks + GROW_BLOCKS))?;
-        seq.table = (0..seq.kv.num_blocks as u32).collect();
-    }
+    seq.cache.reserve(end)?;
     let positions: Vec<usize> = (start..end).collect();
     let seq_of = vec![0; tokens.len()];
-    let tables = [seq.table.as_slice()];
+    let tables = [seq.cache.table.as_slice()];
     let batch = Batch {
         tokens,
         positions: &positions,
@@ -225,7 +216,7 @@ fn forward(
         chunked_until: &[],
         drafts: &[],
     };
-    let kv = &mut seq.kv;
+    let kv = &mut seq.cache.kv;
     match catch_unwind(AssertUnwindSafe(|| {
         model.forward_nextn(&batch, hidden, kv, h)
     })) {
@@ -236,24 +227,14 @@ fn forward(
     }
 }
 
-/// The most likely id (the lowest of equals).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use supernode_models::{load_model, LoadOptions, Named, Trace};
+    use supernode_models::{load_model, KvCache, LoadOptions, Named, Trace};
 
     use super::*;
+    use crate::engine::BLOCK_SIZE;
 
     fn target() -> Arc<dyn Model> {
         let dir =

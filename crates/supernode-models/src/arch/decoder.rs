@@ -226,9 +226,7 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         hidden_out: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
         let Some(m) = &self.nextn else {
-            return Err(crate::ModelError::Invalid(
-                "this model has no multi-token-prediction layer loaded".into(),
-            ));
+            return Err(crate::arch::no_nextn());
         };
         kv.check_batch(batch, self.cfg.vocab_size)?;
         let (n, h) = (batch.len(), self.cfg.hidden);

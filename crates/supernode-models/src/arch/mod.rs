@@ -239,8 +239,11 @@ pub trait Model: Send + Sync {
         hidden_out: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
         let _ = (batch, hidden, kv, hidden_out);
-        Err(ModelError::Invalid(
-            "this model has no multi-token-prediction layer loaded".into(),
-        ))
+        Err(no_nextn())
     }
+}
+
+/// The error of [`Model::forward_nextn`] on a model without the layer.
+pub(crate) fn no_nextn() -> ModelError {
+    ModelError::Invalid("this model has no multi-token-prediction layer loaded".into())
 }
