@@ -9,6 +9,8 @@ runs, one after the other on the same machine:
     with `--spec-draft-n-max K` (its n-gram cache lookup).
 It prints the median decode tok/s of each over the rounds, the ratio with/without speculation
 for each engine, supernode's speculative speed over llama.cpp's, and the acceptance rates.
+Every run decodes all its tokens (`--ignore-eos` on both engines: a model that ends its answer
+early would otherwise time a few tokens).
 
 With --mtp-gguf F (a GGUF with a multi-token-prediction layer, e.g. tools/make_shaped_gguf.py
 --mtp), it also times, on a prompt of F's own placeholder tokens, supernode without and with
@@ -54,11 +56,13 @@ def llama_lookup():
 
 def supernode(exe, model, prompt, gen, threads, precision, spec, method="ngram"):
     cmd = [exe, "bench", "-m", model, "--prompt-file", str(prompt), "--gen-tokens", str(gen),
-           "--reps", "1", "--json", "-t", str(threads), "--precision", precision]
+           "--reps", "1", "--json", "-t", str(threads), "--precision", precision, "--ignore-eos"]
     if spec:
         cmd += ["--speculative", method, "--num-speculative-tokens", str(spec)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     d = json.loads(out)
+    if d["generated_tokens"] < gen:
+        raise SystemExit(f"{' '.join(map(str, cmd))}: {d['generated_tokens']} tokens, not {gen}")
     s = d.get("speculative") or {}
     return d["decode_tok_s"], s.get("acceptance_rate")
 
@@ -81,14 +85,14 @@ def llama_mtp(bindir, model, prompt, gen, threads):
         subprocess.run([bench_peers.cmake(), "--build", str(bindir.parent), "--target",
                         "llama-speculative-simple", "-j", "2"], check=True)
     cmd = [str(exe), "-m", model, "-f", str(prompt), "-n", str(gen), "--temp", "0", "-t",
-           str(threads), "-c", "4096", "--spec-type", "draft-mtp"]
+           str(threads), "-c", "4096", "--spec-type", "draft-mtp", "--ignore-eos"]
     return decoded_speed("llama-speculative-simple",
                          subprocess.run(cmd, capture_output=True, text=True))
 
 
 def lookup(exe, model, prompt, gen, threads, k):
     cmd = [str(exe), "-m", model, "-f", str(prompt), "-n", str(gen), "--temp", "0", "-t",
-           str(threads), "--spec-draft-n-max", str(k), "-c", "4096"]
+           str(threads), "--spec-draft-n-max", str(k), "-c", "4096", "--ignore-eos"]
     speed, acc = decoded_speed("llama-lookup", subprocess.run(cmd, capture_output=True, text=True))
     return speed, (acc if k else None)
 

@@ -255,6 +255,81 @@ impl Proposer for NgramProposer {
     }
 }
 
+/// What a step's forward pass costs by its number of rows, and what one draft costs to make,
+/// learned as the engine runs (moving averages of wall time), so that a request drafts only as
+/// many tokens as pay: k maximises the expected tokens per step over the step's cost. With
+/// per-token acceptance `a`, k drafts yield `1 + a + ... + a^k` tokens on average, for the
+/// time of a step of `n + k` rows instead of `n`, plus k drafts. A row count not yet seen is
+/// taken to cost what `n` rows do (so it gets tried, and then measured).
+#[derive(Clone, Debug, Default)]
+pub struct StepCosts {
+    /// Seconds of a forward pass of `n` rows at index `n` (0: not yet seen).
+    secs: Vec<f64>,
+    /// Seconds to make one draft token.
+    per_draft: f64,
+}
+
+/// Steps of more rows than this are not tracked (prefill; drafting never gets there).
+const MAX_COST_ROWS: usize = 96;
+
+impl StepCosts {
+    /// A forward pass of `rows` rows took `secs`.
+    pub fn record_step(&mut self, rows: usize, secs: f64) {
+        if rows == 0 || rows > MAX_COST_ROWS {
+            return;
+        }
+        if self.secs.len() <= rows {
+            self.secs.resize(rows + 1, 0.0);
+        }
+        let old = self.secs[rows];
+        self.secs[rows] = if old == 0.0 {
+            secs
+        } else {
+            0.8 * old + 0.2 * secs
+        };
+    }
+
+    /// Making `drafts` draft tokens took `secs`.
+    pub fn record_drafts(&mut self, drafts: usize, secs: f64) {
+        if drafts > 0 {
+            let per = secs / drafts as f64;
+            self.per_draft = if self.per_draft == 0.0 {
+                per
+            } else {
+                0.8 * self.per_draft + 0.2 * per
+            };
+        }
+    }
+
+    fn step(&self, rows: usize) -> Option<f64> {
+        self.secs.get(rows).copied().filter(|&t| t > 0.0)
+    }
+
+    /// The number of drafts, at most `k_max`, with the most expected tokens per second for a
+    /// request with per-token acceptance `a`, in a step whose other rows number `base` (0: none
+    /// pays better than decoding without drafts).
+    pub fn best_k(&self, a: f64, k_max: usize, base: usize) -> usize {
+        let a = a.clamp(0.0, 0.999);
+        let Some(plain) = self.step(base.max(1)) else {
+            return k_max;
+        };
+        let mut best = (0, 1.0);
+        let mut tokens = 1.0;
+        let mut power = 1.0;
+        for k in 1..=k_max {
+            power *= a;
+            tokens += power;
+            let step = self.step(base.max(1) + k).unwrap_or(plain);
+            let value = tokens * plain / (step + k as f64 * self.per_draft);
+            // A draft must pay for itself by a margin, not by noise.
+            if value > best.1 * 1.02 {
+                best = (k, value);
+            }
+        }
+        best.0
+    }
+}
+
 /// One request's speculation state: its k and its acceptance so far.
 #[derive(Clone, Debug)]
 pub struct Adaptive {
@@ -269,6 +344,10 @@ pub struct Adaptive {
     /// Draft tokens verified and accepted, for the request's usage report.
     pub drafted: usize,
     pub accepted: usize,
+    /// Moving estimate of the chance that a draft is accepted given the ones before it were
+    /// (each verification's maximum-likelihood value: accepted / (accepted + 1 if one was
+    /// rejected)).
+    token_rate: f32,
 }
 
 /// Below this average acceptance a request pauses its drafting.
@@ -286,7 +365,21 @@ impl Adaptive {
             backoff: FIRST_BACKOFF,
             drafted: 0,
             accepted: 0,
+            token_rate: 0.5,
         }
+    }
+
+    /// The estimated chance that a draft is accepted (given the drafts before it were).
+    pub fn token_rate(&self) -> f64 {
+        f64::from(self.token_rate)
+    }
+
+    /// Drafting would not pay this step ([`StepCosts::best_k`] chose none): pause as after a
+    /// run of failed drafts, so that the estimate is probed again later with one draft.
+    pub fn skip(&mut self) {
+        self.pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.k = 1;
     }
 
     /// How many drafts to ask for this step, out of `k_max` (0 while paused; a paused step
@@ -312,6 +405,9 @@ impl Adaptive {
         if !cfg.adaptive {
             return;
         }
+        let rejected = usize::from(accepted < drafted);
+        let estimate = accepted as f32 / (accepted + rejected) as f32;
+        self.token_rate = 0.6 * self.token_rate + 0.4 * estimate;
         let share = accepted as f32 / drafted as f32;
         self.rate = 0.6 * self.rate + 0.4 * share;
         self.k = if accepted == drafted {
@@ -444,5 +540,58 @@ mod tests {
         a.record(&fixed, 5, 0);
         a.record(&fixed, 5, 0);
         assert_eq!(a.want(&fixed), 5);
+    }
+
+    /// k maximises expected tokens per second: all drafts when extra rows cost nothing, fewer
+    /// where rows past a point cost more, none at a low acceptance or when drafts cost a pass
+    /// each; unseen row counts are tried.
+    #[test]
+    fn drafts_are_as_many_as_pay_for_their_rows() {
+        let mut c = StepCosts::default();
+        assert_eq!(c.best_k(0.1, 5, 1), 5, "nothing measured yet: try");
+        for n in 1..=8 {
+            c.record_step(n, 0.010);
+        }
+        assert_eq!(c.best_k(0.8, 5, 1), 5);
+        assert_eq!(c.best_k(0.0, 5, 1), 0);
+        // Rows 5 and on cost three times as much (an exact product past the fused kernels).
+        for n in 5..=8 {
+            c.record_step(n, 0.030);
+        }
+        assert_eq!(c.best_k(0.9, 5, 1), 3);
+        // A second row costs 30% more: worth it at 0.5 (1.5 tokens), not at 0.2.
+        let mut c = StepCosts::default();
+        c.record_step(1, 0.010);
+        c.record_step(2, 0.013);
+        assert_eq!(c.best_k(0.5, 1, 1), 1);
+        assert_eq!(c.best_k(0.2, 1, 1), 0);
+        // Drafts that cost a third of a step each (a model pass) need a high acceptance.
+        c.record_drafts(2, 0.0066);
+        assert_eq!(c.best_k(0.5, 1, 1), 0);
+        assert_eq!(c.best_k(0.9, 1, 1), 1);
+        // Moving averages; prefill-sized steps are not kept.
+        c.record_step(1, 0.020);
+        assert!((c.step(1).unwrap() - 0.012).abs() < 1e-9);
+        c.record_step(MAX_COST_ROWS + 1, 1.0);
+        assert!(c.step(MAX_COST_ROWS + 1).is_none());
+    }
+
+    /// The per-token acceptance estimate follows each verification's likelihood estimate, and a
+    /// skipped step pauses the request like failing drafts.
+    #[test]
+    fn the_token_rate_follows_verifications_and_skips_pause() {
+        let cfg = SpecConfig::ngram(4);
+        let mut a = Adaptive::new(4);
+        assert_eq!(a.token_rate(), 0.5);
+        a.record(&cfg, 4, 4);
+        assert!((a.token_rate() - 0.7).abs() < 1e-6);
+        a.record(&cfg, 4, 0);
+        assert!((a.token_rate() - 0.42).abs() < 1e-6);
+        a.record(&cfg, 3, 1);
+        assert!((a.token_rate() - (0.6 * 0.42 + 0.4 * 0.5)).abs() < 1e-6);
+        let mut a = Adaptive::new(4);
+        a.skip();
+        assert!((0..FIRST_BACKOFF).all(|_| a.want(&cfg) == 0));
+        assert_eq!(a.want(&cfg), 1);
     }
 }

@@ -149,7 +149,12 @@ fn draft_caches_are_released_with_their_requests() {
     let proposed = Arc::new(Mutex::new(Vec::new()));
     let released = Arc::new(Mutex::new(Vec::new()));
     let mut e = engine("llama", 8, 48);
-    let cfg = with_draft(draft("qwen2"), 4);
+    // A fixed k: every decoding request drafts (the adaptive k would soon stop drafting with a
+    // draft as slow as the target whose drafts fail).
+    let cfg = SpecConfig {
+        adaptive: false,
+        ..with_draft(draft("qwen2"), 4)
+    };
     e.set_proposer(
         cfg,
         Box::new(Shared {

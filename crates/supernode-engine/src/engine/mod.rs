@@ -42,6 +42,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use supernode_models::{KvCache, KvLayerSpec, Model};
 
@@ -54,7 +55,7 @@ pub use self::scheduler::{Plan, RequestId};
 use crate::constraint::Constraint;
 use crate::error::EngineError;
 use crate::sampler::SamplingParams;
-use crate::spec::{Adaptive, Proposer, SpecConfig, SpecMethod};
+use crate::spec::{Adaptive, Proposer, SpecConfig, SpecMethod, StepCosts};
 use crate::tokenizer::Tokenizer;
 
 /// Limits of one engine.
@@ -334,6 +335,8 @@ struct Speculator {
     buf: Vec<u32>,
     /// Whose drafts are where in `buf`.
     proposals: Vec<(RequestId, std::ops::Range<usize>)>,
+    /// What steps and drafts cost, to draft only what pays.
+    costs: StepCosts,
 }
 
 impl Speculator {
@@ -354,6 +357,7 @@ impl Speculator {
             proposer,
             buf: Vec::new(),
             proposals: Vec::new(),
+            costs: StepCosts::default(),
         }
     }
 }
@@ -578,7 +582,12 @@ impl Engine {
             .spec
             .as_ref()
             .is_some_and(|s| s.proposer.wants_hidden());
+        let t0 = Instant::now();
         let result = self.runner.run(&plan, hidden);
+        if let Some(sp) = self.spec.as_mut() {
+            let rows = plan.scheduled.iter().map(|sc| sc.tokens.len()).sum();
+            sp.costs.record_step(rows, t0.elapsed().as_secs_f64());
+        }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Err(msg) => {
@@ -725,6 +734,8 @@ impl Engine {
         }
         sp.buf.clear();
         sp.proposals.clear();
+        // Rows of the step without drafts: one per decoding request.
+        let base = self.sched.decoding().count();
         for (id, tokens) in self.sched.decoding() {
             let Some(out) = self.outputs.get_mut(&id) else {
                 continue;
@@ -744,9 +755,21 @@ impl Engine {
             if k == 0 {
                 continue;
             }
+            // As many as pay for their rows and their making, at this request's acceptance.
+            let k = match sp.cfg.adaptive {
+                true => sp.costs.best_k(adaptive.token_rate(), k, base),
+                false => k,
+            };
+            if k == 0 {
+                adaptive.skip();
+                continue;
+            }
             let from = sp.buf.len();
+            let t0 = Instant::now();
             sp.proposer.propose(id, tokens, k, &mut sp.buf);
             sp.buf.truncate(from + k);
+            sp.costs
+                .record_drafts(sp.buf.len() - from, t0.elapsed().as_secs_f64());
             if sp.buf.len() > from {
                 sp.proposals.push((id, from..sp.buf.len()));
             }

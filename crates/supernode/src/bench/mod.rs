@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Tokens to decode (offline mode).
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Decode all of --gen-tokens past end-of-generation tokens with a text prompt too (random
+    /// token prompts always do), so that runs compare the same number of tokens.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Repetitions (offline mode); medians are reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,

@@ -90,7 +90,7 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
             params: SamplingParams::greedy(),
             max_tokens: a.gen_tokens,
             stop: Vec::new(),
-            ignore_eos: text.is_none(),
+            ignore_eos: a.ignore_eos || text.is_none(),
             cache_salt: Some(format!("bench-rep-{rep}")),
         };
         let out = session.generate(&prompt, &g, |_| {
