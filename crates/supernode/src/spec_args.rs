@@ -26,12 +26,13 @@ pub(crate) struct SpecArgs {
     /// Draft tokens per request and step at most (k, 1 to 32).
     #[arg(long, value_name = "K", default_value_t = 5)]
     pub(crate) num_speculative_tokens: usize,
-    /// The shortest n-gram prompt lookup matches.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub(crate) prompt_lookup_min: usize,
-    /// The longest n-gram prompt lookup matches (the longest that occurs wins).
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub(crate) prompt_lookup_max: usize,
+    /// The shortest n-gram prompt lookup matches (`ngram` only; default 1).
+    #[arg(long, value_name = "N")]
+    pub(crate) prompt_lookup_min: Option<usize>,
+    /// The longest n-gram prompt lookup matches, the longest that occurs winning (`ngram` only;
+    /// default 3).
+    #[arg(long, value_name = "N")]
+    pub(crate) prompt_lookup_max: Option<usize>,
     /// Draft nothing while more requests than this are running (a large batch gains little).
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub(crate) speculative_disable_by_batch_size: usize,
@@ -45,6 +46,15 @@ impl SpecArgs {
     /// Checks what needs no model (before the model loads): the flags go together, and
     /// prompt lookup's configuration is valid.
     pub(crate) fn check(&self) -> Result<()> {
+        let lookup = self.prompt_lookup_min.is_some() || self.prompt_lookup_max.is_some();
+        if lookup
+            && !matches!(
+                self.speculative.as_deref(),
+                Some("ngram" | "prompt-lookup" | "prompt_lookup")
+            )
+        {
+            bail!("--prompt-lookup-min and --prompt-lookup-max need --speculative ngram");
+        }
         match (self.speculative.as_deref(), &self.draft_model) {
             (Some("draft"), None) => {
                 bail!("--speculative draft needs --draft-model MODEL (the model that drafts)")
@@ -54,11 +64,19 @@ impl SpecArgs {
             (Some(name), None) => self
                 .with(SpecMethod::parse(
                     name,
-                    self.prompt_lookup_min,
-                    self.prompt_lookup_max,
+                    self.lookup_min(),
+                    self.lookup_max(),
                 )?)
                 .map(drop),
         }
+    }
+
+    fn lookup_min(&self) -> usize {
+        self.prompt_lookup_min.unwrap_or(1)
+    }
+
+    fn lookup_max(&self) -> usize {
+        self.prompt_lookup_max.unwrap_or(3)
     }
 
     /// Whether the model must be loaded with its multi-token-prediction layer.
@@ -83,7 +101,7 @@ impl SpecArgs {
                 let path = fetch::resolve_model(m).context("--draft-model")?;
                 SpecMethod::Draft(DraftModel::load(&path, m, opts, target, tokenizer)?)
             }
-            None => SpecMethod::parse(name, self.prompt_lookup_min, self.prompt_lookup_max)?,
+            None => SpecMethod::parse(name, self.lookup_min(), self.lookup_max())?,
         };
         self.with(method).map(Some)
     }

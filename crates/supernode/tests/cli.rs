@@ -569,6 +569,14 @@ fn bad_draft_models_are_named() {
             vec!["--speculative", "mtp"],
             vec!["multi-token prediction (--speculative mtp) is supported for Qwen3.5".into()],
         ),
+        (
+            vec!["--speculative", "mtp", "--prompt-lookup-max", "4"],
+            vec!["--prompt-lookup-min and --prompt-lookup-max need --speculative ngram".into()],
+        ),
+        (
+            vec!["--prompt-lookup-min", "2"],
+            vec!["--prompt-lookup-min and --prompt-lookup-max need --speculative ngram".into()],
+        ),
     ];
     for (args, needles) in &cases {
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
