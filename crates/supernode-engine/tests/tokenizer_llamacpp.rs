@@ -34,6 +34,11 @@ fn model_path(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> Arc<Tokenizer> {
+    let meta = metadata(name);
+    Arc::new(Tokenizer::from_gguf_metadata(&meta).expect("tokenizer from metadata"))
+}
+
+fn metadata(name: &str) -> supernode_models::Metadata {
     let path = model_path(name);
     assert!(
         path.is_file(),
@@ -42,7 +47,7 @@ fn load(name: &str) -> Arc<Tokenizer> {
     );
     let gguf = supernode_models::gguf::read_gguf(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    Arc::new(Tokenizer::from_gguf_metadata(&gguf.metadata).expect("tokenizer from metadata"))
+    gguf.metadata
 }
 
 fn smollm2() -> Arc<Tokenizer> {
@@ -118,6 +123,87 @@ fn smollm2_tokenizes_like_llama_cpp() {
 #[test]
 fn gemma3_tokenizes_like_llama_cpp() {
     check_model("gemma3-270m", &gemma3());
+}
+
+/// `tok` (model `name`'s) written as `tokenizer.json` and loaded by HF `tokenizers`.
+fn hf_export(name: &str, tok: &Tokenizer) -> tokenizers::Tokenizer {
+    let json = tok
+        .hf_tokenizer_json(&metadata(name))
+        .expect("export")
+        .to_string();
+    json.parse().expect("HF tokenizers loads the export")
+}
+
+/// The vocabulary written as `tokenizer.json` (what `supernode worker` hands Dynamo's frontend),
+/// loaded by HF `tokenizers`, gives llama.cpp's ids for every case of the fixture, and decodes
+/// them to llama.cpp's text.
+fn check_hf_export(name: &str, tok: &Arc<Tokenizer>) {
+    let mut hf = hf_export(name, tok);
+    let rec = &fixture()["models"][name];
+    let mut checked = 0;
+    for c in rec["cases"].as_array().expect("cases") {
+        let text = c["text"].as_str().expect("text");
+        let add = c["add_special"].as_bool().expect("add_special");
+        let parse = c["parse_special"].as_bool().expect("parse_special");
+        let want = ids_of(&c["ids"]);
+        hf.set_encode_special_tokens(!parse);
+        let got = hf.encode(text, add).expect("encode").get_ids().to_vec();
+        assert_eq!(
+            got, want,
+            "{name}: HF encode({text:?}, add_special={add}, parse_special={parse})"
+        );
+        for (skip, key) in [(true, "decoded"), (false, "decoded_special")] {
+            let decoded = hf.decode(&want, skip).expect("decode");
+            assert_eq!(
+                decoded,
+                c[key].as_str().unwrap_or(""),
+                "{name}: HF {key} of {text:?}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 50, "{name}: {checked} cases");
+}
+
+#[test]
+fn smollm2_exported_tokenizer_json_tokenizes_like_llama_cpp() {
+    check_hf_export("smollm2-135m", &smollm2());
+}
+
+#[test]
+fn gemma3_exported_tokenizer_json_tokenizes_like_llama_cpp() {
+    check_hf_export("gemma3-270m", &gemma3());
+}
+
+/// Qwen2.5's vocabulary (the `qwen2` pre-tokenizer) has no llama.cpp ids in the fixture: its
+/// export is checked against this tokenizer on every text of the fixture, with and without
+/// special-token parsing.
+#[test]
+fn qwen25_exported_tokenizer_json_tokenizes_like_the_gguf_tokenizer() {
+    let tok = load("qwen2.5-0.5b");
+    let mut hf = hf_export("qwen2.5-0.5b", &tok);
+    let mut texts: Vec<String> = fixture()["models"]
+        .as_object()
+        .expect("models")
+        .values()
+        .flat_map(|m| m["cases"].as_array().expect("cases").iter())
+        .map(|c| c["text"].as_str().expect("text").to_string())
+        .collect();
+    texts.push("<|im_start|>user\nx = 12345 + 678;\n\tprint(x)<|im_end|>\n".into());
+    for text in &texts {
+        for parse in [true, false] {
+            hf.set_encode_special_tokens(!parse);
+            let got = hf.encode(text.as_str(), true).expect("encode");
+            let want = tok.encode(text, true, parse);
+            assert_eq!(
+                got.get_ids(),
+                want.as_slice(),
+                "encode({text:?}, parse_special={parse})"
+            );
+            let decoded = hf.decode(&want, false).expect("decode");
+            assert_eq!(decoded, tok.decode(&want, true), "decode of {text:?}");
+        }
+    }
 }
 
 #[test]

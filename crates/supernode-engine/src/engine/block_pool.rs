@@ -73,6 +73,21 @@ pub fn block_hash(parent: &BlockHash, tokens: &[u32]) -> BlockHash {
     BlockHash(h.finalize().into())
 }
 
+/// A change to the prefix cache, for routers that follow which worker holds which prefix
+/// (Dynamo's KV-aware router, from the events a worker publishes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockEvent {
+    /// A full block of `tokens` became reusable under `hash`; `parent` is the block before it
+    /// in its chain, `None` for a chain's first block.
+    Stored {
+        hash: BlockHash,
+        parent: Option<BlockHash>,
+        tokens: Vec<u32>,
+    },
+    /// The block registered under `hash` was evicted: its prefix is no longer cached.
+    Removed { hash: BlockHash },
+}
+
 /// What a registered block holds, checked on every hit.
 #[derive(Debug)]
 struct Registration {
@@ -102,6 +117,8 @@ pub struct BlockPool {
     prefix_caching: bool,
     /// Hits refused because the block's parent or tokens differed from the request's.
     refused_hits: u64,
+    /// Registrations and evictions since the last [`BlockPool::take_events`], when logged.
+    events: Option<Vec<BlockEvent>>,
 }
 
 impl BlockPool {
@@ -118,6 +135,7 @@ impl BlockPool {
             num_free: num_blocks,
             prefix_caching,
             refused_hits: 0,
+            events: None,
         }
     }
 
@@ -212,15 +230,39 @@ impl BlockPool {
         Some(block)
     }
 
-    /// Registers the full block `block`, holding `tokens` after the block hashed `parent`,
-    /// under `hash`, unless another block already holds the same contents (that one stays the
-    /// cached copy).
-    pub fn register(&mut self, block: u32, hash: BlockHash, parent: BlockHash, tokens: &[u32]) {
+    /// Starts keeping a log of [`BlockEvent`]s.
+    pub fn log_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The events logged since the last call (none unless [`BlockPool::log_events`] was called).
+    pub fn take_events(&mut self) -> Vec<BlockEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Registers the full block `block`, holding `tokens` after the block hashed `parent` (the
+    /// chain's root when `first`), under `hash`, unless another block already holds the same
+    /// contents (that one stays the cached copy).
+    pub fn register(
+        &mut self,
+        block: u32,
+        hash: BlockHash,
+        parent: BlockHash,
+        tokens: &[u32],
+        first: bool,
+    ) {
         if !self.prefix_caching || self.reg[block as usize].is_some() {
             return;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.index.entry(hash) {
             e.insert(block);
+            if let Some(log) = &mut self.events {
+                log.push(BlockEvent::Stored {
+                    hash,
+                    parent: (!first).then_some(parent),
+                    tokens: tokens.to_vec(),
+                });
+            }
             self.reg[block as usize] = Some(Registration {
                 hash,
                 parent,
@@ -233,6 +275,9 @@ impl BlockPool {
         if let Some(r) = self.reg[block as usize].take() {
             if self.index.get(&r.hash) == Some(&block) {
                 self.index.remove(&r.hash);
+                if let Some(log) = &mut self.events {
+                    log.push(BlockEvent::Removed { hash: r.hash });
+                }
             }
         }
     }
@@ -362,7 +407,7 @@ mod tests {
         let mut pool = BlockPool::new(2, true);
         let b = pool.allocate().unwrap();
         let hash = block_hash(&ROOT, &[1, 2, 3]);
-        pool.register(b, hash, ROOT, &[1, 2, 3]);
+        pool.register(b, hash, ROOT, &[1, 2, 3], true);
         assert_eq!(pool.lookup(&hash, &ROOT, &[1, 2, 3]), Some(b));
         pool.free(b);
         assert_eq!(pool.num_in_use(), 1);
@@ -381,8 +426,8 @@ mod tests {
             pool.allocate().unwrap(),
             pool.allocate().unwrap(),
         );
-        pool.register(a, h(10), ROOT, &[]);
-        pool.register(b, h(20), ROOT, &[]);
+        pool.register(a, h(10), ROOT, &[], true);
+        pool.register(b, h(20), ROOT, &[], true);
         pool.free(b);
         pool.free(a);
         pool.free(c);
@@ -398,7 +443,7 @@ mod tests {
     fn a_revived_block_is_not_evicted_from_under_its_owner() {
         let mut pool = BlockPool::new(2, true);
         let a = pool.allocate().unwrap();
-        pool.register(a, h(7), ROOT, &[]);
+        pool.register(a, h(7), ROOT, &[], true);
         pool.free(a);
         assert_eq!(pool.lookup(&h(7), &ROOT, &[]), Some(a));
         let other = pool.allocate().unwrap();
@@ -412,8 +457,8 @@ mod tests {
         let mut pool = BlockPool::new(2, true);
         let a = pool.allocate().unwrap();
         let b = pool.allocate().unwrap();
-        pool.register(a, h(5), ROOT, &[]);
-        pool.register(b, h(5), ROOT, &[]);
+        pool.register(a, h(5), ROOT, &[], true);
+        pool.register(b, h(5), ROOT, &[], true);
         pool.free(b);
         pool.free(a);
         assert_eq!(pool.num_cached(), 1);
@@ -424,7 +469,7 @@ mod tests {
     fn without_prefix_caching_nothing_is_found() {
         let mut pool = BlockPool::new(1, false);
         let a = pool.allocate().unwrap();
-        pool.register(a, h(1), ROOT, &[]);
+        pool.register(a, h(1), ROOT, &[], true);
         pool.free(a);
         assert_eq!(pool.lookup(&h(1), &ROOT, &[]), None);
         assert_eq!(pool.allocate(), Some(a));
@@ -437,7 +482,7 @@ mod tests {
         let mut pool = BlockPool::new(2, true);
         let a = pool.allocate().unwrap();
         let hash = block_hash(&ROOT, &[1, 2]);
-        pool.register(a, hash, ROOT, &[1, 2]);
+        pool.register(a, hash, ROOT, &[1, 2], true);
         pool.free(a);
         assert_eq!(pool.lookup(&hash, &ROOT, &[1, 3]), None);
         assert_eq!(pool.lookup(&hash, &h(9), &[1, 2]), None);
@@ -455,7 +500,7 @@ mod tests {
         {
             let mut pool = shared.lock();
             for (i, &b) in t.ids().iter().enumerate() {
-                pool.register(b, h(i as u8 + 1), ROOT, &[]);
+                pool.register(b, h(i as u8 + 1), ROOT, &[], true);
             }
         }
         drop(t);

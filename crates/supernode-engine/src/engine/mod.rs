@@ -325,7 +325,12 @@ pub struct Engine {
     /// them in as it sends them).
     queued: Arc<AtomicUsize>,
     spec: Option<Speculator>,
+    /// Where the prefix cache's block events go after each step, once someone asks for them.
+    block_events: Option<BlockEventSink>,
 }
+
+/// Receives the prefix cache's [`block_pool::BlockEvent`]s in order, a batch after each engine step.
+pub type BlockEventSink = Box<dyn FnMut(Vec<block_pool::BlockEvent>) + Send>;
 
 /// The engine's speculation: its configuration, its proposer and a scratch of drafts.
 struct Speculator {
@@ -434,6 +439,7 @@ impl Engine {
             stats,
             queued: Arc::new(AtomicUsize::new(0)),
             spec,
+            block_events: None,
         })
     }
 
@@ -827,7 +833,19 @@ impl Engine {
         }
     }
 
-    fn publish(&self) {
+    /// Sends the prefix cache's block events to `sink` after each step from now on.
+    pub fn send_block_events(&mut self, sink: BlockEventSink) {
+        self.sched.pool().log_events();
+        self.block_events = Some(sink);
+    }
+
+    fn publish(&mut self) {
+        if let Some(sink) = &mut self.block_events {
+            let events = self.sched.pool().take_events();
+            if !events.is_empty() {
+                sink(events);
+            }
+        }
         let st = &self.stats;
         st.waiting
             .store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -846,6 +864,8 @@ enum Msg {
     Cancel(RequestId),
     /// Embed these inputs between two steps (see [`crate::embed`]) and hand over the result.
     Embed(Vec<Vec<u32>>, EmbedReply),
+    /// Send the prefix cache's block events there from now on.
+    BlockEvents(BlockEventSink),
     /// Cancel everything and exit.
     Abort,
 }
@@ -963,6 +983,14 @@ impl EngineHandle {
         }
     }
 
+    /// Sends the prefix cache's block events (full blocks stored, cached blocks evicted) to
+    /// `sink`, in order, a batch after each engine step, from the next step on.
+    pub fn send_block_events(&self, sink: BlockEventSink) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::BlockEvents(sink));
+        }
+    }
+
     /// Cancels every request (each hears `Done` with `Cancelled`) and stops the engine thread;
     /// later submissions fail with [`SubmitError::Stopped`].
     pub fn abort(&self) {
@@ -1003,6 +1031,10 @@ fn run(mut engine: Engine, rx: Receiver<Msg>) {
                     .map(|t| crate::embed::embed(engine.model(), t, chunk))
                     .collect(),
             );
+            true
+        }
+        Msg::BlockEvents(sink) => {
+            engine.send_block_events(sink);
             true
         }
         Msg::Abort => {

@@ -229,7 +229,7 @@ impl Seq {
             let parent = self.hashes.last().copied().unwrap_or(self.root);
             let toks = &self.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
             let h = block_hash(&parent, toks);
-            pool.register(self.blocks.ids()[b], h, parent, toks);
+            pool.register(self.blocks.ids()[b], h, parent, toks, b == 0);
             self.hashes.push(h);
         }
     }

@@ -20,6 +20,7 @@
 
 mod bpe;
 mod detok;
+mod export;
 mod hf;
 mod pretok;
 mod special;

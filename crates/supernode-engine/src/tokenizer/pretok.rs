@@ -262,6 +262,33 @@ pub(crate) fn for_pre_type(pre: Option<&str>) -> Result<PreConfig, EngineError> 
     })
 }
 
+/// The rules of `tokenizer.ggml.pre` as regexes for HF `tokenizers`' `Split` pre-tokenizer, in
+/// order: the hand-written splitters as the regexes they implement (those of the original
+/// `tokenizer.json` files), the others as they are.
+pub(crate) fn hf_patterns(pre: Option<&str>) -> Result<Vec<String>, EngineError> {
+    const GPT2_RE: &str =
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+    const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let name = pre.unwrap_or("default");
+    // Unknown names get for_pre_type's error, which lists the known ones.
+    for_pre_type(pre)?;
+    let ty = PRE_TYPES
+        .iter()
+        .find(|t| t.names.contains(&name))
+        .expect("for_pre_type knows it");
+    Ok(ty
+        .rules
+        .iter()
+        .map(|s| match s {
+            Spec::Gpt2 => GPT2_RE.to_string(),
+            Spec::Llama3 => LLAMA3_RE.to_string(),
+            Spec::Qwen2 => QWEN2_RE.to_string(),
+            Spec::Re(expr) => expr.to_string(),
+        })
+        .collect())
+}
+
 impl PreTokenizer {
     /// Splits `text` into words, as byte ranges in order, covering all of `text`.
     pub(crate) fn split(&self, text: &str) -> Vec<Range<usize>> {

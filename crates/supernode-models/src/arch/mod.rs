@@ -148,6 +148,11 @@ impl Arch {
         self.row().1
     }
 
+    /// The `model_type` of its HF `config.json`.
+    pub fn hf_model_type(self) -> &'static str {
+        self.row().2
+    }
+
     /// The family that reads and builds it.
     pub fn family(self) -> &'static Family {
         self.row().3
