@@ -36,10 +36,11 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-ge
         echo "python-tests: could not install chromium; test_ui.py will fail" >&2
 fi
 
-# ensure_venv DIR REQUIREMENTS: a venv at DIR with those pinned tools, rebuilt when the file
-# changes.
+# ensure_venv DIR REQUIREMENTS [PIP-OPTIONS...]: a venv at DIR with those pinned tools, rebuilt
+# when the file changes.
 ensure_venv() {
     local dir=$1 req=$2 want
+    shift 2
     want=$(sha256sum "$req" | cut -d' ' -f1)
     if [ "$(cat "$dir/.requirements.sha256" 2>/dev/null || true)" = "$want" ] && [ -x "$dir/bin/python" ]; then
         return 0
@@ -48,7 +49,7 @@ ensure_venv() {
     rm -rf "$dir"
     mkdir -p "$cache"
     if ! { "$python" -m venv "$dir" &&
-        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"; }; then
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@" -r "$req"; }; then
         echo "python-tests: cannot create the venv at $dir" >&2
         rm -rf "$dir"
         return 1
@@ -97,6 +98,19 @@ run_pytest() {
     passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
     if [ "$code" -ne 0 ]; then status=$code; fi
 }
+
+# `supernode worker` behind Dynamo's frontend (tests/python/test_dynamo.py), when the worker is
+# built (scripts/build-dynamo.sh; SUPERNODE_DYNAMO_BIN, default its cached build): the frontend
+# runs from a third cached venv, venv-dynamo, with tests/python/requirements-dynamo.txt.
+dyn_bin=${SUPERNODE_DYNAMO_BIN:-$cache/target-dynamo/release/supernode}
+if [ -x "$dyn_bin" ]; then
+    if ensure_venv "$cache/venv-dynamo" tests/python/requirements-dynamo.txt --no-deps; then
+        export SUPERNODE_DYNAMO_BIN=$dyn_bin SUPERNODE_DYNAMO_PYTHON=$cache/venv-dynamo/bin/python
+    else
+        echo "python-tests: cannot create venv-dynamo; test_dynamo.py is skipped" >&2
+        failed=$((failed + 1)) status=1
+    fi
+fi
 
 extra_tests=(tests/python/test_instructor.py tests/python/test_lm_eval.py)
 run_pytest "$venv" tests/python "${extra_tests[@]/#/--ignore=}" "$@"

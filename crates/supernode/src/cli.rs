@@ -42,6 +42,10 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(crate::server::ServeArgs),
+    /// Serve as an NVIDIA Dynamo backend worker behind Dynamo's frontend and router (built
+    /// with the `dynamo` feature).
+    #[cfg(feature = "dynamo")]
+    Worker(Box<crate::worker::WorkerArgs>),
     /// Measure speed (prefill and decode, or a server under load with --serve) as JSON.
     Bench(crate::bench::BenchArgs),
     /// Download a model into the cache: a known name (smollm2-135m, gemma3-270m, qwen2.5-0.5b)
@@ -140,6 +144,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => logits_cmd(a),
         Command::Tokenize(a) => tokenize_cmd(a),
         Command::Serve(a) => crate::server::serve(a),
+        #[cfg(feature = "dynamo")]
+        Command::Worker(a) => crate::worker::worker(*a),
         Command::Bench(a) => crate::bench::bench(a),
         Command::Fetch { name } => {
             let path = match (fetch::known(&name), crate::hub::HubSpec::parse(&name)) {

@@ -9,6 +9,8 @@ mod hub;
 mod model_args;
 mod server;
 mod spec_args;
+#[cfg(feature = "dynamo")]
+mod worker;
 
 use std::process::ExitCode;
 

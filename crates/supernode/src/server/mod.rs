@@ -67,29 +67,12 @@ pub struct ServeArgs {
     /// The model id clients name (default: the short name or the file name).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Sequences computed at once.
-    #[arg(long, default_value_t = 16)]
-    max_num_seqs: usize,
-    /// Tokens computed per engine step (decode tokens plus prefill chunks).
-    #[arg(long, default_value_t = 256)]
-    max_num_batched_tokens: usize,
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    kv_cache_mib: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Tokens a request generates at most when it does not say (llama-server's `-n`); default:
     /// all the room the context has left.
     #[arg(short = 'n', long = "max-tokens", value_name = "N")]
     max_tokens: Option<usize>,
-    /// Requests allowed to wait for admission; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 256)]
-    max_waiting: usize,
-    /// Do not reuse the KV blocks of shared prompt prefixes.
-    #[arg(long)]
-    no_prefix_caching: bool,
-    /// A secret that keys every prefix-cache block hash of this deployment, so that its hashes
-    /// (seen by routers and other workers) cannot be matched or predicted from outside.
-    #[arg(long, default_value = "")]
-    prefix_cache_salt: String,
     /// A chat template file (Jinja) to use instead of the model's own (vLLM's `--chat-template`,
     /// llama-server's `--chat-template-file`); the tool-call and reasoning formats are then
     /// detected from it.
@@ -159,6 +142,158 @@ pub struct AppState {
 
 type Shared = Arc<AppState>;
 
+/// The engine's options, shared by `serve` and `worker`.
+#[derive(Args)]
+pub(crate) struct EngineArgs {
+    /// Sequences computed at once.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) max_num_seqs: usize,
+    /// Tokens computed per engine step (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_num_batched_tokens: usize,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) kv_cache_mib: usize,
+    /// Requests allowed to wait for admission; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_waiting: usize,
+    /// Do not reuse the KV blocks of shared prompt prefixes.
+    #[arg(long)]
+    pub(crate) no_prefix_caching: bool,
+    /// A secret that keys every prefix-cache block hash of this deployment, so that its hashes
+    /// (seen by routers and other workers) cannot be matched or predicted from outside.
+    #[arg(long, default_value = "")]
+    pub(crate) prefix_cache_salt: String,
+}
+
+/// A started engine and what its callers need to know of the model.
+pub(crate) struct Engine {
+    pub(crate) handle: EngineHandle,
+    pub(crate) tokenizer: Option<Arc<Tokenizer>>,
+    /// The model's file or directory.
+    #[cfg_attr(not(feature = "dynamo"), allow(dead_code))]
+    pub(crate) path: std::path::PathBuf,
+    /// The name clients give (`--served-model-name`, else the short or Hub name, else the
+    /// file's stem).
+    pub(crate) model_id: String,
+    pub(crate) config: supernode_models::ModelConfig,
+    pub(crate) num_blocks: usize,
+    /// The status line saying what was loaded, for the caller to print once it has checked
+    /// the rest of its options (an error stays the only line).
+    pub(crate) loaded: String,
+}
+
+/// Loads the model that `model` names and starts the engine loop over it.
+pub(crate) fn start_engine(
+    model: &ModelArgs,
+    spec: &crate::spec_args::SpecArgs,
+    e: &EngineArgs,
+    served_model_name: Option<&str>,
+) -> Result<Engine> {
+    spec.check()?;
+    let (path, mut opts) = prepare(model)?;
+    opts.mtp = spec.wants_mtp();
+    let t0 = std::time::Instant::now();
+    let (m, tokenizer) = load_with_tokenizer(&path, &opts)?;
+    let speculative = spec.config(&opts, m.as_ref(), tokenizer.as_deref())?;
+    if let Some(note) = supernode_models::partial_load_note(&path) {
+        status_line(true, &note);
+    }
+    if let Some(total) = memory_mib() {
+        if e.kv_cache_mib > total {
+            bail!(
+                "--kv-cache-mib {} is more than this machine's memory ({total} MiB): give the \
+                 KV cache less",
+                e.kv_cache_mib
+            );
+        }
+    }
+    let specs = m.kv_specs();
+    // A hybrid model's recurrent state slots come out of the same budget as its KV blocks.
+    // With speculation a slot also keeps a journal to roll rejected drafts back (each head's
+    // state before the drafts, and the drafts' inputs): counted as a second slot.
+    let widths: Vec<usize> = m
+        .state_widths()
+        .into_iter()
+        .map(|w| if speculative.is_some() { 2 * w } else { w })
+        .collect();
+    let (num_blocks, state_slots) =
+        EngineConfig::budget(&specs, &widths, e.kv_cache_mib << 20, e.max_num_seqs);
+    let hybrid = widths.iter().any(|&w| w > 0);
+    if num_blocks == 0 || (hybrid && state_slots == 0) {
+        bail!(
+            "--kv-cache-mib {} holds no KV block and recurrent state of this model ({} bytes per token, {} bytes \
+             of recurrent state per sequence)",
+            e.kv_cache_mib,
+            KvCache::bytes_per_token(&specs),
+            KvCache::bytes_per_state_slot(&widths)
+        );
+    }
+    if hybrid && state_slots < e.max_num_seqs {
+        status_line(
+            true,
+            &format!(
+                "--kv-cache-mib {} holds the recurrent state of {state_slots} sequences ({} \
+                 bytes each): at most {state_slots} run at once",
+                e.kv_cache_mib,
+                KvCache::bytes_per_state_slot(&widths)
+            ),
+        );
+    }
+    let config = m.config().clone();
+    let model_ctx = config.context_len;
+    let ctx_len = match model.ctx {
+        Some(0) => bail!("--ctx must be at least 1"),
+        Some(c) if c > model_ctx => bail!("--ctx {c} exceeds the model's context of {model_ctx}"),
+        Some(c) => c,
+        None => model_ctx,
+    };
+    let cfg = EngineConfig {
+        max_num_seqs: e.max_num_seqs,
+        max_num_batched_tokens: e.max_num_batched_tokens,
+        num_blocks,
+        ctx_len,
+        max_waiting: e.max_waiting,
+        prefix_caching: !e.no_prefix_caching,
+        prefix_cache_salt: e.prefix_cache_salt.clone(),
+        speculative,
+        state_slots,
+    };
+    let handle = EngineHandle::start(m, tokenizer.clone(), cfg)?;
+    let model_id = served_model_name.map(str::to_string).unwrap_or_else(|| {
+        // A short name or a Hub name (which has no local path of that name) serves as itself.
+        let named = crate::fetch::known(&model.model).is_some()
+            || (!std::path::Path::new(&model.model).exists()
+                && crate::hub::HubSpec::parse(&model.model).is_some());
+        if named {
+            model.model.clone()
+        } else {
+            path.file_stem()
+                .or(path.file_name())
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| model.model.clone())
+        }
+    });
+    let loaded = format!(
+        "loaded {} in {:.2}s; KV cache {} blocks ({} tokens, {} bytes/token), context {}",
+        path.display(),
+        t0.elapsed().as_secs_f64(),
+        num_blocks,
+        handle.kv_capacity_tokens(),
+        KvCache::bytes_per_token(&specs),
+        ctx_len,
+    );
+    Ok(Engine {
+        handle,
+        tokenizer,
+        path,
+        model_id,
+        config,
+        num_blocks,
+        loaded,
+    })
+}
+
 pub fn serve(a: ServeArgs) -> Result<()> {
     if a.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         bail!("--api-key is empty: give a key, or leave the option out to serve without one");
@@ -179,15 +314,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(o) => Some(Arc::new(cors::Cors::parse(o).map_err(anyhow::Error::msg)?)),
         None => None,
     };
-    a.spec.check()?;
-    let (path, mut opts) = prepare(&a.model)?;
-    opts.mtp = a.spec.wants_mtp();
-    let t0 = std::time::Instant::now();
-    let (model, tokenizer) = load_with_tokenizer(&path, &opts)?;
-    let speculative = a.spec.config(&opts, model.as_ref(), tokenizer.as_deref())?;
-    if let Some(note) = supernode_models::partial_load_note(&path) {
-        status_line(true, &note);
-    }
     let given = match &a.chat_template {
         Some(p) => {
             let path = p.display().to_string();
@@ -197,6 +323,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
         None => None,
     };
+    let Engine {
+        handle: engine,
+        tokenizer,
+        model_id,
+        config,
+        num_blocks,
+        loaded,
+        ..
+    } = start_engine(&a.model, &a.spec, &a.engine, a.served_model_name.as_deref())?;
     let template = match (&tokenizer, &given) {
         (Some(t), Some((path, src))) => Some(
             ChatTemplate::with_source(t, src)
@@ -206,15 +341,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         (None, Some(_)) => bail!("--chat-template needs a model with a tokenizer"),
         (None, None) => None,
     };
-    if let Some(total) = memory_mib() {
-        if a.kv_cache_mib > total {
-            bail!(
-                "--kv-cache-mib {} is more than this machine's memory ({total} MiB): give the \
-                 KV cache less",
-                a.kv_cache_mib
-            );
-        }
-    }
     let source: Option<String> = given.map(|(_, src)| src).or_else(|| {
         tokenizer
             .as_ref()
@@ -226,95 +352,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         a.tool_call_parser.as_deref(),
         a.reasoning_parser.as_deref(),
     )?;
-    let specs = model.kv_specs();
-    // A hybrid model's recurrent state slots come out of the same budget as its KV blocks.
-    // With speculation a slot also keeps a journal to roll rejected drafts back (each head's
-    // state before the drafts, and the drafts' inputs): counted as a second slot.
-    let widths: Vec<usize> = model
-        .state_widths()
-        .into_iter()
-        .map(|w| if speculative.is_some() { 2 * w } else { w })
-        .collect();
-    let (num_blocks, state_slots) =
-        EngineConfig::budget(&specs, &widths, a.kv_cache_mib << 20, a.max_num_seqs);
-    let hybrid = widths.iter().any(|&w| w > 0);
-    if num_blocks == 0 || (hybrid && state_slots == 0) {
-        bail!(
-            "--kv-cache-mib {} holds no KV block and recurrent state of this model ({} bytes per token, {} bytes \
-             of recurrent state per sequence)",
-            a.kv_cache_mib,
-            KvCache::bytes_per_token(&specs),
-            KvCache::bytes_per_state_slot(&widths)
-        );
-    }
-    if hybrid && state_slots < a.max_num_seqs {
-        status_line(
-            true,
-            &format!(
-                "--kv-cache-mib {} holds the recurrent state of {state_slots} sequences ({} \
-                 bytes each): at most {state_slots} run at once",
-                a.kv_cache_mib,
-                KvCache::bytes_per_state_slot(&widths)
-            ),
-        );
-    }
-    let model_ctx = model.config().context_len;
-    let (hidden, vocab_size) = (model.config().hidden, model.config().vocab_size);
-    let ctx_len = match a.model.ctx {
-        Some(0) => bail!("--ctx must be at least 1"),
-        Some(c) if c > model_ctx => bail!("--ctx {c} exceeds the model's context of {model_ctx}"),
-        Some(c) => c,
-        None => model_ctx,
-    };
-    let cfg = EngineConfig {
-        max_num_seqs: a.max_num_seqs,
-        max_num_batched_tokens: a.max_num_batched_tokens,
-        num_blocks,
-        ctx_len,
-        max_waiting: a.max_waiting,
-        prefix_caching: !a.no_prefix_caching,
-        prefix_cache_salt: a.prefix_cache_salt.clone(),
-        speculative,
-        state_slots,
-    };
-    let engine = EngineHandle::start(model, tokenizer.clone(), cfg)?;
+    status_line(true, &loaded);
+    let (hidden, vocab_size) = (config.hidden, config.vocab_size);
     let limits = conn::Limits {
         max_connections: a.max_connections,
         header_timeout: Duration::from_secs(a.header_timeout),
         keep_alive_timeout: Duration::from_secs(a.keep_alive_timeout),
     };
-    let model_id = a.served_model_name.clone().unwrap_or_else(|| {
-        // A short name or a Hub name (which has no local path of that name) serves as itself.
-        let named = crate::fetch::known(&a.model.model).is_some()
-            || (!std::path::Path::new(&a.model.model).exists()
-                && crate::hub::HubSpec::parse(&a.model.model).is_some());
-        if named {
-            a.model.model.clone()
-        } else {
-            path.file_stem()
-                .or(path.file_name())
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| a.model.model.clone())
-        }
-    });
-    status_line(
-        true,
-        &format!(
-            "loaded {} in {:.2}s; KV cache {} blocks ({} tokens, {} bytes/token), context {}",
-            path.display(),
-            t0.elapsed().as_secs_f64(),
-            num_blocks,
-            engine.kv_capacity_tokens(),
-            KvCache::bytes_per_token(&specs),
-            ctx_len,
-        ),
-    );
     let max_model_len = engine.max_model_len();
     let metrics = Metrics::new(
         &model_id,
         &metrics::CacheInfo {
             num_blocks,
-            prefix_caching: !a.no_prefix_caching,
+            prefix_caching: !a.engine.no_prefix_caching,
         },
     );
     let state = Arc::new(AppState {

@@ -1,0 +1,379 @@
+//! `supernode worker`: the engine as an NVIDIA Dynamo backend (cargo feature `dynamo`).
+//!
+//! Tokens in, tokens out. Dynamo's frontend (`python -m dynamo.frontend`) does the HTTP, the
+//! chat templates, tokenising, detokenising, stop strings and the parsers; it routes to the
+//! workers it finds in discovery (the file backend for local runs, Kubernetes or etcd in a
+//! cluster). `dynamo-backend-common`'s `Worker` owns the lifecycle: registration, the generate
+//! endpoint, cancellation monitoring, drain on SIGTERM, health. This module is the engine
+//! behind it ([`DynamoEngine`]) and the model card the frontend tokenises with ([`card`]).
+//!
+//! Each request becomes one engine [`Request`] with a channel sink; its token events become
+//! Dynamo chunks, and the terminal chunk carries the finish reason and the usage. A stopped
+//! context (the client went away, or the frontend saw a stop string) cancels the request in
+//! the engine, which frees its blocks, and ends the stream with `cancelled`. The engine's
+//! prefix-cache blocks are announced to Dynamo's KV-aware router as they are stored and
+//! evicted ([`kv_events`]).
+
+mod card;
+mod kv_events;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use async_trait::async_trait;
+use clap::Args;
+use dynamo_backend_common::engine::GenerateContext;
+use dynamo_backend_common::{
+    chunk, usage, BackendError, CommonArgs, DisaggregationMode, DynamoError, EngineConfig,
+    ErrorType, KvEventSource, LLMEngine, LLMEngineOutput, LLMEngineOutputExt, LlmRegistration,
+    MetricsBindings, MetricsCtx, PreprocessedRequest, TopLogprob, WorkerConfig,
+};
+use futures::stream::{self, BoxStream, StreamExt};
+use supernode_engine::engine::{
+    EngineHandle, Event, FinishReason, Request, Sink, SubmitError, BLOCK_SIZE,
+};
+use supernode_engine::sampler::SamplingParams;
+use supernode_engine::tokenizer::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::model_args::ModelArgs;
+use crate::server::{start_engine, EngineArgs};
+use crate::spec_args::SpecArgs;
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    dynamo: CommonArgs,
+    /// The model name clients give (default: the short or Hub name, else the file's stem).
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    if a.dynamo.disaggregation_mode != DisaggregationMode::Aggregated {
+        bail!(
+            "--disaggregation-mode {:?}: only `agg` is built; a worker computes its own \
+             prompts (prefill/decode pools over NIXL are not built yet)",
+            a.dynamo.disaggregation_mode
+        );
+    }
+    let started = start_engine(&a.model, &a.spec, &a.engine, a.served_model_name.as_deref())?;
+    let Some(tokenizer) = started.tokenizer.clone() else {
+        bail!(
+            "{} has no tokenizer: Dynamo's frontend needs one to tokenise prompts",
+            started.path.display()
+        );
+    };
+    let card_dir = card::write(
+        &started.path,
+        &started.config,
+        &tokenizer,
+        &started.model_id,
+    )?;
+    let engine = DynamoEngine {
+        handle: Arc::new(started.handle),
+        tokenizer,
+        model_id: started.model_id.clone(),
+        num_blocks: started.num_blocks,
+        max_num_seqs: a.engine.max_num_seqs,
+        max_num_batched_tokens: a.engine.max_num_batched_tokens,
+        stopped: Arc::new(AtomicBool::new(false)),
+    };
+    let d = a.dynamo;
+    let config = WorkerConfig {
+        namespace: d.namespace,
+        component: d.component,
+        endpoint: d.endpoint,
+        model_name: card_dir.display().to_string(),
+        served_model_name: Some(started.model_id),
+        endpoint_types: d.endpoint_types,
+        custom_jinja_template: d.custom_jinja_template,
+        tool_call_parser: d.dyn_tool_call_parser,
+        reasoning_parser: d.dyn_reasoning_parser,
+        exclude_tools_when_tool_choice_none: d.exclude_tools_when_tool_choice_none,
+        // KV events describe this worker's prefix cache, which is off without it.
+        enable_kv_routing: !a.engine.no_prefix_caching,
+        disaggregation_mode: d.disaggregation_mode,
+        runtime: d.runtime,
+        route_to_encoder: d.route_to_encoder,
+        enable_rl: d.enable_rl,
+        ..WorkerConfig::default()
+    };
+    dynamo_backend_common::run(Arc::new(engine), config)
+}
+
+/// The engine behind a Dynamo `Worker`.
+struct DynamoEngine {
+    handle: Arc<EngineHandle>,
+    tokenizer: Arc<Tokenizer>,
+    model_id: String,
+    num_blocks: usize,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    /// Set by `cleanup`: no new requests, and the load publisher ends.
+    stopped: Arc<AtomicBool>,
+}
+
+fn invalid(msg: impl Into<String>) -> DynamoError {
+    DynamoError::builder()
+        .error_type(ErrorType::Backend(BackendError::InvalidArgument))
+        .message(msg)
+        .build()
+}
+
+fn backend_error(kind: BackendError, msg: impl Into<String>) -> DynamoError {
+    DynamoError::builder()
+        .error_type(ErrorType::Backend(kind))
+        .message(msg)
+        .build()
+}
+
+/// Forwards one request's events to its stream.
+struct ChannelSink(UnboundedSender<Event>);
+
+impl Sink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// The engine request for a Dynamo request, or why it cannot be served.
+fn engine_request(
+    r: &PreprocessedRequest,
+    max_model_len: usize,
+    sink: ChannelSink,
+) -> Result<Request, DynamoError> {
+    if r.token_ids.is_empty() {
+        return Err(invalid("the prompt has no tokens"));
+    }
+    if r.prompt_embeds.is_some() || r.multi_modal_data.is_some() {
+        return Err(invalid(
+            "this worker takes token prompts only (no embeddings or multimodal data)",
+        ));
+    }
+    let s = &r.sampling_options;
+    if s.n.is_some_and(|n| n > 1) || s.best_of.is_some_and(|n| n > 1) {
+        return Err(invalid(
+            "`n` and `best_of` above 1 are not supported by this worker",
+        ));
+    }
+    if s.use_beam_search == Some(true) {
+        return Err(invalid("beam search is not supported by this worker"));
+    }
+    if s.guided_decoding.is_some() {
+        return Err(invalid(
+            "guided decoding is not supported by this worker (supernode serve has structured output)",
+        ));
+    }
+    let stop = &r.stop_conditions;
+    if stop.min_tokens.is_some_and(|m| m > 0) {
+        return Err(invalid("`min_tokens` is not supported by this worker"));
+    }
+    let d = SamplingParams::default();
+    let params = SamplingParams {
+        temperature: s.temperature.unwrap_or(d.temperature),
+        top_k: match s.top_k {
+            Some(k) if k > 0 => k as usize,
+            _ => 0,
+        },
+        top_p: s.top_p.unwrap_or(d.top_p),
+        min_p: s.min_p.unwrap_or(d.min_p),
+        repetition_penalty: s.repetition_penalty.unwrap_or(d.repetition_penalty),
+        presence_penalty: s.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: s.frequency_penalty.unwrap_or(d.frequency_penalty),
+        seed: s.seed.map(|v| v as u64),
+        ..d
+    };
+    let room = max_model_len.saturating_sub(r.token_ids.len());
+    Ok(Request {
+        prompt: r.token_ids.to_vec(),
+        params,
+        max_tokens: stop.max_tokens.map_or(room, |m| m as usize),
+        // Stop strings are the frontend's: it detokenises, trims and stops the stream, which
+        // cancels the request here.
+        stop: Vec::new(),
+        ignore_eos: stop.ignore_eos.unwrap_or(false),
+        logprobs: r.output_options.logprobs.map(|n| n as usize),
+        cache_salt: None,
+        prompt_logits: false,
+        prompt_logprobs: None,
+        logit_bias: Vec::new(),
+        constraint: None,
+        sink: Box::new(sink),
+    })
+}
+
+/// What a request's stream carries between items.
+struct Stream {
+    rx: UnboundedReceiver<Event>,
+    ctx: GenerateContext,
+    handle: Arc<EngineHandle>,
+    tokenizer: Arc<Tokenizer>,
+    id: supernode_engine::engine::RequestId,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    done: bool,
+}
+
+impl Stream {
+    /// The next chunk: tokens, or the one terminal chunk; `None` after it.
+    async fn next(&mut self) -> Option<Result<LLMEngineOutput, DynamoError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = self.ctx.stopped() => {
+                    self.handle.cancel(self.id);
+                    self.done = true;
+                    return Some(Ok(LLMEngineOutput::cancelled()
+                        .with_usage(usage(self.prompt_tokens, self.completion_tokens))));
+                }
+                e = self.rx.recv() => e,
+            };
+            let Some(event) = event else {
+                self.done = true;
+                return Some(Err(backend_error(
+                    BackendError::StreamIncomplete,
+                    "the engine stopped before the request finished",
+                )));
+            };
+            match event {
+                Event::Token(t) => {
+                    self.completion_tokens += 1;
+                    let mut out = chunk::token(t.id);
+                    if let Some(lp) = t.logprobs {
+                        out.log_probs = Some(vec![f64::from(lp.logprob)]);
+                        out.top_logprobs = Some(vec![lp
+                            .top
+                            .iter()
+                            .enumerate()
+                            .map(|(rank, &(id, logprob))| TopLogprob {
+                                rank: rank as u32 + 1,
+                                token_id: id,
+                                token: Some(self.tokenizer.decode(&[id], true)),
+                                logprob: f64::from(logprob),
+                                bytes: Some(self.tokenizer.token_bytes(id, true)),
+                            })
+                            .collect()]);
+                    }
+                    return Some(Ok(out));
+                }
+                Event::Done(f) => {
+                    self.done = true;
+                    let out = match f.reason {
+                        FinishReason::Stop => LLMEngineOutput::stop(),
+                        FinishReason::Length => LLMEngineOutput::length(),
+                        FinishReason::Cancelled => LLMEngineOutput::cancelled(),
+                    };
+                    let mut u = usage(f.prompt_tokens as u32, f.completion_tokens as u32);
+                    u.prompt_tokens_details = Some(dynamo_backend_common::PromptTokensDetails {
+                        cached_tokens: Some(f.cached_tokens as u32),
+                        ..Default::default()
+                    });
+                    return Some(Ok(out.with_usage(u)));
+                }
+                Event::Error(m) => {
+                    self.done = true;
+                    return Some(Err(backend_error(BackendError::Unknown, m)));
+                }
+                Event::PromptLogits(_) | Event::PromptLogprobs(_) => continue,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LLMEngine for DynamoEngine {
+    async fn start(&self, _worker_id: u64) -> Result<EngineConfig, DynamoError> {
+        Ok(EngineConfig {
+            model: self.model_id.clone(),
+            served_model_name: Some(self.model_id.clone()),
+            llm: Some(LlmRegistration {
+                context_length: Some(self.handle.max_model_len() as u32),
+                kv_cache_block_size: Some(BLOCK_SIZE as u32),
+                total_kv_blocks: Some(self.num_blocks as u64),
+                max_num_seqs: Some(self.max_num_seqs as u64),
+                max_num_batched_tokens: Some(self.max_num_batched_tokens as u64),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn generate(
+        &self,
+        request: PreprocessedRequest,
+        ctx: GenerateContext,
+    ) -> Result<BoxStream<'static, Result<LLMEngineOutput, DynamoError>>, DynamoError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(backend_error(
+                BackendError::EngineShutdown,
+                "the worker is shutting down",
+            ));
+        }
+        let (tx, rx) = unbounded_channel();
+        let req = engine_request(&request, self.handle.max_model_len(), ChannelSink(tx))?;
+        let prompt_tokens = req.prompt.len() as u32;
+        let id = self.handle.submit(req).map_err(|e| match e {
+            SubmitError::PromptTooLong { .. } | SubmitError::Invalid(_) => invalid(e.to_string()),
+            SubmitError::QueueFull(_) => backend_error(BackendError::Unknown, e.to_string()),
+            SubmitError::Stopped => backend_error(BackendError::EngineShutdown, e.to_string()),
+        })?;
+        let s = Stream {
+            rx,
+            ctx,
+            handle: self.handle.clone(),
+            tokenizer: self.tokenizer.clone(),
+            id,
+            prompt_tokens,
+            completion_tokens: 0,
+            done: false,
+        };
+        Ok(stream::unfold(
+            s,
+            |mut s| async move { s.next().await.map(|item| (item, s)) },
+        )
+        .boxed())
+    }
+
+    async fn is_quiescent(&self) -> Result<Option<bool>, DynamoError> {
+        let st = self.handle.stats();
+        let busy = st.running.load(Ordering::Relaxed) + st.waiting.load(Ordering::Relaxed);
+        Ok(Some(busy == 0))
+    }
+
+    async fn kv_event_sources(&self) -> Result<Vec<KvEventSource>, DynamoError> {
+        Ok(vec![kv_events::source(&self.handle)])
+    }
+
+    async fn setup_metrics(&self, _ctx: MetricsCtx<'_>) -> Result<MetricsBindings, DynamoError> {
+        let (handle, stopped) = (self.handle.clone(), self.stopped.clone());
+        Ok(MetricsBindings {
+            dp_ranks: vec![0],
+            on_publisher_ready: Some(Box::new(move |publisher| {
+                kv_events::publish_load(handle, publisher, stopped);
+                Ok(())
+            })),
+        })
+    }
+
+    async fn cleanup(&self) -> Result<(), DynamoError> {
+        if !self.stopped.swap(true, Ordering::Relaxed) {
+            self.handle.abort();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+"""`supernode worker` behind NVIDIA Dynamo's own frontend (`python -m dynamo.frontend`, the
+`ai-dynamo` wheel): Dynamo does the HTTP, the chat template, tokenising, detokenising and stop
+strings, from the model card the worker registers; supernode computes tokens.
+
+Discovery is Dynamo's file backend in a temporary directory, requests and responses go over
+TCP, KV events over ZMQ (no etcd, no NATS). The answers through Dynamo are checked against
+`supernode serve`'s own for the same request, which checks the card (tokenizer, template, end
+tokens) and the sampling options end to end. Two workers behind the KV-aware router show that
+a shared prefix goes to the worker whose cache holds it, from the block events the workers
+publish.
+
+Needs the worker built with the `dynamo` feature (scripts/build-dynamo.sh) in
+$SUPERNODE_DYNAMO_BIN and Dynamo's frontend in the Python of $SUPERNODE_DYNAMO_PYTHON;
+scripts/python-tests.sh sets both when the build is there, and the tests are skipped, with the
+reason, when either is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import MODEL, wait_for
+
+DYN_BIN = os.environ.get("SUPERNODE_DYNAMO_BIN", "")
+DYN_PY = os.environ.get("SUPERNODE_DYNAMO_PYTHON", "")
+
+pytestmark = pytest.mark.skipif(
+    not (DYN_BIN and Path(DYN_BIN).is_file() and DYN_PY and Path(DYN_PY).is_file()),
+    reason="no Dynamo build: set SUPERNODE_DYNAMO_BIN (scripts/build-dynamo.sh) and SUPERNODE_DYNAMO_PYTHON",
+)
+
+GREEDY = {"temperature": 0.0}
+# The KV usage the worker publishes (blocks in use over blocks in the pool).
+USAGE = "dynamo_component_gpu_cache_usage_percent"
+
+
+def free_port() -> int:
+    """A free port below 32768 (Dynamo reads DYN_SYSTEM_PORT as a 16-bit signed integer)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free port between 20000 and 32000")
+
+
+class Proc:
+    """A child process whose output is kept for failure messages."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.args = args
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"`{' '.join(self.args)}` did not exit within {timeout}s of SIGTERM:\n{self.output()}")
+
+
+class Cluster:
+    """Dynamo's frontend and `workers` supernode workers sharing one file-discovery directory."""
+
+    def __init__(self, tmp: Path, workers: int, router_mode: str = "kv", worker_args: tuple[str, ...] = ()):
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "DYN_DISCOVERY_BACKEND": "file",
+                "DYN_FILE_KV": str(tmp / "discovery"),
+                "DYN_REQUEST_PLANE": "tcp",
+                "DYN_EVENT_PLANE": "zmq",
+                "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "1",
+                "SUPERNODE_CACHE": os.environ.get("SUPERNODE_CACHE", str(Path.home() / ".cache" / "supernode")),
+            }
+        )
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers: list[Proc] = []
+        self.system_ports: list[int] = []
+        for _ in range(workers):
+            sp = free_port()
+            env = dict(self.env, DYN_SYSTEM_PORT=str(sp))
+            self.system_ports.append(sp)
+            self.workers.append(
+                Proc([DYN_BIN, "worker", "--model", MODEL, "--threads", "1", *worker_args], env)
+            )
+        self.frontend = Proc(
+            [DYN_PY, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(self.port),
+             "--router-mode", router_mode],
+            self.env,
+        )
+        try:
+            wait_for(self._ready, 240, f"{workers} worker(s) registered with Dynamo's frontend", interval=0.5)
+        except BaseException:
+            print(self.output())
+            self.stop()
+            raise
+
+    def _ready(self):
+        for p in [self.frontend, *self.workers]:
+            if p.proc.poll() is not None:
+                pytest.fail(f"`{' '.join(p.args)}` exited with {p.proc.returncode}:\n{p.output()}")
+        try:
+            r = httpx.get(self.url + "/v1/models", timeout=5)
+        except httpx.HTTPError as e:
+            return False, str(e)
+        if r.status_code != 200:
+            return False, r.text
+        ids = [m["id"] for m in r.json().get("data", [])]
+        if MODEL not in ids:
+            return False, ids
+        # Every worker's endpoint must be up before the first request.
+        for sp in self.system_ports:
+            try:
+                h = httpx.get(f"http://127.0.0.1:{sp}/health", timeout=5)
+            except httpx.HTTPError as e:
+                return False, str(e)
+            if h.status_code != 200:
+                return False, h.text
+        return True, ids
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def worker_metrics(self, i: int) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.system_ports[i]}/metrics", timeout=10).text
+
+    def output(self) -> str:
+        parts = [f"--- frontend ---\n{self.frontend.output()}"]
+        parts += [f"--- worker {i} ---\n{w.output()}" for i, w in enumerate(self.workers)]
+        return "\n".join(parts)
+
+    def stop(self) -> list[int]:
+        codes = [w.stop() for w in self.workers]
+        self.frontend.stop()
+        return codes
+
+
+def gauge(text: str, name: str, endpoint: str = "generate") -> float | None:
+    """The value of sample `name` of the worker's `endpoint` in Dynamo's system metrics, if
+    any (samples without an endpoint label count for every endpoint)."""
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if m and f'dynamo_endpoint="{endpoint}"' in (m.group(1) or f'dynamo_endpoint="{endpoint}"'):
+            return float(m.group(2))
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("dynamo"), workers=1)
+    yield c
+    codes = c.stop()
+    assert codes == [0], f"worker exit codes {codes}:\n{c.output()}"
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Name three primary colours, then count from one to five."},
+]
+
+
+def test_chat_through_dynamo_equals_supernode_serve(cluster, client):
+    """Dynamo renders the template and tokenises from the worker's card; the answer and the
+    prompt's token count are those of `supernode serve` for the same messages."""
+    via = cluster.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, **GREEDY)
+    own = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, **GREEDY)
+    assert via.choices[0].message.content == own.choices[0].message.content
+    assert via.usage.prompt_tokens == own.usage.prompt_tokens
+    assert via.usage.completion_tokens == own.usage.completion_tokens
+    assert via.choices[0].finish_reason == own.choices[0].finish_reason
+
+
+def test_completion_streams_and_samples_like_supernode_serve(cluster, client):
+    """Streamed text, the length finish, and seeded sampling at temperature 0.8 agree."""
+    prompt = "The history of the printing press begins"
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0.8, top_p=0.9, seed=7)
+    pieces = []
+    finish = None
+    for chunk in cluster.client().completions.create(stream=True, **kw):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text or "")
+            finish = chunk.choices[0].finish_reason or finish
+    own = client.completions.create(**kw)
+    assert "".join(pieces) == own.choices[0].text
+    assert finish == "length" == own.choices[0].finish_reason
+
+
+def test_stop_strings_are_dynamos(cluster, client):
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=60, stop=["five", "5"], **GREEDY)
+    via = cluster.client().chat.completions.create(**kw)
+    own = client.chat.completions.create(**kw)
+    assert via.choices[0].message.content == own.choices[0].message.content
+    assert via.choices[0].finish_reason == "stop"
+
+
+def test_cancelled_stream_frees_the_workers_blocks(cluster):
+    """A client that goes away mid-stream cancels the request in the engine: its KV blocks come
+    back (the worker's published KV usage returns to 0) and the next request is served."""
+    with httpx.Client(timeout=120) as h:
+        body = {
+            "model": MODEL,
+            "prompt": "Write a very long story about a lighthouse keeper.",
+            "max_tokens": 3000,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with h.stream("POST", cluster.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            # The line iterator is kept: closing it early would close the connection now.
+            lines = r.iter_lines()
+            seen = 0
+            while seen < 5:
+                if next(lines).startswith("data: "):
+                    seen += 1
+            # While it streams, the worker holds blocks for it.
+            wait_for(
+                lambda: ((v := gauge(cluster.worker_metrics(0), USAGE) or 0.0) > 0, v),
+                20,
+                "the worker to publish the KV usage of the running request",
+            )
+    used = wait_for(
+        lambda: (
+            (v := gauge(cluster.worker_metrics(0), USAGE)) == 0,
+            v,
+        ),
+        60,
+        "the worker's KV blocks to be freed after the client left",
+    )
+    assert used == 0
+    again = cluster.client().completions.create(model=MODEL, prompt="Hello", max_tokens=4, **GREEDY)
+    assert again.choices[0].finish_reason == "length"
+
+
+def test_requests_the_worker_cannot_serve_get_an_error(cluster):
+    """A parameter the worker does not support fails the request with its message, and the
+    worker keeps serving."""
+    with httpx.Client(timeout=120) as h:
+        r = h.post(
+            cluster.url + "/v1/completions",
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "min_tokens": 2},
+        )
+    assert r.status_code >= 400, r.text
+    ok = cluster.client().completions.create(model=MODEL, prompt="Hello", max_tokens=4, **GREEDY)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
+    """Two workers behind Dynamo's KV-aware router: after one request with a long prefix, every
+    request sharing it goes to the worker whose prefix cache holds it, as the block events
+    published by the workers tell the router."""
+    c = Cluster(tmp_path, workers=2)
+    try:
+        system = (
+            "You are the help desk of a shipping company. "
+            + " ".join(f"Rule {i}: answer questions about parcel class {i} and cite tariff {i * 7 % 31}." for i in range(14))
+        )
+        cl = c.client()
+
+        def ask(q: str) -> None:
+            cl.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+                max_tokens=2,
+                **GREEDY,
+            )
+
+        def served() -> list[float]:
+            return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
+
+        ask("Where is my parcel?")
+        first = served()
+        holder = 0 if first[0] > first[1] else 1
+        # The router learns of the blocks through the published events.
+        time.sleep(2)
+        for k in range(6):
+            ask(f"Question {k}: how much does class {k} cost?")
+        after = served()
+        assert after[holder] - first[holder] == 6, f"requests per worker before {first}, after {after}:\n{c.output()}"
+        assert after[1 - holder] == first[1 - holder]
+    finally:
+        codes = c.stop()
+    assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"
