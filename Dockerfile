@@ -2,6 +2,8 @@
 #
 # Build:  docker build -t supernode:latest .
 #         docker build --target smg -t supernode-smg:latest .   (the router of deploy/k8s/smg)
+#         docker build --target worker -t supernode-worker:latest .       (`supernode worker`,
+#         docker build --target dynamo-frontend -t dynamo-frontend:latest .  behind Dynamo's frontend)
 # Run:    docker run -p 8080:8080 -v supernode-cache:/cache supernode:latest --model smollm2-135m
 #
 # The binary is built for the generic x86-64 baseline: the kernels pick AVX2, AVX-512 or
@@ -27,6 +29,45 @@ USER 10001
 EXPOSE 8000 29000
 ENTRYPOINT ["smg"]
 CMD ["launch", "--help"]
+
+# `supernode worker`: the same binary with the `dynamo` feature (Dynamo's runtime wants protoc,
+# libclang and `--cfg tokio_unstable`; scripts/build-dynamo.sh does the same outside Docker).
+FROM rust:1-bookworm AS build-dynamo
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler libclang-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY crates crates
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target-dynamo \
+    RUSTFLAGS="--cfg tokio_unstable" CARGO_TARGET_DIR=/src/target-dynamo \
+    cargo build --release --locked --features dynamo --bin supernode \
+    && install -D target-dynamo/release/supernode /out/supernode
+
+# Dynamo's frontend (OpenAI HTTP, templates, KV-aware router) from the ai-dynamo wheel, with the
+# closure tests/python/test_dynamo.py runs it with (installed --no-deps: see that file).
+FROM python:3.11-slim AS dynamo-frontend
+COPY tests/python/requirements-dynamo.txt /tmp/requirements-dynamo.txt
+RUN pip install --no-cache-dir --no-deps -r /tmp/requirements-dynamo.txt \
+    && useradd --uid 10001 --create-home dynamo
+USER 10001
+EXPOSE 8000
+ENTRYPOINT ["python", "-m", "dynamo.frontend", "--http-port", "8000"]
+
+FROM debian:bookworm-slim AS worker
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-pip \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --create-home supernode \
+    && mkdir -p /cache && chown supernode /cache
+COPY --from=build-dynamo /out/supernode /usr/local/bin/supernode
+USER 10001
+ENV SUPERNODE_CACHE=/cache/supernode \
+    HF_HOME=/cache/huggingface
+VOLUME /cache
+ENTRYPOINT ["supernode", "worker"]
+CMD ["--model", "smollm2-135m"]
 
 # The server (the default target: the last stage).
 FROM debian:bookworm-slim

@@ -96,10 +96,48 @@ class Proc:
             pytest.fail(f"`{' '.join(self.args)}` did not exit within {timeout}s of SIGTERM:\n{self.output()}")
 
 
+class Host:
+    """A network namespace joined to this one by a veth pair: another host, as far as TCP and
+    ZMQ can tell. Its address is 10.231.N.2; this side's end is 10.231.N.1, its default route."""
+
+    def __init__(self, n: int):
+        self.name = f"snw{os.getpid() % 10000}-{n}"
+        self.outer = f"svo{os.getpid() % 10000}-{n}"
+        self.addr = f"10.231.{n}.2"
+        inner = f"svi{os.getpid() % 10000}-{n}"
+        steps = [
+            ["ip", "netns", "add", self.name],
+            ["ip", "link", "add", self.outer, "type", "veth", "peer", "name", inner],
+            ["ip", "link", "set", inner, "netns", self.name],
+            ["ip", "addr", "add", f"10.231.{n}.1/24", "dev", self.outer],
+            ["ip", "link", "set", self.outer, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.addr}/24", "dev", inner],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", inner, "up"],
+            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+            ["ip", "netns", "exec", self.name, "ip", "route", "add", "default", "via", f"10.231.{n}.1"],
+        ]
+        for step in steps:
+            r = subprocess.run(step, capture_output=True, text=True)
+            if r.returncode != 0:
+                self.remove()
+                raise OSError(f"`{' '.join(step)}` failed: {r.stderr.strip()}")
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+
+
 class Cluster:
     """Dynamo's frontend and `workers` supernode workers sharing one file-discovery directory."""
 
-    def __init__(self, tmp: Path, workers: int, router_mode: str = "kv", worker_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tmp: Path,
+        workers: int,
+        router_mode: str = "kv",
+        worker_args: tuple[str, ...] = (),
+        hosts: list[Host] | None = None,
+    ):
         self.env = dict(os.environ)
         self.env.update(
             {
@@ -115,12 +153,20 @@ class Cluster:
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers: list[Proc] = []
         self.system_ports: list[int] = []
-        for _ in range(workers):
+        # Each worker's address as the test reaches it: its own network namespace's, or loopback.
+        self.addrs: list[str] = []
+        for i in range(workers):
             sp = free_port()
             env = dict(self.env, DYN_SYSTEM_PORT=str(sp))
             self.system_ports.append(sp)
+            prefix: list[str] = []
+            if hosts:
+                prefix = ["ip", "netns", "exec", hosts[i].name]
+                self.addrs.append(hosts[i].addr)
+            else:
+                self.addrs.append("127.0.0.1")
             self.workers.append(
-                Proc([DYN_BIN, "worker", "--model", MODEL, "--threads", "1", *worker_args], env)
+                Proc([*prefix, DYN_BIN, "worker", "--model", MODEL, "--threads", "1", *worker_args], env)
             )
         self.frontend = Proc(
             [DYN_PY, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(self.port),
@@ -148,9 +194,9 @@ class Cluster:
         if MODEL not in ids:
             return False, ids
         # Every worker's endpoint must be up before the first request.
-        for sp in self.system_ports:
+        for addr, sp in zip(self.addrs, self.system_ports):
             try:
-                h = httpx.get(f"http://127.0.0.1:{sp}/health", timeout=5)
+                h = httpx.get(f"http://{addr}:{sp}/health", timeout=5)
             except httpx.HTTPError as e:
                 return False, str(e)
             if h.status_code != 200:
@@ -161,7 +207,7 @@ class Cluster:
         return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
     def worker_metrics(self, i: int) -> str:
-        return httpx.get(f"http://127.0.0.1:{self.system_ports[i]}/metrics", timeout=10).text
+        return httpx.get(f"http://{self.addrs[i]}:{self.system_ports[i]}/metrics", timeout=10).text
 
     def output(self) -> str:
         parts = [f"--- frontend ---\n{self.frontend.output()}"]
@@ -319,3 +365,54 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
     finally:
         codes = c.stop()
     assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"
+
+
+def test_workers_on_other_hosts(tmp_path, client):
+    """Two workers, each in its own network namespace (its own address, reached over a veth
+    pair), behind the frontend here: requests, responses and KV events cross the links, the
+    answers equal `supernode serve`'s, and a shared prefix still goes to the worker that holds
+    it."""
+    hosts: list[Host] = []
+    try:
+        for n in (1, 2):
+            hosts.append(Host(n))
+    except OSError as e:
+        for h in hosts:
+            h.remove()
+        pytest.skip(f"no network namespaces here: {e}")
+    try:
+        c = Cluster(tmp_path, workers=2, hosts=hosts)
+        try:
+            cl = c.client()
+            via = cl.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, **GREEDY)
+            own = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, **GREEDY)
+            assert via.choices[0].message.content == own.choices[0].message.content
+            system = "You answer for a library. " + " ".join(
+                f"Shelf {i} holds books on subject {i * 3 % 17} and is open on day {i % 7}." for i in range(16)
+            )
+
+            def ask(q: str) -> None:
+                cl.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+                    max_tokens=2,
+                    **GREEDY,
+                )
+
+            def served() -> list[float]:
+                return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
+
+            ask("Which shelf has maps?")
+            first = served()
+            holder = 0 if first[0] > first[1] else 1
+            time.sleep(2)
+            for k in range(4):
+                ask(f"Is shelf {k} open today?")
+            after = served()
+            assert after[holder] - first[holder] == 4, f"before {first}, after {after}:\n{c.output()}"
+        finally:
+            codes = c.stop()
+        assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"
+    finally:
+        for h in hosts:
+            h.remove()
