@@ -104,6 +104,12 @@ run_pytest() {
 # runs from a third cached venv, venv-dynamo, with tests/python/requirements-dynamo.txt.
 dyn_bin=${SUPERNODE_DYNAMO_BIN:-$cache/target-dynamo/release/supernode}
 if [ -x "$dyn_bin" ]; then
+    # Its etcd discovery test runs Debian's etcd; install it when it is missing and this can.
+    if ! command -v etcd >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q etcd-server >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q etcd-server >/dev/null 2>&1; } ||
+            echo "python-tests: could not install etcd-server; the etcd test is skipped" >&2
+    fi
     if ensure_venv "$cache/venv-dynamo" tests/python/requirements-dynamo.txt --no-deps; then
         export SUPERNODE_DYNAMO_BIN=$dyn_bin SUPERNODE_DYNAMO_PYTHON=$cache/venv-dynamo/bin/python
     else

@@ -11,6 +11,7 @@ serve` or `smg launch` is one that command has.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def validate(doc: dict, where: str) -> None:
 def test_there_are_manifests():
     found = {str(p.relative_to(K8S)) for p in manifests()}
     assert {"base/deployment.yaml", "base/service.yaml", "smg/deployment.yaml", "smg/service.yaml"} <= found, found
-    assert {p.name for p in kustomizations()} == {"base", "smg"}
+    assert {p.name for p in kustomizations()} == {"base", "smg", "dynamo"}
 
 
 @pytest.mark.parametrize("path", manifests(), ids=lambda p: str(p.relative_to(K8S)))
@@ -174,6 +175,48 @@ def test_smg_args_are_options_of_smg_launch():
     args = container(render(K8S / "smg"), "smg")["args"]
     given = {a for a in args if a.startswith("--")}
     assert given <= known, f"not options of `smg launch`: {given - known}"
+
+
+def env_of(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def test_dynamo_layout_fits_together():
+    """Dynamo's layout: the frontend and the workers find each other through the etcd Service,
+    on the transports the tests run them with; the workers' system port (health, metrics) is
+    the one their probes use and fits Dynamo's 16-bit setting; SIGTERM's grace period fits in
+    the pod's; and every option given to `supernode worker` and to Dynamo's frontend is one
+    they have (when their builds are here: scripts/python-tests.sh sets them)."""
+    out = render(K8S / "dynamo")
+    [worker_dep] = [d for d in out if d["kind"] == "Deployment" and d["metadata"]["name"] == "supernode-worker"]
+    assert worker_dep["spec"]["replicas"] == 2
+    [etcd_svc] = [d for d in out if d["kind"] == "Service" and d["metadata"]["name"] == "etcd"]
+    etcd_url = f"http://etcd:{etcd_svc['spec']['ports'][0]['port']}"
+    worker, frontend = container(out, "supernode-worker"), container(out, "dynamo-frontend")
+    for c in (worker, frontend):
+        env = env_of(c)
+        assert env["DYN_DISCOVERY_BACKEND"] == "etcd", c["name"]
+        assert env["ETCD_ENDPOINTS"] == etcd_url, c["name"]
+        assert env["DYN_REQUEST_PLANE"] == "tcp" and env["DYN_EVENT_PLANE"] == "zmq", c["name"]
+    env = env_of(worker)
+    system = {p["name"]: p["containerPort"] for p in worker["ports"]}["system"]
+    assert env["DYN_SYSTEM_PORT"] == str(system) and system < 32768
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert worker[probe]["httpGet"]["port"] == "system"
+    grace = int(env["DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS"])
+    assert worker_dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    assert option_values(frontend["args"], "--router-mode") == ["kv"]
+    dyn_bin, dyn_py = os.environ.get("SUPERNODE_DYNAMO_BIN"), os.environ.get("SUPERNODE_DYNAMO_PYTHON")
+    if not (dyn_bin and dyn_py):
+        pytest.skip("no Dynamo build to check the options against (SUPERNODE_DYNAMO_BIN, SUPERNODE_DYNAMO_PYTHON)")
+    known = options(subprocess.run([dyn_bin, "worker", "--help"], capture_output=True, text=True, check=True).stdout)
+    given = {a for a in worker["args"] if a.startswith("--")}
+    assert given <= known, f"not options of `supernode worker`: {given - known}"
+    known = options(
+        subprocess.run([dyn_py, "-m", "dynamo.frontend", "--help"], capture_output=True, text=True, check=True).stdout
+    )
+    given = {a for a in frontend["args"] if a.startswith("--")}
+    assert given <= known, f"not options of Dynamo's frontend: {given - known}"
 
 
 def test_the_validator_rejects_a_broken_manifest():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,12 +138,15 @@ class Cluster:
         router_mode: str = "kv",
         worker_args: tuple[str, ...] = (),
         hosts: list[Host] | None = None,
+        etcd: str | None = None,
     ):
         self.env = dict(os.environ)
+        discovery = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp / "discovery")}
+        if etcd:
+            discovery = {"DYN_DISCOVERY_BACKEND": "etcd", "ETCD_ENDPOINTS": etcd}
         self.env.update(
             {
-                "DYN_DISCOVERY_BACKEND": "file",
-                "DYN_FILE_KV": str(tmp / "discovery"),
+                **discovery,
                 "DYN_REQUEST_PLANE": "tcp",
                 "DYN_EVENT_PLANE": "zmq",
                 "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": "1",
@@ -253,6 +257,9 @@ def test_chat_through_dynamo_equals_supernode_serve(cluster, client):
     assert via.usage.prompt_tokens == own.usage.prompt_tokens
     assert via.usage.completion_tokens == own.usage.completion_tokens
     assert via.choices[0].finish_reason == own.choices[0].finish_reason
+    # The probes of deploy/k8s/dynamo: the worker's liveness, the frontend's health.
+    assert httpx.get(f"http://{cluster.addrs[0]}:{cluster.system_ports[0]}/live", timeout=5).status_code == 200
+    assert httpx.get(cluster.url + "/health", timeout=5).status_code == 200
 
 
 def test_completion_streams_and_samples_like_supernode_serve(cluster, client):
@@ -416,3 +423,41 @@ def test_workers_on_other_hosts(tmp_path, client):
     finally:
         for h in hosts:
             h.remove()
+
+
+def test_etcd_discovery_and_deregistration_on_sigterm(tmp_path, client):
+    """The discovery backend of the Kubernetes manifests (deploy/k8s/dynamo): etcd. The worker
+    registers there, serves, and on SIGTERM leaves: the frontend stops listing the model, and
+    the worker exits 0."""
+    etcd_bin = shutil.which("etcd")
+    if etcd_bin is None:
+        pytest.skip("no etcd binary (Debian's etcd-server)")
+    client_port, peer_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{client_port}"
+    etcd = Proc(
+        [etcd_bin, "--data-dir", str(tmp_path / "etcd"), "--listen-client-urls", url,
+         "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-cluster", f"default=http://127.0.0.1:{peer_port}"],
+        dict(os.environ),
+    )
+    try:
+        wait_for(lambda: (httpx.get(url + "/health", timeout=2).status_code == 200, None), 30, "etcd to start")
+        c = Cluster(tmp_path, workers=1, etcd=url)
+        try:
+            kw = dict(model=MODEL, messages=MESSAGES, max_tokens=16, **GREEDY)
+            via = c.client().chat.completions.create(**kw)
+            own = client.chat.completions.create(**kw)
+            assert via.choices[0].message.content == own.choices[0].message.content
+            assert c.workers[0].stop() == 0, c.output()
+
+            def gone():
+                ids = [m["id"] for m in httpx.get(c.url + "/v1/models", timeout=5).json().get("data", [])]
+                return MODEL not in ids, ids
+
+            # Within the 30 s of the etcd lease: the worker removed its registration itself.
+            wait_for(gone, 10, "the frontend to drop the stopped worker's model")
+        finally:
+            c.stop()
+    finally:
+        etcd.stop()
