@@ -18,7 +18,7 @@ mod card;
 mod kv_events;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Result};
 use async_trait::async_trait;
@@ -26,15 +26,19 @@ use clap::Args;
 use dynamo_backend_common::engine::GenerateContext;
 use dynamo_backend_common::{
     chunk, usage, BackendError, CommonArgs, DisaggregationMode, DynamoError, EngineConfig,
-    ErrorType, KvEventSource, LLMEngine, LLMEngineOutput, LLMEngineOutputExt, LlmRegistration,
-    MetricsBindings, MetricsCtx, PreprocessedRequest, TopLogprob, WorkerConfig,
+    ErrorType, GuidedDecodingOptions, KvEventSource, LLMEngine, LLMEngineOutput,
+    LLMEngineOutputExt, LlmRegistration, MetricsBindings, MetricsCtx, PreprocessedRequest,
+    TopLogprob, WorkerConfig,
 };
 use futures::stream::{self, BoxStream, StreamExt};
+use serde_json::Value;
+use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
 use supernode_engine::engine::{
     EngineHandle, Event, FinishReason, Request, Sink, SubmitError, BLOCK_SIZE,
 };
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::tokenizer::Tokenizer;
+use supernode_engine::EngineError;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::model_args::ModelArgs;
@@ -85,6 +89,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         max_num_seqs: a.engine.max_num_seqs,
         max_num_batched_tokens: a.engine.max_num_batched_tokens,
         stopped: Arc::new(AtomicBool::new(false)),
+        grammars: Arc::new(OnceLock::new()),
     };
     let d = a.dynamo;
     let config = WorkerConfig {
@@ -117,13 +122,18 @@ struct DynamoEngine {
     num_blocks: usize,
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
+    /// The vocabulary's grammars for guided decoding, built on first use.
+    grammars: Arc<OnceLock<Result<Arc<Grammars>, String>>>,
     /// Set by `cleanup`: no new requests, and the load publisher ends.
     stopped: Arc<AtomicBool>,
 }
 
+/// A request the worker refuses; the message (about the request only) is shown to the client.
 fn invalid(msg: impl Into<String>) -> DynamoError {
+    let msg = msg.into();
     DynamoError::builder()
         .error_type(ErrorType::Backend(BackendError::InvalidArgument))
+        .public_message(msg.clone())
         .message(msg)
         .build()
 }
@@ -148,10 +158,59 @@ impl Sink for ChannelSink {
     }
 }
 
+/// The output constraint Dynamo's guided-decoding options ask for (vLLM's `guided_json`,
+/// `guided_regex`, `guided_choice`, `guided_grammar`, and OpenAI's `response_format`, which the
+/// frontend turns into them), if any. A grammar is llguidance's Lark dialect, as in
+/// `supernode serve`.
+fn constraint_spec(g: &GuidedDecodingOptions) -> Result<Option<ConstraintSpec>, DynamoError> {
+    if g.structural_tag.is_some() {
+        return Err(invalid("structural tags are not supported by this worker"));
+    }
+    if g.whitespace_pattern.is_some() {
+        return Err(invalid(
+            "`whitespace_pattern` is not supported: JSON is written with single spaces",
+        ));
+    }
+    let mut found = Vec::new();
+    if let Some(json) = &g.json {
+        let schema = match json {
+            Value::String(text) => serde_json::from_str(text)
+                .map_err(|e| invalid(format!("the guided JSON schema is not JSON: {e}")))?,
+            other => other.clone(),
+        };
+        if !schema.is_object() {
+            return Err(invalid("the guided JSON schema must be an object"));
+        }
+        found.push(ConstraintSpec::JsonSchema {
+            schema,
+            strict: true,
+        });
+    }
+    if let Some(re) = &g.regex {
+        found.push(ConstraintSpec::Regex(re.clone()));
+    }
+    if let Some(choice) = &g.choice {
+        if choice.is_empty() {
+            return Err(invalid("the guided choice has no options"));
+        }
+        found.push(ConstraintSpec::Choice(choice.clone()));
+    }
+    if let Some(grammar) = &g.grammar {
+        found.push(ConstraintSpec::Lark(grammar.clone()));
+    }
+    if found.len() > 1 {
+        return Err(invalid(
+            "only one of guided json, regex, choice and grammar may be given",
+        ));
+    }
+    Ok(found.pop())
+}
+
 /// The engine request for a Dynamo request, or why it cannot be served.
 fn engine_request(
     r: &PreprocessedRequest,
     max_model_len: usize,
+    constraint: Option<Constraint>,
     sink: ChannelSink,
 ) -> Result<Request, DynamoError> {
     if r.token_ids.is_empty() {
@@ -170,11 +229,6 @@ fn engine_request(
     }
     if s.use_beam_search == Some(true) {
         return Err(invalid("beam search is not supported by this worker"));
-    }
-    if s.guided_decoding.is_some() {
-        return Err(invalid(
-            "guided decoding is not supported by this worker (supernode serve has structured output)",
-        ));
     }
     let stop = &r.stop_conditions;
     if stop.min_tokens.is_some_and(|m| m > 0) {
@@ -209,7 +263,7 @@ fn engine_request(
         prompt_logits: false,
         prompt_logprobs: None,
         logit_bias: Vec::new(),
-        constraint: None,
+        constraint,
         sink: Box::new(sink),
     })
 }
@@ -295,6 +349,41 @@ impl Stream {
     }
 }
 
+impl DynamoEngine {
+    /// `spec` compiled against the vocabulary (whose grammars are built on first use), on the
+    /// blocking pool: a large schema takes a while.
+    async fn compile(&self, spec: ConstraintSpec) -> Result<Constraint, DynamoError> {
+        let (grammars, tokenizer) = (self.grammars.clone(), self.tokenizer.clone());
+        let vocab = self.handle.vocab_size();
+        tokio::task::spawn_blocking(move || {
+            let g = grammars
+                .get_or_init(|| {
+                    Grammars::for_tokenizer(&tokenizer, vocab)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .clone()
+                .map_err(invalid)?;
+            g.compile(&spec).map_err(|e| {
+                invalid(format!(
+                    "the guided decoding constraint cannot be enforced: {}",
+                    match e {
+                        EngineError::Constraint { msg, .. } => msg,
+                        other => other.to_string(),
+                    }
+                ))
+            })
+        })
+        .await
+        .map_err(|e| {
+            backend_error(
+                BackendError::Unknown,
+                format!("compiling the constraint failed: {e}"),
+            )
+        })?
+    }
+}
+
 #[async_trait]
 impl LLMEngine for DynamoEngine {
     async fn start(&self, _worker_id: u64) -> Result<EngineConfig, DynamoError> {
@@ -324,8 +413,20 @@ impl LLMEngine for DynamoEngine {
                 "the worker is shutting down",
             ));
         }
+        let constraint = match request.sampling_options.guided_decoding.as_ref() {
+            Some(g) => match constraint_spec(g)? {
+                Some(spec) => Some(self.compile(spec).await?),
+                None => None,
+            },
+            None => None,
+        };
         let (tx, rx) = unbounded_channel();
-        let req = engine_request(&request, self.handle.max_model_len(), ChannelSink(tx))?;
+        let req = engine_request(
+            &request,
+            self.handle.max_model_len(),
+            constraint,
+            ChannelSink(tx),
+        )?;
         let prompt_tokens = req.prompt.len() as u32;
         let id = self.handle.submit(req).map_err(|e| match e {
             SubmitError::PromptTooLong { .. } | SubmitError::Invalid(_) => invalid(e.to_string()),
