@@ -278,6 +278,17 @@ def test_completion_streams_and_samples_like_supernode_serve(cluster, client):
     assert finish == "length" == own.choices[0].finish_reason
 
 
+def test_min_tokens_through_dynamo_equals_supernode_serve(cluster, client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=80, **GREEDY)
+    short = client.chat.completions.create(**kw)
+    assert short.choices[0].finish_reason == "stop"
+    extra = {"min_tokens": short.usage.completion_tokens + 10}
+    via = cluster.client().chat.completions.create(extra_body=extra, **kw)
+    own = client.chat.completions.create(extra_body=extra, **kw)
+    assert via.choices[0].message.content == own.choices[0].message.content
+    assert via.usage.completion_tokens == own.usage.completion_tokens >= extra["min_tokens"]
+
+
 def test_stop_strings_are_dynamos(cluster, client):
     kw = dict(model=MODEL, messages=MESSAGES, max_tokens=60, stop=["five", "5"], **GREEDY)
     via = cluster.client().chat.completions.create(**kw)
@@ -330,10 +341,10 @@ def test_requests_the_worker_cannot_serve_get_an_error(cluster):
     with httpx.Client(timeout=120) as h:
         r = h.post(
             cluster.url + "/v1/completions",
-            json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "min_tokens": 2},
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "n": 2},
         )
     assert r.status_code == 400, r.text
-    assert "`min_tokens` is not supported" in r.json()["message"], r.text
+    assert "`n` and `best_of` above 1 are not supported" in r.json()["message"], r.text
     ok = cluster.client().completions.create(model=MODEL, prompt="Hello", max_tokens=4, **GREEDY)
     assert ok.choices[0].finish_reason == "length"
 

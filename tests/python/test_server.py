@@ -214,6 +214,38 @@ def test_stop_sequence_completion(client):
     assert finish == "stop"
 
 
+def test_min_tokens_holds_off_the_end_and_stop_strings(client):
+    """vLLM's `min_tokens`: before that many tokens, end-of-generation tokens are not drawn and
+    stop strings do not end the answer; the answer starts as the unconstrained one did, up to
+    where that one ended, then goes on."""
+    kw = dict(messages=chat_msgs("Say hi."), max_tokens=200, **GREEDY)
+    short = client.chat.completions.create(model=MODEL, **kw)
+    assert short.choices[0].finish_reason == "stop"
+    n = short.usage.completion_tokens
+    assert n < 150, n
+    longer = client.chat.completions.create(model=MODEL, extra_body={"min_tokens": n + 20}, **kw)
+    assert longer.usage.completion_tokens >= n + 20
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+    # A stop string inside the first `min_tokens` tokens does not stop the answer there.
+    s = pick_stop(short.choices[0].message.content)
+    held = client.chat.completions.create(model=MODEL, stop=[s], extra_body={"min_tokens": n + 20}, **kw)
+    assert held.usage.completion_tokens >= n + 20
+    stopped = client.chat.completions.create(model=MODEL, stop=[s], **kw)
+    assert stopped.usage.completion_tokens < n + 20
+    # Streaming gives the same text.
+    text, finish, _, _ = stream_chat(client, extra_body={"min_tokens": n + 20}, **kw)
+    assert text == longer.choices[0].message.content
+
+
+def test_min_tokens_above_max_tokens_is_refused(http):
+    r = http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "min_tokens": 5},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "min_tokens"
+
+
 # --- sampling ----------------------------------------------------------------------------
 
 

@@ -41,10 +41,20 @@ fn engine(name: &str) -> Engine {
 /// Each request's token ids and final event, from one run over all of `reqs` at once: greedy,
 /// 24 tokens at most, ending at the end of generation or a stop string.
 fn run(e: &mut Engine, reqs: &[(String, Vec<String>)]) -> Vec<(Vec<u32>, Finish)> {
+    run_min(e, reqs, 0)
+}
+
+/// [`run`] with `min_tokens`.
+fn run_min(
+    e: &mut Engine,
+    reqs: &[(String, Vec<String>)],
+    min_tokens: usize,
+) -> Vec<(Vec<u32>, Finish)> {
     let tok = e.tokenizer().expect("the model has a tokenizer").clone();
     common::drive(e, reqs, |(text, stop), sink| Request {
         stop: stop.clone(),
         ignore_eos: false,
+        min_tokens,
         ..greedy(tok.encode(text, true, false), 24, sink)
     })
     .into_iter()
@@ -86,6 +96,35 @@ fn greedy_tokens_and_stops_are_the_same_on_the_real_models() {
             assert_eq!(base[i].0, alone[0].0, "{name}: request {i} alone");
         }
     }
+}
+
+/// `min_tokens` masks the end of generation and holds off stop strings in the rows that verify
+/// drafts as in plain decoding: the same tokens, and none of the answers ends early.
+#[test]
+fn min_tokens_gives_the_same_tokens_with_prompt_lookup() {
+    let reqs: Vec<(String, Vec<String>)> = TEXTS
+        .iter()
+        .map(|t| (t.to_string(), vec!["\n".to_string(), " the".to_string()]))
+        .collect();
+    let mut e = engine("smollm2-135m");
+    let plain = run(&mut e, &reqs);
+    assert!(
+        plain.iter().any(|p| p.0.len() < 20),
+        "no answer ends early without min_tokens"
+    );
+    let base = run_min(&mut e, &reqs, 20);
+    e.set_speculative(Some(ngram(5))).unwrap();
+    let spec = run_min(&mut e, &reqs, 20);
+    for (i, (b, s)) in base.iter().zip(&spec).enumerate() {
+        assert!(
+            b.0.len() >= 20,
+            "request {i} ended after {} tokens",
+            b.0.len()
+        );
+        assert_eq!(b.0, s.0, "request {i}");
+        assert_eq!(b.1.text, s.1.text, "request {i}");
+    }
+    assert!(spec_totals(e.stats()).2 > 0, "nothing accepted");
 }
 
 #[test]

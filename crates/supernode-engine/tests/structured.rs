@@ -85,6 +85,7 @@ fn request(ask: Ask, prompt: Vec<u32>) -> (Request, Receiver<Event>) {
         max_tokens: ask.max_tokens,
         stop: Vec::new(),
         ignore_eos: false,
+        min_tokens: 0,
         logprobs: ask.logprobs,
         cache_salt: None,
         prompt_logits: false,

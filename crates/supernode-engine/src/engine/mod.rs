@@ -123,6 +123,9 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Output tokens before which end-of-generation tokens cannot be drawn and stop strings do
+    /// not end the output (vLLM's `min_tokens`); 0 for none.
+    pub min_tokens: usize,
     /// Report each token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
     /// Keeps this request's prefix-cache entries apart from those of other salts (vLLM's
@@ -515,6 +518,7 @@ impl Engine {
                 max_tokens: req.max_tokens,
                 stop: req.stop,
                 ignore_eos: req.ignore_eos,
+                min_tokens: req.min_tokens,
                 logprobs: req.logprobs,
                 prompt_logits: req.prompt_logits,
                 prompt_logprobs: req.prompt_logprobs,

@@ -34,6 +34,8 @@ pub(crate) struct Output {
     /// Output tokens at most.
     max_tokens: usize,
     ignore_eos: bool,
+    /// Output tokens before which end-of-generation tokens are masked and stop strings ignored.
+    min_tokens: usize,
     /// Top alternatives to report with each token's log-probability, if any.
     logprobs: Option<usize>,
     /// Send the raw logits of prompt positions.
@@ -71,6 +73,7 @@ pub(crate) struct OutputSpec {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    pub min_tokens: usize,
     pub logprobs: Option<usize>,
     pub prompt_logits: bool,
     pub prompt_logprobs: Option<usize>,
@@ -86,6 +89,7 @@ impl Output {
             sampler: Sampler::new(spec.params),
             max_tokens: spec.max_tokens,
             ignore_eos: spec.ignore_eos,
+            min_tokens: spec.min_tokens,
             logprobs: spec.logprobs,
             prompt_logits: spec.prompt_logits,
             prompt_logprobs: spec.prompt_logprobs,
@@ -200,7 +204,14 @@ impl Output {
                 done: Some(self.finish_length()),
             };
         }
-        let (tok, logprobs) = match self.draw(row, history) {
+        // Below `min_tokens` the end-of-generation tokens cannot be drawn (unless a grammar,
+        // which decides where the output ends, is in charge).
+        let masked: &[u32] = if self.generated < self.min_tokens && !self.ignore_eos {
+            eog
+        } else {
+            &[]
+        };
+        let (tok, logprobs) = match self.draw(row, history, masked) {
             Ok(drawn) => drawn,
             Err(msg) => {
                 return Sampled {
@@ -234,7 +245,11 @@ impl Output {
         };
         self.generated += 1;
         let delta = self.detok.as_mut().map(|d| d.push(tok)).unwrap_or_default();
-        let (text, stopped) = self.stop.push(&delta);
+        let (text, stopped) = if self.generated < self.min_tokens {
+            (self.stop.pass(&delta), false)
+        } else {
+            self.stop.push(&delta)
+        };
         let alive = self.sink.send(Event::Token(TokenEvent {
             id: tok,
             text,
@@ -259,16 +274,23 @@ impl Output {
         }
     }
 
-    /// Draws the next token from `row` under `logit_bias` and the constraint; returns it with
-    /// its log-probabilities (if asked) in the row it was drawn from.
+    /// Draws the next token from `row` under `logit_bias`, the constraint and, without an
+    /// active constraint, the mask of `masked` tokens; returns it with its log-probabilities (if
+    /// asked) in the row it was drawn from.
     fn draw(
         &mut self,
         row: &[f32],
         history: &[u32],
+        masked: &[u32],
     ) -> Result<(u32, Option<TokenLogprobs>), String> {
         let top = self.logprobs;
         let constraint = self.constraint.as_mut().filter(|c| c.is_active());
-        if self.logit_bias.is_empty() && constraint.is_none() {
+        let masked = if constraint.is_some() {
+            &[][..]
+        } else {
+            masked
+        };
+        if self.logit_bias.is_empty() && constraint.is_none() && masked.is_empty() {
             let tok = self.sampler.sample(row, history);
             return Ok((tok, top.map(|k| token_logprobs(row, tok, k))));
         }
@@ -277,6 +299,11 @@ impl Output {
         for &(id, bias) in &self.logit_bias {
             if let Some(x) = self.scratch.get_mut(id as usize) {
                 *x += bias;
+            }
+        }
+        for &id in masked {
+            if let Some(x) = self.scratch.get_mut(id as usize) {
+                *x = f32::NEG_INFINITY;
             }
         }
         let lp = |row: &[f32], tok: u32| top.map(|k| token_logprobs(row, tok, k));
@@ -390,6 +417,13 @@ impl StopText {
         let out = self.pending[..cut].to_string();
         self.pending.drain(..cut);
         (out, false)
+    }
+
+    /// Adds generated text that may not end the output (below `min_tokens`): all of it, with
+    /// what was held, is safe to emit.
+    pub fn pass(&mut self, delta: &str) -> String {
+        self.pending.push_str(delta);
+        std::mem::take(&mut self.pending)
     }
 
     /// Everything still held.

@@ -62,6 +62,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize, sink: Box<dyn Sink>) -> Reque
         max_tokens,
         stop: Vec::new(),
         ignore_eos: true,
+        min_tokens: 0,
         logprobs: None,
         cache_salt: None,
         prompt_logits: false,

@@ -257,6 +257,8 @@ pub struct GenSpec {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// Output tokens before which the end of generation and stop strings do not apply (vLLM's).
+    pub min_tokens: usize,
     /// Top alternatives to report per token; `None`: no logprobs at all.
     pub logprobs: Option<usize>,
     /// Keeps the request's prefix-cache entries apart from other salts' (vLLM's field).
@@ -275,8 +277,8 @@ pub const MAX_STOP: usize = 16;
 /// The most alternatives per token in logprobs.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
-/// The fields chat and completions share; `max_tokens` may be as low as `min_tokens`.
-fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
+/// The fields chat and completions share; `max_tokens` may be as low as `least_max_tokens`.
+fn common(f: &Fields, least_max_tokens: i64) -> ApiResult<GenSpec> {
     refuse_unsupported(f)?;
     let model = f
         .string("model")?
@@ -316,15 +318,18 @@ fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
         seed: f.seed("seed")?,
         ..d
     };
-    let (max_tokens, max_tokens_param) =
-        match f.int("max_completion_tokens", min_tokens, i64::from(u32::MAX))? {
-            Some(m) => (Some(m as usize), "max_completion_tokens"),
-            None => (
-                f.int("max_tokens", min_tokens, i64::from(u32::MAX))?
-                    .map(|m| m as usize),
-                "max_tokens",
-            ),
-        };
+    let (max_tokens, max_tokens_param) = match f.int(
+        "max_completion_tokens",
+        least_max_tokens,
+        i64::from(u32::MAX),
+    )? {
+        Some(m) => (Some(m as usize), "max_completion_tokens"),
+        None => (
+            f.int("max_tokens", least_max_tokens, i64::from(u32::MAX))?
+                .map(|m| m as usize),
+            "max_tokens",
+        ),
+    };
     let stop = match f.get("stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -352,6 +357,13 @@ fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
         Some(v) => return Err(Fields::wrong("stop", "a string or a list of strings", v)),
     };
     let stream = f.bool("stream")?.unwrap_or(false);
+    let min_tokens = f.int("min_tokens", 0, i64::from(u32::MAX))?.unwrap_or(0) as usize;
+    if let Some(m) = max_tokens.filter(|&m| m < min_tokens) {
+        return Err(ApiError::invalid(
+            "min_tokens",
+            format!("`min_tokens` ({min_tokens}) must not exceed `{max_tokens_param}` ({m})"),
+        ));
+    }
     let include_usage = match f.get("stream_options") {
         None => false,
         Some(Value::Object(o)) => Fields(o).bool("include_usage")?.unwrap_or(false),
@@ -367,6 +379,7 @@ fn common(f: &Fields, min_tokens: i64) -> ApiResult<GenSpec> {
         stream,
         include_usage,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        min_tokens,
         logprobs: None,
         cache_salt: match f.string("cache_salt")? {
             Some("") => {

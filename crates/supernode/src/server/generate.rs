@@ -304,6 +304,7 @@ fn start(
                     .unwrap_or(usize::MAX),
                 stop: spec.stop.clone(),
                 ignore_eos: spec.ignore_eos,
+                min_tokens: spec.min_tokens,
                 logprobs: spec.logprobs,
                 cache_salt: spec.cache_salt.clone(),
                 prompt_logits: false,

@@ -231,9 +231,6 @@ fn engine_request(
         return Err(invalid("beam search is not supported by this worker"));
     }
     let stop = &r.stop_conditions;
-    if stop.min_tokens.is_some_and(|m| m > 0) {
-        return Err(invalid("`min_tokens` is not supported by this worker"));
-    }
     let d = SamplingParams::default();
     let params = SamplingParams {
         temperature: s.temperature.unwrap_or(d.temperature),
@@ -258,6 +255,8 @@ fn engine_request(
         // cancels the request here.
         stop: Vec::new(),
         ignore_eos: stop.ignore_eos.unwrap_or(false),
+        // The frontend's stop strings are not held back by this: it applies them itself.
+        min_tokens: stop.min_tokens.unwrap_or(0) as usize,
         logprobs: r.output_options.logprobs.map(|n| n as usize),
         cache_salt: None,
         prompt_logits: false,
