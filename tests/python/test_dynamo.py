@@ -412,9 +412,11 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
         def served() -> list[float]:
             return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
 
+        before = served()
         ask("Where is my parcel?")
         first = served()
-        holder = 0 if first[0] > first[1] else 1
+        holder = 0 if first[0] > before[0] else 1
+        assert first[holder] == before[holder] + 1, (before, first)
         # The router learns of the blocks through the published events.
         time.sleep(2)
         for k in range(6):
@@ -462,9 +464,12 @@ def test_workers_on_other_hosts(tmp_path, client):
             def served() -> list[float]:
                 return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
 
+            before = served()
             ask("Which shelf has maps?")
             first = served()
-            holder = 0 if first[0] > first[1] else 1
+            # The worker that computed the prefix (the earlier request may have gone either way).
+            holder = 0 if first[0] > before[0] else 1
+            assert first[holder] == before[holder] + 1, (before, first)
             time.sleep(2)
             for k in range(4):
                 ask(f"Is shelf {k} open today?")
