@@ -289,6 +289,26 @@ def test_min_tokens_through_dynamo_equals_supernode_serve(cluster, client):
     assert via.usage.completion_tokens == own.usage.completion_tokens >= extra["min_tokens"]
 
 
+def test_cache_salt_keeps_prefixes_apart(cluster):
+    """vLLM's `cache_salt` (Dynamo's `nvext.cache_salt`): the same prompt again reuses its cached
+    blocks under the same salt, and none under another."""
+    prompt = "A salted prompt: " + " ".join(f"word{i}" for i in range(60))
+
+    def cached(salt: str) -> int:
+        r = httpx.post(
+            cluster.url + "/v1/completions",
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "nvext": {"cache_salt": salt}},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    salt = f"tenant-{random.randrange(1 << 30)}"
+    assert cached(salt) == 0
+    assert cached(salt) >= 48
+    assert cached(salt + "-other") == 0
+
+
 def test_stop_strings_are_dynamos(cluster, client):
     kw = dict(model=MODEL, messages=MESSAGES, max_tokens=60, stop=["five", "5"], **GREEDY)
     via = cluster.client().chat.completions.create(**kw)
@@ -389,6 +409,37 @@ def test_guided_decoding_through_dynamo_equals_supernode_serve(cluster, client):
     assert "cannot be enforced" in r.json()["message"] and "look-around" in r.json()["message"], r.text
 
 
+def check_prefix_routing(c: Cluster, system: str, questions: list[str]) -> None:
+    """One request with the long `system` prompt, then one per question sharing it: every one
+    of those goes to the worker that computed the prefix (found by whose request count rose;
+    an earlier request may have gone to either), as its published KV events tell the router."""
+    cl = c.client()
+
+    def ask(q: str) -> None:
+        cl.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+            max_tokens=2,
+            **GREEDY,
+        )
+
+    def served() -> list[float]:
+        return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
+
+    before = served()
+    ask("Where do I start?")
+    first = served()
+    holder = 0 if first[0] > before[0] else 1
+    assert first[holder] == before[holder] + 1, (before, first)
+    # The router learns of the blocks through the published events.
+    time.sleep(2)
+    for q in questions:
+        ask(q)
+    after = served()
+    assert after[holder] - first[holder] == len(questions), f"requests per worker before {first}, after {after}:\n{c.output()}"
+    assert after[1 - holder] == first[1 - holder]
+
+
 def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
     """Two workers behind Dynamo's KV-aware router: after one request with a long prefix, every
     request sharing it goes to the worker whose prefix cache holds it, as the block events
@@ -399,31 +450,7 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
             "You are the help desk of a shipping company. "
             + " ".join(f"Rule {i}: answer questions about parcel class {i} and cite tariff {i * 7 % 31}." for i in range(14))
         )
-        cl = c.client()
-
-        def ask(q: str) -> None:
-            cl.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
-                max_tokens=2,
-                **GREEDY,
-            )
-
-        def served() -> list[float]:
-            return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
-
-        before = served()
-        ask("Where is my parcel?")
-        first = served()
-        holder = 0 if first[0] > before[0] else 1
-        assert first[holder] == before[holder] + 1, (before, first)
-        # The router learns of the blocks through the published events.
-        time.sleep(2)
-        for k in range(6):
-            ask(f"Question {k}: how much does class {k} cost?")
-        after = served()
-        assert after[holder] - first[holder] == 6, f"requests per worker before {first}, after {after}:\n{c.output()}"
-        assert after[1 - holder] == first[1 - holder]
+        check_prefix_routing(c, system, [f"Question {k}: how much does class {k} cost?" for k in range(6)])
     finally:
         codes = c.stop()
     assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"
@@ -453,28 +480,7 @@ def test_workers_on_other_hosts(tmp_path, client):
                 f"Shelf {i} holds books on subject {i * 3 % 17} and is open on day {i % 7}." for i in range(16)
             )
 
-            def ask(q: str) -> None:
-                cl.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
-                    max_tokens=2,
-                    **GREEDY,
-                )
-
-            def served() -> list[float]:
-                return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in range(2)]
-
-            before = served()
-            ask("Which shelf has maps?")
-            first = served()
-            # The worker that computed the prefix (the earlier request may have gone either way).
-            holder = 0 if first[0] > before[0] else 1
-            assert first[holder] == before[holder] + 1, (before, first)
-            time.sleep(2)
-            for k in range(4):
-                ask(f"Is shelf {k} open today?")
-            after = served()
-            assert after[holder] - first[holder] == 4, f"before {first}, after {after}:\n{c.output()}"
+            check_prefix_routing(c, system, [f"Is shelf {k} open today?" for k in range(4)])
         finally:
             codes = c.stop()
         assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"

@@ -231,6 +231,18 @@ fn engine_request(
         return Err(invalid("beam search is not supported by this worker"));
     }
     let stop = &r.stop_conditions;
+    if stop.max_thinking_tokens.is_some() {
+        return Err(invalid(
+            "`max_thinking_tokens` is not supported by this worker",
+        ));
+    }
+    if r.output_options.prompt_logprobs.is_some() {
+        return Err(invalid("`prompt_logprobs` is not supported by this worker"));
+    }
+    let hints = r.routing.as_ref();
+    if hints.is_some_and(|h| h.lora_name.is_some()) {
+        return Err(invalid("LoRA adapters are not supported by this worker"));
+    }
     let d = SamplingParams::default();
     let params = SamplingParams {
         temperature: s.temperature.unwrap_or(d.temperature),
@@ -258,7 +270,8 @@ fn engine_request(
         // The frontend's stop strings are not held back by this: it applies them itself.
         min_tokens: stop.min_tokens.unwrap_or(0) as usize,
         logprobs: r.output_options.logprobs.map(|n| n as usize),
-        cache_salt: None,
+        // Requests with different salts share no cached prompt blocks.
+        cache_salt: hints.and_then(|h| h.cache_namespace.clone()),
         prompt_logits: false,
         prompt_logprobs: None,
         logit_bias: Vec::new(),
