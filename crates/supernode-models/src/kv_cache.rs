@@ -235,6 +235,14 @@ impl KvData {
         Ok(())
     }
 
+    /// The rows' memory: its start and its length in bytes.
+    fn bytes_mut(&mut self) -> (*mut u8, usize) {
+        match self {
+            KvData::F32(x) => (x.as_mut_ptr().cast(), x.len() * 4),
+            KvData::F16(x) => (x.as_mut_ptr().cast(), x.len() * 2),
+        }
+    }
+
     /// The rows as the attention kernels read them.
     pub fn rows(&self) -> KvRows<'_> {
         match self {
@@ -294,6 +302,16 @@ impl RecurrentState {
     pub fn slot_mut(&mut self, i: usize) -> &mut [f32] {
         &mut self.data[i * self.width..(i + 1) * self.width]
     }
+}
+
+/// One buffer of a cache ([`KvCache::regions`]), block after block: block `b`'s rows are the
+/// `block_bytes` bytes from `addr + b * block_bytes`. What a transfer agent (NIXL) registers
+/// to move whole blocks between two engines' caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvRegion {
+    pub addr: usize,
+    pub len: usize,
+    pub block_bytes: usize,
 }
 
 /// The whole cache.
@@ -400,6 +418,29 @@ impl KvCache {
         }
         self.num_blocks = num_blocks;
         Ok(())
+    }
+
+    /// Every non-empty buffer of rows (each layer's keys, values and indexer keys, in that
+    /// order), for moving blocks in and out of the cache by address. The addresses stay valid
+    /// while the cache lives and is not grown ([`KvCache::grow`]); writing through them is only
+    /// sound for blocks nobody computes with meanwhile (the engine's block leases).
+    pub fn regions(&mut self) -> Vec<KvRegion> {
+        let blocks = self.num_blocks;
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            for d in [&mut layer.k, &mut layer.v, &mut layer.index] {
+                if d.is_empty() {
+                    continue;
+                }
+                let (ptr, len) = d.bytes_mut();
+                out.push(KvRegion {
+                    addr: ptr as usize,
+                    len,
+                    block_bytes: len / blocks,
+                });
+            }
+        }
+        out
     }
 
     /// Bytes of one state slot over all layers.

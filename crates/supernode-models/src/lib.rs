@@ -28,7 +28,7 @@ pub mod weights;
 pub use arch::Model;
 pub use batch::Batch;
 pub use config::ModelConfig;
-pub use kv_cache::{KvCache, KvDType, KvData, KvLayerSpec, KvValues};
+pub use kv_cache::{KvCache, KvDType, KvData, KvLayerSpec, KvRegion, KvValues};
 pub use loader::{load_model, partial_load_note, LoadOptions, LoadedModel, ModelSource};
 pub use metadata::{MetaValue, Metadata};
 pub use numerics::Numerics;

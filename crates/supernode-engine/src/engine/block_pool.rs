@@ -143,6 +143,11 @@ impl BlockPool {
         self.refs.len()
     }
 
+    /// Whether blocks are cached and found by their contents.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
+    }
+
     /// Blocks that [`BlockPool::allocate`] can still hand out (plain and evictable).
     pub fn num_free(&self) -> usize {
         self.num_free

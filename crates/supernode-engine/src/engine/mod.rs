@@ -33,6 +33,7 @@
 //! cache of it is dropped).
 
 pub mod block_pool;
+pub mod connector;
 mod output;
 mod runner;
 pub mod scheduler;
@@ -44,9 +45,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use supernode_models::{KvCache, KvLayerSpec, Model};
+use supernode_models::{KvCache, KvLayerSpec, KvRegion, Model};
 
 pub use self::block_pool::BLOCK_SIZE;
+use self::connector::{KvOp, Leases};
 pub use self::output::{token_logprobs, StopText};
 use self::output::{Output, OutputSpec};
 use self::runner::Runner;
@@ -259,6 +261,12 @@ pub struct EngineStats {
     pub spec_draft_tokens: AtomicU64,
     /// Draft tokens accepted.
     pub spec_accepted_tokens: AtomicU64,
+    /// Blocks pinned for a peer to read (the KV connector's exports).
+    pub kv_exported_blocks: AtomicU64,
+    /// Blocks written by a peer and committed to the prefix cache (the KV connector's imports).
+    pub kv_imported_blocks: AtomicU64,
+    /// The KV connector's leases held now.
+    pub kv_leases: AtomicUsize,
 }
 
 /// Why a request was refused at the door.
@@ -330,6 +338,8 @@ pub struct Engine {
     spec: Option<Speculator>,
     /// Where the prefix cache's block events go after each step, once someone asks for them.
     block_events: Option<BlockEventSink>,
+    /// Blocks the KV connector holds for transfers.
+    leases: Leases,
 }
 
 /// Receives the prefix cache's [`block_pool::BlockEvent`]s in order, a batch after each engine step.
@@ -443,6 +453,7 @@ impl Engine {
             queued: Arc::new(AtomicUsize::new(0)),
             spec,
             block_events: None,
+            leases: Leases::default(),
         })
     }
 
@@ -860,6 +871,19 @@ impl Engine {
         st.blocks_cached.store(pool.num_cached(), Ordering::Relaxed);
         st.prefix_refused_hits
             .store(pool.refused_hits(), Ordering::Relaxed);
+        drop(pool);
+        st.kv_leases.store(self.num_leases(), Ordering::Relaxed);
+    }
+
+    /// The KV cache's buffers by address, for a transfer agent ([`connector`]).
+    pub fn kv_regions(&mut self) -> Vec<KvRegion> {
+        self.runner.kv_regions()
+    }
+
+    /// Whether the prefix cache is on (it is off by configuration or for models with recurrent
+    /// state): the KV connector can import only where it is.
+    pub fn prefix_caching(&self) -> bool {
+        self.sched.pool().prefix_caching()
     }
 }
 
@@ -870,6 +894,8 @@ enum Msg {
     Embed(Vec<Vec<u32>>, EmbedReply),
     /// Send the prefix cache's block events there from now on.
     BlockEvents(BlockEventSink),
+    /// A KV connector operation, between two steps.
+    Kv(KvOp),
     /// Cancel everything and exit.
     Abort,
 }
@@ -886,6 +912,8 @@ pub struct EngineHandle {
     cfg: EngineConfig,
     max_model_len: usize,
     vocab_size: usize,
+    regions: Vec<KvRegion>,
+    prefix_caching: bool,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -896,7 +924,10 @@ impl EngineHandle {
         tokenizer: Option<Arc<Tokenizer>>,
         cfg: EngineConfig,
     ) -> Result<EngineHandle, EngineError> {
-        let engine = Engine::new(model, tokenizer, cfg.clone())?;
+        let mut engine = Engine::new(model, tokenizer, cfg.clone())?;
+        // The cache's buffers do not move with the engine (they are on the heap).
+        let regions = engine.kv_regions();
+        let prefix_caching = engine.prefix_caching();
         let stats = engine.stats.clone();
         let queued = engine.queued.clone();
         let (max_model_len, vocab_size) = (engine.max_model_len(), engine.vocab_size);
@@ -912,6 +943,8 @@ impl EngineHandle {
             cfg,
             max_model_len,
             vocab_size,
+            regions,
+            prefix_caching,
             thread: Some(thread),
         })
     }
@@ -995,6 +1028,24 @@ impl EngineHandle {
         }
     }
 
+    /// The KV cache's buffers by address ([`connector`]), valid while the engine runs.
+    pub fn kv_regions(&self) -> &[KvRegion] {
+        &self.regions
+    }
+
+    /// Whether the prefix cache is on (where it is not, the KV connector cannot import).
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
+    }
+
+    /// Sends `op` to the KV connector, carried out between two steps; `false` if the engine
+    /// has stopped (the op's reply is then never called).
+    pub fn kv(&self, op: KvOp) -> bool {
+        self.tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(Msg::Kv(op)).is_ok())
+    }
+
     /// Cancels every request (each hears `Done` with `Cancelled`) and stops the engine thread;
     /// later submissions fail with [`SubmitError::Stopped`].
     pub fn abort(&self) {
@@ -1039,6 +1090,10 @@ fn run(mut engine: Engine, rx: Receiver<Msg>) {
         }
         Msg::BlockEvents(sink) => {
             engine.send_block_events(sink);
+            true
+        }
+        Msg::Kv(op) => {
+            engine.kv_op(op);
             true
         }
         Msg::Abort => {

@@ -48,6 +48,11 @@ impl StepLogits {
 }
 
 impl Runner {
+    /// The KV cache's buffers by address.
+    pub fn kv_regions(&mut self) -> Vec<supernode_models::KvRegion> {
+        self.kv.regions()
+    }
+
     pub fn new(model: Box<dyn Model>, kv: KvCache) -> Runner {
         Runner {
             model: Arc::from(model),

@@ -317,6 +317,17 @@ impl Scheduler {
         self.pool.lock()
     }
 
+    /// An empty block table drawing on the pool (blocks held outside any request: the KV
+    /// connector's leases).
+    pub fn table(&self) -> Blocks {
+        self.pool.table()
+    }
+
+    /// The hash every prefix-cache chain of a request with `cache_salt` starts from.
+    pub fn root(&self, cache_salt: Option<&str>) -> BlockHash {
+        root_hash(&self.cfg.salt, cache_salt.unwrap_or(""))
+    }
+
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
