@@ -55,16 +55,43 @@ USER 10001
 EXPOSE 8000
 ENTRYPOINT ["python", "-m", "dynamo.frontend", "--http-port", "8000"]
 
+# NIXL, which moves KV blocks from prefill to decode workers (deploy/k8s/dynamo-disagg), from the
+# nixl-cu12 wheel of the nixl-sys version in Cargo.lock, whose C API the worker is built against
+# (no CUDA is needed to copy host memory). The worker dlopens libnixl_capi.so, and NIXL loads its
+# UCX plugin from NIXL_PLUGIN_DIR. Kept: those two, UCX's modules for shared memory (cma) and
+# InfiniBand/RoCE (ib, ib_mlx5; TCP is in libuct itself), and the wheel's libraries they link,
+# as ldd resolves them; not the other plugins, the Python bindings, the headers and scripts of
+# the wheel's .data, nor the CUDA modules. The wheel's two directories stay side by side: their
+# RPATHs ($ORIGIN/../nixl_cu12.libs) name each other, and UCX looks for its modules in ucx/
+# beside libucs.
+FROM python:3.11-slim AS nixl
+RUN pip install --no-cache-dir --no-deps nixl-cu12==1.3.2 \
+    && cd /usr/local/lib/python3.11/site-packages \
+    && keep=".nixl_cu12.mesonpy.libs/libnixl_capi.so .nixl_cu12.mesonpy.libs/plugins/libplugin_UCX.so \
+             nixl_cu12.libs/ucx/libuct_cma.so.0.0.0 nixl_cu12.libs/ucx/libuct_ib.so.0.0.0 \
+             nixl_cu12.libs/ucx/libuct_ib_mlx5.so.0.0.0" \
+    && mkdir -p /opt/nixl \
+    && for f in $keep $(ldd $keep | awk '$3 ~ /nixl_cu12/ { print $3 }'); do \
+           cp --parents "$(realpath --relative-to=. "$f")" /opt/nixl/ || exit 1; \
+       done
+
+# libssl3: NIXL's gRPC (its etcd client) links it. The ldd check fails the build if a library of
+# NIXL's is missing from this base.
 FROM debian:bookworm-slim AS worker
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3 python3-pip \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 python3 python3-pip \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home supernode \
     && mkdir -p /cache && chown supernode /cache
 COPY --from=build-dynamo /out/supernode /usr/local/bin/supernode
+COPY --from=nixl /opt/nixl /opt/nixl
+RUN ! ldd /opt/nixl/.nixl_cu12.mesonpy.libs/libnixl_capi.so \
+        /opt/nixl/.nixl_cu12.mesonpy.libs/plugins/libplugin_UCX.so | grep "not found"
 USER 10001
 ENV SUPERNODE_CACHE=/cache/supernode \
-    HF_HOME=/cache/huggingface
+    HF_HOME=/cache/huggingface \
+    LD_LIBRARY_PATH=/opt/nixl/.nixl_cu12.mesonpy.libs \
+    NIXL_PLUGIN_DIR=/opt/nixl/.nixl_cu12.mesonpy.libs/plugins
 VOLUME /cache
 ENTRYPOINT ["supernode", "worker"]
 CMD ["--model", "smollm2-135m"]

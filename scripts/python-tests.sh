@@ -116,6 +116,14 @@ if [ -x "$dyn_bin" ]; then
         echo "python-tests: cannot create venv-dynamo; test_dynamo.py is skipped" >&2
         failed=$((failed + 1)) status=1
     fi
+    # NIXL's libraries for the prefill/decode tests (the worker loads libnixl_capi.so).
+    if ensure_venv "$cache/venv-nixl" tests/python/requirements-nixl.txt --no-deps; then
+        nixl_lib=$(echo "$cache"/venv-nixl/lib/python3*/site-packages/.nixl_cu12.mesonpy.libs)
+        export SUPERNODE_NIXL_LIB=$nixl_lib
+    else
+        echo "python-tests: cannot create venv-nixl; the prefill/decode tests are skipped" >&2
+        failed=$((failed + 1)) status=1
+    fi
 fi
 
 extra_tests=(tests/python/test_instructor.py tests/python/test_lm_eval.py)

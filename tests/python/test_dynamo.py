@@ -140,6 +140,8 @@ class Cluster:
         worker_args: tuple[str, ...] = (),
         hosts: list[Host] | None = None,
         etcd: str | None = None,
+        roles: list[str] | None = None,
+        worker_env: dict[str, str] | None = None,
     ):
         self.env = dict(os.environ)
         discovery = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp / "discovery")}
@@ -162,7 +164,8 @@ class Cluster:
         self.addrs: list[str] = []
         for i in range(workers):
             sp = free_port()
-            env = dict(self.env, DYN_SYSTEM_PORT=str(sp))
+            env = dict(self.env, DYN_SYSTEM_PORT=str(sp), **(worker_env or {}))
+            role = ["--disaggregation-mode", roles[i]] if roles else []
             self.system_ports.append(sp)
             prefix: list[str] = []
             if hosts:
@@ -171,7 +174,7 @@ class Cluster:
             else:
                 self.addrs.append("127.0.0.1")
             self.workers.append(
-                Proc([*prefix, DYN_BIN, "worker", "--model", MODEL, "--threads", "1", *worker_args], env)
+                Proc([*prefix, DYN_BIN, "worker", "--model", MODEL, "--threads", "1", *role, *worker_args], env)
             )
         self.frontend = Proc(
             [DYN_PY, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(self.port),
@@ -525,3 +528,204 @@ def test_etcd_discovery_and_deregistration_on_sigterm(tmp_path, client):
             c.stop()
     finally:
         etcd.stop()
+
+
+NIXL_LIB = os.environ.get("SUPERNODE_NIXL_LIB", "")
+
+
+def nixl_env(tcp: bool = True) -> dict[str, str]:
+    """What a prefill or decode worker needs to load NIXL (scripts/python-tests.sh installs the
+    wheel); with `tcp`, UCX held to TCP so that the transfers cross the hosts' links (else UCX
+    picks, shared memory on one host)."""
+    if not (NIXL_LIB and Path(NIXL_LIB, "libnixl_capi.so").is_file()):
+        pytest.skip("no NIXL: set SUPERNODE_NIXL_LIB to the nixl-cu12 wheel's .nixl_cu12.mesonpy.libs")
+    env = {"LD_LIBRARY_PATH": NIXL_LIB, "NIXL_PLUGIN_DIR": str(Path(NIXL_LIB, "plugins"))}
+    if tcp:
+        env["UCX_TLS"] = "tcp"
+    return env
+
+
+def counter(text: str, name: str) -> float:
+    """The value of the worker's own (unlabelled, or the only matching) sample `name`."""
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} in the worker's metrics:\n{text[-2000:]}")
+
+
+def transfer_counters(c: Cluster, i: int) -> dict[str, float]:
+    m = c.worker_metrics(i)
+    names = [
+        "supernode_prompt_tokens_computed_total",
+        "supernode_prefix_cache_hit_tokens_total",
+        "supernode_kv_exported_blocks_total",
+        "supernode_kv_imported_blocks_total",
+        "supernode_kv_leases",
+    ]
+    out = {n: counter(m, n) for n in names}
+    for outcome in ("pulled", "fallback"):
+        out[outcome] = counter(m, f'supernode_kv_transfer_requests_total{{outcome="{outcome}"}}')
+    out["in_use"] = gauge(m, USAGE) or 0.0
+    return out
+
+
+@pytest.fixture
+def two_hosts():
+    """Hosts 10.231.1.2 and 10.231.2.2, which reach each other through this namespace (IPv4
+    forwarding on for the test)."""
+    fwd = Path("/proc/sys/net/ipv4/ip_forward")
+    hosts: list[Host] = []
+    try:
+        for n in (1, 2):
+            hosts.append(Host(n))
+        old = fwd.read_text().strip()
+        fwd.write_text("1")
+    except OSError as e:
+        for h in hosts:
+            h.remove()
+        pytest.skip(f"no network namespaces here: {e}")
+    try:
+        yield hosts
+    finally:
+        fwd.write_text(old)
+        for h in hosts:
+            h.remove()
+
+
+def cut(a: Host, b: Host, on: bool) -> None:
+    """Drops (or restores) every packet between hosts `a` and `b`, in both directions, by
+    blackhole routes in their namespaces; the frontend here still reaches both."""
+    for h, other in ((a, b), (b, a)):
+        op = "add" if on else "del"
+        subprocess.run(
+            ["ip", "netns", "exec", h.name, "ip", "route", op, "blackhole", f"{other.addr}/32"],
+            check=True, capture_output=True,
+        )
+
+
+PD_QUESTIONS = [
+    f"Question {k}: " + " ".join(["please explain"] * (k % 5 * 7)) + f" what {k} plus {k * 3} is."
+    for k in range(16)
+]
+
+
+def test_prefill_and_decode_workers_on_two_hosts(two_hosts, client, tmp_path):
+    """A prefill worker on one host and a decode worker on another behind Dynamo's frontend:
+    16 concurrent requests get exactly the greedy tokens of `supernode serve` (one engine that
+    computes everything; batch invariance makes the two equal), and the decode worker computed
+    only the tail of each prompt (what does not fill a block, at least the last token): the rest
+    arrived as blocks pulled through NIXL over TCP. Then the link between the two hosts is cut:
+    the requests still get the same answers, computed on the decode worker, and once the link
+    is back every pinned or reserved block is released on both workers."""
+    env = nixl_env()
+    hosts = two_hosts
+    c = Cluster(
+        tmp_path, workers=2, hosts=hosts, roles=["prefill", "decode"],
+        worker_args=("--kv-transfer-timeout-ms", "3000", "--kv-hold-ms", "30000"), worker_env=env,
+    )
+    try:
+        def ask(cl: OpenAI, q: str):
+            return cl.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=12, **GREEDY
+            )
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        want = {q: ask(client, q).choices[0].message.content for q in PD_QUESTIONS}
+        before = transfer_counters(c, 1)
+        cl = c.client()
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda q: ask(cl, q), PD_QUESTIONS))
+        for q, r in zip(PD_QUESTIONS, got):
+            assert r.choices[0].message.content == want[q], (q, c.output())
+        after = transfer_counters(c, 1)
+        # Each prompt's full blocks (all but its last token) were pulled or already cached here.
+        tails = sum(r.usage.prompt_tokens - (r.usage.prompt_tokens - 1) // 16 * 16 for r in got)
+        assert after["supernode_prompt_tokens_computed_total"] - before["supernode_prompt_tokens_computed_total"] == tails, (before, after)
+        assert after["pulled"] - before["pulled"] == 16 and after["fallback"] == before["fallback"], (before, after)
+        assert after["supernode_kv_imported_blocks_total"] > before["supernode_kv_imported_blocks_total"]
+        prefill = transfer_counters(c, 0)
+        assert prefill["supernode_kv_exported_blocks_total"] >= after["supernode_kv_imported_blocks_total"]
+
+        # The link between the hosts goes down: new prompts cannot be pulled, and are computed
+        # on the decode worker instead, with the same answers.
+        cut(hosts[0], hosts[1], True)
+        fresh = [q.replace("Question", "Query") for q in PD_QUESTIONS[:4]]
+        want_cut = {q: ask(client, q).choices[0].message.content for q in fresh}
+        try:
+            mid = transfer_counters(c, 1)
+            with ThreadPoolExecutor(4) as pool:
+                got_cut = list(pool.map(lambda q: ask(cl, q), fresh))
+            for q, r in zip(fresh, got_cut):
+                assert r.choices[0].message.content == want_cut[q], (q, c.output())
+            end = transfer_counters(c, 1)
+            assert end["fallback"] - mid["fallback"] == 4, (mid, end, c.output())
+            # Every prompt token was computed here or found in this worker's own cache (the
+            # chat template's first block): nothing was imported.
+            delta = {k: end[k] - mid[k] for k in end}
+            assert delta["supernode_kv_imported_blocks_total"] == 0, delta
+            assert delta["supernode_prompt_tokens_computed_total"] + delta["supernode_prefix_cache_hit_tokens_total"] == sum(
+                r.usage.prompt_tokens for r in got_cut
+            ), delta
+        finally:
+            cut(hosts[0], hosts[1], False)
+
+        # Nothing leaks: transfers stuck in the cut end, pins are released, no block stays in use.
+        def drained():
+            now = [transfer_counters(c, i) for i in (0, 1)]
+            return all(x["supernode_kv_leases"] == 0 and x["in_use"] == 0 for x in now), now
+
+        wait_for(drained, 60, "every lease and block to be released on both workers")
+        # And transfers work again.
+        r = ask(cl, PD_QUESTIONS[3] + " Again.")
+        assert r.choices[0].message.content == ask(client, PD_QUESTIONS[3] + " Again.").choices[0].message.content
+    finally:
+        codes = c.stop()
+    assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"
+
+
+def test_a_decode_worker_killed_mid_stream(client, tmp_path):
+    """One prefill and two decode workers on one host (UCX's choice of transport): a decode
+    worker killed while it streams gives the client an error, not a hang; the next request is
+    served by the other decode worker, with `supernode serve`'s answer; nothing stays pinned on
+    the prefill worker."""
+    c = Cluster(tmp_path, workers=3, roles=["prefill", "decode", "decode"], worker_env=nixl_env(tcp=False))
+    killed = None
+    try:
+        cl = c.client()
+
+        def served() -> list[float]:
+            return [gauge(c.worker_metrics(i), "dynamo_component_requests_total") or 0.0 for i in (1, 2)]
+
+        before = served()
+        stream = cl.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=1500, stream=True,
+            extra_body={"min_tokens": 1500}, **GREEDY,
+        )
+        it = iter(stream)
+        for _ in range(3):
+            next(it)
+        now = served()
+        busy = [i for i in (0, 1) if now[i] > before[i]]
+        assert len(busy) == 1, (before, now)
+        killed = 1 + busy[0]
+        c.workers[killed].proc.kill()
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as err:
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 60, "the stream hung after its worker died"
+        print("the client saw:", repr(err.value))
+        want = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, **GREEDY)
+        got = cl.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, **GREEDY)
+        assert got.choices[0].message.content == want.choices[0].message.content
+
+        def released():
+            p = transfer_counters(c, 0)
+            return p["supernode_kv_leases"] == 0 and p["in_use"] == 0, p
+
+        wait_for(released, 60, "the prefill worker to release every pin")
+    finally:
+        codes = c.stop()
+    assert killed is not None
+    assert [code for i, code in enumerate(codes) if i != killed] == [0, 0], f"worker exit codes {codes}:\n{c.output()}"

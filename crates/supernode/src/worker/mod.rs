@@ -15,10 +15,12 @@
 //! evicted ([`kv_events`]).
 
 mod card;
+mod disagg;
 mod kv_events;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use async_trait::async_trait;
@@ -33,6 +35,7 @@ use dynamo_backend_common::{
 use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::Value;
 use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
+use supernode_engine::engine::connector::KvOp;
 use supernode_engine::engine::{
     EngineHandle, Event, FinishReason, Request, Sink, SubmitError, BLOCK_SIZE,
 };
@@ -41,6 +44,7 @@ use supernode_engine::tokenizer::Tokenizer;
 use supernode_engine::EngineError;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use self::disagg::{Handoff, KvTransfer, LeaseGuard};
 use crate::model_args::ModelArgs;
 use crate::server::{start_engine, EngineArgs};
 use crate::spec_args::SpecArgs;
@@ -58,15 +62,20 @@ pub struct WorkerArgs {
     /// The model name clients give (default: the short or Hub name, else the file's stem).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Decode workers: a KV transfer from a prefill worker not done within this many
+    /// milliseconds is abandoned, and the prompt is computed here (same output).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_transfer_timeout_ms: u64,
+    /// Prefill workers: how long a prompt's blocks stay pinned for a decode worker that does
+    /// not say it has read them.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_hold_ms: u64,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
-    if a.dynamo.disaggregation_mode != DisaggregationMode::Aggregated {
-        bail!(
-            "--disaggregation-mode {:?}: only `agg` is built; a worker computes its own \
-             prompts (prefill/decode pools over NIXL are not built yet)",
-            a.dynamo.disaggregation_mode
-        );
+    let mode = a.dynamo.disaggregation_mode;
+    if mode.is_encode() {
+        bail!("--disaggregation-mode encode: this worker has no multimodal encoder");
     }
     let started = start_engine(&a.model, &a.spec, &a.engine, a.served_model_name.as_deref())?;
     let Some(tokenizer) = started.tokenizer.clone() else {
@@ -81,8 +90,33 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         &tokenizer,
         &started.model_id,
     )?;
+    let handle = Arc::new(started.handle);
+    let transfer = match mode {
+        DisaggregationMode::Prefill | DisaggregationMode::Decode => {
+            if !handle.prefix_caching() {
+                bail!(
+                    "--disaggregation-mode {mode}: prompts are handed over as prefix-cache blocks, \
+                     and this worker has no prefix cache (--no-prefix-caching, or a model with \
+                     recurrent state): run it as `agg`"
+                );
+            }
+            let t = KvTransfer::new(
+                handle.kv_regions(),
+                Duration::from_millis(a.kv_transfer_timeout_ms),
+            )?;
+            eprintln!(
+                "{mode} worker: {} KV cache buffers registered with NIXL (UCX)",
+                handle.kv_regions().len()
+            );
+            Some(Arc::new(t))
+        }
+        _ => None,
+    };
     let engine = DynamoEngine {
-        handle: Arc::new(started.handle),
+        handle,
+        mode,
+        transfer,
+        hold: Duration::from_millis(a.kv_hold_ms),
         tokenizer,
         model_id: started.model_id.clone(),
         num_blocks: started.num_blocks,
@@ -126,6 +160,12 @@ struct DynamoEngine {
     grammars: Arc<OnceLock<Result<Arc<Grammars>, String>>>,
     /// Set by `cleanup`: no new requests, and the load publisher ends.
     stopped: Arc<AtomicBool>,
+    /// Aggregated, prefill or decode ([`disagg`]).
+    mode: DisaggregationMode,
+    /// The NIXL agent of a prefill or decode worker.
+    transfer: Option<Arc<KvTransfer>>,
+    /// How long a prefill worker keeps a handed-off prompt's blocks pinned at most.
+    hold: Duration,
 }
 
 /// A request the worker refuses; the message (about the request only) is shown to the client.
@@ -290,6 +330,8 @@ struct Stream {
     prompt_tokens: u32,
     completion_tokens: u32,
     done: bool,
+    /// The imported prompt blocks, held until the request has found them (decode workers).
+    _import: Option<LeaseGuard>,
 }
 
 impl Stream {
@@ -362,6 +404,161 @@ impl Stream {
 }
 
 impl DynamoEngine {
+    fn submit(&self, req: Request) -> Result<supernode_engine::engine::RequestId, DynamoError> {
+        self.handle.submit(req).map_err(|e| match e {
+            SubmitError::PromptTooLong { .. } | SubmitError::Invalid(_) => invalid(e.to_string()),
+            SubmitError::QueueFull(_) => backend_error(BackendError::Unknown, e.to_string()),
+            SubmitError::Stopped => backend_error(BackendError::EngineShutdown, e.to_string()),
+        })
+    }
+
+    /// A prefill worker's answer: once the engine has computed the prompt, one terminal chunk
+    /// (finish `length`, no tokens) whose `disaggregated_params` name the prompt's pinned
+    /// blocks.
+    fn prefill(
+        &self,
+        id: supernode_engine::engine::RequestId,
+        tokens: Vec<u32>,
+        cache_salt: Option<String>,
+        mut rx: UnboundedReceiver<Event>,
+        ctx: GenerateContext,
+    ) -> BoxStream<'static, Result<LLMEngineOutput, DynamoError>> {
+        let (handle, hold) = (self.handle.clone(), self.hold);
+        let transfer = self
+            .transfer
+            .clone()
+            .expect("prefill workers have an agent");
+        let model = self.model_id.clone();
+        let prompt_tokens = tokens.len() as u32;
+        let answer = async move {
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    _ = ctx.stopped() => {
+                        handle.cancel(id);
+                        return Ok(LLMEngineOutput::cancelled().with_usage(usage(prompt_tokens, 0)));
+                    }
+                    e = rx.recv() => e,
+                };
+                match event {
+                    Some(Event::Done(f)) if f.reason == FinishReason::Cancelled => {
+                        return Ok(LLMEngineOutput::cancelled().with_usage(usage(prompt_tokens, 0)))
+                    }
+                    Some(Event::Done(_)) => break,
+                    Some(Event::Error(m)) => return Err(backend_error(BackendError::Unknown, m)),
+                    Some(_) => continue,
+                    None => {
+                        return Err(backend_error(
+                            BackendError::StreamIncomplete,
+                            "the engine stopped before the prompt was computed",
+                        ))
+                    }
+                }
+            }
+            let (tx, pinned) = tokio::sync::oneshot::channel();
+            let op = KvOp::Pin {
+                tokens,
+                cache_salt,
+                reply: Box::new(move |p| {
+                    let _ = tx.send(p);
+                }),
+            };
+            let stopped = || backend_error(BackendError::EngineShutdown, "the engine stopped");
+            if !handle.kv(op) {
+                return Err(stopped());
+            }
+            let pinned = pinned.await.map_err(|_| stopped())?;
+            let lease = pinned.lease;
+            // Released by the decode worker's notification, or at the latest now.
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                handle.kv(KvOp::Release { lease });
+            });
+            let mut out = LLMEngineOutput::length().with_usage(usage(prompt_tokens, 0));
+            out.disaggregated_params =
+                Some(transfer.handoff(&model, pinned.blocks, lease).to_params());
+            Ok(out)
+        };
+        stream::once(answer).boxed()
+    }
+
+    /// A decode worker's import of the prompt blocks `h` names: blocks reserved, read through
+    /// NIXL, committed to the prefix cache; the lease to hold until the request has found them.
+    /// `None` when the prompt is to be computed here (the reason is logged and counted).
+    async fn import(
+        &self,
+        t: &Arc<KvTransfer>,
+        h: &Handoff,
+        tokens: Vec<u32>,
+        cache_salt: Option<String>,
+    ) -> Option<LeaseGuard> {
+        if h.model != self.model_id {
+            tracing::warn!(
+                "a KV handoff for model {} reached a worker of {}: computing the prompt here",
+                h.model,
+                self.model_id
+            );
+            t.stats.fallback.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let (tx, reserved) = tokio::sync::oneshot::channel();
+        let op = KvOp::Reserve {
+            tokens,
+            cache_salt,
+            max_blocks: h.blocks.len(),
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        };
+        if !self.handle.kv(op) {
+            return None;
+        }
+        let res = reserved.await.ok()?;
+        let guard = LeaseGuard::new(self.handle.clone(), res.lease);
+        let (t2, h2, handle) = (t.clone(), h.clone(), self.handle.clone());
+        if res.fill.is_empty() {
+            // Everything usable is cached here already.
+            tokio::task::spawn_blocking(move || t2.release_peer(&h2));
+            t.stats.pulled.fetch_add(1, Ordering::Relaxed);
+            return Some(guard);
+        }
+        let filled = res.fill.len();
+        let lease = res.lease;
+        let pulled = tokio::task::spawn_blocking(move || {
+            let r = t2.pull(&h2, &res, &handle);
+            if matches!(r, Err((false, _))) {
+                t2.release_peer(&h2);
+            }
+            r
+        })
+        .await;
+        match pulled {
+            Ok(Ok(())) => {
+                self.handle.kv(KvOp::Commit { lease, filled });
+                t.stats.pulled.fetch_add(1, Ordering::Relaxed);
+                Some(guard)
+            }
+            Ok(Err((in_flight, why))) => {
+                tracing::warn!(
+                    "KV transfer from {} failed, computing the prompt here: {why}",
+                    h.agent
+                );
+                t.stats.fallback.fetch_add(1, Ordering::Relaxed);
+                if in_flight {
+                    guard.forget();
+                }
+                None
+            }
+            Err(e) => {
+                // The transfer's state is unknown: its blocks stay reserved.
+                tracing::warn!("KV transfer task failed, computing the prompt here: {e}");
+                t.stats.fallback.fetch_add(1, Ordering::Relaxed);
+                guard.forget();
+                None
+            }
+        }
+    }
+
     /// `spec` compiled against the vocabulary (whose grammars are built on first use), on the
     /// blocking pool: a large schema takes a while.
     async fn compile(&self, spec: ConstraintSpec) -> Result<Constraint, DynamoError> {
@@ -399,6 +596,10 @@ impl DynamoEngine {
 #[async_trait]
 impl LLMEngine for DynamoEngine {
     async fn start(&self, _worker_id: u64) -> Result<EngineConfig, DynamoError> {
+        if let (Some(t), true) = (&self.transfer, self.mode.is_prefill()) {
+            t.clone()
+                .serve_releases(self.handle.clone(), self.stopped.clone());
+        }
         Ok(EngineConfig {
             model: self.model_id.clone(),
             served_model_name: Some(self.model_id.clone()),
@@ -433,18 +634,36 @@ impl LLMEngine for DynamoEngine {
             None => None,
         };
         let (tx, rx) = unbounded_channel();
-        let req = engine_request(
+        let mut req = engine_request(
             &request,
             self.handle.max_model_len(),
             constraint,
             ChannelSink(tx),
         )?;
         let prompt_tokens = req.prompt.len() as u32;
-        let id = self.handle.submit(req).map_err(|e| match e {
-            SubmitError::PromptTooLong { .. } | SubmitError::Invalid(_) => invalid(e.to_string()),
-            SubmitError::QueueFull(_) => backend_error(BackendError::Unknown, e.to_string()),
-            SubmitError::Stopped => backend_error(BackendError::EngineShutdown, e.to_string()),
-        })?;
+        if self.mode.is_prefill() {
+            // The prompt only: its blocks go to a decode worker, which samples the first token.
+            req.max_tokens = 0;
+            let (tokens, salt) = (req.prompt.clone(), req.cache_salt.clone());
+            let id = self.submit(req)?;
+            return Ok(self.prefill(id, tokens, salt, rx, ctx));
+        }
+        let import = match (&self.transfer, &request.prefill_result) {
+            (Some(t), Some(p)) => match Handoff::from_params(&p.disaggregated_params) {
+                Ok(Some(h)) => {
+                    let (tokens, salt) = (req.prompt.clone(), req.cache_salt.clone());
+                    self.import(t, &h, tokens, salt).await
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!("unusable KV handoff, computing the prompt here: {e}");
+                    t.stats.fallback.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let id = self.submit(req)?;
         let s = Stream {
             rx,
             ctx,
@@ -454,6 +673,7 @@ impl LLMEngine for DynamoEngine {
             prompt_tokens,
             completion_tokens: 0,
             done: false,
+            _import: import,
         };
         Ok(stream::unfold(
             s,
@@ -464,7 +684,10 @@ impl LLMEngine for DynamoEngine {
 
     async fn is_quiescent(&self) -> Result<Option<bool>, DynamoError> {
         let st = self.handle.stats();
-        let busy = st.running.load(Ordering::Relaxed) + st.waiting.load(Ordering::Relaxed);
+        // A prefill worker's pins are transfers a decode worker may still be reading.
+        let busy = st.running.load(Ordering::Relaxed)
+            + st.waiting.load(Ordering::Relaxed)
+            + st.kv_leases.load(Ordering::Relaxed);
         Ok(Some(busy == 0))
     }
 
@@ -472,7 +695,11 @@ impl LLMEngine for DynamoEngine {
         Ok(vec![kv_events::source(&self.handle)])
     }
 
-    async fn setup_metrics(&self, _ctx: MetricsCtx<'_>) -> Result<MetricsBindings, DynamoError> {
+    async fn setup_metrics(&self, ctx: MetricsCtx<'_>) -> Result<MetricsBindings, DynamoError> {
+        let (handle, transfer) = (self.handle.clone(), self.transfer.clone());
+        ctx.metrics.add_expfmt_callback(Arc::new(move || {
+            Ok(disagg::metrics_text(&handle, transfer.as_deref()))
+        }));
         let (handle, stopped) = (self.handle.clone(), self.stopped.clone());
         Ok(MetricsBindings {
             dp_ranks: vec![0],
