@@ -152,11 +152,16 @@ fn check_library() -> Result<()> {
 
 /// This worker's NIXL agent with the engine's cache registered.
 pub struct KvTransfer {
-    agent: Agent,
+    /// The agent, until [`KvTransfer::shutdown`]: each use takes a handle of its own, and the
+    /// agent (with its progress thread) is destroyed when the last one goes.
+    agent: Mutex<Option<Agent>>,
     name: String,
     metadata: String,
     regions: Vec<KvRegion>,
-    _registered: Vec<RegistrationHandle>,
+    registered: Mutex<Vec<RegistrationHandle>>,
+    /// The thread serving release notifications (prefill workers), and its stop flag.
+    notify: Mutex<Option<std::thread::JoinHandle<()>>>,
+    notify_stop: Arc<AtomicBool>,
     /// Peers whose metadata is loaded.
     peers: Mutex<HashSet<String>>,
     timeout: Duration,
@@ -172,8 +177,11 @@ impl KvTransfer {
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         let name = format!("supernode-{}-{nanos:x}", std::process::id());
+        // The progress thread, which serves peers' reads of this cache, polls UCX; idle, it
+        // waits this long between polls instead of spinning a core the engine needs.
         let cfg = AgentConfig {
             thread_sync: ThreadSync::Strict,
+            pthr_delay_us: 500,
             ..AgentConfig::default()
         };
         let agent = Agent::new_configured(&name, &cfg)
@@ -199,11 +207,13 @@ impl KvTransfer {
             .get_local_md()
             .map_err(|e| anyhow!("NIXL gave no agent metadata: {e}"))?;
         Ok(KvTransfer {
-            agent,
+            agent: Mutex::new(Some(agent)),
             metadata: base64::engine::general_purpose::STANDARD.encode(md),
             name,
             regions: regions.to_vec(),
-            _registered: registered,
+            registered: Mutex::new(registered),
+            notify: Mutex::new(None),
+            notify_stop: Arc::new(AtomicBool::new(false)),
             peers: Mutex::new(HashSet::new()),
             timeout,
             stats: TransferStats::default(),
@@ -223,17 +233,42 @@ impl KvTransfer {
         }
     }
 
-    /// Releases the pins decode workers say they are done with, until `stopped`.
-    pub fn serve_releases(self: Arc<Self>, handle: Arc<EngineHandle>, stopped: Arc<AtomicBool>) {
-        std::thread::Builder::new()
+    /// A handle of the agent, unless it was shut down.
+    fn agent(&self) -> Result<Agent, String> {
+        self.agent
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| "the worker is shutting down".to_string())
+    }
+
+    /// Stops the notification thread, deregisters the cache and lets the agent go (destroyed
+    /// once no transfer holds it): before the engine frees the cache, and before the process
+    /// exits, whose teardown of NIXL's libraries would otherwise race its threads.
+    pub fn shutdown(&self) {
+        self.notify_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.notify.lock().unwrap().take() {
+            let _ = t.join();
+        }
+        self.registered.lock().unwrap().clear();
+        self.agent.lock().unwrap().take();
+    }
+
+    /// Releases the pins decode workers say they are done with, until [`KvTransfer::shutdown`].
+    pub fn serve_releases(self: &Arc<Self>, handle: Arc<EngineHandle>) {
+        let (me, stop) = (Arc::downgrade(self), self.notify_stop.clone());
+        let t = std::thread::Builder::new()
             .name("supernode-kv-notify".into())
             .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(2));
+                    let Some(agent) = me.upgrade().and_then(|t| t.agent().ok()) else {
+                        return;
+                    };
                     let Ok(mut map) = NotificationMap::new() else {
                         continue;
                     };
-                    if self.agent.get_notifications(&mut map, None).is_err() {
+                    if agent.get_notifications(&mut map, None).is_err() {
                         continue;
                     }
                     let Ok(notifs) = map.take_notifs() else {
@@ -250,6 +285,7 @@ impl KvTransfer {
                 }
             })
             .expect("spawning the NIXL notification thread");
+        *self.notify.lock().unwrap() = Some(t);
     }
 
     /// Reads the peer's blocks named by `h` into this worker's blocks `res.fill` (the peer's
@@ -299,24 +335,23 @@ impl KvTransfer {
         opt.set_notification_message(note.as_bytes())
             .and_then(|_| opt.set_has_notification(true))
             .map_err(|e| (false, e.to_string()))?;
-        let req = self
-            .agent
+        let agent = self.agent().map_err(|e| (false, e))?;
+        let req = agent
             .create_xfer_req(XferOp::Read, &dst, &src, &h.agent, Some(&opt))
             .map_err(|e| (false, format!("NIXL cannot make the transfer: {e}")))?;
-        let mut in_flight = self
-            .agent
+        let mut in_flight = agent
             .post_xfer_req(&req, Some(&opt))
             .map_err(|e| (false, format!("NIXL cannot start the transfer: {e}")))?;
         let deadline = t0 + self.timeout;
         while in_flight {
-            match self.agent.get_xfer_status(&req) {
+            match agent.get_xfer_status(&req) {
                 Ok(XferStatus::Success) => in_flight = false,
                 Ok(XferStatus::InProgress) => {
                     if Instant::now() >= deadline {
                         // The blocks stay reserved until the transfer ends, whichever way.
-                        let (me, handle, lease) = (self.clone(), handle.clone(), res.lease);
+                        let (handle, lease) = (handle.clone(), res.lease);
                         std::thread::spawn(move || {
-                            while let Ok(XferStatus::InProgress) = me.agent.get_xfer_status(&req) {
+                            while let Ok(XferStatus::InProgress) = agent.get_xfer_status(&req) {
                                 std::thread::sleep(Duration::from_millis(10));
                             }
                             drop(req);
@@ -344,10 +379,8 @@ impl KvTransfer {
     /// Tells the peer to drop its pin without a transfer (one that was not needed or could
     /// not start); best effort, as the peer's `--kv-hold-ms` releases it anyway.
     pub fn release_peer(&self, h: &Handoff) {
-        if self.load_peer(h).is_ok() {
-            let _ =
-                self.agent
-                    .send_notification(&h.agent, release_message(h.lease).as_bytes(), None);
+        if let (Ok(()), Ok(agent)) = (self.load_peer(h), self.agent()) {
+            let _ = agent.send_notification(&h.agent, release_message(h.lease).as_bytes(), None);
         }
     }
 
@@ -360,7 +393,7 @@ impl KvTransfer {
             .decode(&h.metadata)
             .map_err(|e| format!("the peer's metadata is not base64: {e}"))?;
         let name = self
-            .agent
+            .agent()?
             .load_remote_md(&md)
             .map_err(|e| format!("NIXL cannot load the peer's metadata: {e}"))?;
         if name != h.agent {

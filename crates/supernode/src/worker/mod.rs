@@ -145,7 +145,28 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         enable_rl: d.enable_rl,
         ..WorkerConfig::default()
     };
-    dynamo_backend_common::run(Arc::new(engine), config)
+    let transfer = engine.transfer.clone();
+    let result = dynamo_backend_common::run(Arc::new(engine), config);
+    if let Some(t) = transfer {
+        // Whether or not `cleanup` ran: NIXL's threads stop first. Then the process ends
+        // without running the libraries' exit handlers: one of those NIXL's UCX loads (the
+        // wheel's libnl-route, for InfiniBand) crashes in its destructor at exit.
+        t.shutdown();
+        let code = match &result {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        };
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: every thread of ours that writes anything has stopped or flushed; `_exit`
+        // ends the process at once.
+        unsafe { libc::_exit(code) };
+    }
+    result
 }
 
 /// The engine behind a Dynamo `Worker`.
@@ -597,8 +618,7 @@ impl DynamoEngine {
 impl LLMEngine for DynamoEngine {
     async fn start(&self, _worker_id: u64) -> Result<EngineConfig, DynamoError> {
         if let (Some(t), true) = (&self.transfer, self.mode.is_prefill()) {
-            t.clone()
-                .serve_releases(self.handle.clone(), self.stopped.clone());
+            t.serve_releases(self.handle.clone());
         }
         Ok(EngineConfig {
             model: self.model_id.clone(),
@@ -712,6 +732,10 @@ impl LLMEngine for DynamoEngine {
 
     async fn cleanup(&self) -> Result<(), DynamoError> {
         if !self.stopped.swap(true, Ordering::Relaxed) {
+            // NIXL lets go of the cache before the engine frees it.
+            if let Some(t) = &self.transfer {
+                t.shutdown();
+            }
             self.handle.abort();
         }
         Ok(())
