@@ -72,6 +72,31 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
+def write_fixture(dst, cfg, w, rng, first_pos, forward, script):
+    """Writes the fixture into `dst`: `config.json`, `model.safetensors` (the model's tensors and
+    the MTP layer's), and `mtp.json`, the reference of `forward` on ROWS rows of random tokens
+    and hidden states at positions `first_pos..` drawn from `rng`."""
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    write_safetensors(os.path.join(dst, "model.safetensors"), w)
+    tokens = rng.integers(0, cfg["vocab_size"], ROWS)
+    positions = np.arange(first_pos, first_pos + ROWS)
+    hidden = rng.standard_normal((ROWS, cfg["hidden_size"])).astype(np.float32)
+    logits, hid = forward(cfg, w, tokens, positions, hidden.astype(np.float64))
+    ref = {
+        "note": f"made by tools/{script}: the MTP layer's float64 NumPy forward pass",
+        "tokens": tokens.tolist(),
+        "positions": positions.tolist(),
+        "hidden": hidden.astype(np.float64).tolist(),
+        "logits": np.round(logits, 7).tolist(),
+        "hidden_out": np.round(hid, 7).tolist(),
+    }
+    with open(os.path.join(dst, "mtp.json"), "w") as f:
+        json.dump(ref, f)
+
+
 def rms_norm(x, w, eps):
     x = x.astype(np.float64)
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1.0 + w.astype(np.float64))
@@ -159,28 +184,8 @@ def main():
     }
     w.update(mtp)
     cfg["mtp_num_hidden_layers"] = 1
-    os.makedirs(DST, exist_ok=True)
-    with open(os.path.join(DST, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
-    write_safetensors(os.path.join(DST, "model.safetensors"), w)
-
-    tokens = rng.integers(0, cfg["vocab_size"], ROWS)
-    positions = np.arange(FIRST_POS, FIRST_POS + ROWS)
-    hidden = rng.standard_normal((ROWS, H)).astype(np.float32)
-    logits, hid = mtp_forward(cfg, w, tokens, positions, hidden.astype(np.float64))
-    ref = {
-        "note": "made by tools/make_mtp_fixture.py: the MTP layer's float64 NumPy forward pass",
-        "tokens": tokens.tolist(),
-        "positions": positions.tolist(),
-        "hidden": hidden.astype(np.float64).tolist(),
-        "logits": np.round(logits, 7).tolist(),
-        "hidden_out": np.round(hid, 7).tolist(),
-    }
-    with open(os.path.join(DST, "mtp.json"), "w") as f:
-        json.dump(ref, f)
+    write_fixture(DST, cfg, w, rng, FIRST_POS, mtp_forward, "make_mtp_fixture.py")
     print(f"wrote {DST}: {len(mtp)} mtp tensors, {ROWS} reference rows")
-
 
 if __name__ == "__main__":
     main()

@@ -587,13 +587,24 @@ fn models_with_a_recurrent_state_roll_back_rejected_drafts() {
 /// A model without the layer loaded is refused with one line.
 #[test]
 fn the_models_own_mtp_layer_drafts_without_changing_the_tokens() {
+    check_mtp_drafting("qwen3_5_mtp");
+}
+
+/// The same with DeepSeek-V3's MTP layer (`deepseek_v3_mtp`: MLA and MoE, its own embedding
+/// and head), on a model whose prompts are prefix-cached.
+#[test]
+fn deepseek_mtp_drafts_without_changing_the_tokens() {
+    check_mtp_drafting("deepseek_v3_mtp");
+}
+
+fn check_mtp_drafting(fixture: &str) {
     use supernode_models::{load_model, LoadOptions};
     let engine_mtp = |lim: &Limits, mtp: bool| {
         let opts = LoadOptions {
             mtp,
             ..LoadOptions::default()
         };
-        let m = load_model(&common::fixture("qwen3_5_mtp"), &opts).unwrap();
+        let m = load_model(&common::fixture(fixture), &opts).unwrap();
         let cfg = common::config(lim.max_num_seqs, lim.budget, lim.num_blocks);
         Engine::new(m.model, None, cfg).unwrap()
     };
@@ -638,12 +649,12 @@ fn the_models_own_mtp_layer_drafts_without_changing_the_tokens() {
         e.set_speculative(Some(mtp.clone())).unwrap();
         let got = drive(&mut e, &asks);
         for (i, (b, s)) in base.iter().zip(&got).enumerate() {
-            assert_eq!(b.0, s.0, "request {i}, {what}");
+            assert_eq!(b.0, s.0, "{fixture}: request {i}, {what}");
         }
         let (drafts, drafted, accepted) = spec_totals(e.stats());
-        assert!(drafts > 0 && drafted > 0, "{what}: no drafts");
+        assert!(drafts > 0 && drafted > 0, "{fixture}, {what}: no drafts");
         assert_eq!(e.stats().spec_proposer.get(), Some(&"mtp"));
-        eprintln!("mtp, {what}: {accepted} of {drafted} drafts accepted");
+        eprintln!("{fixture}, {what}: {accepted} of {drafted} drafts accepted");
         if what == "preempted" {
             assert!(e.stats().preemptions.load(Ordering::Relaxed) > 0);
         }
@@ -659,8 +670,11 @@ fn the_models_own_mtp_layer_drafts_without_changing_the_tokens() {
         let mut e = engine_mtp(&tight, true);
         e.set_speculative(Some(mtp.clone())).unwrap();
         let alone = drive(&mut e, std::slice::from_ref(a));
-        assert_eq!(base[0].0, alone[0].0, "request {i} alone");
-        assert!(spec_totals(e.stats()).1 > 0, "request {i} alone: no drafts");
+        assert_eq!(base[0].0, alone[0].0, "{fixture}: request {i} alone");
+        assert!(
+            spec_totals(e.stats()).1 > 0,
+            "{fixture}: request {i} alone: no drafts"
+        );
     }
     let err = engine_mtp(&lim, false)
         .set_speculative(Some(mtp))

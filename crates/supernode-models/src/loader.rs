@@ -63,15 +63,18 @@ pub fn partial_load_note(path: &Path) -> Option<String> {
 }
 
 /// Whether to load the NextN layer: when asked for, of a checkpoint that has one, of an
-/// architecture whose layer is supported (Qwen3.5 and Qwen3-Next so far).
+/// architecture whose layer is supported (Qwen3.5, Qwen3-Next and DeepSeek-V3 so far).
 fn check_mtp(cfg: &ModelConfig, opts: &LoadOptions) -> Result<bool> {
     if !opts.mtp {
         return Ok(false);
     }
-    if !matches!(cfg.arch, Arch::Qwen35 | Arch::Qwen35Moe | Arch::Qwen3Next) {
+    if !matches!(
+        cfg.arch,
+        Arch::Qwen35 | Arch::Qwen35Moe | Arch::Qwen3Next | Arch::DeepseekV3
+    ) {
         return Err(ModelError::Invalid(format!(
-            "multi-token prediction (--speculative mtp) is supported for Qwen3.5 and Qwen3-Next \
-             checkpoints so far, not `{}`: use `ngram` or `draft`",
+            "multi-token prediction (--speculative mtp) is supported for Qwen3.5, Qwen3-Next and \
+             DeepSeek-V3 checkpoints so far, not `{}`: use `ngram` or `draft`",
             cfg.arch.gguf_name()
         )));
     }

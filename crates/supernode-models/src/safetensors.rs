@@ -337,7 +337,9 @@ fn read_sharded(dir: &Path, index_path: &Path) -> Result<Vec<Tensor>> {
 /// HF names → GGUF names, dropping ignorable tensors; unknown names are an error.
 fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec<Tensor>> {
     // DeepSeek-V3's multi-token-prediction layers come after the `num_hidden_layers` decoder
-    // layers; next-token decoding does not use them (llama.cpp's converter drops them too).
+    // layers. The first is kept, under its layer's GGUF names (`blk.{n}.nextn.*` and the
+    // block's own), loaded only for `--speculative mtp`; the others are dropped (nothing uses
+    // them: the MTP proposer chains the first).
     let nextn = config
         .get("num_nextn_predict_layers")
         .and_then(Value::as_u64)
@@ -348,7 +350,7 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
             .strip_prefix("model.layers.")
             .and_then(|r| r.split_once('.'))
             .and_then(|(i, _)| i.parse::<u64>().ok());
-        nextn > 0 && matches!((layer, n_layers), (Some(l), Some(n)) if l >= n)
+        nextn > 0 && matches!((layer, n_layers), (Some(l), Some(n)) if l > n)
     };
 
     let mut out = Vec::with_capacity(hf.len());
@@ -791,7 +793,7 @@ mod tests {
             e.contains("`blk.0.ffn_up_exps.weight`: expert 1 is missing"),
             "{e}"
         );
-        // DeepSeek-V3 multi-token-prediction layers are skipped.
+        // DeepSeek-V3's first multi-token-prediction layer is kept, the next ones dropped.
         let specs = [
             (
                 "model.layers.0.self_attn.kv_b_proj.weight",
@@ -805,15 +807,25 @@ mod tests {
                 &[1][..],
                 vec![0, 0],
             ),
+            (
+                "model.layers.2.eh_proj.weight",
+                "BF16",
+                &[1][..],
+                vec![0, 0],
+            ),
         ];
         write_dir(
             dir.path(),
-            r#"{"model_type": "deepseek_v3", "num_hidden_layers": 1, "num_nextn_predict_layers": 1}"#,
+            r#"{"model_type": "deepseek_v3", "num_hidden_layers": 1, "num_nextn_predict_layers": 2}"#,
             &[(SINGLE_FILE, st_bytes(&specs, true))],
         );
         let m = read_safetensors_dir(dir.path()).unwrap();
-        assert_eq!(m.tensors.len(), 1);
-        assert_eq!(m.tensors[0].name, "blk.0.attn_kv_b.weight");
+        let mut names: Vec<&str> = m.tensors.iter().map(|t| t.name.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["blk.0.attn_kv_b.weight", "blk.1.nextn.eh_proj.weight"]
+        );
     }
 
     #[test]

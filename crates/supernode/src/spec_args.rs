@@ -14,8 +14,8 @@ pub(crate) struct SpecArgs {
     /// Speculative decoding: `ngram` (prompt lookup: drafts copied from what followed the last
     /// few tokens earlier in the prompt or output; no extra model), `draft` (a smaller model
     /// with the same vocabulary drafts greedily; give it with --draft-model) or `mtp` (the
-    /// checkpoint's own multi-token-prediction layer, Qwen3.5 / Qwen3-Next). Off when not
-    /// given.
+    /// checkpoint's own multi-token-prediction layer: Qwen3.5, Qwen3-Next, DeepSeek-V3). Off
+    /// when not given.
     #[arg(long, value_name = "METHOD")]
     pub(crate) speculative: Option<String>,
     /// The draft model of `--speculative draft`: a .gguf file, a model directory, a short name

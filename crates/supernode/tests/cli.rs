@@ -633,14 +633,23 @@ fn run_with_a_draft_model_gives_the_same_tokens() {
     assert_eq!(accepted, drafted, "drafting for itself");
 }
 
-/// `run --speculative mtp` on the Qwen3.5 fixture with a multi-token-prediction layer: the
-/// greedy tokens of a run without speculation, with drafts made; the fixture without the layer
-/// is refused with one line.
+/// `run --speculative mtp` on the Qwen3.5 and DeepSeek-V3 fixtures with a multi-token-prediction
+/// layer: the greedy tokens of a run without speculation, with drafts made; the fixtures without
+/// the layer are refused with one line.
 #[test]
 fn run_with_the_models_mtp_layer_gives_the_same_tokens() {
+    for (with, without) in [
+        ("qwen3_5_mtp", "qwen3_5"),
+        ("deepseek_v3_mtp", "deepseek_v3"),
+    ] {
+        run_with_mtp(with, without);
+    }
+}
+
+fn run_with_mtp(with: &str, without: &str) {
     let fixtures = common::fixture("hf");
-    let with = fixtures.join("qwen3_5_mtp");
-    let without = fixtures.join("qwen3_5");
+    let with = fixtures.join(with);
+    let without = fixtures.join(without);
     let run = |model: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
             "run",

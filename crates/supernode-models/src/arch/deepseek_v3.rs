@@ -319,6 +319,84 @@ mod tests {
     use crate::config::Gating;
     use crate::ModelConfig;
 
+    /// The same checkpoint as a GGUF (the safetensors' tensors under their GGUF names, written
+    /// with llama.cpp's `deepseek2` keys and the NextN layer counted in `block_count`, as its
+    /// converter does for the DeepSeek models whose MTP layer it keeps): the MTP layer loads
+    /// from it and computes the same bits as from safetensors.
+    #[test]
+    fn the_mtp_layer_loads_from_gguf_as_from_safetensors() {
+        use crate::gguf::GgufWriter;
+        use crate::{load_model, Batch, KvCache, LoadOptions, MetaValue};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf/deepseek_v3_mtp");
+        let st = crate::safetensors::read_safetensors_dir(&dir).unwrap();
+        let mut meta = deepseek2_meta();
+        meta.entries
+            .insert("deepseek2.block_count".into(), MetaValue::U32(4));
+        meta.entries
+            .insert("deepseek2.nextn_predict_layers".into(), MetaValue::U32(1));
+        meta.entries.insert(
+            "deepseek2.attention.layer_norm_rms_epsilon".into(),
+            MetaValue::F32(1e-6),
+        );
+        let mut w = GgufWriter::new();
+        for (k, v) in meta.entries {
+            w.meta(&k, v);
+        }
+        for t in &st.tensors {
+            w.tensor(&t.name, t.dtype, &t.shape, t.bytes().to_vec());
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("deepseek_v3_mtp.gguf");
+        w.write(&path).unwrap();
+        let opts = LoadOptions {
+            mtp: true,
+            ..LoadOptions::default()
+        };
+        let from_st = load_model(&dir, &opts).unwrap().model;
+        let from_gguf = load_model(&path, &opts).unwrap().model;
+        assert!(from_st.has_nextn() && from_gguf.has_nextn());
+        assert_eq!(from_gguf.config().n_layers, 3);
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 37 % 250) as u32 + 3).collect();
+        let positions: Vec<usize> = (0..20).collect();
+        let h = from_st.config().hidden;
+        let hidden: Vec<f32> = (0..20 * h)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let all: Vec<usize> = (0..20).collect();
+        let table = [0u32, 1];
+        let tables = [table.as_slice()];
+        let batch = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            seq_of: &[0; 20],
+            block_tables: &tables,
+            logits_for: &all,
+            state_slots: &[],
+            chunked_until: &[],
+            drafts: &[],
+        };
+        let run = |m: &dyn crate::Model| {
+            let mut kv = KvCache::new(&m.nextn_kv_specs(), 16, 2).unwrap();
+            let mut hid = Vec::new();
+            let logits = m.forward_nextn(&batch, &hidden, &mut kv, &mut hid).unwrap();
+            (logits, hid)
+        };
+        let (a, b) = (run(from_gguf.as_ref()), run(from_st.as_ref()));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&a.0) == bits(&b.0) && bits(&a.1) == bits(&b.1));
+    }
+
+    /// DeepSeek-V3's multi-token-prediction layer (MLA and MoE, its own embedding and head) in
+    /// `deepseek_v3_mtp` against the float64 NumPy version of it in
+    /// `tools/make_deepseek_mtp_fixture.py`.
+    #[test]
+    fn the_mtp_layer_matches_its_float64_reference() {
+        crate::arch::tests::check_mtp_reference("deepseek_v3_mtp", |cfg, w| {
+            Ok(Box::new(super::load(cfg, w)?))
+        });
+    }
+
     /// The DeepSeek-V3 fixture in both layouts: MLA sizes, interleaved YaRN rope (ramp
     /// weights 1, 2/3, 1/3, 0 over the 4 pairs), the mscale²-corrected softmax scale, routing.
     #[test]

@@ -252,3 +252,139 @@ pub trait Model: Send + Sync {
 pub(crate) fn no_nextn() -> ModelError {
     ModelError::Invalid("this model has no multi-token-prediction layer loaded".into())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use supernode_kernels::Precision;
+
+    use crate::arch::Model;
+    use crate::numerics::Numerics;
+    use crate::safetensors::read_safetensors_dir;
+    use crate::weights::Weights;
+    use crate::{Batch, KvCache, ModelConfig};
+
+    /// The multi-token-prediction layer of fixture `name` (`tests/fixtures/hf/<name>`, made by
+    /// a `tools/make_*mtp_fixture.py` script with a float64 NumPy version of the layer) loaded
+    /// by `load`: logits and hidden states of its reference rows within 1e-4, the same bits in
+    /// two steps as in one (its own KV cache carries the first step), and not loaded unless
+    /// asked for.
+    pub(crate) fn check_mtp_reference(
+        name: &str,
+        load: impl Fn(ModelConfig, &Weights) -> crate::Result<Box<dyn Model>>,
+    ) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf")
+            .join(name);
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("mtp.json")).unwrap()).unwrap();
+        let ints = |k: &str| -> Vec<usize> {
+            reference[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect()
+        };
+        let rows = |k: &str| -> Vec<f32> {
+            reference[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                })
+                .collect()
+        };
+        let tokens: Vec<u32> = ints("tokens").iter().map(|&t| t as u32).collect();
+        let positions = ints("positions");
+        let (hidden, want_logits, want_hidden) =
+            (rows("hidden"), rows("logits"), rows("hidden_out"));
+        let n = tokens.len();
+
+        let st = read_safetensors_dir(&dir).unwrap();
+        let mut cfg = ModelConfig::from_hf(&st.config).unwrap();
+        assert_eq!(cfg.nextn_layers, 1);
+        let plain = load(
+            cfg.clone(),
+            &Weights::new(st.tensors.clone(), Numerics::new(Precision::Exact)),
+        )
+        .unwrap();
+        assert!(!plain.has_nextn() && plain.nextn_kv_specs().is_empty());
+        cfg.load_nextn = true;
+        let m = load(
+            cfg,
+            &Weights::new(st.tensors, Numerics::new(Precision::Exact)),
+        )
+        .unwrap();
+        assert!(m.has_nextn());
+        let h = m.config().hidden;
+        let run = |cuts: &[usize]| {
+            let mut kv = KvCache::new(&m.nextn_kv_specs(), 16, 4).unwrap();
+            let table = [0u32, 1, 2, 3];
+            let tables = [table.as_slice()];
+            let (mut logits, mut hid) = (Vec::new(), Vec::new());
+            for w in cuts.windows(2) {
+                let (a, b) = (w[0], w[1]);
+                let all: Vec<usize> = (0..b - a).collect();
+                let batch = Batch {
+                    tokens: &tokens[a..b],
+                    positions: &positions[a..b],
+                    seq_of: &vec![0; b - a],
+                    block_tables: &tables,
+                    logits_for: &all,
+                    state_slots: &[],
+                    chunked_until: &[],
+                    drafts: &[],
+                };
+                let mut out = Vec::new();
+                logits.extend(
+                    m.forward_nextn(&batch, &hidden[a * h..b * h], &mut kv, &mut out)
+                        .unwrap(),
+                );
+                hid.extend(out);
+            }
+            (logits, hid)
+        };
+        let (logits, hid) = run(&[0, n]);
+        let far = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        let (dl, dh) = (far(&logits, &want_logits), far(&hid, &want_hidden));
+        eprintln!("{name}: mtp layer against float64: logits {dl:.2e}, hidden {dh:.2e}");
+        assert!(dl < 1e-4 && dh < 1e-4, "{name}: logits {dl}, hidden {dh}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (l2, h2) = run(&[0, 7, 8, n]);
+        assert_eq!(bits(&l2), bits(&logits));
+        assert_eq!(bits(&h2), bits(&hid));
+        // Without the NextN layer, a model says so.
+        let mut kv = KvCache::new(&m.kv_specs(), 16, 4).unwrap();
+        let err = plain.forward_nextn(
+            &Batch {
+                tokens: &tokens[..1],
+                positions: &positions[..1],
+                seq_of: &[0],
+                block_tables: &[&[0]],
+                logits_for: &[0],
+                state_slots: &[],
+                chunked_until: &[],
+                drafts: &[],
+            },
+            &hidden[..h],
+            &mut kv,
+            &mut Vec::new(),
+        );
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("multi-token-prediction"));
+    }
+}
