@@ -140,9 +140,11 @@ def test_metrics_report_the_proposer(spec_client, spec_server):
     assert rate == pytest.approx(accepted / drafted)
 
 
-def test_a_draft_model_gives_the_same_greedy_completions(client):
+def test_a_draft_model_gives_the_same_greedy_completions(client, server):
     """The model drafting for itself: the same text as without speculation, and every draft
-    accepted (the same model computes the same logits), in the usage and in /metrics."""
+    accepted (the same model computes the same logits), in the usage and in /metrics. The draft's
+    own caches share the KV budget: a draft as large as the model (a quarter more for its caches'
+    growth) leaves the engine's pool 4/9 of the blocks it has alone, for the same --kv-cache-mib."""
     with running("--speculative", "draft", "--draft-model", MODEL, "--num-speculative-tokens", "4") as s:
         draft_client = s.client()
         accepted = 0
@@ -158,6 +160,9 @@ def test_a_draft_model_gives_the_same_greedy_completions(client):
         with s.http() as h:
             m = metrics(h)
         assert m['supernode_spec_decode_num_accepted_tokens_total{proposer="draft"}'] == accepted
+    with server.http() as h:
+        alone = metrics(h)["supernode_kv_blocks_total"]
+    assert abs(m["supernode_kv_blocks_total"] - alone * 4 / 9) <= 2, (m["supernode_kv_blocks_total"], alone)
 
 
 def test_a_server_without_speculation_reports_no_proposer(http):

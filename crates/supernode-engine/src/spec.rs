@@ -148,6 +148,20 @@ impl SpecConfig {
         Ok(())
     }
 
+    /// Bytes per token the proposer's caches take at most (its [`OwnCache`]s, growth included):
+    /// 0 for prompt lookup. Each running request's cache holds at most the request's positions
+    /// and its drafts, so a KV budget that gives the target `t` bytes per token and the proposer
+    /// this much holds both.
+    pub fn cache_bytes_per_token(&self, target: &dyn Model) -> usize {
+        let (num, den) = OwnCache::GROWTH;
+        let per_token = match &self.method {
+            SpecMethod::Ngram { .. } => 0,
+            SpecMethod::Draft(d) => d.cache_bytes_per_token(),
+            SpecMethod::Mtp => supernode_models::KvCache::bytes_per_token(&target.nextn_kv_specs()),
+        };
+        (per_token * num).div_ceil(den)
+    }
+
     /// The proposer this configuration names (validated first), for speculating on `target`.
     pub fn proposer(&self, target: &Arc<dyn Model>) -> Result<Box<dyn Proposer>, EngineError> {
         self.validate()?;
@@ -161,29 +175,45 @@ impl SpecConfig {
 
 /// A proposer's own KV cache of one request (a draft model's, an MTP layer's), outside the
 /// engine's pool: one [`supernode_models::KvCache`] whose block table is the identity, grown as
-/// the request grows and dropped with it, so its memory is that of the positions it holds.
+/// the request grows and dropped with it (and when the request is preempted), so its memory is
+/// that of the positions it holds, plus at most a quarter ([`OwnCache::GROWTH`]). The server
+/// takes these caches out of the KV budget ([`SpecConfig::cache_bytes_per_token`]).
 pub(crate) struct OwnCache {
     pub kv: supernode_models::KvCache,
     pub table: Vec<u32>,
+    /// Bytes per position.
+    per_token: usize,
 }
 
 impl OwnCache {
+    /// What a cache holds at most for the positions it needs, as a fraction (1 + 1/4): it grows
+    /// by a quarter at a time, so that growing costs amortised constant time per position.
+    pub const GROWTH: (usize, usize) = (5, 4);
+
     /// A cache of one block for layers of `specs`.
     pub fn new(specs: &[supernode_models::KvLayerSpec]) -> Result<OwnCache, EngineError> {
         Ok(OwnCache {
             kv: supernode_models::KvCache::new(specs, crate::engine::BLOCK_SIZE, 1)?,
             table: vec![0],
+            per_token: supernode_models::KvCache::bytes_per_token(specs),
         })
     }
 
-    /// Room for positions `..end`, growing by at least 16 blocks at a time.
+    /// Room for positions `..end`, growing by a quarter of what it holds at least.
     pub fn reserve(&mut self, end: usize) -> Result<(), EngineError> {
         let blocks = end.div_ceil(crate::engine::BLOCK_SIZE);
-        if blocks > self.kv.num_blocks {
-            self.kv.grow(blocks.max(self.kv.num_blocks + 16))?;
+        let held = self.kv.num_blocks;
+        if blocks > held {
+            let (num, den) = Self::GROWTH;
+            self.kv.grow(blocks.max(held * num / den))?;
             self.table = (0..self.kv.num_blocks as u32).collect();
         }
         Ok(())
+    }
+
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.kv.num_blocks * crate::engine::BLOCK_SIZE * self.per_token
     }
 }
 
@@ -205,8 +235,12 @@ pub trait Proposer: Send {
     /// Appends to `out` at most `k` tokens likely to follow `tokens` (request `id`'s prompt and
     /// output so far); nothing if it has no guess.
     fn propose(&mut self, id: RequestId, tokens: &[u32], k: usize, out: &mut Vec<u32>);
-    /// Request `id` is gone: drop anything kept for it.
+    /// Request `id` is gone, or preempted: drop anything kept for it.
     fn release(&mut self, _id: RequestId) {}
+    /// Bytes of the caches it holds now.
+    fn cache_bytes(&self) -> usize {
+        0
+    }
     /// The k a request starts with (adaptive speculation; at most `k`): all of it where drafts
     /// cost next to nothing (prompt lookup), one where each costs a forward pass of a model
     /// (a draft model, MTP), so that a request whose drafts fail stops after a few cheap

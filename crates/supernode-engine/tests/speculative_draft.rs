@@ -310,3 +310,53 @@ fn a_draft_with_other_token_texts_is_refused() {
     );
     let _ = std::fs::remove_dir_all(target);
 }
+
+/// The draft model's caches stay within their share of the KV budget: at every step they hold
+/// at most `cache_bytes_per_token` (growth included) for each position the engine's pool holds
+/// for a running request, plus one block per request for its drafts. A pool too small for the
+/// requests makes the engine preempt, and a preempted request's draft cache goes with its
+/// blocks (without that, its cache would stay while its blocks are given to others). Prompts
+/// share no prefix here: requests sharing cached blocks each keep their own draft cache.
+#[test]
+fn draft_caches_stay_within_their_share_of_the_budget() {
+    let target = load_model(&fixture("llama"), &LoadOptions::default()).unwrap();
+    let cfg = SpecConfig {
+        adaptive: false,
+        ..with_draft(draft("qwen2"), 4)
+    };
+    let per_token = cfg.cache_bytes_per_token(target.model.as_ref());
+    assert!(per_token > 0);
+    // 24 blocks for 8 requests of up to ~130 tokens each: preemptions.
+    let mut e = common::engine("llama", 8, 48, 24);
+    e.set_speculative(Some(cfg)).unwrap();
+    let logs: Vec<_> = prompts(8, 11)
+        .into_iter()
+        .map(|p| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            e.add_request(greedy(p, 40, Box::new(Collect(log.clone()))))
+                .unwrap();
+            log
+        })
+        .collect();
+    let mut peak = 0;
+    while e.has_unfinished() {
+        e.step();
+        let st = e.stats();
+        let held = st.spec_cache_bytes.load(Ordering::Relaxed);
+        let blocks = st.blocks_in_use.load(Ordering::Relaxed) + st.running.load(Ordering::Relaxed);
+        assert!(
+            held <= per_token * 16 * blocks,
+            "draft caches hold {held} bytes for {blocks} blocks' worth of positions"
+        );
+        peak = peak.max(held);
+    }
+    assert!(peak > 0, "nothing was drafted");
+    assert!(
+        e.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "no preemption"
+    );
+    assert_eq!(e.stats().spec_cache_bytes.load(Ordering::Relaxed), 0);
+    for log in logs {
+        assert!(matches!(log.lock().unwrap().last(), Some(Event::Done(_))));
+    }
+}

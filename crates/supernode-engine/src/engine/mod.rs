@@ -267,6 +267,8 @@ pub struct EngineStats {
     pub kv_imported_blocks: AtomicU64,
     /// The KV connector's leases held now.
     pub kv_leases: AtomicUsize,
+    /// Bytes of the proposer's own caches now (a draft model's, an MTP layer's).
+    pub spec_cache_bytes: AtomicUsize,
 }
 
 /// Why a request was refused at the door.
@@ -818,6 +820,13 @@ impl Engine {
         self.stats
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        // A preempted request's proposer cache goes with its blocks (it is rebuilt on resume),
+        // so that the proposer never holds more positions than the pool does.
+        if let Some(sp) = self.spec.as_mut() {
+            for &id in &plan.preempted {
+                sp.proposer.release(id);
+            }
+        }
         for r in &plan.out_of_room {
             if !r.was_admitted {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
@@ -873,6 +882,10 @@ impl Engine {
             .store(pool.refused_hits(), Ordering::Relaxed);
         drop(pool);
         st.kv_leases.store(self.num_leases(), Ordering::Relaxed);
+        st.spec_cache_bytes.store(
+            self.spec.as_ref().map_or(0, |sp| sp.proposer.cache_bytes()),
+            Ordering::Relaxed,
+        );
     }
 
     /// The KV cache's buffers by address, for a transfer agent ([`connector`]).

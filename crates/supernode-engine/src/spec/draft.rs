@@ -55,6 +55,11 @@ impl PartialEq for DraftModel {
 impl Eq for DraftModel {}
 
 impl DraftModel {
+    /// Bytes per token of its KV cache.
+    pub fn cache_bytes_per_token(&self) -> usize {
+        supernode_models::KvCache::bytes_per_token(&self.model.kv_specs())
+    }
+
     /// `model` as a draft model named `name`; refused if it has a recurrent state.
     pub fn new(name: &str, model: Box<dyn Model>) -> Result<DraftModel, EngineError> {
         if model.state_widths().iter().any(|&w| w > 0) {
@@ -235,6 +240,10 @@ impl Proposer for DraftProposer {
 
     fn release(&mut self, id: RequestId) {
         self.seqs.remove(&id);
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.seqs.values().map(|s| s.cache.bytes()).sum()
     }
 
     fn first_k(&self, _k: usize) -> usize {

@@ -157,6 +157,10 @@ impl Proposer for MtpProposer {
         self.seqs.remove(&id);
     }
 
+    fn cache_bytes(&self) -> usize {
+        self.seqs.values().map(|s| s.cache.bytes()).sum()
+    }
+
     fn wants_hidden(&self) -> bool {
         true
     }

@@ -217,8 +217,20 @@ pub(crate) fn start_engine(
         .into_iter()
         .map(|w| if speculative.is_some() { 2 * w } else { w })
         .collect();
+    // A draft model's or MTP layer's own caches hold at most the running requests' positions
+    // (and their drafts), so the budget is shared between the two in proportion to their bytes
+    // per token: the engine's blocks and the proposer's caches together stay within it.
+    let per_token = KvCache::bytes_per_token(&specs);
+    let proposer_per_token = speculative
+        .as_ref()
+        .map_or(0, |s| s.cache_bytes_per_token(m.as_ref()));
+    let kv_bytes = e.kv_cache_mib << 20;
+    let engine_bytes = match (per_token, proposer_per_token) {
+        (0, _) | (_, 0) => kv_bytes,
+        (t, d) => (kv_bytes as u128 * t as u128 / (t + d) as u128) as usize,
+    };
     let (num_blocks, state_slots) =
-        EngineConfig::budget(&specs, &widths, e.kv_cache_mib << 20, e.max_num_seqs);
+        EngineConfig::budget(&specs, &widths, engine_bytes, e.max_num_seqs);
     let hybrid = widths.iter().any(|&w| w > 0);
     if num_blocks == 0 || (hybrid && state_slots == 0) {
         bail!(
@@ -274,13 +286,17 @@ pub(crate) fn start_engine(
                 .unwrap_or_else(|| model.model.clone())
         }
     });
+    let proposer = match proposer_per_token {
+        0 => String::new(),
+        d => format!(" and the draft caches' {d} bytes/token"),
+    };
     let loaded = format!(
-        "loaded {} in {:.2}s; KV cache {} blocks ({} tokens, {} bytes/token), context {}",
+        "loaded {} in {:.2}s; KV cache {} blocks ({} tokens, {} bytes/token{proposer}), context {}",
         path.display(),
         t0.elapsed().as_secs_f64(),
         num_blocks,
         handle.kv_capacity_tokens(),
-        KvCache::bytes_per_token(&specs),
+        per_token,
         ctx_len,
     );
     Ok(Engine {
