@@ -509,7 +509,13 @@ def test_etcd_discovery_and_deregistration_on_sigterm(tmp_path, client):
         dict(os.environ),
     )
     try:
-        wait_for(lambda: (httpx.get(url + "/health", timeout=2).status_code == 200, None), 30, "etcd to start")
+        def healthy():
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200, None
+            except httpx.HTTPError as e:  # not listening yet
+                return False, str(e)
+
+        wait_for(healthy, 30, "etcd to start")
         c = Cluster(tmp_path, workers=1, etcd=url)
         try:
             kw = dict(model=MODEL, messages=MESSAGES, max_tokens=16, **GREEDY)
