@@ -412,11 +412,13 @@ def test_guided_decoding_through_dynamo_equals_supernode_serve(cluster, client):
     assert "cannot be enforced" in r.json()["message"] and "look-around" in r.json()["message"], r.text
 
 
-def check_prefix_routing(c: Cluster, system: str, questions: list[str]) -> None:
+def check_prefix_routing(c: Cluster, system: str, questions: list[str], salt: str | None = None) -> None:
     """One request with the long `system` prompt, then one per question sharing it: every one
     of those goes to the worker that computed the prefix (found by whose request count rose;
-    an earlier request may have gone to either), as its published KV events tell the router."""
+    an earlier request may have gone to either), as its published KV events tell the router.
+    With `salt`, every request carries it as its `cache_salt`."""
     cl = c.client()
+    extra = {"extra_body": {"nvext": {"cache_salt": salt}}} if salt else {}
 
     def ask(q: str) -> None:
         cl.chat.completions.create(
@@ -424,6 +426,7 @@ def check_prefix_routing(c: Cluster, system: str, questions: list[str]) -> None:
             messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
             max_tokens=2,
             **GREEDY,
+            **extra,
         )
 
     def served() -> list[float]:
@@ -446,7 +449,8 @@ def check_prefix_routing(c: Cluster, system: str, questions: list[str]) -> None:
 def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
     """Two workers behind Dynamo's KV-aware router: after one request with a long prefix, every
     request sharing it goes to the worker whose prefix cache holds it, as the block events
-    published by the workers tell the router."""
+    published by the workers tell the router. The same for salted requests (`cache_salt`), whose
+    blocks the workers announce under hashes seeded with the salt, as the router seeds its own."""
     c = Cluster(tmp_path, workers=2)
     try:
         system = (
@@ -454,6 +458,10 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_holds_it(tmp_path):
             + " ".join(f"Rule {i}: answer questions about parcel class {i} and cite tariff {i * 7 % 31}." for i in range(14))
         )
         check_prefix_routing(c, system, [f"Question {k}: how much does class {k} cost?" for k in range(20)])
+        salted = system.replace("shipping company", "freight company")
+        check_prefix_routing(
+            c, salted, [f"Query {k}: where does class {k} go?" for k in range(20)], salt=f"tenant-{random.randrange(1 << 30)}"
+        )
     finally:
         codes = c.stop()
     assert codes == [0, 0], f"worker exit codes {codes}:\n{c.output()}"

@@ -49,6 +49,7 @@ fn block_events_follow_the_prefix_cache() {
             hash: hashes[b],
             parent: b.checked_sub(1).map(|p| hashes[p]),
             tokens: seq[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].to_vec(),
+            salt: None,
         })
         .collect();
     assert_eq!(stored, want);
@@ -95,5 +96,42 @@ fn block_events_follow_the_prefix_cache() {
         e.stats()
             .blocks_cached
             .load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+/// A salted request's blocks are announced with its salt, chained from the salted root (a
+/// router that seeds its hashes with the salt can then match them; an unsalted prompt with the
+/// same tokens cannot).
+#[test]
+fn salted_blocks_are_announced_with_their_salt() {
+    let mut e = engine("llama", 4, 64, 12);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    e.send_block_events(Box::new(move |ev| l.lock().unwrap().extend(ev)));
+    let a: Vec<u32> = (0..40).map(|i| (i * 5 % 200) + 3).collect();
+    drive(&mut e, std::slice::from_ref(&a), |p, sink| {
+        let mut r = greedy(p.clone(), 1, sink);
+        r.cache_salt = Some("tenant-7".into());
+        r
+    });
+    let root = root_hash("", "tenant-7");
+    let first = block_hash(&root, &a[..BLOCK_SIZE]);
+    let second = block_hash(&first, &a[BLOCK_SIZE..2 * BLOCK_SIZE]);
+    assert_eq!(
+        take(&log),
+        vec![
+            BlockEvent::Stored {
+                hash: first,
+                parent: None,
+                tokens: a[..BLOCK_SIZE].to_vec(),
+                salt: Some("tenant-7".into()),
+            },
+            BlockEvent::Stored {
+                hash: second,
+                parent: Some(first),
+                tokens: a[BLOCK_SIZE..2 * BLOCK_SIZE].to_vec(),
+                salt: Some("tenant-7".into()),
+            },
+        ]
     );
 }

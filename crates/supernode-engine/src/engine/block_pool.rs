@@ -78,11 +78,13 @@ pub fn block_hash(parent: &BlockHash, tokens: &[u32]) -> BlockHash {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockEvent {
     /// A full block of `tokens` became reusable under `hash`; `parent` is the block before it
-    /// in its chain, `None` for a chain's first block.
+    /// in its chain, `None` for a chain's first block; `salt` the request's `cache_salt`, if it
+    /// had one (a router that salts its own hashes the same way needs it).
     Stored {
         hash: BlockHash,
         parent: Option<BlockHash>,
         tokens: Vec<u32>,
+        salt: Option<String>,
     },
     /// The block registered under `hash` was evicted: its prefix is no longer cached.
     Removed { hash: BlockHash },
@@ -247,7 +249,8 @@ impl BlockPool {
 
     /// Registers the full block `block`, holding `tokens` after the block hashed `parent` (the
     /// chain's root when `first`), under `hash`, unless another block already holds the same
-    /// contents (that one stays the cached copy).
+    /// contents (that one stays the cached copy). `salt` is the request's `cache_salt`, for the
+    /// event.
     pub fn register(
         &mut self,
         block: u32,
@@ -255,6 +258,7 @@ impl BlockPool {
         parent: BlockHash,
         tokens: &[u32],
         first: bool,
+        salt: Option<&str>,
     ) {
         if !self.prefix_caching || self.reg[block as usize].is_some() {
             return;
@@ -266,6 +270,7 @@ impl BlockPool {
                     hash,
                     parent: (!first).then_some(parent),
                     tokens: tokens.to_vec(),
+                    salt: salt.map(str::to_string),
                 });
             }
             self.reg[block as usize] = Some(Registration {
@@ -412,7 +417,7 @@ mod tests {
         let mut pool = BlockPool::new(2, true);
         let b = pool.allocate().unwrap();
         let hash = block_hash(&ROOT, &[1, 2, 3]);
-        pool.register(b, hash, ROOT, &[1, 2, 3], true);
+        pool.register(b, hash, ROOT, &[1, 2, 3], true, None);
         assert_eq!(pool.lookup(&hash, &ROOT, &[1, 2, 3]), Some(b));
         pool.free(b);
         assert_eq!(pool.num_in_use(), 1);
@@ -431,8 +436,8 @@ mod tests {
             pool.allocate().unwrap(),
             pool.allocate().unwrap(),
         );
-        pool.register(a, h(10), ROOT, &[], true);
-        pool.register(b, h(20), ROOT, &[], true);
+        pool.register(a, h(10), ROOT, &[], true, None);
+        pool.register(b, h(20), ROOT, &[], true, None);
         pool.free(b);
         pool.free(a);
         pool.free(c);
@@ -448,7 +453,7 @@ mod tests {
     fn a_revived_block_is_not_evicted_from_under_its_owner() {
         let mut pool = BlockPool::new(2, true);
         let a = pool.allocate().unwrap();
-        pool.register(a, h(7), ROOT, &[], true);
+        pool.register(a, h(7), ROOT, &[], true, None);
         pool.free(a);
         assert_eq!(pool.lookup(&h(7), &ROOT, &[]), Some(a));
         let other = pool.allocate().unwrap();
@@ -462,8 +467,8 @@ mod tests {
         let mut pool = BlockPool::new(2, true);
         let a = pool.allocate().unwrap();
         let b = pool.allocate().unwrap();
-        pool.register(a, h(5), ROOT, &[], true);
-        pool.register(b, h(5), ROOT, &[], true);
+        pool.register(a, h(5), ROOT, &[], true, None);
+        pool.register(b, h(5), ROOT, &[], true, None);
         pool.free(b);
         pool.free(a);
         assert_eq!(pool.num_cached(), 1);
@@ -474,7 +479,7 @@ mod tests {
     fn without_prefix_caching_nothing_is_found() {
         let mut pool = BlockPool::new(1, false);
         let a = pool.allocate().unwrap();
-        pool.register(a, h(1), ROOT, &[], true);
+        pool.register(a, h(1), ROOT, &[], true, None);
         pool.free(a);
         assert_eq!(pool.lookup(&h(1), &ROOT, &[]), None);
         assert_eq!(pool.allocate(), Some(a));
@@ -487,7 +492,7 @@ mod tests {
         let mut pool = BlockPool::new(2, true);
         let a = pool.allocate().unwrap();
         let hash = block_hash(&ROOT, &[1, 2]);
-        pool.register(a, hash, ROOT, &[1, 2], true);
+        pool.register(a, hash, ROOT, &[1, 2], true, None);
         pool.free(a);
         assert_eq!(pool.lookup(&hash, &ROOT, &[1, 3]), None);
         assert_eq!(pool.lookup(&hash, &h(9), &[1, 2]), None);
@@ -505,7 +510,7 @@ mod tests {
         {
             let mut pool = shared.lock();
             for (i, &b) in t.ids().iter().enumerate() {
-                pool.register(b, h(i as u8 + 1), ROOT, &[], true);
+                pool.register(b, h(i as u8 + 1), ROOT, &[], true, None);
             }
         }
         drop(t);

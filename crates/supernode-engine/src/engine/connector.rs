@@ -189,7 +189,14 @@ impl Engine {
         for (i, toks) in l.tokens.chunks_exact(BLOCK_SIZE).take(end).enumerate() {
             let h = block_hash(&parent, toks);
             if i >= l.cached {
-                pool.register(l.blocks.ids()[i], h, parent, toks, i == 0);
+                pool.register(
+                    l.blocks.ids()[i],
+                    h,
+                    parent,
+                    toks,
+                    i == 0,
+                    l.cache_salt.as_deref(),
+                );
             }
             parent = h;
         }

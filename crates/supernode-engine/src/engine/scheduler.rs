@@ -196,6 +196,8 @@ struct Seq {
     hashes: Vec<BlockHash>,
     /// The parent of the first block's hash: the salts.
     root: BlockHash,
+    /// The request's own salt, for the block events.
+    cache_salt: Option<String>,
     admitted_once: bool,
     prompt_logits: bool,
     /// Prompt positions whose logits were returned already (they are not sent twice when a
@@ -229,7 +231,14 @@ impl Seq {
             let parent = self.hashes.last().copied().unwrap_or(self.root);
             let toks = &self.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
             let h = block_hash(&parent, toks);
-            pool.register(self.blocks.ids()[b], h, parent, toks, b == 0);
+            pool.register(
+                self.blocks.ids()[b],
+                h,
+                parent,
+                toks,
+                b == 0,
+                self.cache_salt.as_deref(),
+            );
             self.hashes.push(h);
         }
     }
@@ -360,6 +369,7 @@ impl Scheduler {
             blocks: self.pool.table(),
             hashes: Vec::new(),
             root,
+            cache_salt: req.cache_salt,
             admitted_once: false,
             prompt_logits: req.prompt_logits,
             prompt_rows_sent: 0,

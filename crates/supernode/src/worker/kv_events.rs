@@ -5,8 +5,9 @@
 //! cached block it evicts ([`BlockEvent`]). Dynamo's router keeps a radix tree per worker from
 //! such events: a block's `block_hash` names it (here the first 8 bytes of supernode's SHA-256
 //! chain hash, little-endian), `parent_hash` links it, and `tokens_hash` is Dynamo's own hash of
-//! the block's tokens (`compute_block_hash_for_seq`), which the router computes the same way
-//! for each incoming prompt and walks the tree with. Blocks are 16 tokens on both sides.
+//! the block's tokens (`compute_block_hash_for_seq`, seeded with the request's `cache_salt` as
+//! the router seeds it with the request's `cache_namespace`), which the router computes the same
+//! way for each incoming prompt and walks the tree with. Blocks are 16 tokens on both sides.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,12 +35,18 @@ pub fn to_dynamo(event: BlockEvent, event_id: u64) -> KvCacheEvent {
             hash,
             parent,
             tokens,
+            salt,
         } => {
-            let tokens_hash =
-                compute_block_hash_for_seq(&tokens, BLOCK_SIZE as u32, BlockHashOptions::default())
-                    .into_iter()
-                    .next()
-                    .expect("a stored block is full");
+            // The router seeds its hash of a salted request's blocks with the salt (Dynamo's
+            // `cache_namespace`, which the worker takes as the engine's `cache_salt`).
+            let options = BlockHashOptions {
+                cache_namespace: salt.as_deref(),
+                ..BlockHashOptions::default()
+            };
+            let tokens_hash = compute_block_hash_for_seq(&tokens, BLOCK_SIZE as u32, options)
+                .into_iter()
+                .next()
+                .expect("a stored block is full");
             KvCacheEventData::Stored(KvCacheStoreData {
                 parent_hash: parent.as_ref().map(external),
                 start_position: None,
