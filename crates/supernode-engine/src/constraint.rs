@@ -33,6 +33,51 @@ use serde_json::{json, Value};
 use crate::error::EngineError;
 use crate::tokenizer::Tokenizer;
 
+/// A vocabulary's [`Grammars`], built on the first request that needs them (the trie of a
+/// large vocabulary takes a while) and shared by every later one: what `serve` and the Dynamo
+/// worker each hold.
+#[derive(Default)]
+pub struct LazyGrammars(std::sync::OnceLock<Result<Arc<Grammars>, String>>);
+
+impl LazyGrammars {
+    /// The grammars of `tok`'s vocabulary for logits rows of `vocab_size`, or why there are none
+    /// (no tokenizer, or a vocabulary no trie can be built from); the first call decides.
+    pub fn get(&self, tok: Option<&Tokenizer>, vocab_size: usize) -> Result<Arc<Grammars>, String> {
+        self.0
+            .get_or_init(|| {
+                let tok = tok.ok_or_else(|| {
+                    "this model has no tokenizer, so output constraints cannot be applied"
+                        .to_string()
+                })?;
+                Grammars::for_tokenizer(tok, vocab_size)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+}
+
+/// Why a constraint cannot be enforced, from [`Grammars::compile`]'s error: llguidance's
+/// message (naming the schema feature or grammar line), without the error's own wording.
+pub fn unenforceable_reason(e: EngineError) -> String {
+    match e {
+        EngineError::Constraint { msg, .. } => msg,
+        other => other.to_string(),
+    }
+}
+
+/// A JSON schema given as an object or as the JSON text of one (vLLM's `guided_json`, OpenAI's
+/// `response_format` schema); `None` when it is neither.
+pub fn schema_of(v: &Value) -> Option<Value> {
+    match v {
+        Value::Object(_) => Some(v.clone()),
+        Value::String(s) => serde_json::from_str::<Value>(s)
+            .ok()
+            .filter(Value::is_object),
+        _ => None,
+    }
+}
+
 /// The token trie of one vocabulary and llguidance's parser factory over it.
 pub struct Grammars {
     factory: ParserFactory,

@@ -27,7 +27,7 @@ mod translate;
 mod ui;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -40,7 +40,7 @@ use axum::{Json, Router};
 use clap::Args;
 use serde_json::json;
 use supernode_engine::chat::ChatTemplate;
-use supernode_engine::constraint::Grammars;
+use supernode_engine::constraint::LazyGrammars;
 use supernode_engine::engine::{EngineConfig, EngineHandle};
 use supernode_engine::load::load_with_tokenizer;
 use supernode_engine::tokenizer::Tokenizer;
@@ -137,7 +137,7 @@ pub struct AppState {
     vocab_size: usize,
     cors: Option<Arc<cors::Cors>>,
     /// The vocabulary's grammars for structured output, built on first use.
-    grammars: OnceLock<Result<Arc<Grammars>, String>>,
+    grammars: LazyGrammars,
 }
 
 type Shared = Arc<AppState>;
@@ -404,7 +404,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         hidden,
         vocab_size,
         cors,
-        grammars: OnceLock::new(),
+        grammars: LazyGrammars::default(),
     });
     // Requests are parsed, templated and tokenised on the blocking pool: two threads kept for
     // the server's life (new threads would each bring a malloc arena, and the compute pool has

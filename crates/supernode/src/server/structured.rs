@@ -12,11 +12,8 @@
 //! the field and llguidance's reason. The vocabulary's [`Grammars`] are built on first use and
 //! shared by every later request.
 
-use std::sync::Arc;
-
 use serde_json::{Map, Value};
-use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
-use supernode_engine::EngineError;
+use supernode_engine::constraint::{schema_of, unenforceable_reason, Constraint, ConstraintSpec};
 
 use super::api::{ApiError, ApiResult, Fields};
 use super::AppState;
@@ -183,18 +180,13 @@ fn structured_outputs(v: &Value) -> ApiResult<Requested> {
 /// or `json_object`, from the field `param`.
 fn one_kind(param: &str, kind: &str, v: &Value) -> ApiResult<ConstraintSpec> {
     Ok(match (kind, v) {
-        ("json", Value::Object(_)) => ConstraintSpec::JsonSchema {
-            schema: v.clone(),
-            strict: true,
-        },
-        ("json", Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(schema @ Value::Object(_)) => ConstraintSpec::JsonSchema {
+        ("json", _) => match schema_of(v) {
+            Some(schema) => ConstraintSpec::JsonSchema {
                 schema,
                 strict: true,
             },
-            _ => return Err(wrong(param, "a JSON schema (an object, or its JSON text)")),
+            None => return Err(wrong(param, "a JSON schema (an object, or its JSON text)")),
         },
-        ("json", _) => return Err(wrong(param, "a JSON schema (an object, or its JSON text)")),
         ("json_object", _) => ConstraintSpec::JsonObject,
         ("regex", Value::String(s)) => ConstraintSpec::Regex(s.clone()),
         ("grammar", Value::String(s)) => ConstraintSpec::Lark(s.clone()),
@@ -260,35 +252,24 @@ pub fn check_logit_bias(bias: &[(u32, f32)], vocab_size: usize) -> ApiResult<()>
 
 /// Compiles the request's constraint for this model's vocabulary.
 pub fn compile(st: &AppState, req: &Requested) -> ApiResult<Constraint> {
-    let grammars = grammars(st).map_err(|m| ApiError::invalid(req.param, m))?;
+    let grammars = st
+        .grammars
+        .get(st.tokenizer.as_deref(), st.engine.vocab_size())
+        .map_err(|m| ApiError::invalid(req.param, m))?;
     let c = grammars.compile(&req.spec).map_err(|e| {
-        let reason = match e {
-            EngineError::Constraint { msg, .. } => msg,
-            other => other.to_string(),
-        };
         ApiError::invalid(
             req.param,
-            format!("`{}` cannot be enforced: {reason}", req.param),
+            format!(
+                "`{}` cannot be enforced: {}",
+                req.param,
+                unenforceable_reason(e)
+            ),
         )
     })?;
     Ok(match req.after {
         Some(text) => c.start_after(text),
         None => c,
     })
-}
-
-/// The vocabulary's grammars, built on first use.
-fn grammars(st: &AppState) -> Result<Arc<Grammars>, String> {
-    st.grammars
-        .get_or_init(|| {
-            let tok = st.tokenizer.as_ref().ok_or_else(|| {
-                "this model has no tokenizer, so output constraints cannot be applied".to_string()
-            })?;
-            Grammars::for_tokenizer(tok, st.engine.vocab_size())
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
-        })
-        .clone()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ mod disagg;
 mod kv_events;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -33,15 +33,15 @@ use dynamo_backend_common::{
     TopLogprob, WorkerConfig,
 };
 use futures::stream::{self, BoxStream, StreamExt};
-use serde_json::Value;
-use supernode_engine::constraint::{Constraint, ConstraintSpec, Grammars};
+use supernode_engine::constraint::{
+    schema_of, unenforceable_reason, Constraint, ConstraintSpec, LazyGrammars,
+};
 use supernode_engine::engine::connector::KvOp;
 use supernode_engine::engine::{
     EngineHandle, Event, FinishReason, Request, Sink, SubmitError, BLOCK_SIZE,
 };
 use supernode_engine::sampler::SamplingParams;
 use supernode_engine::tokenizer::Tokenizer;
-use supernode_engine::EngineError;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::disagg::{Handoff, KvTransfer, LeaseGuard};
@@ -123,7 +123,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         max_num_seqs: a.engine.max_num_seqs,
         max_num_batched_tokens: a.engine.max_num_batched_tokens,
         stopped: Arc::new(AtomicBool::new(false)),
-        grammars: Arc::new(OnceLock::new()),
+        grammars: Arc::new(LazyGrammars::default()),
     };
     let d = a.dynamo;
     let config = WorkerConfig {
@@ -178,7 +178,7 @@ struct DynamoEngine {
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     /// The vocabulary's grammars for guided decoding, built on first use.
-    grammars: Arc<OnceLock<Result<Arc<Grammars>, String>>>,
+    grammars: Arc<LazyGrammars>,
     /// Set by `cleanup`: no new requests, and the load publisher ends.
     stopped: Arc<AtomicBool>,
     /// Aggregated, prefill or decode ([`disagg`]).
@@ -234,14 +234,9 @@ fn constraint_spec(g: &GuidedDecodingOptions) -> Result<Option<ConstraintSpec>, 
     }
     let mut found = Vec::new();
     if let Some(json) = &g.json {
-        let schema = match json {
-            Value::String(text) => serde_json::from_str(text)
-                .map_err(|e| invalid(format!("the guided JSON schema is not JSON: {e}")))?,
-            other => other.clone(),
-        };
-        if !schema.is_object() {
-            return Err(invalid("the guided JSON schema must be an object"));
-        }
+        let schema = schema_of(json).ok_or_else(|| {
+            invalid("the guided JSON schema must be an object, or the JSON text of one")
+        })?;
         found.push(ConstraintSpec::JsonSchema {
             schema,
             strict: true,
@@ -586,21 +581,11 @@ impl DynamoEngine {
         let (grammars, tokenizer) = (self.grammars.clone(), self.tokenizer.clone());
         let vocab = self.handle.vocab_size();
         tokio::task::spawn_blocking(move || {
-            let g = grammars
-                .get_or_init(|| {
-                    Grammars::for_tokenizer(&tokenizer, vocab)
-                        .map(Arc::new)
-                        .map_err(|e| e.to_string())
-                })
-                .clone()
-                .map_err(invalid)?;
+            let g = grammars.get(Some(&tokenizer), vocab).map_err(invalid)?;
             g.compile(&spec).map_err(|e| {
                 invalid(format!(
                     "the guided decoding constraint cannot be enforced: {}",
-                    match e {
-                        EngineError::Constraint { msg, .. } => msg,
-                        other => other.to_string(),
-                    }
+                    unenforceable_reason(e)
                 ))
             })
         })
