@@ -743,3 +743,21 @@ def test_a_decode_worker_killed_mid_stream(client, tmp_path):
         codes = c.stop()
     assert killed is not None
     assert [code for i, code in enumerate(codes) if i != killed] == [0, 0], f"worker exit codes {codes}:\n{c.output()}"
+
+
+def test_prefill_and_decode_workers_refuse_what_they_cannot_run(tmp_path):
+    """A prefill or decode worker without NIXL's library, or without a prefix cache (through
+    which prompts are handed over), exits 1 with one line saying what to do."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "NIXL_PLUGIN_DIR")}
+    env.update({"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path / "discovery")})
+    cases = [
+        (["--disaggregation-mode", "decode"], env, "libnixl_capi.so cannot be loaded"),
+        (["--disaggregation-mode", "prefill", "--no-prefix-caching"], env, "has no prefix cache"),
+    ]
+    for args, e, needle in cases:
+        r = subprocess.run(
+            [DYN_BIN, "worker", "--model", MODEL, "--threads", "1", *args],
+            env=e, capture_output=True, text=True, timeout=120,
+        )
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], (args, r.returncode, r.stderr[-2000:])
