@@ -142,6 +142,7 @@ class Cluster:
         etcd: str | None = None,
         roles: list[str] | None = None,
         worker_env: dict[str, str] | None = None,
+        role_args: dict[str, tuple[str, ...]] | None = None,
     ):
         self.env = dict(os.environ)
         discovery = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp / "discovery")}
@@ -165,7 +166,7 @@ class Cluster:
         for i in range(workers):
             sp = free_port()
             env = dict(self.env, DYN_SYSTEM_PORT=str(sp), **(worker_env or {}))
-            role = ["--disaggregation-mode", roles[i]] if roles else []
+            role = ["--disaggregation-mode", roles[i], *(role_args or {}).get(roles[i], ())] if roles else []
             self.system_ports.append(sp)
             prefix: list[str] = []
             if hosts:
@@ -635,7 +636,8 @@ def test_prefill_and_decode_workers_on_two_hosts(two_hosts, client, tmp_path):
     hosts = two_hosts
     c = Cluster(
         tmp_path, workers=2, hosts=hosts, roles=["prefill", "decode"],
-        worker_args=("--kv-transfer-timeout-ms", "3000", "--kv-hold-ms", "30000"), worker_env=env,
+        role_args={"decode": ("--kv-transfer-timeout-ms", "3000"), "prefill": ("--kv-hold-ms", "30000")},
+        worker_env=env,
     )
     try:
         def ask(cl: OpenAI, q: str):
@@ -747,12 +749,16 @@ def test_a_decode_worker_killed_mid_stream(client, tmp_path):
 
 def test_prefill_and_decode_workers_refuse_what_they_cannot_run(tmp_path):
     """A prefill or decode worker without NIXL's library, or without a prefix cache (through
-    which prompts are handed over), exits 1 with one line saying what to do."""
+    which prompts are handed over), exits 1 with one line saying what to do; so does a worker
+    given the other role's option."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "NIXL_PLUGIN_DIR")}
     env.update({"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path / "discovery")})
     cases = [
         (["--disaggregation-mode", "decode"], env, "libnixl_capi.so cannot be loaded"),
         (["--disaggregation-mode", "prefill", "--no-prefix-caching"], env, "has no prefix cache"),
+        # Each role's own options are refused elsewhere, not ignored.
+        (["--kv-hold-ms", "5000"], env, "--kv-hold-ms is for prefill workers"),
+        (["--disaggregation-mode", "prefill", "--kv-transfer-timeout-ms", "5"], env, "--kv-transfer-timeout-ms is for decode"),
     ]
     for args, e, needle in cases:
         r = subprocess.run(

@@ -64,18 +64,27 @@ pub struct WorkerArgs {
     served_model_name: Option<String>,
     /// Decode workers: a KV transfer from a prefill worker not done within this many
     /// milliseconds is abandoned, and the prompt is computed here (same output).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    kv_transfer_timeout_ms: u64,
+    /// [default: 10000]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_transfer_timeout_ms: Option<u64>,
     /// Prefill workers: how long a prompt's blocks stay pinned for a decode worker that does
     /// not say it has read them.
-    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
-    kv_hold_ms: u64,
+    /// [default: 60000]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_hold_ms: Option<u64>,
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
     let mode = a.dynamo.disaggregation_mode;
     if mode.is_encode() {
         bail!("--disaggregation-mode encode: this worker has no multimodal encoder");
+    }
+    // Each role's own options, refused where they would do nothing.
+    if a.kv_transfer_timeout_ms.is_some() && mode != DisaggregationMode::Decode {
+        bail!("--kv-transfer-timeout-ms is for decode workers (--disaggregation-mode decode)");
+    }
+    if a.kv_hold_ms.is_some() && !mode.is_prefill() {
+        bail!("--kv-hold-ms is for prefill workers (--disaggregation-mode prefill)");
     }
     let started = start_engine(&a.model, &a.spec, &a.engine, a.served_model_name.as_deref())?;
     let Some(tokenizer) = started.tokenizer.clone() else {
@@ -102,7 +111,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             }
             let t = KvTransfer::new(
                 handle.kv_regions(),
-                Duration::from_millis(a.kv_transfer_timeout_ms),
+                Duration::from_millis(a.kv_transfer_timeout_ms.unwrap_or(10_000)),
             )?;
             eprintln!(
                 "{mode} worker: {} KV cache buffers registered with NIXL (UCX)",
@@ -116,7 +125,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         handle,
         mode,
         transfer,
-        hold: Duration::from_millis(a.kv_hold_ms),
+        hold: Duration::from_millis(a.kv_hold_ms.unwrap_or(60_000)),
         tokenizer,
         model_id: started.model_id.clone(),
         num_blocks: started.num_blocks,
