@@ -15,7 +15,7 @@ the engines alternately within each round, so that machine noise hits them alike
     `bench --prompt-tokens D --gen-tokens N --ctx D+N` (it decodes after its prompt). A depth
     beyond a model's trained context is skipped and said so;
   - llama.cpp with flash attention (`-fa 1`); ik_llama.cpp with `-fa 1 -rtr 1 -fmoe 1` (run-time
-    repacking, fused MoE); supernode in both precisions (`exact`, the default, and `quantized`);
+    repacking, fused MoE); supernode in both precisions (`quantized`, the default since 2026-12-07, and `exact`);
   - decode's share of the measured memory bandwidth: decode tok/s x (weight bytes + KV bytes
     read per token) / the read bandwidth `supernode bench` measures (`memory_read_gb_s`);
 - serving (with --serve): llama.cpp's and ik_llama.cpp's `llama-server` (C parallel slots,

@@ -3,14 +3,14 @@
 
 Usage (with a Python that has llama-cpp-python and jinja2):
 
-    python tools/make_llama_reference.py MODEL.gguf OUT.json SHORT_NAME [--serial N]
+    python tools/make_llama_reference.py MODEL.gguf OUT.json SHORT_NAME [--serial N [--serial-max-tokens M]]
 
 For each of a fixed set of varied prompts it records llama.cpp's tokenization, the top-10 logits at every
 prompt position from ONE batched evaluation of the whole prompt (logits_all), and a 32-token greedy
 continuation evaluated one token at a time, with the top-10 logits each greedy token was picked from
 (greedy_top[0] is the last prompt position). Greedy does not stop at EOS: it is a reference for the math.
 
-`--serial N` also records, for the first N short cases, the logits of the same top-10 ids from a
+`--serial N` also records, for the first N cases of at most `--serial-max-tokens` (64) tokens, the logits of the same top-10 ids from a
 one-token-at-a-time evaluation of the prompt (`prompt_top_serial`), to document how far llama.cpp's own
 batched and serial evaluations disagree; the maximum absolute difference over the top-5 is printed and stored
 as `serial_vs_batched_max_abs_top5`. (Measured with 0.3.36: without flash attention the two disagree by up to
@@ -157,6 +157,12 @@ def main():
     ap.add_argument("name")
     ap.add_argument("--serial", type=int, default=0, help="cases to also evaluate one token at a time")
     ap.add_argument(
+        "--serial-max-tokens",
+        type=int,
+        default=64,
+        help="only cases of at most this many tokens count for --serial (default 64)",
+    )
+    ap.add_argument(
         "--extra-bufts",
         action="store_true",
         help="let llama.cpp use its extra weight buffer types (AMX, repacked layouts); off by default",
@@ -262,7 +268,7 @@ def main():
             "greedy_top": greedy_top,
         }
 
-        if len(serial_figures) < args.serial and len(ids) <= 64:
+        if len(serial_figures) < args.serial and len(ids) <= args.serial_max_tokens:
             llm.reset()
             rows = []
             for t in ids:

@@ -26,7 +26,8 @@ MAX_CONNECTIONS = 32
 @pytest.fixture(scope="module")
 def tight():
     """A server with short timeouts, a small connection cap, a 1 MiB body limit, an API key,
-    and a KV cache of 64 MiB (1,456 tokens of SmolLM2), less than the model's context."""
+    and a KV cache of 64 MiB (2,912 tokens of SmolLM2 in its f16 cache), less than the model's
+    context."""
     with running(
         "--max-connections", str(MAX_CONNECTIONS),
         "--header-timeout", str(HEADER_TIMEOUT),
@@ -432,7 +433,7 @@ def test_reported_context_is_what_a_request_can_use(tight):
     with tight.http() as h:
         card = h.get("/v1/models").json()["data"][0]
         n = card["max_model_len"]
-        assert n == 1456, card  # 64 MiB of KV at 46,080 bytes a token, under the 8,192 context
+        assert n == 2912, card  # 64 MiB of f16 KV at 23,040 bytes a token, under the 8,192 context
         ok = h.post("/v1/completions", json={"model": MODEL, "prompt": [1] * n, "max_tokens": 1})
         assert ok.status_code == 400  # the prompt fills the context: no room for one token
         fits = h.post("/v1/completions", json={"model": MODEL, "prompt": [1] * (n - 1), "max_tokens": 1, **GREEDY})
@@ -448,4 +449,4 @@ def test_max_tokens_beyond_the_context_is_refused(tight):
             assert r.status_code == 400, r.text
             err = r.json()["error"]
             assert err["param"] == field and err["code"] == "context_length_exceeded", err
-            assert "1456" in err["message"], err
+            assert "2912" in err["message"], err

@@ -290,7 +290,7 @@ def test_forced_calls_in_other_families_formats_always_parse(other_format_server
         temperature=1.0,
         seed=11,
         n=4,
-        max_tokens=100,
+        max_tokens=300,
     )
     for c in r.choices:
         assert c.finish_reason == "tool_calls", (family, c)

@@ -31,7 +31,8 @@ pub struct LoadedModel {
 /// How to load a model.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
-    /// How activations meet quantised weights in every projection (default: exact).
+    /// How activations meet quantised weights in every projection (default: exact; the
+    /// command line's default is quantized).
     pub precision: Precision,
     /// The KV cache's element type; `None` takes the precision's own
     /// ([`KvDType::for_rounding`]: f32 in exact precision, f16 in quantized).

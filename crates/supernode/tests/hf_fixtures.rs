@@ -761,7 +761,8 @@ fn exact_precision_with_an_f16_kv_cache_stays_near_transformers() {
     eprintln!("largest |logit - transformers| with an f16 KV cache: {largest:?}");
 }
 
-/// The issue's own commands on every fixture: `supernode logits --model DIR --tokens ...`
+/// The issue's own commands on every fixture, in reference-grade numerics: `supernode logits
+/// --model DIR --precision exact --tokens ...`
 /// within 1e-3 of transformers at every position of the longest input, and
 /// `supernode run --tokens ... --temperature 0` giving transformers' greedy continuation.
 #[test]
@@ -784,7 +785,14 @@ fn command_line_matches_transformers_for_every_architecture() {
         let tokens = ids(&input["tokens"]);
         let list = |t: &[u32]| t.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let out = std::process::Command::new(bin)
-            .args(["logits", "--model", dir.to_str().unwrap(), "--tokens"])
+            .args([
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--precision",
+                "exact",
+            ])
+            .arg("--tokens")
             .arg(list(&tokens))
             .output()
             .unwrap();
@@ -822,6 +830,8 @@ fn command_line_matches_transformers_for_every_architecture() {
                 dir.to_str().unwrap(),
                 "--temperature",
                 "0",
+                "--precision",
+                "exact",
             ])
             .args([
                 "--ignore-eos",

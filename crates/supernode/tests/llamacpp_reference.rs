@@ -1,11 +1,13 @@
 //! The engine against llama.cpp on the real models, from the committed fixtures that
-//! `tools/make_llama_reference.py` produced with llama-cpp-python:
+//! `tools/make_llama_reference.py` produced with llama-cpp-python (`--serial 9
+//! --serial-max-tokens 1000`: llama.cpp's one-token path too, on every case):
 //!
 //! - `tokenize` gives exactly llama.cpp's ids (chat prompts rendered by our template engine);
 //! - teacher-forced logits near llama.cpp's on its top-5 tokens: at most 5% of them more than
 //!   0.5 away and none more than 2.0 (not counting those where llama.cpp is further from an
-//!   exact float64 forward than we are), mean distance at most 0.25, and no more than twice as far
-//!   as llama.cpp's own one-token path is from its batched path; the same top token wherever
+//!   exact float64 forward than we are), mean distance at most 0.25, and no more than 1.5 times
+//!   as far as llama.cpp's own one-token path is from its batched path (recorded for every
+//!   case); the same top token wherever
 //!   llama.cpp's top-1/top-2 margin exceeds 0.3, except where an exact float64 forward on the
 //!   same weights disagrees with llama.cpp and agrees with us;
 //! - the greedy 32-token continuation equals llama.cpp's up to the first step where llama.cpp's
@@ -13,9 +15,12 @@
 //! - where an exact float64 forward on the same dequantised weights exists, our logits in
 //!   `Precision::Exact` are closer to it than llama.cpp's.
 //!
-//! The llama.cpp checks run in both precisions: the default `Precision::Exact`, and
-//! `Precision::Quantized` (activations quantised to 8 bits and f16 attention, as llama.cpp
-//! does; its top tokens are held to llama.cpp's only where the margin exceeds 1).
+//! The llama.cpp checks run in both precisions: `Precision::Exact`, and `Precision::Quantized`
+//! (the command line's default: activations quantised to 8 bits and f16 attention, as
+//! llama.cpp does; its top tokens at prompt positions are held to llama.cpp's only where the
+//! margin exceeds 1, its greedy continuations as the exact ones are). Quantized precision is
+//! also held to the float64 forward as closely as llama.cpp itself is
+//! (`check_quantized_near_f64`).
 
 mod common;
 
@@ -152,8 +157,9 @@ fn f64_best(row: &[(u32, f64)]) -> u32 {
     row.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0
 }
 
-/// `top_margin`: where llama.cpp's top-1/top-2 margin exceeds it, our top token (and greedy
-/// continuation) must be llama.cpp's.
+/// `top_margin`: where llama.cpp's top-1/top-2 margin at a prompt position exceeds it, our top
+/// token there must be llama.cpp's. The greedy continuation must be llama.cpp's up to its first
+/// step whose margin is below `MARGIN`, in either precision.
 fn check_model(name: &str, opts: &LoadOptions, top_margin: f64) {
     let reference = read_json(&fixture(&format!("{name}.llamacpp.json")));
     let exact = f64_rows(name);
@@ -234,7 +240,7 @@ fn check_model(name: &str, opts: &LoadOptions, top_margin: f64) {
             .expect("generation")
             .tokens;
         for (i, (&a, &b)) in ours.iter().zip(&greedy_ref).enumerate() {
-            if margin(&steps[i]) < top_margin {
+            if margin(&steps[i]) < MARGIN {
                 break;
             }
             assert_eq!(a, b, "{name}/{cname}: greedy token {i} differs (ours {ours:?}, llama.cpp {greedy_ref:?})");
@@ -273,8 +279,8 @@ fn check_model(name: &str, opts: &LoadOptions, top_margin: f64) {
     );
     assert!(max <= MAX_DISTANCE, "a logit is {max:.3} from llama.cpp");
     assert!(
-        dist.serial.is_empty() || mean(&dist.ours_on_serial) <= 2.0 * mean(&dist.serial),
-        "further from llama.cpp's batched path than twice llama.cpp's own one-token path"
+        dist.serial.is_empty() || mean(&dist.ours_on_serial) <= 1.5 * mean(&dist.serial),
+        "further from llama.cpp's batched path than 1.5 times llama.cpp's own one-token path"
     );
 }
 
@@ -391,6 +397,99 @@ fn check_closer_to_f64(name: &str) {
     assert!(
         ours < theirs,
         "supernode {ours} is not closer to f64 than llama.cpp {theirs}"
+    );
+}
+
+/// `quantized` precision is as accurate as llama.cpp itself: measured against an exact float64
+/// forward on the same weights, its logits (over llama.cpp's top-5 ids at every position) are,
+/// prompt by prompt, no further from it than 1.5 times llama.cpp's batched logits are, both in
+/// the mean over positions and at the worst position (Gemma 3's large-activation positions such
+/// as `<start_of_turn>` included); and it picks another top token than the float64 forward (where
+/// that forward's own margin exceeds `MARGIN`) no more often than llama.cpp does.
+///
+/// This is the measure that can hold everywhere: positions where llama.cpp's one-token and
+/// batched paths agree bit for bit (short prompts run the same kernels both ways) leave it no
+/// spread to compare with, while 18–30 layers of 8-bit rounding amplify any difference in the
+/// order of a sum to tenths of a logit.
+#[test]
+fn smollm2_quantized_as_close_to_f64_as_llama_cpp() {
+    check_quantized_near_f64("smollm2-135m");
+}
+
+#[test]
+fn gemma3_quantized_as_close_to_f64_as_llama_cpp() {
+    check_quantized_near_f64("gemma3-270m");
+}
+
+fn check_quantized_near_f64(name: &str) {
+    const RATIO: f64 = 1.5;
+    let exact = read_json(&fixture(&format!("{name}.f64.json")));
+    let reference = read_json(&fixture(&format!("{name}.llamacpp.json")));
+    let mut session =
+        Session::load(&model_path(name), &QUANTIZED, Some(2048)).expect("model loads");
+    let (mut our_misses, mut their_misses, mut decided) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for case in exact["cases"].as_array().unwrap() {
+        let cname = case["name"].as_str().unwrap();
+        let lc = reference["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == case["name"])
+            .expect("same case in the llama.cpp fixture");
+        let logits = session.logits(&ids(&case["ids"])).expect("logits");
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for (pos, row) in case["logits"].as_array().unwrap().iter().enumerate() {
+            let row = pairs(row);
+            let lc_top = pairs(&lc["prompt_top"][pos]);
+            let ours_of = |id: u32| f64::from(logits[pos][id as usize]);
+            let theirs_of = |id: u32| lc_top.iter().find(|p| p.0 == id).expect("same ids").1;
+            let worst = |of: &dyn Fn(u32) -> f64| {
+                row.iter()
+                    .take(5)
+                    .map(|&(id, e)| (of(id) - e).abs())
+                    .fold(0.0, f64::max)
+            };
+            ours.push(worst(&ours_of));
+            theirs.push(worst(&theirs_of));
+            // Top tokens among these ids, where the float64 forward has a clear one.
+            let mut by_f64 = row.clone();
+            by_f64.sort_by(|a, b| b.1.total_cmp(&a.1));
+            if by_f64[0].1 - by_f64[1].1 > MARGIN {
+                decided += 1;
+                let top_of = |of: &dyn Fn(u32) -> f64| {
+                    row.iter()
+                        .map(|p| p.0)
+                        .max_by(|&a, &b| of(a).total_cmp(&of(b)))
+                        .unwrap()
+                };
+                our_misses += usize::from(top_of(&ours_of) != by_f64[0].0);
+                their_misses += usize::from(top_of(&theirs_of) != by_f64[0].0);
+            }
+        }
+        let max_of = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let (mo, mt, xo, xt) = (mean(&ours), mean(&theirs), max_of(&ours), max_of(&theirs));
+        eprintln!(
+            "{name}/{cname} ({} positions): |logit - f64| over top-5, mean of the worst per \
+             position: quantized {mo:.3}, llama.cpp {mt:.3}; worst: quantized {xo:.3}, \
+             llama.cpp {xt:.3}",
+            ours.len()
+        );
+        if mo > RATIO * mt || xo > RATIO * xt {
+            failures.push(cname.to_string());
+        }
+    }
+    eprintln!(
+        "{name}: top token other than the float64 forward's, at {decided} positions where its \
+         margin exceeds {MARGIN}: quantized {our_misses}, llama.cpp {their_misses}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{name}: quantized is further than {RATIO}x llama.cpp's distance from float64 on {failures:?}"
+    );
+    assert!(
+        our_misses <= their_misses,
+        "{name}: quantized misses the float64 top token {our_misses} times, llama.cpp {their_misses}"
     );
 }
 

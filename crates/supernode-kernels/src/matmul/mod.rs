@@ -49,10 +49,11 @@ use crate::simd::{dot_f32_grid, row_kernels, RowKernels};
 pub enum Precision {
     /// llama.cpp's numerics: each token's activations are quantised once per matmul to the weight
     /// type's vec_dot type (Q4_0/Q5_0/Q8_0 → Q8_0; Q4_1/Q5_1 → Q8_1; Q2_K..Q6_K → Q8_K; F16 → f16;
-    /// BF16 → bf16; F32 → f32) and multiplied with integer dot products.
+    /// BF16 → bf16; F32 → f32) and multiplied with integer dot products. The command line's
+    /// default.
     Quantized,
     /// f32 activations against dequantised weights ([`matmul`]): agrees with a float64 forward
-    /// on the same weights. The default.
+    /// on the same weights. The library's default (the reference the tests hold the other to).
     #[default]
     Exact,
 }
