@@ -429,7 +429,7 @@ def single_stream(peers, sn, name, gguf, a):
         elif d not in depths:
             depths.append(d)
     metrics = ["prefill", "decode@0"] + [f"decode@{d}" for d in depths]
-    engines = list(peers) + ["supernode-exact", "supernode-quantized"]
+    engines = list(peers) + [f"supernode-{p}" for p in a.precisions]
     res = {k: {m: [] for m in metrics} for k in engines}
     extra = {"weight_bytes_per_token": {}, "memory_read_gb_s": []}
     for r in range(a.rounds):
@@ -453,7 +453,8 @@ def single_stream(peers, sn, name, gguf, a):
     # Bytes each decode step reads: the weights (what supernode counts for the file; the peers
     # read the same tensors) plus the KV cache at the mean context of the N steps: f16 for the
     # peers and for supernode quantized, f32 for supernode exact.
-    wq = extra["weight_bytes_per_token"]["quantized"]
+    wq = next(iter(extra["weight_bytes_per_token"].values()))
+    wq = extra["weight_bytes_per_token"].get("quantized", wq)
     elem = {"supernode-exact": 4}
     table = {}
     for k, v in med.items():
@@ -549,7 +550,7 @@ def serving(peers, sn, name, gguf, a, conc):
             cmd.append("-rtr")  # fused MoE is on by default in its server
         res[f"{peer} server"] = serve_one(cmd, f"http://127.0.0.1:{port}",
                                           logdir / f"{peer}-{name}-{conc}.log", sn, a, conc, name)
-    for precision in ("exact", "quantized"):
+    for precision in a.precisions:
         port = free_port()
         say(f"{name}: supernode serve ({precision}) on port {port}")
         cmd = [str(sn), "serve", "--model", str(gguf), "--threads", str(a.threads),
@@ -675,6 +676,8 @@ def main():
     ap.add_argument("--depths", default="",
                     help="extra context depths for decode, e.g. 4096,16384 (each beyond a model's "
                          "context is skipped)")
+    ap.add_argument("--precisions", default="quantized,exact",
+                    help="supernode's precisions, comma-separated (default: both)")
     ap.add_argument("--serve", action="store_true")
     ap.add_argument("--no-single", action="store_true", help="skip the single-stream runs")
     ap.add_argument("--concurrency", default="16", help="serving streams, comma-separated: 16,64")
@@ -695,6 +698,9 @@ def main():
         concurrencies = [int(c) for c in a.concurrency.split(",") if c.strip()]
     except ValueError:
         raise SystemExit("bench_peers: --depths and --concurrency take comma-separated integers")
+    a.precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
+    if not a.precisions or any(p not in ("quantized", "exact") for p in a.precisions):
+        raise SystemExit("bench_peers: --precisions takes quantized and/or exact, comma-separated")
     try:
         run_all(a, concurrencies)
     except BenchError as e:

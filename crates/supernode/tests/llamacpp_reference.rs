@@ -368,20 +368,30 @@ fn gemma3_closer_to_f64_than_llama_cpp() {
     check_closer_to_f64("gemma3-270m");
 }
 
-fn check_closer_to_f64(name: &str) {
+/// Each case of the float64 fixture of `name` with the same case of llama.cpp's fixture.
+fn f64_cases(name: &str) -> Vec<(Value, Value)> {
     let exact = read_json(&fixture(&format!("{name}.f64.json")));
     let reference = read_json(&fixture(&format!("{name}.llamacpp.json")));
+    let lc_cases = reference["cases"].as_array().unwrap();
+    exact["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let lc = lc_cases
+                .iter()
+                .find(|c| c["name"] == case["name"])
+                .expect("same case in the llama.cpp fixture");
+            (case.clone(), lc.clone())
+        })
+        .collect()
+}
+
+fn check_closer_to_f64(name: &str) {
     let mut session = Session::load(&model_path(name), &EXACT, Some(2048)).expect("model loads");
     let (mut ours, mut theirs, mut n) = (0f64, 0f64, 0usize);
-    for case in exact["cases"].as_array().unwrap() {
-        let want = ids(&case["ids"]);
-        let lc = reference["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == case["name"])
-            .expect("same case in the llama.cpp fixture");
-        let logits = session.logits(&want).expect("logits");
+    for (case, lc) in f64_cases(name) {
+        let logits = session.logits(&ids(&case["ids"])).expect("logits");
         for (pos, row) in case["logits"].as_array().unwrap().iter().enumerate() {
             let lc_top = pairs(&lc["prompt_top"][pos]);
             for (id, exact) in pairs(row).into_iter().take(5) {
@@ -423,20 +433,12 @@ fn gemma3_quantized_as_close_to_f64_as_llama_cpp() {
 
 fn check_quantized_near_f64(name: &str) {
     const RATIO: f64 = 1.5;
-    let exact = read_json(&fixture(&format!("{name}.f64.json")));
-    let reference = read_json(&fixture(&format!("{name}.llamacpp.json")));
     let mut session =
         Session::load(&model_path(name), &QUANTIZED, Some(2048)).expect("model loads");
     let (mut our_misses, mut their_misses, mut decided) = (0, 0, 0);
     let mut failures = Vec::new();
-    for case in exact["cases"].as_array().unwrap() {
+    for (case, lc) in f64_cases(name) {
         let cname = case["name"].as_str().unwrap();
-        let lc = reference["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == case["name"])
-            .expect("same case in the llama.cpp fixture");
         let logits = session.logits(&ids(&case["ids"])).expect("logits");
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for (pos, row) in case["logits"].as_array().unwrap().iter().enumerate() {
