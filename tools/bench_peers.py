@@ -452,9 +452,9 @@ def single_stream(peers, sn, name, gguf, a):
     bw = statistics.median(extra["memory_read_gb_s"]) * 1e9
     # Bytes each decode step reads: the weights (what supernode counts for the file; the peers
     # read the same tensors) plus the KV cache at the mean context of the N steps: f16 for the
-    # peers and for supernode quantized, f32 for supernode exact.
+    # peers and for supernode quantized, f32 for supernode exact. Both precisions count the
+    # file's weight bytes alike, so whichever ran gives them.
     wq = next(iter(extra["weight_bytes_per_token"].values()))
-    wq = extra["weight_bytes_per_token"].get("quantized", wq)
     elem = {"supernode-exact": 4}
     table = {}
     for k, v in med.items():
@@ -732,7 +732,10 @@ def run_all(a, concurrencies):
                 results["serving"].append(serving(peers, sn, name, gguf, a, conc))
     results["machine"]["loadavg_end"] = os.getloadavg()
     md = [f"{results['date']}, {results['machine']['cpu']} ({', '.join(results['machine']['simd'])}), "
-          f"{a.threads} threads, medians of {a.rounds} rounds; supernode {results['supernode']['commit']}"
+          f"{a.threads} threads, "
+          + (f"single stream: medians of {a.rounds} rounds; " if results["single"] else "")
+          + ("serving: one run per engine; " if results["serving"] else "")
+          + f"supernode {results['supernode']['commit']}"
           f" ({sn}); load average {load0[0]:.2f} at the start, {results['machine']['loadavg_end'][0]:.2f} at the end"]
     if results["single"]:
         md.append(single_markdown(results, a, peers))
