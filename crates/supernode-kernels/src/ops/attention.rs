@@ -340,9 +340,11 @@ pub fn attention_groups_parallel(
     shape: &AttnShape,
     out: &mut [f32],
 ) {
-    /// Positions per scoring task, and value columns per summing task.
+    /// Positions per scoring task; value columns per summing task, the wider where that still
+    /// gives every thread two tasks (one pass over the positions per 64 columns rather than
+    /// two: Gemma 3's 256-column heads at long context), else the narrower.
     const POSITIONS: usize = 64;
-    const COLUMNS: usize = 32;
+    const COLUMNS: [usize; 2] = [64, 32];
     let (k_dim, v_dim, n) = (shape.k_dim, shape.v_dim, groups.len());
     if n == 0 {
         return;
@@ -420,11 +422,12 @@ pub fn attention_groups_parallel(
             softmax(w, shape);
         });
         let weights = &*weights;
-        let cols = if v_dim.is_multiple_of(COLUMNS) {
-            COLUMNS
-        } else {
-            v_dim
-        };
+        let cols = COLUMNS
+            .into_iter()
+            .filter(|&c| v_dim.is_multiple_of(c))
+            .find(|&c| n * v_dim / c >= 2 * pool::threads())
+            .or(COLUMNS.into_iter().rfind(|&c| v_dim.is_multiple_of(c)))
+            .unwrap_or(v_dim);
         let per_group = v_dim / cols;
         pool::for_each_chunk_mut(values, g * cols, |task, o| {
             let (j, i) = (task / per_group, task % per_group);
