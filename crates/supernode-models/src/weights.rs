@@ -128,10 +128,36 @@ impl Weights {
         rows: usize,
         cols: usize,
     ) -> Result<StackedLinear> {
+        let w = self.stacked_tensor(prefix, count, rows, cols)?;
+        Ok(StackedLinear::new(w, self.numerics))
+    }
+
+    /// `{prefix}.weight`, checked to be `count` stacked `rows × cols` matrices of whole blocks.
+    fn stacked_tensor(
+        &self,
+        prefix: &str,
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Tensor> {
         let w = self.require(&format!("{prefix}.weight"))?;
         Self::check_shape(w, &[cols, rows, count])?;
         check_row_blocks(w)?;
-        Ok(StackedLinear::new(w.clone(), self.numerics))
+        Ok(w.clone())
+    }
+
+    /// A mixture of experts' `count` stacked `rows × cols` experts `{prefix}.weight`: as
+    /// [`Weights::stacked`], each expert packed for this CPU's kernels where the precision
+    /// calls for it ([`StackedLinear::new_packed`]).
+    pub fn experts(
+        &self,
+        prefix: &str,
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<StackedLinear> {
+        let w = self.stacked_tensor(prefix, count, rows, cols)?;
+        Ok(StackedLinear::new_packed(w, self.numerics))
     }
 
     /// `count` stacked `rows × cols` matrices from f32 values (`count * rows * cols`, matrix

@@ -31,7 +31,10 @@ mod quantized;
 #[cfg(test)]
 mod tests;
 
-pub use packed::{matmul_packed, matmul_packed_glu, matmul_packed_many};
+pub use packed::{
+    matmul_packed, matmul_packed_gathered, matmul_packed_glu, matmul_packed_many, Product,
+    TokenRows,
+};
 pub use quantized::matmul_with;
 
 use std::cell::RefCell;

@@ -32,11 +32,17 @@ pub fn matmul_packed_many(
     outs: &mut [&mut [f32]],
 ) {
     assert_eq!(ms.len(), outs.len(), "matmul: one output per matrix");
-    for (m, out) in ms.iter().zip(outs.iter()) {
-        assert_eq!(out.len(), n_tokens * m.rows, "matmul: output length");
-    }
-    let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-    packed_products(ms, x, n_tokens, Sink::Each(&shared));
+    let products: Vec<Product> = ms
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(&m, out)| Product {
+            m,
+            glu: None,
+            tokens: TokenRows::All(n_tokens),
+            out,
+        })
+        .collect();
+    packed_products(products, x, n_tokens);
 }
 
 /// The gated linear unit of a feed-forward, fused: `out[t * rows + r] = act(g) * u` with `g`
@@ -52,39 +58,111 @@ pub fn matmul_packed_glu(
     act: Activation,
     out: &mut [f32],
 ) {
-    assert_eq!(
-        gate.rows, up.rows,
-        "matmul_packed_glu: gate and up differ in rows"
-    );
-    assert_eq!(out.len(), n_tokens * gate.rows, "matmul: output length");
-    let out = SharedOut(out.as_mut_ptr());
-    packed_products(&[gate, up], x, n_tokens, Sink::Glu(act, &out));
+    let product = Product {
+        m: gate,
+        glu: Some((up, act)),
+        tokens: TokenRows::All(n_tokens),
+        out,
+    };
+    packed_products(vec![product], x, n_tokens);
 }
 
-/// Where packed products go.
-#[derive(Clone, Copy)]
-enum Sink<'a> {
-    /// Matrix `i`'s products to output `i`.
-    Each(&'a [SharedOut]),
-    /// Two matrices (gate, up) of the same rows: `act(gate) * up` to one output.
-    Glu(Activation, &'a SharedOut),
+/// The rows of the activations a [`Product`] reads, in the order of its output rows.
+#[derive(Clone, Copy, Debug)]
+pub enum TokenRows<'a> {
+    /// All `n` rows, in order.
+    All(usize),
+    /// `len` rows from `start`.
+    Range(usize, usize),
+    /// These rows (each below the activations' row count).
+    List(&'a [usize]),
 }
 
-/// The products of the packed matrices `ms` (all of the same columns) on `x`, into `sink`
-/// (whose outputs the callers checked for length): each token's activations quantised once per
-/// kind the matrices meet, then one parallel loop over panels times chunks of tokens.
-fn packed_products(ms: &[&PackedMatrix], x: &[f32], n_tokens: usize, sink: Sink) {
-    let Some(first) = ms.first() else { return };
-    let cols = first.cols;
+impl TokenRows<'_> {
+    pub fn len(&self) -> usize {
+        match *self {
+            TokenRows::All(n) | TokenRows::Range(_, n) => n,
+            TokenRows::List(l) => l.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The activations' row of output row `j`.
+    fn get(&self, j: usize) -> usize {
+        match *self {
+            TokenRows::All(_) => j,
+            TokenRows::Range(start, _) => start + j,
+            TokenRows::List(l) => l[j],
+        }
+    }
+}
+
+/// One product of [`matmul_packed_gathered`]: matrix `m` (or, with `glu`, `act(m x) * (up x)`)
+/// against the activation rows `tokens`, output row `j` (of `m.rows` values) from row
+/// `tokens[j]`.
+pub struct Product<'a, 'o> {
+    pub m: &'a PackedMatrix,
+    pub glu: Option<(&'a PackedMatrix, Activation)>,
+    pub tokens: TokenRows<'a>,
+    pub out: &'o mut [f32],
+}
+
+/// Several products of packed matrices (all of the same columns), each on its own rows of the
+/// same activations `x` (`n_tokens × cols`), in one parallel loop: a mixture of experts' chosen
+/// experts, each on the tokens routed to it. Each row of `x` is quantised once, whichever
+/// products read it, and every output is the bits [`matmul_packed`] (or [`matmul_packed_glu`])
+/// of its matrix gives that row: the same kernel on the same quantised activations.
+pub fn matmul_packed_gathered(products: Vec<Product>, x: &[f32], n_tokens: usize) {
+    packed_products(products, x, n_tokens);
+}
+
+/// The body of every packed product (see [`matmul_packed_gathered`]): each token's activations
+/// quantised once per kind the matrices meet, then one parallel loop over (product, chunk of its
+/// tokens, group of its panels).
+fn packed_products(products: Vec<Product>, x: &[f32], n_tokens: usize) {
+    let Some(first) = products.first() else {
+        return;
+    };
+    let cols = first.m.cols;
+    let matrices = || {
+        products
+            .iter()
+            .flat_map(|p| std::iter::once(p.m).chain(p.glu.map(|(up, _)| up)))
+    };
     assert!(
-        ms.iter().all(|m| m.cols == cols),
+        matrices().all(|m| m.cols == cols),
         "matmul: matrices differ in columns"
     );
     assert_eq!(x.len(), n_tokens * cols, "matmul: activations length");
+    for p in &products {
+        assert_eq!(
+            p.out.len(),
+            p.tokens.len() * p.m.rows,
+            "matmul: output length"
+        );
+        if let Some((up, _)) = p.glu {
+            assert_eq!(
+                up.rows, p.m.rows,
+                "matmul_packed_glu: gate and up differ in rows"
+            );
+        }
+        if let TokenRows::Range(start, len) = p.tokens {
+            assert!(start + len <= n_tokens, "matmul: token rows out of range");
+        }
+        if let TokenRows::List(l) = p.tokens {
+            assert!(
+                l.iter().all(|&t| t < n_tokens),
+                "matmul: token rows out of range"
+            );
+        }
+    }
     if n_tokens == 0 {
         return;
     }
-    let kinds = |kind: ActKind| ms.iter().any(|m| m.format.act_kind() == kind);
+    let kinds = |kind: ActKind| matrices().any(|m| m.format.act_kind() == kind);
     let blocks = cols / BlockQ8_0::ELEMS;
     let k_blocks = cols / BlockQ8K::ELEMS;
     let mut scratch = ACTS.take();
@@ -131,54 +209,58 @@ fn packed_products(ms: &[&PackedMatrix], x: &[f32], n_tokens: usize, sink: Sink)
         table(ActKind::Q8_1),
         table(ActKind::Q8K),
     ];
-    let acts_of = |m: &PackedMatrix| &acts[m.format.act_kind() as usize];
-    // The units of work: every panel of every matrix, or (GLU) every panel of the gate with the
-    // same panel of the up projection.
-    let panels: usize = match sink {
-        Sink::Each(_) => ms.iter().map(|m| m.panels()).sum(),
-        Sink::Glu(..) => first.panels(),
-    };
-    let token_chunks = n_tokens.div_ceil(TOKEN_CHUNK);
-    // Several panels per task when there are few tokens, so that a decode step's thousands of
-    // panels make a few dozen tasks (each task is an atomic increment shared by the threads).
-    let per_task = (panels * token_chunks / (TASKS_PER_THREAD * pool::threads())).max(1);
-    let groups = panels.div_ceil(per_task);
-    pool::for_each(groups * token_chunks, |task| {
-        let (group, chunk) = (task % groups, task / groups);
-        let tokens = chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(n_tokens);
+    let acts_of = |m: &PackedMatrix| -> &[Act] { &acts[m.format.act_kind() as usize] };
+    // The units of work: each product's panels (a GLU's gate panel with the same panel of its up
+    // projection) times chunks of its tokens; several panels per task when there are few
+    // tokens, so that a decode step's thousands of panels make a few dozen tasks (each task is
+    // an atomic increment shared by the threads).
+    let chunks = |p: &Product| p.tokens.len().div_ceil(TOKEN_CHUNK);
+    let units: usize = products.iter().map(|p| p.m.panels() * chunks(p)).sum();
+    let per_task = (units / (TASKS_PER_THREAD * pool::threads())).max(1);
+    // (product, chunk, first panel, end panel) of each task.
+    let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (i, p) in products.iter().enumerate() {
+        for chunk in 0..chunks(p) {
+            for p0 in (0..p.m.panels()).step_by(per_task) {
+                tasks.push((i, chunk, p0, (p0 + per_task).min(p.m.panels())));
+            }
+        }
+    }
+    let outs: Vec<SharedOut> = products
+        .iter()
+        .map(|p| SharedOut(p.out.as_ptr().cast_mut()))
+        .collect();
+    pool::for_each(tasks.len(), |task| {
+        let (i, chunk, p0, p1) = tasks[task];
+        let Product { m, glu, tokens, .. } = &products[i];
+        let (m, end) = (*m, tokens.len());
         let mut res = [[0f32; PANEL]; DOT_TOKENS];
         let mut res_up = [[0f32; PANEL]; DOT_TOKENS];
-        for global in group * per_task..((group + 1) * per_task).min(panels) {
-            let (mut panel, mut i) = (global, 0);
-            while panel >= ms[i].panels() {
-                panel -= ms[i].panels();
-                i += 1;
-            }
-            let m = ms[i];
+        for panel in p0..p1 {
             let r0 = panel * PANEL;
             let valid = PANEL.min(m.rows - r0);
-            for t0 in tokens.clone().step_by(DOT_TOKENS) {
-                let size = (t0 + DOT_TOKENS).min(tokens.end) - t0;
-                panel_dot(m, panel, &acts_of(m)[t0..t0 + size], &mut res[..size]);
-                match sink {
-                    Sink::Each(outs) => {
-                        for (j, r) in res[..size].iter().enumerate() {
-                            // SAFETY: this task's (panel rows, token range) of matrix `i` is
-                            // its own; the range is in bounds by the callers' length checks.
-                            let dst = unsafe { outs[i].slice((t0 + j) * m.rows + r0, valid) };
-                            dst.copy_from_slice(&r[..valid]);
-                        }
+            for t0 in
+                (chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(end)).step_by(DOT_TOKENS)
+            {
+                let size = (t0 + DOT_TOKENS).min(end) - t0;
+                // The group's activations (the last repeated to fill the array; only `size`
+                // are used).
+                let group = |m: &PackedMatrix| -> [Act; DOT_TOKENS] {
+                    let table = acts_of(m);
+                    std::array::from_fn(|j| table[tokens.get(t0 + j.min(size - 1))])
+                };
+                panel_dot(m, panel, &group(m)[..size], &mut res[..size]);
+                if let Some((up, f)) = glu {
+                    panel_dot(up, panel, &group(up)[..size], &mut res_up[..size]);
+                    for (g, u) in res[..size].iter_mut().zip(&res_up[..size]) {
+                        f.glu(g, u);
                     }
-                    Sink::Glu(f, out) => {
-                        let up = ms[1];
-                        panel_dot(up, panel, &acts_of(up)[t0..t0 + size], &mut res_up[..size]);
-                        for (j, (g, u)) in res[..size].iter_mut().zip(&res_up[..size]).enumerate() {
-                            f.glu(g, u);
-                            // SAFETY: as above, for the gate's (panel rows, token range).
-                            let dst = unsafe { out.slice((t0 + j) * m.rows + r0, valid) };
-                            dst.copy_from_slice(&g[..valid]);
-                        }
-                    }
+                }
+                for (j, r) in res[..size].iter().enumerate() {
+                    // SAFETY: this task's (panel rows, token range) of product `i` is its own;
+                    // the range is in bounds by the length checks above.
+                    let dst = unsafe { outs[i].slice((t0 + j) * m.rows + r0, valid) };
+                    dst.copy_from_slice(&r[..valid]);
                 }
             }
         }

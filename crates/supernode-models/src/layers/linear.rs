@@ -1,7 +1,8 @@
 //! A dense projection `y = W x (+ b)` over a flat batch of token rows.
 
-use supernode_kernels::matmul::{matmul_with, WeightMatrix};
+use supernode_kernels::matmul::{matmul_packed, matmul_with, Precision, WeightMatrix};
 use supernode_kernels::ops::Activation;
+use supernode_kernels::qdot::packed::PackedMatrix;
 use supernode_kernels::scratch::zeroed;
 use supernode_kernels::{PreparedWeight, WeightBytes};
 
@@ -99,7 +100,8 @@ impl Linear {
 
 /// `count` matrices of `rows × cols` stacked in one tensor (ggml shape `[cols, rows, count]`):
 /// a MoE layer's experts (`ffn_*_exps`) or MLA's per-head projections (`attn_k_b`,
-/// `attn_v_b`). Each matrix is applied on its own, without copying it out.
+/// `attn_v_b`). Each matrix is applied on its own, without copying it out, or (experts in
+/// quantised precision, where the CPU has the packed kernels) from its packed copy.
 pub struct StackedLinear {
     w: Tensor,
     rows: usize,
@@ -107,6 +109,10 @@ pub struct StackedLinear {
     /// Bytes of one matrix.
     stride: usize,
     numerics: Numerics,
+    /// Each matrix packed for the integer dot instructions ([`PackedMatrix`]), when all of them
+    /// could be: then every product of this tensor runs on the panels (one reduction order per
+    /// matrix, whatever the batch).
+    packed: Option<Vec<PackedMatrix>>,
 }
 
 impl StackedLinear {
@@ -120,7 +126,34 @@ impl StackedLinear {
             cols,
             stride,
             numerics,
+            packed: None,
         }
+    }
+
+    /// [`StackedLinear::new`], each matrix packed where the precision and the CPU call for it
+    /// (as [`Linear`]'s weights are): a mixture of experts' stacked experts. The mapped bytes
+    /// are then released.
+    pub(crate) fn new_packed(w: Tensor, numerics: Numerics) -> StackedLinear {
+        let mut s = StackedLinear::new(w, numerics);
+        if numerics.matmul == Precision::Quantized && s.stride > 0 {
+            let count = s.w.bytes().len() / s.stride;
+            let packed: Option<Vec<PackedMatrix>> =
+                s.w.bytes()
+                    .chunks_exact(s.stride)
+                    .take(count)
+                    .map(|m| PackedMatrix::pack(s.w.dtype, s.rows, s.cols, m))
+                    .collect();
+            if packed.is_some() {
+                s.w.release_pages();
+            }
+            s.packed = packed;
+        }
+        s
+    }
+
+    /// Matrix `i`'s packed copy, if this tensor was packed.
+    pub fn packed(&self, i: usize) -> Option<&PackedMatrix> {
+        self.packed.as_ref().map(|p| &p[i])
     }
 
     pub fn rows(&self) -> usize {
@@ -139,6 +172,9 @@ impl StackedLinear {
 
     /// Matrix `i` applied to `x` (`n × cols`) into `out` (`n × rows`).
     pub fn forward(&self, i: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        if let Some(p) = self.packed(i) {
+            return matmul_packed(p, x, n, out);
+        }
         let w = WeightMatrix {
             dtype: self.w.dtype,
             rows: self.rows,

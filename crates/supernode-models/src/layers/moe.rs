@@ -10,6 +10,7 @@
 //! order (transformers' order too), each a batch-invariant matmul row, then the shared expert's
 //! — the same bits whatever else is in the batch.
 
+use supernode_kernels::matmul::{matmul_packed_gathered, Product, TokenRows};
 use supernode_kernels::ops::{glu_inplace, Activation};
 use supernode_kernels::scratch::zeroed;
 
@@ -111,9 +112,9 @@ impl Moe {
         Ok(Moe {
             router: w.linear(&p("ffn_gate_inp"), e, h)?,
             selection_bias,
-            gate: w.stacked(&p("ffn_gate_exps"), e, f, h)?,
-            up: w.stacked(&p("ffn_up_exps"), e, f, h)?,
-            down: w.stacked(&p("ffn_down_exps"), e, h, f)?,
+            gate: w.experts(&p("ffn_gate_exps"), e, f, h)?,
+            up: w.experts(&p("ffn_up_exps"), e, f, h)?,
+            down: w.experts(&p("ffn_down_exps"), e, h, f)?,
             shared,
             shared_gate,
             cfg: moe.clone(),
@@ -147,6 +148,9 @@ impl Moe {
             }
         }
         out.fill(0.0);
+        if self.forward_packed(x, n, &routed, out) {
+            return self.add_shared(x, n, out);
+        }
         let f = self.gate.rows();
         for (expert, tokens) in routed.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
             let m = tokens.len();
@@ -167,6 +171,89 @@ impl Moe {
                 }
             }
         }
+        self.add_shared(x, n, out);
+    }
+
+    /// The routed experts on packed panels, when all three of their tensors were packed: the
+    /// gate and up products with the activation of every chosen expert in one parallel loop
+    /// (each on its own tokens of `x`), then every down product in another; each token's
+    /// outputs added to `out` in ascending expert order, as the expert-by-expert path does.
+    /// The products are the bits of that path's (the same packed kernel per matrix, row and
+    /// token), so the output is too; decode pays two fork-joins per layer instead of three per
+    /// expert. Returns false, doing nothing, where the experts are not packed.
+    fn forward_packed(
+        &self,
+        x: &[f32],
+        n: usize,
+        routed: &[Vec<(usize, f32)>],
+        out: &mut [f32],
+    ) -> bool {
+        let chosen: Vec<(usize, Vec<usize>)> = routed
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(e, t)| (e, t.iter().map(|&(t, _)| t).collect()))
+            .collect();
+        let packed = |e: usize| {
+            Some((
+                self.gate.packed(e)?,
+                self.up.packed(e)?,
+                self.down.packed(e)?,
+            ))
+        };
+        let Some(mats) = chosen
+            .iter()
+            .map(|&(e, _)| packed(e))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return false;
+        };
+        let (h, f) = (self.router.cols(), self.gate.rows());
+        let total: usize = chosen.iter().map(|(_, t)| t.len()).sum();
+        // Each chosen expert's hidden rows, one after the other.
+        let mut hidden = zeroed(total * f);
+        let mut rest = &mut hidden[..];
+        let mut products = Vec::with_capacity(chosen.len());
+        for ((_, tokens), &(gate, up, _)) in chosen.iter().zip(&mats) {
+            let (o, r) = std::mem::take(&mut rest).split_at_mut(tokens.len() * f);
+            rest = r;
+            products.push(Product {
+                m: gate,
+                glu: Some((up, self.act)),
+                tokens: TokenRows::List(tokens),
+                out: o,
+            });
+        }
+        matmul_packed_gathered(products, x, n);
+        let mut y = zeroed(total * h);
+        let mut rest = &mut y[..];
+        let (mut products, mut start) = (Vec::with_capacity(chosen.len()), 0);
+        for ((_, tokens), &(_, _, down)) in chosen.iter().zip(&mats) {
+            let (o, r) = std::mem::take(&mut rest).split_at_mut(tokens.len() * h);
+            rest = r;
+            products.push(Product {
+                m: down,
+                glu: None,
+                tokens: TokenRows::Range(start, tokens.len()),
+                out: o,
+            });
+            start += tokens.len();
+        }
+        matmul_packed_gathered(products, &hidden, total);
+        let mut rows = y.chunks_exact(h);
+        for (expert, _) in &chosen {
+            for (&(t, w), yr) in routed[*expert].iter().zip(rows.by_ref()) {
+                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
+                    *o += v * w;
+                }
+            }
+        }
+        true
+    }
+
+    /// The shared expert's output (gated where the model says so), added to `out`.
+    fn add_shared(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let h = self.router.cols();
         if let Some(shared) = &self.shared {
             let mut s = zeroed(n * h);
             shared.forward(x, n, &mut s);
@@ -297,6 +384,95 @@ mod tests {
         let got = r.route(&logits, None, &c).to_vec();
         let want = 2f32.exp() / (2f32.exp() + 3f32.exp());
         assert!((got[0].1 - want).abs() < 1e-6 && (got[0].1 + got[1].1 - 1.0).abs() < 1e-6);
+    }
+
+    /// Packed experts (Q4_K gate and up, Q6_K down, as in a Q4_K_M file) give the bits of the
+    /// expert-by-expert path on the same bytes, with the experts' products gathered into two
+    /// parallel loops; and a token's output is the same alone as in a batch.
+    #[test]
+    fn packed_experts_equal_the_expert_by_expert_path() {
+        use std::sync::Arc;
+        use supernode_kernels::quant::quantize_row;
+        use supernode_kernels::{DType, Precision};
+
+        use crate::numerics::Numerics;
+        use crate::{Storage, Tensor};
+
+        let (h, f, e) = (256, 256, 8);
+        let mut seed = 17u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 20001) as f32 / 10000.0 - 1.0
+        };
+        let mut tensor = |dtype: DType, shape: Vec<usize>| {
+            let (cols, rows): (usize, usize) = (shape[0], shape[1..].iter().product());
+            let row_bytes = dtype.row_bytes(cols).unwrap();
+            let mut bytes = vec![0u8; rows * row_bytes];
+            for row in bytes.chunks_exact_mut(row_bytes) {
+                let values: Vec<f32> = (0..cols).map(|_| next()).collect();
+                quantize_row(dtype, &values, row);
+            }
+            Tensor {
+                name: "t".into(),
+                dtype,
+                shape,
+                storage: Storage::Owned(Arc::new(bytes)),
+            }
+        };
+        let numerics = Numerics::new(Precision::Quantized);
+        let router = tensor(DType::F32, vec![h, e]);
+        let (g, u, d) = (
+            tensor(DType::Q4K, vec![h, f, e]),
+            tensor(DType::Q4K, vec![h, f, e]),
+            tensor(DType::Q6K, vec![f, h, e]),
+        );
+        let moe = |packed: bool| {
+            let stack = |t: &Tensor| match packed {
+                true => StackedLinear::new_packed(t.clone(), numerics),
+                false => StackedLinear::new(t.clone(), numerics),
+            };
+            let mut c = cfg(Gating::Softmax, 1, 1, 3);
+            c.expert_ffn_dim = f;
+            c.norm_weights = true;
+            Moe {
+                router: Linear::new(router.clone(), None, numerics),
+                selection_bias: None,
+                gate: stack(&g),
+                up: stack(&u),
+                down: stack(&d),
+                shared: None,
+                shared_gate: None,
+                cfg: c,
+                act: Activation::Silu,
+            }
+        };
+        let (packed, plain) = (moe(true), moe(false));
+        if packed.gate.packed(0).is_none() {
+            eprintln!("skipped: no packed kernels on this machine");
+            return;
+        }
+        assert!(plain.gate.packed(0).is_none());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for n in [1, 5, 40] {
+            let x: Vec<f32> = (0..n * h)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect();
+            let run = |m: &Moe, x: &[f32], n: usize| {
+                let mut out = vec![f32::NAN; n * h];
+                m.forward(x, n, &mut out);
+                out
+            };
+            let got = run(&packed, &x, n);
+            assert_eq!(bits(&got), bits(&run(&plain, &x, n)), "n = {n}");
+            let last = run(&packed, &x[(n - 1) * h..], 1);
+            assert_eq!(
+                bits(&got[(n - 1) * h..]),
+                bits(&last),
+                "n = {n}: the last token alone"
+            );
+        }
     }
 
     /// DeepSeek-V3: the bias moves the choice, not the weights; a group is as good as the sum

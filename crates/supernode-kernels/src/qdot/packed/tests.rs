@@ -310,6 +310,96 @@ fn fused_glu_equals_products_then_glu() {
     }
 }
 
+/// Gathered products (a mixture of experts' chosen experts, each on its own rows of the same
+/// activations, some with a fused gated unit) equal each matrix alone on its rows copied out, bit
+/// for bit: listed rows in any order and repeated, a range, all rows, and a product with none.
+#[test]
+fn gathered_products_equal_each_alone_on_their_rows() {
+    use crate::matmul::{matmul_packed_gathered, Product, TokenRows};
+    use crate::ops::Activation;
+    if !available() {
+        eprintln!("skipped: no AVX-512 VNNI on this machine");
+        return;
+    }
+    let mut rng = Rng(41);
+    let cols = 512;
+    let k = |rng: &mut Rng, q6: bool, rows: usize| {
+        PackedMatrix::pack(
+            if q6 { DType::Q6K } else { DType::Q4K },
+            rows,
+            cols,
+            &random_k_rows(rng, q6, rows, cols),
+        )
+        .unwrap()
+    };
+    let (gate, up, down) = (
+        k(&mut rng, false, 48),
+        k(&mut rng, false, 48),
+        k(&mut rng, true, 33),
+    );
+    let q8 = PackedMatrix::pack(
+        DType::Q8_0,
+        20,
+        cols,
+        &random_rows(&mut rng, Format::Q8_0, 20, cols),
+    )
+    .unwrap();
+    for n in [1, 5, 70, 150] {
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 2.0).collect();
+        let listed: Vec<usize> = (0..n).rev().step_by(2).chain([0, n - 1]).collect();
+        let range = TokenRows::Range(n / 3, n - n / 3);
+        let rows_of = |t: TokenRows| -> Vec<usize> {
+            match t {
+                TokenRows::All(n) => (0..n).collect(),
+                TokenRows::Range(s, l) => (s..s + l).collect(),
+                TokenRows::List(l) => l.to_vec(),
+            }
+        };
+        let cases: Vec<(&PackedMatrix, Option<&PackedMatrix>, TokenRows)> = vec![
+            (&gate, Some(&up), TokenRows::List(&listed)),
+            (&down, None, range),
+            (&q8, None, TokenRows::All(n)),
+            (&gate, Some(&up), TokenRows::List(&[])),
+            (&down, None, TokenRows::List(&listed)),
+        ];
+        let mut outs: Vec<Vec<f32>> = cases
+            .iter()
+            .map(|(m, _, t)| vec![f32::NAN; t.len() * m.rows])
+            .collect();
+        let products = cases
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&(m, up, tokens), out)| Product {
+                m,
+                glu: up.map(|u| (u, Activation::Silu)),
+                tokens,
+                out,
+            })
+            .collect();
+        matmul_packed_gathered(products, &x, n);
+        for ((m, up, tokens), got) in cases.iter().zip(&outs) {
+            let rows = rows_of(*tokens);
+            let xs: Vec<f32> = rows
+                .iter()
+                .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
+                .collect();
+            let mut want = vec![0.0; rows.len() * m.rows];
+            matmul_packed(m, &xs, rows.len(), &mut want);
+            if let Some(up) = up {
+                let mut u = vec![0.0; rows.len() * m.rows];
+                matmul_packed(up, &xs, rows.len(), &mut u);
+                crate::ops::glu_inplace(&mut want, &u, Activation::Silu);
+            }
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "n = {n}, {tokens:?}"
+            );
+        }
+    }
+}
+
 /// The reference order is close to the float64 product of the dequantised row with the
 /// quantised activations (a check of the reference itself, independent of the packing).
 #[test]
