@@ -180,9 +180,11 @@ impl BlockAttention for Attention {
         ctx.cb("v", &v);
         let view = kv.view(block_size);
         // One group per (token, KV head), covering the query heads that share that KV head, so
-        // each K/V row is read once per group: one task per group when there are enough of them
-        // to keep the threads busy, else (decode) all groups spread over the threads together.
-        // Both are bit-identical to one `attention_head` per query head.
+        // each K/V row is read once per group: one task per group when they split evenly over
+        // the threads (two KV heads on two threads: Qwen2.5, Qwen3-MoE) or there are enough of
+        // them to keep the threads busy, else (decode of one KV head, or three on two threads)
+        // all groups spread over the threads together, phase by phase. Both are bit-identical
+        // to one `attention_head` per query head.
         let mut attn = zeroed(n * s.n_heads * s.v_dim);
         let group = s.n_heads / s.n_kv_heads;
         let span = |i: usize| {
@@ -195,7 +197,8 @@ impl BlockAttention for Attention {
                 ctx: start..pos + 1,
             }
         };
-        if n * s.n_kv_heads < 2 * pool::threads() {
+        let (groups, threads) = (n * s.n_kv_heads, pool::threads());
+        if groups < 2 * threads && !groups.is_multiple_of(threads) {
             let spans: Vec<GroupSpan> = (0..n * s.n_kv_heads).map(span).collect();
             attention_groups_parallel(&q, &view, &spans, s, &mut attn);
         } else {
