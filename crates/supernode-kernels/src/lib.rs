@@ -27,6 +27,7 @@ pub mod scratch;
 pub mod simd;
 pub mod weight;
 
+pub use cpu::{check_isa_env, isa_name, ISA_ENV};
 pub use dtype::{DType, ALL_DTYPES, QK_K};
 pub use matmul::{matmul, WeightMatrix};
 pub use matmul::{matmul_with, Precision};

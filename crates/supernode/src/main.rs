@@ -19,6 +19,10 @@ use clap::Parser;
 fn main() -> ExitCode {
     pin_mmap_threshold();
     let args = cli::Cli::parse();
+    if let Err(e) = supernode_kernels::check_isa_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

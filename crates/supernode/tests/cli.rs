@@ -684,3 +684,65 @@ fn run_with_mtp(with: &str, without: &str) {
         &["no multi-token-prediction layer"],
     );
 }
+
+/// `logits` at every kernel level this machine has (`SUPERNODE_ISA`), in the default
+/// quantised precision, on the real models: the same bits at each, so a machine without AVX-512
+/// VNNI (or without AVX-512, or x86 SIMD at all) serves exactly what one with it does. Levels
+/// above the machine's are refused with one line. The tokens open the `chinese` case of the
+/// llama.cpp fixtures, whose worst position moved by 2 logits when the machines differed.
+#[test]
+fn quantized_logits_are_the_same_bits_at_every_kernel_level() {
+    let fixture = common::read_json(&common::fixture("smollm2-135m.llamacpp.json"));
+    let case = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "chinese")
+        .expect("the chinese case");
+    let tokens: Vec<String> = common::ids(&case["ids"])
+        .iter()
+        .take(24)
+        .map(u32::to_string)
+        .collect();
+    let tokens = tokens.join(",");
+    for name in ["smollm2-135m", "gemma3-270m"] {
+        let model = common::model_path(name);
+        let mut outputs: Vec<(&str, Vec<u8>)> = Vec::new();
+        for level in ["avx512-vnni", "avx512", "avx2", "scalar"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_supernode"))
+                .args([
+                    "logits",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--tokens",
+                    &tokens,
+                ])
+                .env("SUPERNODE_ISA", level)
+                .output()
+                .expect("the binary runs");
+            if !out.status.success() {
+                assert_one_line_error(&out, &["SUPERNODE_ISA", "best kernel level"]);
+                continue;
+            }
+            assert!(out.stdout.len() > 1000, "{name} {level}: logits printed");
+            outputs.push((level, out.stdout));
+        }
+        assert!(
+            outputs.iter().any(|(l, _)| *l == "scalar"),
+            "every machine has the scalar level"
+        );
+        let (first, want) = &outputs[0];
+        for (level, got) in &outputs[1..] {
+            assert!(
+                got == want,
+                "{name}: quantized logits at {level} differ from those at {first}"
+            );
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_supernode"))
+        .args(["logits", "--model", "no-such-model", "--tokens", "1"])
+        .env("SUPERNODE_ISA", "sse4")
+        .output()
+        .expect("the binary runs");
+    assert_one_line_error(&out, &["SUPERNODE_ISA=sse4", "avx512-vnni"]);
+}

@@ -7,7 +7,12 @@
 //!
 //! - [`scalar`]: portable code, the reference orders;
 //! - `avx2`: x86-64 AVX2, FMA and F16C;
-//! - `avx512`: AVX-512 F/BW/VL (and, for the integer kernels and packed panels, VNNI).
+//! - `avx512`: AVX-512 F/BW/VL (and, for the integer kernels and the K-quants' packed panels,
+//!   VNNI).
+//!
+//! In quantised precision every level gives the same bits (the tests compare each level this
+//! machine has, down to a model's logits through [`ISA_ENV`]); in exact precision the scalar
+//! level differs from the others in the last bits (no FMA).
 //!
 //! Module graph: the dispatching modules ([`crate::simd`], [`crate::qdot`], [`crate::ops`],
 //! [`crate::matmul`]) call into this one; the ISA modules import only leaves (the shared orders and
@@ -61,10 +66,75 @@ impl Isa {
     }
 }
 
-/// The best level of this machine (detected on first use, then fixed for the process).
+impl Isa {
+    /// Every level with its name in [`ISA_ENV`], in increasing order.
+    const NAMED: [(Isa, &'static str); 4] = [
+        (Isa::Scalar, "scalar"),
+        (Isa::Avx2, "avx2"),
+        (Isa::Avx512, "avx512"),
+        (Isa::Avx512Vnni, "avx512-vnni"),
+    ];
+
+    fn name(self) -> &'static str {
+        Isa::NAMED
+            .iter()
+            .find(|(l, _)| *l == self)
+            .map_or("scalar", |(_, n)| n)
+    }
+}
+
+/// The environment variable that caps the kernels' level at a lower one than the machine's
+/// best (`scalar`, `avx2`, `avx512` or `avx512-vnni`): every level gives the same bits, so this
+/// changes only the speed, and is how the tests hold one machine's paths to each other.
+pub const ISA_ENV: &str = "SUPERNODE_ISA";
+
+/// The level [`ISA_ENV`] asks for: `Ok(None)` when it is unset, an error naming the choices
+/// when it names no level or one this machine (best level `found`) lacks.
+fn requested(found: Isa) -> Result<Option<Isa>, String> {
+    let v = std::env::var_os(ISA_ENV);
+    parse_request(v.as_deref().map(|v| v.to_string_lossy()).as_deref(), found)
+}
+
+fn parse_request(v: Option<&str>, found: Isa) -> Result<Option<Isa>, String> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    let Some(&(level, _)) = Isa::NAMED.iter().find(|(_, n)| *n == v) else {
+        let names: Vec<&str> = Isa::NAMED.iter().map(|(_, n)| *n).collect();
+        return Err(format!(
+            "{ISA_ENV}={v} names no kernel level: use one of {}",
+            names.join(", ")
+        ));
+    };
+    if level > found {
+        return Err(format!(
+            "{ISA_ENV}={v}: this CPU's best kernel level is {}",
+            found.name()
+        ));
+    }
+    Ok(Some(level))
+}
+
+/// Checks [`ISA_ENV`] (a program calls this at start, to fail with a clear message rather than
+/// run at a level it was not asked for).
+pub fn check_isa_env() -> Result<(), String> {
+    requested(detect()).map(|_| ())
+}
+
+/// The name of the level the kernels run at (`avx512-vnni`, ...).
+pub fn isa_name() -> &'static str {
+    isa().name()
+}
+
+/// The level of this process: the machine's best (detected on first use), or the lower one
+/// [`ISA_ENV`] asks for; fixed for the process. An unusable request is ignored here
+/// ([`check_isa_env`] reports it).
 pub(crate) fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(detect)
+    *ISA.get_or_init(|| {
+        let found = detect();
+        requested(found).ok().flatten().unwrap_or(found)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -101,7 +171,7 @@ pub(crate) fn kernels() -> &'static Kernels {
 /// The kernel table of `isa` if this machine has that level (tests run every path it has).
 #[cfg(test)]
 pub(crate) fn kernels_of(isa: Isa) -> Option<&'static Kernels> {
-    (isa <= self::isa()).then(|| isa.table())
+    (isa <= detect()).then(|| isa.table())
 }
 
 #[cfg(test)]
@@ -126,11 +196,40 @@ mod tests {
                 (true, true, false) => Isa::Avx512,
                 (true, true, true) => Isa::Avx512Vnni,
             };
-            assert_eq!(isa(), want);
+            assert_eq!(detect(), want);
         }
         assert!(std::ptr::eq(kernels(), isa().table()));
+        assert!(isa() <= detect());
+        if std::env::var_os(ISA_ENV).is_none() {
+            assert_eq!(isa(), detect());
+        }
         assert!(Isa::ALL
             .iter()
-            .all(|&l| kernels_of(l).is_some() == (l <= isa())));
+            .all(|&l| kernels_of(l).is_some() == (l <= detect())));
+    }
+
+    #[test]
+    fn the_level_asked_for_caps_the_machines() {
+        let best = Isa::Avx512Vnni;
+        assert_eq!(parse_request(None, best), Ok(None));
+        for (level, name) in Isa::NAMED {
+            assert_eq!(parse_request(Some(name), best), Ok(Some(level)));
+            assert_eq!(level.name(), name);
+        }
+        assert_eq!(
+            parse_request(Some("scalar"), Isa::Scalar),
+            Ok(Some(Isa::Scalar))
+        );
+        let too_high = parse_request(Some("avx512"), Isa::Avx2).unwrap_err();
+        assert_eq!(
+            too_high,
+            "SUPERNODE_ISA=avx512: this CPU's best kernel level is avx2"
+        );
+        let unknown = parse_request(Some("sse4"), best).unwrap_err();
+        assert_eq!(
+            unknown,
+            "SUPERNODE_ISA=sse4 names no kernel level: use one of scalar, avx2, avx512, \
+             avx512-vnni"
+        );
     }
 }

@@ -10,8 +10,9 @@ use half::f16;
 
 use super::table::Kernels;
 use crate::dtype::DType;
+use crate::qdot::packed::layout::{Act, Format, PANEL};
 use crate::qdot::reference::{
-    quantize_q8_0_ref, quantize_q8_1_ref, quantize_q8_k_ref, scalar_kernel,
+    f16_at, quantize_q8_0_ref, quantize_q8_1_ref, quantize_q8_k_ref, scalar_kernel,
 };
 use crate::simd::elem::KvElem;
 use crate::simd::order::{add_tail, exp_f32, fold_lanes, fold_sum_lanes, LANES, SUM_LANES};
@@ -39,8 +40,58 @@ pub(super) const KERNELS: Kernels = Kernels {
     quantize_q8_k: quantize_q8_k_ref,
     round_f16: None,
     quant_kernel: scalar_kernel,
-    panel: None,
+    panel: Some(panel_scalar),
+    panel_k_quants: false,
 };
+
+/// The portable panel kernel of the 32-element types: each token against the 16 rows of one
+/// panel in the packed reference order ([`crate::qdot::packed`]'s module docs), the products of
+/// a group of 4 elements summed for all 16 rows from one contiguous run of 64 bytes.
+fn panel_scalar(fmt: Format, p: &[u8], blocks: usize, acts: &[Act<'_>], out: &mut [[f32; PANEL]]) {
+    let block_bytes = PANEL * fmt.block_bytes();
+    let (m_off, qh_off, qs_off) = fmt.offsets();
+    let q5 = matches!(fmt, Format::Q5_0 | Format::Q5_1);
+    for (act, out) in acts.iter().zip(out.iter_mut()) {
+        let mut acc = [0f32; PANEL];
+        for (b, pb) in p.chunks_exact(block_bytes).take(blocks).enumerate() {
+            let (qs, dx, min_x, xsum) = match *act {
+                Act::Q8_0(ys, sums) => (&ys[b].qs, ys[b].d, None, sums[b]),
+                Act::Q8_1(ys) => (&ys[b].qs, ys[b].d, Some(ys[b].s), 0),
+                Act::Q8K(..) => unreachable!("K-quants are packed only with AVX-512 VNNI"),
+            };
+            let mut isum = [0i32; PANEL];
+            for g in 0..8 {
+                let (line, shift) = match fmt {
+                    Format::Q8_0 => (&pb[qs_off + 64 * g..][..64], 0),
+                    _ => (&pb[qs_off + 64 * (g % 4)..][..64], 4 * (g / 4)),
+                };
+                let mask = if q5 {
+                    u64::from_le_bytes(pb[qh_off + 8 * g..][..8].try_into().unwrap())
+                } else {
+                    0
+                };
+                for (i, &byte) in line.iter().enumerate() {
+                    let mut v = if fmt == Format::Q8_0 {
+                        byte as i32
+                    } else {
+                        (byte >> shift & 0xF) as i32
+                    };
+                    v |= ((mask >> i & 1) << 4) as i32;
+                    isum[i / 4] += v * qs[4 * g + i % 4] as i32;
+                }
+            }
+            for r in 0..PANEL {
+                let isum = isum[r] - fmt.offset() * xsum;
+                let mut term = (f16_at(pb, 2 * r) * dx) * isum as f32;
+                if let Some(sx) = min_x {
+                    term += f16_at(pb, m_off + 2 * r) * sx;
+                }
+                acc[r] += term;
+            }
+        }
+        *out = acc;
+    }
+}
 
 /// No fused row kernels: the portable path dequantises rows, then dots them.
 fn no_row_kernels(_dtype: DType) -> Option<RowKernels> {

@@ -99,4 +99,7 @@ pub(crate) struct Kernels {
     pub quant_kernel: fn(dtype: DType) -> Option<QuantKernel>,
     /// The packed matrices' panel kernel, if the level has one.
     pub panel: Option<PanelDot>,
+    /// Whether the panel kernel also takes Q4_K and Q6_K (whose row kernels have the packed
+    /// order already, so packing them only changes the speed).
+    pub panel_k_quants: bool,
 }

@@ -16,10 +16,11 @@
 //! against one decode of a weight row); AVX-512 VNNI for the same types (`avx512`: 32-element
 //! types take rows in pairs, one 512-bit register per block pair, `vpdpbusd` for the integer
 //! lanes, up to 8 rows per call; K-quants in 256-bit registers with `vpdpwssd`). Q2_K and Q3_K
-//! run the scalar reference (written to auto-vectorise) at every level. With AVX-512 VNNI, the
+//! run the scalar reference (written to auto-vectorise) at every level. At every level the
 //! model's matrices of the 32-element types are instead re-laid out at load time into 16-row
-//! panels ([`packed`]), whose kernel keeps one lane per row and has its own reference order
-//! (llama.cpp's scalar one). Every row kernel is a tile:
+//! panels ([`packed`]), whose kernels keep one lane per row and have their own reference order
+//! (llama.cpp's scalar one); the row kernels of these types serve the products of matrices
+//! that are not a model's (and the tests). Every row kernel is a tile:
 //! 1 to [`DOT_ROWS`] weight rows times 1 to [`DOT_TOKENS`] tokens per call, each result the same
 //! bits whatever the tile's shape and whatever the level.
 //!

@@ -22,6 +22,7 @@ use crate::qdot::reference::scalar_kernel;
 pub(super) mod dot;
 pub(super) mod elementwise;
 pub(super) mod gemm;
+pub(super) mod panel;
 pub(super) mod qdot;
 pub(super) mod quantize;
 pub(super) mod rows;
@@ -55,7 +56,8 @@ pub(super) const KERNELS: Kernels = Kernels {
     quantize_q8_k: quantize::quantize_q8_k,
     round_f16: Some(quantize::round_f16),
     quant_kernel,
-    panel: None,
+    panel: Some(panel::panel),
+    panel_k_quants: false,
 };
 
 /// The AVX2 integer kernel of `dtype`, else the scalar reference (the same bits).

@@ -8,6 +8,7 @@
 
 use std::arch::x86_64::*;
 
+use crate::cpu::avx2::panel::prefetch_ahead;
 use crate::qdot::blocks::{BlockQ8K, BlockQ8_0, BlockQ8_1};
 use crate::qdot::packed::layout::{
     Act, Format, PANEL, Q4K_BYTES, Q4K_DMIN, Q4K_MINS, Q4K_QS, Q4K_SCALES, Q6K_BYTES, Q6K_QH,
@@ -54,24 +55,6 @@ const fn format_of<const F: u8>() -> Format {
         2 => Format::Q5_0,
         3 => Format::Q5_1,
         _ => Format::Q8_0,
-    }
-}
-
-/// How far ahead of the block they are on the panel kernels ask for their weights.
-const PREFETCH_BYTES: usize = 4096;
-
-/// Asks for the `bytes` of panel data [`PREFETCH_BYTES`] past `p`. A decode step streams every
-/// weight once, and the hardware prefetchers alone left the kernels waiting on memory at each
-/// block (single-stream decode ran a third slower without this). The hint is T1 (into L2, not
-/// L1): on a Zen 4 EPYC it streamed a 151,936 x 512 Q6_K head at 20-30 GB/s against 16-17
-/// with T0, and expert-sized 256 x 512 Q4_K matrices at 14 against 10-11; the weights are read
-/// once per step, so they gain nothing from L1 beyond what the loads themselves bring in.
-/// Prefetches never fault, so the addresses may run past the matrix.
-#[inline(always)]
-unsafe fn prefetch_ahead(p: *const u8, bytes: usize) {
-    let ahead = p.wrapping_add(PREFETCH_BYTES);
-    for line in (0..bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast());
     }
 }
 

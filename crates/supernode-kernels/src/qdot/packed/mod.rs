@@ -6,9 +6,9 @@
 //! the row-pair kernels of `avx512`, which keep 8 lanes per row: decode becomes bound by memory
 //! instead of by the vector ports.
 //!
-//! Used for the 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and for Q4_K and Q6_K in
-//! quantised precision, when the CPU has AVX-512 VNNI. Other types and machines keep the row
-//! kernels of [`super`].
+//! Used in quantised precision for the 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) on every
+//! machine (AVX-512 VNNI, AVX2 with `vpmaddubsw` + `vpmaddwd`, and a portable kernel), and for
+//! Q4_K and Q6_K when the CPU has AVX-512 VNNI. Other types keep the row kernels of [`super`].
 //!
 //! ## Numerics (the reference order of packed matrices)
 //!
@@ -18,10 +18,12 @@
 //!
 //! each a multiply then an add (no FMA), starting from `acc = 0`. This is llama.cpp's scalar
 //! `ggml_vec_dot_q*_q8_*` order, and `dot_row` (in the tests) computes it from the original row as the
-//! reference the SIMD kernel is tested against. It is not the 8-lane order of the row kernels,
-//! so a packed matrix's outputs differ from an unpacked one's in the last bits: every matrix is
-//! either always packed or never (the choice depends only on the matrix and the CPU), so the
-//! results stay batch invariant.
+//! reference every level's panel kernel is tested against. It is not the 8-lane order of the row
+//! kernels, so a packed matrix's outputs differ from an unpacked one's in the last bits: every
+//! matrix of these types is always packed, whatever the batch and whatever the machine (every
+//! level has their panel kernel), so the results are batch invariant and the same bits on every
+//! machine. (Until the AVX2 and portable panel kernels came, only AVX-512 VNNI packed them, and
+//! a machine without it gave logits up to 2 apart at some positions of the real models.)
 //!
 //! Q4_K and Q6_K (against Q8_K) keep the row kernels' order exactly, that of the scalar
 //! `vec_dot_q4_k_q8_k` / `vec_dot_q6_k_q8_k`: per super-block the exact integer sums `sumi`
@@ -191,10 +193,12 @@ impl std::fmt::Debug for PackedMatrix {
 impl PackedMatrix {
     /// `rows` rows of `cols` elements of `dtype` (`data` row-major, as GGUF stores them) in the
     /// packed layout, or `None` when this machine has no packed kernel for the type (or `cols`
-    /// is not whole blocks).
+    /// is not whole blocks). Whether a matrix of a 32-element type is packed depends only on the
+    /// matrix, never on the machine: every level has their panel kernel, so their products take
+    /// the packed order everywhere.
     pub fn pack(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Option<PackedMatrix> {
         let format = Format::of(dtype)?;
-        if !available() || cols == 0 || !cols.is_multiple_of(format.elems()) || rows == 0 {
+        if !available(format) || cols == 0 || !cols.is_multiple_of(format.elems()) || rows == 0 {
             return None;
         }
         Some(Self::pack_format(format, rows, cols, data))
@@ -264,9 +268,11 @@ impl PackedMatrix {
     }
 }
 
-/// Whether this machine runs the packed kernels.
-pub fn available() -> bool {
-    kernels().panel.is_some()
+/// Whether this machine runs the packed kernels of `format` (the 32-element types at every
+/// level, the K-quants with AVX-512 VNNI).
+pub(crate) fn available(format: Format) -> bool {
+    let k = kernels();
+    k.panel.is_some() && (k.panel_k_quants || format.elems() != QK_K)
 }
 
 /// Up to 4 tokens against one panel: `out[t][r]` for the panel's 16 rows. Panics unless the
@@ -277,7 +283,7 @@ pub(crate) fn panel_dot(
     acts: &[Act<'_>],
     out: &mut [[f32; PANEL]],
 ) {
-    let kernel = kernels().panel.expect("packed kernels need AVX-512 VNNI");
+    let kernel = kernels().panel.expect("every level has a panel kernel");
     let blocks = m.blocks();
     assert!(
         (1..=4).contains(&acts.len()) && out.len() == acts.len(),

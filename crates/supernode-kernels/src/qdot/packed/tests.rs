@@ -93,10 +93,6 @@ const FORMATS: [(Format, DType); 5] = [
 /// original row and that token alone, bit for bit.
 #[test]
 fn packed_products_equal_the_row_reference() {
-    if !available() {
-        eprintln!("skipped: no AVX-512 VNNI on this machine");
-        return;
-    }
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     for (format, dtype) in FORMATS {
         for (rows, cols) in [(1, 32), (15, 64), (16, 96), (33, 576), (40, 160)] {
@@ -153,6 +149,123 @@ fn packed_products_equal_the_row_reference() {
     }
 }
 
+/// Each level's panel kernel on its own (not only this process's), 1 to 4 tokens against every
+/// panel of matrices of each 32-element type, equals `dot_row` bit for bit: the machines with
+/// and without AVX-512 VNNI give the same products. Rows are random bytes with the extremes
+/// (all quants 0, all 0xFF) mixed in, activations include all-equal and spiky tokens.
+#[test]
+fn every_level_panel_equals_the_row_reference() {
+    use crate::cpu::{kernels_of, Isa};
+    let mut rng = Rng(0x5eed_1e7e_15a0_0001);
+    for (format, _) in FORMATS {
+        let (rows, cols) = (40, 256);
+        let blocks = cols / QK;
+        let mut data = random_rows(&mut rng, format, rows, cols);
+        let bytes = format.block_bytes();
+        let (_, q_off) = format.source_offsets();
+        for (r, fill) in [(3, 0u8), (17, 0xFF), (33, 0x80)] {
+            for blk in data[r * blocks * bytes..(r + 1) * blocks * bytes].chunks_exact_mut(bytes) {
+                blk[q_off..].fill(fill);
+                if matches!(format, Format::Q5_0 | Format::Q5_1) {
+                    blk[q_off - 4..q_off].fill(fill);
+                }
+            }
+        }
+        let m = PackedMatrix::pack_format(format, rows, cols, &data);
+        let xs: Vec<Vec<f32>> = (0..4)
+            .map(|t| match t {
+                0 => vec![0.75; cols],
+                1 => (0..cols)
+                    .map(|i| if i % 37 == 0 { 50.0 } else { rng.f32() })
+                    .collect(),
+                _ => (0..cols).map(|_| rng.f32() * 3.0).collect(),
+            })
+            .collect();
+        let q0: Vec<Vec<BlockQ8_0>> = xs
+            .iter()
+            .map(|x| {
+                let mut q = vec![
+                    BlockQ8_0 {
+                        d: 0.0,
+                        qs: [0; QK]
+                    };
+                    blocks
+                ];
+                quantize_row_q8_0(x, &mut q);
+                q
+            })
+            .collect();
+        let q1: Vec<Vec<BlockQ8_1>> = xs
+            .iter()
+            .map(|x| {
+                let mut q = vec![
+                    BlockQ8_1 {
+                        d: 0.0,
+                        s: 0.0,
+                        qs: [0; QK]
+                    };
+                    blocks
+                ];
+                quantize_row_q8_1(x, &mut q);
+                q
+            })
+            .collect();
+        let sums: Vec<Vec<i32>> = q0
+            .iter()
+            .map(|q| {
+                let mut s = vec![0; blocks];
+                block_sums(q, &mut s);
+                s
+            })
+            .collect();
+        let acts: Vec<Act<'_>> = (0..4)
+            .map(|t| {
+                if format.has_min() {
+                    Act::Q8_1(&q1[t])
+                } else {
+                    Act::Q8_0(&q0[t], &sums[t])
+                }
+            })
+            .collect();
+        let mut tested = 0;
+        for level in Isa::ALL {
+            let Some(panel) = kernels_of(level).and_then(|k| k.panel) else {
+                continue;
+            };
+            tested += 1;
+            for n in 1..=4 {
+                for t0 in 0..=4 - n {
+                    for p in 0..m.panels() {
+                        let pb = &m.bytes()[p * m.panel_bytes()..(p + 1) * m.panel_bytes()];
+                        let mut out = vec![[f32::NAN; PANEL]; n];
+                        // SAFETY: `kernels_of` hands out only this machine's levels; the panel
+                        // holds `blocks` panel-blocks, each token `blocks` activation blocks of
+                        // the type the format meets, with their sums.
+                        unsafe { panel(format, pb, blocks, &acts[t0..t0 + n], &mut out) };
+                        for (k, o) in out.iter().enumerate() {
+                            for (lane, &got) in o.iter().enumerate() {
+                                let r = p * PANEL + lane;
+                                let want = if r < rows {
+                                    let row = &data[r * blocks * bytes..(r + 1) * blocks * bytes];
+                                    dot_row(format, row, acts[t0 + k])
+                                } else {
+                                    0.0
+                                };
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{format:?} {level:?} tokens {t0}+{n} row {r}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(tested >= 1, "the scalar level always has a panel kernel");
+    }
+}
+
 /// Random Q4_K (`q6` false) or Q6_K rows: any quant, scale and min bytes, finite f16 scales.
 fn random_k_rows(rng: &mut Rng, q6: bool, rows: usize, cols: usize) -> Vec<u8> {
     let bytes = if q6 { 210 } else { 144 };
@@ -177,7 +290,7 @@ fn random_k_rows(rng: &mut Rng, q6: bool, rows: usize, cols: usize) -> Vec<u8> {
 /// panel size, token counts covering partial token groups and several token chunks.
 #[test]
 fn packed_k_quants_equal_the_scalar_reference() {
-    if !available() {
+    if !available(Format::Q4K) {
         eprintln!("skipped: no AVX-512 VNNI on this machine");
         return;
     }
@@ -224,7 +337,7 @@ fn packed_k_quants_equal_the_scalar_reference() {
 /// Several matrices in one loop (mixed activation types) give each matrix's own products.
 #[test]
 fn many_matrices_equal_each_alone() {
-    if !available() {
+    if !available(Format::Q4K) {
         eprintln!("skipped: no AVX-512 VNNI on this machine");
         return;
     }
@@ -271,7 +384,7 @@ fn many_matrices_equal_each_alone() {
 /// and up of different formats (and activation kinds), with SiLU and the table GELU.
 #[test]
 fn fused_glu_equals_products_then_glu() {
-    if !available() {
+    if !available(Format::Q4K) {
         eprintln!("skipped: no AVX-512 VNNI on this machine");
         return;
     }
@@ -317,7 +430,7 @@ fn fused_glu_equals_products_then_glu() {
 fn gathered_products_equal_each_alone_on_their_rows() {
     use crate::matmul::{matmul_packed_gathered, Product, TokenRows};
     use crate::ops::Activation;
-    if !available() {
+    if !available(Format::Q4K) {
         eprintln!("skipped: no AVX-512 VNNI on this machine");
         return;
     }
