@@ -44,8 +44,8 @@ pub struct PreparedWeight<B> {
 
 impl<B: WeightBytes> PreparedWeight<B> {
     /// Prepares `src` for products in `precision`: in quantised precision, weights of the
-    /// 32-element types are packed into panels (on every machine), and Q4_K and Q6_K ones when
-    /// this CPU has their packed kernels (the bytes are then released).
+    /// 32-element types are packed into panels (on every machine), and Q4_K and Q6_K ones on
+    /// x86-64 CPUs with AVX2 (the bytes are then released).
     pub fn new(src: B, dtype: DType, rows: usize, cols: usize, precision: Precision) -> Self {
         let packed = match precision {
             Precision::Quantized => {

@@ -7,8 +7,7 @@
 //!
 //! - [`scalar`]: portable code, the reference orders;
 //! - `avx2`: x86-64 AVX2, FMA and F16C;
-//! - `avx512`: AVX-512 F/BW/VL (and, for the integer kernels and the K-quants' packed panels,
-//!   VNNI).
+//! - `avx512`: AVX-512 F/BW/VL (and, for the integer kernels and the packed panels, VNNI).
 //!
 //! In quantised precision every level gives the same bits (the tests compare each level this
 //! machine has, down to a model's logits through [`ISA_ENV`]); in exact precision the scalar

@@ -57,7 +57,7 @@ fn panel_scalar(fmt: Format, p: &[u8], blocks: usize, acts: &[Act<'_>], out: &mu
             let (qs, dx, min_x, xsum) = match *act {
                 Act::Q8_0(ys, sums) => (&ys[b].qs, ys[b].d, None, sums[b]),
                 Act::Q8_1(ys) => (&ys[b].qs, ys[b].d, Some(ys[b].s), 0),
-                Act::Q8K(..) => unreachable!("K-quants are packed only with AVX-512 VNNI"),
+                Act::Q8K(..) => unreachable!("the portable level does not pack K-quants"),
             };
             let mut isum = [0i32; PANEL];
             for g in 0..8 {

@@ -57,7 +57,7 @@ pub(super) const KERNELS: Kernels = Kernels {
     round_f16: Some(quantize::round_f16),
     quant_kernel,
     panel: Some(panel::panel),
-    panel_k_quants: false,
+    panel_k_quants: true,
 };
 
 /// The AVX2 integer kernel of `dtype`, else the scalar reference (the same bits).

@@ -60,7 +60,6 @@ pub(super) const KERNELS: Kernels = Kernels {
 pub(super) const KERNELS_VNNI: Kernels = Kernels {
     quant_kernel: vnni_quant_kernel,
     panel: Some(panel::panel),
-    panel_k_quants: true,
     ..KERNELS
 };
 

@@ -8,8 +8,8 @@
 
 use std::arch::x86_64::*;
 
-use crate::cpu::avx2::panel::prefetch_ahead;
-use crate::qdot::blocks::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+use crate::cpu::avx2::panel::{format_of, k_acts, prefetch_ahead};
+use crate::qdot::blocks::{BlockQ8_0, BlockQ8_1};
 use crate::qdot::packed::layout::{
     Act, Format, PANEL, Q4K_BYTES, Q4K_DMIN, Q4K_MINS, Q4K_QS, Q4K_SCALES, Q6K_BYTES, Q6K_QH,
     Q6K_QL, Q6K_SCALES,
@@ -44,18 +44,6 @@ unsafe fn panel_values<const F: u8>(p: *const u8) -> [__m512i; 8] {
         }
     }
     w
-}
-
-/// The packed format numbered `F` (a const generic stands in for the enum).
-#[inline(always)]
-const fn format_of<const F: u8>() -> Format {
-    match F {
-        0 => Format::Q4_0,
-        1 => Format::Q4_1,
-        2 => Format::Q5_0,
-        3 => Format::Q5_1,
-        _ => Format::Q8_0,
-    }
 }
 
 /// `N` tokens against one panel of format `F`: per block, 8 `vpdpbusd` per token give the 16
@@ -130,20 +118,6 @@ unsafe fn panel_n<const F: u8, const N: usize>(
         }
     }
     acc
-}
-
-/// Each token's Q8_K blocks and sub-block sums, as plain pointers.
-#[inline(always)]
-fn k_acts<const N: usize>(acts: [Act<'_>; N]) -> ([*const BlockQ8K; N], [*const i16; N]) {
-    let ys = std::array::from_fn(|t| match acts[t] {
-        Act::Q8K(ys, _) => ys.as_ptr(),
-        _ => unreachable!("K-quants meet Q8_K"),
-    });
-    let sums = std::array::from_fn(|t| match acts[t] {
-        Act::Q8K(_, sums) => sums.as_ptr(),
-        _ => unreachable!("K-quants meet Q8_K"),
-    });
-    (ys, sums)
 }
 
 /// 4 activations at `p` broadcast to every 32-bit lane.

@@ -8,7 +8,7 @@
 //!
 //! Used in quantised precision for the 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) on every
 //! machine (AVX-512 VNNI, AVX2 with `vpmaddubsw` + `vpmaddwd`, and a portable kernel), and for
-//! Q4_K and Q6_K when the CPU has AVX-512 VNNI. Other types keep the row kernels of [`super`].
+//! Q4_K and Q6_K on every x86-64 CPU with AVX2. Other types keep the row kernels of [`super`].
 //!
 //! ## Numerics (the reference order of packed matrices)
 //!
@@ -269,7 +269,7 @@ impl PackedMatrix {
 }
 
 /// Whether this machine runs the packed kernels of `format` (the 32-element types at every
-/// level, the K-quants with AVX-512 VNNI).
+/// level, the K-quants from AVX2 up).
 pub(crate) fn available(format: Format) -> bool {
     let k = kernels();
     k.panel.is_some() && (k.panel_k_quants || format.elems() != QK_K)

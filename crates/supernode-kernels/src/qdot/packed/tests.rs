@@ -335,6 +335,93 @@ fn packed_k_quants_equal_the_scalar_reference() {
 }
 
 /// Several matrices in one loop (mixed activation types) give each matrix's own products.
+/// Each level's panel kernel of Q4_K and Q6_K (the levels that pack them), 1 to 4 tokens against
+/// every panel, equals the scalar `vec_dot_q4_k_q8_k` / `vec_dot_q6_k_q8_k` bit for bit.
+#[test]
+fn every_level_k_panel_equals_the_scalar_reference() {
+    use crate::cpu::{kernels_of, Isa};
+    let mut rng = Rng(0x00dd_5eed_50fc_0ffe);
+    let (rows, cols) = (40, 768);
+    let blocks = cols / QK_K;
+    let ys: Vec<Vec<BlockQ8K>> = (0..4)
+        .map(|t| {
+            let x: Vec<f32> = (0..cols)
+                .map(|i| {
+                    if t == 1 && i % 41 == 0 {
+                        60.0
+                    } else {
+                        rng.f32() * 3.0
+                    }
+                })
+                .collect();
+            let mut y = vec![
+                BlockQ8K {
+                    d: 0.0,
+                    qs: [0; QK_K],
+                    bsums: [0; QK_K / 16]
+                };
+                blocks
+            ];
+            quantize_row_q8_k(&x, &mut y);
+            y
+        })
+        .collect();
+    let sums: Vec<Vec<i16>> = ys
+        .iter()
+        .map(|y| {
+            let mut s = vec![0i16; 8 * blocks];
+            sub_block_sums(y, &mut s);
+            s
+        })
+        .collect();
+    let acts: Vec<Act<'_>> = (0..4).map(|t| Act::Q8K(&ys[t], &sums[t])).collect();
+    for (q6, format) in [(false, Format::Q4K), (true, Format::Q6K)] {
+        let reference = if q6 {
+            super::super::vec_dot_q6_k_q8_k
+        } else {
+            super::super::vec_dot_q4_k_q8_k
+        };
+        let data = random_k_rows(&mut rng, q6, rows, cols);
+        let row_bytes = data.len() / rows;
+        let m = PackedMatrix::pack_format(format, rows, cols, &data);
+        for level in Isa::ALL {
+            let Some(k) = kernels_of(level) else {
+                continue;
+            };
+            let (Some(panel), true) = (k.panel, k.panel_k_quants) else {
+                continue;
+            };
+            for n in 1..=4 {
+                for t0 in 0..=4 - n {
+                    for p in 0..m.panels() {
+                        let pb = &m.bytes()[p * m.panel_bytes()..(p + 1) * m.panel_bytes()];
+                        let mut out = vec![[f32::NAN; PANEL]; n];
+                        // SAFETY: `kernels_of` hands out only this machine's levels; the panel
+                        // holds `blocks` panel-blocks, each token `blocks` Q8_K blocks with
+                        // their sub-block sums.
+                        unsafe { panel(format, pb, blocks, &acts[t0..t0 + n], &mut out) };
+                        for (i, o) in out.iter().enumerate() {
+                            for (lane, &got) in o.iter().enumerate() {
+                                let r = p * PANEL + lane;
+                                if r >= rows {
+                                    continue;
+                                }
+                                let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                                let want = reference(row, &ys[t0 + i]);
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{format:?} {level:?} tokens {t0}+{n} row {r}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn many_matrices_equal_each_alone() {
     if !available(Format::Q4K) {
