@@ -688,7 +688,8 @@ fn run_with_mtp(with: &str, without: &str) {
 /// `logits` at every kernel level this machine has (`SUPERNODE_ISA`), in the default
 /// quantised precision, on the real models: the same bits at each, so a machine without AVX-512
 /// VNNI (or without AVX-512, or x86 SIMD at all) serves exactly what one with it does. Levels
-/// above the machine's are refused with one line. The tokens open the `chinese` case of the
+/// above the machine's are refused with one line, and `bench` reports the level it ran. The
+/// tokens open the `chinese` case of the
 /// llama.cpp fixtures, whose worst position moved by 2 logits when the machines differed.
 #[test]
 fn quantized_logits_are_the_same_bits_at_every_kernel_level() {
@@ -739,6 +740,21 @@ fn quantized_logits_are_the_same_bits_at_every_kernel_level() {
             );
         }
     }
+    // `bench` says which level it ran.
+    let model = common::model_path("smollm2-135m");
+    let out = Command::new(env!("CARGO_BIN_EXE_supernode"))
+        .args(["bench", "--model", model.to_str().unwrap()])
+        .args(["--prompt-tokens", "4", "--gen-tokens", "2", "--reps", "1"])
+        .env("SUPERNODE_ISA", "scalar")
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench prints JSON");
+    assert_eq!(report["kernels"], "scalar");
     let out = Command::new(env!("CARGO_BIN_EXE_supernode"))
         .args(["logits", "--model", "no-such-model", "--tokens", "1"])
         .env("SUPERNODE_ISA", "sse4")

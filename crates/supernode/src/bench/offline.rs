@@ -126,6 +126,7 @@ pub(super) fn bench_offline(a: BenchArgs) -> Result<()> {
     let mut out = json!({
         "model": path.display().to_string(),
         "threads": pool::threads(),
+        "kernels": supernode_kernels::isa_name(),
         "precision": a.model.precision_name(),
         "kv_cache_dtype": a.model.kv_cache_dtype_name(),
         "prompt_tokens": prompt.len(),
