@@ -43,6 +43,18 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
+    /// Every level with its name in [`ISA_ENV`], in increasing order (indexed by the level).
+    const NAMED: [(Isa, &'static str); 4] = [
+        (Isa::Scalar, "scalar"),
+        (Isa::Avx2, "avx2"),
+        (Isa::Avx512, "avx512"),
+        (Isa::Avx512Vnni, "avx512-vnni"),
+    ];
+
+    fn name(self) -> &'static str {
+        Isa::NAMED[self as usize].1
+    }
+
     /// Every level, in increasing order.
     #[cfg(test)]
     pub(crate) const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
@@ -62,23 +74,6 @@ impl Isa {
             Isa::Scalar => &scalar::KERNELS,
             _ => unreachable!("{self:?} is detected on x86-64 only"),
         }
-    }
-}
-
-impl Isa {
-    /// Every level with its name in [`ISA_ENV`], in increasing order.
-    const NAMED: [(Isa, &'static str); 4] = [
-        (Isa::Scalar, "scalar"),
-        (Isa::Avx2, "avx2"),
-        (Isa::Avx512, "avx512"),
-        (Isa::Avx512Vnni, "avx512-vnni"),
-    ];
-
-    fn name(self) -> &'static str {
-        Isa::NAMED
-            .iter()
-            .find(|(l, _)| *l == self)
-            .map_or("scalar", |(_, n)| n)
     }
 }
 

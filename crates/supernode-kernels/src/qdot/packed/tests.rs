@@ -88,6 +88,49 @@ const FORMATS: [(Format, DType); 5] = [
     (Format::Q8_0, DType::Q8_0),
 ];
 
+/// One token's activations quantised both ways a 32-element type may meet them, with the Q8_0
+/// block sums.
+struct Quantized {
+    q0: Vec<BlockQ8_0>,
+    q1: Vec<BlockQ8_1>,
+    sums: Vec<i32>,
+}
+
+impl Quantized {
+    fn new(x: &[f32]) -> Quantized {
+        let blocks = x.len() / QK;
+        let mut q0 = vec![
+            BlockQ8_0 {
+                d: 0.0,
+                qs: [0; QK]
+            };
+            blocks
+        ];
+        let mut q1 = vec![
+            BlockQ8_1 {
+                d: 0.0,
+                s: 0.0,
+                qs: [0; QK]
+            };
+            blocks
+        ];
+        let mut sums = vec![0; blocks];
+        quantize_row_q8_0(x, &mut q0);
+        quantize_row_q8_1(x, &mut q1);
+        block_sums(&q0, &mut sums);
+        Quantized { q0, q1, sums }
+    }
+
+    /// The activations `format` meets.
+    fn act(&self, format: Format) -> Act<'_> {
+        if format.has_min() {
+            Act::Q8_1(&self.q1)
+        } else {
+            Act::Q8_0(&self.q0, &self.sums)
+        }
+    }
+}
+
 /// Every output of `matmul_packed`, for row counts around the panel size and token counts
 /// that cover partial token groups and several token chunks, equals `dot_row` of the
 /// original row and that token alone, bit for bit.
@@ -106,33 +149,9 @@ fn packed_products_equal_the_row_reference() {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 3.0).collect();
                 let mut out = vec![f32::NAN; n * rows];
                 matmul_packed(&m, &x, n, &mut out);
-                let blocks = cols / QK;
                 for t in 0..n {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    let mut q0 = vec![
-                        BlockQ8_0 {
-                            d: 0.0,
-                            qs: [0; QK]
-                        };
-                        blocks
-                    ];
-                    let mut q1 = vec![
-                        BlockQ8_1 {
-                            d: 0.0,
-                            s: 0.0,
-                            qs: [0; QK]
-                        };
-                        blocks
-                    ];
-                    let mut sums = vec![0; blocks];
-                    quantize_row_q8_0(xt, &mut q0);
-                    quantize_row_q8_1(xt, &mut q1);
-                    block_sums(&q0, &mut sums);
-                    let act = if format.has_min() {
-                        Act::Q8_1(&q1)
-                    } else {
-                        Act::Q8_0(&q0, &sums)
-                    };
+                    let q = Quantized::new(&x[t * cols..(t + 1) * cols]);
+                    let act = q.act(format);
                     for r in 0..rows {
                         let row = &data[r * data.len() / rows..(r + 1) * data.len() / rows];
                         let want = dot_row(format, row, act);
@@ -181,52 +200,8 @@ fn every_level_panel_equals_the_row_reference() {
                 _ => (0..cols).map(|_| rng.f32() * 3.0).collect(),
             })
             .collect();
-        let q0: Vec<Vec<BlockQ8_0>> = xs
-            .iter()
-            .map(|x| {
-                let mut q = vec![
-                    BlockQ8_0 {
-                        d: 0.0,
-                        qs: [0; QK]
-                    };
-                    blocks
-                ];
-                quantize_row_q8_0(x, &mut q);
-                q
-            })
-            .collect();
-        let q1: Vec<Vec<BlockQ8_1>> = xs
-            .iter()
-            .map(|x| {
-                let mut q = vec![
-                    BlockQ8_1 {
-                        d: 0.0,
-                        s: 0.0,
-                        qs: [0; QK]
-                    };
-                    blocks
-                ];
-                quantize_row_q8_1(x, &mut q);
-                q
-            })
-            .collect();
-        let sums: Vec<Vec<i32>> = q0
-            .iter()
-            .map(|q| {
-                let mut s = vec![0; blocks];
-                block_sums(q, &mut s);
-                s
-            })
-            .collect();
-        let acts: Vec<Act<'_>> = (0..4)
-            .map(|t| {
-                if format.has_min() {
-                    Act::Q8_1(&q1[t])
-                } else {
-                    Act::Q8_0(&q0[t], &sums[t])
-                }
-            })
-            .collect();
+        let qs: Vec<Quantized> = xs.iter().map(|x| Quantized::new(x)).collect();
+        let acts: Vec<Act<'_>> = qs.iter().map(|q| q.act(format)).collect();
         let mut tested = 0;
         for level in Isa::ALL {
             let Some(panel) = kernels_of(level).and_then(|k| k.panel) else {
