@@ -168,13 +168,62 @@ fn packed_products_equal_the_row_reference() {
     }
 }
 
+/// Calls each level's panel kernel that takes `m`'s format directly (not only this process's
+/// level), for every run of 1 to 4 of the tokens `acts` against every panel, and holds each
+/// output to `want(row, token)` bit for bit (the padding rows of the last panel to 0). Returns
+/// how many levels ran.
+fn check_every_level(
+    m: &PackedMatrix,
+    acts: &[Act<'_>],
+    want: impl Fn(usize, usize) -> f32,
+) -> usize {
+    use crate::cpu::{kernels_of, Isa};
+    let (format, blocks) = (m.format, m.blocks());
+    let mut tested = 0;
+    for level in Isa::ALL {
+        let Some(k) = kernels_of(level) else {
+            continue;
+        };
+        let Some(panel) = k
+            .panel
+            .filter(|_| k.panel_k_quants || format.elems() != QK_K)
+        else {
+            continue;
+        };
+        tested += 1;
+        for n in 1..=acts.len().min(4) {
+            for t0 in 0..=acts.len() - n {
+                for p in 0..m.panels() {
+                    let pb = &m.bytes()[p * m.panel_bytes()..(p + 1) * m.panel_bytes()];
+                    let mut out = vec![[f32::NAN; PANEL]; n];
+                    // SAFETY: `kernels_of` hands out only this machine's levels, and this one
+                    // takes the format; the panel holds `blocks` panel-blocks, each token
+                    // `blocks` activation blocks of the type the format meets, with their sums.
+                    unsafe { panel(format, pb, blocks, &acts[t0..t0 + n], &mut out) };
+                    for (i, o) in out.iter().enumerate() {
+                        for (lane, &got) in o.iter().enumerate() {
+                            let r = p * PANEL + lane;
+                            let want = if r < m.rows { want(r, t0 + i) } else { 0.0 };
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{format:?} {level:?} tokens {t0}+{n} row {r}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tested
+}
+
 /// Each level's panel kernel on its own (not only this process's), 1 to 4 tokens against every
 /// panel of matrices of each 32-element type, equals `dot_row` bit for bit: the machines with
 /// and without AVX-512 VNNI give the same products. Rows are random bytes with the extremes
 /// (all quants 0, all 0xFF) mixed in, activations include all-equal and spiky tokens.
 #[test]
 fn every_level_panel_equals_the_row_reference() {
-    use crate::cpu::{kernels_of, Isa};
     let mut rng = Rng(0x5eed_1e7e_15a0_0001);
     for (format, _) in FORMATS {
         let (rows, cols) = (40, 256);
@@ -202,41 +251,13 @@ fn every_level_panel_equals_the_row_reference() {
             .collect();
         let qs: Vec<Quantized> = xs.iter().map(|x| Quantized::new(x)).collect();
         let acts: Vec<Act<'_>> = qs.iter().map(|q| q.act(format)).collect();
-        let mut tested = 0;
-        for level in Isa::ALL {
-            let Some(panel) = kernels_of(level).and_then(|k| k.panel) else {
-                continue;
-            };
-            tested += 1;
-            for n in 1..=4 {
-                for t0 in 0..=4 - n {
-                    for p in 0..m.panels() {
-                        let pb = &m.bytes()[p * m.panel_bytes()..(p + 1) * m.panel_bytes()];
-                        let mut out = vec![[f32::NAN; PANEL]; n];
-                        // SAFETY: `kernels_of` hands out only this machine's levels; the panel
-                        // holds `blocks` panel-blocks, each token `blocks` activation blocks of
-                        // the type the format meets, with their sums.
-                        unsafe { panel(format, pb, blocks, &acts[t0..t0 + n], &mut out) };
-                        for (k, o) in out.iter().enumerate() {
-                            for (lane, &got) in o.iter().enumerate() {
-                                let r = p * PANEL + lane;
-                                let want = if r < rows {
-                                    let row = &data[r * blocks * bytes..(r + 1) * blocks * bytes];
-                                    dot_row(format, row, acts[t0 + k])
-                                } else {
-                                    0.0
-                                };
-                                assert_eq!(
-                                    got.to_bits(),
-                                    want.to_bits(),
-                                    "{format:?} {level:?} tokens {t0}+{n} row {r}: {got} vs {want}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let tested = check_every_level(&m, &acts, |r, t| {
+            dot_row(
+                format,
+                &data[r * blocks * bytes..(r + 1) * blocks * bytes],
+                acts[t],
+            )
+        });
         assert!(tested >= 1, "the scalar level always has a panel kernel");
     }
 }
@@ -314,7 +335,6 @@ fn packed_k_quants_equal_the_scalar_reference() {
 /// every panel, equals the scalar `vec_dot_q4_k_q8_k` / `vec_dot_q6_k_q8_k` bit for bit.
 #[test]
 fn every_level_k_panel_equals_the_scalar_reference() {
-    use crate::cpu::{kernels_of, Isa};
     let mut rng = Rng(0x00dd_5eed_50fc_0ffe);
     let (rows, cols) = (40, 768);
     let blocks = cols / QK_K;
@@ -359,41 +379,9 @@ fn every_level_k_panel_equals_the_scalar_reference() {
         let data = random_k_rows(&mut rng, q6, rows, cols);
         let row_bytes = data.len() / rows;
         let m = PackedMatrix::pack_format(format, rows, cols, &data);
-        for level in Isa::ALL {
-            let Some(k) = kernels_of(level) else {
-                continue;
-            };
-            let (Some(panel), true) = (k.panel, k.panel_k_quants) else {
-                continue;
-            };
-            for n in 1..=4 {
-                for t0 in 0..=4 - n {
-                    for p in 0..m.panels() {
-                        let pb = &m.bytes()[p * m.panel_bytes()..(p + 1) * m.panel_bytes()];
-                        let mut out = vec![[f32::NAN; PANEL]; n];
-                        // SAFETY: `kernels_of` hands out only this machine's levels; the panel
-                        // holds `blocks` panel-blocks, each token `blocks` Q8_K blocks with
-                        // their sub-block sums.
-                        unsafe { panel(format, pb, blocks, &acts[t0..t0 + n], &mut out) };
-                        for (i, o) in out.iter().enumerate() {
-                            for (lane, &got) in o.iter().enumerate() {
-                                let r = p * PANEL + lane;
-                                if r >= rows {
-                                    continue;
-                                }
-                                let row = &data[r * row_bytes..(r + 1) * row_bytes];
-                                let want = reference(row, &ys[t0 + i]);
-                                assert_eq!(
-                                    got.to_bits(),
-                                    want.to_bits(),
-                                    "{format:?} {level:?} tokens {t0}+{n} row {r}: {got} vs {want}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        check_every_level(&m, &acts, |r, t| {
+            reference(&data[r * row_bytes..(r + 1) * row_bytes], &ys[t])
+        });
     }
 }
 
