@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use crate::dtype::DType;
+use crate::dtype::{DType, QK_K};
 use crate::qdot::blocks::{BlockQ8K, BlockQ8_0, BlockQ8_1, QuantKernel};
 use crate::qdot::packed::layout::{Act, Format, PANEL};
 use crate::simd::rows::RowKernels;
@@ -102,4 +102,13 @@ pub(crate) struct Kernels {
     /// Whether the panel kernel also takes Q4_K and Q6_K (whose row kernels have the packed
     /// order already, so packing them only changes the speed).
     pub panel_k_quants: bool,
+}
+
+impl Kernels {
+    /// The panel kernel of `format` at this level, if it has one: the 32-element types at every
+    /// level, the K-quants where [`Kernels::panel_k_quants`] says so.
+    pub fn panel_for(&self, format: Format) -> Option<PanelDot> {
+        self.panel
+            .filter(|_| self.panel_k_quants || format.elems() != QK_K)
+    }
 }

@@ -271,8 +271,7 @@ impl PackedMatrix {
 /// Whether this machine runs the packed kernels of `format` (the 32-element types at every
 /// level, the K-quants from AVX2 up).
 pub(crate) fn available(format: Format) -> bool {
-    let k = kernels();
-    k.panel.is_some() && (k.panel_k_quants || format.elems() != QK_K)
+    kernels().panel_for(format).is_some()
 }
 
 /// Up to 4 tokens against one panel: `out[t][r]` for the panel's 16 rows. Panics unless the
@@ -283,7 +282,9 @@ pub(crate) fn panel_dot(
     acts: &[Act<'_>],
     out: &mut [[f32; PANEL]],
 ) {
-    let kernel = kernels().panel.expect("every level has a panel kernel");
+    let kernel = kernels()
+        .panel_for(m.format)
+        .expect("a packed matrix has its level's panel kernel");
     let blocks = m.blocks();
     assert!(
         (1..=4).contains(&acts.len()) && out.len() == acts.len(),

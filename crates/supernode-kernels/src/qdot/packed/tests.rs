@@ -181,13 +181,7 @@ fn check_every_level(
     let (format, blocks) = (m.format, m.blocks());
     let mut tested = 0;
     for level in Isa::ALL {
-        let Some(k) = kernels_of(level) else {
-            continue;
-        };
-        let Some(panel) = k
-            .panel
-            .filter(|_| k.panel_k_quants || format.elems() != QK_K)
-        else {
+        let Some(panel) = kernels_of(level).and_then(|k| k.panel_for(format)) else {
             continue;
         };
         tested += 1;
