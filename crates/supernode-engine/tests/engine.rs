@@ -174,8 +174,30 @@ fn sparse_attention_outputs_do_not_depend_on_the_batch_or_on_preemption() {
 /// shared blocks counted as cached.
 #[test]
 fn sparse_attention_reuses_a_shared_prefix() {
-    let e = engine_of("deepseek_v32", 4, 256, 64);
-    let cold = engine_of("deepseek_v32", 4, 256, 64);
+    reuses_a_shared_prefix("deepseek_v32");
+}
+
+/// DeepSeek-V4 (sliding, compressed sparse and heavily compressed layers, hyper-connections,
+/// hash routing): 12 sequences at once, chunked between each other's decodes, and preempted and
+/// recomputed, give each one's output alone; a window that closes in a later chunk or step reads
+/// its earlier tokens' projections back from the cache.
+#[test]
+fn compressed_attention_outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    batch_invariance("deepseek_v4");
+}
+
+/// DeepSeek-V4's compressed entries and the projections they pool are per position, in the
+/// token's cache rows, so a prefix-cache hit gives the same tokens as computing the prefix: the
+/// first window after the 64 cached tokens reads the last cached window's projections (CSA's
+/// overlap) back from the shared blocks.
+#[test]
+fn compressed_attention_reuses_a_shared_prefix() {
+    reuses_a_shared_prefix("deepseek_v4");
+}
+
+fn reuses_a_shared_prefix(arch: &str) {
+    let e = engine_of(arch, 4, 256, 64);
+    let cold = engine_of(arch, 4, 256, 64);
     let base = prompts(40).into_iter().max_by_key(|p| p.len()).unwrap();
     let (first, _) = submit(&e, base.clone(), 12).wait();
     let (again, f2) = submit(&e, base.clone(), 12).wait();

@@ -116,6 +116,20 @@ impl KvLayerSpec {
         }
     }
 
+    /// DeepSeek-V4's attention: one shared head of `dim` whose keys are its values, and per
+    /// token `aux` values of the compressors' state ([`KvLayerSpec::index_dim`]'s rows): the
+    /// token's projections and its share of the compressed entry of its window.
+    pub fn shared_kv(dim: usize, aux: usize, dtype: KvDType) -> KvLayerSpec {
+        KvLayerSpec {
+            n_kv_heads: 1,
+            k_dim: dim,
+            v_dim: dim,
+            values: KvValues::InKeys,
+            dtype,
+            index_dim: aux,
+        }
+    }
+
     /// Values stored per token for the keys (`k`) and for the values (`v`).
     fn stored_widths(&self) -> (usize, usize) {
         let v = match self.values {
@@ -213,6 +227,14 @@ impl KvData {
                     "a value written to an f16 KV cache is not an f16 value"
                 );
             }
+        }
+    }
+
+    /// The `out.len()` values from `at` on, as f32.
+    pub fn read(&self, at: usize, out: &mut [f32]) {
+        match self {
+            KvData::F32(d) => out.copy_from_slice(&d[at..at + out.len()]),
+            KvData::F16(d) => d[at..at + out.len()].convert_to_f32_slice(out),
         }
     }
 
@@ -576,6 +598,33 @@ impl LayerKv {
         let d = self.spec.index_dim;
         assert_eq!(key.len(), d, "LayerKv::write_index: bad row size");
         self.index.write(slot * d, key);
+    }
+
+    /// Reads the key row of `slot` (all KV heads) into `out`.
+    pub fn read_key(&self, slot: usize, out: &mut [f32]) {
+        let (kw, _) = self.spec.stored_widths();
+        self.k.read(slot * kw, &mut out[..kw]);
+    }
+
+    /// Writes `values` into the index row of `slot` from its value `offset` on (a layer that
+    /// keeps several things per token in those rows: DeepSeek-V4's compressors).
+    pub fn write_index_at(&mut self, slot: usize, offset: usize, values: &[f32]) {
+        let d = self.spec.index_dim;
+        assert!(
+            offset + values.len() <= d,
+            "LayerKv::write_index_at: out of the row"
+        );
+        self.index.write(slot * d + offset, values);
+    }
+
+    /// Reads `out.len()` values of the index row of `slot` from its value `offset` on.
+    pub fn read_index_at(&self, slot: usize, offset: usize, out: &mut [f32]) {
+        let d = self.spec.index_dim;
+        assert!(
+            offset + out.len() <= d,
+            "LayerKv::read_index_at: out of the row"
+        );
+        self.index.read(slot * d + offset, out);
     }
 
     /// The indexer's keys as the kernels read them: one "head" of `index_dim` per slot.

@@ -108,7 +108,20 @@ const GLOBAL: &[Row] = &[
     row("model.embed_tokens.weight", "token_embd.weight"),
     row("model.norm.weight", "output_norm.weight"),
     row("lm_head.weight", "output.weight"),
+    // DeepSeek-V4 as its checkpoints name things (transformers saves them so too, under
+    // `model.`): the head, and the final collapse of the hyper-connection streams.
+    only("head.weight", "output.weight", V4),
+    only("embed.weight", "token_embd.weight", V4),
+    only("norm.weight", "output_norm.weight", V4),
+    only("model.hc_head.hc_fn", "output_hc_fn.weight", V4),
+    only("model.hc_head.hc_base", "output_hc_base.weight", V4),
+    only("model.hc_head.hc_scale", "output_hc_scale.weight", V4),
+    only("hc_head_fn", "output_hc_fn.weight", V4),
+    only("hc_head_base", "output_hc_base.weight", V4),
+    only("hc_head_scale", "output_hc_scale.weight", V4),
 ];
+
+const V4: &[&str] = crate::arch::deepseek_v4::V4;
 
 /// Names inside decoder layer `{i}`: HF `model.layers.{i}.<hf>` ↔ GGUF `blk.{i}.<gguf>`.
 const LAYER: &[Row] = &[
@@ -268,7 +281,13 @@ fn lookup(arch: &str, hf_name: &str) -> Option<(String, Option<usize>)> {
     {
         return Some((r.gguf.to_owned(), None));
     }
-    let rest = name.strip_prefix("model.layers.")?;
+    // DeepSeek-V4's own checkpoints have no `model.` before their layers.
+    let rest = name.strip_prefix("model.layers.").or_else(|| {
+        crate::arch::deepseek_v4::V4
+            .contains(&arch)
+            .then(|| name.strip_prefix("layers."))
+            .flatten()
+    })?;
     let (layer, local) = split_index(rest)?;
     LAYER
         .iter()

@@ -143,14 +143,18 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<Vec<Tensor>> {
                 "tensor `{shown}` has a malformed header entry: {e}"
             ))
         })?;
-        let (dtype, elem) = match entry.dtype.as_str() {
-            "F32" => (DType::F32, 4),
-            "F16" => (DType::F16, 2),
-            "BF16" => (DType::BF16, 2),
+        // Integer tensors (DeepSeek-V4's `tid2eid` expert table) are read as f32 values,
+        // which hold every integer up to 2^24 exactly.
+        let (dtype, elem, int) = match entry.dtype.as_str() {
+            "F32" => (DType::F32, 4, false),
+            "F16" => (DType::F16, 2, false),
+            "BF16" => (DType::BF16, 2, false),
+            "I64" => (DType::F32, 8, true),
+            "I32" => (DType::F32, 4, true),
             other => {
                 return Err(err(format!(
                     "tensor `{shown}` has dtype {}, which supernode does not support \
-                     (supported: F32, F16, BF16)",
+                     (supported: F32, F16, BF16, and I32/I64 as numbers up to 2^24)",
                     Shown(other)
                 )))
             }
@@ -196,7 +200,25 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<Vec<Tensor>> {
             shape.push(1);
         }
         let (start, stop) = (data_start + begin, data_start + end);
-        let storage = if start % elem == 0 {
+        let storage = if int {
+            // In range: checked against the data section above.
+            let bytes = buf.get(start..stop).unwrap_or_default();
+            let mut values = Vec::with_capacity(bytes.len() / elem * 4);
+            for b in bytes.chunks_exact(elem) {
+                let v = match elem {
+                    8 => i64::from_le_bytes(b.try_into().unwrap_or_default()),
+                    _ => i32::from_le_bytes(b.try_into().unwrap_or_default()).into(),
+                };
+                if v.unsigned_abs() > 1 << 24 {
+                    return Err(err(format!(
+                        "tensor `{shown}` holds the integer {v}, beyond the 2^24 that \
+                         supernode reads integer tensors up to"
+                    )));
+                }
+                values.extend((v as f32).to_le_bytes());
+            }
+            Storage::Owned(Arc::new(values))
+        } else if start % elem == 0 {
             Storage::Mapped(Arc::clone(&map), start..stop)
         } else {
             // In range: checked against the data section above.
@@ -364,8 +386,12 @@ fn rename(dir: &Path, config: &Value, arch: &str, hf: Vec<Tensor>) -> Result<Vec
         .and_then(|c| c.get("num_hidden_layers"))
         .or_else(|| config.get("num_hidden_layers"))
         .and_then(Value::as_u64);
+    // DeepSeek-V4's multi-token-prediction layers (`mtp.{j}.*`) are not read yet: transformers
+    // drops them too.
+    let v4_mtp =
+        |name: &str| crate::arch::deepseek_v4::V4.contains(&arch) && name.starts_with("mtp.");
     for mut t in hf {
-        if is_ignorable(&t.name) || is_mtp(&t.name) {
+        if is_ignorable(&t.name) || is_mtp(&t.name) || v4_mtp(&t.name) {
             continue;
         }
         let hf_name = text_layers
@@ -885,10 +911,21 @@ mod tests {
             "{e}"
         );
         let e = one(
-            serde_json::json!({"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}),
+            serde_json::json!({"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}),
             8,
         );
-        assert!(e.ends_with("tensor `t` has dtype I64, which supernode does not support (supported: F32, F16, BF16)"), "{e}");
+        assert!(e.ends_with("tensor `t` has dtype U8, which supernode does not support (supported: F32, F16, BF16, and I32/I64 as numbers up to 2^24)"), "{e}");
+        // An integer beyond what f32 holds exactly is refused, not rounded.
+        let h = serde_json::json!({"t": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}})
+            .to_string();
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        b.extend_from_slice(&((1i64 << 24) + 1).to_le_bytes());
+        let e = err_of(&b);
+        assert!(
+            e.contains("holds the integer 16777217, beyond the 2^24"),
+            "{e}"
+        );
         let e = one(
             serde_json::json!({"dtype": "F32", "shape": [1u64 << 40, 1u64 << 40], "data_offsets": [0, 8]}),
             8,

@@ -28,7 +28,10 @@ use supernode_kernels::scratch::zeroed;
 
 use crate::arch::Model;
 use crate::kv_cache::{KvCache, KvLayerSpec};
-use crate::layers::{BlockAttention, Embedding, Ffn, LayerCtx, Linear, OutputHead, RmsNorm, Rope};
+use crate::layers::{
+    BlockAttention, Embedding, Ffn, HyperConnection, HyperHead, LayerCtx, Linear, Mixes,
+    OutputHead, RmsNorm, Rope,
+};
 use crate::trace::Trace;
 use crate::weights::Weights;
 use crate::{Batch, ModelConfig, Result};
@@ -56,10 +59,14 @@ struct Block<A> {
     post_ffn_norm: Option<RmsNorm>,
     /// Windowed (local) layer: uses the local rope.
     local: bool,
+    /// Hyper-connections around the attention and the feed-forward (DeepSeek-V4): the residual
+    /// is `hc_mult` streams per token, collapsed into each one's input and expanded after.
+    hc: Option<(HyperConnection, HyperConnection)>,
 }
 
 impl<A: BlockAttention> Block<A> {
-    /// The block on the residual stream `x` (`n × hidden`), `xn` and `y` its scratch.
+    /// The block on the residual stream `x` (`n × hidden`; `n × hc_mult·hidden` with
+    /// hyper-connections), `xn` and `y` its `n × hidden` scratch.
     fn forward(
         &self,
         x: &mut [f32],
@@ -68,7 +75,9 @@ impl<A: BlockAttention> Block<A> {
         ctx: &mut LayerCtx,
         kv: &mut crate::kv_cache::LayerKv,
     ) {
-        let n = ctx.batch.len();
+        if let Some((attn_hc, ffn_hc)) = &self.hc {
+            return self.forward_hyper(attn_hc, ffn_hc, x, xn, y, ctx, kv);
+        }
         self.attn_norm.forward(x, xn);
         ctx.cb("attn_norm", xn);
         self.attn.forward(xn, ctx, kv, y);
@@ -81,13 +90,61 @@ impl<A: BlockAttention> Block<A> {
         ctx.cb("ffn_inp", x);
         self.ffn_norm.forward(x, xn);
         ctx.cb("ffn_norm", xn);
-        self.ffn.forward(xn, n, y);
+        self.ffn.forward(xn, ctx.batch.tokens, y);
         ctx.cb("ffn_out", y);
         if let Some(norm) = &self.post_ffn_norm {
             norm.forward_inplace(y);
             ctx.cb("ffn_post_norm", y);
         }
         x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
+        ctx.cb("l_out", x);
+    }
+
+    /// [`Block::forward`] with hyper-connections: each sub-layer reads its streams collapsed
+    /// and its output is expanded back into them, token by token.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_hyper(
+        &self,
+        attn_hc: &HyperConnection,
+        ffn_hc: &HyperConnection,
+        x: &mut [f32],
+        xn: &mut [f32],
+        y: &mut [f32],
+        ctx: &mut LayerCtx,
+        kv: &mut crate::kv_cache::LayerKv,
+    ) {
+        let n = ctx.batch.len();
+        let h = xn.len() / n.max(1);
+        let streams = x.len() / n.max(1);
+        let mut u = zeroed(n * h);
+        let collapse = |hc: &HyperConnection, x: &[f32], u: &mut [f32]| -> Vec<Mixes> {
+            x.chunks_exact(streams)
+                .zip(u.chunks_exact_mut(h))
+                .map(|(xt, ut)| hc.collapse(xt, ut))
+                .collect()
+        };
+        let expand = |hc: &HyperConnection, mixes: &[Mixes], y: &[f32], x: &mut [f32]| {
+            for ((m, yt), xt) in mixes
+                .iter()
+                .zip(y.chunks_exact(h))
+                .zip(x.chunks_exact_mut(streams))
+            {
+                hc.expand(m, yt, xt);
+            }
+        };
+        let mixes = collapse(attn_hc, x, &mut u);
+        self.attn_norm.forward(&u, xn);
+        ctx.cb("attn_norm", xn);
+        self.attn.forward(xn, ctx, kv, y);
+        ctx.cb("attn_out", y);
+        expand(attn_hc, &mixes, y, x);
+        ctx.cb("ffn_inp", x);
+        let mixes = collapse(ffn_hc, x, &mut u);
+        self.ffn_norm.forward(&u, xn);
+        ctx.cb("ffn_norm", xn);
+        self.ffn.forward(xn, ctx.batch.tokens, y);
+        ctx.cb("ffn_out", y);
+        expand(ffn_hc, &mixes, y, x);
         ctx.cb("l_out", x);
     }
 }
@@ -123,6 +180,8 @@ pub struct PreNormDecoder<A> {
     /// The rope of the windowed layers, if the config has any.
     rope_local: Option<Rope>,
     nextn: Option<NextN<A>>,
+    /// The final collapse of the residual streams, with hyper-connections.
+    hc_head: Option<HyperHead>,
 }
 
 impl<A: BlockAttention> PreNormDecoder<A> {
@@ -153,6 +212,23 @@ impl<A: BlockAttention> PreNormDecoder<A> {
                 ffn: Ffn::load(&cfg, w, i, opts.act)?,
                 post_ffn_norm: post_norm("post_ffw_norm.weight")?,
                 local: sliding.is_some_and(|s| s.layers.get(i).copied().unwrap_or(false)),
+                hc: match &cfg.v4 {
+                    Some(v4) => {
+                        let hc = |name: &str| {
+                            HyperConnection::load(
+                                w,
+                                &p(name),
+                                v4.hc_mult,
+                                h,
+                                v4.hc_iters,
+                                v4.hc_eps,
+                                eps,
+                            )
+                        };
+                        Some((hc("hc_attn_")?, hc("hc_ffn_")?))
+                    }
+                    None => None,
+                },
             })
         };
         let blocks = (0..cfg.n_layers).map(block).collect::<Result<Vec<_>>>()?;
@@ -181,8 +257,13 @@ impl<A: BlockAttention> PreNormDecoder<A> {
                 })
             }
         };
+        let hc_head = match &cfg.v4 {
+            Some(v4) => Some(HyperHead::load(w, v4.hc_mult, h, v4.hc_eps, eps)?),
+            None => None,
+        };
         Ok(PreNormDecoder {
             nextn,
+            hc_head,
             output: OutputHead {
                 norm: norm("output_norm.weight")?,
                 head,
@@ -318,6 +399,15 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
         self.embed
             .forward(batch.tokens, self.cfg.embed_scale, &mut x);
         trace.cb("inp_embd", None, n, &x);
+        if let Some(v4) = &self.cfg.v4 {
+            // Hyper-connections: every stream starts as the embedding.
+            let streams = v4.hc_mult;
+            let mut wide = zeroed(n * streams * h);
+            for (row, e) in wide.chunks_exact_mut(streams * h).zip(x.chunks_exact(h)) {
+                row.chunks_exact_mut(h).for_each(|s| s.copy_from_slice(e));
+            }
+            x = wide;
+        }
         let rope = self.rope.table(batch.positions);
         let rope_local = self.rope_local.as_ref().map(|r| r.table(batch.positions));
         let block_size = kv.block_size;
@@ -333,6 +423,11 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
                 trace,
             };
             block.forward(&mut x, &mut xn, &mut y, &mut ctx, layer_kv);
+        }
+        if let Some(head) = &self.hc_head {
+            let collapsed = head.forward(&x);
+            x = zeroed(n * h);
+            x.copy_from_slice(&collapsed);
         }
         if trace.is_on() {
             let mut normed = x.to_vec();

@@ -9,6 +9,7 @@
 pub mod decoder;
 pub mod deepseek_v3;
 pub mod deepseek_v32;
+pub mod deepseek_v4;
 pub mod gemma3;
 pub mod llama;
 pub mod qwen3_5;
@@ -40,6 +41,9 @@ pub enum Arch {
     /// DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (a lightning indexer picks each
     /// query's top-k positions).
     DeepseekV32,
+    /// DeepSeek-V4: sliding, compressed sparse and heavily compressed attention over one
+    /// shared key-value head, hyper-connections, hash-routed and learned-routed MoE layers.
+    DeepseekV4,
     /// Qwen3.5 (dense): hybrid Gated DeltaNet linear attention and gated full attention.
     Qwen35,
     /// Qwen3.5-MoE: Qwen3.5 with a MoE (gated shared expert) on every layer.
@@ -72,7 +76,7 @@ pub struct Family {
 
 /// Each architecture with its GGUF `general.architecture` name, its HF `model_type` and its
 /// family. The order is that of the supported-names lists in errors.
-static REGISTRY: [(Arch, &str, &str, &Family); 10] = [
+static REGISTRY: [(Arch, &str, &str, &Family); 11] = [
     (Arch::Llama, "llama", "llama", &llama::FAMILY),
     (Arch::Gemma3, "gemma3", "gemma3_text", &gemma3::FAMILY),
     (Arch::Qwen2, "qwen2", "qwen2", &llama::FAMILY),
@@ -89,6 +93,12 @@ static REGISTRY: [(Arch, &str, &str, &Family); 10] = [
         "deepseek32",
         "deepseek_v32",
         &deepseek_v32::FAMILY,
+    ),
+    (
+        Arch::DeepseekV4,
+        "deepseek4",
+        "deepseek_v4",
+        &deepseek_v4::FAMILY,
     ),
     (Arch::Qwen35, "qwen35", "qwen3_5_text", &qwen3_5::FAMILY),
     (

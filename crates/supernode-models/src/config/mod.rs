@@ -46,6 +46,8 @@ pub enum Gating {
     Softmax,
     /// Independent sigmoids (DeepSeek-V3).
     Sigmoid,
+    /// `sqrt(softplus(l))` of each logit (DeepSeek-V4's `sqrtsoftplus`).
+    SqrtSoftplus,
 }
 
 /// A sparse mixture-of-experts feed-forward: routing and expert sizes.
@@ -107,6 +109,50 @@ pub struct IndexerConfig {
     pub top_k: usize,
 }
 
+/// The attention of one DeepSeek-V4 layer: every kind attends to a sliding window of its own
+/// recent tokens; the compressed kinds add entries that each summarise a window of `rate`
+/// tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Attention {
+    /// The sliding window only (`sliding_attention`, compress ratio 0).
+    Sliding,
+    /// Compressed sparse attention (`compressed_sparse_attention`): overlapping windows of
+    /// [`V4Config::csa_rate`], of which a lightning indexer picks `top_k` per query.
+    Csa,
+    /// Heavily compressed attention (`heavily_compressed_attention`): every entry of
+    /// non-overlapping windows of [`V4Config::hca_rate`].
+    Hca,
+}
+
+/// What DeepSeek-V4 adds to a decoder (transformers' `DeepseekV4Config`): per-layer attention
+/// kinds over one shared key-value head (keys are values) with per-head sinks and a grouped
+/// low-rank output; a second rope for the compressed kinds; hyper-connections (`hc_mult`
+/// residual streams mixed through Sinkhorn-normalised matrices); hash-routed MoE layers; a
+/// clamped SwiGLU. [`ModelConfig::rope`] is the "main" rope (sliding layers).
+#[derive(Clone, Debug, PartialEq)]
+pub struct V4Config {
+    pub layers: Vec<V4Attention>,
+    pub csa_rate: usize,
+    pub hca_rate: usize,
+    /// Positions a query attends to in its window, its own included.
+    pub window: usize,
+    pub q_lora_rank: usize,
+    /// The rope of the compressed layers, their entries and their indexer.
+    pub compress_rope: RopeConfig,
+    pub o_groups: usize,
+    pub o_lora_rank: usize,
+    pub hc_mult: usize,
+    pub hc_iters: usize,
+    pub hc_eps: f32,
+    /// The CSA layers' lightning indexer (`top_k` entries per query).
+    pub indexer: IndexerConfig,
+    /// `hash_layers[i]`: layer `i` routes by a fixed token → experts table (`tid2eid`).
+    pub hash_layers: Vec<bool>,
+    /// Routed and shared experts clamp the gate to `<= limit` and the up projection to
+    /// `[-limit, limit]` before the SwiGLU.
+    pub swiglu_limit: f32,
+}
+
 /// Gated DeltaNet linear attention on some of the layers (Qwen3.5, Qwen3-Next); the other
 /// layers are gated full attention.
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +206,8 @@ pub struct ModelConfig {
     pub mla: Option<MlaConfig>,
     /// Linear attention on some layers (hybrid models: Qwen3.5, Qwen3-Next).
     pub linear: Option<LinearAttnConfig>,
+    /// DeepSeek-V4's attention, residual streams and routing.
+    pub v4: Option<V4Config>,
     /// Multi-token-prediction (NextN) layers the checkpoint has after its `n_layers` decoder
     /// layers (Qwen3.5's `mtp_num_hidden_layers`, DeepSeek's `num_nextn_predict_layers`,
     /// GGUF's `nextn_predict_layers`, which llama.cpp's converter counts in `block_count`).
@@ -201,6 +249,7 @@ impl ModelConfig {
             moe: None,
             mla: None,
             linear: None,
+            v4: None,
             nextn_layers: 0,
             load_nextn: false,
         }

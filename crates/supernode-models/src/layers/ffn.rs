@@ -1,6 +1,6 @@
 //! The dense gated feed-forward: `down(act(gate(x)) * up(x))`.
 
-use supernode_kernels::ops::Activation;
+use supernode_kernels::ops::{glu_inplace, Activation};
 use supernode_kernels::scratch::zeroed;
 
 use super::Linear;
@@ -13,6 +13,9 @@ pub struct Mlp {
     pub down: Linear,
     /// SiLU for SwiGLU, GELU-tanh for GeGLU.
     pub act: Activation,
+    /// DeepSeek-V4's clamp of the gate and up projections before the activation
+    /// ([`super::moe::clamp_glu_inputs`]).
+    pub limit: Option<f32>,
 }
 
 impl Mlp {
@@ -32,6 +35,7 @@ impl Mlp {
             up: w.linear(&p("up"), ffn, hidden)?,
             down: w.linear(&p("down"), hidden, ffn)?,
             act,
+            limit: None,
         })
     }
 
@@ -47,7 +51,16 @@ impl Mlp {
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
         let f = self.gate.rows();
         let mut g = zeroed(n * f);
-        Linear::forward_glu(&self.gate, &self.up, x, n, self.act, &mut g);
+        match self.limit {
+            None => Linear::forward_glu(&self.gate, &self.up, x, n, self.act, &mut g),
+            Some(limit) => {
+                let mut u = zeroed(n * f);
+                self.gate.forward(x, n, &mut g);
+                self.up.forward(x, n, &mut u);
+                super::moe::clamp_glu_inputs(&mut g, &mut u, limit);
+                glu_inplace(&mut g, &u, self.act);
+            }
+        }
         self.down.forward(&g, n, out);
     }
 }

@@ -6,9 +6,11 @@
 //! [`Numerics`](crate::numerics::Numerics).
 
 mod attention;
+mod compressed;
 mod embedding;
 mod ffn;
 mod gated_deltanet;
+mod hyper;
 mod indexer;
 mod linear;
 mod mla;
@@ -18,9 +20,11 @@ mod output;
 mod rope;
 
 pub use attention::Attention;
+pub use compressed::{Compressor, V4Attn, V4Indexer};
 pub use embedding::Embedding;
 pub use ffn::Mlp;
 pub use gated_deltanet::{DeltaJournal, DeltaNetShape, GatedDeltaNet};
+pub use hyper::{HyperConnection, HyperHead, Mixes};
 pub use indexer::{IndexQueries, Indexer};
 pub use linear::{Linear, StackedLinear};
 pub use mla::{Mla, MlaQuery};

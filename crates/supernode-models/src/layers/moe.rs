@@ -45,11 +45,12 @@ impl Ffn {
         }
     }
 
-    /// `x`: `n × hidden` → `out`: `n × hidden`.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    /// `x`: `n × hidden` → `out`: `n × hidden`, for the batch's `tokens` (which a hash-routed
+    /// MoE routes by).
+    pub fn forward(&self, x: &[f32], tokens: &[u32], out: &mut [f32]) {
         match self {
-            Ffn::Dense(mlp) => mlp.forward(x, n, out),
-            Ffn::Moe(moe) => moe.forward(x, n, out),
+            Ffn::Dense(mlp) => mlp.forward(x, tokens.len(), out),
+            Ffn::Moe(moe) => moe.forward(x, tokens, out),
         }
     }
 
@@ -81,6 +82,12 @@ pub struct Moe {
     pub cfg: MoeConfig,
     /// The experts' activation (SiLU).
     pub act: Activation,
+    /// A hash-routed layer's experts per token id (`vocab × n_used`, DeepSeek-V4's `tid2eid`):
+    /// these are chosen whatever the scores, which only weight them.
+    pub hash: Option<Vec<u32>>,
+    /// Clamp the experts' gate to `<= limit` and up projection to `[-limit, limit]` before the
+    /// activation (DeepSeek-V4's `swiglu_limit`).
+    pub limit: Option<f32>,
 }
 
 impl Moe {
@@ -100,10 +107,21 @@ impl Moe {
             Some(_) => Some(w.vector(&p("exp_probs_b.bias"), e)?),
             None => None,
         };
+        let limit = cfg.v4.as_ref().map(|v4| v4.swiglu_limit);
         let shared = match (moe.n_shared, moe.shared_ffn_dim) {
             (0, _) => None,
             (_, Some(d)) => Some(Mlp::load(w, layer, "_shexp", d, h, act)?),
             (s, None) => Some(Mlp::load(w, layer, "_shexp", s * f, h, act)?),
+        }
+        .map(|mlp| Mlp { limit, ..mlp });
+        let hash = match cfg.v4.as_ref().and_then(|v4| v4.hash_layers.get(layer)) {
+            Some(true) => Some(hash_table(
+                w,
+                &p("ffn_gate_tid2eid.weight"),
+                cfg.vocab_size,
+                moe,
+            )?),
+            _ => None,
         };
         let shared_gate = match shared {
             Some(_) => w.opt_linear(&p("ffn_gate_inp_shexp"), 1, h)?,
@@ -119,6 +137,8 @@ impl Moe {
             shared_gate,
             cfg: moe.clone(),
             act,
+            hash,
+            limit,
         })
     }
 
@@ -130,25 +150,33 @@ impl Moe {
             + self.shared_gate.as_ref().map_or(0, Linear::weight_bytes)
     }
 
-    /// `x`: `n × hidden` → `out`: `n × hidden`.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    /// `x`: `n × hidden` → `out`: `n × hidden`, for the batch's `tokens`.
+    pub fn forward(&self, x: &[f32], tokens: &[u32], out: &mut [f32]) {
+        let n = tokens.len();
         let (h, e) = (self.router.cols(), self.cfg.n_experts);
         let mut logits = zeroed(n * e);
         self.router.forward(x, n, &mut logits);
         // For each expert, its tokens and their weights, tokens ascending.
         let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
         let mut scratch = Routing::default();
-        for t in 0..n {
+        let k = self.cfg.n_used;
+        for (t, &token) in tokens.iter().enumerate() {
+            // (The table was checked to have a row for every token id of the vocabulary.)
+            let fixed = self.hash.as_ref().map(|table| {
+                let id = token as usize;
+                &table[id * k..(id + 1) * k]
+            });
             for &(expert, w) in scratch.route(
                 &logits[t * e..(t + 1) * e],
                 self.selection_bias.as_deref(),
+                fixed,
                 &self.cfg,
             ) {
                 routed[expert].push((t, w));
             }
         }
         out.fill(0.0);
-        if self.forward_packed(x, n, &routed, out) {
+        if self.limit.is_none() && self.forward_packed(x, n, &routed, out) {
             return self.add_shared(x, n, out);
         }
         let f = self.gate.rows();
@@ -162,6 +190,9 @@ impl Moe {
             let mut u = zeroed(m * f);
             self.gate.forward(expert, &xe, m, &mut g);
             self.up.forward(expert, &xe, m, &mut u);
+            if let Some(limit) = self.limit {
+                clamp_glu_inputs(&mut g, &mut u, limit);
+            }
             glu_inplace(&mut g, &u, self.act);
             let mut y = zeroed(m * h);
             self.down.forward(expert, &g, m, &mut y);
@@ -270,6 +301,42 @@ impl Moe {
     }
 }
 
+/// DeepSeek-V4's gate before a clamped SwiGLU: the gate to `<= limit`, the up projection to
+/// `[-limit, limit]` (transformers' `clamp(max=limit)` and `clamp(-limit, limit)`).
+pub fn clamp_glu_inputs(gate: &mut [f32], up: &mut [f32], limit: f32) {
+    gate.iter_mut().for_each(|g| *g = g.min(limit));
+    up.iter_mut().for_each(|u| *u = u.clamp(-limit, limit));
+}
+
+/// A hash-routed layer's `tid2eid` table (`vocab × n_used` expert ids, stored as numbers):
+/// every entry a whole expert id in range, no token given the same expert twice.
+fn hash_table(w: &Weights, name: &str, vocab: usize, moe: &MoeConfig) -> Result<Vec<u32>> {
+    let k = moe.n_used;
+    let values = w.values(name, &[k, vocab])?;
+    let bad = |msg: String| crate::ModelError::Tensor {
+        name: name.to_string(),
+        msg,
+    };
+    let mut table = Vec::with_capacity(values.len());
+    for (id, row) in values.chunks_exact(k).enumerate() {
+        let start = table.len();
+        for &v in row {
+            if v.fract() != 0.0 || v < 0.0 || v >= moe.n_experts as f32 {
+                return Err(bad(format!(
+                    "gives token {id} expert {v}, which is not one of the {} experts",
+                    moe.n_experts
+                )));
+            }
+            let e = v as u32;
+            if table[start..].contains(&e) {
+                return Err(bad(format!("gives token {id} expert {e} twice")));
+            }
+            table.push(e);
+        }
+    }
+    Ok(table)
+}
+
 /// One token's routing, with its scratch buffers.
 #[derive(Default)]
 struct Routing {
@@ -282,7 +349,14 @@ struct Routing {
 impl Routing {
     /// The chosen `(expert, weight)` pairs of a token with router logits `logits`, experts
     /// ascending.
-    fn route(&mut self, logits: &[f32], bias: Option<&[f32]>, cfg: &MoeConfig) -> &[(usize, f32)] {
+    /// `fixed`: the experts a hash-routed layer gives the token, chosen whatever the scores.
+    fn route(
+        &mut self,
+        logits: &[f32],
+        bias: Option<&[f32]>,
+        fixed: Option<&[u32]>,
+        cfg: &MoeConfig,
+    ) -> &[(usize, f32)] {
         let e = logits.len();
         self.scores.clear();
         match cfg.gating {
@@ -295,6 +369,17 @@ impl Routing {
             Gating::Sigmoid => self
                 .scores
                 .extend(logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp()))),
+            Gating::SqrtSoftplus => self.scores.extend(logits.iter().map(|&l| {
+                // torch's softplus: `ln(1 + e^l)`, and `l` itself above 20.
+                let sp = if l > 20.0 { l } else { l.exp().ln_1p() };
+                sp.sqrt()
+            })),
+        }
+        if let Some(fixed) = fixed {
+            self.order.clear();
+            self.order.extend(fixed.iter().map(|&i| i as usize));
+            self.order.sort_unstable();
+            return self.weigh(cfg);
         }
         self.choice.clear();
         self.choice.extend_from_slice(&self.scores);
@@ -335,6 +420,12 @@ impl Routing {
             .sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
         self.order.truncate(cfg.n_used);
         self.order.sort_unstable();
+        self.weigh(cfg)
+    }
+
+    /// The experts in `order` (ascending) with their weights: the unbiased scores, normalised
+    /// and scaled as the config says.
+    fn weigh(&mut self, cfg: &MoeConfig) -> &[(usize, f32)] {
         self.chosen.clear();
         self.chosen
             .extend(self.order.iter().map(|&i| (i, self.scores[i])));
@@ -377,11 +468,11 @@ mod tests {
         let mut c = cfg(Gating::Softmax, 1, 1, 2);
         let mut r = Routing::default();
         let z: f32 = logits.iter().map(|l| l.exp()).sum();
-        let got = r.route(&logits, None, &c).to_vec();
+        let got = r.route(&logits, None, None, &c).to_vec();
         assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 4]);
         assert!((got[0].1 - 2f32.exp() / z).abs() < 1e-6);
         c.norm_weights = true;
-        let got = r.route(&logits, None, &c).to_vec();
+        let got = r.route(&logits, None, None, &c).to_vec();
         let want = 2f32.exp() / (2f32.exp() + 3f32.exp());
         assert!((got[0].1 - want).abs() < 1e-6 && (got[0].1 + got[1].1 - 1.0).abs() < 1e-6);
     }
@@ -446,6 +537,8 @@ mod tests {
                 shared_gate: None,
                 cfg: c,
                 act: Activation::Silu,
+                hash: None,
+                limit: None,
             }
         };
         let (packed, plain) = (moe(true), moe(false));
@@ -461,7 +554,7 @@ mod tests {
                 .collect();
             let run = |m: &Moe, x: &[f32], n: usize| {
                 let mut out = vec![f32::NAN; n * h];
-                m.forward(x, n, &mut out);
+                m.forward(x, &vec![0; n], &mut out);
                 out
             };
             let got = run(&packed, &x, n);
@@ -487,13 +580,13 @@ mod tests {
         let mut r = Routing::default();
         // Group sums: 0.998, 1.462, 1.043, 1.0 -> groups 1 and 2 kept: expert 0 (the best
         // single score) is out; best of {2,3,4,5} are 4 and 2 (tie 2/3 -> lower index).
-        let got = r.route(&logits, None, &c).to_vec();
+        let got = r.route(&logits, None, None, &c).to_vec();
         assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 4]);
         assert!((got[1].1 - 2.5 * sig(2.5)).abs() < 1e-6);
         // A bias on expert 7 lifts group 3 and picks expert 7; its weight stays unbiased.
         let mut bias = [0.0f32; 8];
         bias[7] = 1.0;
-        let got = r.route(&logits, Some(&bias), &c).to_vec();
+        let got = r.route(&logits, Some(&bias), None, &c).to_vec();
         assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 7]);
         assert!((got[1].1 - 2.5 * sig(0.0)).abs() < 1e-6);
     }

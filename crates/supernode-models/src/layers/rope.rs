@@ -62,4 +62,12 @@ impl RopeTable {
         let r = t * self.pairs..(t + 1) * self.pairs;
         rope_apply(x, head_dim, style, &self.cos[r.clone()], &self.sin[r]);
     }
+
+    /// The inverse rotation of [`RopeTable::apply_as`] (by the negated angles): DeepSeek-V4
+    /// takes the rope back out of its attention output, whose values are roped keys.
+    pub fn apply_inverse_as(&self, t: usize, x: &mut [f32], head_dim: usize, style: RopeStyle) {
+        let r = t * self.pairs..(t + 1) * self.pairs;
+        let neg: Vec<f32> = self.sin[r.clone()].iter().map(|s| -s).collect();
+        rope_apply(x, head_dim, style, &self.cos[r], &neg);
+    }
 }

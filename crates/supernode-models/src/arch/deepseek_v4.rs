@@ -1,0 +1,580 @@
+//! DeepSeek-V4 (transformers' `deepseek_v4`, llama.cpp's `deepseek4`): per-layer sliding,
+//! compressed sparse (CSA) and heavily compressed (HCA) attention over one shared key-value
+//! head, hyper-connections, hash-routed MoE layers beside learned-routed ones with a
+//! `sqrtsoftplus` router and a clamped SwiGLU.
+//!
+//! The forward pass is the shared [`PreNormDecoder`] with [`V4Attn`] attention and its
+//! hyper-connection residual ([`crate::layers::HyperConnection`]); the feed-forward is the
+//! shared [`crate::layers::Moe`] with its hash and clamp options. This file reads the config
+//! and names the tensors.
+//!
+//! Follows transformers' `DeepseekV4ForCausalLM`: every layer is MoE with one shared expert
+//! of `moe_intermediate_size`; routing weights are always renormalised; the multi-token
+//! prediction layers (`mtp.*`) are not part of the model and are not loaded.
+
+use serde_json::Value;
+use supernode_kernels::ops::{Activation, RopeStyle};
+
+use crate::arch::decoder::{DecoderOptions, PreNormDecoder};
+use crate::arch::{Arch, Family, Model};
+use crate::config::{
+    hf_bool, hf_int, hf_num, hf_rope, Gating, IndexerConfig, KeyNames, MoeConfig, RopeConfig,
+    RopeScaling, V4Attention, V4Config,
+};
+use crate::layers::V4Attn;
+use crate::names::{only, Row};
+use crate::weights::Weights;
+use crate::{Metadata, ModelConfig, ModelError, Result};
+
+/// The family's entry points.
+pub const FAMILY: Family = Family {
+    read_gguf,
+    hf_defaults,
+    read_hf,
+    gguf_tensors: None,
+    build,
+    keys: KEYS,
+    hf_names: HF_NAMES,
+};
+
+const KEYS: KeyNames = KeyNames {
+    head_dim: None,
+    v_head_dim: ("attention.value_length", "head_dim"),
+    rope_dim: Some((
+        "rope.dimension_count",
+        "qk_rope_head_dim` / `partial_rotary_factor",
+    )),
+    attn_scale: (None, None),
+    hf_experts: "n_routed_experts",
+};
+
+pub(crate) const V4: &[&str] = &["deepseek_v4", "deepseek4"];
+
+/// A layer's tensors as DeepSeek's checkpoints name them (which is also how transformers saves
+/// them: its own module names are renamed back on save), with llama.cpp's `deepseek4` names.
+/// Routed experts: `w1` gate, `w3` up, `w2` down.
+const HF_NAMES: &[Row] = &[
+    only("attn.wq_a.weight", "attn_q_a.weight", V4),
+    only("attn.q_norm.weight", "attn_q_a_norm.weight", V4),
+    only("attn.wq_b.weight", "attn_q_b.weight", V4),
+    only("attn.wkv.weight", "attn_kv.weight", V4),
+    only("attn.norm.weight", "attn_kv_a_norm.weight", V4),
+    only("attn.wo_a.weight", "attn_output_a.weight", V4),
+    only("attn.wo_b.weight", "attn_output_b.weight", V4),
+    only("attn.attn_sink", "attn_sinks.weight", V4),
+    only(
+        "attn.compressor.wkv.weight",
+        "attn_compressor_kv.weight",
+        V4,
+    ),
+    only(
+        "attn.compressor.wgate.weight",
+        "attn_compressor_gate.weight",
+        V4,
+    ),
+    only("attn.compressor.ape", "attn_compressor_ape.weight", V4),
+    only(
+        "attn.compressor.norm.weight",
+        "attn_compressor_norm.weight",
+        V4,
+    ),
+    only(
+        "attn.indexer.compressor.wkv.weight",
+        "indexer_compressor_kv.weight",
+        V4,
+    ),
+    only(
+        "attn.indexer.compressor.wgate.weight",
+        "indexer_compressor_gate.weight",
+        V4,
+    ),
+    only(
+        "attn.indexer.compressor.ape",
+        "indexer_compressor_ape.weight",
+        V4,
+    ),
+    only(
+        "attn.indexer.compressor.norm.weight",
+        "indexer_compressor_norm.weight",
+        V4,
+    ),
+    only("attn.indexer.wq_b.weight", "indexer.attn_q_b.weight", V4),
+    only(
+        "attn.indexer.weights_proj.weight",
+        "indexer.proj.weight",
+        V4,
+    ),
+    only("attn_norm.weight", "attn_norm.weight", V4),
+    only("ffn_norm.weight", "ffn_norm.weight", V4),
+    only("hc_attn_fn", "hc_attn_fn.weight", V4),
+    only("hc_attn_base", "hc_attn_base.weight", V4),
+    only("hc_attn_scale", "hc_attn_scale.weight", V4),
+    only("hc_ffn_fn", "hc_ffn_fn.weight", V4),
+    only("hc_ffn_base", "hc_ffn_base.weight", V4),
+    only("hc_ffn_scale", "hc_ffn_scale.weight", V4),
+    only("ffn.gate.weight", "ffn_gate_inp.weight", V4),
+    only("ffn.gate.bias", "exp_probs_b.bias", V4),
+    only("ffn.gate.tid2eid", "ffn_gate_tid2eid.weight", V4),
+    only("ffn.experts.{e}.w1.weight", "ffn_gate_exps.weight", V4),
+    only("ffn.experts.{e}.w3.weight", "ffn_up_exps.weight", V4),
+    only("ffn.experts.{e}.w2.weight", "ffn_down_exps.weight", V4),
+    only("ffn.shared_experts.w1.weight", "ffn_gate_shexp.weight", V4),
+    only("ffn.shared_experts.w3.weight", "ffn_up_shexp.weight", V4),
+    only("ffn.shared_experts.w2.weight", "ffn_down_shexp.weight", V4),
+];
+
+fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
+    let v4 = cfg
+        .v4
+        .clone()
+        .ok_or_else(|| ModelError::Invalid("a DeepSeek-V4 config without its V4 part".into()))?;
+    let opts = DecoderOptions {
+        act: Activation::Silu,
+        post_norms: false,
+        ffn_norm: "ffn_norm.weight",
+    };
+    let attn_cfg = cfg.clone();
+    Ok(Box::new(PreNormDecoder::load(cfg, w, opts, |i| {
+        V4Attn::load(&attn_cfg, &v4, w, i)
+    })?))
+}
+
+/// llama.cpp's `deepseek4` files: not read yet (its converter takes DeepSeek's own FP8/FP4
+/// checkpoint, with routed experts in MXFP4).
+fn read_gguf(_: &mut ModelConfig, _: &Metadata) -> Result<()> {
+    Err(ModelError::Metadata(
+        "DeepSeek-V4 GGUF files (`deepseek4`) are not supported yet: load the model's \
+         transformers checkpoint (config.json and safetensors) instead"
+            .into(),
+    ))
+}
+
+/// transformers' `DeepseekV4Config` defaults. (`intermediate_size` is the config's alias of
+/// `moe_intermediate_size`; the reader sets it from that.)
+fn hf_defaults(_: Arch) -> Value {
+    serde_json::json!({
+        "vocab_size": 129_280, "hidden_size": 4096, "moe_intermediate_size": 2048,
+        "intermediate_size": 2048, "num_hidden_layers": 43, "num_attention_heads": 64,
+        "num_key_value_heads": 1, "head_dim": 512, "q_lora_rank": 1024,
+        "num_experts_per_tok": 6, "n_routed_experts": 256, "n_shared_experts": 1,
+        "scoring_func": "sqrtsoftplus", "norm_topk_prob": true, "routed_scaling_factor": 1.5,
+        "max_position_embeddings": 1_048_576, "rope_theta": 10_000.0,
+        "compress_rope_theta": 160_000.0, "hc_mult": 4, "hc_sinkhorn_iters": 20,
+        "hc_eps": 1e-6, "swiglu_limit": 10.0, "sliding_window": 128, "o_groups": 8,
+        "o_lora_rank": 1024, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512,
+        "rms_norm_eps": 1e-6,
+    })
+}
+
+/// The layer kinds from `layer_types`, or from the older `compress_ratios` (0, 4 and 128 per
+/// layer), or transformers' default (two HCA layers, then CSA and HCA in turn).
+fn layer_kinds(config: &Value, n: usize) -> Result<Vec<V4Attention>> {
+    let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
+    if let Some(types) = config.get("layer_types").filter(|v| !v.is_null()) {
+        let list = types
+            .as_array()
+            .ok_or_else(|| bad(format!("`layer_types` should be a list, got {types}")))?;
+        if list.len() < n {
+            return Err(bad(format!(
+                "`layer_types` lists {} layers, fewer than the {n} of `num_hidden_layers`",
+                list.len()
+            )));
+        }
+        return list[..n]
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(V4Attention::Sliding),
+                Some("compressed_sparse_attention") => Ok(V4Attention::Csa),
+                Some("heavily_compressed_attention") => Ok(V4Attention::Hca),
+                _ => Err(bad(format!(
+                    "layer type {t} is not one of sliding_attention, \
+                     compressed_sparse_attention, heavily_compressed_attention"
+                ))),
+            })
+            .collect();
+    }
+    if let Some(ratios) = config.get("compress_ratios").filter(|v| !v.is_null()) {
+        let list = ratios
+            .as_array()
+            .ok_or_else(|| bad(format!("`compress_ratios` should be a list, got {ratios}")))?;
+        if list.len() < n {
+            return Err(bad(format!(
+                "`compress_ratios` lists {} layers, fewer than the {n} of `num_hidden_layers`",
+                list.len()
+            )));
+        }
+        return list[..n]
+            .iter()
+            .map(|r| match r.as_u64() {
+                Some(0) => Ok(V4Attention::Sliding),
+                Some(4) => Ok(V4Attention::Csa),
+                Some(128) => Ok(V4Attention::Hca),
+                _ => Err(bad(format!(
+                    "compress ratio {r} is not one of 0, 4, 128 (use `layer_types` and \
+                     `compress_rates` for others)"
+                ))),
+            })
+            .collect();
+    }
+    Ok((0..n)
+        .map(|i| match i {
+            0 | 1 => V4Attention::Hca,
+            _ if (i - 2) % 2 == 1 => V4Attention::Csa,
+            _ => V4Attention::Hca,
+        })
+        .collect())
+}
+
+/// The hash-routed layers: `mlp_layer_types`, or the first `num_hash_layers` (default 3).
+fn hash_layers(config: &Value, n: usize) -> Result<Vec<bool>> {
+    let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
+    if let Some(types) = config.get("mlp_layer_types").filter(|v| !v.is_null()) {
+        let list = types
+            .as_array()
+            .ok_or_else(|| bad(format!("`mlp_layer_types` should be a list, got {types}")))?;
+        if list.len() < n {
+            return Err(bad(format!(
+                "`mlp_layer_types` lists {} layers, fewer than the {n} of `num_hidden_layers`",
+                list.len()
+            )));
+        }
+        return list[..n]
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("hash_moe") => Ok(true),
+                Some("moe") => Ok(false),
+                _ => Err(bad(format!(
+                    "MLP layer type {t} is not one of hash_moe, moe"
+                ))),
+            })
+            .collect();
+    }
+    let k = hf_int(config, "num_hash_layers")?.unwrap_or(3);
+    Ok((0..n).map(|i| i < k).collect())
+}
+
+/// The main and compressed ropes: transformers 5's `rope_parameters` `{main, compress}`, or
+/// the older `rope_theta` / `compress_rope_theta` / `rope_scaling` (whose YaRN applies to the
+/// compressed layers only). YaRN's magnitude factor is 1 unless the config gives one
+/// (`attention_factor`), as transformers sets it for V4.
+fn ropes(config: &Value, rope_dim: usize) -> Result<(RopeConfig, RopeConfig)> {
+    let params = config.get("rope_parameters").filter(|v| v.is_object());
+    let nested = |k: &str| params.and_then(|p| p.get(k)).filter(|v| v.is_object());
+    let theta = hf_num(config, "rope_theta")?.unwrap_or(10_000.0);
+    let compress_theta = hf_num(config, "compress_rope_theta")?.unwrap_or(160_000.0);
+    let (main, compress) = match (nested("main"), nested("compress")) {
+        (Some(main), Some(compress)) => (main.clone(), compress.clone()),
+        _ => {
+            let mut compress = config
+                .get("rope_scaling")
+                .filter(|v| v.is_object())
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}));
+            compress["rope_theta"] = compress_theta.into();
+            let yarn = [compress.get("rope_type"), compress.get("type")]
+                .into_iter()
+                .flatten()
+                .any(|t| t.as_str() == Some("yarn"));
+            if yarn && compress.get("attention_factor").is_none() {
+                compress["attention_factor"] = 1.0.into();
+            }
+            (
+                serde_json::json!({"rope_type": "default", "rope_theta": theta}),
+                compress,
+            )
+        }
+    };
+    // Read each as a config of its own, so that nothing falls back to the top level.
+    let read = |p: &Value, default: f64| -> Result<RopeConfig> {
+        let mut own = p.clone();
+        if let Some(max) = config.get("max_position_embeddings") {
+            own["max_position_embeddings"] = max.clone();
+        }
+        let (theta, scaling) = hf_rope(&own, Some(p), default)?;
+        Ok(RopeConfig {
+            theta,
+            dim: rope_dim,
+            style: RopeStyle::Interleaved,
+            scaling,
+        })
+    };
+    let main = read(&main, theta)?;
+    let compress = read(&compress, compress_theta)?;
+    if matches!(main.scaling, RopeScaling::Yarn { .. }) {
+        return Err(ModelError::Metadata(
+            "config.json: a scaled `rope_parameters.main` is not supported by deepseek_v4 \
+             (transformers scales the compressed layers' rope only)"
+                .into(),
+        ));
+    }
+    Ok((main, compress))
+}
+
+fn read_hf(cfg: &mut ModelConfig, config: &Value) -> Result<()> {
+    let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
+    let int = |k: &str| hf_int(config, k);
+    let req = |k: &str| -> Result<usize> { int(k)?.ok_or_else(|| bad(format!("missing `{k}`"))) };
+    let n = cfg.n_layers;
+    if cfg.n_kv_heads != 1 {
+        return Err(bad(format!(
+            "`num_key_value_heads` is {}: deepseek_v4 has one shared key-value head",
+            cfg.n_kv_heads
+        )));
+    }
+    if let Some(s) = int("n_shared_experts")?.filter(|&s| s != 1) {
+        return Err(bad(format!(
+            "`n_shared_experts` {s} is not supported by deepseek_v4 (transformers builds one \
+             shared expert)"
+        )));
+    }
+    let rope_dim = match int("qk_rope_head_dim")? {
+        Some(d) => d,
+        None => {
+            let f = hf_num(config, "partial_rotary_factor")?.unwrap_or(64.0 / 512.0);
+            (cfg.head_dim as f64 * f) as usize
+        }
+    };
+    let (main, compress) = ropes(config, rope_dim)?;
+    cfg.rope = main;
+    cfg.v_head_dim = cfg.head_dim;
+    let expert_ffn = req("moe_intermediate_size")?;
+    cfg.ffn_dim = expert_ffn;
+    let gating = match config.get("scoring_func").and_then(Value::as_str) {
+        None | Some("sqrtsoftplus") => Gating::SqrtSoftplus,
+        Some("softmax") => Gating::Softmax,
+        Some("sigmoid") => Gating::Sigmoid,
+        Some(other) => {
+            return Err(bad(format!(
+                "`scoring_func` `{other}` is not supported by deepseek_v4 (supported: \
+                 sqrtsoftplus, softmax, sigmoid)"
+            )))
+        }
+    };
+    cfg.moe = Some(MoeConfig {
+        n_experts: req("n_routed_experts")?,
+        n_used: req("num_experts_per_tok")?,
+        expert_ffn_dim: expert_ffn,
+        n_shared: 1,
+        shared_ffn_dim: None,
+        gating,
+        // transformers' V4 renormalises whatever `norm_topk_prob` says.
+        norm_weights: true,
+        scale: hf_num(config, "routed_scaling_factor")?.unwrap_or(1.5) as f32,
+        n_groups: 1,
+        groups_used: 1,
+        layers: vec![true; n],
+    });
+    let _ = hf_bool(config, "norm_topk_prob")?;
+    let rates = config.get("compress_rates").filter(|v| !v.is_null());
+    let rate = |kind: &str, legacy: &str, default: usize| -> Result<usize> {
+        match rates.and_then(|r| r.get(kind)) {
+            Some(v) => v.as_u64().map(|u| u as usize).ok_or_else(|| {
+                bad(format!(
+                    "`compress_rates.{kind}` should be an integer, got {v}"
+                ))
+            }),
+            None => Ok(int(legacy)?.unwrap_or(default)),
+        }
+    };
+    let csa_rate = rate("compressed_sparse_attention", "compress_rate_csa", 4)?;
+    let hca_rate = rate("heavily_compressed_attention", "compress_rate_hca", 128)?;
+    let v4 = V4Config {
+        layers: layer_kinds(config, n)?,
+        csa_rate,
+        hca_rate,
+        window: req("sliding_window")?,
+        q_lora_rank: req("q_lora_rank")?,
+        compress_rope: compress,
+        o_groups: req("o_groups")?,
+        o_lora_rank: req("o_lora_rank")?,
+        hc_mult: req("hc_mult")?,
+        hc_iters: req("hc_sinkhorn_iters")?,
+        hc_eps: hf_num(config, "hc_eps")?.unwrap_or(1e-6) as f32,
+        indexer: IndexerConfig {
+            n_heads: req("index_n_heads")?,
+            head_dim: req("index_head_dim")?,
+            top_k: req("index_topk")?,
+        },
+        hash_layers: hash_layers(config, n)?,
+        swiglu_limit: hf_num(config, "swiglu_limit")?.unwrap_or(10.0) as f32,
+    };
+    check(cfg, &v4)?;
+    cfg.v4 = Some(v4);
+    Ok(())
+}
+
+/// What the layers index by: sizes that divide as the attention and its cache need.
+fn check(cfg: &ModelConfig, v4: &V4Config) -> Result<()> {
+    let bad = |m: String| Err(ModelError::Metadata(format!("config.json: {m}")));
+    let (hd, rd) = (cfg.head_dim, cfg.rope.dim);
+    let ix = &v4.indexer;
+    let positive = [
+        ("sliding_window", v4.window),
+        ("q_lora_rank", v4.q_lora_rank),
+        ("o_groups", v4.o_groups),
+        ("o_lora_rank", v4.o_lora_rank),
+        ("hc_mult", v4.hc_mult),
+        ("hc_sinkhorn_iters", v4.hc_iters),
+        ("index_n_heads", ix.n_heads),
+        ("index_head_dim", ix.head_dim),
+        ("index_topk", ix.top_k),
+        ("compress_rates.compressed_sparse_attention", v4.csa_rate),
+        ("compress_rates.heavily_compressed_attention", v4.hca_rate),
+    ];
+    for (k, v) in positive {
+        if v == 0 || v > 1 << 24 {
+            return bad(format!("`{k}` is {v}, outside 1..=2^24"));
+        }
+    }
+    if rd == 0 || rd % 2 != 0 || rd > hd || rd > ix.head_dim {
+        return bad(format!(
+            "the rope dim {rd} must be even, non-zero and within `head_dim` {hd} and \
+             `index_head_dim` {}",
+            ix.head_dim
+        ));
+    }
+    if !(cfg.n_heads * hd).is_multiple_of(v4.o_groups) {
+        return bad(format!(
+            "`o_groups` {} does not divide the {} values of the heads",
+            v4.o_groups,
+            cfg.n_heads * hd
+        ));
+    }
+    if !(v4.hc_eps.is_finite() && v4.hc_eps >= 0.0) {
+        return bad(format!(
+            "`hc_eps` {} is not a finite non-negative number",
+            v4.hc_eps
+        ));
+    }
+    if !(v4.swiglu_limit.is_finite() && v4.swiglu_limit > 0.0) {
+        return bad(format!(
+            "`swiglu_limit` {} is not a finite positive number",
+            v4.swiglu_limit
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use supernode_kernels::ops::RopeStyle;
+
+    use crate::arch::Arch;
+    use crate::config::tests::fixture_config;
+    use crate::config::{Gating, IndexerConfig, RopeScaling, V4Attention};
+    use crate::ModelConfig;
+
+    /// The fixture's config.json (transformers 5's layout) gives every V4 setting.
+    #[test]
+    fn deepseek_v4_hf_config() {
+        let cfg = ModelConfig::from_hf(&fixture_config("deepseek_v4", "config.json")).unwrap();
+        assert_eq!(cfg.arch, Arch::DeepseekV4);
+        assert_eq!((cfg.head_dim, cfg.n_kv_heads, cfg.rope.dim), (32, 1, 8));
+        assert_eq!(cfg.rope.style, RopeStyle::Interleaved);
+        assert_eq!(cfg.rope.scaling, RopeScaling::None);
+        let v4 = cfg.v4.as_ref().unwrap();
+        use V4Attention::*;
+        assert_eq!(v4.layers, [Sliding, Csa, Hca, Csa]);
+        assert_eq!((v4.csa_rate, v4.hca_rate, v4.window), (4, 8, 6));
+        assert_eq!(
+            (v4.hc_mult, v4.hc_iters, v4.o_groups, v4.o_lora_rank),
+            (3, 20, 2, 16)
+        );
+        assert_eq!(
+            v4.indexer,
+            IndexerConfig {
+                n_heads: 8,
+                head_dim: 16,
+                top_k: 3
+            }
+        );
+        assert_eq!(v4.hash_layers, [true, true, false, false]);
+        assert!(matches!(
+            v4.compress_rope.scaling,
+            RopeScaling::Yarn { factor, attn_factor, .. } if factor == 4.0 && attn_factor == 1.0
+        ));
+        assert_eq!(v4.compress_rope.theta, 160_000.0);
+        let moe = cfg.moe.as_ref().unwrap();
+        assert_eq!(moe.gating, Gating::SqrtSoftplus);
+        assert_eq!((moe.n_experts, moe.n_used, moe.n_shared), (8, 2, 1));
+        assert!(moe.norm_weights && moe.layers.iter().all(|&l| l));
+    }
+
+    /// DeepSeek's own config layout (`compress_ratios`, `num_hash_layers`, `qk_rope_head_dim`,
+    /// `rope_scaling` with `compress_rope_theta`) reads to the same settings where it can say
+    /// them.
+    #[test]
+    fn deepseek_v4_older_config_layout() {
+        let mut v = fixture_config("deepseek_v4", "config.json");
+        let o = v.as_object_mut().unwrap();
+        for k in [
+            "layer_types",
+            "mlp_layer_types",
+            "rope_parameters",
+            "partial_rotary_factor",
+        ] {
+            o.remove(k);
+        }
+        o.insert("compress_ratios".into(), serde_json::json!([0, 4, 128, 4]));
+        o.insert("num_hash_layers".into(), 2.into());
+        o.insert("qk_rope_head_dim".into(), 8.into());
+        o.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 64}),
+        );
+        o.insert("compress_rates".into(), serde_json::json!({"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}));
+        o.insert("head_dim".into(), 128.into());
+        let cfg = ModelConfig::from_hf(&v).unwrap();
+        let v4 = cfg.v4.as_ref().unwrap();
+        use V4Attention::*;
+        assert_eq!(v4.layers, [Sliding, Csa, Hca, Csa]);
+        assert_eq!(v4.hash_layers, [true, true, false, false]);
+        assert_eq!(cfg.rope.dim, 8);
+        assert_eq!(cfg.rope.scaling, RopeScaling::None);
+        assert!(matches!(
+            v4.compress_rope.scaling,
+            RopeScaling::Yarn { attn_factor, .. } if attn_factor == 1.0
+        ));
+    }
+
+    /// What the layers cannot run is an error naming its key.
+    #[test]
+    fn deepseek_v4_bad_configs() {
+        let base = fixture_config("deepseek_v4", "config.json");
+        let err = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = base.clone();
+            f(&mut v);
+            ModelConfig::from_hf(&v).unwrap_err().to_string()
+        };
+        let e = err(&|v| v["num_key_value_heads"] = 2.into());
+        assert!(e.contains("`num_key_value_heads` is 2"), "{e}");
+        let e = err(&|v| v["layer_types"][1] = "full_attention".into());
+        assert!(
+            e.contains("layer type \"full_attention\" is not one of"),
+            "{e}"
+        );
+        let e = err(&|v| v["layer_types"] = serde_json::json!(["sliding_attention"]));
+        assert!(
+            e.contains("`layer_types` lists 1 layers, fewer than the 4"),
+            "{e}"
+        );
+        let e = err(&|v| v["mlp_layer_types"][0] = "dense".into());
+        assert!(e.contains("MLP layer type \"dense\""), "{e}");
+        let e = err(&|v| v["compress_rates"]["heavily_compressed_attention"] = 0.into());
+        assert!(
+            e.contains("`compress_rates.heavily_compressed_attention` is 0"),
+            "{e}"
+        );
+        let e = err(&|v| v["index_topk"] = 0.into());
+        assert!(e.contains("`index_topk` is 0"), "{e}");
+        let e = err(&|v| v["o_groups"] = 3.into());
+        assert!(e.contains("`o_groups` 3 does not divide"), "{e}");
+        let e = err(&|v| v["scoring_func"] = "relu".into());
+        assert!(e.contains("`scoring_func` `relu` is not supported"), "{e}");
+        let e = err(&|v| v["n_shared_experts"] = 2.into());
+        assert!(e.contains("`n_shared_experts` 2 is not supported"), "{e}");
+        let e = err(&|v| v["swiglu_limit"] = (-1.0).into());
+        assert!(e.contains("`swiglu_limit` -1"), "{e}");
+    }
+}
