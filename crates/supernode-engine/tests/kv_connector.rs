@@ -200,3 +200,10 @@ fn imported_latent_blocks_give_the_tokens_of_computing_alone() {
     check("deepseek_v3");
     check("deepseek_v32");
 }
+
+#[test]
+fn imported_compressed_attention_blocks_give_the_tokens_of_computing_alone() {
+    // DeepSeek-V4: the key-value rows, and the compressors' projections and entries in the
+    // rows beside them.
+    check("deepseek_v4");
+}

@@ -15,7 +15,7 @@ use supernode_engine::spec::{Proposer, SpecConfig, SpecMethod};
 mod common;
 use common::{byte_grammars, ids, ngram, spec_totals, xorshift, Collect, Heard};
 
-const ARCHS: [&str; 7] = [
+const ARCHS: [&str; 8] = [
     "llama",
     "qwen2",
     "qwen3",
@@ -23,6 +23,9 @@ const ARCHS: [&str; 7] = [
     "gemma3_text",
     "deepseek_v3",
     "deepseek_v32",
+    // Its compressors' rows: a rejected draft that closed a window wrote only its own row,
+    // which the accepted token at that position writes again.
+    "deepseek_v4",
 ];
 
 #[derive(Clone)]
