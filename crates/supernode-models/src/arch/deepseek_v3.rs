@@ -99,6 +99,13 @@ const HF_NAMES: &[Row] = &[
     only("self_attn.kv_b_proj.weight", "attn_kv_b.weight", MLA),
 ];
 
+/// DeepSeek's decoder blocks (V3 and V4 alike): SwiGLU feed-forwards, no post-norms.
+pub(crate) const OPTIONS: DecoderOptions = DecoderOptions {
+    act: Activation::Silu,
+    post_norms: false,
+    ffn_norm: "ffn_norm.weight",
+};
+
 /// A DeepSeek-V3 / R1 model.
 pub type DeepseekV3 = PreNormDecoder<Mla>;
 
@@ -108,13 +115,8 @@ pub fn load(cfg: ModelConfig, w: &Weights) -> Result<DeepseekV3> {
         .mla
         .clone()
         .ok_or_else(|| ModelError::Invalid("a DeepSeek model needs an MLA configuration".into()))?;
-    let opts = DecoderOptions {
-        act: Activation::Silu,
-        post_norms: false,
-        ffn_norm: "ffn_norm.weight",
-    };
     let c = cfg.clone();
-    PreNormDecoder::load(cfg, w, opts, |i| Mla::load(&c, &mla, w, i))
+    PreNormDecoder::load(cfg, w, OPTIONS, |i| Mla::load(&c, &mla, w, i))
 }
 
 fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {

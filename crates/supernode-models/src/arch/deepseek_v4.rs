@@ -13,10 +13,10 @@
 //! prediction layers (`mtp.*`) are not part of the model and are not loaded.
 
 use serde_json::Value;
-use supernode_kernels::ops::{Activation, RopeStyle};
+use supernode_kernels::ops::RopeStyle;
 
-use crate::arch::decoder::{DecoderOptions, PreNormDecoder};
-use crate::arch::{Arch, Family, Model};
+use crate::arch::decoder::PreNormDecoder;
+use crate::arch::{deepseek_v3, Arch, Family, Model};
 use crate::config::{
     hf_bool, hf_int, hf_num, hf_rope, Gating, IndexerConfig, KeyNames, MoeConfig, RopeConfig,
     RopeScaling, V4Attention, V4Config,
@@ -128,15 +128,13 @@ fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
         .v4
         .clone()
         .ok_or_else(|| ModelError::Invalid("a DeepSeek-V4 config without its V4 part".into()))?;
-    let opts = DecoderOptions {
-        act: Activation::Silu,
-        post_norms: false,
-        ffn_norm: "ffn_norm.weight",
-    };
     let attn_cfg = cfg.clone();
-    Ok(Box::new(PreNormDecoder::load(cfg, w, opts, |i| {
-        V4Attn::load(&attn_cfg, &v4, w, i)
-    })?))
+    Ok(Box::new(PreNormDecoder::load(
+        cfg,
+        w,
+        deepseek_v3::OPTIONS,
+        |i| V4Attn::load(&attn_cfg, &v4, w, i),
+    )?))
 }
 
 /// llama.cpp's `deepseek4` files: not read yet (its converter takes DeepSeek's own FP8/FP4
@@ -166,91 +164,94 @@ fn hf_defaults(_: Arch) -> Value {
     })
 }
 
-/// The layer kinds from `layer_types`, or from the older `compress_ratios` (0, 4 and 128 per
-/// layer), or transformers' default (two HCA layers, then CSA and HCA in turn).
-fn layer_kinds(config: &Value, n: usize) -> Result<Vec<V4Attention>> {
+/// A per-layer list `key` of config.json, each entry read by `read` (`None`: not one `what`
+/// names); `None` where the config has no such list.
+fn per_layer<T>(
+    config: &Value,
+    key: &str,
+    n: usize,
+    what: &str,
+    read: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<Vec<T>>> {
     let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
-    if let Some(types) = config.get("layer_types").filter(|v| !v.is_null()) {
-        let list = types
-            .as_array()
-            .ok_or_else(|| bad(format!("`layer_types` should be a list, got {types}")))?;
-        if list.len() < n {
-            return Err(bad(format!(
-                "`layer_types` lists {} layers, fewer than the {n} of `num_hidden_layers`",
-                list.len()
-            )));
-        }
-        return list[..n]
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("sliding_attention") => Ok(V4Attention::Sliding),
-                Some("compressed_sparse_attention") => Ok(V4Attention::Csa),
-                Some("heavily_compressed_attention") => Ok(V4Attention::Hca),
-                _ => Err(bad(format!(
-                    "layer type {t} is not one of sliding_attention, \
-                     compressed_sparse_attention, heavily_compressed_attention"
-                ))),
-            })
-            .collect();
+    let Some(v) = config.get(key).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let list = v
+        .as_array()
+        .ok_or_else(|| bad(format!("`{key}` should be a list, got {v}")))?;
+    if list.len() < n {
+        return Err(bad(format!(
+            "`{key}` lists {} layers, fewer than the {n} of `num_hidden_layers`",
+            list.len()
+        )));
     }
-    if let Some(ratios) = config.get("compress_ratios").filter(|v| !v.is_null()) {
-        let list = ratios
-            .as_array()
-            .ok_or_else(|| bad(format!("`compress_ratios` should be a list, got {ratios}")))?;
-        if list.len() < n {
-            return Err(bad(format!(
-                "`compress_ratios` lists {} layers, fewer than the {n} of `num_hidden_layers`",
-                list.len()
-            )));
-        }
-        return list[..n]
-            .iter()
-            .map(|r| match r.as_u64() {
-                Some(0) => Ok(V4Attention::Sliding),
-                Some(4) => Ok(V4Attention::Csa),
-                Some(128) => Ok(V4Attention::Hca),
-                _ => Err(bad(format!(
-                    "compress ratio {r} is not one of 0, 4, 128 (use `layer_types` and \
-                     `compress_rates` for others)"
-                ))),
+    list[..n]
+        .iter()
+        .map(|e| read(e).ok_or_else(|| bad(format!("{e} in `{key}` is not one of {what}"))))
+        .collect::<Result<Vec<T>>>()
+        .map(Some)
+}
+
+/// The layer kinds from `layer_types`, or from the older `compress_ratios` (0, 4 and 128 per
+/// layer), or transformers' default (two HCA layers, then HCA and CSA in turn).
+fn layer_kinds(config: &Value, n: usize) -> Result<Vec<V4Attention>> {
+    let types = per_layer(
+        config,
+        "layer_types",
+        n,
+        "sliding_attention, compressed_sparse_attention, heavily_compressed_attention",
+        |t| match t.as_str()? {
+            "sliding_attention" => Some(V4Attention::Sliding),
+            "compressed_sparse_attention" => Some(V4Attention::Csa),
+            "heavily_compressed_attention" => Some(V4Attention::Hca),
+            _ => None,
+        },
+    )?;
+    let ratios = || {
+        per_layer(
+            config,
+            "compress_ratios",
+            n,
+            "0, 4, 128 (use `layer_types` and `compress_rates` for others)",
+            |r| match r.as_u64()? {
+                0 => Some(V4Attention::Sliding),
+                4 => Some(V4Attention::Csa),
+                128 => Some(V4Attention::Hca),
+                _ => None,
+            },
+        )
+    };
+    let default = || {
+        (0..n)
+            .map(|i| match i {
+                2.. if (i - 2) % 2 == 1 => V4Attention::Csa,
+                _ => V4Attention::Hca,
             })
-            .collect();
-    }
-    Ok((0..n)
-        .map(|i| match i {
-            0 | 1 => V4Attention::Hca,
-            _ if (i - 2) % 2 == 1 => V4Attention::Csa,
-            _ => V4Attention::Hca,
-        })
-        .collect())
+            .collect()
+    };
+    Ok(match types {
+        Some(t) => t,
+        None => ratios()?.unwrap_or_else(default),
+    })
 }
 
 /// The hash-routed layers: `mlp_layer_types`, or the first `num_hash_layers` (default 3).
 fn hash_layers(config: &Value, n: usize) -> Result<Vec<bool>> {
-    let bad = |m: String| ModelError::Metadata(format!("config.json: {m}"));
-    if let Some(types) = config.get("mlp_layer_types").filter(|v| !v.is_null()) {
-        let list = types
-            .as_array()
-            .ok_or_else(|| bad(format!("`mlp_layer_types` should be a list, got {types}")))?;
-        if list.len() < n {
-            return Err(bad(format!(
-                "`mlp_layer_types` lists {} layers, fewer than the {n} of `num_hidden_layers`",
-                list.len()
-            )));
+    let types = per_layer(config, "mlp_layer_types", n, "hash_moe, moe", |t| {
+        match t.as_str()? {
+            "hash_moe" => Some(true),
+            "moe" => Some(false),
+            _ => None,
         }
-        return list[..n]
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("hash_moe") => Ok(true),
-                Some("moe") => Ok(false),
-                _ => Err(bad(format!(
-                    "MLP layer type {t} is not one of hash_moe, moe"
-                ))),
-            })
-            .collect();
+    })?;
+    match types {
+        Some(t) => Ok(t),
+        None => {
+            let k = hf_int(config, "num_hash_layers")?.unwrap_or(3);
+            Ok((0..n).map(|i| i < k).collect())
+        }
     }
-    let k = hf_int(config, "num_hash_layers")?.unwrap_or(3);
-    Ok((0..n).map(|i| i < k).collect())
 }
 
 /// The main and compressed ropes: transformers 5's `rope_parameters` `{main, compress}`, or
@@ -536,6 +537,14 @@ mod tests {
             v4.compress_rope.scaling,
             RopeScaling::Yarn { attn_factor, .. } if attn_factor == 1.0
         ));
+        // Neither list: transformers' default, two HCA layers, then HCA and CSA in turn; the
+        // first three layers hash-routed.
+        let o = v.as_object_mut().unwrap();
+        o.remove("compress_ratios");
+        o.remove("num_hash_layers");
+        let v4 = ModelConfig::from_hf(&v).unwrap().v4.unwrap();
+        assert_eq!(v4.layers, [Hca, Hca, Hca, Csa]);
+        assert_eq!(v4.hash_layers, [true, true, true, false]);
     }
 
     /// What the layers cannot run is an error naming its key.
@@ -551,7 +560,7 @@ mod tests {
         assert!(e.contains("`num_key_value_heads` is 2"), "{e}");
         let e = err(&|v| v["layer_types"][1] = "full_attention".into());
         assert!(
-            e.contains("layer type \"full_attention\" is not one of"),
+            e.contains("\"full_attention\" in `layer_types` is not one of"),
             "{e}"
         );
         let e = err(&|v| v["layer_types"] = serde_json::json!(["sliding_attention"]));
@@ -560,7 +569,10 @@ mod tests {
             "{e}"
         );
         let e = err(&|v| v["mlp_layer_types"][0] = "dense".into());
-        assert!(e.contains("MLP layer type \"dense\""), "{e}");
+        assert!(
+            e.contains("\"dense\" in `mlp_layer_types` is not one of"),
+            "{e}"
+        );
         let e = err(&|v| v["compress_rates"]["heavily_compressed_attention"] = 0.into());
         assert!(
             e.contains("`compress_rates.heavily_compressed_attention` is 0"),
