@@ -590,4 +590,54 @@ mod tests {
         assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), [2, 7]);
         assert!((got[1].1 - 2.5 * sig(0.0)).abs() < 1e-6);
     }
+
+    /// A hash-routed layer's table: whole expert ids in range, none twice for a token; anything
+    /// else is an error naming the tensor and the token. Routing by it picks exactly the
+    /// table's experts, weighted by their renormalised scores.
+    #[test]
+    fn hash_tables_are_checked_and_route_by_the_token() {
+        use std::sync::Arc;
+
+        use crate::numerics::Numerics;
+        use crate::{Storage, Tensor};
+        use supernode_kernels::{DType, Precision};
+        let table = |values: &[f32]| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let t = Tensor {
+                name: "t".into(),
+                dtype: DType::F32,
+                shape: vec![2, values.len() / 2],
+                storage: Storage::Owned(Arc::new(bytes)),
+            };
+            Weights::new(vec![t], Numerics::new(Precision::Exact))
+        };
+        let mut c = cfg(Gating::SqrtSoftplus, 1, 1, 2);
+        c.norm_weights = true;
+        let vocab = 3;
+        let ok = hash_table(&table(&[0.0, 7.0, 3.0, 1.0, 5.0, 2.0]), "t", vocab, &c).unwrap();
+        assert_eq!(ok, [0, 7, 3, 1, 5, 2]);
+        let e = hash_table(&table(&[0.0, 8.0, 3.0, 1.0, 5.0, 2.0]), "t", vocab, &c)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gives token 0 expert 8, which is not one of the 8 experts"),
+            "{e}"
+        );
+        let e = hash_table(&table(&[0.0, 1.0, 3.0, 3.0, 5.0, 2.0]), "t", vocab, &c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gives token 1 expert 3 twice"), "{e}");
+        let e = hash_table(&table(&[0.0, 1.0, 3.5, 4.0, 5.0, 2.0]), "t", vocab, &c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gives token 1 expert 3.5"), "{e}");
+        // The token's experts, ascending, with sqrt(softplus) scores renormalised.
+        let logits = [0.3, -1.0, 2.0, 0.5, -0.2, 1.0, 0.0, 4.0];
+        let mut r = Routing::default();
+        let got = r.route(&logits, None, Some(&[7, 3]), &c).to_vec();
+        let s = |l: f32| l.exp().ln_1p().sqrt();
+        let (a, b) = (s(0.5), s(4.0));
+        assert_eq!(got.iter().map(|&(e, _)| e).collect::<Vec<_>>(), [3, 7]);
+        assert!((got[0].1 - a / (a + b)).abs() < 1e-6 && (got[1].1 - b / (a + b)).abs() < 1e-6);
+    }
 }
