@@ -3,7 +3,8 @@
 
 Built with transformers' own `DeepseekV4ForCausalLM` (eager attention, float32) so that every path
 runs: a sliding layer, two compressed sparse (CSA) layers whose indexer keeps 3 entries per query
-(so the sparsity binds past 12 tokens), a heavily compressed (HCA) layer with windows of 8, a
+(a query at position p sees (p + 1) // 4 closed windows, so the sparsity binds past 15
+tokens), a heavily compressed (HCA) layer with windows of 8, a
 sliding window of 6 (shorter than every input but the shortest), a YaRN-scaled rope on the
 compressed layers, 3 hyper-connection streams, two hash-routed and two learned-routed MoE layers
 with a clamped SwiGLU that binds. `config.json` is what `save_pretrained` writes (transformers 5's
@@ -121,6 +122,41 @@ def boundary_gaps(model, tokens):
     return min(ix_gaps, default=1.0), min(moe_gaps, default=1.0)
 
 
+def routing_stats(model, tokens):
+    """Over a cache-free forward of `tokens`: in how many token-layer routings of the learned routers
+    the selection bias changes the chosen experts, and what fraction of the routed experts' gate and
+    up values the SwiGLU clamp cuts."""
+    k = CONFIG["num_experts_per_tok"]
+    st = {"changed": 0, "routings": 0, "gate": 0, "up": 0, "values": 0}
+
+    def router_hook(mod, _args, out):
+        scores = mod.score_fn(out[0])
+        biased = torch.topk(scores + mod.e_score_correction_bias, k, dim=-1).indices.sort(-1).values
+        plain = torch.topk(scores, k, dim=-1).indices.sort(-1).values
+        st["changed"] += (biased != plain).any(-1).sum().item()
+        st["routings"] += scores.shape[0]
+
+    apply_gate = mdl.DeepseekV4Experts._apply_gate
+
+    def counting_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        st["gate"] += (gate > self.limit).sum().item()
+        st["up"] += (up.abs() > self.limit).sum().item()
+        st["values"] += gate.numel()
+        return apply_gate(self, gate_up)
+
+    hooks = [m.register_forward_hook(router_hook) for m in model.modules()
+             if isinstance(m, mdl.DeepseekV4TopKRouter)]
+    mdl.DeepseekV4Experts._apply_gate = counting_gate
+    try:
+        logits_of(model, tokens)
+    finally:
+        mdl.DeepseekV4Experts._apply_gate = apply_gate
+        for h in hooks:
+            h.remove()
+    return st
+
+
 def reloaded(d, **config):
     cfg = DeepseekV4Config.from_pretrained(d, **config)
     m = AutoModelForCausalLM.from_pretrained(d, config=cfg, attn_implementation="eager",
@@ -144,14 +180,37 @@ def trap_checks(d, tokens, want):
                           ("hc_sinkhorn_iters 1", {"hc_sinkhorn_iters": 1})):
         m = reloaded(d, **config)
         out[label] = (logits_of(m, tokens) - want).abs().max().item()
-    for label, suffix in (("sinks 0", "sinks"), ("position_bias 0", "position_bias"),
-                          ("e_score_correction_bias 0", "e_score_correction_bias"),
-                          ("hyper-connection base 0", "attn_hc.base")):
+    # (label, name suffix, what to do to every tensor whose name ends with it: set to a value, or
+    # scale). The plain values are transformers' own initialisation (zeros, ones, std 0.02).
+    for label, suffix, op, v in (
+            ("sinks 0", "sinks", "set", 0.0),
+            ("position_bias 0", "position_bias", "set", 0.0),
+            ("compressors' position_bias 0 (CSA and HCA)", "compressor.position_bias", "set", 0.0),
+            ("indexers' position_bias 0", "indexer.position_bias", "set", 0.0),
+            ("e_score_correction_bias 0", "e_score_correction_bias", "set", 0.0),
+            ("hyper-connection base 0", "attn_hc.base", "set", 0.0),
+            ("ffn hyper-connection base 0", "ffn_hc.base", "set", 0.0),
+            ("hyper-connection fn 0", "attn_hc.fn", "set", 0.0),
+            ("ffn hyper-connection fn 0", "ffn_hc.fn", "set", 0.0),
+            ("hyper-connection scale 1", "attn_hc.scale", "set", 1.0),
+            ("ffn hyper-connection scale 1", "ffn_hc.scale", "set", 1.0),
+            ("hc_head fn 0", "hc_head.hc_fn", "set", 0.0),
+            ("hc_head base 0", "hc_head.hc_base", "set", 0.0),
+            ("hc_head scale 1", "hc_head.hc_scale", "set", 1.0),
+            ("q_a_norm weight 1", "q_a_norm.weight", "set", 1.0),
+            ("attention kv_norm weight 1", "self_attn.kv_norm.weight", "set", 1.0),
+            ("compressors' kv_norm weight 1", "compressor.kv_norm.weight", "set", 1.0),
+            ("indexers' kv_norm weight 1", "indexer.kv_norm.weight", "set", 1.0),
+            ("input_layernorm weight 1", "input_layernorm.weight", "set", 1.0),
+            ("post_attention_layernorm weight 1", "post_attention_layernorm.weight", "set", 1.0),
+            ("final norm weight 1", "model.norm.weight", "set", 1.0),
+            ("routed experts' gate_up x0.1 (std 0.02)", "experts.gate_up_proj", "scale", 0.1),
+            ("shared experts' gate x0.1 (std 0.02)", "shared_experts.gate_proj.weight", "scale", 0.1)):
         m = reloaded(d)
         with torch.no_grad():
             for name, t in list(m.named_parameters()) + list(m.named_buffers()):
                 if name.endswith(suffix):
-                    t.zero_()
+                    t.fill_(v) if op == "set" else t.mul_(v)
         out[label] = (logits_of(m, tokens) - want).abs().max().item()
     m = reloaded(d)
     with torch.no_grad():
@@ -181,8 +240,9 @@ def main():
     gc_path = os.path.join(d, "generation_config.json")
     if os.path.exists(gc_path):
         os.remove(gc_path)
-    # The expected outputs are the saved model's, as it loads back.
-    model = reloaded(d)
+    # The expected outputs are the saved model's, as it loads back; it must compute what the model
+    # that was saved computes (checked on the longest input below).
+    built, model = model, reloaded(d)
 
     inputs, ref = [], {}
     for n in LENGTHS:
@@ -228,13 +288,22 @@ def main():
         f.write("\n")
 
     toks, lg, gaps = ref[max(LENGTHS)]
+    reload_diff = (logits_of(built, toks) - lg).abs().max().item()
+    if reload_diff != 0.0:
+        raise RuntimeError(f"the reloaded model differs from the saved one: max |dlogit| {reload_diff}")
     rope = model.model.rotary_emb
     print(f"transformers {transformers.__version__}  torch {torch.__version__}")
     print(f"files: {', '.join(f'{fn} {os.path.getsize(os.path.join(d, fn))}' for fn in sorted(os.listdir(d)))}")
-    print(f"inv_freq main {rope.main_inv_freq.tolist()}  compress {rope.compress_inv_freq.tolist()}")
+    print(f"reload: max |dlogit| {reload_diff} (saved model vs loaded back, {len(toks)} tokens)")
+    print(f"inv_freq main {rope.main_inv_freq.tolist()}  compress {rope.compress_inv_freq.tolist()} "
+          f"(without YaRN {rope.compute_default_rope_parameters(model.config, layer_type='compress')[0].tolist()})")
     print(f"|logit| max {max(r[1].abs().max().item() for r in ref.values()):.3f}; greedy min top-2 "
           f"margin {min_margin:.4f}")
     print(f"smallest top-k gaps (indexer, routers): 130 tokens {gaps}; greedy {greedy_gaps}")
+    st = routing_stats(model, toks)
+    print(f"selection bias changes the chosen experts in {st['changed']} of {st['routings']} routings; "
+          f"the clamp cuts {st['gate'] / st['values']:.1%} of the routed gates and "
+          f"{st['up'] / st['values']:.1%} of the ups ({len(toks)} tokens)")
     for k, v in trap_checks(d, toks, lg).items():
         print(f"trap: {k}: max |dlogit| {v:.4g}" + ("   <-- DOES NOT BITE" if v < 1e-4 else ""))
     for pat, (shape, dtype, n) in name_patterns(os.path.join(d, "model.safetensors")).items():
