@@ -426,7 +426,12 @@ struct TensorInfo<'a> {
     dtype: DType,
     shape: Vec<usize>,
     offset: u64,
+    /// Stored as ggml's I32, read as f32 numbers.
+    int32: bool,
 }
+
+/// ggml's type id of 32-bit integers.
+const I32_TYPE_ID: u32 = 26;
 
 fn supported_list() -> String {
     ALL_DTYPES
@@ -540,7 +545,10 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             }
         }
         let type_id = p.u32(|| format!("the type of tensor `{shown_name}`"))?;
-        let Some(dtype) = DType::from_ggml_id(type_id) else {
+        // I32 tensors (DeepSeek-V4's `ffn_gate_tid2eid` expert table) are read as f32 numbers,
+        // which hold every integer up to 2^24 exactly.
+        let int32 = type_id == I32_TYPE_ID;
+        let Some(dtype) = DType::from_ggml_id(type_id).or(int32.then_some(DType::F32)) else {
             let type_name = match DType::ggml_name(type_id) {
                 "unknown" => format!("unknown type id {type_id}"),
                 known => format!("type {known}"),
@@ -559,6 +567,7 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             dtype,
             shape,
             offset,
+            int32,
         });
     }
 
@@ -577,6 +586,7 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             dtype,
             shape,
             offset,
+            int32,
         } = info;
         let shown_name = Shown(name);
         let ne0 = shape.first().copied().unwrap_or(1);
@@ -615,12 +625,29 @@ fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
             )))
             }
         };
+        let storage = match int32 {
+            false => Storage::Mapped(Arc::clone(&map), range),
+            true => {
+                let mut values = Vec::with_capacity(range.len());
+                for b in buf[range].chunks_exact(4) {
+                    let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    if v.unsigned_abs() > 1 << 24 {
+                        return Err(p.err(format!(
+                            "tensor `{shown_name}` holds the integer {v}, beyond the 2^24 that \
+                             supernode reads integer tensors up to"
+                        )));
+                    }
+                    values.extend((v as f32).to_le_bytes());
+                }
+                Storage::Owned(Arc::new(values))
+            }
+        };
         index.insert(name.to_owned(), tensors.len());
         tensors.push(Tensor {
             name: name.to_owned(),
             dtype,
             shape,
-            storage: Storage::Mapped(Arc::clone(&map), range),
+            storage,
         });
     }
 

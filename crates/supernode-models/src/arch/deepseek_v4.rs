@@ -137,14 +137,150 @@ fn build(cfg: ModelConfig, w: &Weights) -> Result<Box<dyn Model>> {
     )?))
 }
 
-/// llama.cpp's `deepseek4` files: not read yet (its converter takes DeepSeek's own FP8/FP4
-/// checkpoint, with routed experts in MXFP4).
-fn read_gguf(_: &mut ModelConfig, _: &Metadata) -> Result<()> {
-    Err(ModelError::Metadata(
-        "DeepSeek-V4 GGUF files (`deepseek4`) are not supported yet: load the model's \
-         transformers checkpoint (config.json and safetensors) instead"
-            .into(),
-    ))
+/// llama.cpp's `deepseek4` files, by the keys its converter writes: the shared reading gives the
+/// sizes and the rope (whose YaRN is the compressed layers'; llama.cpp takes its magnitude
+/// factor back out, as transformers leaves it at 1), and these give the rest.
+fn read_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
+    let arch = cfg.arch.gguf_name();
+    let key = |k: &str| format!("{arch}.{k}");
+    let bad = |m: String| ModelError::Metadata(m);
+    let opt = |k: &str| meta.get_usize(&key(k));
+    let req =
+        |k: &str| -> Result<usize> { opt(k)?.ok_or_else(|| bad(format!("missing `{}`", key(k)))) };
+    let num = |k: &str| -> Result<f64> {
+        meta.get_f64(&key(k))?
+            .ok_or_else(|| bad(format!("missing `{}`", key(k))))
+    };
+    // One value, or one per layer that must all be the same.
+    let one_of = |k: &str| -> Result<f64> {
+        match meta.get_array(&key(k))? {
+            None => num(k),
+            Some(values) => {
+                let all: Option<Vec<f64>> = values.iter().map(|v| v.as_f64()).collect();
+                match all.as_deref() {
+                    Some([first, rest @ ..]) if rest.iter().all(|v| v == first) => Ok(*first),
+                    _ => Err(bad(format!(
+                        "`{}` must give every layer the same number",
+                        key(k)
+                    ))),
+                }
+            }
+        }
+    };
+    let n = cfg.n_layers;
+    if cfg.n_kv_heads != 1 {
+        return Err(bad(format!(
+            "`{}` is {}: deepseek4 has one shared key-value head",
+            key("attention.head_count_kv"),
+            cfg.n_kv_heads
+        )));
+    }
+    let ratios = meta
+        .get_array(&key("attention.compress_ratios"))?
+        .ok_or_else(|| bad(format!("missing `{}`", key("attention.compress_ratios"))))?;
+    if ratios.len() < n {
+        return Err(bad(format!(
+            "`{}` lists {} layers, fewer than the {n} of `{}`",
+            key("attention.compress_ratios"),
+            ratios.len(),
+            key("block_count")
+        )));
+    }
+    // llama.cpp's CSA ratio is 4; any other non-zero ratio is HCA's (128 in its files).
+    let mut hca_rate = None;
+    let mut layers = Vec::with_capacity(n);
+    for r in &ratios[..n] {
+        let r = r
+            .as_i64()
+            .and_then(|r| usize::try_from(r).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "`{}` holds {r:?}",
+                    key("attention.compress_ratios")
+                ))
+            })?;
+        layers.push(match r {
+            0 => V4Attention::Sliding,
+            4 => V4Attention::Csa,
+            r if hca_rate.is_none_or(|h| h == r) => {
+                hca_rate = Some(r);
+                V4Attention::Hca
+            }
+            r => {
+                return Err(bad(format!(
+                    "`{}` has two heavily compressed ratios ({} and {r})",
+                    key("attention.compress_ratios"),
+                    hca_rate.unwrap_or_default()
+                )))
+            }
+        });
+    }
+    let gating = match opt("expert_gating_func")? {
+        None | Some(4) => Gating::SqrtSoftplus,
+        Some(1) => Gating::Softmax,
+        Some(2) => Gating::Sigmoid,
+        Some(other) => {
+            return Err(bad(format!(
+                "`{}` {other} is not supported (supported: 1 softmax, 2 sigmoid, 4 sqrtsoftplus)",
+                key("expert_gating_func")
+            )))
+        }
+    };
+    if let Some(s) = opt("expert_shared_count")?.filter(|&s| s != 1) {
+        return Err(bad(format!(
+            "`{}` {s} is not supported by deepseek4 (one shared expert)",
+            key("expert_shared_count")
+        )));
+    }
+    cfg.rope.style = RopeStyle::Interleaved;
+    let mut compress = RopeConfig {
+        theta: num("attention.compress_rope_freq_base")?,
+        ..cfg.rope.clone()
+    };
+    if let RopeScaling::Yarn { attn_factor, .. } = &mut compress.scaling {
+        *attn_factor = 1.0;
+    }
+    cfg.rope.scaling = RopeScaling::None;
+    cfg.v_head_dim = cfg.head_dim;
+    let expert_ffn = req("expert_feed_forward_length")?;
+    cfg.ffn_dim = expert_ffn;
+    cfg.moe = Some(MoeConfig {
+        n_experts: req("expert_count")?,
+        n_used: req("expert_used_count")?,
+        expert_ffn_dim: expert_ffn,
+        n_shared: 1,
+        shared_ffn_dim: None,
+        gating,
+        norm_weights: true,
+        scale: meta.get_f64(&key("expert_weights_scale"))?.unwrap_or(1.0) as f32,
+        n_groups: 1,
+        groups_used: 1,
+        layers: vec![true; n],
+    });
+    let hash = opt("hash_layer_count")?.unwrap_or(0);
+    let v4 = V4Config {
+        layers,
+        csa_rate: 4,
+        hca_rate: hca_rate.unwrap_or(128),
+        window: req("attention.sliding_window")?,
+        q_lora_rank: req("attention.q_lora_rank")?,
+        compress_rope: compress,
+        o_groups: req("attention.output_group_count")?,
+        o_lora_rank: req("attention.output_lora_rank")?,
+        hc_mult: req("hyper_connection.count")?,
+        hc_iters: req("hyper_connection.sinkhorn_iterations")?,
+        hc_eps: num("hyper_connection.epsilon")? as f32,
+        indexer: IndexerConfig {
+            n_heads: req("attention.indexer.head_count")?,
+            head_dim: req("attention.indexer.key_length")?,
+            top_k: req("attention.indexer.top_k")?,
+        },
+        hash_layers: (0..n).map(|i| i < hash).collect(),
+        swiglu_limit: one_of("swiglu_clamp_exp")? as f32,
+    };
+    check(cfg, &v4).map_err(|e| bad(e.to_string().replace("config.json: ", "")))?;
+    cfg.v4 = Some(v4);
+    Ok(())
 }
 
 /// transformers' `DeepseekV4Config` defaults. (`intermediate_size` is the config's alias of
@@ -588,5 +724,167 @@ mod tests {
         assert!(e.contains("`n_shared_experts` 2 is not supported"), "{e}");
         let e = err(&|v| v["swiglu_limit"] = (-1.0).into());
         assert!(e.contains("`swiglu_limit` -1"), "{e}");
+    }
+
+    /// The fixture's metadata under the keys llama.cpp's converter writes for `deepseek4`.
+    fn deepseek4_meta() -> crate::Metadata {
+        use crate::MetaValue;
+        let mut m = crate::Metadata::default();
+        let mut put = |k: &str, v: MetaValue| {
+            m.entries.insert(format!("deepseek4.{k}"), v);
+        };
+        for (k, v) in [
+            ("block_count", 4),
+            ("context_length", 16384),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 1),
+            ("attention.key_length", 32),
+            ("attention.value_length", 32),
+            ("attention.q_lora_rank", 32),
+            ("attention.sliding_window", 6),
+            ("rope.dimension_count", 8),
+            ("rope.scaling.original_context_length", 4096),
+            ("expert_count", 8),
+            ("expert_used_count", 2),
+            ("expert_feed_forward_length", 32),
+            ("expert_shared_count", 1),
+            ("expert_gating_func", 4),
+            ("attention.indexer.head_count", 8),
+            ("attention.indexer.key_length", 16),
+            ("attention.indexer.top_k", 3),
+            ("attention.output_group_count", 2),
+            ("attention.output_lora_rank", 16),
+            ("hyper_connection.count", 3),
+            ("hyper_connection.sinkhorn_iterations", 20),
+            ("hash_layer_count", 2),
+        ] {
+            put(k, MetaValue::U32(v));
+        }
+        for (k, v) in [
+            ("attention.layer_norm_rms_epsilon", 1e-6),
+            ("rope.freq_base", 10_000.0),
+            ("rope.scaling.factor", 4.0),
+            ("attention.compress_rope_freq_base", 160_000.0),
+            ("hyper_connection.epsilon", 1e-6),
+            ("expert_weights_scale", 1.5),
+        ] {
+            put(k, MetaValue::F32(v));
+        }
+        put("rope.scaling.type", MetaValue::String("yarn".into()));
+        put("expert_weights_norm", MetaValue::Bool(true));
+        put(
+            "attention.compress_ratios",
+            MetaValue::Array([0u32, 4, 8, 4].map(MetaValue::U32).to_vec()),
+        );
+        put(
+            "swiglu_clamp_exp",
+            MetaValue::Array(vec![MetaValue::F32(1.0); 4]),
+        );
+        m.entries.insert(
+            "general.architecture".into(),
+            MetaValue::String("deepseek4".into()),
+        );
+        m
+    }
+
+    /// The fixture as a `deepseek4` GGUF (its tensors under their GGUF names, llama.cpp's
+    /// converter's keys, the hash tables as I32 as the converter writes them): the config
+    /// config.json gives, and the same logits bit for bit; bad metadata is one error naming
+    /// its key.
+    #[test]
+    fn deepseek4_gguf_loads_as_the_safetensors_do() {
+        use crate::gguf::GgufWriter;
+        use crate::{load_model, LoadOptions, MetaValue};
+        use supernode_kernels::DType;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/hf/deepseek_v4");
+        let st = crate::safetensors::read_safetensors_dir(&dir).unwrap();
+        let write = |meta: crate::Metadata, path: &std::path::Path| {
+            let mut w = GgufWriter::new();
+            for (k, v) in meta.entries {
+                w.meta(&k, v);
+            }
+            for t in &st.tensors {
+                if t.name.ends_with("ffn_gate_tid2eid.weight") {
+                    // (Read from safetensors as f32 numbers; written back as integers.)
+                    let ints: Vec<u8> = t
+                        .bytes()
+                        .chunks_exact(4)
+                        .flat_map(|b| {
+                            (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i32).to_le_bytes()
+                        })
+                        .collect();
+                    w.raw_tensor(
+                        &t.name,
+                        26,
+                        t.shape.iter().map(|&d| d as u64).collect(),
+                        ints,
+                    );
+                } else {
+                    assert_eq!(t.dtype, DType::F32);
+                    w.tensor(&t.name, t.dtype, &t.shape, t.bytes().to_vec());
+                }
+            }
+            w.write(path).unwrap();
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("deepseek_v4.gguf");
+        write(deepseek4_meta(), &path);
+        let file = crate::gguf::read_gguf(&path).unwrap();
+        let gguf = ModelConfig::from_gguf(&file.metadata, 256).unwrap();
+        let hf = ModelConfig::from_hf(&fixture_config("deepseek_v4", "config.json")).unwrap();
+        assert_eq!(gguf.v4, hf.v4);
+        assert_eq!(gguf.moe, hf.moe);
+        assert_eq!(gguf.rope, hf.rope);
+        let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 256).collect();
+        let logits = |p: &std::path::Path| {
+            let model = load_model(p, &LoadOptions::default()).unwrap().model;
+            let specs = model.kv_specs();
+            let mut kv = crate::KvCache::new(&specs, 16, 3).unwrap();
+            let positions: Vec<usize> = (0..tokens.len()).collect();
+            let table = [0u32, 1, 2];
+            let tables = [table.as_slice()];
+            let batch = crate::Batch {
+                tokens: &tokens,
+                positions: &positions,
+                seq_of: &[0; 40],
+                block_tables: &tables,
+                logits_for: &positions,
+                state_slots: &[],
+                chunked_until: &[],
+                drafts: &[],
+            };
+            let out = model.forward(&batch, &mut kv).unwrap();
+            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(logits(&path), logits(&dir));
+        let mut bad = deepseek4_meta();
+        bad.entries.remove("deepseek4.hyper_connection.count");
+        let e = ModelConfig::from_gguf(&bad, 256).unwrap_err().to_string();
+        assert!(
+            e.contains("missing `deepseek4.hyper_connection.count`"),
+            "{e}"
+        );
+        let mut bad = deepseek4_meta();
+        bad.entries.insert(
+            "deepseek4.swiglu_clamp_exp".into(),
+            MetaValue::Array(vec![MetaValue::F32(1.0), MetaValue::F32(2.0)]),
+        );
+        let e = ModelConfig::from_gguf(&bad, 256).unwrap_err().to_string();
+        assert!(
+            e.contains("`deepseek4.swiglu_clamp_exp` must give every layer"),
+            "{e}"
+        );
+        let mut bad = deepseek4_meta();
+        bad.entries.insert(
+            "deepseek4.attention.compress_ratios".into(),
+            MetaValue::Array([0u32, 4, 8, 128].map(MetaValue::U32).to_vec()),
+        );
+        let e = ModelConfig::from_gguf(&bad, 256).unwrap_err().to_string();
+        assert!(
+            e.contains("two heavily compressed ratios (8 and 128)"),
+            "{e}"
+        );
     }
 }
