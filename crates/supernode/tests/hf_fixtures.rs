@@ -645,10 +645,11 @@ fn deepseek_v32_kv_cache_holds_the_latent_and_the_indexer_keys() {
 }
 
 /// DeepSeek-V4's cache per token (f32): every layer its shared key-value row (32); a CSA layer
-/// also its compressor's projections (kv and gate, 2 × 64 for the overlapping windows) and the
-/// entry a window's last token keeps (32), and its indexer's (2 × 32 and 16); the HCA layer its
-/// compressor's (2 × 32 and 32). 704 values, 2,816 bytes a token over the 4 layers, against
-/// 4 × 4 heads × (32 + 32) × 4 = 4,096 for full multi-head K/V; the memory budget divides by it.
+/// also its compressor's projections (kv and gate, 2 × 64 for the overlapping windows) and its
+/// indexer's (2 × 32); the HCA layer its compressor's (2 × 32). (A window's entry takes the place
+/// of its last token's projections that no later entry reads.) 576 values, 2,304 bytes a token
+/// over the 4 layers, against 4 × 4 heads × (32 + 32) × 4 = 4,096 for full multi-head K/V; the
+/// memory budget divides by it.
 #[test]
 fn deepseek_v4_cache_holds_the_window_rows_and_the_compressors() {
     let model = load_model(&fixture_dir("deepseek_v4"), &LoadOptions::default())
@@ -658,14 +659,9 @@ fn deepseek_v4_cache_holds_the_window_rows_and_the_compressors() {
     let per_layer: Vec<usize> = specs.iter().map(KvLayerSpec::floats_per_token).collect();
     assert_eq!(
         per_layer,
-        [
-            32,
-            32 + (2 * 64 + 32) + (2 * 32 + 16),
-            32 + (2 * 32 + 32),
-            32 + 160 + 80
-        ]
+        [32, 32 + 2 * 64 + 2 * 32, 32 + 2 * 32, 32 + 128 + 64]
     );
-    assert_eq!(KvCache::bytes_per_token(&specs), 704 * 4);
+    assert_eq!(KvCache::bytes_per_token(&specs), 576 * 4);
     let per_block = KvCache::bytes_per_token(&specs) * supernode_engine::engine::BLOCK_SIZE;
     assert_eq!(
         supernode_engine::engine::EngineConfig::blocks_for_budget(&specs, 10 * per_block + 1),

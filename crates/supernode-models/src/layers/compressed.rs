@@ -19,8 +19,8 @@
 //!
 //! **The cache.** Per token the layer keeps its `kv` row (keys, which are the values) and, in
 //! the rows beside it ([`KvLayerSpec::shared_kv`]), each compressor's raw projections (`kv`
-//! and `gate`) and, in the row of a window's last token, the window's entry, written when that
-//! token is computed. A token writes its own row only, and every row is a function of the tokens
+//! and `gate`); the row of a window's last token keeps the window's entry in place of the part
+//! of its projections no later entry reads, written when that token is computed. A token writes its own row only, and every row is a function of the tokens
 //! up to its position, so blocks, chunked prefill, preemption, rolled-back drafts and the prefix
 //! cache treat it as any KV row: a window closing in a later chunk reads its earlier tokens'
 //! projections back from the cache.
@@ -79,10 +79,19 @@ impl Compressor {
         self.kv.rows()
     }
 
-    /// Values this compressor keeps per token: both projections, and the entry of the window
-    /// the token closes (unused in the other rows).
+    /// Values this compressor keeps per token: both projections (`kv` then `gate`). The row of
+    /// a window's last token gets the window's entry in place of the part of its `kv` that no
+    /// later entry reads ([`Compressor::entry_at`]).
     fn row_width(&self) -> usize {
-        2 * self.width() + self.dim
+        2 * self.width()
+    }
+
+    /// Where, in the row of a window's last token, the window's entry is kept: over the last
+    /// `dim` of its `kv` projection. That is the only part (HCA), or the second half (CSA,
+    /// which the next window's entry does not read: it reads this window's first half), and the
+    /// entry is computed before it is written there.
+    fn entry_at(&self, offset: usize) -> usize {
+        offset + self.width() - self.dim
     }
 
     fn weight_bytes(&self) -> usize {
@@ -169,8 +178,8 @@ impl Compressor {
     }
 
     /// Computes the entry of every window a batch token closes and writes it into that token's
-    /// own row, after the projections. (Into no other row: a row depends only on the tokens up
-    /// to its position, so blocks shared through the prefix cache are never written.)
+    /// own row ([`Compressor::entry_at`]). (Into no other row: a row depends only on the tokens
+    /// up to its position, so blocks shared through the prefix cache are never written.)
     #[allow(clippy::too_many_arguments)]
     fn close_windows(
         &self,
@@ -195,7 +204,7 @@ impl Compressor {
             if f16 {
                 round_slice_f16(&mut e);
             }
-            kv.write_index_at(slot_of(pos), offset + 2 * self.width(), &e);
+            kv.write_index_at(slot_of(pos), self.entry_at(offset), &e);
         }
     }
 
@@ -209,7 +218,7 @@ impl Compressor {
         kv: &LayerKv,
     ) -> Vec<f32> {
         let m = self.rate;
-        let at = offset + 2 * self.width();
+        let at = self.entry_at(offset);
         let mut out = vec![0.0; ws.len() * self.dim];
         for (w, e) in ws.zip(out.chunks_exact_mut(self.dim)) {
             kv.read_index_at(slot_of(w * m + m - 1), at, e);
