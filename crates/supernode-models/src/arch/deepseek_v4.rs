@@ -251,7 +251,7 @@ fn read_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
         n_shared: 1,
         shared_ffn_dim: None,
         gating,
-        norm_weights: true,
+        norm_weights: meta.get_bool(&key("expert_weights_norm"))?.unwrap_or(true),
         scale: meta.get_f64(&key("expert_weights_scale"))?.unwrap_or(1.0) as f32,
         n_groups: 1,
         groups_used: 1,
@@ -278,6 +278,17 @@ fn read_gguf(cfg: &mut ModelConfig, meta: &Metadata) -> Result<()> {
         hash_layers: (0..n).map(|i| i < hash).collect(),
         swiglu_limit: one_of("swiglu_clamp_exp")? as f32,
     };
+    // One clamp serves the routed and the shared experts (transformers' `swiglu_limit`).
+    if meta.get(&key("swiglu_clamp_shexp")).is_some()
+        && one_of("swiglu_clamp_shexp")? as f32 != v4.swiglu_limit
+    {
+        return Err(bad(format!(
+            "`{}` differs from `{}`: one SwiGLU clamp for routed and shared experts is \
+             supported",
+            key("swiglu_clamp_shexp"),
+            key("swiglu_clamp_exp")
+        )));
+    }
     check(cfg, &v4).map_err(|e| bad(e.to_string().replace("config.json: ", "")))?;
     cfg.v4 = Some(v4);
     Ok(())
@@ -886,5 +897,19 @@ mod tests {
             e.contains("two heavily compressed ratios (8 and 128)"),
             "{e}"
         );
+        let mut bad = deepseek4_meta();
+        bad.entries.insert(
+            "deepseek4.swiglu_clamp_shexp".into(),
+            MetaValue::Array(vec![MetaValue::F32(2.0); 4]),
+        );
+        let e = ModelConfig::from_gguf(&bad, 256).unwrap_err().to_string();
+        assert!(e.contains("`deepseek4.swiglu_clamp_shexp` differs"), "{e}");
+        let mut plain = deepseek4_meta();
+        plain.entries.insert(
+            "deepseek4.expert_weights_norm".into(),
+            MetaValue::Bool(false),
+        );
+        let cfg = ModelConfig::from_gguf(&plain, 256).unwrap();
+        assert!(!cfg.moe.unwrap().norm_weights);
     }
 }
