@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, DeepseekV4Config, DeepseekV4ForCa
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as mdl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_hf_fixtures import is_norm, logits_of, margins, name_patterns, round6  # noqa: E402
+from make_hf_fixtures import greedy, is_norm, logits_of, margins, name_patterns, round6  # noqa: E402
 
 SEED = 4321
 LENGTHS = (1, 5, 33, 130)
@@ -77,17 +77,6 @@ def randomize(model, gen):
                 k, e = CONFIG["num_experts_per_tok"], CONFIG["n_routed_experts"]
                 rows = [torch.randperm(e, generator=gen)[:k] for _ in range(b.shape[0])]
                 b.copy_(torch.stack(rows))
-
-
-def greedy(model, prompt):
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt], dtype=torch.long),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
-            eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None,
-        )
-    return out[0, len(prompt):].tolist()
 
 
 def boundary_gaps(model, tokens):
@@ -262,7 +251,7 @@ def main():
     best = None
     for _ in range(CANDIDATES):
         prompt = torch.randint(0, CONFIG["vocab_size"], (PROMPT_LEN,), generator=gen).tolist()
-        new = greedy(model, prompt)
+        new = greedy(model, prompt, NEW)
         full = logits_of(model, prompt + new)
         decide = full[PROMPT_LEN - 1: PROMPT_LEN - 1 + NEW]
         m = min(margins(decide))

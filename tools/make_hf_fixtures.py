@@ -394,12 +394,12 @@ def recurrent_logits(model, tokens):
     return torch.stack(rows).to(torch.float64)
 
 
-def greedy(model, prompt):
+def greedy(model, prompt, new=GREEDY_NEW):
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt], dtype=torch.long),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False, max_new_tokens=GREEDY_NEW, min_new_tokens=GREEDY_NEW,
+            do_sample=False, max_new_tokens=new, min_new_tokens=new,
             eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None,
         )
     return out[0, len(prompt):].tolist()

@@ -425,9 +425,9 @@ impl<A: BlockAttention> Model for PreNormDecoder<A> {
             block.forward(&mut x, &mut xn, &mut y, &mut ctx, layer_kv);
         }
         if let Some(head) = &self.hc_head {
-            let collapsed = head.forward(&x);
-            x = zeroed(n * h);
-            x.copy_from_slice(&collapsed);
+            let mut collapsed = zeroed(n * h);
+            head.forward(&x, &mut collapsed);
+            x = collapsed;
         }
         if trace.is_on() {
             let mut normed = x.to_vec();

@@ -202,10 +202,9 @@ impl HyperHead {
         })
     }
 
-    /// Every token's streams (`tokens × n hidden`) collapsed into one row of `hidden`.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+    /// Every token's streams (`tokens × n hidden`) collapsed into one row of `hidden` of `out`.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         let (n, h) = (self.n, self.hidden);
-        let mut out = zeroed(x.len() / n);
         let mut mix = vec![0.0; n];
         for (xt, ot) in x.chunks_exact(n * h).zip(out.chunks_exact_mut(h)) {
             matvec(&self.fn_w, &unweighted_norm(xt, self.norm_eps), &mut mix);
@@ -216,6 +215,5 @@ impl HyperHead {
                 .collect();
             collapse(&pre, xt, ot);
         }
-        out.to_vec()
     }
 }
